@@ -1,0 +1,50 @@
+"""One exception tree for mahir. Third-party errors are translated into it at the boundary
+(`raise ... from err`), so callers catch these and nothing else.
+
+    MahirError                 base; the message is one line that says what is wrong and what to do
+    ├── BadInput               the user gave something unusable: a missing path, a corrupt file,
+    │                          a factory that returns the wrong thing, a malformed request
+    ├── Unsupported            a technique or runtime does not apply here; the message is the reason
+    ├── ExportMismatch         an export or conversion disagrees with the reference model
+    └── RuntimeFailure         a runtime failed while running a model it had accepted
+
+The CLI maps these to exit codes (`EXIT_CODES`); the server maps them to HTTP status codes.
+"""
+
+from __future__ import annotations
+
+
+class MahirError(Exception):
+    """Base of every error mahir raises on purpose."""
+
+
+class BadInput(MahirError):
+    """The user gave something mahir cannot use; the message says what to give instead."""
+
+
+class Unsupported(MahirError):
+    """A technique, runtime or model feature does not apply here; the message is the reason."""
+
+
+class ExportMismatch(MahirError):
+    """An exported or converted model gives different answers from the model it came from."""
+
+
+class RuntimeFailure(MahirError):
+    """A runtime raised while opening or running a model it had accepted."""
+
+
+EXIT_CODES: dict[type[MahirError], int] = {
+    BadInput: 2,
+    Unsupported: 2,
+    ExportMismatch: 3,
+    RuntimeFailure: 4,
+}
+
+
+def exit_code(err: MahirError) -> int:
+    """The process exit code for `err`: the entry of its nearest class in `EXIT_CODES`."""
+    for cls in type(err).__mro__:
+        if cls in EXIT_CODES:
+            return EXIT_CODES[cls]
+    return 1

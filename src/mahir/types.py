@@ -1,0 +1,144 @@
+"""The contracts between mahir's rooms, in one short file.
+
+Everything above the runtimes (measurement, quality, search, serving) sees a model only as a
+`Session`: named numpy arrays in, named numpy arrays out. Nothing here imports a framework.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+Inputs = Mapping[str, np.ndarray]
+Outputs = dict[str, np.ndarray]
+
+Dim = int | str
+"""A tensor dimension: a fixed size, or the name of a dynamic axis ("batch", "sequence")."""
+
+ArtifactFormat = Literal["torch", "onnx", "openvino"]
+
+BATCH = "batch"
+SEQUENCE = "sequence"
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """One model input: its name, numpy dtype name and shape with named dynamic axes."""
+
+    name: str
+    dtype: str
+    shape: tuple[Dim, ...]
+
+    @property
+    def dynamic_axes(self) -> dict[int, str]:
+        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
+
+
+@dataclass(frozen=True, slots=True)
+class InputSpec:
+    """What a model takes and gives: its inputs and the names of its outputs, in order."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[str, ...]
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.inputs)
+
+    @property
+    def dynamic_dims(self) -> frozenset[str]:
+        return frozenset(d for t in self.inputs for d in t.shape if isinstance(d, str))
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A model in one runnable format: files on disk (`path`), or for format "torch" a live
+    `module` (a torch.nn.Module taking the spec's inputs by keyword, returning a tuple of
+    tensors in the spec's output order)."""
+
+    format: ArtifactFormat
+    spec: InputSpec
+    path: Path | None = None
+    module: Any = None
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Session(Protocol):
+    """The one way to execute any artifact on any runtime."""
+
+    runtime: str
+
+    def run(self, inputs: Inputs) -> Outputs:
+        """Run one batch; outputs are keyed by the spec's output names."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """The settings actually in effect (threads, precision, hint), for reports."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeOptions:
+    """Settings a runtime is opened with. `None` means: the runtime's own choice for this machine."""
+
+    threads: int | None = None
+    """Intra-op threads; default: the machine's physical cores."""
+    openvino_hint: Literal["latency", "throughput"] = "latency"
+    """OpenVINO PERFORMANCE_HINT."""
+    openvino_precision: Literal["f32", "bf16", "f16"] | None = "f32"
+    """OpenVINO INFERENCE_PRECISION_HINT. None lets OpenVINO choose, and it picks bf16 on CPUs
+    with AMX: an "fp32" model is then not run in fp32."""
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+
+
+@dataclass(frozen=True, slots=True)
+class OutputFidelity:
+    """How close one output (or the pooled sentence embedding) is to the reference."""
+
+    max_abs_err: float
+    max_rel_err: float
+    cosine_mean: float
+    cosine_min: float
+    top1_agreement: float | None = None
+    """Share of samples whose argmax matches the reference; only for logits."""
+
+
+@dataclass(frozen=True, slots=True)
+class Quality:
+    """Fidelity of every output against the fp32 reference, plus the sentence embedding when
+    the model has a pooling config. `headline` is what tables and budgets look at."""
+
+    outputs: Mapping[str, OutputFidelity]
+    embedding: OutputFidelity | None = None
+
+    @property
+    def headline(self) -> OutputFidelity:
+        if self.embedding is not None:
+            return self.embedding
+        return min(self.outputs.values(), key=lambda f: f.cosine_min)
+
+
+@dataclass(frozen=True, slots=True)
+class Perf:
+    """Timing of one session at one batch size. Latencies are per batch, in milliseconds."""
+
+    batch_size: int
+    latencies_ms: tuple[float, ...]
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    throughput: float
+    """Samples per second over all timed runs."""
+    tokens_per_s: float | None
+    """Real (unpadded) tokens per second, for text models."""
+    spread: float
+    """Inter-quartile range of the latencies over their median."""
+    noisy: bool
+    """True when the spread or the drift between rounds is too large to trust small differences."""
