@@ -83,7 +83,7 @@ class Session(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class RuntimeOptions:
-    """Settings a runtime is opened with. `None` means: the runtime's own choice for this machine."""
+    """Settings a runtime is opened with. `None`: the runtime's own choice for this machine."""
 
     threads: int | None = None
     """Intra-op threads; default: the machine's physical cores."""

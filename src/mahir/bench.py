@@ -1,0 +1,290 @@
+"""`mahir bench`: the same model on several runtimes and batch sizes, measured in one run.
+
+The order of work is what makes the numbers honest: one workload for everyone (saved as .npz);
+every runtime's outputs compared with the fp32 original on every batch before any timing; then,
+per batch size, all runtimes timed interleaved so machine drift hits them alike. Speedups are
+ratios of medians against PyTorch eager at the same batch size.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from mahir.errors import Unsupported
+from mahir.export import export_onnx, export_openvino, reference_outputs
+from mahir.hardware import Machine, detect
+from mahir.measure import MeasureConfig, measure, resident_mb
+from mahir.model import Model
+from mahir.quality import compare
+from mahir.runtimes import RUNTIMES, get_runtime, open_session
+from mahir.types import Artifact, ArtifactFormat, Perf, Quality, RuntimeOptions, Session
+from mahir.workload import Workload, build_workload
+
+BASELINE = "torch"
+DEFAULT_RUNTIMES = ("torch", "onnxruntime", "openvino")
+
+
+@dataclass(frozen=True, slots=True)
+class BenchConfig:
+    runtimes: tuple[str, ...] = DEFAULT_RUNTIMES
+    """Runtime names from `mahir.runtimes.RUNTIMES`; PyTorch eager is the baseline."""
+    batch_sizes: tuple[int, ...] = (1, 32)
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+    options: RuntimeOptions = field(default_factory=RuntimeOptions)
+    batches_per_size: int = 8
+    """Distinct batches per batch size; timing cycles through them."""
+    sentences: tuple[str, ...] = ()
+    """The user's sentences; generated text when empty."""
+    token_range: tuple[int, int] | None = None
+    """Generated sentences' token counts, uniform in this range; short-skewed when None."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in self.runtimes:
+            get_runtime(name)  # unknown names fail before any work
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise ValueError(f"batch sizes must be >= 1, got {list(self.batch_sizes)}")
+
+
+@dataclass(frozen=True, slots=True)
+class BenchRow:
+    runtime: str
+    batch_size: int
+    perf: Perf
+    quality: Quality
+    settings: dict[str, Any]
+    memory_mb: float
+    """Resident memory the session added when opened and first run."""
+    size_mb: float
+    """Size of the artifact the runtime ran: files on disk, or torch parameters and buffers."""
+
+
+@dataclass
+class BenchResult:
+    machine: Machine
+    model: Model
+    workload: Workload
+    rows: list[BenchRow]
+    date: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat())
+
+    def speedup(self, row: BenchRow) -> float | None:
+        """Baseline p50 over this row's p50, at the same batch size."""
+        for base in self.rows:
+            if base.runtime == BASELINE and base.batch_size == row.batch_size:
+                return base.perf.p50_ms / row.perf.p50_ms
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "date": self.date,
+            "machine": self.machine.to_dict(),
+            "model": model_summary(self.model),
+            "workload": self.workload.describe(),
+            "results": [self._row_json(row) for row in self.rows],
+        }
+
+    def _row_json(self, row: BenchRow) -> dict[str, Any]:
+        headline = row.quality.headline
+        perf = row.perf
+        return {
+            "runtime": row.runtime,
+            "batch_size": row.batch_size,
+            "p50_ms": perf.p50_ms,
+            "p90_ms": perf.p90_ms,
+            "p99_ms": perf.p99_ms,
+            "throughput": perf.throughput,
+            "tokens_per_s": perf.tokens_per_s,
+            "runs": len(perf.latencies_ms),
+            "spread": perf.spread,
+            "noisy": perf.noisy,
+            "speedup": self.speedup(row),
+            "memory_mb": row.memory_mb,
+            "size_mb": row.size_mb,
+            "settings": row.settings,
+            "quality": {
+                "cosine_mean": headline.cosine_mean,
+                "cosine_min": headline.cosine_min,
+                "max_abs_err": headline.max_abs_err,
+                "measured_on": "sentence_embedding"
+                if row.quality.embedding is not None
+                else "outputs",
+                "outputs": {
+                    name: {
+                        "cosine_mean": f.cosine_mean,
+                        "cosine_min": f.cosine_min,
+                        "max_abs_err": f.max_abs_err,
+                        "max_rel_err": f.max_rel_err,
+                        "top1_agreement": f.top1_agreement,
+                    }
+                    for name, f in row.quality.outputs.items()
+                },
+            },
+        }
+
+    def __rich__(self) -> Table:
+        table = Table(title=f"{self.model.name} on {self.machine.summary()}")
+        for column in ("runtime", "batch", "p50 ms", "p99 ms", "samples/s", "speedup"):
+            table.add_column(column, justify="left" if column == "runtime" else "right")
+        fidelity = "embedding" if self.model.pooling else "output"
+        table.add_column(f"{fidelity} cosine mean / worst", justify="right")
+        for row in self.rows:
+            speedup = self.speedup(row)
+            noisy = " ~" if row.perf.noisy else ""
+            headline = row.quality.headline
+            table.add_row(
+                row.runtime,
+                str(row.batch_size),
+                f"{row.perf.p50_ms:.2f}{noisy}",
+                f"{row.perf.p99_ms:.2f}",
+                f"{row.perf.throughput:,.0f}",
+                "" if speedup is None else f"{speedup:.2f}x",
+                f"{headline.cosine_mean:.5f} / {headline.cosine_min:.5f}",
+            )
+        if any(row.perf.noisy for row in self.rows):
+            table.caption = "~ noisy: spread or drift over 10%; small differences are not real"
+        return table
+
+
+def model_summary(model: Model) -> dict[str, Any]:
+    return {
+        "name": model.name,
+        "source": model.source,
+        "inputs": [
+            {"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in model.spec.inputs
+        ],
+        "outputs": list(model.spec.outputs),
+        "pooling": None
+        if model.pooling is None
+        else {"mode": model.pooling.mode, "normalize": model.pooling.normalize},
+        "max_length": model.max_length,
+    }
+
+
+def benchmark(
+    model: Model,
+    config: BenchConfig,
+    workdir: Path,
+    *,
+    on_step: Callable[[str], None] = lambda _: None,
+    on_measure: Callable[[str, float], None] | None = None,
+) -> BenchResult:
+    """Build what each runtime needs in `workdir`, check every runtime's outputs, time them."""
+    on_step("reading the machine")
+    machine = detect()
+    on_step("building the workload")
+    workload = build_workload(
+        model,
+        config.batch_sizes,
+        sentences=config.sentences or None,
+        batches_per_size=config.batches_per_size,
+        token_range=config.token_range,
+        seed=config.seed,
+    )
+    artifacts = _Artifacts(model, workdir, on_step)
+    references = {}
+    for size, batches in workload.batches.items():
+        on_step(f"reference outputs at batch {size}")
+        references[size] = reference_outputs(model, batches)
+
+    sessions: dict[str, Session] = {}
+    memory: dict[str, float] = {}
+    sizes: dict[str, float] = {}
+    for name in config.runtimes:
+        artifact = artifacts.for_runtime(name)
+        on_step(f"opening {name}")
+        before = resident_mb()
+        session = open_session(name, artifact, config.options)
+        session.run(workload.batches[min(workload.batches)][0])  # first run: lazy init, compile
+        memory[name] = resident_mb() - before
+        sessions[name] = session
+        sizes[name] = artifact_size_mb(artifact)
+
+    rows = []
+    for size, batches in workload.batches.items():
+        qualities = {}
+        for name, session in sessions.items():
+            on_step(f"checking {name} at batch {size}")
+            qualities[name] = _quality(model, session, batches, references[size])
+        on_step(f"timing batch {size}")
+        perfs = measure(sessions, batches, config.measure, on_progress=on_measure)
+        rows += [
+            BenchRow(
+                runtime=name,
+                batch_size=size,
+                perf=perfs[name],
+                quality=qualities[name],
+                settings=session.describe(),
+                memory_mb=memory[name],
+                size_mb=sizes[name],
+            )
+            for name, session in sessions.items()
+        ]
+    return BenchResult(machine, model, workload, rows)
+
+
+def _quality(
+    model: Model, session: Session, batches: Sequence[Any], reference: Sequence[Any]
+) -> Quality:
+    outputs = [session.run(batch) for batch in batches]
+    masks = [b["attention_mask"] for b in batches] if "attention_mask" in batches[0] else None
+    embedding_output = model.spec.outputs[0] if model.pooling else None
+    return compare(
+        outputs,
+        reference,
+        attention_masks=masks,
+        pooling=model.pooling,
+        embedding_output=embedding_output,
+    )
+
+
+class _Artifacts:
+    """Each format built once, on first need: the original, its ONNX export, its OpenVINO IR."""
+
+    def __init__(self, model: Model, workdir: Path, on_step: Callable[[str], None]) -> None:
+        self._model = model
+        self._workdir = workdir
+        self._on_step = on_step
+        self._built: dict[ArtifactFormat, Artifact] = {}
+        original = model.original()
+        self._built[original.format] = original
+
+    def for_runtime(self, runtime: str) -> Artifact:
+        formats = RUNTIMES[runtime].formats
+        for fmt in formats:  # one already built, in the runtime's order of preference
+            if fmt in self._built:
+                return self._built[fmt]
+        return self._build(formats[0])
+
+    def _build(self, fmt: ArtifactFormat) -> Artifact:
+        if fmt == "onnx":
+            self._on_step("exporting to ONNX and verifying it")
+            self._built[fmt] = export_onnx(self._model, self._workdir / "model.onnx")
+        elif fmt == "openvino":
+            onnx_artifact = self._built.get("onnx") or self._build("onnx")
+            self._on_step("converting to OpenVINO IR and verifying it")
+            path = self._workdir / "openvino" / "model.xml"
+            self._built[fmt] = export_openvino(self._model, onnx_artifact, path)
+        else:
+            raise Unsupported(f"{self._model.name} is an ONNX model: no PyTorch module to run")
+        return self._built[fmt]
+
+
+def artifact_size_mb(artifact: Artifact) -> float:
+    """Bytes on disk of the artifact's files, or of a torch module's parameters and buffers."""
+    if artifact.format == "torch":
+        tensors = [*artifact.module.parameters(), *artifact.module.buffers()]
+        return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+    path = artifact.path
+    if path is None:
+        raise ValueError(f"a {artifact.format} artifact needs a path")
+    paths = [
+        path,
+        path.with_suffix(".bin") if path.suffix == ".xml" else path.with_suffix(".onnx.data"),
+    ]
+    return sum(p.stat().st_size for p in paths if p.is_file()) / 2**20

@@ -1,0 +1,180 @@
+"""The `mahir` command: parses, calls the API, prints. Nothing else lives here.
+
+Errors mahir raises on purpose become one line on stderr and an exit code (`errors.EXIT_CODES`);
+`--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from mahir.errors import BadInput, MahirError, exit_code
+
+app = typer.Typer(
+    help="mahir: make a trained model run faster and cheaper without changing its answers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+errors = Console(stderr=True)
+T = TypeVar("T")
+
+ModelArg = Annotated[
+    str | None,
+    typer.Argument(
+        help="A Hugging Face model folder, an .onnx file, or path/to/file.py:factory "
+        "(default: the bundled all-MiniLM-L6-v2).",
+        show_default=False,
+    ),
+]
+
+
+@app.callback()
+def _options(
+    ctx: typer.Context,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+) -> None:
+    ctx.obj = {"debug": debug}
+
+
+@app.command()
+def bench(
+    ctx: typer.Context,
+    model: ModelArg = None,
+    runtime: Annotated[
+        list[str] | None,
+        typer.Option("--runtime", "-r", help="Runtime to measure; repeat for several."),
+    ] = None,
+    batch_size: Annotated[
+        list[int] | None, typer.Option("--batch-size", "-b", help="Repeat for several.")
+    ] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write the results (and the workload) here.")
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option("--data", help="Sentences, one per line (text models).")
+    ] = None,
+    tokens: Annotated[
+        str | None,
+        typer.Option("--tokens", help="Generated sentences' token counts, MIN-MAX (e.g. 64-128)."),
+    ] = None,
+    seconds: Annotated[
+        float, typer.Option("--seconds", help="Timed seconds per runtime and batch size.")
+    ] = 2.0,
+    threads: Annotated[
+        int | None, typer.Option("--threads", help="Threads per runtime (default: cores).")
+    ] = None,
+    workdir: Annotated[
+        Path | None,
+        typer.Option("--workdir", help="Keep exported artifacts here (default: a temp folder)."),
+    ] = None,
+) -> None:
+    """Measure the model on each runtime and batch size: latency, throughput, fidelity."""
+    from mahir.bench import DEFAULT_RUNTIMES, BenchConfig
+
+    def configure() -> BenchConfig:
+        from mahir.measure import MeasureConfig
+        from mahir.types import RuntimeOptions
+        from mahir.workload import read_sentences
+
+        try:
+            return BenchConfig(
+                runtimes=tuple(runtime or DEFAULT_RUNTIMES),
+                batch_sizes=tuple(batch_size or (1, 32)),
+                measure=MeasureConfig(min_time_s=seconds),
+                options=RuntimeOptions(threads=threads),
+                sentences=tuple(read_sentences(data)) if data else (),
+                token_range=parse_range(tokens) if tokens else None,
+            )
+        except ValueError as err:  # the configs' own checks
+            raise BadInput(str(err)) from err
+
+    config = _guard(ctx, configure)
+    _guard(ctx, lambda: _run_bench(model, config, json_path, workdir))
+
+
+def _run_bench(
+    source: str | None, config: Any, json_path: Path | None, workdir: Path | None
+) -> None:
+    from mahir.bench import benchmark
+    from mahir.model import load_model
+
+    with _progress() as progress:
+        step = progress.add_task("loading the model", total=None)
+        timing = progress.add_task("timing", total=1.0, visible=False)
+        model = load_model(source)
+
+        def on_step(text: str) -> None:
+            progress.update(step, description=text)
+            progress.update(timing, visible=text.startswith("timing"), completed=0.0)
+
+        def on_measure(runtime: str, fraction: float) -> None:
+            progress.update(timing, description=f"  {runtime}", completed=fraction)
+
+        with tempfile.TemporaryDirectory(prefix="mahir-bench-") as tmp:
+            result = benchmark(
+                model, config, workdir or Path(tmp), on_step=on_step, on_measure=on_measure
+            )
+    console.print(result)
+    if json_path is not None:
+        write_json(json_path, result.to_json())
+        result.workload.save(json_path.with_suffix(".workload.npz"))
+        console.print(f"results: {json_path}  workload: {json_path.with_suffix('.workload.npz')}")
+
+
+def _progress() -> Progress:
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TimeElapsedColumn(),
+        console=errors,
+        transient=True,
+    )
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    """'64-128' -> (64, 128)."""
+    match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", text)
+    if not match:
+        raise BadInput(f"--tokens takes MIN-MAX such as 64-128, got {text!r}")
+    return int(match[1]), int(match[2])
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Atomically: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def _guard(ctx: typer.Context, fn: Callable[[], T]) -> T:
+    """Run `fn`; a MahirError becomes one line and an exit code, unless --debug asked for the
+    traceback."""
+    try:
+        return fn()
+    except MahirError as err:
+        if ctx.obj and ctx.obj.get("debug"):
+            raise
+        errors.print(f"[bold red]error:[/] {err}", markup=True, highlight=False, soft_wrap=True)
+        raise typer.Exit(exit_code(err)) from None
+
+
+def main() -> None:
+    app(prog_name="mahir")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""PyTorch -> ONNX -> OpenVINO IR, each export verified before it is kept.
+
+Exports go wrong silently in two known ways (DESIGN.md): a model left in training mode, and a
+shape baked in at trace time that gives wrong answers at other shapes. So every export here is
+checked against the fp32 original on at least three input shapes (batch sizes and sequence
+lengths other than the ones traced with); a mismatch raises `ExportMismatch` naming the output,
+the shape and the error, and nothing is left on disk. Files appear at their final path only
+after they passed, so an interrupted export never leaves a half-written artifact.
+
+Sits just above `runtimes/` (it runs what it exported); knows nothing of passes or search.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mahir.errors import BadInput, ExportMismatch, MahirError, Unsupported
+from mahir.model import Model
+from mahir.runtimes import open_session
+from mahir.types import BATCH, SEQUENCE, Artifact, Outputs, RuntimeOptions, Session
+from mahir.workload import Batch, example_dims, generate_sentences, random_inputs, tokenize
+
+
+@dataclass(frozen=True, slots=True)
+class Tolerance:
+    """Elementwise bound |out - ref| <= atol + rtol * |ref|, as numpy.allclose."""
+
+    atol: float = 1e-4
+    rtol: float = 1e-3
+
+
+FP32 = Tolerance()
+
+
+def export_onnx(model: Model, path: Path, *, opset: int | None = None) -> Artifact:
+    """Export the model's torch module to ONNX with its dynamic axes kept dynamic."""
+    import torch
+
+    if model.module is None:
+        raise Unsupported(f"{model.name} is already an ONNX model; there is no torch module")
+    module = model.module.eval()
+    names = model.spec.input_names
+    dims = {name: torch.export.Dim(name) for name in sorted(model.spec.dynamic_dims)}
+    dynamic_shapes = (
+        tuple({a: dims[d] for a, d in t.dynamic_axes.items()} for t in model.spec.inputs),
+    )
+    from mahir.modules import PositionalInputs
+
+    adapter = PositionalInputs(module, names).eval()
+    args = tuple(torch.from_numpy(model.example_inputs[n]) for n in names)
+    with _staging(path) as staged, _quiet_exporter():
+        try:
+            program = torch.onnx.export(
+                adapter,
+                args,
+                None,
+                input_names=list(names),
+                output_names=list(model.spec.outputs),
+                dynamic_shapes=dynamic_shapes,
+                opset_version=opset,
+                dynamo=True,
+                verbose=False,
+            )
+        except Exception as err:  # torch.export raises many types; all mean "cannot export"
+            raise Unsupported(f"cannot export {model.name} to ONNX: {_first_line(err)}") from err
+        if program is None:
+            raise Unsupported(f"cannot export {model.name} to ONNX: the exporter returned nothing")
+        program.save(str(staged))
+        # torch.onnx.export restores training flags it touched; answers must come from eval mode.
+        module.eval()
+        artifact = Artifact("onnx", model.spec, path=staged)
+        verify(model, artifact, "onnxruntime", what="ONNX export")
+    return Artifact("onnx", model.spec, path=path)
+
+
+def export_openvino(model: Model, onnx_artifact: Artifact, path: Path) -> Artifact:
+    """Convert an ONNX artifact to OpenVINO IR (`path` is the .xml; weights stay fp32)."""
+    import openvino as ov
+
+    if path.suffix != ".xml":
+        raise BadInput(f"an OpenVINO IR path ends in .xml, got {path}")
+    with _staging(path) as staged:
+        try:
+            ov_model = ov.convert_model(str(onnx_artifact.path))
+            ov.save_model(ov_model, str(staged), compress_to_fp16=False)
+        except Exception as err:  # OpenVINO raises RuntimeError/OpConversionFailure/...
+            raise Unsupported(f"OpenVINO cannot convert {model.name}: {_first_line(err)}") from err
+        verify(model, Artifact("openvino", model.spec, path=staged), "openvino", what="IR")
+    return Artifact("openvino", model.spec, path=path)
+
+
+def verify(
+    model: Model,
+    artifact: Artifact,
+    runtime: str,
+    *,
+    what: str,
+    tolerance: Tolerance = FP32,
+    batches: Sequence[Batch] | None = None,
+) -> None:
+    """Raise `ExportMismatch` unless `artifact` on `runtime` gives the original's outputs on every
+    verification shape. OpenVINO is held to f32 here: this checks the conversion, not bf16."""
+    batches = verification_batches(model) if batches is None else batches
+    reference = reference_outputs(model, batches)
+    session = open_session(runtime, artifact, RuntimeOptions(openvino_precision="f32"))
+    for batch, ref in zip(batches, reference, strict=True):
+        shape = "x".join(str(d) for d in next(iter(batch.values())).shape)
+        try:
+            out = session.run(batch)
+        except MahirError as err:
+            raise ExportMismatch(
+                f"{what} of {model.name} fails at input shape {shape}: {err}"
+            ) from err
+        check_close(out, ref, tolerance, where=f"{what} of {model.name}, input shape {shape}")
+
+
+def check_close(out: Outputs, ref: Outputs, tolerance: Tolerance, *, where: str) -> None:
+    """One line naming the first output that is missing, misshapen or out of tolerance."""
+    for name, expected in ref.items():
+        got = out.get(name)
+        if got is None:
+            raise ExportMismatch(f"{where}: output '{name}' is missing (got {sorted(out)})")
+        if got.shape != expected.shape:
+            raise ExportMismatch(
+                f"{where}: output '{name}' has shape {got.shape}, expected {expected.shape}"
+            )
+        error = np.abs(got.astype(np.float64) - expected)
+        bound = tolerance.atol + tolerance.rtol * np.abs(expected.astype(np.float64))
+        if not np.all(error <= bound):  # also catches NaN
+            raise ExportMismatch(
+                f"{where}: output '{name}' differs from the original by up to "
+                f"{np.nanmax(error) if not np.isnan(error).all() else float('nan'):.3g} "
+                f"(tolerance {tolerance.atol:g} + {tolerance.rtol:g}*|ref|); a shape or "
+                "constant was probably fixed at export time"
+            )
+
+
+def reference_outputs(model: Model, batches: Sequence[Batch]) -> list[Outputs]:
+    """The fp32 original's outputs: PyTorch eager for torch models, ONNX Runtime for ONNX files."""
+    runtime = "torch" if model.module is not None else "onnxruntime"
+    session = reference_session(model, runtime)
+    return [session.run(batch) for batch in batches]
+
+
+def reference_session(model: Model, runtime: str | None = None) -> Session:
+    runtime = runtime or ("torch" if model.module is not None else "onnxruntime")
+    return open_session(runtime, model.original())
+
+
+def verification_batches(model: Model) -> list[Batch]:
+    """Three shapes unlike the traced example: one short item alone, a padded odd-sized batch of
+    mixed lengths, and a batch of long items."""
+    rng = np.random.default_rng(1234)
+    if model.is_text:
+        longest = min(model.max_length or 128, 128)
+        shapes = [(1, (3, 8)), (3, None), (2, (max(4, longest - 28), longest))]
+        return [
+            tokenize(
+                model,
+                generate_sentences(
+                    size,
+                    model.tokenizer,
+                    rng,
+                    token_range=token_range,
+                    max_tokens=longest,
+                ),
+            )
+            for size, token_range in shapes
+        ]
+    dims = example_dims(model)
+    sequence = dims.get(SEQUENCE, 8)
+    variants = [(1, sequence), (3, sequence + 5), (7, max(1, sequence // 2))]
+    return [
+        random_inputs(model.spec, {**dims, BATCH: batch, SEQUENCE: seq}, rng)
+        for batch, seq in variants
+    ]
+
+
+@contextlib.contextmanager
+def _staging(final: Path) -> Iterator[Path]:
+    """A path in a fresh folder beside `final`; on success its files move next to `final`
+    (external-data files keep their names, so references stay valid), else all is removed."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=".mahir-staging-", dir=final.parent))
+    try:
+        yield folder / final.name
+        for produced in sorted(folder.iterdir(), key=lambda p: p == folder / final.name):
+            produced.replace(final.parent / produced.name)  # the main file last
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The exporter prints progress, logs missing torchvision ops and warns about renamed axes;
+    none of it is for our user. Scoped to the export call."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

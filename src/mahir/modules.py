@@ -1,0 +1,43 @@
+"""Small torch adapters between a user's model and mahir's contract.
+
+A user's model may return a tensor, a tuple or a dict (or a transformers ModelOutput) and takes
+its inputs by keyword; mahir's torch artifacts always return a tuple in the spec's output order.
+The ONNX exporter wants positional inputs, which `PositionalInputs` provides.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class TupleOutputs(torch.nn.Module):
+    """Call the wrapped model by keyword; return its answers as a tuple in spec order."""
+
+    def __init__(self, model: torch.nn.Module, output_names: tuple[str, ...]) -> None:
+        super().__init__()
+        self.model = model
+        self.output_names = output_names
+
+    def forward(self, **inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        raw = self.model(**inputs)
+        if torch.is_tensor(raw):
+            return (raw,)
+        if isinstance(raw, dict):
+            return tuple(raw[name] for name in self.output_names)
+        return tuple(raw)
+
+
+class PositionalInputs(torch.nn.Module):
+    """Take the inputs positionally in spec order and pass them on by keyword: torch.export
+    handles dynamic shapes of positional arguments, not of **kwargs."""
+
+    def __init__(self, model: torch.nn.Module, input_names: tuple[str, ...]) -> None:
+        super().__init__()
+        self.model = model
+        self.input_names = input_names
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        result: tuple[torch.Tensor, ...] = self.model(
+            **dict(zip(self.input_names, tensors, strict=False))
+        )
+        return result

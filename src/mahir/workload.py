@@ -1,0 +1,229 @@
+"""Inputs shaped like the user's traffic, ready to feed any `Session`.
+
+Text models get sentences, from the user's file (one per line) or generated with a short-skewed
+length spread like real queries, tokenized per batch with padding to the longest in the batch,
+as a server would. Tensor models get random inputs from their spec. A workload is saved as .npz
+next to the results, so every number can be reproduced from exactly these inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from mahir.errors import BadInput
+from mahir.types import BATCH, InputSpec
+
+if TYPE_CHECKING:
+    from mahir.model import Model
+
+Batch = dict[str, np.ndarray]
+
+# Common English words; generated sentences are drawn from them so that tokenizers see real words.
+WORDS = """
+the of and to in is was for that on with as by at from his her it an be are this which or have
+had not but were one their all new more first can after time two been other years when would
+there who they some into only its most also over made such where him many then these through
+between about during under both while three before city used known people school year later
+world found each war part music well album what state four game family several life best name
+released member series team since high national season under river small around each another
+model faster cheaper server request answer machine memory latency batch token sentence quick
+brown fox jumps lazy dog weather today market price report data search result user question
+please help order delivery account password change support email phone service product review
+great good bad late early open close start stop find make take give look think know want need
+""".split()
+
+
+@dataclass
+class Workload:
+    """Batches per batch size, and for text models the sentences they were made from."""
+
+    batches: dict[int, list[Batch]]
+    texts: tuple[str, ...] = field(default=())
+
+    def save(self, path: Path) -> None:
+        """Write as .npz (keys `b{size}/{index}/{input}`), atomically."""
+        arrays: dict[str, np.ndarray] = {
+            f"b{size}/{i}/{name}": array
+            for size, batches in self.batches.items()
+            for i, batch in enumerate(batches)
+            for name, array in batch.items()
+        }
+        arrays["texts"] = np.array(self.texts, dtype=np.str_)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("wb") as f:
+            np.savez_compressed(f, **arrays)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> Workload:
+        if not path.is_file():
+            raise BadInput(f"workload {path} does not exist")
+        batches: dict[int, dict[int, Batch]] = {}
+        try:
+            with np.load(path) as data:
+                texts = tuple(str(t) for t in data["texts"])
+                for key in data.files:
+                    if key == "texts":
+                        continue
+                    size, index, name = key.split("/")
+                    batches.setdefault(int(size[1:]), {}).setdefault(int(index), {})[name] = data[
+                        key
+                    ]
+        except (OSError, ValueError, KeyError) as err:
+            raise BadInput(f"{path} is not a mahir workload (.npz): {err}") from err
+        ordered = {s: [b[i] for i in sorted(b)] for s, b in sorted(batches.items())}
+        return cls(ordered, texts)
+
+    def describe(self) -> dict[str, Any]:
+        """What a report says about the inputs: sizes, and token lengths for text."""
+        info: dict[str, Any] = {
+            "batch_sizes": sorted(self.batches),
+            "batches_per_size": {s: len(b) for s, b in self.batches.items()},
+        }
+        lengths = [
+            int(n)
+            for batches in self.batches.values()
+            for batch in batches
+            if "attention_mask" in batch
+            for n in batch["attention_mask"].sum(axis=1)
+        ]
+        if lengths:
+            info["tokens"] = {
+                "min": min(lengths),
+                "median": float(np.median(lengths)),
+                "max": max(lengths),
+            }
+        return info
+
+
+def read_sentences(path: Path) -> list[str]:
+    """Non-empty lines of a UTF-8 text file."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise BadInput(
+            f"cannot read sentences from {path} ({err}): give a UTF-8 text file"
+        ) from err
+    sentences = [line.strip() for line in lines if line.strip()]
+    if not sentences:
+        raise BadInput(f"{path} has no sentences: give a text file with one sentence per line")
+    return sentences
+
+
+def generate_sentences(
+    count: int,
+    tokenizer: Any,
+    rng: np.random.Generator,
+    *,
+    token_range: tuple[int, int] | None = None,
+    max_tokens: int = 512,
+) -> list[str]:
+    """Sentences whose token counts follow real traffic: by default short-skewed (log-normal,
+    median about 20 tokens, a long tail up to `max_tokens`); with `token_range`, uniform in it."""
+    word_tokens = {w: len(tokenizer.tokenize(w)) for w in WORDS}
+    special = len(tokenizer("")["input_ids"])  # [CLS] and [SEP], or the model's equivalent
+    if token_range is None:
+        targets = np.clip(rng.lognormal(np.log(20), 0.7, size=count), 4, max_tokens)
+    else:
+        low, high = token_range
+        if not 1 <= low <= high:
+            raise BadInput(f"token range {low}-{high} is empty: give MIN-MAX with 1 <= MIN <= MAX")
+        targets = rng.integers(low, high + 1, size=count)
+    sentences = []
+    for target in targets.astype(int):
+        words, tokens = [], special
+        while tokens < min(target, max_tokens):
+            word = WORDS[rng.integers(len(WORDS))]
+            words.append(word)
+            tokens += word_tokens[word]
+        sentences.append(" ".join(words).capitalize() + ".")
+    return sentences
+
+
+def build_workload(
+    model: Model,
+    batch_sizes: Sequence[int],
+    *,
+    sentences: Sequence[str] | None = None,
+    batches_per_size: int = 8,
+    token_range: tuple[int, int] | None = None,
+    seed: int = 0,
+) -> Workload:
+    """`batches_per_size` batches for each batch size, from `sentences` (cycled in a shuffled
+    order) or generated text for text models, random tensors otherwise."""
+    if any(size < 1 for size in batch_sizes):
+        raise BadInput(f"batch sizes must be >= 1, got {list(batch_sizes)}")
+    rng = np.random.default_rng(seed)
+    if not model.is_text:
+        return Workload(
+            {
+                size: [tensor_batch(model, size, rng) for _ in range(batches_per_size)]
+                for size in batch_sizes
+            }
+        )
+    needed = max(batch_sizes) * batches_per_size
+    if sentences:
+        order = rng.permutation(len(sentences))
+        pool = [sentences[order[i % len(sentences)]] for i in range(needed)]
+    else:
+        pool = generate_sentences(
+            needed,
+            model.tokenizer,
+            rng,
+            token_range=token_range,
+            max_tokens=model.max_length or 512,
+        )
+    batches = {
+        size: [tokenize(model, pool[i * size : (i + 1) * size]) for i in range(batches_per_size)]
+        for size in batch_sizes
+    }
+    return Workload(batches, tuple(pool))
+
+
+def tokenize(model: Model, sentences: Sequence[str]) -> Batch:
+    """One padded batch with exactly the model's input names and dtypes."""
+    encoded = model.tokenizer(
+        list(sentences),
+        padding=True,
+        truncation=True,
+        max_length=model.max_length,
+        return_tensors="np",
+    )
+    return {t.name: encoded[t.name].astype(t.dtype) for t in model.spec.inputs}
+
+
+def tensor_batch(model: Model, batch_size: int, rng: np.random.Generator) -> Batch:
+    """Random inputs of one batch; other dynamic axes keep the example inputs' sizes."""
+    return random_inputs(model.spec, {**example_dims(model), BATCH: batch_size}, rng)
+
+
+def example_dims(model: Model) -> dict[str, int]:
+    """Size of each named dynamic axis in the model's example inputs."""
+    dims: dict[str, int] = {}
+    for t in model.spec.inputs:
+        for axis, name in t.dynamic_axes.items():
+            dims.setdefault(name, int(model.example_inputs[t.name].shape[axis]))
+    return dims
+
+
+def random_inputs(
+    spec: InputSpec, dims: dict[str, int], rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """Random inputs for a spec; dynamic axes take their size from `dims` (default 16).
+    Floats are standard normal; integers are small non-negative ids."""
+    arrays: dict[str, np.ndarray] = {}
+    for t in spec.inputs:
+        shape = tuple(d if isinstance(d, int) else dims.get(d, 16) for d in t.shape)
+        if np.issubdtype(np.dtype(t.dtype), np.floating):
+            arrays[t.name] = rng.standard_normal(shape).astype(t.dtype)
+        elif t.dtype == "bool":
+            arrays[t.name] = np.ones(shape, dtype=bool)
+        else:
+            arrays[t.name] = rng.integers(0, 2, size=shape).astype(t.dtype)
+    return arrays

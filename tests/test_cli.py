@@ -1,0 +1,111 @@
+"""`mahir bench` end to end, through the real console entry point in a fresh process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mahir.workload import Workload
+
+TESTS = Path(__file__).parent
+
+
+def mahir(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mahir.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=cwd,
+        check=False,
+    )
+
+
+def test_bench_default_model_on_every_cpu_runtime(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = mahir(
+        "bench", "-r", "torch", "-r", "onnxruntime", "-r", "openvino",
+        "-b", "1", "-b", "4", "--seconds", "0.3", "--json", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["model"]["name"] == "all-MiniLM-L6-v2"
+    assert report["model"]["pooling"] == {"mode": "mean", "normalize": True}
+    assert report["machine"]["physical_cores"] >= 1
+    rows = {(r["runtime"], r["batch_size"]): r for r in report["results"]}
+    assert set(rows) == {(r, b) for r in ("torch", "onnxruntime", "openvino") for b in (1, 4)}
+    for (runtime, _), row in rows.items():
+        assert 0 < row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
+        assert row["throughput"] > 0
+        assert row["tokens_per_s"] > row["throughput"]
+        # fp32 runtimes on the same model: the sentence embeddings agree
+        assert row["quality"]["measured_on"] == "sentence_embedding"
+        assert row["quality"]["cosine_min"] > 0.9999, runtime
+        assert row["quality"]["max_abs_err"] < 1e-3
+    assert rows[("torch", 1)]["speedup"] == pytest.approx(1.0)
+    assert rows[("openvino", 1)]["settings"]["precision"] == "f32"
+    # the table names every runtime and the workload that produced the numbers is saved
+    for runtime in ("torch", "onnxruntime", "openvino"):
+        assert runtime in result.stdout
+    workload = Workload.load(out.with_suffix(".workload.npz"))
+    assert sorted(workload.batches) == [1, 4]
+    assert len(workload.texts) > 0
+
+
+@pytest.mark.parametrize(
+    ("factory", "runtimes"),
+    [
+        ("mlp", ("torch", "torch-compile", "onnxruntime", "openvino")),
+        ("cnn", ("torch", "onnxruntime", "openvino")),
+    ],
+)
+def test_bench_small_factory_models(
+    factory: str, runtimes: tuple[str, ...], tmp_path: Path
+) -> None:
+    out = tmp_path / "bench.json"
+    args = [arg for r in runtimes for arg in ("-r", r)]
+    result = mahir(
+        "bench", f"{TESTS / 'models.py'}:{factory}", *args,
+        "-b", "1", "-b", "8", "--seconds", "0.2", "--json", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert {r["runtime"] for r in rows} == set(runtimes)
+    for row in rows:
+        assert row["quality"]["measured_on"] == "outputs"
+        assert row["quality"]["cosine_min"] > 0.9999
+        assert row["quality"]["outputs"]["output"]["top1_agreement"] == 1.0
+        assert row["tokens_per_s"] is None
+    workload = np.load(out.with_suffix(".workload.npz"))
+    assert "b8/0/" + ("x" if factory == "mlp" else "image") in workload.files
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("bench", "no/such/model"), "does not exist"),
+        (("bench", "-r", "tensorrt-xl"), "unknown runtime"),
+        (("bench", "--tokens", "many"), "MIN-MAX"),
+        (("bench", "-b", "0"), "batch"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(args: tuple[str, ...], message: str) -> None:
+    result = mahir(*args)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:")
+    assert message in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_debug_shows_the_traceback() -> None:
+    result = mahir("--debug", "bench", "no/such/model")
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr
+    assert "BadInput" in result.stderr

@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+
+from mahir.errors import ExportMismatch
+from mahir.export import export_onnx, export_openvino, verification_batches, verify
+from mahir.model import Model, load_model
+from mahir.modules import PositionalInputs
+from mahir.types import Artifact
+
+TESTS = Path(__file__).parent
+
+
+def _input_dims(path: Path) -> dict[str, list[int | str]]:
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return {
+        i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+        for i in graph.input
+    }
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_factory_models_export_with_a_dynamic_batch(name: str, tmp_path: Path) -> None:
+    model = load_model(f"{TESTS / 'models.py'}:{name}")
+    artifact = export_onnx(model, tmp_path / "model.onnx")
+    assert artifact.path == tmp_path / "model.onnx"
+    assert artifact.path.is_file()
+    dims = _input_dims(artifact.path)
+    assert all(shape[0] == "batch" for shape in dims.values())
+    # export restores training flags it touched; the original must still answer in eval mode
+    assert not any(m.training for m in model.module.modules())
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]  # no staging left behind
+
+
+def test_default_model_exports_with_batch_and_sequence_axes(minilm_onnx: Path) -> None:
+    dims = _input_dims(minilm_onnx)
+    assert dims["input_ids"] == ["batch", "sequence"]
+    assert dims["attention_mask"] == ["batch", "sequence"]
+
+
+def test_verification_uses_shapes_other_than_the_traced_one(minilm: Model, mlp: Model) -> None:
+    for model in (minilm, mlp):
+        traced = {k: v.shape for k, v in model.example_inputs.items()}
+        shapes = [{k: v.shape for k, v in b.items()} for b in verification_batches(model)]
+        assert len(shapes) >= 3
+        assert len({tuple(s.values()) for s in shapes}) == len(shapes)
+        assert traced not in shapes
+        assert {s[model.spec.input_names[0]][0] for s in shapes} >= {1, 3}
+
+
+def test_a_shape_baked_export_is_caught(minilm: Model, tmp_path: Path) -> None:
+    """The TorchScript exporter bakes the traced padding length into this model's attention
+    mask handling (DESIGN.md): at the traced shape it agrees, at others it does not."""
+    path = tmp_path / "baked.onnx"
+    adapter = PositionalInputs(minilm.module, minilm.spec.input_names).eval()
+    args = tuple(torch.from_numpy(minilm.example_inputs[n]) for n in minilm.spec.input_names)
+    axes = {n: {0: "batch", 1: "sequence"} for n in minilm.spec.input_names}
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            adapter,
+            args,
+            str(path),
+            input_names=list(minilm.spec.input_names),
+            output_names=list(minilm.spec.outputs),
+            dynamic_axes=axes,
+            dynamo=False,
+        )
+    baked = Artifact("onnx", minilm.spec, path=path)
+    verify(minilm, baked, "onnxruntime", what="ONNX export", batches=[minilm.example_inputs])
+    with pytest.raises(ExportMismatch, match=r"output 'last_hidden_state'.*input shape"):
+        verify(minilm, baked, "onnxruntime", what="ONNX export")
+
+
+class _Noisy(torch.nn.Module):
+    """Dropout forced on: no export of it can agree with its own reference."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.dropout(self.linear(x), 0.5, training=True)
+
+
+def noisy() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    return _Noisy(), {"x": torch.randn(2, 16)}
+
+
+def test_a_mismatching_export_leaves_nothing_behind(tmp_path: Path) -> None:
+    model = load_model(f"{Path(__file__)}:noisy")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("written before")
+    with pytest.raises(ExportMismatch, match="output 'output' differs"):
+        export_onnx(model, out / "model.onnx")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_openvino_ir_is_verified_and_kept_fp32(mlp: Model, tmp_path: Path) -> None:
+    onnx_artifact = export_onnx(mlp, tmp_path / "model.onnx")
+    ir = export_openvino(mlp, onnx_artifact, tmp_path / "ov" / "model.xml")
+    assert ir.format == "openvino"
+    assert ir.path is not None
+    weights = sum(p.numel() for p in mlp.module.parameters())
+    assert ir.path.with_suffix(".bin").stat().st_size >= 4 * weights  # not compressed to fp16
