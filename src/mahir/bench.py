@@ -279,7 +279,7 @@ def artifact_size_mb(artifact: Artifact) -> float:
     """Bytes on disk of the artifact's files, or of a torch module's parameters and buffers."""
     if artifact.format == "torch":
         tensors = [*artifact.module.parameters(), *artifact.module.buffers()]
-        return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+        return float(sum(t.numel() * t.element_size() for t in tensors)) / 2**20
     path = artifact.path
     if path is None:
         raise ValueError(f"a {artifact.format} artifact needs a path")

@@ -139,6 +139,7 @@ class Perf:
     tokens_per_s: float | None
     """Real (unpadded) tokens per second, for text models."""
     spread: float
-    """Inter-quartile range of the latencies over their median."""
+    """Inter-quartile range over median of each latency relative to its own batch's median:
+    the machine's jitter, not the workload's mix of lengths."""
     noisy: bool
     """True when the spread or the drift between rounds is too large to trust small differences."""

@@ -57,7 +57,7 @@ class Workload:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         with tmp.open("wb") as f:
-            np.savez_compressed(f, **arrays)
+            np.savez_compressed(f, **arrays)  # type: ignore[arg-type]  # stubs fear 'allow_pickle'
         tmp.replace(path)
 
     @classmethod
@@ -128,6 +128,7 @@ def generate_sentences(
     median about 20 tokens, a long tail up to `max_tokens`); with `token_range`, uniform in it."""
     word_tokens = {w: len(tokenizer.tokenize(w)) for w in WORDS}
     special = len(tokenizer("")["input_ids"])  # [CLS] and [SEP], or the model's equivalent
+    targets: np.ndarray
     if token_range is None:
         targets = np.clip(rng.lognormal(np.log(20), 0.7, size=count), 4, max_tokens)
     else:

@@ -1,0 +1,184 @@
+"""Honest latency and throughput: several sessions timed interleaved on the same batches.
+
+Every session is warmed up, then the sessions take turns: in each round each one runs
+consecutive batches for about `round_time_s`, until each has enough timed time and runs. Drift
+of the machine (turbo, thermals, a noisy neighbour) thus hits all sessions alike, and all see the
+same batches in the same order. The result says whether it is too noisy to trust small
+differences. This room sees only `Session` objects and numpy arrays; it imports numpy, psutil,
+the standard library and mahir's types, nothing of any runtime.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import psutil
+
+from mahir.types import Inputs, Perf, Session
+
+# Above these, a difference of a few percent between two sessions may be noise. 10% is what
+# repeated runs on the 2-core CI machines stay within when nothing else runs; beyond it the
+# machine (throttling, neighbours) is moving under us.
+NOISY_SPREAD = 0.10
+"""Inter-quartile range over median of the latencies."""
+NOISY_DRIFT = 0.10
+"""Largest minus smallest round median, over the overall median."""
+
+
+@dataclass(frozen=True, slots=True)
+class MeasureConfig:
+    warmup_runs: int = 3
+    """Untimed runs per session first: lazy initialisation, caches, allocator, JIT."""
+    min_time_s: float = 2.0
+    """Timed time each session needs at least, summed over its runs."""
+    min_runs: int = 10
+    """Timed runs each session needs at least, so percentiles of slow models mean something."""
+    max_runs: int = 100_000
+    """Timed runs after which a session stops, whatever its time: bounds tiny models' memory."""
+    round_time_s: float = 0.25
+    """How long one session runs before the next takes its turn; shorter interleaves finer."""
+
+    def __post_init__(self) -> None:
+        if self.warmup_runs < 0:
+            raise ValueError(f"warmup_runs must be >= 0, got {self.warmup_runs}")
+        if self.min_time_s < 0:
+            raise ValueError(f"min_time_s must be >= 0, got {self.min_time_s}")
+        if self.min_runs < 1:
+            raise ValueError(f"min_runs must be >= 1, got {self.min_runs}")
+        if self.max_runs < self.min_runs:
+            raise ValueError(f"max_runs ({self.max_runs}) must be >= min_runs ({self.min_runs})")
+        if self.round_time_s <= 0:
+            raise ValueError(f"round_time_s must be > 0, got {self.round_time_s}")
+
+
+@dataclass
+class _Timings:
+    """One session's timed runs: latency in seconds and batch index, grouped by round."""
+
+    rounds: list[list[tuple[float, int]]] = field(default_factory=list)
+    runs: int = 0
+    total_s: float = 0.0
+
+    def fraction_done(self, config: MeasureConfig) -> float:
+        if self.runs >= config.max_runs:
+            return 1.0
+        by_time = self.total_s / config.min_time_s if config.min_time_s > 0 else 1.0
+        return min(1.0, by_time, self.runs / config.min_runs)
+
+
+def measure(
+    sessions: Mapping[str, Session],
+    batches: Sequence[Inputs],
+    config: MeasureConfig = MeasureConfig(),
+    *,
+    clock: Callable[[], float] = time.perf_counter,
+    on_progress: Callable[[str, float], None] | None = None,
+) -> dict[str, Perf]:
+    """Time every session on `batches` (cycled), interleaved; one `Perf` per session name."""
+    if not sessions or not batches:
+        raise ValueError("measure needs at least one session and one batch")
+    batch_size = _batch_size(batches)
+    for session in sessions.values():
+        for i in range(config.warmup_runs):
+            session.run(batches[i % len(batches)])
+    timings = {name: _Timings() for name in sessions}
+    while pending := [n for n, t in timings.items() if t.fraction_done(config) < 1.0]:
+        for name in pending:
+            _take_turn(sessions[name], batches, config, clock, timings[name])
+            if on_progress is not None:
+                on_progress(name, timings[name].fraction_done(config))
+    return {name: _perf(t, batches, batch_size) for name, t in timings.items()}
+
+
+def _take_turn(
+    session: Session,
+    batches: Sequence[Inputs],
+    config: MeasureConfig,
+    clock: Callable[[], float],
+    timings: _Timings,
+) -> None:
+    """Run consecutive batches for one round, stopping early once the session has enough."""
+    runs: list[tuple[float, int]] = []
+    start = clock()
+    while True:
+        index = timings.runs % len(batches)
+        before = clock()
+        session.run(batches[index])
+        after = clock()
+        runs.append((after - before, index))
+        timings.runs += 1
+        timings.total_s += after - before
+        if after - start >= config.round_time_s or timings.fraction_done(config) >= 1.0:
+            break
+    timings.rounds.append(runs)
+
+
+def _batch_size(batches: Sequence[Inputs]) -> int:
+    sizes = set()
+    for batch in batches:
+        if not batch:
+            raise ValueError("a batch has no inputs")
+        sizes.add(next(iter(batch.values())).shape[0])
+    if len(sizes) != 1:
+        raise ValueError(f"all batches in one measurement must share a batch size, got {sizes}")
+    return int(sizes.pop())
+
+
+def _perf(timings: _Timings, batches: Sequence[Inputs], batch_size: int) -> Perf:
+    runs = [run for round_ in timings.rounds for run in round_]
+    if timings.total_s <= 0:
+        raise ValueError(f"the clock saw no time pass in {len(runs)} runs: use a finer clock")
+    latencies = np.array([latency for latency, _ in runs])
+    p50, p90, p99 = np.percentile(latencies * 1e3, [50, 90, 99])
+    tokens_per_s = None
+    if "attention_mask" in batches[0]:
+        per_batch = [int(np.count_nonzero(batch["attention_mask"])) for batch in batches]
+        tokens = sum(per_batch[index] for _, index in runs)
+        tokens_per_s = tokens / timings.total_s
+    spread, drift = _noise(timings.rounds)
+    return Perf(
+        batch_size=batch_size,
+        latencies_ms=tuple(float(x) for x in latencies * 1e3),
+        p50_ms=float(p50),
+        p90_ms=float(p90),
+        p99_ms=float(p99),
+        throughput=batch_size * len(runs) / timings.total_s,
+        tokens_per_s=tokens_per_s,
+        spread=spread,
+        noisy=spread > NOISY_SPREAD or drift > NOISY_DRIFT,
+    )
+
+
+def _noise(rounds: list[list[tuple[float, int]]]) -> tuple[float, float]:
+    """Spread and drift of the machine, not of the workload: batches of different lengths take
+    different times by design, so each latency is taken relative to the median of its own batch
+    (batches run only once carry no such information and are left out, unless all are)."""
+    by_batch: dict[int, list[float]] = {}
+    for latency, index in (run for round_ in rounds for run in round_):
+        by_batch.setdefault(index, []).append(latency)
+    repeated = [i for i, values in by_batch.items() if len(values) > 1]
+    if repeated:
+        reference = {i: float(np.median(by_batch[i])) for i in repeated}
+    else:  # every batch ran once: only the raw latencies are left to judge by
+        overall = float(np.median([values[0] for values in by_batch.values()]))
+        reference = dict.fromkeys(by_batch, overall)
+    relative = [
+        [latency / reference[i] for latency, i in round_ if reference.get(i, 0.0) > 0]
+        for round_ in rounds
+    ]
+    values = [x for round_ in relative for x in round_]
+    if not values:  # a clock too coarse to see any run
+        return 0.0, 0.0
+    q1, median, q3 = np.percentile(values, [25, 50, 75])
+    # A round of one or two runs has one run's noise, which the spread already judges.
+    round_medians = [float(np.median(r)) for r in relative if len(r) >= 3] or [float(median)]
+    drift = (max(round_medians) - min(round_medians)) / median
+    return float((q3 - q1) / median), float(drift)
+
+
+def resident_mb() -> float:
+    """Resident memory of this process in MiB, to record what opening a session adds."""
+    return float(psutil.Process().memory_info().rss) / 2**20
