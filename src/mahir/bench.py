@@ -128,27 +128,30 @@ class BenchResult:
         }
 
     def __rich__(self) -> Table:
-        table = Table(title=f"{self.model.name} on {self.machine.summary()}")
-        for column in ("runtime", "batch", "p50 ms", "p99 ms", "samples/s", "speedup"):
-            table.add_column(column, justify="left" if column == "runtime" else "right")
         fidelity = "embedding" if self.model.pooling else "output"
-        table.add_column(f"{fidelity} cosine mean / worst", justify="right")
+        caption = f"cosine: {fidelity} vs the fp32 original, mean / worst sample"
+        if any(row.perf.noisy for row in self.rows):
+            caption += "; ~ noisy: jitter over 10%, small differences are not real"
+        table = Table(title=f"{self.model.name} on {self.machine.summary()}", caption=caption)
+        for column in ("runtime", "batch", "p50 ms", "p99 ms", "samples/s", "speedup", "cosine"):
+            table.add_column(column, justify="left" if column == "runtime" else "right")
         for row in self.rows:
             speedup = self.speedup(row)
-            noisy = " ~" if row.perf.noisy else ""
             headline = row.quality.headline
             table.add_row(
                 row.runtime,
                 str(row.batch_size),
-                f"{row.perf.p50_ms:.2f}{noisy}",
-                f"{row.perf.p99_ms:.2f}",
+                f"{_ms(row.perf.p50_ms)}{' ~' if row.perf.noisy else ''}",
+                _ms(row.perf.p99_ms),
                 f"{row.perf.throughput:,.0f}",
                 "" if speedup is None else f"{speedup:.2f}x",
                 f"{headline.cosine_mean:.5f} / {headline.cosine_min:.5f}",
             )
-        if any(row.perf.noisy for row in self.rows):
-            table.caption = "~ noisy: spread or drift over 10%; small differences are not real"
         return table
+
+
+def _ms(value: float) -> str:
+    return f"{value:.3f}" if value < 1 else f"{value:.2f}"
 
 
 def model_summary(model: Model) -> dict[str, Any]:

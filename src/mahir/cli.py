@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +26,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
+# Tables are wider than the 80 columns rich assumes when output goes to a file or a pipe.
+console = Console(width=None if sys.stdout.isatty() else 120)
 errors = Console(stderr=True)
 T = TypeVar("T")
 

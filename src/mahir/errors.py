@@ -42,6 +42,12 @@ EXIT_CODES: dict[type[MahirError], int] = {
 }
 
 
+def first_line(err: BaseException) -> str:
+    """A third-party error's first line, for a one-line message of our own."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def exit_code(err: MahirError) -> int:
     """The process exit code for `err`: the entry of its nearest class in `EXIT_CODES`."""
     for cls in type(err).__mro__:

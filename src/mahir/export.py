@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mahir.errors import BadInput, ExportMismatch, MahirError, Unsupported
+from mahir.errors import BadInput, ExportMismatch, MahirError, Unsupported, first_line
 from mahir.model import Model
 from mahir.runtimes import open_session
 from mahir.types import BATCH, SEQUENCE, Artifact, Outputs, RuntimeOptions, Session
@@ -72,15 +72,34 @@ def export_onnx(model: Model, path: Path, *, opset: int | None = None) -> Artifa
                 verbose=False,
             )
         except Exception as err:  # torch.export raises many types; all mean "cannot export"
-            raise Unsupported(f"cannot export {model.name} to ONNX: {_first_line(err)}") from err
+            raise Unsupported(f"cannot export {model.name} to ONNX: {first_line(err)}") from err
         if program is None:
             raise Unsupported(f"cannot export {model.name} to ONNX: the exporter returned nothing")
         program.save(str(staged))
+        _check_dynamic_axes(model, staged)
         # torch.onnx.export restores training flags it touched; answers must come from eval mode.
         module.eval()
         artifact = Artifact("onnx", model.spec, path=staged)
         verify(model, artifact, "onnxruntime", what="ONNX export")
     return Artifact("onnx", model.spec, path=path)
+
+
+def _check_dynamic_axes(model: Model, path: Path) -> None:
+    """A dynamic axis the exporter fixed to a number means the model read that size as a
+    Python int; the file would only ever work at the traced size."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    dims = {i.name: i.type.tensor_type.shape.dim for i in graph.input}
+    for tensor in model.spec.inputs:
+        for axis, name in tensor.dynamic_axes.items():
+            dim = dims[tensor.name][axis]
+            if dim.HasField("dim_value"):
+                raise ExportMismatch(
+                    f"the ONNX export of {model.name} fixed axis {axis} ({name}) of input "
+                    f"'{tensor.name}' at {dim.dim_value}: the model reads that size as a Python "
+                    "number (int(), .item(), .tolist()); keep it a tensor so it stays dynamic"
+                )
 
 
 def export_openvino(model: Model, onnx_artifact: Artifact, path: Path) -> Artifact:
@@ -94,7 +113,7 @@ def export_openvino(model: Model, onnx_artifact: Artifact, path: Path) -> Artifa
             ov_model = ov.convert_model(str(onnx_artifact.path))
             ov.save_model(ov_model, str(staged), compress_to_fp16=False)
         except Exception as err:  # OpenVINO raises RuntimeError/OpConversionFailure/...
-            raise Unsupported(f"OpenVINO cannot convert {model.name}: {_first_line(err)}") from err
+            raise Unsupported(f"OpenVINO cannot convert {model.name}: {first_line(err)}") from err
         verify(model, Artifact("openvino", model.spec, path=staged), "openvino", what="IR")
     return Artifact("openvino", model.spec, path=path)
 
@@ -215,8 +234,3 @@ def _quiet_exporter() -> Iterator[None]:
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
