@@ -86,7 +86,7 @@ def test_every_runtime_is_listed_with_its_formats() -> None:
 
 def test_unknown_runtime_and_wrong_format(artifacts: tuple[Model, dict[str, Artifact]]) -> None:
     _, built = artifacts
-    with pytest.raises(BadInput, match="unknown runtime 'tensorrt'.*onnxruntime"):
+    with pytest.raises(BadInput, match=r"unknown runtime 'tensorrt'.*onnxruntime"):
         open_session("tensorrt", built["onnx"])
     with pytest.raises(Unsupported, match="onnxruntime runs onnx artifacts, not torch"):
         open_session("onnxruntime", built["torch"])
@@ -102,7 +102,7 @@ def test_corrupt_onnx_file(mlp: Model, tmp_path: Path) -> None:
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"\x08\x01garbage" * 100)
     for runtime in ("onnxruntime", "openvino"):
-        with pytest.raises(BadInput, match="cannot (open|read).*re-export it"):
+        with pytest.raises(BadInput, match=r"cannot (open|read).*re-export it"):
             open_session(runtime, Artifact("onnx", mlp.spec, path=junk))
 
 
