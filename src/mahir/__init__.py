@@ -1,5 +1,39 @@
-"""mahir: make a trained model run faster and cheaper without changing its answers."""
+"""mahir: make a trained model run faster and cheaper without changing its answers.
+
+model = mahir.load_model()                     # a folder, an .onnx file, "file.py:factory"
+result = mahir.benchmark(model, mahir.BenchConfig(batch_sizes=(1, 32)), workdir)
+session = mahir.open_session("onnxruntime", artifact)
+"""
 
 from __future__ import annotations
 
+from mahir.bench import BenchConfig, BenchResult, benchmark
+from mahir.errors import BadInput, ExportMismatch, MahirError, RuntimeFailure, Unsupported
+from mahir.export import export_onnx, export_openvino
+from mahir.measure import MeasureConfig
+from mahir.model import Model, load_model
+from mahir.runtimes import RUNTIMES, open_session
+from mahir.types import Artifact, RuntimeOptions, Session
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "RUNTIMES",
+    "Artifact",
+    "BadInput",
+    "BenchConfig",
+    "BenchResult",
+    "ExportMismatch",
+    "MahirError",
+    "MeasureConfig",
+    "Model",
+    "RuntimeFailure",
+    "RuntimeOptions",
+    "Session",
+    "Unsupported",
+    "benchmark",
+    "export_onnx",
+    "export_openvino",
+    "load_model",
+    "open_session",
+]

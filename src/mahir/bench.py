@@ -32,6 +32,8 @@ DEFAULT_RUNTIMES = ("torch", "onnxruntime", "openvino")
 
 @dataclass(frozen=True, slots=True)
 class BenchConfig:
+    """What `benchmark` measures: which runtimes, at which batch sizes, on which inputs."""
+
     runtimes: tuple[str, ...] = DEFAULT_RUNTIMES
     """Runtime names from `mahir.runtimes.RUNTIMES`; PyTorch eager is the baseline."""
     batch_sizes: tuple[int, ...] = (1, 32)
@@ -54,6 +56,8 @@ class BenchConfig:
 
 @dataclass(frozen=True, slots=True)
 class BenchRow:
+    """One runtime at one batch size: its timing, its fidelity, and what it ran with."""
+
     runtime: str
     batch_size: int
     perf: Perf
@@ -67,6 +71,8 @@ class BenchRow:
 
 @dataclass
 class BenchResult:
+    """Every row of one run, with the machine, model and workload that produced them."""
+
     machine: Machine
     model: Model
     workload: Workload
@@ -204,7 +210,7 @@ def benchmark(
         before = resident_mb()
         session = open_session(name, artifact, config.options)
         session.run(workload.batches[min(workload.batches)][0])  # first run: lazy init, compile
-        memory[name] = resident_mb() - before
+        memory[name] = max(0.0, resident_mb() - before)  # RSS can shrink when Python frees
         sessions[name] = session
         sizes[name] = artifact_size_mb(artifact)
 

@@ -131,7 +131,8 @@ def _run_bench(
     if json_path is not None:
         write_json(json_path, result.to_json())
         result.workload.save(json_path.with_suffix(".workload.npz"))
-        console.print(f"results: {json_path}  workload: {json_path.with_suffix('.workload.npz')}")
+        workload = json_path.with_suffix(".workload.npz")
+        console.print(f"results: {json_path}  workload: {workload}", soft_wrap=True)
 
 
 def _progress() -> Progress:
