@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mahir.model import Model, load_model
@@ -38,3 +39,21 @@ def minilm_onnx(minilm: Model, tmp_path_factory: pytest.TempPathFactory) -> Path
     path = tmp_path_factory.mktemp("minilm") / "model.onnx"
     export_onnx(minilm, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def minilm_calibration(minilm: Model) -> tuple[dict[str, np.ndarray], ...]:
+    from mahir.workload import build_workload
+
+    return tuple(build_workload(minilm, [8], batches_per_size=4, seed=5).batches[8])
+
+
+@pytest.fixture(scope="session")
+def minilm_eval(minilm: Model) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
+    """Held-out batches (two traffic-shaped, three verification shapes) and their references."""
+    from mahir.export import reference_outputs, verification_batches
+    from mahir.workload import build_workload
+
+    batches = build_workload(minilm, [8], batches_per_size=2, seed=9).batches[8]
+    batches += verification_batches(minilm)
+    return batches, reference_outputs(minilm, batches)

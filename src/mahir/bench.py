@@ -9,7 +9,7 @@ ratios of medians against PyTorch eager at the same batch size.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,11 +17,10 @@ from typing import Any
 from rich.table import Table
 
 from mahir.errors import Unsupported
-from mahir.export import export_onnx, export_openvino, reference_outputs
+from mahir.export import export_onnx, export_openvino, fidelity, reference_outputs
 from mahir.hardware import Machine, detect
 from mahir.measure import MeasureConfig, measure, resident_mb
 from mahir.model import Model
-from mahir.quality import compare
 from mahir.runtimes import RUNTIMES, get_runtime, open_session
 from mahir.types import Artifact, ArtifactFormat, Perf, Quality, RuntimeOptions, Session
 from mahir.workload import Workload, build_workload
@@ -219,7 +218,7 @@ def benchmark(
         qualities = {}
         for name, session in sessions.items():
             on_step(f"checking {name} at batch {size}")
-            qualities[name] = _quality(model, session, batches, references[size])
+            qualities[name] = fidelity(model, session, batches, references[size])
         on_step(f"timing batch {size}")
         perfs = measure(sessions, batches, config.measure, on_progress=on_measure)
         rows += [
@@ -235,21 +234,6 @@ def benchmark(
             for name, session in sessions.items()
         ]
     return BenchResult(machine, model, workload, rows)
-
-
-def _quality(
-    model: Model, session: Session, batches: Sequence[Any], reference: Sequence[Any]
-) -> Quality:
-    outputs = [session.run(batch) for batch in batches]
-    masks = [b["attention_mask"] for b in batches] if "attention_mask" in batches[0] else None
-    embedding_output = model.spec.outputs[0] if model.pooling else None
-    return compare(
-        outputs,
-        reference,
-        attention_masks=masks,
-        pooling=model.pooling,
-        embedding_output=embedding_output,
-    )
 
 
 class _Artifacts:

@@ -26,8 +26,9 @@ import numpy as np
 
 from mahir.errors import BadInput, ExportMismatch, MahirError, Unsupported, first_line
 from mahir.model import Model
+from mahir.quality import compare
 from mahir.runtimes import open_session
-from mahir.types import BATCH, SEQUENCE, Artifact, Outputs, RuntimeOptions, Session
+from mahir.types import BATCH, SEQUENCE, Artifact, Outputs, Quality, RuntimeOptions, Session
 from mahir.workload import Batch, example_dims, generate_sentences, random_inputs, tokenize
 
 
@@ -42,13 +43,17 @@ class Tolerance:
 FP32 = Tolerance()
 
 
-def export_onnx(model: Model, path: Path, *, opset: int | None = None) -> Artifact:
-    """Export the model's torch module to ONNX with its dynamic axes kept dynamic."""
+def export_onnx(
+    model: Model, path: Path, *, source: Artifact | None = None, opset: int | None = None
+) -> Artifact:
+    """Export a torch artifact (default: the model's own module) to ONNX with its dynamic axes
+    kept dynamic, verified against that torch artifact."""
     import torch
 
-    if model.module is None:
-        raise Unsupported(f"{model.name} is already an ONNX model; there is no torch module")
-    module = model.module.eval()
+    source = source or model.original()
+    if source.format != "torch":
+        raise Unsupported(f"{model.name}: only a torch module exports to ONNX, not {source.format}")
+    module = source.module.eval()
     names = model.spec.input_names
     dims = {name: torch.export.Dim(name) for name in sorted(model.spec.dynamic_dims)}
     dynamic_shapes = (
@@ -80,8 +85,8 @@ def export_onnx(model: Model, path: Path, *, opset: int | None = None) -> Artifa
         # torch.onnx.export restores training flags it touched; answers must come from eval mode.
         module.eval()
         artifact = Artifact("onnx", model.spec, path=staged)
-        verify(model, artifact, "onnxruntime", what="ONNX export")
-    return Artifact("onnx", model.spec, path=path)
+        verify(model, artifact, "onnxruntime", what="ONNX export", reference=source)
+    return Artifact("onnx", model.spec, path=path, meta=source.meta)
 
 
 def _check_dynamic_axes(model: Model, path: Path) -> None:
@@ -114,8 +119,9 @@ def export_openvino(model: Model, onnx_artifact: Artifact, path: Path) -> Artifa
             ov.save_model(ov_model, str(staged), compress_to_fp16=False)
         except Exception as err:  # OpenVINO raises RuntimeError/OpConversionFailure/...
             raise Unsupported(f"OpenVINO cannot convert {model.name}: {first_line(err)}") from err
-        verify(model, Artifact("openvino", model.spec, path=staged), "openvino", what="IR")
-    return Artifact("openvino", model.spec, path=path)
+        ir = Artifact("openvino", model.spec, path=staged)
+        verify(model, ir, "openvino", what="IR", reference=onnx_artifact)
+    return Artifact("openvino", model.spec, path=path, meta=onnx_artifact.meta)
 
 
 def verify(
@@ -126,13 +132,15 @@ def verify(
     what: str,
     tolerance: Tolerance = FP32,
     batches: Sequence[Batch] | None = None,
+    reference: Artifact | None = None,
 ) -> None:
-    """Raise `ExportMismatch` unless `artifact` on `runtime` gives the original's outputs on every
-    verification shape. OpenVINO is held to f32 here: this checks the conversion, not bf16."""
+    """Raise `ExportMismatch` unless `artifact` on `runtime` gives the outputs of `reference`
+    (default: the original) on every verification shape. OpenVINO is held to f32 here: this
+    checks the conversion, not bf16."""
     batches = verification_batches(model) if batches is None else batches
-    reference = reference_outputs(model, batches)
+    expected = reference_outputs(model, batches, reference)
     session = open_session(runtime, artifact, RuntimeOptions(openvino_precision="f32"))
-    for batch, ref in zip(batches, reference, strict=True):
+    for batch, ref in zip(batches, expected, strict=True):
         shape = "x".join(str(d) for d in next(iter(batch.values())).shape)
         try:
             out = session.run(batch)
@@ -141,6 +149,22 @@ def verify(
                 f"{what} of {model.name} fails at input shape {shape}: {err}"
             ) from err
         check_close(out, ref, tolerance, where=f"{what} of {model.name}, input shape {shape}")
+
+
+def fidelity(
+    model: Model, session: Session, batches: Sequence[Batch], reference: Sequence[Outputs]
+) -> Quality:
+    """How close `session` comes to `reference` on `batches`, including the pooled sentence
+    embedding when the model has pooling: for candidates that are not meant to be exact."""
+    outputs = [session.run(batch) for batch in batches]
+    masks = [b["attention_mask"] for b in batches] if "attention_mask" in batches[0] else None
+    return compare(
+        outputs,
+        reference,
+        attention_masks=masks,
+        pooling=model.pooling,
+        embedding_output=model.spec.outputs[0] if model.pooling else None,
+    )
 
 
 def check_close(out: Outputs, ref: Outputs, tolerance: Tolerance, *, where: str) -> None:
@@ -164,15 +188,18 @@ def check_close(out: Outputs, ref: Outputs, tolerance: Tolerance, *, where: str)
             )
 
 
-def reference_outputs(model: Model, batches: Sequence[Batch]) -> list[Outputs]:
-    """The fp32 original's outputs: PyTorch eager for torch models, ONNX Runtime for ONNX files."""
-    session = reference_session(model)
+def reference_outputs(
+    model: Model, batches: Sequence[Batch], source: Artifact | None = None
+) -> list[Outputs]:
+    """Outputs of `source` (default: the fp32 original) on its reference runtime."""
+    session = reference_session(source or model.original())
     return [session.run(batch) for batch in batches]
 
 
-def reference_session(model: Model) -> Session:
-    """PyTorch eager for torch models, ONNX Runtime for ONNX files: the original as given."""
-    return open_session("torch" if model.module is not None else "onnxruntime", model.original())
+def reference_session(artifact: Artifact) -> Session:
+    """PyTorch eager for torch artifacts, ONNX Runtime for ONNX, OpenVINO (f32) for IR."""
+    runtime = {"torch": "torch", "onnx": "onnxruntime", "openvino": "openvino"}[artifact.format]
+    return open_session(runtime, artifact, RuntimeOptions(openvino_precision="f32"))
 
 
 def verification_batches(model: Model) -> list[Batch]:

@@ -66,6 +66,14 @@ class Artifact:
     module: Any = None
     meta: Mapping[str, Any] = field(default_factory=dict)
 
+    def derive(self, path: Path, format: ArtifactFormat | None = None, **step: Any) -> Artifact:
+        """The next artifact in a chain of passes: same spec, new files, and `step` appended to
+        the history in `meta["steps"]`."""
+        steps = [*self.meta.get("steps", ()), step]
+        return Artifact(
+            format or self.format, self.spec, path=path, meta={**self.meta, "steps": steps}
+        )
+
 
 class Session(Protocol):
     """The one way to execute any artifact on any runtime."""

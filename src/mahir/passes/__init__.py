@@ -1,0 +1,93 @@
+"""Optimization passes: each technique is a function `(artifact, config, ctx) -> artifact`.
+
+A pass never mutates its input artifact: it writes a new one into `ctx.workdir`. When it does
+not apply (wrong architecture, an op it cannot handle, a CPU without the instructions that make
+it pay) it raises `Unsupported(reason)`, and the search records the reason and moves on. The
+config's type picks the function, through the one dict `PASSES`, written out by hand; names such
+as "ort-dynamic-int8" live only at the CLI and recipe edge. `apply_steps` converts between
+formats (torch -> ONNX -> OpenVINO IR, each conversion verified) when a step needs another one.
+
+Passes sit above runtimes and export; they know nothing of search or serving.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mahir.errors import Unsupported
+from mahir.export import export_onnx, export_openvino
+from mahir.hardware import Machine, detect
+from mahir.model import Model
+from mahir.passes.graph import (
+    OrtOptimize,
+    Simplify,
+    TransformerFusion,
+    fuse_transformer,
+    ort_optimize,
+    simplify,
+)
+from mahir.passes.quantize import DynamicInt8, StaticInt8, dynamic_int8, static_int8
+from mahir.types import Artifact, ArtifactFormat
+from mahir.workload import Batch
+
+PassFn = Callable[[Artifact, Any, "PassContext"], Artifact]
+
+
+@dataclass(frozen=True)
+class PassContext:
+    """What a pass may use besides its input: the fp32 original (spec, tokenizer, reference),
+    a folder of its own to write into, calibration inputs shaped like traffic, the machine."""
+
+    model: Model
+    workdir: Path
+    calibration: tuple[Batch, ...] = ()
+    machine: Machine = field(default_factory=lambda: detect(gpus=False))
+
+
+PASSES: dict[type[Any], PassFn] = {
+    OrtOptimize: ort_optimize,
+    TransformerFusion: fuse_transformer,
+    Simplify: simplify,
+    DynamicInt8: dynamic_int8,
+    StaticInt8: static_int8,
+}
+
+STEP_TYPES: dict[str, type[Any]] = {cls.__name__: cls for cls in PASSES}
+"""The allow-list a recipe's `_type` names are resolved against."""
+
+
+def run_pass(artifact: Artifact, config: Any, ctx: PassContext) -> Artifact:
+    """Apply one step, converting the artifact first if the step needs another format."""
+    fn = PASSES.get(type(config))
+    if fn is None:
+        raise Unsupported(f"no pass for {type(config).__name__}")
+    needed: tuple[ArtifactFormat, ...] = config.input_formats
+    ctx.workdir.mkdir(parents=True, exist_ok=True)
+    return fn(convert(artifact, needed, ctx), config, ctx)
+
+
+def apply_steps(artifact: Artifact, steps: Sequence[Any], ctx: PassContext) -> Artifact:
+    """Apply steps in order, each writing into its own numbered folder under `ctx.workdir`."""
+    for index, step in enumerate(steps):
+        folder = ctx.workdir / f"{index:02d}-{type(step).__name__.lower()}"
+        artifact = run_pass(artifact, step, dataclasses.replace(ctx, workdir=folder))
+    return artifact
+
+
+def convert(artifact: Artifact, formats: tuple[ArtifactFormat, ...], ctx: PassContext) -> Artifact:
+    """`artifact` in the first of `formats` reachable from it: torch -> onnx -> openvino."""
+    if artifact.format in formats:
+        return artifact
+    if "onnx" in formats and artifact.format == "torch":
+        return export_onnx(ctx.model, ctx.workdir / "input" / "model.onnx", source=artifact)
+    if "openvino" in formats and artifact.format in ("torch", "onnx"):
+        onnx = convert(artifact, ("onnx",), ctx)
+        return export_openvino(ctx.model, onnx, ctx.workdir / "input" / "openvino" / "model.xml")
+    raise Unsupported(
+        f"this step needs a {' or '.join(formats)} artifact and cannot be built from "
+        f"{artifact.format}: order the steps so that torch steps come first"
+    )

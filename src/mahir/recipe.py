@@ -1,0 +1,121 @@
+"""A recipe: the steps that built an artifact from the model, as plain data.
+
+A step is a frozen config dataclass. On disk (recipe.yaml) each step is
+`{_type: ClassName, _version: N, _data: {field: value}}`; reading resolves `_type` against an
+allow-list the caller passes in (never an import path read from a file), and refuses a version it
+does not know. Nested option dataclasses are written the same way. The hash of a recipe is the
+hash of that canonical form, so equal recipes share cached results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mahir.errors import BadInput
+from mahir.types import RuntimeOptions
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Steps applied in order to the model, then the runtime (and its settings) that runs it."""
+
+    steps: tuple[Any, ...]
+    runtime: str
+    options: RuntimeOptions = field(default_factory=RuntimeOptions)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "runtime": self.runtime,
+            "options": dataclasses.asdict(self.options),
+            "steps": [config_to_dict(step) for step in self.steps],
+        }
+
+    def hash(self) -> str:
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def save(self, path: Path) -> None:
+        """Write YAML atomically."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        tmp.replace(path)
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """`{_type, _version, _data}` for a config dataclass; nested dataclasses likewise."""
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        raise TypeError(f"a recipe step must be a config dataclass, got {type(config).__name__}")
+    data = {
+        f.name: _value_to_data(getattr(config, f.name))
+        for f in dataclasses.fields(config)
+        if f.name != "version"
+    }
+    version = getattr(config, "version", 1)
+    return {"_type": type(config).__name__, "_version": version, "_data": data}
+
+
+def _value_to_data(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return config_to_dict(value)
+    if isinstance(value, tuple):
+        return [_value_to_data(v) for v in value]
+    return value
+
+
+def config_from_dict(data: Any, allowed: Mapping[str, type]) -> Any:
+    """The config `data` describes; `_type` must be in `allowed`, `_version` must match."""
+    if not isinstance(data, dict) or set(data) != {"_type", "_version", "_data"}:
+        raise BadInput(f"a recipe step is {{_type, _version, _data}}, got {data!r}")
+    cls = allowed.get(data["_type"])
+    if cls is None:
+        known_steps = ", ".join(allowed)
+        raise BadInput(f"unknown recipe step {data['_type']!r}: known steps are {known_steps}")
+    known = getattr(cls, "version", 1)
+    if data["_version"] != known:
+        raise BadInput(
+            f"recipe step {data['_type']} has version {data['_version']}, this mahir reads "
+            f"version {known}: rebuild the recipe"
+        )
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in (data["_data"] or {}).items():
+        if name not in fields or name == "version":
+            raise BadInput(f"recipe step {data['_type']} has no field {name!r}")
+        kwargs[name] = _data_to_value(value, allowed)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise BadInput(f"recipe step {data['_type']}: {err}") from err
+
+
+def _data_to_value(value: Any, allowed: Mapping[str, type]) -> Any:
+    if isinstance(value, dict) and "_type" in value:
+        return config_from_dict(value, allowed)
+    if isinstance(value, list):
+        return tuple(_data_to_value(v, allowed) for v in value)
+    return value
+
+
+def load_recipe(path: Path, allowed: Mapping[str, type]) -> Recipe:
+    """Read recipe.yaml; every step type must be in `allowed`."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise BadInput(f"cannot read recipe {path}: {err}") from err
+    if not isinstance(data, dict) or "steps" not in data or "runtime" not in data:
+        raise BadInput(f"{path} is not a recipe: it needs `runtime:` and `steps:`")
+    try:
+        options = RuntimeOptions(**(data.get("options") or {}))
+    except (TypeError, ValueError) as err:
+        raise BadInput(f"{path}: bad runtime options: {err}") from err
+    steps = tuple(config_from_dict(step, allowed) for step in data["steps"] or ())
+    return Recipe(steps=steps, runtime=str(data["runtime"]), options=options)
