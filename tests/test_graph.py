@@ -49,7 +49,8 @@ def test_graph_pass_keeps_the_answers(
     before = _digest(minilm_onnx)
     source = Artifact("onnx", minilm.spec, path=minilm_onnx)
     artifact = run_pass(source, config, PassContext(model=minilm, workdir=tmp_path))
-    assert artifact.path is not None and artifact.path.parent == tmp_path
+    assert artifact.path is not None
+    assert artifact.path.parent == tmp_path
     assert _digest(minilm_onnx) == before  # the input is never modified
     batches, reference = minilm_eval
     for runtime in runtimes:
