@@ -241,8 +241,12 @@ def test_config_rejects_nonsense(kwargs: dict[str, Any]) -> None:
         MeasureConfig(**kwargs)
 
 
-def test_resident_memory_grows_with_an_allocation() -> None:
-    before = resident_mb()
-    block = np.ones(64 * 2**20 // 8)  # 64 MiB, every page touched
-    assert resident_mb() - before > 32
-    assert block.sum() > 0
+def test_resident_memory_is_this_process_rss() -> None:
+    """Read against the kernel's own count; an allocation-growth test is flaky in a long run,
+    where the allocator hands back pages that are already resident."""
+    import os
+    from pathlib import Path
+
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    kernel_mb = pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    assert abs(resident_mb() - kernel_mb) < 16

@@ -135,6 +135,53 @@ def _run_bench(
         console.print(f"results: {json_path}  workload: {workload}", soft_wrap=True)
 
 
+@app.command()
+def apply(
+    ctx: typer.Context,
+    recipe: Annotated[Path, typer.Argument(help="A recipe.yaml (see README: Recipes).")],
+    model: ModelArg = None,
+    out: Annotated[Path, typer.Option("--out", help="Output directory.")] = Path("mahir-out"),
+    data: Annotated[
+        Path | None, typer.Option("--data", help="Calibration sentences, one per line.")
+    ] = None,
+) -> None:
+    """Build an artifact from a recipe, check its fidelity, write it to an output directory."""
+    _guard(ctx, lambda: _run_apply(recipe, model, out, data))
+
+
+def _run_apply(recipe_path: Path, source: str | None, out: Path, data: Path | None) -> None:
+    from mahir.apply import apply_recipe, write_output_dir
+    from mahir.model import load_model
+    from mahir.passes import STEP_TYPES
+    from mahir.recipe import load_recipe
+    from mahir.workload import build_workload, read_sentences
+
+    recipe = load_recipe(recipe_path, STEP_TYPES)
+    with _progress() as progress:
+        progress.add_task("loading the model", total=None)
+        model = load_model(source)
+        sentences = read_sentences(data) if data else None
+        calibration = build_workload(model, [8], sentences=sentences, batches_per_size=8, seed=1)
+        evaluation = build_workload(model, [8], sentences=sentences, batches_per_size=4, seed=2)
+        progress.add_task(f"applying {len(recipe.steps)} steps", total=None)
+        with tempfile.TemporaryDirectory(prefix="mahir-apply-") as tmp:
+            applied = apply_recipe(
+                model,
+                recipe,
+                Path(tmp),
+                calibration=calibration.batches[8],
+                evaluation=evaluation.batches[8],
+            )
+            write_output_dir(model, applied, out)
+    headline = applied.quality.headline
+    what = "sentence embedding" if applied.quality.embedding is not None else "outputs"
+    console.print(
+        f"wrote {out} ({applied.artifact.format}, runs on {recipe.runtime}); {what} cosine vs "
+        f"the original: mean {headline.cosine_mean:.5f}, worst {headline.cosine_min:.5f}",
+        soft_wrap=True,
+    )
+
+
 def _progress() -> Progress:
     return Progress(
         SpinnerColumn(),

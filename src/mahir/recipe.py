@@ -79,13 +79,13 @@ def config_from_dict(data: Any, allowed: Mapping[str, type]) -> Any:
     if cls is None:
         known_steps = ", ".join(allowed)
         raise BadInput(f"unknown recipe step {data['_type']!r}: known steps are {known_steps}")
-    known = getattr(cls, "version", 1)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    known = fields["version"].default if "version" in fields else 1
     if data["_version"] != known:
         raise BadInput(
             f"recipe step {data['_type']} has version {data['_version']}, this mahir reads "
             f"version {known}: rebuild the recipe"
         )
-    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for name, value in (data["_data"] or {}).items():
         if name not in fields or name == "version":

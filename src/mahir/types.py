@@ -99,7 +99,7 @@ class RuntimeOptions:
     """OpenVINO PERFORMANCE_HINT."""
     openvino_precision: Literal["f32", "bf16", "f16"] | None = "f32"
     """OpenVINO INFERENCE_PRECISION_HINT. None lets OpenVINO choose, and it picks bf16 on CPUs
-    with AMX: an "fp32" model is then not run in fp32."""
+    with bf16 instructions (avx512_bf16 or AMX): an "fp32" model is then not run in fp32."""
 
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:

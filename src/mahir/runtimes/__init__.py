@@ -1,27 +1,38 @@
 """The runtimes mahir can run an artifact on, each behind the one `Session` interface.
 
 `RUNTIMES` is written out by hand: to add a runtime, add a module with
-`open_session(artifact, options) -> Session` and one entry here. Runtime modules import their
-framework only when a session is opened, so listing runtimes costs nothing. A runtime knows
-nothing of passes, search or serving.
+`open_session(artifact, options) -> Session` and one entry here. The runtime modules import their
+framework at the top, so they are imported only when a session is opened: listing runtimes costs
+nothing. `inputs_fit` and `input_error` are shared by the runtime modules: after a runtime
+raised, they tell the caller's mistake (BadInput naming the expected inputs) from the runtime's
+own failure. A runtime knows nothing of passes, search or serving.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+import numpy as np
+
 from mahir.errors import BadInput, Unsupported
-from mahir.types import Artifact, ArtifactFormat, RuntimeOptions, Session
+from mahir.types import Artifact, ArtifactFormat, Dim, Inputs, RuntimeOptions, Session
+
+Signature = Mapping[str, tuple[Dim | None, ...] | None]
+"""The inputs a runtime declares, in order: name -> dims (an int is fixed, a name or None is
+dynamic), or None where even the rank is dynamic."""
 
 
 @dataclass(frozen=True, slots=True)
 class Runtime:
+    """A runtime's name, the artifact formats it opens, and how to open one."""
+
     name: str
     formats: tuple[ArtifactFormat, ...]
     """Artifact formats it opens, most preferred first."""
     open: Callable[[Artifact, RuntimeOptions], Session]
     summary: str
+    """One line for `--help` and reports."""
 
 
 def _torch_eager(artifact: Artifact, options: RuntimeOptions) -> Session:
@@ -49,7 +60,7 @@ def _openvino(artifact: Artifact, options: RuntimeOptions) -> Session:
 
 
 RUNTIMES: dict[str, Runtime] = {
-    "torch": Runtime("torch", ("torch",), _torch_eager, "PyTorch eager"),
+    "torch": Runtime("torch", ("torch",), _torch_eager, "PyTorch eager, fp32 (the baseline)"),
     "torch-compile": Runtime(
         "torch-compile", ("torch",), _torch_compile, "torch.compile (inductor), dynamic shapes"
     ),
@@ -59,19 +70,50 @@ RUNTIMES: dict[str, Runtime] = {
 
 
 def get_runtime(name: str) -> Runtime:
+    """The runtime called `name`; an unknown name gets one line listing the known ones."""
     try:
         return RUNTIMES[name]
     except KeyError:
         raise BadInput(f"unknown runtime {name!r}: choose from {', '.join(RUNTIMES)}") from None
 
 
-def open_session(
-    runtime: str, artifact: Artifact, options: RuntimeOptions | None = None
-) -> Session:
-    """Open `artifact` on the named runtime."""
+_DEFAULTS = RuntimeOptions()
+
+
+def open_session(runtime: str, artifact: Artifact, options: RuntimeOptions = _DEFAULTS) -> Session:
+    """Open `artifact` on the named runtime, refusing a format it cannot run."""
     chosen = get_runtime(runtime)
     if artifact.format not in chosen.formats:
         raise Unsupported(
             f"{runtime} runs {' or '.join(chosen.formats)} artifacts, not {artifact.format}"
         )
-    return chosen.open(artifact, options or RuntimeOptions())
+    return chosen.open(artifact, options)
+
+
+def inputs_fit(expected: Signature, inputs: Inputs) -> bool:
+    """Whether `inputs` have the expected names, ranks and fixed sizes. Runtimes ask only after
+    they raised, so a successful call never pays for the check."""
+    return inputs.keys() == expected.keys() and all(
+        _fits(dims, np.shape(inputs[name])) for name, dims in expected.items()
+    )
+
+
+def input_error(expected: Signature, inputs: Inputs) -> BadInput:
+    """One line naming the inputs the model takes and the ones it got."""
+    want = ", ".join(f"{name} {_show(dims)}" for name, dims in expected.items())
+    got = ", ".join(f"{name} {_show(np.shape(array))}" for name, array in inputs.items())
+    return BadInput(f"the model takes {want}; got {got or 'no inputs'}")
+
+
+def _fits(dims: tuple[Dim | None, ...] | None, shape: tuple[int, ...]) -> bool:
+    if dims is None:
+        return True
+    return len(dims) == len(shape) and all(
+        not isinstance(d, int) or d == s for d, s in zip(dims, shape, strict=True)
+    )
+
+
+def _show(dims: tuple[Dim | None, ...] | None) -> str:
+    if dims is None:
+        return "[any shape]"
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"

@@ -1,82 +1,109 @@
-"""ONNX Runtime on the CPU. Threads are set explicitly (the default is every logical core, and
-on a shared machine that oversubscribes); inter-op parallelism is off because these graphs are
-one chain of ops. `run` does as little as possible: everything is looked up at open time.
+"""ONNX Runtime on the CPU. Threads are set explicitly (its default is every logical core, which
+oversubscribes a shared machine); inter-op parallelism is off and execution sequential because
+these graphs are one chain of ops; every graph optimization is on. `run` costs next to nothing
+over calling ONNX Runtime directly: all it needs is looked up at open time, inputs are cast only
+when their dtype differs from the graph's, and errors are sorted out only after one happened.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from mahir.errors import BadInput, RuntimeFailure, first_line
 from mahir.hardware import physical_cores
+from mahir.runtimes import input_error, inputs_fit
 from mahir.types import Artifact, Inputs, Outputs, RuntimeOptions
 
-# Errors ONNX Runtime raises for inputs the graph does not take.
-_BAD_INPUT_ERRORS = (ort.capi.onnxruntime_pybind11_state.InvalidArgument, ValueError)
+# What ONNX Runtime raises for a file that is not a usable model.
+_NOT_A_MODEL = (
+    ort_errors.InvalidProtobuf,
+    ort_errors.InvalidGraph,
+    ort_errors.NoSuchFile,
+    ort_errors.NoModel,
+)
+
+# Element types numpy has; inputs of other types (string, bfloat16) are passed as given.
+_NUMPY_NAMES = frozenset(
+    "float32 float64 float16 bool int8 int16 int32 int64 uint8 uint16 uint32 uint64".split()
+)
 
 
 class OnnxRuntimeSession:
     runtime = "onnxruntime"
 
-    def __init__(self, session: ort.InferenceSession, threads: int) -> None:
+    def __init__(self, session: ort.InferenceSession, outputs: tuple[str, ...]) -> None:
         self._session = session
-        self._threads = threads
-        self._dtypes = {i.name: _numpy_dtype(i.type) for i in session.get_inputs()}
-        self._outputs = [o.name for o in session.get_outputs()]
+        self._outputs = list(outputs)
+        declared = session.get_inputs()
+        self._signature = {i.name: tuple(i.shape) for i in declared}
+        dtypes = {i.name: _numpy_dtype(i.type) for i in declared}
+        self._casts = tuple((name, d) for name, d in dtypes.items() if d is not None)
 
     def run(self, inputs: Inputs) -> Outputs:
-        feed = {
-            name: array
-            if array.dtype == self._dtypes.get(name, array.dtype)
-            else array.astype(self._dtypes[name])
-            for name, array in inputs.items()
-        }
+        feed = inputs
+        for name, dtype in self._casts:
+            array = inputs.get(name)
+            if array is not None and array.dtype != dtype:
+                feed = {**feed, name: array.astype(dtype)}
         try:
             results = self._session.run(self._outputs, feed)
-        except _BAD_INPUT_ERRORS as err:
-            raise BadInput(
-                f"{first_line(err)}; the model takes {_signature(self._dtypes)}"
-            ) from err
-        except Exception as err:  # ONNX Runtime's Fail/RuntimeException/...: all are failures
+        except Exception as err:  # InvalidArgument, ValueError, Fail, ...: sorted out below
+            if not inputs_fit(self._signature, inputs):
+                raise input_error(self._signature, inputs) from err
             raise RuntimeFailure(f"ONNX Runtime failed: {first_line(err)}") from err
-        return dict(zip(self._outputs, results, strict=True))
+        # ONNX Runtime returns exactly the outputs asked for; a strict zip would add ~0.15 us
+        return dict(zip(self._outputs, results, strict=False))
 
     def describe(self) -> dict[str, Any]:
+        settings = self._session.get_session_options()
         return {
-            "threads": self._threads,
+            "threads": settings.intra_op_num_threads,
+            "inter_op_threads": settings.inter_op_num_threads,
+            "execution_mode": settings.execution_mode.name.removeprefix("ORT_").lower(),
+            "graph_optimization": settings.graph_optimization_level.name.removeprefix("ORT_"),
             "providers": self._session.get_providers(),
-            "graph_optimization": "all",
             "version": ort.__version__,
         }
 
 
 def open_session(artifact: Artifact, options: RuntimeOptions) -> OnnxRuntimeSession:
-    threads = options.threads or physical_cores()
+    """Open the ONNX file on the CPU provider with explicit threads and every optimization."""
+    path = _model_path(artifact)
     settings = ort.SessionOptions()
-    settings.intra_op_num_threads = threads
+    settings.intra_op_num_threads = options.threads or physical_cores()
     settings.inter_op_num_threads = 1
     settings.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     settings.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     settings.log_severity_level = 3  # errors only: warnings about unused initializers are noise
     try:
-        session = ort.InferenceSession(
-            str(artifact.path), settings, providers=["CPUExecutionProvider"]
-        )
-    except Exception as err:  # InvalidProtobuf, NoSuchFile, Fail...: the file is unusable
+        session = ort.InferenceSession(str(path), settings, providers=["CPUExecutionProvider"])
+    except _NOT_A_MODEL as err:
+        reason = first_line(err)
+        raise BadInput(f"{path} is not a valid ONNX model: {reason}; re-export it") from err
+    except Exception as err:  # Fail, NotImplemented (an op it lacks), ...
+        raise RuntimeFailure(f"ONNX Runtime cannot open {path}: {first_line(err)}") from err
+    graph_outputs = [o.name for o in session.get_outputs()]
+    missing = [name for name in artifact.spec.outputs if name not in graph_outputs]
+    if missing:
         raise BadInput(
-            f"ONNX Runtime cannot open {artifact.path}: {first_line(err)}; re-export it"
-        ) from err
-    return OnnxRuntimeSession(session, threads)
+            f"{path} has no outputs named {missing} (it has {graph_outputs}); re-export it"
+        )
+    return OnnxRuntimeSession(session, artifact.spec.outputs)
 
 
-def _numpy_dtype(onnx_type: str) -> np.dtype[Any]:
-    """'tensor(int64)' -> int64; ONNX Runtime names types the ONNX way."""
+def _model_path(artifact: Artifact) -> Path:
+    if artifact.path is None or not Path(artifact.path).is_file():
+        raise BadInput(f"no ONNX file at {artifact.path}; export the model first")
+    return Path(artifact.path)
+
+
+def _numpy_dtype(onnx_type: str) -> np.dtype[Any] | None:
+    """'tensor(float)' -> float32; None for a type numpy lacks."""
     name = onnx_type.removeprefix("tensor(").removesuffix(")")
-    return np.dtype({"float": "float32", "double": "float64", "float16": "float16"}.get(name, name))
-
-
-def _signature(dtypes: dict[str, np.dtype[Any]]) -> str:
-    return ", ".join(f"{name} ({dtype})" for name, dtype in dtypes.items())
+    name = {"float": "float32", "double": "float64"}.get(name, name)
+    return np.dtype(name) if name in _NUMPY_NAMES else None

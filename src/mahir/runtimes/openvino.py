@@ -1,58 +1,70 @@
-"""OpenVINO on the CPU, from IR (.xml) or straight from ONNX.
-
-The precision is pinned (f32 unless asked otherwise) because OpenVINO otherwise picks bf16 by
-itself on CPUs that have it, and an "fp32" result would silently not be fp32; `describe()` reads
-back what the compiled model actually uses. Output buffers belong to the infer request and are
-overwritten by the next call, so `run` copies them out.
+"""OpenVINO on the CPU plugin, from IR (the .xml) or straight from an ONNX file; dynamic shapes
+stay dynamic. The precision is pinned to `RuntimeOptions.openvino_precision` (f32 by default),
+because left to itself OpenVINO runs bf16 on CPUs that support it and an "fp32" result would
+silently not be fp32; `describe()` reads back the precision the compiled model actually uses.
+One infer request serves every call, so a session runs one batch at a time; it reuses its output
+buffers on the next call, so results are copied out, and it keeps the last inputs, so every
+input must be given on every call.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import openvino as ov
 
 from mahir.errors import BadInput, RuntimeFailure, first_line
 from mahir.hardware import physical_cores
-from mahir.types import Artifact, Inputs, Outputs, RuntimeOptions
+from mahir.runtimes import Signature, input_error, inputs_fit
+from mahir.types import Artifact, Dim, Inputs, Outputs, RuntimeOptions
 
 
 class OpenVINOSession:
     runtime = "openvino"
 
-    def __init__(self, compiled: ov.CompiledModel, output_names: tuple[str, ...]) -> None:
+    def __init__(self, compiled: ov.CompiledModel, outputs: tuple[str, ...], path: Path) -> None:
         self._compiled = compiled
         self._request = compiled.create_infer_request()
+        self._signature: Signature = {
+            port.get_any_name(): _dims(port.get_partial_shape()) for port in compiled.inputs
+        }
         ports = {name: port for port in compiled.outputs for name in port.get_names()}
-        missing = [name for name in output_names if name not in ports]
+        missing = [name for name in outputs if name not in ports]
         if missing:
-            raise BadInput(f"the OpenVINO model has no outputs named {missing}; re-export it")
-        self._outputs = [(name, ports[name]) for name in output_names]
-        self._input_names = {name for port in compiled.inputs for name in port.get_names()}
+            raise BadInput(f"{path} has no outputs named {missing} (it has {sorted(ports)})")
+        self._outputs = tuple((name, ports[name]) for name in outputs)
 
     def run(self, inputs: Inputs) -> Outputs:
-        unknown = set(inputs) - self._input_names
-        if unknown:
-            raise BadInput(
-                f"unknown inputs {sorted(unknown)}; the model takes {sorted(self._input_names)}"
-            )
+        if inputs.keys() != self._signature.keys():  # a missing input would rerun stale data
+            raise input_error(self._signature, inputs)
         try:
-            self._request.infer(dict(inputs), share_inputs=True)
+            # share_outputs=False: OpenVINO copies the results out of buffers the next call reuses
+            results = self._request.infer(dict(inputs), share_inputs=True, share_outputs=False)
         except Exception as err:  # OpenVINO raises RuntimeError for bad shapes and failures alike
-            raise RuntimeFailure(f"OpenVINO failed: {first_line(err)}") from err
-        return {name: self._request.get_tensor(port).data.copy() for name, port in self._outputs}
+            if not inputs_fit(self._signature, inputs):
+                raise input_error(self._signature, inputs) from err
+            raise RuntimeFailure(f"OpenVINO failed: {_reason(err)}") from err
+        return {name: results[port] for name, port in self._outputs}
 
     def describe(self) -> dict[str, Any]:
+        compiled = self._compiled
         return {
-            "threads": int(self._compiled.get_property("INFERENCE_NUM_THREADS")),
-            "precision": self._compiled.get_property("INFERENCE_PRECISION_HINT").to_string(),
-            "hint": str(self._compiled.get_property("PERFORMANCE_HINT")).lower(),
-            "streams": int(self._compiled.get_property("NUM_STREAMS")),
+            "threads": compiled.get_property("INFERENCE_NUM_THREADS"),
+            "precision": compiled.get_property("INFERENCE_PRECISION_HINT").to_string(),
+            "hint": str(compiled.get_property("PERFORMANCE_HINT")).lower(),
+            "streams": compiled.get_property("NUM_STREAMS"),
             "version": ov.__version__,
         }
 
 
 def open_session(artifact: Artifact, options: RuntimeOptions) -> OpenVINOSession:
+    """Read the IR or ONNX file and compile it for the CPU with the hint, threads and precision
+    `options` ask for."""
+    kind = "OpenVINO IR" if artifact.format == "openvino" else "ONNX"
+    if artifact.path is None or not Path(artifact.path).is_file():
+        raise BadInput(f"no {kind} file at {artifact.path}; export the model first")
+    path = Path(artifact.path)
     config: dict[str, Any] = {
         "PERFORMANCE_HINT": options.openvino_hint.upper(),
         "INFERENCE_NUM_THREADS": options.threads or physical_cores(),
@@ -61,13 +73,25 @@ def open_session(artifact: Artifact, options: RuntimeOptions) -> OpenVINOSession
         config["INFERENCE_PRECISION_HINT"] = options.openvino_precision
     core = ov.Core()
     try:
-        model = core.read_model(str(artifact.path))
-    except Exception as err:  # unreadable or corrupt file
-        raise BadInput(
-            f"OpenVINO cannot read {artifact.path}: {first_line(err)}; re-export it"
-        ) from err
+        model = core.read_model(str(path))
+    except Exception as err:  # RuntimeError whatever is wrong with the file
+        raise BadInput(f"{path} is not a valid {kind} model: {_reason(err)}; re-export it") from err
     try:
         compiled = core.compile_model(model, "CPU", config)
     except Exception as err:  # an op or setting the CPU plugin does not support
-        raise RuntimeFailure(f"OpenVINO cannot compile {artifact.path}: {first_line(err)}") from err
-    return OpenVINOSession(compiled, artifact.spec.outputs)
+        raise RuntimeFailure(f"OpenVINO cannot compile {path}: {_reason(err)}") from err
+    return OpenVINOSession(compiled, artifact.spec.outputs, path)
+
+
+def _dims(shape: ov.PartialShape) -> tuple[Dim | None, ...] | None:
+    """Fixed sizes as ints, dynamic ones as None; None when even the rank is dynamic."""
+    if shape.rank.is_dynamic:
+        return None
+    return tuple(d.get_length() if d.is_static else None for d in shape)
+
+
+def _reason(err: Exception) -> str:
+    """OpenVINO's message without the C++ source locations its first lines are made of."""
+    lines = (line.strip() for line in str(err).splitlines())
+    useful = [line for line in lines if line and not line.startswith(("Exception from", "Check '"))]
+    return useful[0] if useful else first_line(err)

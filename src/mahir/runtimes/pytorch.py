@@ -1,59 +1,97 @@
-"""PyTorch on the CPU: eager (the baseline every speedup is measured against) and torch.compile.
-
-The module takes the spec's inputs by keyword and returns a tuple in the spec's output order
-(`mahir.modules.TupleOutputs`). A module in training mode is refused: dropout and batch-norm
-statistics would silently change every answer. Thread count is process-wide in torch, so
-opening a session sets it for the whole process.
+"""PyTorch on the CPU: eager, the baseline every speedup is measured against, and torch.compile
+(inductor, dynamic shapes so that a new batch size or sequence length does not recompile; it
+compiles on the first call, which therefore takes seconds). The module takes the spec's inputs
+by keyword and returns a tuple in the spec's output order (`mahir.modules.TupleOutputs` adapts a
+user's model). A module in training mode is refused: dropout and batch-norm statistics would
+silently change every answer. Torch's thread count is process-wide: opening a session sets it
+for every torch session in the process, and `describe()` reports the count in effect.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
-from mahir.errors import BadInput, RuntimeFailure, Unsupported, first_line
+from mahir.errors import BadInput, MahirError, RuntimeFailure, Unsupported, first_line
 from mahir.hardware import physical_cores
-from mahir.types import Artifact, Inputs, Outputs, RuntimeOptions
+from mahir.runtimes import Signature, input_error, inputs_fit
+from mahir.types import Artifact, Inputs, InputSpec, Outputs, RuntimeOptions
+
+_PRECISIONS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 
 
 class TorchSession:
-    def __init__(
-        self, module: Any, output_names: tuple[str, ...], *, runtime: str, threads: int
-    ) -> None:
+    def __init__(self, module: Any, spec: InputSpec, *, runtime: str, precision: str) -> None:
         self.runtime = runtime
         self._module = module
-        self._outputs = output_names
-        self._threads = threads
+        self._outputs = spec.outputs
+        self._signature: Signature = {t.name: t.shape for t in spec.inputs}
+        self._dtypes = {t.name: np.dtype(t.dtype) for t in spec.inputs}
+        self._precision = precision
 
     def run(self, inputs: Inputs) -> Outputs:
-        tensors = {name: torch.from_numpy(array) for name, array in inputs.items()}
+        if inputs.keys() != self._signature.keys():
+            raise input_error(self._signature, inputs)
+        tensors = {name: _tensor(array, self._dtypes[name]) for name, array in inputs.items()}
         try:
             with torch.inference_mode():
                 results = self._module(**tensors)
-        except TypeError as err:  # unexpected or missing keyword inputs
-            raise BadInput(f"the model rejected its inputs: {first_line(err)}") from err
-        except Exception as err:  # shape errors, compile failures at first call, ...
-            failure = Unsupported if _is_compile_error(err) else RuntimeFailure
-            raise failure(f"{self.runtime} failed: {first_line(err)}") from err
+        except Exception as err:  # shape errors, compile failures on the first call, ...
+            raise self._failure(err, inputs) from err
+        if not isinstance(results, tuple) or len(results) != len(self._outputs):
+            raise BadInput(
+                f"the module returned {type(results).__name__}, not a tuple of "
+                f"{len(self._outputs)} tensors {self._outputs}; wrap it in "
+                "mahir.modules.TupleOutputs"
+            )
         return {name: r.numpy() for name, r in zip(self._outputs, results, strict=True)}
 
     def describe(self) -> dict[str, Any]:
-        return {"threads": self._threads, "precision": "f32", "version": torch.__version__}
+        settings = {"threads": torch.get_num_threads(), "precision": self._precision}
+        if self.runtime == "torch-compile":
+            settings |= {"backend": "inductor", "dynamic": True}
+        return settings | {"version": torch.__version__}
+
+    def _failure(self, err: Exception, inputs: Inputs) -> MahirError:
+        if not inputs_fit(self._signature, inputs):
+            return input_error(self._signature, inputs)
+        if type(err).__module__.startswith(("torch._dynamo", "torch._inductor")):
+            return Unsupported(
+                f"torch.compile cannot compile this model: {first_line(err)}; use 'torch'"
+            )
+        return RuntimeFailure(f"{self.runtime} failed: {first_line(err)}")
 
 
 def open_session(artifact: Artifact, options: RuntimeOptions, *, compile: bool) -> TorchSession:
+    """Check the module is ready for inference, set torch's threads, and compile if asked."""
     module = artifact.module
     if not isinstance(module, torch.nn.Module):
-        raise BadInput("a torch artifact needs a live nn.Module")
-    if any(m.training for m in module.modules()):
-        raise BadInput("the module is in training mode (dropout, batch-norm updates): call .eval()")
-    threads = options.threads or physical_cores()
-    torch.set_num_threads(threads)
-    runnable = torch.compile(module, backend="inductor", dynamic=True) if compile else module
-    name = "torch-compile" if compile else "torch"
-    return TorchSession(runnable, artifact.spec.outputs, runtime=name, threads=threads)
+        raise BadInput(f"a torch artifact needs a live nn.Module, got {type(module).__name__}")
+    training = [name or "the module" for name, m in module.named_modules() if m.training]
+    if training:
+        raise BadInput(
+            f"{training[0]} is in training mode (dropout on, batch-norm statistics updating): "
+            "call .eval() on the module first"
+        )
+    torch.set_num_threads(options.threads or physical_cores())
+    dtypes = [p.dtype for p in module.parameters() if p.is_floating_point()]
+    precision = _PRECISIONS.get(dtypes[0], str(dtypes[0])) if dtypes else "f32"
+    if not compile:
+        return TorchSession(module, artifact.spec, runtime="torch", precision=precision)
+    try:
+        compiled = torch.compile(module, backend="inductor", dynamic=True)
+    except Exception as err:  # no compiler support on this Python or platform
+        raise Unsupported(f"torch.compile is not available here: {first_line(err)}") from err
+    return TorchSession(compiled, artifact.spec, runtime="torch-compile", precision=precision)
 
 
-def _is_compile_error(err: Exception) -> bool:
-    return type(err).__module__.startswith(("torch._dynamo", "torch._inductor"))
+def _tensor(array: np.ndarray, dtype: np.dtype[Any]) -> torch.Tensor:
+    """The array as a tensor, sharing its memory where it can: cast only to the spec's dtype,
+    copied only when read-only (torch warns about non-writable arrays, e.g. np.frombuffer's)."""
+    if array.dtype != dtype:
+        array = array.astype(dtype)
+    elif not array.flags.writeable:
+        array = array.copy()
+    return torch.from_numpy(array)

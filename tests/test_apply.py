@@ -1,0 +1,96 @@
+"""`mahir apply` end to end: a recipe builds a checked artifact in an output directory that
+opens again and gives the answers it promised."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mahir.apply import Applied, load_output_dir, write_output_dir
+from mahir.errors import BadInput
+from mahir.export import reference_outputs
+from mahir.model import Model
+from mahir.pooling import pool
+from mahir.quality import compare
+from mahir.recipe import Recipe
+from mahir.types import Artifact, Quality
+from mahir.workload import build_workload
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+def mahir(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mahir.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+
+
+def test_apply_writes_a_directory_that_opens_and_answers(minilm: Model, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = mahir("apply", str(EXAMPLES / "dynamic-int8.yaml"), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "sentence embedding cosine" in result.stdout
+    manifest = json.loads((out / "mahir.json").read_text())
+    assert manifest["runtime"] == "onnxruntime"
+    assert manifest["format"] == "onnx"
+    assert manifest["fidelity"]["embedding"]["cosine_mean"] >= 0.985
+    assert (out / "recipe.yaml").is_file()
+    assert (out / manifest["model_file"]).is_file()
+    # the directory opens again and its embeddings stay close at new shapes
+    session = load_output_dir(out)
+    batches = build_workload(minilm, [1, 5], batches_per_size=2, seed=11).batches
+    for size_batches in batches.values():
+        reference = reference_outputs(minilm, size_batches)
+        outputs = [session.run(b) for b in size_batches]
+        masks = [b["attention_mask"] for b in size_batches]
+        quality = compare(
+            outputs,
+            reference,
+            attention_masks=masks,
+            pooling=minilm.pooling,
+            embedding_output="last_hidden_state",
+        )
+        assert quality.embedding is not None
+        assert quality.embedding.cosine_min > 0.97
+        assert minilm.pooling is not None
+        embedding = pool(outputs[0]["last_hidden_state"], masks[0], minilm.pooling)
+        np.testing.assert_allclose(np.linalg.norm(embedding, axis=1), 1.0, rtol=1e-5)
+
+
+def test_a_failed_write_leaves_the_old_directory(minilm: Model, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mahir.json").write_text("{}")
+    (out / "keep").write_text("old")
+    torch_only = Applied(minilm.original(), Recipe(steps=(), runtime="torch"), Quality({}))
+    with pytest.raises(Exception, match="cannot be written"):
+        write_output_dir(minilm, torch_only, out)
+    assert (out / "keep").read_text() == "old"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".mahir-staging")]
+
+
+def test_a_foreign_directory_is_never_replaced(
+    minilm: Model, minilm_onnx: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "holiday.jpg").write_text("precious")
+    artifact = Artifact("onnx", minilm.spec, path=minilm_onnx)
+    applied = Applied(artifact, Recipe(steps=(), runtime="onnxruntime"), Quality({}))
+    with pytest.raises(BadInput, match="not a mahir output directory"):
+        write_output_dir(minilm, applied, out)
+    assert (out / "holiday.jpg").read_text() == "precious"
+
+
+def test_load_needs_a_manifest(tmp_path: Path) -> None:
+    with pytest.raises(BadInput, match=r"has no mahir\.json"):
+        load_output_dir(tmp_path)

@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mahir.errors import BadInput
+from mahir.passes import STEP_TYPES
+from mahir.passes.graph import OrtOptimize, TransformerFusion
+from mahir.passes.quantize import DynamicInt8, StaticInt8
+from mahir.recipe import Recipe, config_from_dict, config_to_dict, load_recipe
+from mahir.types import RuntimeOptions
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+def test_round_trip_through_yaml(tmp_path: Path) -> None:
+    recipe = Recipe(
+        steps=(TransformerFusion(), DynamicInt8(per_channel=True, op_types=("MatMul",))),
+        runtime="onnxruntime",
+        options=RuntimeOptions(threads=2),
+    )
+    recipe.save(tmp_path / "recipe.yaml")
+    loaded = load_recipe(tmp_path / "recipe.yaml", STEP_TYPES)
+    assert loaded == recipe
+    assert loaded.hash() == recipe.hash()
+    other = Recipe(steps=(DynamicInt8(),), runtime="onnxruntime")
+    assert other.hash() != recipe.hash()
+
+
+def test_step_serialization_is_type_version_data() -> None:
+    data = config_to_dict(StaticInt8(calibration="entropy"))
+    assert data["_type"] == "StaticInt8"
+    assert data["_version"] == 1
+    assert data["_data"]["calibration"] == "entropy"
+    assert "version" not in data["_data"]
+    assert "input_formats" not in data["_data"]
+    assert config_from_dict(data, STEP_TYPES) == StaticInt8(calibration="entropy")
+
+
+@pytest.mark.parametrize(
+    ("step", "message"),
+    [
+        ({"_type": "os.system", "_version": 1, "_data": {}}, "unknown recipe step 'os.system'"),
+        ({"_type": "OrtOptimize", "_version": 9, "_data": {}}, "version 9"),
+        ({"_type": "OrtOptimize", "_version": 1, "_data": {"speed": 11}}, "no field 'speed'"),
+        ({"_type": "OrtOptimize", "_version": 1}, "{_type, _version, _data}"),
+        ({"_type": "StaticInt8", "_version": 1, "_data": {"percentile": 120}}, "percentile"),
+    ],
+)
+def test_bad_steps_are_refused(step: dict, message: str) -> None:
+    with pytest.raises(BadInput, match=None) as caught:
+        config_from_dict(step, STEP_TYPES)
+    assert message in str(caught.value)
+
+
+def test_bad_recipe_files(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("steps: [unclosed")
+    with pytest.raises(BadInput, match="cannot read recipe"):
+        load_recipe(broken, STEP_TYPES)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("steps: []\n")
+    with pytest.raises(BadInput, match="needs `runtime:` and `steps:`"):
+        load_recipe(empty, STEP_TYPES)
+
+
+@pytest.mark.parametrize("example", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_examples_load(example: Path) -> None:
+    recipe = load_recipe(example, STEP_TYPES)
+    assert recipe.steps
+    assert all(type(step) in STEP_TYPES.values() for step in recipe.steps)
+
+
+def test_every_pass_has_a_version_and_input_formats() -> None:
+    for cls in STEP_TYPES.values():
+        config = cls()
+        assert config.version >= 1
+        assert set(config.input_formats) <= {"torch", "onnx", "openvino"}
+    assert OrtOptimize().level == "extended"
