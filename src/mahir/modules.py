@@ -41,3 +41,18 @@ class PositionalInputs(torch.nn.Module):
             **dict(zip(self.input_names, tensors, strict=False))
         )
         return result
+
+
+class LowPrecision(torch.nn.Module):
+    """Run a copy of the model in a lower float precision while its contract stays fp32:
+    floating inputs are cast down on the way in and outputs back to float32 on the way out."""
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model = model.to(dtype)
+        self.dtype = dtype
+
+    def forward(self, **inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        cast = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+        outputs: tuple[torch.Tensor, ...] = self.model(**cast)
+        return tuple(o.float() if o.is_floating_point() else o for o in outputs)

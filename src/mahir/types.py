@@ -66,13 +66,18 @@ class Artifact:
     module: Any = None
     meta: Mapping[str, Any] = field(default_factory=dict)
 
-    def derive(self, path: Path, format: ArtifactFormat | None = None, **step: Any) -> Artifact:
-        """The next artifact in a chain of passes: same spec, new files, and `step` appended to
-        the history in `meta["steps"]`."""
+    def derive(
+        self,
+        path: Path | None = None,
+        format: ArtifactFormat | None = None,
+        module: Any = None,
+        **step: Any,
+    ) -> Artifact:
+        """The next artifact in a chain of passes: same spec, new files (or a new module), and
+        `step` appended to the history in `meta["steps"]`."""
         steps = [*self.meta.get("steps", ()), step]
-        return Artifact(
-            format or self.format, self.spec, path=path, meta={**self.meta, "steps": steps}
-        )
+        meta = {**self.meta, "steps": steps}
+        return Artifact(format or self.format, self.spec, path=path, module=module, meta=meta)
 
 
 class Session(Protocol):

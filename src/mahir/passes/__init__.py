@@ -30,6 +30,7 @@ from mahir.passes.graph import (
     ort_optimize,
     simplify,
 )
+from mahir.passes.precision import Float16, TorchLowPrecision, float16, torch_low_precision
 from mahir.passes.quantize import DynamicInt8, StaticInt8, dynamic_int8, static_int8
 from mahir.types import Artifact, ArtifactFormat
 from mahir.workload import Batch
@@ -54,6 +55,8 @@ PASSES: dict[type[Any], PassFn] = {
     Simplify: simplify,
     DynamicInt8: dynamic_int8,
     StaticInt8: static_int8,
+    Float16: float16,
+    TorchLowPrecision: torch_low_precision,
 }
 
 STEP_TYPES: dict[str, type[Any]] = {cls.__name__: cls for cls in PASSES}
