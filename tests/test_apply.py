@@ -4,8 +4,6 @@ opens again and gives the answers it promised."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,18 +18,9 @@ from mahir.quality import compare
 from mahir.recipe import Recipe
 from mahir.types import Artifact, Quality
 from mahir.workload import build_workload
+from tests.helpers import mahir
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
-
-
-def mahir(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mahir.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
 
 
 def test_apply_writes_a_directory_that_opens_and_answers(minilm: Model, tmp_path: Path) -> None:

@@ -3,27 +3,15 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from mahir.workload import Workload
+from tests.helpers import mahir
 
 TESTS = Path(__file__).parent
-
-
-def mahir(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mahir.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=cwd,
-        check=False,
-    )
 
 
 def test_bench_default_model_on_every_cpu_runtime(tmp_path: Path) -> None:
