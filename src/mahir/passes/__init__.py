@@ -31,6 +31,14 @@ from mahir.passes.graph import (
     simplify,
 )
 from mahir.passes.precision import Float16, TorchLowPrecision, float16, torch_low_precision
+from mahir.passes.prune import (
+    MagnitudePrune,
+    StructuredPrune,
+    TransformerPrune,
+    magnitude_prune,
+    structured_prune,
+    transformer_prune,
+)
 from mahir.passes.quantize import DynamicInt8, StaticInt8, dynamic_int8, static_int8
 from mahir.types import Artifact, ArtifactFormat
 from mahir.workload import Batch
@@ -57,6 +65,9 @@ PASSES: dict[type[Any], PassFn] = {
     StaticInt8: static_int8,
     Float16: float16,
     TorchLowPrecision: torch_low_precision,
+    StructuredPrune: structured_prune,
+    TransformerPrune: transformer_prune,
+    MagnitudePrune: magnitude_prune,
 }
 
 STEP_TYPES: dict[str, type[Any]] = {cls.__name__: cls for cls in PASSES}
