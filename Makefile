@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/mahir bench --batch-size 1 --batch-size 32 --json mahir-out/bench.json
+	$(VENV)/bin/mahir bench --batch-size 1 --batch-size 32 --json mahir-bench/bench.json
+	$(VENV)/bin/mahir apply examples/dynamic-int8.yaml --out mahir-out
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
