@@ -12,14 +12,8 @@ from mahir.errors import Unsupported
 from mahir.export import export_onnx, fidelity
 from mahir.model import Model
 from mahir.passes import PassContext
-from mahir.passes.prune import (
-    MagnitudePrune,
-    StructuredPrune,
-    TransformerPrune,
-    magnitude_prune,
-    structured_prune,
-    transformer_prune,
-)
+from mahir.passes.prune import MagnitudePrune, StructuredPrune, magnitude_prune, structured_prune
+from mahir.passes.prune_transformer import TransformerPrune, transformer_prune
 from mahir.runtimes import open_session
 from mahir.types import Artifact
 from mahir.workload import build_workload

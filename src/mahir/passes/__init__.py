@@ -31,14 +31,8 @@ from mahir.passes.graph import (
     simplify,
 )
 from mahir.passes.precision import Float16, TorchLowPrecision, float16, torch_low_precision
-from mahir.passes.prune import (
-    MagnitudePrune,
-    StructuredPrune,
-    TransformerPrune,
-    magnitude_prune,
-    structured_prune,
-    transformer_prune,
-)
+from mahir.passes.prune import MagnitudePrune, StructuredPrune, magnitude_prune, structured_prune
+from mahir.passes.prune_transformer import TransformerPrune, transformer_prune
 from mahir.passes.quantize import DynamicInt8, StaticInt8, dynamic_int8, static_int8
 from mahir.types import Artifact, ArtifactFormat
 from mahir.workload import Batch
