@@ -30,10 +30,17 @@ from mahir.passes.graph import (
     ort_optimize,
     simplify,
 )
+from mahir.passes.nncf import NncfAccuracyControl, NncfInt8, nncf_accuracy_control, nncf_int8
 from mahir.passes.precision import Float16, TorchLowPrecision, float16, torch_low_precision
 from mahir.passes.prune import MagnitudePrune, StructuredPrune, magnitude_prune, structured_prune
 from mahir.passes.prune_transformer import TransformerPrune, transformer_prune
 from mahir.passes.quantize import DynamicInt8, StaticInt8, dynamic_int8, static_int8
+from mahir.passes.weights import (
+    NncfWeightCompression,
+    OrtWeightOnly,
+    nncf_weight_compression,
+    ort_weight_only,
+)
 from mahir.types import Artifact, ArtifactFormat
 from mahir.workload import Batch
 
@@ -62,6 +69,10 @@ PASSES: dict[type[Any], PassFn] = {
     StructuredPrune: structured_prune,
     TransformerPrune: transformer_prune,
     MagnitudePrune: magnitude_prune,
+    NncfInt8: nncf_int8,
+    NncfAccuracyControl: nncf_accuracy_control,
+    OrtWeightOnly: ort_weight_only,
+    NncfWeightCompression: nncf_weight_compression,
 }
 
 STEP_TYPES: dict[str, type[Any]] = {cls.__name__: cls for cls in PASSES}
