@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from mahir.model import Model, load_model
+from mahir.types import Artifact
 
 TESTS = Path(__file__).parent
 
@@ -57,3 +58,14 @@ def minilm_eval(minilm: Model) -> tuple[list[dict[str, np.ndarray]], list[dict[s
     batches = build_workload(minilm, [8], batches_per_size=2, seed=9).batches[8]
     batches += verification_batches(minilm)
     return batches, reference_outputs(minilm, batches)
+
+
+@pytest.fixture(scope="session")
+def minilm_ir(
+    minilm: Model, minilm_onnx: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Artifact:
+    """The default model as OpenVINO IR, converted (and verified) once for the session."""
+    from mahir.passes import PassContext, convert
+
+    ctx = PassContext(model=minilm, workdir=tmp_path_factory.mktemp("minilm-ir"))
+    return convert(Artifact("onnx", minilm.spec, path=minilm_onnx), ("openvino",), ctx)

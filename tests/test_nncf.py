@@ -25,14 +25,6 @@ Eval = tuple[list[Batch], list[dict[str, np.ndarray]]]
 
 
 @pytest.fixture(scope="module")
-def minilm_ir(
-    minilm: Model, minilm_onnx: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Artifact:
-    ctx = PassContext(model=minilm, workdir=tmp_path_factory.mktemp("minilm-ir"))
-    return convert(Artifact("onnx", minilm.spec, path=minilm_onnx), ("openvino",), ctx)
-
-
-@pytest.fixture(scope="module")
 def calibration(minilm: Model) -> tuple[Batch, ...]:
     return tuple(build_workload(minilm, [4], batches_per_size=8).batches[4])
 

@@ -30,14 +30,6 @@ from mahir.workload import Batch, build_workload
 Eval = tuple[list[Batch], list[dict[str, np.ndarray]]]
 
 
-@pytest.fixture(scope="module")
-def minilm_ir(
-    minilm: Model, minilm_onnx: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Artifact:
-    ctx = PassContext(model=minilm, workdir=tmp_path_factory.mktemp("minilm-ir"))
-    return convert(Artifact("onnx", minilm.spec, path=minilm_onnx), ("openvino",), ctx)
-
-
 def digest(path: Path | None) -> str:
     assert path is not None
     files = [path, path.with_suffix(".bin")] if path.suffix == ".xml" else [path]

@@ -13,11 +13,8 @@ Sits just above `runtimes/` (it runs what it exported); knows nothing of passes 
 from __future__ import annotations
 
 import contextlib
-import io
-import logging
 import shutil
 import tempfile
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +25,12 @@ from mahir.errors import BadInput, ExportMismatch, MahirError, Unsupported, firs
 from mahir.model import Model
 from mahir.quality import compare
 from mahir.runtimes import open_session
+from mahir.silence import silenced
 from mahir.types import BATCH, SEQUENCE, Artifact, Outputs, Quality, RuntimeOptions, Session
 from mahir.workload import Batch, example_dims, generate_sentences, random_inputs, tokenize
+
+# The exporter prints progress, logs missing torchvision ops and warns about renamed axes.
+_EXPORTER_LOGGERS = ("torch.onnx", "torch.export", "torch._export")
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +64,7 @@ def export_onnx(
 
     adapter = PositionalInputs(module, names).eval()
     args = tuple(torch.from_numpy(model.example_inputs[n]) for n in names)
-    with _staging(path) as staged, _quiet_exporter():
+    with _staging(path) as staged, silenced(_EXPORTER_LOGGERS, ignore_warnings=True):
         try:
             program = torch.onnx.export(
                 adapter,
@@ -243,20 +244,3 @@ def _staging(final: Path) -> Iterator[Path]:
             produced.replace(final.parent / produced.name)  # the main file last
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _quiet_exporter() -> Iterator[None]:
-    """The exporter prints progress, logs missing torchvision ops and warns about renamed axes;
-    none of it is for our user. Scoped to the export call."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)

@@ -14,9 +14,7 @@ export; this room knows nothing of search or serving.
 
 from __future__ import annotations
 
-import contextlib
-import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -25,6 +23,7 @@ import numpy as np
 
 from mahir.errors import BadInput, Unsupported, first_line
 from mahir.quality import compare
+from mahir.silence import silenced
 from mahir.types import Artifact, ArtifactFormat, Outputs
 from mahir.workload import Batch
 
@@ -156,7 +155,7 @@ def _quantize(
 ) -> ov.Model:
     import nncf
 
-    with quiet_nncf():
+    with silenced(("nncf",)):  # NNCF logs steps, draws progress bars
         try:
             return nncf.quantize(
                 model,
@@ -189,7 +188,7 @@ def _restore_accuracy(
     # Items carry their index so the validation function finds each batch's reference.
     dataset = nncf.Dataset(list(enumerate(calibration)), _batch_of)
     steps = {} if config.max_steps is None else {"max_num_iterations": config.max_steps}
-    with quiet_nncf():
+    with silenced(("nncf",)):  # NNCF logs steps, draws progress bars
         try:
             restored = nncf.quantize_with_accuracy_control(
                 model,
@@ -360,18 +359,3 @@ def _layer_counts(model: ov.Model) -> dict[str, Any]:
         "int8_layers": sum(layers.values()),
         "float_layers": sorted(name for name, int8 in layers.items() if not int8),
     }
-
-
-@contextlib.contextmanager
-def quiet_nncf() -> Iterator[None]:
-    """NNCF logs its steps and draws progress bars (rich, on stdout); neither is for our user."""
-    import io
-
-    logger = logging.getLogger("nncf")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        logger.setLevel(level)

@@ -10,16 +10,13 @@ gets quantization past the "Unable to find data type for weight_name" failure (D
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
 from mahir.errors import Unsupported, first_line
+from mahir.silence import silenced
 from mahir.types import BATCH, Artifact, ArtifactFormat
 
 if TYPE_CHECKING:
@@ -73,7 +70,7 @@ def dynamic_int8(artifact: Artifact, config: DynamicInt8, ctx: PassContext) -> A
 
     out = ctx.workdir / "model.onnx"
     reduce_range = _reduce_range(config.reduce_range, ctx)
-    with _quiet():
+    with silenced():  # onnxruntime.quantization logs a line per skipped node
         try:
             quantize_dynamic(
                 str(artifact.path),
@@ -124,7 +121,7 @@ def static_int8(artifact: Artifact, config: StaticInt8, ctx: PassContext) -> Art
         extra["CalibPercentile"] = config.percentile
     out = ctx.workdir / "model.onnx"
     reduce_range = _reduce_range(config.reduce_range, ctx)
-    with _quiet():
+    with silenced():  # onnxruntime.quantization logs a line per skipped node
         try:
             quantize_static(
                 str(artifact.path),
@@ -184,16 +181,3 @@ def _count_ops(path: Any, op_types: tuple[str, ...]) -> int:
 
     graph = onnx.load(str(path), load_external_data=False).graph
     return sum(node.op_type in op_types for node in graph.node)
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """onnxruntime.quantization logs a line per skipped node and prints progress."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        root.setLevel(level)

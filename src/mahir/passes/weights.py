@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from mahir.errors import BadInput, Unsupported, first_line
-from mahir.passes.nncf import quiet_nncf, read_ir, save_ir
+from mahir.passes.nncf import read_ir, save_ir
+from mahir.silence import silenced
 from mahir.types import Artifact, ArtifactFormat
 
 if TYPE_CHECKING:
@@ -159,7 +160,7 @@ def nncf_weight_compression(
             "group_size": config.group_size,
             "ratio": config.ratio,
         }
-    with quiet_nncf():
+    with silenced(("nncf",)):
         try:
             compressed = nncf.compress_weights(model, **options)
         except Exception as err:  # nncf raises its own errors, RuntimeError, ValueError, ...

@@ -1,0 +1,29 @@
+"""Scoped silence for third-party libraries that print progress, log every step and warn about
+their own internals while doing what we asked. Always around one call, never process-wide:
+the user's own logging and warnings stay as they were."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from collections.abc import Iterator, Sequence
+
+
+@contextlib.contextmanager
+def silenced(loggers: Sequence[str] = ("",), *, ignore_warnings: bool = False) -> Iterator[None]:
+    """Raise the named loggers (default: the root logger) to ERROR, swallow stdout, and with
+    `ignore_warnings` drop warnings, for the duration of the block."""
+    targets = [logging.getLogger(name or None) for name in loggers]
+    levels = [logger.level for logger in targets]
+    for logger in targets:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            if ignore_warnings:
+                warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(targets, levels, strict=True):
+            logger.setLevel(level)
