@@ -77,7 +77,7 @@ def write_output_dir(model: Model, applied: Applied, out: Path) -> None:
     staging = Path(tempfile.mkdtemp(prefix=".mahir-staging-", dir=out.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the output is meant to be shared
     try:
-        files = _copy_artifact(artifact.path, staging / "model")
+        files = _copy_artifact(artifact, staging / "model")
         applied.recipe.save(staging / "recipe.yaml")
         manifest = {
             "format": artifact.format,
@@ -121,20 +121,12 @@ def load_output_dir(out: Path) -> Session:
     return open_session(manifest["runtime"], artifact, options)
 
 
-def _copy_artifact(path: Path, folder: Path) -> list[str]:
-    """The artifact's file and its companions (external data, IR weights); main file first."""
+def _copy_artifact(artifact: Artifact, folder: Path) -> list[str]:
+    """Copy the artifact's files into `folder`; their names, main file first."""
     folder.mkdir(parents=True)
-    companions = (
-        [path.with_suffix(".bin")]
-        if path.suffix == ".xml"
-        else [path.with_name(path.name + ".data")]
-    )
-    names = []
-    for source in (path, *companions):
-        if source.is_file():
-            shutil.copy2(source, folder / source.name)
-            names.append(source.name)
-    return names
+    for source in artifact.files():
+        shutil.copy2(source, folder / source.name)
+    return [source.name for source in artifact.files()]
 
 
 def _replace_dir(new: Path, out: Path) -> None:

@@ -16,11 +16,11 @@ from typing import Any
 
 from rich.table import Table
 
-from mahir.errors import Unsupported
-from mahir.export import export_onnx, export_openvino, fidelity, reference_outputs
+from mahir.export import fidelity, reference_outputs
 from mahir.hardware import Machine, detect
 from mahir.measure import MeasureConfig, measure, resident_mb
 from mahir.model import Model
+from mahir.passes import PassContext, convert
 from mahir.runtimes import RUNTIMES, get_runtime, open_session
 from mahir.types import Artifact, ArtifactFormat, Perf, Quality, RuntimeOptions, Session
 from mahir.workload import Workload, build_workload
@@ -194,7 +194,7 @@ def benchmark(
         token_range=config.token_range,
         seed=config.seed,
     )
-    artifacts = _Artifacts(model, workdir, on_step)
+    artifacts = _Artifacts(model, workdir, machine, on_step)
     references = {}
     for size, batches in workload.batches.items():
         on_step(f"reference outputs at batch {size}")
@@ -237,35 +237,31 @@ def benchmark(
 
 
 class _Artifacts:
-    """Each format built once, on first need: the original, its ONNX export, its OpenVINO IR."""
+    """Each format built once, on first need, by the passes' verified conversion chain
+    (torch -> ONNX -> OpenVINO IR); the ONNX export is kept for every runtime that needs it."""
 
-    def __init__(self, model: Model, workdir: Path, on_step: Callable[[str], None]) -> None:
-        self._model = model
-        self._workdir = workdir
+    def __init__(
+        self, model: Model, workdir: Path, machine: Machine, on_step: Callable[[str], None]
+    ) -> None:
+        self._ctx = PassContext(model=model, workdir=workdir, machine=machine)
         self._on_step = on_step
-        self._built: dict[ArtifactFormat, Artifact] = {}
         original = model.original()
-        self._built[original.format] = original
+        self._built: dict[ArtifactFormat, Artifact] = {original.format: original}
 
     def for_runtime(self, runtime: str) -> Artifact:
-        formats = RUNTIMES[runtime].formats
+        return self._get(RUNTIMES[runtime].formats)
+
+    def _get(self, formats: tuple[ArtifactFormat, ...]) -> Artifact:
         for fmt in formats:  # one already built, in the runtime's order of preference
             if fmt in self._built:
                 return self._built[fmt]
-        return self._build(formats[0])
-
-    def _build(self, fmt: ArtifactFormat) -> Artifact:
-        if fmt == "onnx":
-            self._on_step("exporting to ONNX and verifying it")
-            self._built[fmt] = export_onnx(self._model, self._workdir / "model.onnx")
-        elif fmt == "openvino":
-            onnx_artifact = self._built.get("onnx") or self._build("onnx")
-            self._on_step("converting to OpenVINO IR and verifying it")
-            path = self._workdir / "openvino" / "model.xml"
-            self._built[fmt] = export_openvino(self._model, onnx_artifact, path)
-        else:
-            raise Unsupported(f"{self._model.name} is an ONNX model: no PyTorch module to run")
-        return self._built[fmt]
+        if "onnx" not in formats and "torch" in self._built:
+            self._get(("onnx",))  # every later format starts from the ONNX export
+        source = self._built.get("onnx") or next(iter(self._built.values()))
+        self._on_step(f"converting to {formats[0]} and verifying it")
+        artifact = convert(source, formats, self._ctx)
+        self._built[artifact.format] = artifact
+        return artifact
 
 
 def artifact_size_mb(artifact: Artifact) -> float:
@@ -273,11 +269,6 @@ def artifact_size_mb(artifact: Artifact) -> float:
     if artifact.format == "torch":
         tensors = [*artifact.module.parameters(), *artifact.module.buffers()]
         return float(sum(t.numel() * t.element_size() for t in tensors)) / 2**20
-    path = artifact.path
-    if path is None:
+    if artifact.path is None:
         raise ValueError(f"a {artifact.format} artifact needs a path")
-    paths = [
-        path,
-        path.with_suffix(".bin") if path.suffix == ".xml" else path.with_suffix(".onnx.data"),
-    ]
-    return sum(p.stat().st_size for p in paths if p.is_file()) / 2**20
+    return sum(p.stat().st_size for p in artifact.files()) / 2**20

@@ -66,6 +66,18 @@ class Artifact:
     module: Any = None
     meta: Mapping[str, Any] = field(default_factory=dict)
 
+    def files(self) -> list[Path]:
+        """The files on disk that make up the artifact, main file first: an ONNX model and its
+        external data, or an OpenVINO IR's .xml and .bin. None for a live torch module."""
+        if self.path is None:
+            return []
+        companion = (
+            self.path.with_suffix(".bin")
+            if self.path.suffix == ".xml"
+            else self.path.with_name(self.path.name + ".data")
+        )
+        return [p for p in (self.path, companion) if p.is_file()]
+
     def derive(
         self,
         path: Path | None = None,

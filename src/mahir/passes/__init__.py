@@ -107,6 +107,6 @@ def convert(artifact: Artifact, formats: tuple[ArtifactFormat, ...], ctx: PassCo
         onnx = convert(artifact, ("onnx",), ctx)
         return export_openvino(ctx.model, onnx, ctx.workdir / "input" / "openvino" / "model.xml")
     raise Unsupported(
-        f"this step needs a {' or '.join(formats)} artifact and cannot be built from "
-        f"{artifact.format}: order the steps so that torch steps come first"
+        f"cannot make a {' or '.join(formats)} artifact from {artifact.format}: mahir converts "
+        "torch -> ONNX -> OpenVINO, never back (in a recipe, torch steps come first)"
     )
