@@ -9,9 +9,10 @@ def test_all_is_pinned() -> None:
     assert sorted(mahir.__all__) == sorted(
         [
             "RUNTIMES", "Artifact", "BadInput", "BenchConfig", "BenchResult", "ExportMismatch",
-            "MahirError", "MeasureConfig", "Model", "RuntimeFailure", "RuntimeOptions", "Session",
-            "Unsupported", "benchmark", "export_onnx", "export_openvino", "load_model",
-            "open_session",
+            "MahirError", "MeasureConfig", "Model", "OptimizeConfig", "OptimizeResult",
+            "RuntimeFailure", "RuntimeOptions", "Session",
+            "Unsupported", "benchmark", "export_onnx", "export_openvino", "load", "load_model",
+            "open_session", "optimize",
         ]
     )  # fmt: skip
 

@@ -15,15 +15,16 @@ import dataclasses
 import json
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mahir.errors import BadInput, Unsupported
-from mahir.export import fidelity, reference_outputs, verification_batches
+from mahir.errors import BadInput
+from mahir.export import export_program, fidelity, reference_outputs, verification_batches
 from mahir.model import Model
 from mahir.passes import PassContext, apply_steps, convert
+from mahir.quality import quality_to_dict
 from mahir.recipe import Recipe
 from mahir.runtimes import get_runtime, open_session
 from mahir.types import Artifact, InputSpec, Quality, RuntimeOptions, Session, TensorSpec
@@ -63,41 +64,55 @@ def apply_recipe(
     return Applied(artifact, recipe, quality)
 
 
-def write_output_dir(model: Model, applied: Applied, out: Path) -> None:
-    """Write `out` atomically: a reader sees the old directory or the new one, never a mix."""
-    artifact = applied.artifact
-    if artifact.format == "torch" or artifact.path is None:
-        raise Unsupported(
-            "a torch module cannot be written as a portable artifact yet: end the recipe with "
-            "an ONNX Runtime or OpenVINO runtime"
-        )
-    if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+def write_output_dir(
+    model: Model, applied: Applied | None, out: Path, *, extra: Mapping[str, str] = {}
+) -> None:
+    """Write `out` atomically: a reader sees the old directory or the new one, never a mix.
+    `extra` files (name -> text) go beside; with no `applied` artifact only they are written."""
+    if out.exists() and any(out.iterdir()) and not _is_output_dir(out):
         raise BadInput(f"refusing to replace {out}: it is not a mahir output directory")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".mahir-staging-", dir=out.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the output is meant to be shared
     try:
-        files = _copy_artifact(artifact, staging / "model")
-        applied.recipe.save(staging / "recipe.yaml")
-        manifest = {
-            "format": artifact.format,
-            "model_file": f"model/{files[0]}",
-            "runtime": applied.recipe.runtime,
-            "options": dataclasses.asdict(applied.recipe.options),
-            "recipe_hash": applied.recipe.hash(),
-            "source": {"name": model.name, "source": model.source},
-            "spec": {
-                "inputs": [dataclasses.asdict(t) for t in artifact.spec.inputs],
-                "outputs": list(artifact.spec.outputs),
-            },
-            "pooling": None if model.pooling is None else dataclasses.asdict(model.pooling),
-            "fidelity": _quality_json(applied.quality),
-            "steps": list(artifact.meta.get("steps", ())),
-        }
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        if applied is not None:
+            _write_artifact(model, applied, staging)
+        for name, text in extra.items():
+            (staging / name).write_text(text)
         _replace_dir(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _is_output_dir(folder: Path) -> bool:
+    return (folder / MANIFEST).is_file() or (folder / "report.json").is_file()
+
+
+def _write_artifact(model: Model, applied: Applied, staging: Path) -> None:
+    artifact = applied.artifact
+    if artifact.format == "torch":  # a live module: saved as a program that needs no code
+        (staging / "model").mkdir()
+        artifact = export_program(model, artifact, staging / "model" / "model.pt2")
+        files = ["model.pt2"]
+    else:
+        files = _copy_artifact(artifact, staging / "model")
+    applied.recipe.save(staging / "recipe.yaml")
+    manifest = {
+        "format": artifact.format,
+        "model_file": f"model/{files[0]}",
+        "runtime": applied.recipe.runtime,
+        "options": dataclasses.asdict(applied.recipe.options),
+        "recipe_hash": applied.recipe.hash(),
+        "source": {"name": model.name, "source": model.source},
+        "spec": {
+            "inputs": [dataclasses.asdict(t) for t in artifact.spec.inputs],
+            "outputs": list(artifact.spec.outputs),
+        },
+        "pooling": None if model.pooling is None else dataclasses.asdict(model.pooling),
+        "fidelity": quality_to_dict(applied.quality),
+        "steps": list(applied.artifact.meta.get("steps", ())),
+    }
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
 
 
 def load_output_dir(out: Path) -> Session:
@@ -139,10 +154,3 @@ def _replace_dir(new: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         new.replace(out)
-
-
-def _quality_json(quality: Quality) -> dict[str, Any]:
-    return {
-        "embedding": None if quality.embedding is None else dataclasses.asdict(quality.embedding),
-        "outputs": {name: dataclasses.asdict(f) for name, f in quality.outputs.items()},
-    }

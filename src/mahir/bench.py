@@ -16,13 +16,14 @@ from typing import Any
 
 from rich.table import Table
 
+from mahir.builder import ArtifactBuilder
 from mahir.export import fidelity, reference_outputs
 from mahir.hardware import Machine, detect
 from mahir.measure import MeasureConfig, measure, resident_mb
 from mahir.model import Model
-from mahir.passes import PassContext, convert
+from mahir.passes import PassContext
 from mahir.runtimes import RUNTIMES, get_runtime, open_session
-from mahir.types import Artifact, ArtifactFormat, Perf, Quality, RuntimeOptions, Session
+from mahir.types import Perf, Quality, RuntimeOptions, Session
 from mahir.workload import Workload, build_workload
 
 BASELINE = "torch"
@@ -194,7 +195,7 @@ def benchmark(
         token_range=config.token_range,
         seed=config.seed,
     )
-    artifacts = _Artifacts(model, workdir, machine, on_step)
+    builder = ArtifactBuilder(PassContext(model=model, workdir=workdir, machine=machine))
     references = {}
     for size, batches in workload.batches.items():
         on_step(f"reference outputs at batch {size}")
@@ -204,14 +205,15 @@ def benchmark(
     memory: dict[str, float] = {}
     sizes: dict[str, float] = {}
     for name in config.runtimes:
-        artifact = artifacts.for_runtime(name)
+        on_step(f"building what {name} runs, verified against the original")
+        artifact = builder.build((), RUNTIMES[name].formats)
         on_step(f"opening {name}")
         before = resident_mb()
         session = open_session(name, artifact, config.options)
         session.run(workload.batches[min(workload.batches)][0])  # first run: lazy init, compile
         memory[name] = max(0.0, resident_mb() - before)  # RSS can shrink when Python frees
         sessions[name] = session
-        sizes[name] = artifact_size_mb(artifact)
+        sizes[name] = artifact.size_mb()
 
     rows = []
     for size, batches in workload.batches.items():
@@ -234,41 +236,3 @@ def benchmark(
             for name, session in sessions.items()
         ]
     return BenchResult(machine, model, workload, rows)
-
-
-class _Artifacts:
-    """Each format built once, on first need, by the passes' verified conversion chain
-    (torch -> ONNX -> OpenVINO IR); the ONNX export is kept for every runtime that needs it."""
-
-    def __init__(
-        self, model: Model, workdir: Path, machine: Machine, on_step: Callable[[str], None]
-    ) -> None:
-        self._ctx = PassContext(model=model, workdir=workdir, machine=machine)
-        self._on_step = on_step
-        original = model.original()
-        self._built: dict[ArtifactFormat, Artifact] = {original.format: original}
-
-    def for_runtime(self, runtime: str) -> Artifact:
-        return self._get(RUNTIMES[runtime].formats)
-
-    def _get(self, formats: tuple[ArtifactFormat, ...]) -> Artifact:
-        for fmt in formats:  # one already built, in the runtime's order of preference
-            if fmt in self._built:
-                return self._built[fmt]
-        if "onnx" not in formats and "torch" in self._built:
-            self._get(("onnx",))  # every later format starts from the ONNX export
-        source = self._built.get("onnx") or next(iter(self._built.values()))
-        self._on_step(f"converting to {formats[0]} and verifying it")
-        artifact = convert(source, formats, self._ctx)
-        self._built[artifact.format] = artifact
-        return artifact
-
-
-def artifact_size_mb(artifact: Artifact) -> float:
-    """Bytes on disk of the artifact's files, or of a torch module's parameters and buffers."""
-    if artifact.format == "torch":
-        tensors = [*artifact.module.parameters(), *artifact.module.buffers()]
-        return float(sum(t.numel() * t.element_size() for t in tensors)) / 2**20
-    if artifact.path is None:
-        raise ValueError(f"a {artifact.format} artifact needs a path")
-    return sum(p.stat().st_size for p in artifact.files()) / 2**20

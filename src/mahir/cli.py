@@ -182,6 +182,109 @@ def _run_apply(recipe_path: Path, source: str | None, out: Path, data: Path | No
     )
 
 
+@app.command()
+def optimize(
+    ctx: typer.Context,
+    model: ModelArg = None,
+    out: Annotated[Path, typer.Option("--out", help="Output directory.")] = Path("mahir-out"),
+    objective: Annotated[
+        str, typer.Option("--objective", help="latency (batch-1 p50) or throughput.")
+    ] = "latency",
+    batch_size: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--batch-size",
+            "-b",
+            help="Batch sizes timed (default 1; 8 and 32 for throughput). Repeat for several.",
+        ),
+    ] = None,
+    time_budget: Annotated[
+        float | None, typer.Option("--time-budget", help="Minutes for the whole search.")
+    ] = None,
+    max_drop: Annotated[
+        float, typer.Option("--max-drop", help="Quality budget (README: Quality budget).")
+    ] = 0.01,
+    metric: Annotated[
+        str | None,
+        typer.Option(
+            "--metric",
+            help="module:fn scoring (outputs, data), higher "
+            "is better; decides quality instead of fidelity.",
+        ),
+    ] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="The data --metric scores.")] = None,
+    sentences: Annotated[
+        Path | None, typer.Option("--sentences", help="Traffic-like sentences, one per line.")
+    ] = None,
+    tokens: Annotated[
+        str | None,
+        typer.Option("--tokens", help="Generated sentences' token counts, MIN-MAX (e.g. 64-128)."),
+    ] = None,
+    only: Annotated[
+        list[str] | None, typer.Option("--only", help="Try only this candidate; repeat.")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Reuse what an earlier run with --out measured.")
+    ] = False,
+) -> None:
+    """Search techniques x runtimes x settings; keep the fastest within the quality budget."""
+
+    def configure() -> OptimizeConfig:
+        from mahir.workload import read_sentences
+
+        return OptimizeConfig(
+            objective=objective,  # type: ignore[arg-type]  # checked in __post_init__
+            batch_sizes=tuple(batch_size or ()),
+            max_drop=max_drop,
+            time_budget_s=None if time_budget is None else time_budget * 60,
+            only=tuple(only or ()),
+            sentences=tuple(read_sentences(sentences)) if sentences else (),
+            token_range=parse_range(tokens) if tokens else None,
+            metric=metric,
+            data=data,
+        )
+
+    from mahir.optimize import OptimizeConfig
+
+    config = _guard(ctx, configure)
+    _guard(ctx, lambda: _run_optimize(model, config, out, resume))
+
+
+def _run_optimize(source: str | None, config: Any, out: Path, resume: bool) -> None:
+    from mahir.model import load_model
+    from mahir.optimize import cache_path, optimize
+
+    def on_event(candidate: str, text: str) -> None:
+        errors.print(f"[dim]{candidate:>24}[/dim]  {text}", highlight=False, soft_wrap=True)
+
+    model = load_model(source)
+    with tempfile.TemporaryDirectory(prefix="mahir-optimize-") as tmp:
+        result = optimize(
+            model, config, Path(tmp), cache_path=cache_path(out), resume=resume, on_event=on_event
+        )
+        written = result.save(out)
+    console.print(result)
+    for line in _why_lines(result.report()):
+        console.print(line, soft_wrap=True, highlight=False)
+    console.print(f"report: {written / 'report.html'}", soft_wrap=True)
+    if result.best is not None:
+        console.print(f"serve it: mahir serve {written}", soft_wrap=True)
+    if not result.complete:
+        errors.print("the search was cut short: the report holds what was measured")
+        raise typer.Exit(130)
+    if result.best is None:
+        errors.print("no candidate met the quality budget: the report says how close each came")
+        raise typer.Exit(1)
+
+
+def _why_lines(report: dict[str, Any]) -> list[str]:
+    from mahir.report import explain
+
+    reasons = explain(report)
+    best = report["best"]
+    return [f"{'*' if cid == best else '-'} {cid}: {text}" for cid, text in reasons.items()]
+
+
 def _progress() -> Progress:
     return Progress(
         SpinnerColumn(),

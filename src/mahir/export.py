@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -56,10 +57,7 @@ def export_onnx(
         raise Unsupported(f"{model.name}: only a torch module exports to ONNX, not {source.format}")
     module = source.module.eval()
     names = model.spec.input_names
-    dims = {name: torch.export.Dim(name) for name in sorted(model.spec.dynamic_dims)}
-    dynamic_shapes = (
-        tuple({a: dims[d] for a, d in t.dynamic_axes.items()} for t in model.spec.inputs),
-    )
+    dynamic_shapes = _dynamic_shapes(model)
     from mahir.modules import PositionalInputs
 
     adapter = PositionalInputs(module, names).eval()
@@ -88,6 +86,35 @@ def export_onnx(
         artifact = Artifact("onnx", model.spec, path=staged)
         verify(model, artifact, "onnxruntime", what="ONNX export", reference=source)
     return Artifact("onnx", model.spec, path=path, meta=source.meta)
+
+
+def _dynamic_shapes(model: Model) -> tuple[tuple[dict[int, Any], ...]]:
+    """torch.export's dynamic shapes for the positional adapter: one Dim per named axis."""
+    import torch
+
+    dims = {name: torch.export.Dim(name) for name in sorted(model.spec.dynamic_dims)}
+    return (tuple({a: dims[d] for a, d in t.dynamic_axes.items()} for t in model.spec.inputs),)
+
+
+def export_program(model: Model, source: Artifact, path: Path) -> Artifact:
+    """Save a torch artifact as a torch.export program (`.pt2`) that loads without the
+    model's code, dynamic axes kept dynamic; verified against `source` after loading back."""
+    import torch
+
+    from mahir.modules import PositionalInputs
+
+    names = model.spec.input_names
+    adapter = PositionalInputs(source.module.eval(), names).eval()
+    args = tuple(torch.from_numpy(model.example_inputs[n]) for n in names)
+    with _staging(path) as staged, silenced(_EXPORTER_LOGGERS, ignore_warnings=True):
+        try:
+            program = torch.export.export(adapter, args, dynamic_shapes=_dynamic_shapes(model))
+            torch.export.save(program, str(staged))
+        except Exception as err:  # torch.export raises many types; all mean "cannot export"
+            raise Unsupported(f"cannot save {model.name} as a program: {first_line(err)}") from err
+        artifact = Artifact("torch", model.spec, path=staged)
+        verify(model, artifact, "torch", what="saved program", reference=source)
+    return Artifact("torch", model.spec, path=path, meta=source.meta)
 
 
 def _check_dynamic_axes(model: Model, path: Path) -> None:

@@ -262,9 +262,7 @@ def _tokenizer_beside(folder: Path) -> Any:
 def load_factory(target: str, fn_name: str) -> Model:
     """`path/to/file.py:fn` or `package.module:fn`, returning (nn.Module, {name: Tensor})."""
     source = f"{target}:{fn_name}"
-    factory = getattr(_import_target(target), fn_name, None)
-    if not callable(factory):
-        raise BadInput(f"{target} has no function {fn_name}: {USAGE}")
+    factory = import_function(source, USAGE)
     try:
         returned = factory()
     except Exception as err:  # the user's code: anything it raises is their bad input
@@ -305,11 +303,22 @@ def load_factory(target: str, fn_name: str) -> Model:
     )
 
 
-def _import_target(target: str) -> Any:
+def import_function(spec: str, usage: str) -> Any:
+    """The function `spec` names: `path/to/file.py:fn` or `package.module:fn`."""
+    match = _FACTORY.match(spec)
+    if match is None:
+        raise BadInput(f"{spec!r} names no function: {usage}")
+    fn = getattr(_import_target(match["target"], usage), match["fn"], None)
+    if not callable(fn):
+        raise BadInput(f"{match['target']} has no function {match['fn']}: {usage}")
+    return fn
+
+
+def _import_target(target: str, usage: str) -> Any:
     if target.endswith(".py"):
         path = Path(target)
         if not path.is_file():
-            raise BadInput(f"{target} does not exist: {USAGE}")
+            raise BadInput(f"{target} does not exist: {usage}")
         module_name = f"mahir_factory_{abs(hash(path.resolve()))}"
         spec = importlib.util.spec_from_file_location(module_name, path)
         if spec is None or spec.loader is None:
@@ -325,7 +334,7 @@ def _import_target(target: str) -> Any:
     try:
         return importlib.import_module(target)
     except ImportError as err:
-        raise BadInput(f"cannot import {target} ({err}): {USAGE}") from err
+        raise BadInput(f"cannot import {target} ({err}): {usage}") from err
 
 
 def _output_names(raw: Any, source: str) -> tuple[str, ...]:

@@ -43,6 +43,19 @@ class PositionalInputs(torch.nn.Module):
         return result
 
 
+class KeywordInputs(torch.nn.Module):
+    """Take the inputs by keyword and pass them on positionally in spec order: the contract's
+    calling convention for a program saved by torch.export, which takes them positionally."""
+
+    def __init__(self, program: torch.nn.Module, input_names: tuple[str, ...]) -> None:
+        super().__init__()
+        self.program = program
+        self.input_names = input_names
+
+    def forward(self, **inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.program(*(inputs[name] for name in self.input_names)))
+
+
 class LowPrecision(torch.nn.Module):
     """Run a copy of the model in a lower float precision while its contract stays fp32:
     floating inputs are cast down on the way in and outputs back to float32 on the way out."""

@@ -10,8 +10,10 @@ library and mahir's types, errors and pooling.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -174,3 +176,18 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     dot = np.einsum("ij,ij->i", unit_a, unit_b)
     neither = (norm_a == 0) & (norm_b == 0)
     return np.clip(np.where(both, dot, np.where(neither, 1.0, 0.0)), -1.0, 1.0)
+
+
+def quality_to_dict(quality: Quality) -> dict[str, Any]:
+    return {
+        "embedding": None if quality.embedding is None else dataclasses.asdict(quality.embedding),
+        "outputs": {name: dataclasses.asdict(f) for name, f in quality.outputs.items()},
+    }
+
+
+def quality_from_dict(data: dict[str, Any]) -> Quality:
+    embedding = data["embedding"]
+    return Quality(
+        outputs={name: OutputFidelity(**f) for name, f in data["outputs"].items()},
+        embedding=None if embedding is None else OutputFidelity(**embedding),
+    )

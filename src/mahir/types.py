@@ -78,6 +78,13 @@ class Artifact:
         )
         return [p for p in (self.path, companion) if p.is_file()]
 
+    def size_mb(self) -> float:
+        """Bytes on disk of the artifact's files, or of a torch module's parameters and buffers."""
+        if self.module is not None:
+            tensors = [*self.module.parameters(), *self.module.buffers()]
+            return float(sum(t.numel() * t.element_size() for t in tensors)) / 2**20
+        return sum(p.stat().st_size for p in self.files()) / 2**20
+
     def derive(
         self,
         path: Path | None = None,

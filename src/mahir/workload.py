@@ -8,6 +8,7 @@ next to the results, so every number can be reproduced from exactly these inputs
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -228,3 +229,53 @@ def random_inputs(
         else:
             arrays[t.name] = rng.integers(0, 2, size=shape).astype(t.dtype)
     return arrays
+
+
+def read_user_data(model: Model, path: Path, batch_size: int = 32) -> tuple[Any, list[Batch]]:
+    """What a user metric receives (the data as read) and the model's inputs made from it, in
+    order, `batch_size` samples per batch. Text models read a .txt file (one sentence per
+    line: the data is the list of sentences) or .jsonl (one object per line with a "text"
+    field: the data is the list of objects, labels included); tensor models read an .npz
+    holding every input by name (the data is the dict of all its arrays)."""
+    if not path.is_file():
+        raise BadInput(f"{path} does not exist: give the data file the metric scores")
+    if model.is_text:
+        records: list[Any] = _read_text_records(path)
+        texts = [r if isinstance(r, str) else r["text"] for r in records]
+        chunks = [texts[i : i + batch_size] for i in range(0, len(texts), batch_size)]
+        return records, [tokenize(model, chunk) for chunk in chunks]
+    try:
+        with np.load(path) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+    except (OSError, ValueError) as err:
+        raise BadInput(
+            f"{path} is not an .npz file ({err}): save the inputs with np.savez"
+        ) from err
+    missing = [name for name in model.spec.input_names if name not in arrays]
+    if missing:
+        raise BadInput(f"{path} lacks the model's inputs {missing}; it has {sorted(arrays)}")
+    count = len(arrays[model.spec.input_names[0]])
+    batches = [
+        {name: arrays[name][i : i + batch_size] for name in model.spec.input_names}
+        for i in range(0, count, batch_size)
+    ]
+    return arrays, batches
+
+
+def _read_text_records(path: Path) -> list[Any]:
+    if path.suffix != ".jsonl":
+        return read_sentences(path)
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise BadInput(f"{path}:{number} is not JSON ({err.msg})") from err
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise BadInput(f'{path}:{number} needs a "text" field holding the sentence')
+        records.append(record)
+    if not records:
+        raise BadInput(f'{path} has no records: one JSON object per line with a "text" field')
+    return records

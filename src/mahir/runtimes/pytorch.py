@@ -66,11 +66,11 @@ class TorchSession:
 
 def open_session(artifact: Artifact, options: RuntimeOptions, *, compile: bool) -> TorchSession:
     """Check the module is ready for inference, set torch's threads, and compile if asked."""
-    module = artifact.module
+    module = artifact.module if artifact.module is not None else _load_program(artifact)
     if not isinstance(module, torch.nn.Module):
         raise BadInput(f"a torch artifact needs a live nn.Module, got {type(module).__name__}")
     training = [name or "the module" for name, m in module.named_modules() if m.training]
-    if training:
+    if training and artifact.module is not None:  # a loaded program is traced in eval mode
         raise BadInput(
             f"{training[0]} is in training mode (dropout on, batch-norm statistics updating): "
             "call .eval() on the module first"
@@ -85,6 +85,19 @@ def open_session(artifact: Artifact, options: RuntimeOptions, *, compile: bool) 
     except Exception as err:  # no compiler support on this Python or platform
         raise Unsupported(f"torch.compile is not available here: {first_line(err)}") from err
     return TorchSession(compiled, artifact.spec, runtime="torch-compile", precision=precision)
+
+
+def _load_program(artifact: Artifact) -> torch.nn.Module:
+    """A program saved by `mahir.export.export_program`, called by keyword like any module."""
+    from mahir.modules import KeywordInputs
+
+    if artifact.path is None or not artifact.path.is_file():
+        raise BadInput(f"a torch artifact needs a module or a saved .pt2 program: {artifact.path}")
+    try:
+        program = torch.export.load(str(artifact.path)).module()
+    except Exception as err:  # a damaged or foreign file
+        raise BadInput(f"{artifact.path} is not a saved torch program: {first_line(err)}") from err
+    return KeywordInputs(program, artifact.spec.input_names)
 
 
 def _tensor(array: np.ndarray, dtype: np.dtype[Any]) -> torch.Tensor:

@@ -1,0 +1,375 @@
+"""`mahir optimize`: the main job. Propose candidates for this machine, search, keep the best.
+
+The order of work: read the machine; make the workload (timing batches), calibration batches
+and a small check sample with shapes unlike the workload's; compute the fp32 original's outputs
+on all of them once; then let the search build, check and time the candidates (search.py states
+its invariant). The result is the winner, every candidate's outcome and why, and the workload
+and machine they were measured on; `OptimizeResult.save` writes the output directory. Sits
+beside bench and apply, above search; the CLI and `mahir.optimize` call it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from mahir.bench import model_summary
+from mahir.budget import FidelityBudget, MetricBudget, metric_outputs, quality_kind, score
+from mahir.builder import ArtifactBuilder
+from mahir.candidates import BASELINE_ID, Candidate, Objective, propose
+from mahir.errors import BadInput
+from mahir.export import reference_outputs, reference_session, verification_batches
+from mahir.hardware import Machine, detect
+from mahir.model import Model, import_function, load_model
+from mahir.passes import PassContext
+from mahir.records import OutcomeCache, outcome_record
+from mahir.runtimes import get_runtime
+from mahir.search import Budget, Events, Evidence, Outcome, Search, first_rung_seconds, rank
+from mahir.types import Artifact
+from mahir.workload import Batch, Workload, build_workload, read_user_data
+
+# Share of the time budget kept for timing when candidates are built: building stops when less
+# than this is left, so the survivors are still measured properly.
+TIMING_SHARE = 0.35
+
+
+@dataclass(frozen=True, slots=True)
+class OptimizeConfig:
+    """What `optimize` searches for, on which inputs, within what quality and time."""
+
+    objective: Objective = "latency"
+    """latency: batch-1 p50 (the smallest batch size); throughput: best samples/s."""
+    batch_sizes: tuple[int, ...] = ()
+    """Batch sizes timed; default (1,) for latency, (8, 32) for throughput."""
+    max_drop: float = 0.01
+    """Quality budget: fidelity drop (see budget.py), or the user metric's absolute drop."""
+    time_budget_s: float | None = None
+    """Wall time for the whole search; None: try every candidate."""
+    only: tuple[str, ...] = ()
+    """Candidate ids to try (the baseline always runs); empty: all proposed."""
+    sentences: tuple[str, ...] = ()
+    """The user's sentences for the workload; generated text when empty."""
+    token_range: tuple[int, int] | None = None
+    batches_per_size: int = 8
+    metric: str | None = None
+    """`module:fn` or `file.py:fn` scoring (outputs, data) -> float, higher is better."""
+    data: Path | None = None
+    """The data the metric scores (see `workload.read_user_data`)."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.objective not in ("latency", "throughput"):
+            raise BadInput(f"objective must be latency or throughput, got {self.objective!r}")
+        if (self.metric is None) != (self.data is None):
+            raise BadInput("--metric and --data go together: the metric scores that data")
+        if self.time_budget_s is not None and self.time_budget_s <= 0:
+            raise BadInput(f"--time-budget must be > 0 minutes, got {self.time_budget_s / 60:g}")
+        if any(size < 1 for size in self.batch_sizes):
+            raise BadInput(f"batch sizes must be >= 1, got {list(self.batch_sizes)}")
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        if self.batch_sizes:
+            return tuple(sorted(set(self.batch_sizes)))
+        return (1,) if self.objective == "latency" else (8, 32)
+
+
+@dataclass
+class OptimizeResult:
+    """Every candidate's outcome, the winner (None if nothing met the budget), and what they
+    were measured on. `complete` is False when Ctrl-C or the time budget cut the run short."""
+
+    model: Model
+    machine: Machine
+    workload: Workload
+    config: OptimizeConfig
+    budget: Budget
+    candidates: list[Outcome]
+    best: Outcome | None
+    artifact: Artifact | None
+    complete: bool
+    elapsed_s: float
+    date: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat())
+
+    def report(self) -> dict[str, Any]:
+        """report.json: every candidate's recipe, timing, quality, status and reason."""
+        objective = self.config.objective
+        if isinstance(self.budget, MetricBudget):
+            budget: dict[str, Any] = {
+                "kind": "metric",
+                "description": self.budget.describe(),
+                "metric": self.budget.name,
+                "max_drop": self.budget.max_drop,
+                "baseline_metric": self.budget.baseline,
+            }
+        else:
+            kind = next((quality_kind(o.quality) for o in self.candidates if o.quality), "outputs")
+            budget = {"kind": "fidelity", "description": self.budget.describe(kind)}
+            budget["max_drop"] = self.budget.max_drop
+        return {
+            "schema": 1,
+            "date": self.date,
+            "complete": self.complete,
+            "objective": objective,
+            "batch_sizes": list(self.config.sizes),
+            "budget": budget,
+            "machine": self.machine.to_dict(),
+            "model": model_summary(self.model),
+            "workload": self.workload.describe(),
+            "time_budget_s": self.config.time_budget_s,
+            "elapsed_s": self.elapsed_s,
+            "baseline": BASELINE_ID,
+            "best": None if self.best is None else self.best.candidate.id,
+            "candidates": [outcome_record(o, objective) for o in self.candidates],
+        }
+
+    def save(self, out: Path) -> Path:
+        """Write the output directory atomically: the winner (model/, mahir.json, recipe.yaml)
+        with report.json and report.html. With no winner, only the reports are written, and
+        never over an earlier run's model: then into `<out>-report` beside it."""
+        from mahir.apply import MANIFEST, Applied, write_output_dir
+        from mahir.report import render_html
+
+        report = self.report()
+        extra = {
+            "report.json": json.dumps(report, indent=2, default=str) + "\n",
+            "report.html": render_html(report),
+        }
+        applied = None
+        if self.best is not None and self.artifact is not None and self.best.quality is not None:
+            applied = Applied(self.artifact, self.best.candidate.recipe, self.best.quality)
+        elif (out / MANIFEST).is_file():
+            out = out.with_name(f"{out.name}-report")
+        write_output_dir(self.model, applied, out, extra=extra)
+        return out
+
+    def __rich__(self) -> Table:
+        title = f"{self.model.name} on {self.machine.summary()}"
+        table = Table(title=title, caption=f"budget: {self.report()['budget']['description']}")
+        for column in ("candidate", "status", "p50 ms", "samples/s", "speedup", "quality"):
+            table.add_column(column, justify="left" if column == "candidate" else "right")
+        for outcome in self.candidates:
+            table.add_row(*_row(outcome, self.config, outcome is self.best))
+        return table
+
+
+def _row(outcome: Outcome, config: OptimizeConfig, best: bool) -> tuple[str, ...]:
+    perf = outcome.perf.get(config.sizes[0])
+    speedup = outcome.speedup(config.objective)
+    quality = ""
+    if outcome.metric is not None:
+        quality = f"metric {outcome.metric:.4g}"
+    elif outcome.quality is not None:
+        head = outcome.quality.headline
+        quality = f"{head.cosine_mean:.4f} / {head.cosine_min:.4f}"
+    status = outcome.status if outcome.status == "ok" else f"{outcome.status}: {outcome.reason}"
+    return (
+        f"[bold]{outcome.candidate.id} *[/bold]" if best else outcome.candidate.id,
+        status,
+        "" if perf is None else f"{perf.p50_ms:.2f}{' ~' if perf.noisy else ''}",
+        "" if not outcome.perf else f"{max(p.throughput for p in outcome.perf.values()):,.0f}",
+        "" if speedup is None else f"{speedup:.2f}x",
+        quality,
+    )
+
+
+def optimize(
+    model: Model | str | Path | None = None,
+    config: OptimizeConfig = OptimizeConfig(),
+    workdir: Path | None = None,
+    *,
+    cache_path: Path | None = None,
+    resume: bool = False,
+    on_event: Events = lambda _id, _text: None,
+) -> OptimizeResult:
+    """Search this machine's candidates for `model`; Ctrl-C ends it early with what was found.
+    `model` is a loaded model or a source for `load_model` (default: the bundled one). Built
+    artifacts go to `workdir` (default: a new temporary folder, left for the caller, since the
+    winner lives there until `save`). With `cache_path`, outcomes are recorded there as they
+    arrive; `resume` reuses them."""
+    if not isinstance(model, Model):
+        model = load_model(model)
+    if workdir is None:
+        workdir = Path(tempfile.mkdtemp(prefix="mahir-optimize-"))
+    started = time.monotonic()
+    deadline = None if config.time_budget_s is None else started + config.time_budget_s
+    machine = detect()
+    on_event(BASELINE_ID, f"machine: {machine.summary()}")
+    workload = build_workload(
+        model,
+        config.sizes,
+        sentences=config.sentences or None,
+        batches_per_size=config.batches_per_size,
+        token_range=config.token_range,
+        seed=config.seed,
+    )
+    calibration = _sample(model, config, size=8, count=4, seed=config.seed + 1)
+    check = [*_sample(model, config, size=4, count=2, seed=config.seed + 2)]
+    check += verification_batches(model)
+    budget, metric_data = _budget(model, config)
+    evidence = Evidence(
+        check=check,
+        check_reference=reference_outputs(model, check),
+        timing=workload.batches,
+        timing_reference={s: reference_outputs(model, b) for s, b in workload.batches.items()},
+        metric_data=metric_data,
+    )
+    ctx = PassContext(model=model, workdir=workdir, calibration=tuple(calibration), machine=machine)
+    search = Search(model, ArtifactBuilder(ctx), evidence, budget, config.objective, deadline)
+    search.on_event = on_event
+    proposed, skipped = propose(model, machine, config.objective, max_drop=config.max_drop)
+    proposed = _only(proposed, config.only)
+    key = _run_key(model, machine, workload, config)
+    cache = OutcomeCache(cache_path, key, resume=resume) if cache_path else None
+    outcomes: list[Outcome] = []
+    complete = True
+    try:
+        _check_all(search, proposed, outcomes, cache, config)
+        if search.sessions:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            rung_s = first_rung_seconds(left, len(search.sessions) - 1, len(config.sizes))
+            search.time_survivors(outcomes, rung_s)
+    except KeyboardInterrupt:
+        complete = False
+        on_event(BASELINE_ID, "interrupted: keeping what was measured")
+    reached = {o.candidate.id for o in outcomes}
+    reason = "time budget spent before it was built" if complete else "interrupted"
+    outcomes += [Outcome(c, "skipped", reason=reason) for c in proposed if c.id not in reached]
+    outcomes += [Outcome(c, "skipped", reason=why) for c, why in skipped]
+    if cache is not None:
+        for outcome in outcomes:
+            if outcome.perf:
+                cache.put(outcome, config.objective)
+    ranked = rank(outcomes, config.objective)
+    best = ranked[0] if ranked else None
+    artifact = None
+    if best is not None:
+        artifact = search.artifacts.get(best.candidate.id) or _rebuild(search, best.candidate)
+    return OptimizeResult(
+        model,
+        machine,
+        workload,
+        config,
+        budget,
+        outcomes,
+        best,
+        artifact,
+        complete,
+        elapsed_s=time.monotonic() - started,
+    )
+
+
+def cache_path(out: Path) -> Path:
+    """Where the outcomes of a run writing `out` are recorded for `--resume`: beside it."""
+    return out.with_name(f".{out.name}.cache.jsonl")
+
+
+def _sample(
+    model: Model, config: OptimizeConfig, *, size: int, count: int, seed: int
+) -> list[Batch]:
+    """Batches drawn like the workload but apart from it: calibration, the cheap check."""
+    workload = build_workload(
+        model,
+        [size],
+        sentences=config.sentences or None,
+        batches_per_size=count,
+        token_range=config.token_range,
+        seed=seed,
+    )
+    return workload.batches[size]
+
+
+def _budget(model: Model, config: OptimizeConfig) -> tuple[Budget, list[Batch]]:
+    """The fidelity budget, or the user's metric with the original's score on their data."""
+    if config.metric is None or config.data is None:
+        return FidelityBudget(config.max_drop), []
+    metric = import_function(config.metric, "give --metric as package.module:fn or file.py:fn")
+    data, batches = read_user_data(model, config.data)
+    session = reference_session(model.original())
+    outputs = metric_outputs(model, session, batches)
+    baseline = score(metric, config.metric, outputs, data)
+    return MetricBudget(metric, config.metric, data, baseline, config.max_drop), batches
+
+
+def _only(proposed: list[Candidate], only: Sequence[str]) -> list[Candidate]:
+    if not only:
+        return proposed
+    known = {c.id for c in proposed}
+    unknown = sorted(set(only) - known)
+    if unknown:
+        raise BadInput(
+            f"unknown candidates {unknown}: on this machine, choose from {sorted(known)}"
+        )
+    return [c for c in proposed if c.id == BASELINE_ID or c.id in only]
+
+
+def _run_key(model: Model, machine: Machine, workload: Workload, config: OptimizeConfig) -> str:
+    """What must match for an earlier run's measurements to count in this one."""
+    digest = hashlib.sha256()
+    for part in (model.source, machine.summary(), config.objective, config.max_drop, config.metric):
+        digest.update(repr(part).encode())
+    for path in _model_files(model):
+        stat = path.stat()
+        digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    for size, batches in sorted(workload.batches.items()):
+        for batch in batches:
+            for name in sorted(batch):
+                digest.update(f"{size}/{name}".encode() + batch[name].tobytes())
+    if config.data is not None:
+        digest.update(config.data.read_bytes())
+    return str(digest.hexdigest()[:16])
+
+
+def _model_files(model: Model) -> list[Path]:
+    if model.folder is not None:
+        return sorted(p for p in model.folder.rglob("*") if p.is_file())
+    if model.onnx_path is not None:
+        return [model.onnx_path]
+    return [Path(model.source.rpartition(":")[0])] if ".py:" in model.source else []
+
+
+def _check_all(
+    search: Search,
+    proposed: Sequence[Candidate],
+    outcomes: list[Outcome],
+    cache: OutcomeCache | None,
+    config: OptimizeConfig,
+) -> None:
+    """Build and check each candidate in order, or take its earlier outcome from the cache.
+    The baseline comes from the cache only when everything does: else it is timed anew."""
+    cached = {c.id: cache.get(c) for c in proposed} if cache else {}
+    all_cached = bool(cached) and all(o is not None for o in cached.values())
+    for candidate in proposed:
+        earlier = cached.get(candidate.id)
+        if earlier is not None and (candidate.id != BASELINE_ID or all_cached):
+            search.on_event(candidate.id, f"{earlier.status} in an earlier run (resumed)")
+            outcomes.append(earlier)
+            continue
+        if candidate.id != BASELINE_ID and _building_time_spent(search, config):
+            search.on_event(candidate.id, "time budget: no more building")
+            return
+        outcome = search.check(candidate)
+        outcomes.append(outcome)
+        if cache is not None and outcome.status != "ok":
+            cache.put(outcome, config.objective)
+
+
+def _building_time_spent(search: Search, config: OptimizeConfig) -> bool:
+    if search.deadline is None or config.time_budget_s is None:
+        return False
+    return search.deadline - time.monotonic() < TIMING_SHARE * config.time_budget_s
+
+
+def _rebuild(search: Search, candidate: Candidate) -> Artifact:
+    """A cached winner's artifact: built again (building is not measuring)."""
+    recipe = candidate.recipe
+    return search.builder.build(recipe.steps, get_runtime(recipe.runtime).formats)
