@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mahir.apply import Applied, load_output_dir, write_output_dir
+from mahir.apply import Applied, write_output_dir
 from mahir.errors import BadInput
 from mahir.export import reference_outputs
 from mahir.model import Model
+from mahir.outdir import load_output_dir
 from mahir.pooling import pool
 from mahir.quality import compare
 from mahir.recipe import Recipe
@@ -60,9 +61,10 @@ def test_a_failed_write_leaves_the_old_directory(minilm: Model, tmp_path: Path) 
     out.mkdir()
     (out / "mahir.json").write_text("{}")
     (out / "keep").write_text("old")
-    torch_only = Applied(minilm.original(), Recipe(steps=(), runtime="torch"), Quality({}))
-    with pytest.raises(Exception, match="cannot be written"):
-        write_output_dir(minilm, torch_only, out)
+    gone = Artifact("onnx", minilm.spec, path=tmp_path / "deleted.onnx")
+    broken = Applied(gone, Recipe(steps=(), runtime="onnxruntime"), Quality({}))
+    with pytest.raises(BadInput, match="has no files"):
+        write_output_dir(minilm, broken, out)
     assert (out / "keep").read_text() == "old"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".mahir-staging")]
 

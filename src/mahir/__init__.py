@@ -9,13 +9,13 @@ session = mahir.load(out)                      # the winner, on the runtime it w
 
 from __future__ import annotations
 
-from mahir.apply import load_output_dir as load
 from mahir.bench import BenchConfig, BenchResult, benchmark
 from mahir.errors import BadInput, ExportMismatch, MahirError, RuntimeFailure, Unsupported
 from mahir.export import export_onnx, export_openvino
 from mahir.measure import MeasureConfig
 from mahir.model import Model, load_model
 from mahir.optimize import OptimizeConfig, OptimizeResult, optimize
+from mahir.outdir import load_output_dir as load
 from mahir.runtimes import RUNTIMES, open_session
 from mahir.types import Artifact, RuntimeOptions, Session
 

@@ -23,14 +23,13 @@ from typing import Any
 from mahir.errors import BadInput
 from mahir.export import export_program, fidelity, reference_outputs, verification_batches
 from mahir.model import Model
+from mahir.outdir import MANIFEST, TOKENIZER
 from mahir.passes import PassContext, apply_steps, convert
 from mahir.quality import quality_to_dict
 from mahir.recipe import Recipe
 from mahir.runtimes import get_runtime, open_session
-from mahir.types import Artifact, InputSpec, Quality, RuntimeOptions, Session, TensorSpec
+from mahir.types import Artifact, Quality
 from mahir.workload import Batch
-
-MANIFEST = "mahir.json"
 
 
 @dataclass(frozen=True)
@@ -97,7 +96,7 @@ def _write_artifact(model: Model, applied: Applied, staging: Path) -> None:
     else:
         files = _copy_artifact(artifact, staging / "model")
     applied.recipe.save(staging / "recipe.yaml")
-    manifest = {
+    manifest: dict[str, Any] = {
         "format": artifact.format,
         "model_file": f"model/{files[0]}",
         "runtime": applied.recipe.runtime,
@@ -112,32 +111,16 @@ def _write_artifact(model: Model, applied: Applied, staging: Path) -> None:
         "fidelity": quality_to_dict(applied.quality),
         "steps": list(applied.artifact.meta.get("steps", ())),
     }
+    if model.tokenizer is not None:  # part of the model's answer; the server tokenizes
+        model.tokenizer.save_pretrained(str(staging / TOKENIZER))
+        manifest["max_length"] = model.max_length
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-
-
-def load_output_dir(out: Path) -> Session:
-    """Open what `write_output_dir` wrote, on the runtime and settings it names."""
-    manifest_path = out / MANIFEST
-    if not manifest_path.is_file():
-        raise BadInput(f"{out} has no {MANIFEST}: give a directory written by mahir apply")
-    try:
-        manifest: dict[str, Any] = json.loads(manifest_path.read_text())
-        spec = InputSpec(
-            inputs=tuple(
-                TensorSpec(t["name"], t["dtype"], tuple(t["shape"]))
-                for t in manifest["spec"]["inputs"]
-            ),
-            outputs=tuple(manifest["spec"]["outputs"]),
-        )
-        artifact = Artifact(manifest["format"], spec, path=out / manifest["model_file"])
-        options = RuntimeOptions(**manifest["options"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise BadInput(f"{manifest_path} is damaged ({err}): re-run mahir apply") from err
-    return open_session(manifest["runtime"], artifact, options)
 
 
 def _copy_artifact(artifact: Artifact, folder: Path) -> list[str]:
     """Copy the artifact's files into `folder`; their names, main file first."""
+    if not artifact.files():
+        raise BadInput(f"the artifact at {artifact.path} has no files: build it again")
     folder.mkdir(parents=True)
     for source in artifact.files():
         shutil.copy2(source, folder / source.name)

@@ -268,7 +268,7 @@ def _run_optimize(source: str | None, config: Any, out: Path, resume: bool) -> N
         console.print(line, soft_wrap=True, highlight=False)
     console.print(f"report: {written / 'report.html'}", soft_wrap=True)
     if result.best is not None:
-        console.print(f"serve it: mahir serve {written}", soft_wrap=True)
+        console.print(f"use it: session = mahir.load({str(written)!r})", soft_wrap=True)
     if not result.complete:
         errors.print("the search was cut short: the report holds what was measured")
         raise typer.Exit(130)

@@ -136,7 +136,8 @@ class OptimizeResult:
         """Write the output directory atomically: the winner (model/, mahir.json, recipe.yaml)
         with report.json and report.html. With no winner, only the reports are written, and
         never over an earlier run's model: then into `<out>-report` beside it."""
-        from mahir.apply import MANIFEST, Applied, write_output_dir
+        from mahir.apply import Applied, write_output_dir
+        from mahir.outdir import MANIFEST
         from mahir.report import render_html
 
         report = self.report()

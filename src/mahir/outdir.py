@@ -1,0 +1,84 @@
+"""Reading an output directory (written by `mahir apply` or `mahir optimize`) back.
+
+What a server or a later run needs is all inside it: the artifact and how to open it
+(`mahir.json`), and for text models the tokenizer (`tokenizer/`) and the pooling, since both are
+part of the model's answer. This room imports runtimes and the low rooms only, never passes or
+search, so serving stays free of the optimizer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mahir.errors import BadInput
+from mahir.pooling import Pooling
+from mahir.runtimes import open_session
+from mahir.types import Artifact, InputSpec, RuntimeOptions, Session, TensorSpec
+
+MANIFEST = "mahir.json"
+TOKENIZER = "tokenizer"
+
+
+@dataclass
+class OutputDir:
+    """An opened output directory: the session and what surrounds the model."""
+
+    name: str
+    session: Session
+    spec: InputSpec
+    manifest: dict[str, Any]
+    tokenizer: Any = None
+    pooling: Pooling | None = None
+    max_length: int | None = None
+
+
+def read_manifest(out: Path) -> dict[str, Any]:
+    path = out / MANIFEST
+    if not path.is_file():
+        raise BadInput(f"{out} has no {MANIFEST}: give a directory written by mahir optimize/apply")
+    try:
+        manifest: dict[str, Any] = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise BadInput(f"{path} is damaged ({err}): write the directory again") from err
+    return manifest
+
+
+def open_output_dir(out: Path) -> OutputDir:
+    """Open the artifact on the runtime and settings the manifest names, with its tokenizer."""
+    manifest = read_manifest(out)
+    try:
+        spec = InputSpec(
+            inputs=tuple(
+                TensorSpec(t["name"], t["dtype"], tuple(t["shape"]))
+                for t in manifest["spec"]["inputs"]
+            ),
+            outputs=tuple(manifest["spec"]["outputs"]),
+        )
+        artifact = Artifact(manifest["format"], spec, path=out / manifest["model_file"])
+        options = RuntimeOptions(**manifest["options"])
+        pooling = Pooling(**manifest["pooling"]) if manifest.get("pooling") else None
+        runtime = manifest["runtime"]
+    except (KeyError, TypeError, ValueError) as err:
+        raise BadInput(f"{out / MANIFEST} is damaged ({err}): write the directory again") from err
+    tokenizer = None
+    if (out / TOKENIZER).is_dir():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(out / TOKENIZER))
+    return OutputDir(
+        name=manifest.get("source", {}).get("name") or out.name,
+        session=open_session(runtime, artifact, options),
+        spec=spec,
+        manifest=manifest,
+        tokenizer=tokenizer,
+        pooling=pooling,
+        max_length=manifest.get("max_length"),
+    )
+
+
+def load_output_dir(out: Path) -> Session:
+    """The session of an output directory: the winner, on the runtime it won on."""
+    return open_output_dir(out).session

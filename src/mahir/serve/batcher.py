@@ -1,0 +1,259 @@
+"""Dynamic batching: many small requests become few full batches, each answer back to its own
+request.
+
+The invariant: every admitted request is run exactly once, inside one batch, and gets back
+exactly the rows that came from its own inputs, cut back to its own sequence length; what it
+receives equals what it would get alone, within the artifact's fidelity (padding positions are
+masked, so they change nothing). A batch always holds the oldest waiting request, so nothing
+starves; the rest of the batch is filled with the requests closest to it in length, so a batch
+holds similar lengths and little padding, up to `max_batch_size` items and `max_batch_tokens`
+padded tokens. A batch starts when it is full or when its oldest request has waited
+`max_delay_ms`. Inference runs on one worker thread, off the event loop, while the next batch
+gathers. The queue is bounded: a request that does not fit is refused at once (`Overloaded`),
+never queued into a timeout. A request whose client went away or whose deadline passed before
+its batch started is dropped unrun.
+
+Knows only `Session` and numpy arrays: nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mahir.errors import MahirError
+from mahir.types import Outputs, Session
+
+Inputs = dict[str, np.ndarray]
+
+
+class Overloaded(MahirError):
+    """The queue is full: the client should retry later (HTTP 503 with Retry-After)."""
+
+
+class DeadlineExceeded(MahirError):
+    """The request waited longer than its timeout before its batch started (HTTP 504)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BatcherConfig:
+    max_batch_size: int = 32
+    """Items (rows) per batch at most."""
+    max_batch_tokens: int = 8192
+    """Padded tokens per batch at most (items x longest length), for text models."""
+    max_delay_ms: float = 5.0
+    """How long the oldest request may wait for others to join its batch."""
+    max_queue: int = 1024
+    """Requests waiting at most; beyond it new ones are refused."""
+    timeout_ms: float = 30_000.0
+    """A request not started within this is answered with DeadlineExceeded."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_batch_tokens", "max_queue"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_delay_ms < 0 or self.timeout_ms <= 0:
+            raise ValueError("max_delay_ms must be >= 0 and timeout_ms > 0")
+
+
+@dataclass
+class _Request:
+    inputs: Inputs
+    items: int
+    length: int
+    """Sequence length (1 for models without one)."""
+    shape_key: tuple[object, ...]
+    """Requests batch together only when their non-batch, non-sequence shapes match."""
+    arrived: float
+    future: asyncio.Future[Outputs]
+    deadline: float
+
+
+@dataclass
+class BatchObserver:
+    """Hooks for metrics: each is called with plain numbers, on the event loop."""
+
+    queued: Callable[[int], None] = lambda depth: None
+    batch: Callable[[int, int, float], None] = lambda items, tokens, seconds: None
+    waited: Callable[[float], None] = lambda seconds: None
+
+
+@dataclass
+class Batcher:
+    session: Session
+    config: BatcherConfig = field(default_factory=BatcherConfig)
+    sequence_inputs: frozenset[str] = frozenset()
+    """Inputs whose axis 1 is the sequence: padded with 0 (the attention mask hides it)."""
+    token_outputs: frozenset[str] = frozenset()
+    """Outputs whose axis 1 is the sequence: cut back to each request's own length."""
+    observer: BatchObserver = field(default_factory=BatchObserver)
+    clock: Callable[[], float] = time.monotonic
+
+    def __post_init__(self) -> None:
+        self._waiting: list[_Request] = []
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mahir-infer")
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    @property
+    def depth(self) -> int:
+        return len(self._waiting)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        """Refuse new requests, run every admitted one without waiting for company, stop."""
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task
+        self._executor.shutdown(wait=True)
+
+    async def submit(self, inputs: Inputs) -> Outputs:
+        """Queue one request (any number of rows) and wait for its own outputs."""
+        if self._closing:
+            raise Overloaded("the server is shutting down: retry on another replica")
+        if len(self._waiting) >= self.config.max_queue:
+            raise Overloaded(f"{len(self._waiting)} requests waiting, the limit: retry shortly")
+        now = self.clock()
+        first = next(iter(inputs.values()))
+        length = max((inputs[n].shape[1] for n in self.sequence_inputs if n in inputs), default=1)
+        request = _Request(
+            inputs=inputs,
+            items=int(first.shape[0]),
+            length=int(length),
+            shape_key=_shape_key(inputs, self.sequence_inputs),
+            arrived=now,
+            future=asyncio.get_running_loop().create_future(),
+            deadline=now + self.config.timeout_ms / 1000,
+        )
+        self._waiting.append(request)
+        self.observer.queued(len(self._waiting))
+        self._wakeup.set()
+        return await request.future  # cancelled with the caller: then dropped unrun
+
+    async def _run(self) -> None:
+        while self._waiting or not self._closing:
+            if not self._waiting:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            oldest = self._waiting[0]
+            delay = oldest.arrived + self.config.max_delay_ms / 1000 - self.clock()
+            full = self._rows_waiting() >= self.config.max_batch_size
+            if delay > 0 and not full and not self._closing:
+                self._wakeup.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), timeout=delay)
+                continue
+            batch = self._take_batch()
+            if batch:
+                await self._execute(batch)
+
+    def _rows_waiting(self) -> int:
+        return sum(r.items for r in self._waiting)
+
+    def _take_batch(self) -> list[_Request]:
+        """The oldest live request plus the closest in length that fit; drops dead ones."""
+        now = self.clock()
+        live = []
+        for request in self._waiting:
+            if request.future.done():  # the client went away
+                continue
+            if now > request.deadline:
+                request.future.set_exception(DeadlineExceeded("waited past its timeout"))
+                continue
+            live.append(request)
+        self._waiting = live
+        if not live:
+            return []
+        oldest = live[0]
+        peers = sorted(
+            (r for r in live[1:] if r.shape_key == oldest.shape_key),
+            key=lambda r: (abs(r.length - oldest.length), r.arrived),
+        )
+        batch, items, longest = [oldest], oldest.items, oldest.length
+        for request in peers:
+            new_longest = max(longest, request.length)
+            if items + request.items > self.config.max_batch_size:
+                continue
+            if (items + request.items) * new_longest > self.config.max_batch_tokens:
+                continue
+            batch.append(request)
+            items, longest = items + request.items, new_longest
+        taken = {id(r) for r in batch}
+        self._waiting = [r for r in live if id(r) not in taken]
+        self.observer.queued(len(self._waiting))
+        return batch
+
+    async def _execute(self, batch: list[_Request]) -> None:
+        started = self.clock()
+        for request in batch:
+            self.observer.waited(started - request.arrived)
+        merged, longest = _merge(batch, self.sequence_inputs)
+        try:
+            loop = asyncio.get_running_loop()
+            outputs = await loop.run_in_executor(self._executor, self.session.run, merged)
+            parts = _split(outputs, batch, self.token_outputs)
+        except Exception as err:  # fails this batch's requests only; the server goes on
+            for request in batch:
+                if not request.future.done():
+                    request.future.set_exception(err)
+            return
+        items = sum(r.items for r in batch)
+        self.observer.batch(items, items * longest, self.clock() - started)
+        for request, part in zip(batch, parts, strict=True):
+            if not request.future.done():
+                request.future.set_result(part)
+
+
+def _shape_key(inputs: Inputs, sequence_inputs: frozenset[str]) -> tuple[object, ...]:
+    return tuple(
+        (name, a.dtype.str, a.shape[2:] if name in sequence_inputs else a.shape[1:])
+        for name, a in sorted(inputs.items())
+    )
+
+
+def _merge(batch: Sequence[_Request], sequence_inputs: frozenset[str]) -> tuple[Inputs, int]:
+    """One input dict for the whole batch, sequence inputs zero-padded to the longest."""
+    longest = max(r.length for r in batch)
+    merged = {}
+    for name in batch[0].inputs:
+        parts = [r.inputs[name] for r in batch]
+        if name in sequence_inputs:
+            parts = [_pad(p, longest) for p in parts]
+        merged[name] = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    return merged, longest
+
+
+def _pad(array: np.ndarray, length: int) -> np.ndarray:
+    extra = length - array.shape[1]
+    if extra == 0:
+        return array
+    widths = [(0, 0), (0, extra)] + [(0, 0)] * (array.ndim - 2)
+    return np.pad(array, widths)
+
+
+def _split(
+    outputs: Outputs, batch: Sequence[_Request], token_outputs: frozenset[str]
+) -> list[Outputs]:
+    counts = [r.items for r in batch]
+    if sum(counts) != len(next(iter(outputs.values()))):
+        raise ValueError("the batch's outputs have a different number of rows than its inputs")
+    parts, start = [], 0
+    for request, count in zip(batch, counts, strict=True):
+        part = {}
+        for name, array in outputs.items():
+            rows = array[start : start + count]
+            part[name] = rows[:, : request.length] if name in token_outputs else rows
+        parts.append(part)
+        start += count
+    return parts

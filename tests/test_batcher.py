@@ -1,0 +1,198 @@
+"""The batcher against a recording fake session: one seam, the session, and real asyncio."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import pytest
+
+from mahir.serve.batcher import Batcher, BatcherConfig, DeadlineExceeded, Overloaded
+from mahir.types import Inputs, Outputs
+
+
+class FakeEncoder:
+    """Token outputs = input ids * 2 at real positions (0 where masked), one row per item; each
+    call is recorded with its input shape. `gate` holds calls until the test opens it."""
+
+    runtime = "fake"
+
+    def __init__(self, gate: Any = None, fail_on: int | None = None) -> None:
+        self.calls: list[tuple[int, int]] = []
+        self.started: list[tuple[int, int]] = []
+        self.gate = gate
+        self.fail_on = fail_on
+
+    def run(self, inputs: Inputs) -> Outputs:
+        self.started.append(inputs["input_ids"].shape)
+        if self.gate is not None:
+            self.gate.wait(timeout=10)
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        self.calls.append(ids.shape)
+        if self.fail_on is not None and (ids == self.fail_on).any():
+            raise RuntimeError("poisoned input")
+        tokens = (ids * 2 * mask)[..., None].astype(np.float32)
+        return {"tokens": tokens, "pooled": tokens.sum(axis=1)}
+
+    def describe(self) -> dict[str, Any]:
+        return {}
+
+
+def request(value: int, length: int, items: int = 1) -> Inputs:
+    ids = np.full((items, length), value, np.int64)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+
+def batcher(session: Any, **config: Any) -> Batcher:
+    return Batcher(
+        session,
+        BatcherConfig(**config),
+        sequence_inputs=frozenset({"input_ids", "attention_mask"}),
+        token_outputs=frozenset({"tokens"}),
+    )
+
+
+async def until(condition: Any) -> None:
+    """Yield to the loop (and the worker thread) until `condition()` holds; fail after 10 s."""
+    for _ in range(10_000):
+        if condition():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("condition never held")
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def test_every_request_gets_its_own_rows_cut_to_its_own_length() -> None:
+    async def main() -> list[Outputs]:
+        b = batcher(FakeEncoder(), max_batch_size=64, max_delay_ms=20)
+        b.start()
+        results = await asyncio.gather(
+            *(b.submit(request(i, 3 + i % 7, 1 + i % 3)) for i in range(50))
+        )
+        await b.stop()
+        return results
+
+    for i, out in enumerate(run(main())):
+        length, items = 3 + i % 7, 1 + i % 3
+        assert out["tokens"].shape == (items, length, 1)
+        assert (out["tokens"] == 2 * i).all()
+        assert (out["pooled"] == 2 * i * length).all()  # padding contributed nothing
+
+
+def test_requests_are_batched_up_to_the_item_and_token_caps() -> None:
+    session = FakeEncoder()
+
+    async def main() -> None:
+        b = batcher(session, max_batch_size=8, max_batch_tokens=64, max_delay_ms=50)
+        b.start()
+        await asyncio.gather(*(b.submit(request(1, 10)) for _ in range(20)))
+        await b.stop()
+
+    run(main())
+    assert sum(items for items, _ in session.calls) == 20
+    assert all(items <= 6 and items * length <= 64 for items, length in session.calls)
+    assert len(session.calls) < 20  # they were batched
+
+
+def test_similar_lengths_are_grouped_together() -> None:
+    session = FakeEncoder()
+    lengths = [5, 100, 6, 98, 7, 97, 5, 99]
+
+    async def main() -> None:
+        b = batcher(session, max_batch_size=4, max_delay_ms=50)
+        b.start()
+        await asyncio.gather(*(b.submit(request(1, n)) for n in lengths))
+        await b.stop()
+
+    run(main())
+    assert sorted(session.calls) == [(4, 7), (4, 100)]  # not 4 x 100 twice
+
+
+def test_a_full_queue_refuses_at_once() -> None:
+    import threading
+
+    gate = threading.Event()
+
+    session = FakeEncoder(gate)
+
+    async def main() -> tuple[list[Any], Batcher]:
+        b = batcher(session, max_batch_size=1, max_queue=3, max_delay_ms=0)
+        b.start()
+        first = asyncio.create_task(b.submit(request(1, 4)))
+        await until(lambda: len(session.started) == 1)  # the worker holds it in the session
+        waiting = [asyncio.create_task(b.submit(request(1, 4))) for _ in range(3)]
+        await until(lambda: b.depth == 3)
+        with pytest.raises(Overloaded):
+            await b.submit(request(1, 4))
+        gate.set()
+        done = await asyncio.gather(first, *waiting)
+        await b.stop()
+        return done, b
+
+    done, _ = run(main())
+    assert len(done) == 4
+
+
+def test_an_inference_error_fails_only_its_batch() -> None:
+    async def main() -> list[Any]:
+        b = batcher(FakeEncoder(fail_on=13), max_batch_size=1, max_delay_ms=0)
+        b.start()
+        results = await asyncio.gather(
+            b.submit(request(1, 4)),
+            b.submit(request(13, 4)),
+            b.submit(request(2, 4)),
+            return_exceptions=True,
+        )
+        await b.stop()
+        return results
+
+    ok1, failed, ok2 = run(main())
+    assert isinstance(failed, RuntimeError)
+    assert (ok1["tokens"] == 2).all()
+    assert (ok2["tokens"] == 4).all()
+
+
+def test_a_request_past_its_deadline_is_not_run() -> None:
+    import threading
+
+    gate = threading.Event()
+    session = FakeEncoder(gate)
+
+    now = [0.0]
+
+    async def main() -> Any:
+        b = batcher(session, max_batch_size=1, max_delay_ms=0, timeout_ms=20)
+        b.clock = lambda: now[0]
+        b.start()
+        first = asyncio.create_task(b.submit(request(1, 4)))
+        await until(lambda: len(session.started) == 1)
+        late = asyncio.create_task(b.submit(request(2, 4)))
+        await until(lambda: b.depth == 1)
+        now[0] += 0.021  # the second request's deadline passes while the first runs
+        gate.set()
+        results = await asyncio.gather(first, late, return_exceptions=True)
+        await b.stop()
+        return results
+
+    _, late = run(main())
+    assert isinstance(late, DeadlineExceeded)
+    assert session.calls == [(1, 4)]
+
+
+def test_stop_drains_what_was_admitted() -> None:
+    async def main() -> list[Outputs]:
+        b = batcher(FakeEncoder(), max_batch_size=4, max_delay_ms=10_000)
+        b.start()
+        pending = [asyncio.create_task(b.submit(request(i, 4))) for i in range(3)]
+        await asyncio.sleep(0)
+        await b.stop()  # does not wait out the 10 s delay
+        with pytest.raises(Overloaded):
+            await b.submit(request(9, 4))
+        return await asyncio.gather(*pending)
+
+    results = run(main())
+    assert [int(r["tokens"][0, 0, 0]) for r in results] == [0, 2, 4]
