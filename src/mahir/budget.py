@@ -52,6 +52,13 @@ class FidelityBudget:
             return f"top-1 agreement with the original >= {low:.1%}"
         return f"worst output cosine >= {worst:g}, max error <= {10 * self.max_drop:g} x |ref|"
 
+    def bounds(self, quality_kind: str) -> dict[str, float]:
+        """The numeric floors on the quality keys reports plot (top-1 has none there)."""
+        worst = 1 - 2 * self.max_drop
+        if quality_kind == "embedding":
+            return {"cosine_mean": 1 - self.max_drop, "cosine_min": worst}
+        return {} if quality_kind == "logits" else {"cosine_min": worst}
+
     def judge(self, quality: Quality) -> str | None:
         """None when `quality` is within budget, else why not, with the numbers."""
         low, worst = 1 - self.max_drop, 1 - 2 * self.max_drop

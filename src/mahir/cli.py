@@ -277,6 +277,92 @@ def _run_optimize(source: str | None, config: Any, out: Path, resume: bool) -> N
         raise typer.Exit(1)
 
 
+@app.command()
+def serve(
+    ctx: typer.Context,
+    source: Annotated[
+        str | None,
+        typer.Argument(
+            help="An output directory of mahir optimize/apply, or any model mahir can load "
+            "(served fp32 on ONNX Runtime).",
+            show_default=False,
+        ),
+    ] = None,
+    host: Annotated[
+        str, typer.Option(help="Interface to bind; other than loopback only if asked.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    max_batch_size: Annotated[int, typer.Option(help="Items per batch at most.")] = 32,
+    max_batch_tokens: Annotated[int, typer.Option(help="Padded tokens per batch at most.")] = 8192,
+    max_delay_ms: Annotated[float, typer.Option(help="Longest wait for a batch to fill.")] = 5.0,
+    max_queue: Annotated[int, typer.Option(help="Waiting requests at most; then 503.")] = 1024,
+    timeout_ms: Annotated[
+        float, typer.Option(help="A request not started by then gets 504.")
+    ] = 30_000.0,
+    max_body_mb: Annotated[float, typer.Option(help="Largest request body; then 413.")] = 8.0,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="MAHIR_API_KEY", help="Require Authorization: Bearer KEY.", show_default=False
+        ),
+    ] = None,
+) -> None:
+    """Serve a model over HTTP (KServe v2, OpenAI-style embeddings) with dynamic batching."""
+    from mahir.serve.app import ServeConfig
+    from mahir.serve.batcher import BatcherConfig
+
+    def configure() -> ServeConfig:
+        try:
+            batcher = BatcherConfig(
+                max_batch_size=max_batch_size,
+                max_batch_tokens=max_batch_tokens,
+                max_delay_ms=max_delay_ms,
+                max_queue=max_queue,
+                timeout_ms=timeout_ms,
+            )
+        except ValueError as err:
+            raise BadInput(str(err)) from err
+        return ServeConfig(
+            host=host,
+            port=port,
+            api_key=api_key,
+            max_body_bytes=int(max_body_mb * 2**20),
+            batcher=batcher,
+        )
+
+    config = _guard(ctx, configure)
+    _guard(ctx, lambda: _run_serve(source, config))
+
+
+def _run_serve(source: str | None, config: Any) -> None:
+    from mahir.outdir import MANIFEST, open_output_dir
+    from mahir.serve.app import run_server
+
+    folder = Path(source) if source else None
+    if folder is not None and (folder / MANIFEST).is_file():
+        opened = open_output_dir(folder)
+    else:
+        with tempfile.TemporaryDirectory(prefix="mahir-serve-") as tmp:
+            out = Path(tmp) / "out"
+            _write_plain(source, out)
+            opened = open_output_dir(out)
+    errors.print(f"serving {opened.name} on http://{config.host}:{config.port}", highlight=False)
+    run_server(opened, config)
+
+
+def _write_plain(source: str | None, out: Path) -> None:
+    """A model that is no output directory yet: its fp32 ONNX export, checked, as one."""
+    from mahir.apply import apply_recipe, write_output_dir
+    from mahir.model import load_model
+    from mahir.recipe import Recipe
+
+    model = load_model(source)
+    applied = apply_recipe(
+        model, Recipe((), "onnxruntime"), out.parent / "work", calibration=(), evaluation=()
+    )
+    write_output_dir(model, applied, out)
+
+
 def _why_lines(report: dict[str, Any]) -> list[str]:
     from mahir.report import explain
 

@@ -113,12 +113,17 @@ class OptimizeResult:
             }
         else:
             kind = next((quality_kind(o.quality) for o in self.candidates if o.quality), "outputs")
-            budget = {"kind": "fidelity", "description": self.budget.describe(kind)}
-            budget["max_drop"] = self.budget.max_drop
+            budget = {
+                "kind": "fidelity",
+                "description": self.budget.describe(kind),
+                "max_drop": self.budget.max_drop,
+                **self.budget.bounds(kind),
+            }
         return {
             "schema": 1,
             "date": self.date,
             "complete": self.complete,
+            "stopped": None if self.complete else "interrupted",
             "objective": objective,
             "batch_sizes": list(self.config.sizes),
             "budget": budget,

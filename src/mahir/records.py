@@ -43,6 +43,7 @@ def outcome_record(outcome: Outcome, objective: Objective) -> dict[str, Any]:
         "size_mb": outcome.size_mb,
         "build_s": outcome.build_s,
         "rounds": outcome.rounds,
+        "speedups": outcome.speedups,
         "cached": outcome.cached,
     }
 
@@ -59,6 +60,7 @@ def outcome_from_record(candidate: Candidate, record: dict[str, Any]) -> Outcome
         perf={int(k): _perf_from(v) for k, v in record["perf"].items()},
         baseline_perf={int(k): _perf_from(v) for k, v in record["baseline_perf"].items()},
         rounds=record["rounds"],
+        speedups=list(record.get("speedups", [])),
         build_s=record["build_s"],
         size_mb=record["size_mb"],
         settings=record["settings"],

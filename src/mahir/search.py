@@ -50,6 +50,9 @@ class Outcome:
     perf: dict[int, Perf] = field(default_factory=dict)
     baseline_perf: dict[int, Perf] = field(default_factory=dict)
     rounds: int = 0
+    speedups: list[float] = field(default_factory=list)
+    """Speedup in each timing round it took part in: losers are compared with the winner at
+    the round they were dropped in, both measured beside the same baseline run."""
     build_s: float = 0.0
     size_mb: float | None = None
     settings: dict[str, Any] = field(default_factory=dict)
@@ -186,7 +189,8 @@ class Search:
                 outcome.baseline_perf[size] = perfs[BASELINE_ID]
         for outcome in entrants:
             outcome.rounds += 1
-            speedup = outcome.speedup(self.objective)
+            speedup = outcome.speedup(self.objective) or 0.0
+            outcome.speedups.append(speedup)
             self.on_event(outcome.candidate.id, f"{speedup:.2f}x the baseline")
 
 

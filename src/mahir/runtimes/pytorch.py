@@ -52,7 +52,7 @@ class TorchSession:
         settings = {"threads": torch.get_num_threads(), "precision": self._precision}
         if self.runtime == "torch-compile":
             settings |= {"backend": "inductor", "dynamic": True}
-        return settings | {"version": torch.__version__}
+        return settings | {"version": str(torch.__version__)}
 
     def _failure(self, err: Exception, inputs: Inputs) -> MahirError:
         if not inputs_fit(self._signature, inputs):
