@@ -10,6 +10,7 @@ import json
 import re
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -361,6 +362,87 @@ def _write_plain(source: str | None, out: Path) -> None:
         model, Recipe((), "onnxruntime"), out.parent / "work", calibration=(), evaluation=()
     )
     write_output_dir(model, applied, out)
+
+
+@app.command()
+def loadtest(
+    ctx: typer.Context,
+    url: Annotated[str, typer.Argument(help="The server, e.g. http://127.0.0.1:8000")],
+    concurrency: Annotated[
+        int | None, typer.Option(help="Closed loop: clients, each waiting for its answer.")
+    ] = None,
+    rate: Annotated[
+        float | None, typer.Option(help="Open loop: requests per second, whatever happens.")
+    ] = None,
+    duration: Annotated[float, typer.Option(help="Seconds of load.")] = 10.0,
+    requests: Annotated[int | None, typer.Option(help="Stop after this many requests.")] = None,
+    endpoint: Annotated[str, typer.Option(help="embeddings (OpenAI) or infer (KServe v2).")] = (
+        "embeddings"
+    ),
+    model: Annotated[str, typer.Option(help="Model name the requests carry.")] = "model",
+    sentences: Annotated[int, typer.Option(help="Sentences per request.")] = 1,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write the summary here.")
+    ] = None,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="MAHIR_API_KEY", help="Bearer token.", show_default=False)
+    ] = None,
+) -> None:
+    """Load an inference server and report throughput, p50/p90/p99 and errors by status."""
+    from mahir.serve.loadtest import LoadConfig
+
+    config = _guard(
+        ctx,
+        lambda: LoadConfig(
+            url=url,
+            concurrency=concurrency,
+            rate=rate,
+            duration_s=duration,
+            max_requests=requests,
+            endpoint=endpoint,  # type: ignore[arg-type]
+            model=model,
+            sentences_per_request=sentences,
+            api_key=api_key,
+        ),
+    )
+    _guard(ctx, lambda: _run_loadtest(config, json_path))
+
+
+def _run_loadtest(config: Any, json_path: Path | None) -> None:
+    import asyncio
+
+    from rich.table import Table
+
+    from mahir.serve.loadtest import run_load
+
+    with _progress() as progress:
+        task = progress.add_task("sending", total=config.duration_s)
+        started = time.perf_counter()
+
+        def on_progress(result: Any) -> None:
+            done = sum(result.statuses.values())
+            progress.update(
+                task,
+                completed=min(config.duration_s, time.perf_counter() - started),
+                description=f"{done} requests, {len(result.latencies_ms)} ok",
+            )
+
+        summary = asyncio.run(run_load(config, on_progress=on_progress)).summary()
+    table = Table(title=f"{summary['mode']}-loop load on {config.url}")
+    for column in ("requests", "ok", "req/s", "p50 ms", "p90 ms", "p99 ms", "statuses"):
+        table.add_column(column, justify="right")
+    table.add_row(
+        str(summary["requests"]),
+        str(summary["ok"]),
+        f"{summary['throughput']:.1f}",
+        f"{summary['p50_ms']:.2f}",
+        f"{summary['p90_ms']:.2f}",
+        f"{summary['p99_ms']:.2f}",
+        ", ".join(f"{k}: {v}" for k, v in sorted(summary["statuses"].items())),
+    )
+    console.print(table)
+    if json_path is not None:
+        write_json(json_path, summary)
 
 
 def _why_lines(report: dict[str, Any]) -> list[str]:

@@ -1,0 +1,181 @@
+"""The Open Inference Protocol (KServe v2) over HTTP: request bodies to numpy, numpy to bodies.
+
+Both encodings `tritonclient.http` speaks: plain JSON tensors (`data` as a flat row-major list)
+and the binary tensor extension, where the JSON header is followed by raw little-endian tensor
+bytes, its length in the `Inference-Header-Content-Length` header and each tensor's size in its
+`binary_data_size` parameter. Every check names what was wrong and what was expected, since the
+message is all a client sees. Knows nothing of models or batching.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mahir.errors import BadInput
+from mahir.types import TensorSpec
+
+HEADER_LENGTH = "inference-header-content-length"
+
+DATATYPES: dict[str, str] = {
+    "bool": "BOOL",
+    "uint8": "UINT8",
+    "int8": "INT8",
+    "int16": "INT16",
+    "int32": "INT32",
+    "int64": "INT64",
+    "float16": "FP16",
+    "float32": "FP32",
+    "float64": "FP64",
+}
+NUMPY_TYPES = {v: k for k, v in DATATYPES.items()}
+
+
+class Malformed(BadInput):
+    """The body is not a valid inference request at all (HTTP 400)."""
+
+
+class Mismatch(BadInput):
+    """A valid request that does not fit the model: names, shapes, datatypes (HTTP 422)."""
+
+
+@dataclass(frozen=True, slots=True)
+class InferRequest:
+    id: str | None
+    inputs: dict[str, np.ndarray]
+    outputs: tuple[str, ...]
+    """Outputs asked for; empty: all."""
+    binary_outputs: frozenset[str]
+    """Outputs to return as binary data rather than JSON lists."""
+
+
+def parse_infer(body: bytes, header_length: int | None, spec: Sequence[TensorSpec]) -> InferRequest:
+    """Decode and check one request against the model's inputs."""
+    header, binary = (body, b"") if header_length is None else _split_binary(body, header_length)
+    try:
+        request = json.loads(header)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise Malformed(f"the body is not JSON ({err})") from err
+    if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
+        raise Malformed('the request needs "inputs": a list of {name, shape, datatype, data}')
+    arrays, offset = {}, 0
+    for item in request["inputs"]:
+        name, array, offset = _read_tensor(item, binary, offset)
+        arrays[name] = array
+    if offset != len(binary):
+        raise Malformed(f"{len(binary) - offset} bytes of binary data belong to no input")
+    _check_against_spec(arrays, spec)
+    wanted = request.get("outputs") or []
+    if not isinstance(wanted, list) or not all(isinstance(o, dict) and "name" in o for o in wanted):
+        raise Malformed('"outputs" must be a list of {"name": ...}')
+    binary_all = bool((request.get("parameters") or {}).get("binary_data_output", False))
+    binary_outputs = {
+        o["name"] for o in wanted if (o.get("parameters") or {}).get("binary_data", binary_all)
+    }
+    return InferRequest(
+        id=request.get("id"),
+        inputs=arrays,
+        outputs=tuple(o["name"] for o in wanted),
+        binary_outputs=frozenset(binary_outputs),
+    )
+
+
+def _split_binary(body: bytes, header_length: int) -> tuple[bytes, bytes]:
+    if not 0 < header_length <= len(body):
+        raise Malformed(f"{HEADER_LENGTH} is {header_length}, but the body has {len(body)} bytes")
+    return body[:header_length], body[header_length:]
+
+
+def _read_tensor(item: Any, binary: bytes, offset: int) -> tuple[str, np.ndarray, int]:
+    if not isinstance(item, dict) or not {"name", "shape", "datatype"} <= item.keys():
+        raise Malformed("each input needs name, shape and datatype")
+    name, shape, datatype = item["name"], item["shape"], item["datatype"]
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise Malformed(f"input {name!r}: shape must be a list of non-negative integers")
+    if datatype not in NUMPY_TYPES:
+        raise Mismatch(f"input {name!r}: datatype {datatype!r} is not one of {sorted(NUMPY_TYPES)}")
+    dtype = np.dtype(NUMPY_TYPES[datatype])
+    size = (item.get("parameters") or {}).get("binary_data_size")
+    if size is not None:
+        chunk = binary[offset : offset + size]
+        if len(chunk) != size:
+            raise Malformed(f"input {name!r}: {size} binary bytes announced, {len(chunk)} sent")
+        flat = np.frombuffer(chunk, dtype=dtype.newbyteorder("<"))
+        offset += size
+    else:
+        if "data" not in item:
+            raise Malformed(f"input {name!r} has neither data nor binary_data_size")
+        try:
+            flat = np.asarray(item["data"], dtype=dtype).reshape(-1)
+        except (TypeError, ValueError) as err:
+            raise Mismatch(f"input {name!r}: data is not {datatype} ({err})") from err
+    if flat.size != int(np.prod(shape)):
+        raise Mismatch(
+            f"input {name!r}: shape {shape} needs {int(np.prod(shape))} values, got {flat.size}"
+        )
+    return name, flat.reshape(shape).astype(dtype, copy=False), offset
+
+
+def _check_against_spec(arrays: Mapping[str, np.ndarray], spec: Sequence[TensorSpec]) -> None:
+    expected = {t.name: t for t in spec}
+    if arrays.keys() != expected.keys():
+        raise Mismatch(f"inputs must be exactly {sorted(expected)}, got {sorted(arrays)}")
+    batch = {a.shape[0] if a.ndim else None for a in arrays.values()}
+    if len(batch) != 1:
+        raise Mismatch(
+            f"all inputs must share the batch size (axis 0), got {sorted(map(str, batch))}"
+        )
+    for name, array in arrays.items():
+        tensor = expected[name]
+        if array.dtype != np.dtype(tensor.dtype):
+            raise Mismatch(
+                f"input {name!r} is {DATATYPES[array.dtype.name]}, the model takes "
+                f"{DATATYPES.get(tensor.dtype, tensor.dtype)}"
+            )
+        if array.ndim != len(tensor.shape) or any(
+            isinstance(d, int) and d != n for d, n in zip(tensor.shape, array.shape, strict=True)
+        ):
+            raise Mismatch(
+                f"input {name!r} has shape {list(array.shape)}, expected {v2_shape(tensor.shape)}"
+            )
+
+
+def v2_shape(shape: Sequence[int | str]) -> list[int]:
+    """A spec shape as the protocol writes it: -1 for every dynamic axis."""
+    return [d if isinstance(d, int) else -1 for d in shape]
+
+
+def encode_infer(
+    model: str, request: InferRequest, outputs: Mapping[str, np.ndarray]
+) -> tuple[bytes, int | None]:
+    """The response body, and the JSON header's length when binary outputs follow it."""
+    names = request.outputs or tuple(outputs)
+    unknown = [n for n in names if n not in outputs]
+    if unknown:
+        raise Mismatch(f"no outputs {unknown}; the model gives {sorted(outputs)}")
+    entries, chunks = [], []
+    for name in names:
+        array = np.ascontiguousarray(outputs[name])
+        entry: dict[str, Any] = {
+            "name": name,
+            "shape": list(array.shape),
+            "datatype": DATATYPES[array.dtype.name],
+        }
+        if name in request.binary_outputs:
+            raw = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            entry["data"] = array.reshape(-1).tolist()
+        entries.append(entry)
+    body: dict[str, Any] = {"model_name": model, "model_version": "1", "outputs": entries}
+    if request.id is not None:
+        body["id"] = request.id
+    header = json.dumps(body).encode()
+    if not chunks:
+        return header, None
+    return header + b"".join(chunks), len(header)
