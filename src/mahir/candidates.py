@@ -17,6 +17,7 @@ from typing import Literal
 
 from mahir.hardware import Machine
 from mahir.model import Model
+from mahir.passes.fallback import AccuracyAwareInt8
 from mahir.passes.graph import TransformerFusion
 from mahir.passes.nncf import NncfAccuracyControl, NncfInt8
 from mahir.passes.prune_transformer import TransformerPrune
@@ -91,6 +92,19 @@ def propose(
             "ort-static-int8",
             "ONNX Runtime, static int8 (QDQ, minmax calibration)",
             Recipe((StaticInt8(),), "onnxruntime"),
+            _needs_int8(int8),
+        ),
+        (
+            "ort-static-int8-fallback",
+            "ONNX Runtime, static int8 with the most sensitive MatMuls kept float to the budget",
+            Recipe(
+                (
+                    AccuracyAwareInt8(
+                        min_cosine_mean=1 - max_drop, min_cosine_worst=1 - 2 * max_drop
+                    ),
+                ),
+                "onnxruntime",
+            ),
             _needs_int8(int8),
         ),
         (

@@ -22,6 +22,7 @@ from mahir.errors import Unsupported
 from mahir.export import export_onnx, export_openvino
 from mahir.hardware import Machine, detect
 from mahir.model import Model
+from mahir.passes.fallback import AccuracyAwareInt8, accuracy_aware_int8
 from mahir.passes.graph import (
     OrtOptimize,
     Simplify,
@@ -64,6 +65,7 @@ PASSES: dict[type[Any], PassFn] = {
     Simplify: simplify,
     DynamicInt8: dynamic_int8,
     StaticInt8: static_int8,
+    AccuracyAwareInt8: accuracy_aware_int8,
     Float16: float16,
     TorchLowPrecision: torch_low_precision,
     StructuredPrune: structured_prune,

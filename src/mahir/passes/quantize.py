@@ -69,7 +69,7 @@ def dynamic_int8(artifact: Artifact, config: DynamicInt8, ctx: PassContext) -> A
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     out = ctx.workdir / "model.onnx"
-    reduce_range = _reduce_range(config.reduce_range, ctx)
+    reduce_range = choose_reduce_range(config.reduce_range, ctx)
     with silenced():  # onnxruntime.quantization logs a line per skipped node
         try:
             quantize_dynamic(
@@ -120,7 +120,7 @@ def static_int8(artifact: Artifact, config: StaticInt8, ctx: PassContext) -> Art
     if config.calibration == "percentile":
         extra["CalibPercentile"] = config.percentile
     out = ctx.workdir / "model.onnx"
-    reduce_range = _reduce_range(config.reduce_range, ctx)
+    reduce_range = choose_reduce_range(config.reduce_range, ctx)
     with silenced():  # onnxruntime.quantization logs a line per skipped node
         try:
             quantize_static(
@@ -172,7 +172,9 @@ def pad_to_common_shape(ctx: PassContext) -> tuple[dict[str, np.ndarray], ...]:
     return tuple(padded)
 
 
-def _reduce_range(asked: bool | None, ctx: PassContext) -> bool:
+def choose_reduce_range(asked: bool | None, ctx: PassContext) -> bool:
+    """7-bit weights if asked, else exactly when the CPU lacks int8 dot products (no VNNI or
+    AMX), where u8*s8 products can saturate in 16 bits."""
     return asked if asked is not None else not ctx.machine.int8_dot_product
 
 
