@@ -196,3 +196,17 @@ def test_stop_drains_what_was_admitted() -> None:
 
     results = run(main())
     assert [int(r["tokens"][0, 0, 0]) for r in results] == [0, 2, 4]
+
+
+def test_arrival_order_when_grouping_is_off() -> None:
+    session = FakeEncoder()
+    lengths = [5, 100, 6, 98, 7, 97, 5, 99]
+
+    async def main() -> None:
+        b = batcher(session, max_batch_size=4, max_delay_ms=50, group_by_length=False)
+        b.start()
+        await asyncio.gather(*(b.submit(request(1, n)) for n in lengths))
+        await b.stop()
+
+    run(main())
+    assert session.calls == [(4, 100), (4, 99)]

@@ -53,6 +53,8 @@ class BatcherConfig:
     """Requests waiting at most; beyond it new ones are refused."""
     timeout_ms: float = 30_000.0
     """A request not started within this is answered with DeadlineExceeded."""
+    group_by_length: bool = True
+    """Fill batches with the requests closest in length to the oldest; False: arrival order."""
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_batch_tokens", "max_queue"):
@@ -176,10 +178,9 @@ class Batcher:
         if not live:
             return []
         oldest = live[0]
-        peers = sorted(
-            (r for r in live[1:] if r.shape_key == oldest.shape_key),
-            key=lambda r: (abs(r.length - oldest.length), r.arrived),
-        )
+        peers = [r for r in live[1:] if r.shape_key == oldest.shape_key]
+        if self.config.group_by_length:
+            peers.sort(key=lambda r: (abs(r.length - oldest.length), r.arrived))
         batch, items, longest = [oldest], oldest.items, oldest.length
         for request in peers:
             new_longest = max(longest, request.length)
