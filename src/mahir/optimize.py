@@ -210,30 +210,13 @@ def optimize(
     deadline = None if config.time_budget_s is None else started + config.time_budget_s
     machine = detect()
     on_event(BASELINE_ID, f"machine: {machine.summary()}")
-    workload = build_workload(
-        model,
-        config.sizes,
-        sentences=config.sentences or None,
-        batches_per_size=config.batches_per_size,
-        token_range=config.token_range,
-        seed=config.seed,
-    )
-    calibration = _sample(model, config, size=8, count=4, seed=config.seed + 1)
-    check = [*_sample(model, config, size=4, count=2, seed=config.seed + 2)]
-    check += verification_batches(model)
-    budget, metric_data = _budget(model, config)
-    evidence = Evidence(
-        check=check,
-        check_reference=reference_outputs(model, check),
-        timing=workload.batches,
-        timing_reference={s: reference_outputs(model, b) for s, b in workload.batches.items()},
-        metric_data=metric_data,
-    )
-    ctx = PassContext(model=model, workdir=workdir, calibration=tuple(calibration), machine=machine)
-    search = Search(model, ArtifactBuilder(ctx), evidence, budget, config.objective, deadline)
-    search.on_event = on_event
     proposed, skipped = propose(model, machine, config.objective, max_drop=config.max_drop)
-    proposed = _only(proposed, config.only)
+    proposed = _only(proposed, config.only)  # a typo fails before any work
+    workload = _workload(model, config, config.sizes, count=config.batches_per_size, seed=0)
+    calibration = _workload(model, config, (8,), count=4, seed=1).batches[8]
+    ctx = PassContext(model=model, workdir=workdir, calibration=tuple(calibration), machine=machine)
+    evidence = _evidence(model, config, workload)
+    search = Search(model, ArtifactBuilder(ctx), evidence, config.objective, deadline, on_event)
     key = _run_key(model, machine, workload, config)
     cache = OutcomeCache(cache_path, key, resume=resume) if cache_path else None
     outcomes: list[Outcome] = []
@@ -265,7 +248,7 @@ def optimize(
         machine,
         workload,
         config,
-        budget,
+        evidence.budget,
         outcomes,
         best,
         artifact,
@@ -279,19 +262,35 @@ def cache_path(out: Path) -> Path:
     return out.with_name(f".{out.name}.cache.jsonl")
 
 
-def _sample(
-    model: Model, config: OptimizeConfig, *, size: int, count: int, seed: int
-) -> list[Batch]:
-    """Batches drawn like the workload but apart from it: calibration, the cheap check."""
-    workload = build_workload(
+def _workload(
+    model: Model, config: OptimizeConfig, sizes: Sequence[int], *, count: int, seed: int
+) -> Workload:
+    """Inputs drawn like the user's traffic; distinct seeds keep the timing workload, the
+    calibration batches and the cheap-check sample apart."""
+    return build_workload(
         model,
-        [size],
+        sizes,
         sentences=config.sentences or None,
         batches_per_size=count,
         token_range=config.token_range,
-        seed=seed,
+        seed=config.seed + seed,
     )
-    return workload.batches[size]
+
+
+def _evidence(model: Model, config: OptimizeConfig, workload: Workload) -> Evidence:
+    """What every candidate is judged on: a small check sample with shapes unlike the traffic,
+    the timing batches, the user's data if a metric decides, and the original's outputs."""
+    check = [*_workload(model, config, (4,), count=2, seed=2).batches[4]]
+    check += verification_batches(model)
+    budget, metric_data = _budget(model, config)
+    return Evidence(
+        check=check,
+        check_reference=reference_outputs(model, check),
+        timing=workload.batches,
+        timing_reference={s: reference_outputs(model, b) for s, b in workload.batches.items()},
+        budget=budget,
+        metric_data=metric_data,
+    )
 
 
 def _budget(model: Model, config: OptimizeConfig) -> tuple[Budget, list[Batch]]:

@@ -81,6 +81,7 @@ class Evidence:
     timing: Mapping[int, Sequence[Batch]]
     """Batches per batch size that timing runs on; fidelity is checked on them all first."""
     timing_reference: Mapping[int, Sequence[Outputs]]
+    budget: Budget
     metric_data: Sequence[Batch] = ()
     """The user's data as batches, when a user metric decides."""
 
@@ -90,7 +91,6 @@ class Search:
     model: Model
     builder: ArtifactBuilder
     evidence: Evidence
-    budget: Budget
     objective: Objective
     deadline: float | None = None
     """time.monotonic() after which no new work starts; None: no time budget."""
@@ -123,10 +123,10 @@ class Search:
         evidence = self.evidence
         sample = fidelity(self.model, session, evidence.check, evidence.check_reference)
         outcome.quality = sample
-        if isinstance(self.budget, MetricBudget):
-            outcome.metric = self._metric(session, self.budget)
-            outcome.reason = self.budget.judge(outcome.metric)
-        elif (reason := self.budget.judge(sample)) is not None:
+        if isinstance(self.evidence.budget, MetricBudget):
+            outcome.metric = self._metric(session, self.evidence.budget)
+            outcome.reason = self.evidence.budget.judge(outcome.metric)
+        elif (reason := self.evidence.budget.judge(sample)) is not None:
             outcome.reason = reason
         else:
             batches = [b for size in evidence.timing for b in evidence.timing[size]]
@@ -138,7 +138,7 @@ class Search:
                 [*evidence.check_reference, *refs],
             )
             outcome.quality = full
-            outcome.reason = self.budget.judge(full)
+            outcome.reason = self.evidence.budget.judge(full)
         if outcome.reason is not None:
             outcome.status = "rejected"
 
