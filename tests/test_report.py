@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mahir.report import explain, pareto_front, render_html, write_html
+from mahir.report import render_html, write_html
+from mahir.verdicts import explain, pareto_front
 
 XSS = '<script>alert("x")</script> $5 & co'
 

@@ -446,7 +446,7 @@ def _run_loadtest(config: Any, json_path: Path | None) -> None:
 
 
 def _why_lines(report: dict[str, Any]) -> list[str]:
-    from mahir.report import explain
+    from mahir.verdicts import explain
 
     reasons = explain(report)
     best = report["best"]

@@ -6,7 +6,7 @@ The page loads nothing from the network (inline look.CSS, plots as inline SVG), 
 archived and opened offline; every string taken from the report goes through `html.escape`.
 
 The page reads in the order an engineer asks: what won and by how much; why, one sentence per
-candidate (the sentences `explain` also gives the terminal); the numbers; the plots; then the
+candidate (verdicts.py writes them, for the terminal too); the numbers; the plots; then the
 machine, model and recipe that make the numbers reproducible. `report_plots.py` owns the look.
 """
 
@@ -17,247 +17,30 @@ import html
 import json
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from mahir import report_plots as look
+from mahir.verdicts import (
+    BASELINE_NAME,
+    Candidate,
+    View,
+    budget_line,
+    budget_text,
+    explain,
+    fid_text,
+    fidelity_value,
+    headline_perf,
+    headline_speed,
+    perf_text,
+    rank_cost,
+    read_view,
+)
 
-Candidate = Mapping[str, Any]
-BASELINE_NAME = "PyTorch eager fp32"
 DATE = "%Y-%m-%d %H:%M UTC"
-
-
-@dataclass(frozen=True, slots=True)
-class _View:
-    """What every part of the page needs, read from the report once."""
-
-    report: Mapping[str, Any]
-    objective: str
-    fidelity: str
-    """The quality key the budget judges: "cosine_min", or "metric" when a user metric decides."""
-    candidates: tuple[Candidate, ...]
-    winner: Candidate | None
-    baseline: Candidate | None
-    front: tuple[str, ...]
-
-    def role(self, c: Candidate) -> str:
-        """A key of `ROLES`: the candidate's status, with the winner and baseline singled out."""
-        if self.winner is not None and c["id"] == self.winner["id"]:
-            return "winner"
-        if self.baseline is not None and c["id"] == self.baseline["id"] and c["status"] == "ok":
-            return "baseline"
-        return str(c["status"])
-
-
-def _view(report: Mapping[str, Any]) -> _View:
-    objective = str(report.get("objective", "latency"))
-    fidelity = "metric" if report.get("budget", {}).get("kind") == "metric" else "cosine_min"
-    candidates = tuple(report.get("candidates", ()))
-    by_id = {c["id"]: c for c in candidates}
-    front = tuple(pareto_front(candidates, objective=objective, fidelity=fidelity))
-    winner, baseline = by_id.get(report.get("best")), by_id.get(report.get("baseline"))
-    return _View(report, objective, fidelity, candidates, winner, baseline, front)
-
-
-def headline_perf(c: Candidate, objective: str) -> tuple[int, Mapping[str, Any]] | None:
-    """The timing the objective judges: the smallest batch (batch 1) for latency, the batch with
-    the most samples/s for throughput; None when the candidate was never timed."""
-    perf = c.get("perf") or {}
-    if not perf:
-        return None
-    if objective == "throughput":
-        key = max(perf, key=lambda b: perf[b]["throughput"])
-    else:
-        key = min(perf, key=int)
-    return int(key), perf[key]
-
-
-def _speed(c: Candidate, objective: str) -> float | None:
-    timed = headline_perf(c, objective)
-    if timed is None:
-        return None
-    return float(timed[1]["throughput" if objective == "throughput" else "p50_ms"])
-
-
-def _cost(c: Candidate, objective: str) -> float:
-    """Lower is better: minus the speedup over the baseline timed beside it (the comparison
-    that survives machine drift between timing rounds), else p50 ms or minus samples/s;
-    infinite when never timed."""
-    speed = _speed(c, objective)
-    if speed is None:
-        return math.inf
-    if c.get("speedup"):
-        return -float(c["speedup"])
-    return -speed if objective == "throughput" else speed
-
-
-def _fid(c: Candidate, key: str) -> float | None:
-    value = (c.get("quality") or {}).get(key)
-    return None if value is None else float(value)
-
-
-def pareto_front(
-    candidates: Sequence[Candidate], *, objective: str = "latency", fidelity: str = "cosine_min"
-) -> list[str]:
-    """Ids of the ok candidates that no other ok candidate beats on both speed and fidelity,
-    fastest first: the only sensible picks, since every other one is slower and no more faithful
-    than one of these. `fidelity` is the quality key judged (higher is better)."""
-    points = []
-    for c in candidates:
-        cost, fid = _cost(c, objective), _fid(c, fidelity)
-        if c.get("status") == "ok" and cost < math.inf and fid is not None:
-            points.append((cost, -fid, str(c["id"])))
-
-    def dominated(a: tuple[float, float, str]) -> bool:
-        return any(b[0] <= a[0] and b[1] <= a[1] and b[:2] != a[:2] for b in points)
-
-    return [p[2] for p in sorted(points) if not dominated(p)]
-
-
-def explain(report: Mapping[str, Any]) -> dict[str, str]:
-    """Candidate id -> one plain sentence saying why it won or lost, with its numbers."""
-    view = _view(report)
-    return {str(c["id"]): _sentence(view, c) for c in view.candidates}
-
-
-def _sentence(v: _View, c: Candidate) -> str:
-    role = v.role(c)
-    if role == "winner":
-        return _won(v, c)
-    if role == "failed":
-        return f"Failed: {c.get('reason') or 'no reason was recorded'}."
-    if role == "skipped":
-        return f"Not tried: {c.get('reason') or 'no reason was recorded'}."
-    if role == "rejected":
-        return _rejected(v, c)
-    if _speed(c, v.objective) is None:
-        stop = " before the run stopped" if not v.report.get("complete", True) else ""
-        return f"Met the budget ({_fid_text(v, c)}) but was not timed{stop}."
-    if role == "baseline":
-        text = f"The baseline every speedup is measured against: {_perf_text(v, c)}"
-        if v.winner is not None and v.winner.get("speedup"):
-            text += f"; the winner is {look.times(v.winner['speedup'])} faster"
-        return text + f"{_noisy(v, c)}."
-    return _slower(v, c)
-
-
-def _won(v: _View, c: Candidate) -> str:
-    if v.baseline is not None and c["id"] == v.baseline["id"]:
-        return f"Won: nothing within the budget beat {BASELINE_NAME} ({_perf_text(v, c)})."
-    return (
-        f"Won: the fastest within the budget at {_perf_text(v, c)}, {look.times(c.get('speedup'))} "
-        f"{BASELINE_NAME}, with {_fid_text(v, c)}{_noisy(v, c)}."
-    )
-
-
-def _slower(v: _View, c: Candidate) -> str:
-    text, w = f"Met the budget ({_fid_text(v, c)})", v.winner
-    ratio = None if w is None else _ratio(v, w, c)
-    if w is None or ratio is None:
-        return f"{text} at {_perf_text(v, c)}{_noisy(v, c)}."
-    if ratio >= 1.005:
-        text += f" but was {ratio:.2f}x slower than the winner"
-    else:
-        text += " and was within 0.5% of the winner's speed"
-    pair = _same_round(w, c)
-    if pair is not None:
-        text += f" ({look.times(pair[1])} vs {look.times(pair[0])} {BASELINE_NAME} in round"
-        text += f" {len(c['speedups'])}, timed side by side)"
-    else:
-        text += f" ({_perf_text(v, c)} vs {_perf_text(v, w)})"
-    if c["id"] in v.front:
-        text += f"; it is on the Pareto front, the pick if {_fid_text(v, c, short=True)} matters"
-        text += f" more than {ratio:.2f}x speed"
-    rounds, most = int(c.get("rounds") or 0), max(int(o.get("rounds") or 0) for o in v.candidates)
-    if 0 < rounds < most:
-        text += f"; dropped after {rounds} of {most} timing rounds"
-    return text + f"{_noisy(v, c, w)}."
-
-
-def _rejected(v: _View, c: Candidate) -> str:
-    reason, numbers = c.get("reason"), _fid_text(v, c).split(", ")
-    if reason:  # the reason already names the number that failed; add only the others
-        extra = [n for n in numbers if n.rsplit(" ", 1)[-1] not in reason]
-        text = f"Missed the budget: {reason}" + (f" ({', '.join(extra)})" if extra else "")
-    else:
-        text = f"Missed the budget ({_budget_text(v)}) with {', '.join(numbers)}"
-    speedup = c.get("speedup")
-    if speedup is None:
-        return text + "; it was not timed."
-    text += f"; it ran at {look.times(speedup)} {BASELINE_NAME}"
-    if v.winner is not None and speedup > (v.winner.get("speedup") or 0):
-        text += ", faster than the winner: a looser budget would buy speed"
-    return text + "."
-
-
-def _ratio(v: _View, fast: Candidate, slow: Candidate) -> float | None:
-    """How many times slower `slow` is than `fast` at the objective (>= 1 when truly slower):
-    the ratio of their speedups, each measured beside the baseline in the same timing round,
-    since raw numbers from different rounds also hold the machine's drift between them."""
-    pair = _same_round(fast, slow)
-    if pair is not None:
-        return pair[0] / pair[1]
-    a, b = _speed(fast, v.objective), _speed(slow, v.objective)
-    if a is None or b is None or min(a, b) <= 0:
-        return None
-    return a / b if v.objective == "throughput" else b / a
-
-
-def _same_round(fast: Candidate, slow: Candidate) -> tuple[float, float] | None:
-    """Both speedups in the last timing round `slow` took part in, when both were in it."""
-    a, b = fast.get("speedups") or [], slow.get("speedups") or []
-    if not b or len(a) < len(b) or not a[len(b) - 1] or not b[-1]:
-        return None
-    return float(a[len(b) - 1]), float(b[-1])
-
-
-def _perf_text(v: _View, c: Candidate) -> str:
-    timed = headline_perf(c, v.objective)
-    if timed is None:
-        return "not timed"
-    if v.objective == "throughput":
-        return f"{look.rate(timed[1]['throughput'])} samples/s at batch {timed[0]}"
-    return f"{look.ms(timed[1]['p50_ms'])} ms p50"
-
-
-def _fid_text(v: _View, c: Candidate, *, short: bool = False) -> str:
-    q = c.get("quality") or {}
-    if v.fidelity == "metric":
-        if q.get("metric") is None:
-            return "metric not measured"
-        drop = "" if short or q.get("metric_drop") is None else f", drop {q['metric_drop']:.4g}"
-        return f"metric {q['metric']:.4g}{drop}"
-    if q.get("cosine_min") is None:
-        return "fidelity not measured"
-    mean = "" if short or q.get("cosine_mean") is None else f", mean {look.cos(q['cosine_mean'])}"
-    return f"worst cosine {look.cos(q['cosine_min'])}{mean}"
-
-
-def _noisy(v: _View, *cs: Candidate) -> str:
-    for c in cs:
-        timed = headline_perf(c, v.objective)
-        if timed is not None and timed[1].get("noisy"):
-            return "; timing was noisy (jitter over 10%), so treat the ratio as approximate"
-    return ""
-
-
-def _budget_text(v: _View) -> str:
-    return str(v.report.get("budget", {}).get("description") or "not recorded")
-
-
-def _budget_line(v: _View) -> float | None:
-    """The fidelity bound as a number, for the plot. Optional in the schema: a fidelity budget
-    may carry `cosine_min`; a metric budget gives `baseline_metric - max_drop`."""
-    b = v.report.get("budget", {})
-    if v.fidelity != "metric":
-        return None if b.get("cosine_min") is None else float(b["cosine_min"])
-    if b.get("baseline_metric") is None or b.get("max_drop") is None:
-        return None
-    return float(b["baseline_metric"]) - float(b["max_drop"])
 
 
 def _date(text: str) -> str:
@@ -271,15 +54,15 @@ def _e(value: object) -> str:
     return html.escape(str(value))
 
 
-def _order(v: _View) -> list[Candidate]:
+def _order(v: View) -> list[Candidate]:
     """Winner first, then met-budget by speed, then missed, then failed: the table's order."""
     rank = {"winner": 0, "baseline": 1, "ok": 1, "rejected": 2, "failed": 3, "skipped": 4}
-    return sorted(v.candidates, key=lambda c: (rank[v.role(c)], _cost(c, v.objective)))
+    return sorted(v.candidates, key=lambda c: (rank[v.role(c)], rank_cost(c, v.objective)))
 
 
 def render_html(report: Mapping[str, Any]) -> str:
     """The whole page as one string; nothing in it points outside the file."""
-    v = _view(report)
+    v = read_view(report)
     model = report.get("model", {}).get("name", "model")
     parts = (_banner(v), _headline(v), _why(v), _table(v), _plots(v), _context(v), _recipe(v))
     return (
@@ -291,11 +74,11 @@ def render_html(report: Mapping[str, Any]) -> str:
     )
 
 
-def _banner(v: _View) -> str:
+def _banner(v: View) -> str:
     r = v.report
     if r.get("complete", True):
         return ""
-    timed = sum(_speed(c, v.objective) is not None for c in v.candidates)
+    timed = sum(headline_speed(c, v.objective) is not None for c in v.candidates)
     spent = f" after {look.duration(r['elapsed_s'])}" if r.get("elapsed_s") is not None else ""
     limit = f" of a {look.duration(r['time_budget_s'])} budget" if r.get("time_budget_s") else ""
     return (
@@ -305,7 +88,7 @@ def _banner(v: _View) -> str:
     )
 
 
-def _headline(v: _View) -> str:
+def _headline(v: View) -> str:
     w, b = v.winner, v.baseline
     if w is None:
         lead = f'<p class="lead">{_closest(v)}</p>'
@@ -320,22 +103,22 @@ def _headline(v: _View) -> str:
     return f"<header><h1>{_e(title)}</h1>{_cards(v, w, b)}{_meta(v)}</header>"
 
 
-def _cards(v: _View, w: Candidate, b: Candidate | None) -> str:
+def _cards(v: View, w: Candidate, b: Candidate | None) -> str:
     """The winner's numbers, each beside what it is compared with."""
-    line, base = _budget_line(v), f"{BASELINE_NAME}: "
-    fid_label, _, fid_value = _fid_text(v, w, short=True).rpartition(" ")
-    fid_sub = _fid_text(v, w).partition(", ")[2] + (f" · budget ≥ {line:.4g}" if line else "")
+    line, base = budget_line(v), f"{BASELINE_NAME}: "
+    fid_label, _, fid_value = fid_text(v, w, short=True).rpartition(" ")
+    fid_sub = fid_text(v, w).partition(", ")[2] + (f" · budget ≥ {line:.4g}" if line else "")
     size, base_size = w.get("size_mb"), None if b is None else b.get("size_mb")
     return look.cards([
         ("speedup", look.times(w.get("speedup")), f"over {BASELINE_NAME}"),
-        (v.objective, _perf_text(v, w), base + _perf_text(v, b) if b is not None else ""),
+        (v.objective, perf_text(v, w), base + perf_text(v, b) if b is not None else ""),
         (fid_label, fid_value, fid_sub),
         ("size on disk", "n/a" if size is None else f"{size:.1f} MB",
          "" if base_size is None else f"{base}{base_size:.1f} MB"),
     ])  # fmt: skip
 
 
-def _meta(v: _View) -> str:
+def _meta(v: View) -> str:
     r, batch = v.report, min(v.report.get("batch_sizes") or [1])
     judged = (
         "best samples/s of any batch" if v.objective == "throughput" else f"p50 at batch {batch}"
@@ -345,19 +128,21 @@ def _meta(v: _View) -> str:
     )
     return (
         f'<p class="meta"><b>Objective</b> {_e(v.objective)}, {judged} &middot; <b>Budget</b> '
-        f"{_e(_budget_text(v))} &middot; <b>Searched</b> {len(v.candidates)} candidates in "
+        f"{_e(budget_text(v))} &middot; <b>Searched</b> {len(v.candidates)} candidates in "
         f"{searched}</p>"
     )
 
 
-def _closest(v: _View) -> str:
+def _closest(v: View) -> str:
     """With no winner: the rejected candidate nearest the budget, and the budget that admits it."""
     missed = [
-        c for c in v.candidates if c["status"] == "rejected" and _fid(c, v.fidelity) is not None
+        c
+        for c in v.candidates
+        if c["status"] == "rejected" and fidelity_value(c, v.fidelity) is not None
     ]
     if not missed:
         return "Every candidate failed or went untimed; the reasons are below."
-    c = max(missed, key=lambda m: _fid(m, v.fidelity) or 0.0)
+    c = max(missed, key=lambda m: fidelity_value(m, v.fidelity) or 0.0)
     q, budget = c["quality"], v.report.get("budget", {})
     if v.fidelity == "metric":
         drop = q.get("metric_drop") or 0.0
@@ -368,13 +153,13 @@ def _closest(v: _View) -> str:
             relax += f" and mean ≥ {math.floor(q['cosine_mean'] * 1e4) / 1e4:.4f}"
     speed = f", at {look.times(c['speedup'])} {BASELINE_NAME}" if c.get("speedup") else ""
     return (
-        f"Closest: <b>{_e(c['label'])}</b> with {_e(_fid_text(v, c) + speed)}. {_e(relax)} would "
+        f"Closest: <b>{_e(c['label'])}</b> with {_e(fid_text(v, c) + speed)}. {_e(relax)} would "
         "accept it; recipes that keep more precision (per-channel int8, bf16, fp32 on a faster "
         "runtime) may meet the budget as it is."
     )
 
 
-def _why(v: _View) -> str:
+def _why(v: View) -> str:
     sentences = explain(v.report)
     items = "".join(
         f'<li><span class="dot" style="--c:{look.ROLES[v.role(c)][1]}"></span>'
@@ -384,7 +169,7 @@ def _why(v: _View) -> str:
     return f'<section><h2>Why</h2><ul class="why">{items}</ul></section>'
 
 
-def _table(v: _View) -> str:
+def _table(v: View) -> str:
     throughput = v.objective == "throughput"
     quality = ("Metric", "Drop") if v.fidelity == "metric" else ("Cos mean", "Cos worst")
     heads = ("Candidate", "Status", *(("Batch",) if throughput else ()), "p50 ms", "p90 ms",
@@ -401,7 +186,7 @@ def _table(v: _View) -> str:
     )
 
 
-def _table_row(v: _View, c: Candidate) -> str:
+def _table_row(v: View, c: Candidate) -> str:
     role = v.role(c)
     words, colour = look.ROLES[role]
     size, p = headline_perf(c, v.objective) or (None, {})
@@ -427,32 +212,32 @@ def _table_row(v: _View, c: Candidate) -> str:
     )
 
 
-def _plots(v: _View) -> str:
-    marks = [_mark(v, c) for c in v.candidates if _speed(c, v.objective) is not None]
+def _plots(v: View) -> str:
+    marks = [_mark(v, c) for c in v.candidates if headline_speed(c, v.objective) is not None]
     if not marks:
         return "<section><h2>Plots</h2><p>No candidate was timed: nothing to plot.</p></section>"
     metric = v.report["budget"].get("metric", "metric") if v.fidelity == "metric" else None
     batch = None if v.objective == "throughput" else min(v.report.get("batch_sizes") or [1])
-    figures = look.plots_html(marks, batch=batch, metric=metric, budget=_budget_line(v))
+    figures = look.plots_html(marks, batch=batch, metric=metric, budget=budget_line(v))
     return f"<section><h2>Plots</h2>{figures}</section>"
 
 
-def _mark(v: _View, c: Candidate) -> look.Mark:
+def _mark(v: View, c: Candidate) -> look.Mark:
     size, perf = headline_perf(c, v.objective) or (0, {})
     role, label = v.role(c), str(c["label"])
     return look.Mark(
         label=f"{label} (batch {size})" if v.objective == "throughput" else label,
         role=role,
-        tooltip=f"{label} ({look.ROLES[role][0]}): {_perf_text(v, c)}, {_fid_text(v, c)}",
-        speed=_speed(c, v.objective) or 0.0,
-        fidelity=_fid(c, v.fidelity),
+        tooltip=f"{label} ({look.ROLES[role][0]}): {perf_text(v, c)}, {fid_text(v, c)}",
+        speed=headline_speed(c, v.objective) or 0.0,
+        fidelity=fidelity_value(c, v.fidelity),
         speedup=c.get("speedup"),
         samples=tuple(perf.get("latencies_ms") or ()),
         on_front=c["id"] in v.front,
     )
 
 
-def _context(v: _View) -> str:
+def _context(v: View) -> str:
     """Machine, model and workload: the facts without which the numbers mean nothing."""
     m, model, w = (v.report.get(k) or {} for k in ("machine", "model", "workload"))
     gpus = [f"{g['name']} ({g['memory_gb']:.0f} GiB)" for g in m.get("gpus", ())]
@@ -480,7 +265,7 @@ def _context(v: _View) -> str:
     )
 
 
-def _recipe(v: _View) -> str:
+def _recipe(v: View) -> str:
     w = v.winner
     if w is None:
         return ""
