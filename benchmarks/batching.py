@@ -68,6 +68,7 @@ def main() -> None:
             max_batch_tokens=10**9,
             max_queue=args.requests,
             group_by_length=grouped,
+            max_padding=0.5 if grouped else float("inf"),
         )
         counts[grouped] = asyncio.run(padded_tokens(requests, config))
     print(f"{args.requests} requests, {real} real tokens, max batch {args.max_batch_size}")

@@ -203,10 +203,32 @@ def test_arrival_order_when_grouping_is_off() -> None:
     lengths = [5, 100, 6, 98, 7, 97, 5, 99]
 
     async def main() -> None:
-        b = batcher(session, max_batch_size=4, max_delay_ms=50, group_by_length=False)
+        b = batcher(
+            session,
+            max_batch_size=4,
+            max_delay_ms=50,
+            group_by_length=False,
+            max_padding=float("inf"),
+        )
         b.start()
         await asyncio.gather(*(b.submit(request(1, n)) for n in lengths))
         await b.stop()
 
     run(main())
     assert session.calls == [(4, 100), (4, 99)]
+
+
+@pytest.mark.parametrize(("max_padding", "calls"), [(0.5, [(1, 10), (1, 40)]), (2.0, [(2, 40)])])
+def test_a_request_that_would_mostly_add_padding_waits_for_the_next_batch(
+    max_padding: float, calls: list[tuple[int, int]]
+) -> None:
+    session = FakeEncoder()
+
+    async def main() -> None:
+        b = batcher(session, max_batch_size=4, max_delay_ms=50, max_padding=max_padding)
+        b.start()
+        await asyncio.gather(b.submit(request(1, 10)), b.submit(request(2, 40)))
+        await b.stop()
+
+    run(main())
+    assert session.calls == calls  # 2 x 40 = 80 padded for 50 real tokens: 60% waste

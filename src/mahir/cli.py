@@ -295,7 +295,13 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     max_batch_size: Annotated[int, typer.Option(help="Items per batch at most.")] = 32,
     max_batch_tokens: Annotated[int, typer.Option(help="Padded tokens per batch at most.")] = 8192,
-    max_delay_ms: Annotated[float, typer.Option(help="Longest wait for a batch to fill.")] = 5.0,
+    max_delay_ms: Annotated[
+        float,
+        typer.Option(help="Longest wait for a batch to fill (0: run when the worker is free)."),
+    ] = 0.0,
+    max_padding: Annotated[
+        float, typer.Option(help="Padded tokens per real token a batch may add at most.")
+    ] = 0.5,
     max_queue: Annotated[int, typer.Option(help="Waiting requests at most; then 503.")] = 1024,
     timeout_ms: Annotated[
         float, typer.Option(help="A request not started by then gets 504.")
@@ -318,6 +324,7 @@ def serve(
                 max_batch_size=max_batch_size,
                 max_batch_tokens=max_batch_tokens,
                 max_delay_ms=max_delay_ms,
+                max_padding=max_padding,
                 max_queue=max_queue,
                 timeout_ms=timeout_ms,
             )

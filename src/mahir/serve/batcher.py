@@ -6,11 +6,12 @@ exactly the rows that came from its own inputs, cut back to its own sequence len
 receives equals what it would get alone, within the artifact's fidelity (padding positions are
 masked, so they change nothing). A batch always holds the oldest waiting request, so nothing
 starves; the rest of the batch is filled with the requests closest to it in length, so a batch
-holds similar lengths and little padding, up to `max_batch_size` items and `max_batch_tokens`
-padded tokens. A batch starts when it is full or when its oldest request has waited
-`max_delay_ms`. Inference runs on one worker thread, off the event loop, while the next batch
-gathers. The queue is bounded: a request that does not fit is refused at once (`Overloaded`),
-never queued into a timeout. A request whose client went away or whose deadline passed before
+holds similar lengths and little padding, up to `max_batch_size` items, `max_batch_tokens`
+padded tokens and `max_padding` wasted tokens per real one. A batch starts when it is full or
+when its oldest request has waited `max_delay_ms` (default 0: as soon as the worker is free).
+Inference runs on one worker thread, off the event loop, while the next batch gathers. The
+queue is bounded: a request that does not fit is refused at once (`Overloaded`), never queued
+into a timeout. A request whose client went away or whose deadline passed before
 its batch started is dropped unrun.
 
 Knows only `Session` and numpy arrays: nothing of HTTP.
@@ -47,8 +48,13 @@ class BatcherConfig:
     """Items (rows) per batch at most."""
     max_batch_tokens: int = 8192
     """Padded tokens per batch at most (items x longest length), for text models."""
-    max_delay_ms: float = 5.0
-    """How long the oldest request may wait for others to join its batch."""
+    max_delay_ms: float = 0.0
+    """How long the oldest request may wait for others to join its batch. 0: start as soon as
+    the worker is free; requests that arrive while a batch runs form the next one, so batches
+    grow with load and a lone request waits for nobody."""
+    max_padding: float = 0.5
+    """Padded tokens a batch may compute beyond its real ones, as a share of them: a request
+    that would push the batch past it waits for the next batch, among closer lengths."""
     max_queue: int = 1024
     """Requests waiting at most; beyond it new ones are refused."""
     timeout_ms: float = 30_000.0
@@ -60,8 +66,8 @@ class BatcherConfig:
         for name in ("max_batch_size", "max_batch_tokens", "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_delay_ms < 0 or self.timeout_ms <= 0:
-            raise ValueError("max_delay_ms must be >= 0 and timeout_ms > 0")
+        if self.max_delay_ms < 0 or self.timeout_ms <= 0 or self.max_padding < 0:
+            raise ValueError("max_delay_ms and max_padding must be >= 0, timeout_ms > 0")
 
 
 @dataclass
@@ -182,14 +188,18 @@ class Batcher:
         if self.config.group_by_length:
             peers.sort(key=lambda r: (abs(r.length - oldest.length), r.arrived))
         batch, items, longest = [oldest], oldest.items, oldest.length
+        real = oldest.items * oldest.length
         for request in peers:
-            new_longest = max(longest, request.length)
-            if items + request.items > self.config.max_batch_size:
+            new_items, new_longest = items + request.items, max(longest, request.length)
+            new_real = real + request.items * request.length
+            if new_items > self.config.max_batch_size:
                 continue
-            if (items + request.items) * new_longest > self.config.max_batch_tokens:
+            if new_items * new_longest > self.config.max_batch_tokens:
+                continue
+            if new_items * new_longest > new_real * (1 + self.config.max_padding):
                 continue
             batch.append(request)
-            items, longest = items + request.items, new_longest
+            items, longest, real = new_items, new_longest, new_real
         taken = {id(r) for r in batch}
         self._waiting = [r for r in live if id(r) not in taken]
         self.observer.queued(len(self._waiting))
