@@ -21,9 +21,11 @@ from mahir.hardware import detect
 from mahir.measure import MeasureConfig, measure
 from mahir.model import load_model
 from mahir.passes import PASSES, PassContext, apply_steps, convert
+from mahir.passes.fallback import AccuracyAwareInt8
 from mahir.passes.graph import OrtOptimize, TransformerFusion
 from mahir.passes.precision import Float16, TorchLowPrecision
 from mahir.passes.quantize import DynamicInt8, StaticInt8
+from mahir.passes.torchao import Pt2eInt8, TorchaoInt8
 from mahir.runtimes import RUNTIMES, open_session
 from mahir.types import RuntimeOptions, Session
 from mahir.workload import build_workload
@@ -33,6 +35,16 @@ BF16 = RuntimeOptions(openvino_precision="bf16")
 VARIANTS: dict[str, tuple[tuple[Any, ...], str, RuntimeOptions]] = {
     "torch fp32 (baseline)": ((), "torch", RuntimeOptions()),
     "torch bf16": ((TorchLowPrecision("bfloat16"),), "torch", RuntimeOptions()),
+    "torch-compile fp32": ((), "torch-compile", RuntimeOptions()),
+    "torch torchao int8 dynamic": ((TorchaoInt8(),), "torch", RuntimeOptions()),
+    "torch-compile torchao int8 dynamic": ((TorchaoInt8(),), "torch-compile", RuntimeOptions()),
+    "torch-compile torchao int8 weight-only": (
+        (TorchaoInt8(weight_only=True),),
+        "torch-compile",
+        RuntimeOptions(),
+    ),
+    # int8 kernels only with inductor freezing (TORCHINDUCTOR_FREEZING=1); float linears without
+    "torch-compile pt2e static int8": ((Pt2eInt8(),), "torch-compile", RuntimeOptions()),
     "onnxruntime fp32": ((), "onnxruntime", RuntimeOptions()),
     "onnxruntime extended graph": ((OrtOptimize("extended"),), "onnxruntime", RuntimeOptions()),
     "onnxruntime fused": ((TransformerFusion(),), "onnxruntime", RuntimeOptions()),
@@ -49,6 +61,7 @@ VARIANTS: dict[str, tuple[tuple[Any, ...], str, RuntimeOptions]] = {
         RuntimeOptions(),
     ),
     "onnxruntime static int8": ((StaticInt8(),), "onnxruntime", RuntimeOptions()),
+    "onnxruntime accuracy-aware int8": ((AccuracyAwareInt8(),), "onnxruntime", RuntimeOptions()),
     "openvino fp32": ((), "openvino", RuntimeOptions()),
     "openvino default precision": ((), "openvino", RuntimeOptions(openvino_precision=None)),
     "openvino bf16": ((), "openvino", BF16),

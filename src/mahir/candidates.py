@@ -22,6 +22,7 @@ from mahir.passes.graph import TransformerFusion
 from mahir.passes.nncf import NncfAccuracyControl, NncfInt8
 from mahir.passes.prune_transformer import TransformerPrune
 from mahir.passes.quantize import DynamicInt8, StaticInt8
+from mahir.passes.torchao import TorchaoInt8
 from mahir.recipe import Recipe
 from mahir.types import RuntimeOptions
 
@@ -105,6 +106,12 @@ def propose(
                 ),
                 "onnxruntime",
             ),
+            _needs_int8(int8),
+        ),
+        (
+            "torch-compile-torchao-int8",
+            "torch.compile + torchao int8 (dynamic activations, int8 weights)",
+            Recipe((TorchaoInt8(),), "torch-compile"),
             _needs_int8(int8),
         ),
         (

@@ -28,6 +28,7 @@ import torch
 from mahir.errors import BadInput, Unsupported
 from mahir.modules import TupleOutputs
 from mahir.pooling import Pooling, read_pooling
+from mahir.silence import silenced
 from mahir.types import BATCH, SEQUENCE, Artifact, InputSpec, TensorSpec
 from mahir.workload import random_inputs
 
@@ -106,16 +107,16 @@ def load_hf_folder(folder: Path, *, name: str | None = None) -> Model:
     weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
     if not any((folder / w).is_file() for w in weights):
         raise BadInput(f"{folder} has no weights (model.safetensors or pytorch_model.bin)")
-    try:
-        config = transformers.AutoConfig.from_pretrained(folder)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, KeyError) as err:
-        raise Unsupported(
-            f"{folder}: only text models with a tokenizer load from a folder ({err}); "
-            "for other models use path/to/file.py:factory"
-        ) from err
-    model_class = _model_class(config)
     with _quiet_transformers():
+        try:
+            config = transformers.AutoConfig.from_pretrained(folder)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+        except (OSError, ValueError, KeyError) as err:
+            raise Unsupported(
+                f"{folder}: only text models with a tokenizer load from a folder ({err}); "
+                "for other models use path/to/file.py:factory"
+            ) from err
+        model_class = _model_class(config)
         try:
             hf_model = model_class.from_pretrained(folder, dtype=torch.float32).eval()
         except (OSError, ValueError, RuntimeError) as err:
@@ -171,13 +172,16 @@ def _max_length(folder: Path, config: Any, tokenizer: Any) -> int:
 
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
-    """No weight-loading progress bar in our output; restored afterwards."""
+    """No weight-loading progress bar or import noise in our output; restored afterwards."""
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     try:
-        yield
+        # transformers imports torchao when it is installed, which logs the GPU kernels it
+        # cannot load on this machine and torch's pytree deprecations: noise for our users.
+        with silenced(("torchao", "torch.utils._pytree")):
+            yield
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]

@@ -36,6 +36,7 @@ from mahir.passes.precision import Float16, TorchLowPrecision, float16, torch_lo
 from mahir.passes.prune import MagnitudePrune, StructuredPrune, magnitude_prune, structured_prune
 from mahir.passes.prune_transformer import TransformerPrune, transformer_prune
 from mahir.passes.quantize import DynamicInt8, StaticInt8, dynamic_int8, static_int8
+from mahir.passes.torchao import Pt2eInt8, TorchaoInt8, pt2e_int8, torchao_int8
 from mahir.passes.weights import (
     NncfWeightCompression,
     OrtWeightOnly,
@@ -68,6 +69,8 @@ PASSES: dict[type[Any], PassFn] = {
     AccuracyAwareInt8: accuracy_aware_int8,
     Float16: float16,
     TorchLowPrecision: torch_low_precision,
+    TorchaoInt8: torchao_int8,
+    Pt2eInt8: pt2e_int8,
     StructuredPrune: structured_prune,
     TransformerPrune: transformer_prune,
     MagnitudePrune: magnitude_prune,
