@@ -418,8 +418,6 @@ def loadtest(
 def _run_loadtest(config: Any, json_path: Path | None) -> None:
     import asyncio
 
-    from rich.table import Table
-
     from mahir.serve.loadtest import run_load
 
     with _progress() as progress:
@@ -434,22 +432,10 @@ def _run_loadtest(config: Any, json_path: Path | None) -> None:
                 description=f"{done} requests, {len(result.latencies_ms)} ok",
             )
 
-        summary = asyncio.run(run_load(config, on_progress=on_progress)).summary()
-    table = Table(title=f"{summary['mode']}-loop load on {config.url}")
-    for column in ("requests", "ok", "req/s", "p50 ms", "p90 ms", "p99 ms", "statuses"):
-        table.add_column(column, justify="right")
-    table.add_row(
-        str(summary["requests"]),
-        str(summary["ok"]),
-        f"{summary['throughput']:.1f}",
-        f"{summary['p50_ms']:.2f}",
-        f"{summary['p90_ms']:.2f}",
-        f"{summary['p99_ms']:.2f}",
-        ", ".join(f"{k}: {v}" for k, v in sorted(summary["statuses"].items())),
-    )
-    console.print(table)
+        result = asyncio.run(run_load(config, on_progress=on_progress))
+    console.print(result)
     if json_path is not None:
-        write_json(json_path, summary)
+        write_json(json_path, result.summary())
 
 
 def _why_lines(report: dict[str, Any]) -> list[str]:

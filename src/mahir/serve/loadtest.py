@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+from rich.table import Table
 
 from mahir.errors import BadInput
 from mahir.workload import WORDS
@@ -72,6 +73,22 @@ class LoadResult:
             "statuses": dict(self.statuses),
             "elapsed_s": self.elapsed_s,
         }
+
+    def __rich__(self) -> Table:
+        summary = self.summary()
+        table = Table(title=f"{summary['mode']}-loop load on {self.config.url}")
+        for column in ("requests", "ok", "req/s", "p50 ms", "p90 ms", "p99 ms", "statuses"):
+            table.add_column(column, justify="right")
+        table.add_row(
+            str(summary["requests"]),
+            str(summary["ok"]),
+            f"{summary['throughput']:.1f}",
+            f"{summary['p50_ms']:.2f}",
+            f"{summary['p90_ms']:.2f}",
+            f"{summary['p99_ms']:.2f}",
+            ", ".join(f"{k}: {v}" for k, v in sorted(summary["statuses"].items())),
+        )
+        return table
 
 
 def sentence_source(seed: int) -> Callable[[], str]:
