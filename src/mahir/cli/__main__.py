@@ -1,0 +1,3 @@
+from mahir.cli import main
+
+main()

@@ -1,0 +1,69 @@
+"""What every `mahir` command shares: the consoles, the error guard, progress, small parsers."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from mahir.errors import BadInput, MahirError, exit_code
+
+# Tables are wider than the 80 columns rich assumes when output goes to a file or a pipe.
+console = Console(width=None if sys.stdout.isatty() else 120)
+errors = Console(stderr=True)
+T = TypeVar("T")
+
+ModelArg = Annotated[
+    str | None,
+    typer.Argument(
+        help="A Hugging Face model folder, an .onnx file, or path/to/file.py:factory "
+        "(default: the bundled all-MiniLM-L6-v2).",
+        show_default=False,
+    ),
+]
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TimeElapsedColumn(),
+        console=errors,
+        transient=True,
+    )
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    """'64-128' -> (64, 128)."""
+    match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", text)
+    if not match:
+        raise BadInput(f"--tokens takes MIN-MAX such as 64-128, got {text!r}")
+    return int(match[1]), int(match[2])
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Atomically: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def guard(ctx: typer.Context, fn: Callable[[], T]) -> T:
+    """Run `fn`; a MahirError becomes one line and an exit code, unless --debug asked for the
+    traceback."""
+    try:
+        return fn()
+    except MahirError as err:
+        if ctx.obj and ctx.obj.get("debug"):
+            raise
+        errors.print(f"[bold red]error:[/] {err}", markup=True, highlight=False, soft_wrap=True)
+        raise typer.Exit(exit_code(err)) from None

@@ -1,0 +1,171 @@
+"""`mahir serve` and `mahir loadtest`: the commands that serve and load a model."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from mahir.cli.common import console, errors, guard, progress_bar, write_json
+from mahir.errors import BadInput
+
+
+def serve(
+    ctx: typer.Context,
+    source: Annotated[
+        str | None,
+        typer.Argument(
+            help="An output directory of mahir optimize/apply, or any model mahir can load "
+            "(served fp32 on ONNX Runtime).",
+            show_default=False,
+        ),
+    ] = None,
+    host: Annotated[
+        str, typer.Option(help="Interface to bind; other than loopback only if asked.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    max_batch_size: Annotated[int, typer.Option(help="Items per batch at most.")] = 32,
+    max_batch_tokens: Annotated[int, typer.Option(help="Padded tokens per batch at most.")] = 8192,
+    max_delay_ms: Annotated[
+        float,
+        typer.Option(help="Longest wait for a batch to fill (0: run when the worker is free)."),
+    ] = 0.0,
+    max_padding: Annotated[
+        float, typer.Option(help="Padded tokens per real token a batch may add at most.")
+    ] = 0.5,
+    max_queue: Annotated[int, typer.Option(help="Waiting requests at most; then 503.")] = 1024,
+    timeout_ms: Annotated[
+        float, typer.Option(help="A request not started by then gets 504.")
+    ] = 30_000.0,
+    max_body_mb: Annotated[float, typer.Option(help="Largest request body; then 413.")] = 8.0,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="MAHIR_API_KEY", help="Require Authorization: Bearer KEY.", show_default=False
+        ),
+    ] = None,
+) -> None:
+    """Serve a model over HTTP (KServe v2, OpenAI-style embeddings) with dynamic batching."""
+    from mahir.serve.app import ServeConfig
+    from mahir.serve.batcher import BatcherConfig
+
+    def configure() -> ServeConfig:
+        try:
+            batcher = BatcherConfig(
+                max_batch_size=max_batch_size,
+                max_batch_tokens=max_batch_tokens,
+                max_delay_ms=max_delay_ms,
+                max_padding=max_padding,
+                max_queue=max_queue,
+                timeout_ms=timeout_ms,
+            )
+        except ValueError as err:
+            raise BadInput(str(err)) from err
+        return ServeConfig(
+            host=host,
+            port=port,
+            api_key=api_key,
+            max_body_bytes=int(max_body_mb * 2**20),
+            batcher=batcher,
+        )
+
+    config = guard(ctx, configure)
+    guard(ctx, lambda: _run_serve(source, config))
+
+
+def _run_serve(source: str | None, config: Any) -> None:
+    from mahir.outdir import MANIFEST, open_output_dir
+    from mahir.serve.app import run_server
+
+    folder = Path(source) if source else None
+    if folder is not None and (folder / MANIFEST).is_file():
+        opened = open_output_dir(folder)
+    else:
+        with tempfile.TemporaryDirectory(prefix="mahir-serve-") as tmp:
+            out = Path(tmp) / "out"
+            _write_plain(source, out)
+            opened = open_output_dir(out)
+    errors.print(f"serving {opened.name} on http://{config.host}:{config.port}", highlight=False)
+    run_server(opened, config)
+
+
+def _write_plain(source: str | None, out: Path) -> None:
+    """A model that is no output directory yet: its fp32 ONNX export, checked, as one."""
+    from mahir.apply import apply_recipe, write_output_dir
+    from mahir.model import load_model
+    from mahir.recipe import Recipe
+
+    model = load_model(source)
+    applied = apply_recipe(
+        model, Recipe((), "onnxruntime"), out.parent / "work", calibration=(), evaluation=()
+    )
+    write_output_dir(model, applied, out)
+
+
+def loadtest(
+    ctx: typer.Context,
+    url: Annotated[str, typer.Argument(help="The server, e.g. http://127.0.0.1:8000")],
+    concurrency: Annotated[
+        int | None, typer.Option(help="Closed loop: clients, each waiting for its answer.")
+    ] = None,
+    rate: Annotated[
+        float | None, typer.Option(help="Open loop: requests per second, whatever happens.")
+    ] = None,
+    duration: Annotated[float, typer.Option(help="Seconds of load.")] = 10.0,
+    requests: Annotated[int | None, typer.Option(help="Stop after this many requests.")] = None,
+    endpoint: Annotated[str, typer.Option(help="embeddings (OpenAI) or infer (KServe v2).")] = (
+        "embeddings"
+    ),
+    model: Annotated[str, typer.Option(help="Model name the requests carry.")] = "model",
+    sentences: Annotated[int, typer.Option(help="Sentences per request.")] = 1,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write the summary here.")
+    ] = None,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="MAHIR_API_KEY", help="Bearer token.", show_default=False)
+    ] = None,
+) -> None:
+    """Load an inference server and report throughput, p50/p90/p99 and errors by status."""
+    from mahir.serve.loadtest import LoadConfig
+
+    config = guard(
+        ctx,
+        lambda: LoadConfig(
+            url=url,
+            concurrency=concurrency,
+            rate=rate,
+            duration_s=duration,
+            max_requests=requests,
+            endpoint=endpoint,  # type: ignore[arg-type]
+            model=model,
+            sentences_per_request=sentences,
+            api_key=api_key,
+        ),
+    )
+    guard(ctx, lambda: _run_loadtest(config, json_path))
+
+
+def _run_loadtest(config: Any, json_path: Path | None) -> None:
+    import asyncio
+
+    from mahir.serve.loadtest import run_load
+
+    with progress_bar() as progress:
+        task = progress.add_task("sending", total=config.duration_s)
+        started = time.perf_counter()
+
+        def on_progress(result: Any) -> None:
+            done = sum(result.statuses.values())
+            progress.update(
+                task,
+                completed=min(config.duration_s, time.perf_counter() - started),
+                description=f"{done} requests, {len(result.latencies_ms)} ok",
+            )
+
+        result = asyncio.run(run_load(config, on_progress=on_progress))
+    console.print(result)
+    if json_path is not None:
+        write_json(json_path, result.summary())
