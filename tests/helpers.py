@@ -1,9 +1,17 @@
-"""What several test modules need: the real `mahir` command in a fresh process."""
+"""What several test modules need: the real `mahir` command in a fresh process, and a real
+`mahir serve` on a free loopback port."""
 
 from __future__ import annotations
 
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
 
 
 def mahir(*args: str) -> subprocess.CompletedProcess[str]:
@@ -15,3 +23,40 @@ def mahir(*args: str) -> subprocess.CompletedProcess[str]:
         timeout=600,
         check=False,
     )
+
+
+class Server:
+    """`mahir serve FOLDER ARGS` in its own process on a free loopback port, ready (its
+    readiness polled) once constructed; `stop()` sends SIGTERM and returns the exit code."""
+
+    def __init__(self, folder: Path, *args: str) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        # A file, not a pipe: a pipe nobody reads could fill and block the server.
+        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115  # closed in stop()
+        command = [sys.executable, "-m", "mahir.cli", "serve", str(folder)]
+        self.process = subprocess.Popen(
+            [*command, "--port", str(self.port), *args], stdout=self.log, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                self.log.seek(0)
+                raise RuntimeError(f"server exited: {self.log.read()}")
+            try:
+                if httpx.get(f"{self.url}/v2/health/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.1)  # not listening yet: poll again
+        self.stop()
+        raise RuntimeError("server did not become ready in 120 s")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=60)
+        finally:
+            self.log.close()

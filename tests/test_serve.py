@@ -5,11 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import socket
-import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +21,7 @@ from mahir.model import Model
 from mahir.pooling import pool
 from mahir.recipe import Recipe
 from mahir.workload import generate_sentences, tokenize
+from tests.helpers import Server
 from tests.helpers import mahir as run_mahir
 
 NAME = "all-MiniLM-L6-v2"
@@ -40,40 +36,6 @@ def served_dir(minilm: Model, tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     write_output_dir(minilm, applied, work / "out")
     return work / "out"
-
-
-class Server:
-    def __init__(self, folder: Path, *args: str) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        # A file, not a pipe: a pipe nobody reads could fill and block the server.
-        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115  # closed in stop()
-        command = [sys.executable, "-m", "mahir.cli", "serve", str(folder)]
-        self.process = subprocess.Popen(
-            [*command, "--port", str(self.port), *args], stdout=self.log, stderr=subprocess.STDOUT
-        )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                self.log.seek(0)
-                raise RuntimeError(f"server exited: {self.log.read()}")
-            try:
-                if httpx.get(f"{self.url}/v2/health/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.1)  # not listening yet: poll again
-        self.stop()
-        raise RuntimeError("server did not become ready in 120 s")
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=60)
-        finally:
-            self.log.close()
 
 
 @pytest.fixture(scope="module")

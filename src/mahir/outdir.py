@@ -46,6 +46,15 @@ def read_manifest(out: Path) -> dict[str, Any]:
     return manifest
 
 
+def update_manifest(out: Path, key: str, value: Any) -> None:
+    """Set one top-level key of `mahir.json`, atomically: a reader sees the old file or the new."""
+    manifest = read_manifest(out)
+    manifest[key] = value
+    staged = out / f".{MANIFEST}.tmp"
+    staged.write_text(json.dumps(manifest, indent=2) + "\n")
+    staged.replace(out / MANIFEST)
+
+
 def open_output_dir(out: Path) -> OutputDir:
     """Open the artifact on the runtime and settings the manifest names, with its tokenizer."""
     manifest = read_manifest(out)

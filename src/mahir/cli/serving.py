@@ -27,15 +27,26 @@ def serve(
         str, typer.Option(help="Interface to bind; other than loopback only if asked.")
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    max_batch_size: Annotated[int, typer.Option(help="Items per batch at most.")] = 32,
+    max_batch_size: Annotated[
+        int | None,
+        typer.Option(help="Items per batch at most [default: tuned, else 32].", show_default=False),
+    ] = None,
     max_batch_tokens: Annotated[int, typer.Option(help="Padded tokens per batch at most.")] = 8192,
     max_delay_ms: Annotated[
-        float,
-        typer.Option(help="Longest wait for a batch to fill (0: run when the worker is free)."),
-    ] = 0.0,
+        float | None,
+        typer.Option(
+            help="Longest wait for a batch to fill [default: tuned, else 0: run when the worker "
+            "is free].",
+            show_default=False,
+        ),
+    ] = None,
     max_padding: Annotated[
-        float, typer.Option(help="Padded tokens per real token a batch may add at most.")
-    ] = 0.5,
+        float | None,
+        typer.Option(
+            help="Padded tokens per real token a batch may add at most [default: tuned, else 0.5].",
+            show_default=False,
+        ),
+    ] = None,
     max_queue: Annotated[int, typer.Option(help="Waiting requests at most; then 503.")] = 1024,
     timeout_ms: Annotated[
         float, typer.Option(help="A request not started by then gets 504.")
@@ -47,42 +58,75 @@ def serve(
             envvar="MAHIR_API_KEY", help="Require Authorization: Bearer KEY.", show_default=False
         ),
     ] = None,
+    tune: Annotated[
+        bool,
+        typer.Option(
+            "--tune",
+            help="First measure batch size, delay and padding; keep the most throughput with p99 "
+            "under --p99-ms, record it in mahir.json, then serve with it.",
+        ),
+    ] = False,
+    p99_ms: Annotated[
+        float | None, typer.Option("--p99-ms", help="The p99 bound --tune keeps to (ms).")
+    ] = None,
+    tune_concurrency: Annotated[int, typer.Option(help="Clients --tune loads with.")] = 32,
+    tune_seconds: Annotated[
+        float, typer.Option(help="Timed seconds per setting --tune tries.")
+    ] = 2.0,
 ) -> None:
     """Serve a model over HTTP (KServe v2, OpenAI-style embeddings) with dynamic batching."""
     from mahir.serve.app import ServeConfig
     from mahir.serve.batcher import BatcherConfig
+    from mahir.serve.tune import TuneConfig
 
-    def configure() -> ServeConfig:
+    given = {"max_batch_size": max_batch_size, "max_delay_ms": max_delay_ms}
+    given["max_padding"] = max_padding
+    explicit = {name: value for name, value in given.items() if value is not None}
+
+    def configure() -> tuple[ServeConfig, TuneConfig | None]:
+        if (p99_ms is not None) != tune:
+            raise BadInput("--tune and --p99-ms go together: --tune --p99-ms 100, say")
         try:
             batcher = BatcherConfig(
-                max_batch_size=max_batch_size,
                 max_batch_tokens=max_batch_tokens,
-                max_delay_ms=max_delay_ms,
-                max_padding=max_padding,
                 max_queue=max_queue,
                 timeout_ms=timeout_ms,
+                **explicit,  # type: ignore[arg-type]
             )
+            tuning = None
+            if p99_ms is not None:
+                tuning = TuneConfig(p99_ms, concurrency=tune_concurrency, seconds=tune_seconds)
         except ValueError as err:
             raise BadInput(str(err)) from err
-        return ServeConfig(
+        config = ServeConfig(
             host=host,
             port=port,
             api_key=api_key,
             max_body_bytes=int(max_body_mb * 2**20),
             batcher=batcher,
         )
+        return config, tuning
 
-    config = guard(ctx, configure)
-    guard(ctx, lambda: _run_serve(source, config))
+    config, tuning = guard(ctx, configure)
+    guard(ctx, lambda: _run_serve(source, config, set(explicit), tuning))
 
 
-def _run_serve(source: str | None, config: Any) -> None:
+def _run_serve(source: str | None, config: Any, explicit: set[str], tuning: Any) -> None:
     from mahir.outdir import MANIFEST, open_output_dir
     from mahir.serve.app import run_server
 
     folder = Path(source) if source else None
     if folder is not None and (folder / MANIFEST).is_file():
         opened = open_output_dir(folder)
+        if tuning is not None:
+            _tune(folder, opened, config.batcher, tuning)
+            opened = open_output_dir(folder)  # with the manifest the tuner wrote
+        config = _with_batching(config, opened.manifest.get("batching"), explicit)
+    elif tuning is not None:
+        raise BadInput(
+            "--tune records its choice in an output directory's mahir.json: give one "
+            "(mahir apply or mahir optimize writes it)"
+        )
     else:
         with tempfile.TemporaryDirectory(prefix="mahir-serve-") as tmp:
             out = Path(tmp) / "out"
@@ -90,6 +134,35 @@ def _run_serve(source: str | None, config: Any) -> None:
             opened = open_output_dir(out)
     errors.print(f"serving {opened.name} on http://{config.host}:{config.port}", highlight=False)
     run_server(opened, config)
+
+
+def _tune(folder: Path, opened: Any, base: Any, tuning: Any) -> None:
+    import asyncio
+
+    from mahir.outdir import update_manifest
+    from mahir.serve.tune import tune_batching
+
+    with progress_bar() as progress:
+        task = progress.add_task("tuning batching", total=None)
+
+        def on_trial(done: int, total: int) -> None:
+            progress.update(task, total=total, completed=done)
+
+        result = asyncio.run(tune_batching(opened, tuning, base=base, on_trial=on_trial))
+    console.print(result)
+    update_manifest(folder, "batching", result.record())
+
+
+def _with_batching(config: Any, recorded: dict[str, Any] | None, explicit: set[str]) -> Any:
+    """The batcher the tuner recorded, under whatever the command line set explicitly."""
+    import dataclasses
+
+    from mahir.serve.tune import TUNED
+
+    if not recorded:
+        return config
+    tuned = {name: recorded[name] for name in TUNED if name in recorded and name not in explicit}
+    return dataclasses.replace(config, batcher=dataclasses.replace(config.batcher, **tuned))
 
 
 def _write_plain(source: str | None, out: Path) -> None:

@@ -64,7 +64,7 @@ class Model:
         self.name = opened.name
         spec = opened.spec
         sequence = frozenset(t.name for t in spec.inputs if t.shape[1:2] == (SEQUENCE,))
-        self.token_outputs = _token_outputs(opened, sequence)
+        self.token_outputs = token_outputs(opened, sequence)
         self.batcher = Batcher(
             opened.session,
             batcher_config,
@@ -92,7 +92,7 @@ class Model:
         return pool(tokens, mask, opened.pooling)[0], int(mask.sum())
 
 
-def _token_outputs(opened: OutputDir, sequence: frozenset[str]) -> frozenset[str]:
+def token_outputs(opened: OutputDir, sequence: frozenset[str]) -> frozenset[str]:
     """Outputs whose axis 1 follows the sequence length, found by running two lengths (which
     also warms the runtime up before the first request)."""
     if not sequence:
@@ -173,6 +173,14 @@ def build_app(opened: OutputDir, config: ServeConfig = ServeConfig()) -> FastAPI
             )
 
         return await guarded(request, "ready", work)
+
+    @app.get("/v2/models/{name}/config")
+    async def model_config(name: str, request: Request) -> Response:
+        async def work() -> Response:
+            _known(model, name)
+            return JSONResponse(_batching_config(model.name, config.batcher))
+
+        return await guarded(request, "config", work)
 
     @app.post("/v2/models/{name}/infer")
     async def infer(name: str, request: Request) -> Response:
@@ -329,6 +337,25 @@ def _metadata(model: Model) -> dict[str, Any]:
             for t in spec.inputs
         ],
         "outputs": [{"name": name} for name in spec.outputs],
+    }
+
+
+def _batching_config(name: str, batcher: BatcherConfig) -> dict[str, Any]:
+    """The batching in force, in the shape of Triton's model-configuration extension (what
+    `tritonclient`'s `get_model_config` reads), plus mahir's own settings beside it."""
+    return {
+        "name": name,
+        "max_batch_size": batcher.max_batch_size,
+        "dynamic_batching": {
+            "max_queue_delay_microseconds": int(batcher.max_delay_ms * 1000),
+            "default_queue_policy": {"max_queue_size": batcher.max_queue},
+        },
+        "mahir_batching": {
+            "max_batch_tokens": batcher.max_batch_tokens,
+            "max_padding": batcher.max_padding,
+            "group_by_length": batcher.group_by_length,
+            "timeout_ms": batcher.timeout_ms,
+        },
     }
 
 

@@ -1,0 +1,213 @@
+"""The batching tuner: which batch size, delay and padding allowance give the most throughput
+with p99 under a bound, measured on this machine with this artifact.
+
+Every setting is driven by the same closed-loop load (`concurrency` clients, one traffic-shaped
+request each, distinct inputs), through a real `Batcher` over the real session, so it measures
+queueing, padding and inference together. Settings are timed interleaved in rounds, so machine
+drift hits all alike; each setting's latencies are pooled over its rounds. HTTP is left out on
+purpose: it adds the same fixed cost (about a millisecond) to every setting, and a client
+sharing the server's cores would skew the comparison. The winner is the highest throughput
+whose p99 is within the bound; its values are recorded in `mahir.json` under `batching`, which
+`mahir serve` and the exports (Triton's `dynamic_batching`) read.
+
+Knows the batcher and the output directory; nothing of HTTP, passes or search.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+from rich.table import Table
+
+from mahir.errors import BadInput
+from mahir.hardware import detect
+from mahir.outdir import OutputDir
+from mahir.serve.app import token_outputs
+from mahir.serve.batcher import Batcher, BatcherConfig, Inputs
+from mahir.types import BATCH, SEQUENCE
+from mahir.workload import generate_sentences, random_inputs
+
+TUNED = ("max_batch_size", "max_delay_ms", "max_padding")
+"""The batcher settings the tuner chooses and `mahir.json` records."""
+
+
+@dataclass(frozen=True, slots=True)
+class TuneConfig:
+    p99_ms: float
+    """The bound: a setting whose p99 (queue + batch + inference) exceeds it is not chosen."""
+    concurrency: int = 32
+    """Clients in the closed loop, each waiting for its answer before the next request."""
+    seconds: float = 2.0
+    """Timed seconds per setting, split over `rounds`."""
+    rounds: int = 2
+    batch_sizes: tuple[int, ...] = (1, 4, 8, 16, 32, 64)
+    """Tried up to `concurrency` (a larger batch can never fill)."""
+    delays_ms: tuple[float, ...] = (0.0, 4.0)
+    paddings: tuple[float, ...] = (0.5, 2.0)
+    """`max_padding` values: for text models only (tensor models have nothing to pad)."""
+
+    def __post_init__(self) -> None:
+        if self.p99_ms <= 0:
+            raise ValueError(f"--p99-ms must be > 0, got {self.p99_ms}")
+        if self.concurrency < 1 or self.seconds <= 0 or self.rounds < 1:
+            raise ValueError("concurrency and rounds must be >= 1 and seconds > 0")
+
+
+@dataclass(frozen=True, slots=True)
+class Trial:
+    config: BatcherConfig
+    requests: int
+    seconds: float
+    latencies_ms: tuple[float, ...]
+
+    @property
+    def throughput(self) -> float:
+        return self.requests / self.seconds
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q))
+
+
+@dataclass(frozen=True, slots=True)
+class TuneResult:
+    config: TuneConfig
+    trials: tuple[Trial, ...]
+    machine: str
+
+    @property
+    def best(self) -> Trial | None:
+        """The most throughput among the settings whose p99 is within the bound."""
+        within = [t for t in self.trials if t.percentile(99) <= self.config.p99_ms]
+        return max(within, key=lambda t: t.throughput, default=None)
+
+    def record(self) -> dict[str, Any]:
+        """What `mahir.json` keeps under `batching`."""
+        best = self.best
+        if best is None:
+            lowest = min(self.trials, key=lambda t: t.percentile(99))
+            raise BadInput(
+                f"no batching setting kept p99 under {self.config.p99_ms:g} ms at concurrency "
+                f"{self.config.concurrency} (lowest: {lowest.percentile(99):.1f} ms at batch "
+                f"{lowest.config.max_batch_size}): raise --p99-ms or lower --tune-concurrency"
+            )
+        return {
+            "max_batch_size": best.config.max_batch_size,
+            "max_delay_ms": best.config.max_delay_ms,
+            "max_padding": best.config.max_padding,
+            "p99_bound_ms": self.config.p99_ms,
+            "concurrency": self.config.concurrency,
+            "throughput": round(best.throughput, 1),
+            "p50_ms": round(best.percentile(50), 2),
+            "p99_ms": round(best.percentile(99), 2),
+            "machine": self.machine,
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+
+    def __rich__(self) -> Table:
+        best = self.best
+        table = Table(title=f"batching at concurrency {self.config.concurrency}")
+        for column in ("batch", "delay ms", "padding", "req/s", "p50 ms", "p99 ms", ""):
+            table.add_column(column, justify="right")
+        for t in sorted(self.trials, key=lambda t: -t.throughput):
+            c, p99 = t.config, t.percentile(99)
+            verdict = "chosen" if t is best else ("" if p99 <= self.config.p99_ms else "p99 over")
+            table.add_row(
+                str(c.max_batch_size),
+                f"{c.max_delay_ms:g}",
+                f"{c.max_padding:g}",
+                f"{t.throughput:.1f}",
+                f"{t.percentile(50):.2f}",
+                f"{p99:.2f}",
+                verdict,
+            )
+        table.caption = f"p99 bound {self.config.p99_ms:g} ms; {self.machine}"
+        return table
+
+
+def settings(base: BatcherConfig, config: TuneConfig, text: bool) -> list[BatcherConfig]:
+    """Every setting the tuner tries: batch sizes x delays (x paddings, for text)."""
+    sizes = [b for b in config.batch_sizes if b <= config.concurrency] or [config.concurrency]
+    paddings = config.paddings if text else (base.max_padding,)
+    return [
+        dataclasses.replace(base, max_batch_size=b, max_delay_ms=d, max_padding=p)
+        for b, d, p in itertools.product(sizes, config.delays_ms, paddings)
+    ]
+
+
+def traffic(opened: OutputDir, count: int, seed: int = 0) -> list[Inputs]:
+    """One-item requests shaped like real traffic: generated short-skewed sentences for text
+    models (tokenized one by one, as the server does), random tensors otherwise."""
+    rng = np.random.default_rng(seed)
+    spec = opened.spec
+    if opened.tokenizer is None:
+        return [random_inputs(spec, {BATCH: 1}, rng) for _ in range(count)]
+    max_length = opened.max_length or 512
+    requests = []
+    for sentence in generate_sentences(count, opened.tokenizer, rng, max_tokens=max_length):
+        encoded = opened.tokenizer(
+            [sentence], truncation=True, max_length=max_length, return_tensors="np"
+        )
+        requests.append({t.name: encoded[t.name].astype(t.dtype) for t in spec.inputs})
+    return requests
+
+
+async def tune_batching(
+    opened: OutputDir,
+    config: TuneConfig,
+    *,
+    base: BatcherConfig | None = None,
+    on_trial: Callable[[int, int], None] = lambda done, total: None,
+) -> TuneResult:
+    """Time every setting under the same load, interleaved in rounds; see the module note."""
+    sequence = frozenset(t.name for t in opened.spec.inputs if t.shape[1:2] == (SEQUENCE,))
+    candidates = settings(base or BatcherConfig(), config, text=bool(sequence))
+    cut = token_outputs(opened, sequence)
+    requests = traffic(opened, 4 * config.concurrency)
+    pooled: dict[int, list[float]] = {i: [] for i in range(len(candidates))}
+    elapsed = dict.fromkeys(range(len(candidates)), 0.0)
+    seconds = config.seconds / config.rounds
+    total = len(candidates) * config.rounds
+    for round_ in range(config.rounds):
+        for i, setting in enumerate(candidates):
+            batcher = Batcher(opened.session, setting, sequence_inputs=sequence, token_outputs=cut)
+            latencies, took = await _closed_loop(batcher, requests, config.concurrency, seconds)
+            pooled[i] += latencies
+            elapsed[i] += took
+            on_trial(round_ * len(candidates) + i + 1, total)
+    trials = tuple(
+        Trial(c, len(pooled[i]), elapsed[i], tuple(pooled[i])) for i, c in enumerate(candidates)
+    )
+    return TuneResult(config, trials, detect(gpus=False).summary())
+
+
+async def _closed_loop(
+    batcher: Batcher, requests: Sequence[Inputs], concurrency: int, seconds: float
+) -> tuple[list[float], float]:
+    """`concurrency` clients send requests back to back for `seconds` (after one warm-up
+    request each); returns each timed request's latency (ms) and the timed span (s)."""
+    batcher.start()
+    cycle = itertools.cycle(requests)
+    latencies: list[float] = []
+    try:
+        await asyncio.gather(*(batcher.submit(next(cycle)) for _ in range(concurrency)))
+        started = time.perf_counter()
+        stop_at = started + seconds
+
+        async def client() -> None:
+            while time.perf_counter() < stop_at:
+                sent = time.perf_counter()
+                await batcher.submit(next(cycle))
+                latencies.append((time.perf_counter() - sent) * 1000)
+
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        return latencies, time.perf_counter() - started
+    finally:
+        await batcher.stop()

@@ -1,0 +1,108 @@
+"""The batching tuner: real batcher, real ONNX Runtime session, and `mahir serve --tune` as a
+real process whose choice lands in mahir.json and is what the server then runs with."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+from mahir.apply import apply_recipe, write_output_dir
+from mahir.errors import BadInput
+from mahir.model import Model
+from mahir.outdir import open_output_dir, read_manifest, update_manifest
+from mahir.recipe import Recipe
+from mahir.serve.batcher import BatcherConfig
+from mahir.serve.tune import TUNED, TuneConfig, TuneResult, settings, tune_batching
+from tests.helpers import Server
+from tests.helpers import mahir as run_mahir
+
+QUICK = {"seconds": 0.2, "concurrency": 8, "batch_sizes": (1, 8), "delays_ms": (0.0, 2.0)}
+
+
+@pytest.fixture(scope="module")
+def mlp_dir(mlp: Model, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("tune")
+    applied = apply_recipe(
+        mlp, Recipe((), "onnxruntime"), work / "w", calibration=(), evaluation=()
+    )
+    write_output_dir(mlp, applied, work / "out")
+    return work / "out"
+
+
+def tune(folder: Path, config: TuneConfig) -> TuneResult:
+    return asyncio.run(tune_batching(open_output_dir(folder), config))
+
+
+def test_every_setting_is_timed_and_the_choice_keeps_the_bound(mlp_dir: Path) -> None:
+    result = tune(mlp_dir, TuneConfig(p99_ms=10_000, **QUICK))  # type: ignore[arg-type]
+    tried = {(t.config.max_batch_size, t.config.max_delay_ms) for t in result.trials}
+    assert tried == {(1, 0.0), (1, 2.0), (8, 0.0), (8, 2.0)}
+    assert all(t.requests > 0 and len(t.latencies_ms) == t.requests for t in result.trials)
+    best = result.best
+    assert best is not None
+    assert best.throughput == max(t.throughput for t in result.trials)
+    record = result.record()
+    assert record["max_batch_size"] == best.config.max_batch_size
+    assert record["p99_ms"] <= record["p99_bound_ms"] == 10_000
+    assert set(TUNED) <= set(record)
+
+
+def test_a_bound_no_setting_meets_says_how_close_it_came(mlp_dir: Path) -> None:
+    result = tune(mlp_dir, TuneConfig(p99_ms=1e-6, **QUICK))  # type: ignore[arg-type]
+    assert result.best is None
+    with pytest.raises(BadInput, match=r"no batching setting kept p99 under 1e-06 ms.*lowest"):
+        result.record()
+
+
+def test_batch_sizes_past_the_concurrency_and_padding_for_tensor_models_are_not_tried() -> None:
+    config = TuneConfig(p99_ms=50, concurrency=16, batch_sizes=(1, 16, 64), paddings=(0.5, 2.0))
+    tensor = settings(BatcherConfig(max_queue=99), config, text=False)
+    assert {s.max_batch_size for s in tensor} == {1, 16}
+    assert {s.max_padding for s in tensor} == {0.5}
+    assert all(s.max_queue == 99 for s in tensor)  # what the tuner does not choose is kept
+    assert len(settings(BatcherConfig(), config, text=True)) == 2 * len(tensor)
+
+
+def test_serve_tune_records_its_choice_and_serves_with_it(mlp_dir: Path, tmp_path: Path) -> None:
+    folder = shutil.copytree(mlp_dir, tmp_path / "out")  # the tuner writes into mahir.json
+    args = ("--tune", "--p99-ms", "10000", "--tune-seconds", "0.2", "--tune-concurrency", "8")
+    server = Server(folder, *args)
+    try:
+        recorded = read_manifest(folder)["batching"]
+        served = httpx.get(f"{server.url}/v2/models/{read_name(folder)}/config").json()
+    finally:
+        assert server.stop() == 0
+    assert recorded["max_batch_size"] in (1, 4, 8)  # the grid, capped at the concurrency
+    assert served["max_batch_size"] == recorded["max_batch_size"]
+    delay_us = served["dynamic_batching"]["max_queue_delay_microseconds"]
+    assert delay_us == int(recorded["max_delay_ms"] * 1000)
+
+
+def test_the_command_line_overrides_what_was_recorded(mlp_dir: Path, tmp_path: Path) -> None:
+    folder = shutil.copytree(mlp_dir, tmp_path / "out")
+    update_manifest(folder, "batching", {"max_batch_size": 12, "max_delay_ms": 3.0})
+    server = Server(folder, "--max-batch-size", "5")
+    try:
+        served = httpx.get(f"{server.url}/v2/models/{read_name(folder)}/config").json()
+    finally:
+        assert server.stop() == 0
+    assert served["max_batch_size"] == 5
+    assert served["dynamic_batching"]["max_queue_delay_microseconds"] == 3000
+
+
+def test_tune_needs_its_bound_and_an_output_directory(mlp: Model, tmp_path: Path) -> None:
+    alone = run_mahir("serve", "--tune")
+    assert alone.returncode == 2
+    assert "--tune and --p99-ms go together" in alone.stderr
+    plain = run_mahir("serve", "tests/models.py:mlp", "--tune", "--p99-ms", "50")
+    assert plain.returncode == 2
+    assert "records its choice in an output directory" in plain.stderr
+
+
+def read_name(folder: Path) -> str:
+    return str(json.loads((folder / "mahir.json").read_text())["source"]["name"])
