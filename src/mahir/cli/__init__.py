@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from mahir.cli import build, serving
+from mahir.cli import build, export, serving
 
 app = typer.Typer(
     help="mahir: make a trained model run faster and cheaper without changing its answers.",
@@ -19,7 +19,14 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-for command in (build.bench, build.apply, build.optimize, serving.serve, serving.loadtest):
+for command in (
+    build.bench,
+    build.apply,
+    build.optimize,
+    serving.serve,
+    serving.loadtest,
+    export.export,
+):
     app.command()(command)
 
 
