@@ -23,7 +23,7 @@ from typing import Any
 from mahir.errors import BadInput
 from mahir.export import export_program, fidelity, reference_outputs, verification_batches
 from mahir.model import Model
-from mahir.outdir import MANIFEST, TOKENIZER
+from mahir.outdir import MANIFEST, TOKENIZER, replace_dir
 from mahir.passes import PassContext, apply_steps, convert
 from mahir.quality import quality_to_dict
 from mahir.recipe import Recipe
@@ -78,7 +78,7 @@ def write_output_dir(
             _write_artifact(model, applied, staging)
         for name, text in extra.items():
             (staging / name).write_text(text)
-        _replace_dir(staging, out)
+        replace_dir(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -125,15 +125,3 @@ def _copy_artifact(artifact: Artifact, folder: Path) -> list[str]:
     for source in artifact.files():
         shutil.copy2(source, folder / source.name)
     return [source.name for source in artifact.files()]
-
-
-def _replace_dir(new: Path, out: Path) -> None:
-    """Swap `new` into place at `out`; the old directory is removed only after the swap."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.replace(old)
-        new.replace(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        new.replace(out)

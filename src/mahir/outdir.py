@@ -9,6 +9,7 @@ search, so serving stays free of the optimizer.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,3 +92,15 @@ def open_output_dir(out: Path) -> OutputDir:
 def load_output_dir(out: Path) -> Session:
     """The session of an output directory: the winner, on the runtime it won on."""
     return open_output_dir(out).session
+
+
+def replace_dir(new: Path, out: Path) -> None:
+    """Swap `new` into place at `out`; the old directory is removed only after the swap."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.replace(old)
+        new.replace(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        new.replace(out)

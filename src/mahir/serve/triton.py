@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from mahir.errors import BadInput, Unsupported
-from mahir.outdir import MANIFEST, TOKENIZER, read_manifest
+from mahir.outdir import MANIFEST, TOKENIZER, read_manifest, replace_dir
 from mahir.types import BATCH
 
 CONFIG = "config.pbtxt"
@@ -119,7 +119,7 @@ def write_triton_repo(
     staging.chmod(0o755)  # mkdtemp makes it private; a repository is meant to be shared
     try:
         _fill(staging, out, manifest, text)
-        _replace(staging, repo / name)
+        replace_dir(staging, repo / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return repo / name
@@ -300,15 +300,3 @@ def _check_repo(repo: Path, name: str) -> None:
     target = repo / name
     if target.exists() and not (target / MANIFEST).is_file():
         raise BadInput(f"refusing to replace {target}: mahir did not write it; choose --name")
-
-
-def _replace(new: Path, target: Path) -> None:
-    """Swap `new` into place at `target`; the old folder is removed only after the swap."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        target.replace(old)
-        new.replace(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        new.replace(target)
