@@ -73,6 +73,24 @@ def serve(
     tune_seconds: Annotated[
         float, typer.Option(help="Timed seconds per setting --tune tries.")
     ] = 2.0,
+    ray: Annotated[
+        bool, typer.Option("--ray", help="Serve as Ray Serve replicas (pip install 'mahir[ray]').")
+    ] = False,
+    replicas: Annotated[
+        int | None, typer.Option(help="With --ray: this many replicas [default: 1].")
+    ] = None,
+    autoscale: Annotated[
+        str | None,
+        typer.Option(
+            help="With --ray: MIN,MAX replicas, scaled with the load.", show_default=False
+        ),
+    ] = None,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            help="With --ray: join this Ray cluster (else start a local one).", show_default=False
+        ),
+    ] = None,
 ) -> None:
     """Serve a model over HTTP (KServe v2, OpenAI-style embeddings) with dynamic batching."""
     from mahir.serve.app import ServeConfig
@@ -108,32 +126,64 @@ def serve(
         return config, tuning
 
     config, tuning = guard(ctx, configure)
-    guard(ctx, lambda: _run_serve(source, config, set(explicit), tuning))
+    scale = guard(ctx, lambda: _ray_config(ray, replicas, autoscale, address))
+    guard(ctx, lambda: _run_serve(source, config, set(explicit), tuning, scale))
 
 
-def _run_serve(source: str | None, config: Any, explicit: set[str], tuning: Any) -> None:
+def _ray_config(ray: bool, replicas: int | None, autoscale: str | None, address: str | None) -> Any:
+    """The Ray Serve scale-out asked for, or None to serve in this process."""
+    from mahir.serve.ray import RayConfig, parse_autoscale
+
+    if not ray:
+        if replicas is not None or autoscale is not None or address is not None:
+            raise BadInput("--replicas, --autoscale and --address go with --ray: add --ray")
+        return None
+    bounds = parse_autoscale(autoscale) if autoscale is not None else None
+    return RayConfig(replicas=replicas, autoscale=bounds, address=address)
+
+
+def _run_serve(
+    source: str | None, config: Any, explicit: set[str], tuning: Any, scale: Any = None
+) -> None:
     from mahir.outdir import MANIFEST, open_output_dir
     from mahir.serve.app import run_server
 
     folder = Path(source) if source else None
-    if folder is not None and (folder / MANIFEST).is_file():
-        opened = open_output_dir(folder)
+    if folder is None or not (folder / MANIFEST).is_file():
+        if scale is not None:
+            raise BadInput(
+                "--ray serves an output directory, which every replica opens (on any node): "
+                "write one with mahir apply or mahir optimize --out DIR, then mahir serve DIR --ray"
+            )
         if tuning is not None:
-            _tune(folder, opened, config.batcher, tuning)
-            opened = open_output_dir(folder)  # with the manifest the tuner wrote
-        config = _with_batching(config, opened.manifest.get("batching"), explicit)
-    elif tuning is not None:
-        raise BadInput(
-            "--tune records its choice in an output directory's mahir.json: give one "
-            "(mahir apply or mahir optimize writes it)"
-        )
-    else:
+            raise BadInput(
+                "--tune records its choice in an output directory's mahir.json: give one "
+                "(mahir apply or mahir optimize writes it)"
+            )
         with tempfile.TemporaryDirectory(prefix="mahir-serve-") as tmp:
             out = Path(tmp) / "out"
             _write_plain(source, out)
             opened = open_output_dir(out)
-    errors.print(f"serving {opened.name} on http://{config.host}:{config.port}", highlight=False)
-    run_server(opened, config)
+        _announce(opened.name, config)
+        run_server(opened, config)
+        return
+    opened = open_output_dir(folder)
+    if tuning is not None:
+        _tune(folder, opened, config.batcher, tuning)
+        opened = open_output_dir(folder)  # with the manifest the tuner wrote
+    config = _with_batching(config, opened.manifest.get("batching"), explicit)
+    _announce(opened.name, config)
+    if scale is None:
+        run_server(opened, config)
+        return
+    from mahir.serve.ray import serve_ray
+
+    del opened  # every replica opens the directory itself
+    serve_ray(folder, config, scale)
+
+
+def _announce(name: str, config: Any) -> None:
+    errors.print(f"serving {name} on http://{config.host}:{config.port}", highlight=False)
 
 
 def _tune(folder: Path, opened: Any, base: Any, tuning: Any) -> None:

@@ -313,6 +313,8 @@ async def _until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
         watcher.cancel()
     if task not in done:
         task.cancel()
+        # A gathered request that already failed would otherwise be logged as never retrieved.
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
         raise _HttpError(499, "the client closed the connection")
     return task.result()
 
