@@ -141,6 +141,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    venv = args.infinity_venv.resolve()  # Infinity starts from inside the model folder
     machine = detect(gpus=False)
     print(machine.summary(), dt.date.today())
     name = open_output_dir(args.folder).name
@@ -149,14 +150,12 @@ def main() -> None:
         logs = {s: open(Path(tmp) / f"{s}.log", "wb") for s in ("infinity", "mahir")}  # noqa: SIM115
         ports = {"infinity": free_port(), "mahir": free_port()}
         servers = {
-            "infinity": start_infinity(
-                args.infinity_venv, folder, ports["infinity"], logs["infinity"]
-            ),
+            "infinity": start_infinity(venv, folder, ports["infinity"], logs["infinity"]),
             "mahir": start_mahir(args.folder, ports["mahir"], logs["mahir"]),
         }
         urls = {s: f"http://127.0.0.1:{p}" for s, p in ports.items()}
         try:
-            wait_ready(urls["infinity"], servers["infinity"], "/v1/health")
+            wait_ready(urls["infinity"], servers["infinity"], "/health")  # not under the prefix
             wait_ready(urls["mahir"], servers["mahir"], "/v2/health/ready")
             report = compare(urls, name, args.seconds, args.rounds)
         finally:
