@@ -97,3 +97,25 @@ def test_debug_shows_the_traceback() -> None:
     assert result.returncode != 0
     assert "Traceback" in result.stderr
     assert "BadInput" in result.stderr
+
+
+def test_optimize_then_export_through_the_command(tmp_path: Path) -> None:
+    """The commands a user chains: optimize a model, then export the winner for Triton."""
+    out, repo = tmp_path / "out", tmp_path / "repo"
+    found = mahir(
+        "optimize", f"{TESTS / 'models.py'}:mlp", "--only", "onnxruntime",
+        "--time-budget", "1", "--out", str(out),
+    )  # fmt: skip
+    assert found.returncode == 0, found.stderr
+    assert "report:" in found.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["best"] in ("torch", "onnxruntime")  # the baseline is always measured too
+    assert (out / "mahir.json").is_file()
+    exported = mahir("export", str(out), "--triton", str(repo))
+    if report["best"] == "onnxruntime":
+        assert exported.returncode == 0, exported.stderr
+        assert len(list(repo.glob("*/config.pbtxt"))) == 1
+    else:  # a torch program: refused in one line, nothing written
+        assert exported.returncode == 2
+        assert len(exported.stderr.strip().splitlines()) == 1
+        assert not repo.exists()
