@@ -1,4 +1,5 @@
-"""`mahir bench` end to end, through the real console entry point in a fresh process."""
+"""`mahir bench`, and `mahir optimize` then `mahir export`, end to end through the real console
+entry point in a fresh process."""
 
 from __future__ import annotations
 
