@@ -69,3 +69,11 @@ def minilm_ir(
 
     ctx = PassContext(model=minilm, workdir=tmp_path_factory.mktemp("minilm-ir"))
     return convert(Artifact("onnx", minilm.spec, path=minilm_onnx), ("openvino",), ctx)
+
+
+@pytest.fixture(scope="session")
+def served_dir(minilm: Model, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default model, fp32 on ONNX Runtime, as an output directory (served read-only)."""
+    from tests.helpers import fp32_output_dir
+
+    return fp32_output_dir(minilm, tmp_path_factory.mktemp("served"))

@@ -13,6 +13,19 @@ from pathlib import Path
 
 import httpx
 
+from mahir.apply import apply_recipe, write_output_dir
+from mahir.model import Model
+from mahir.recipe import Recipe
+
+
+def fp32_output_dir(model: Model, work: Path) -> Path:
+    """`model`, fp32 on ONNX Runtime, as an output directory (what `mahir serve` and the
+    exports take), written under `work`."""
+    recipe = Recipe((), "onnxruntime")
+    applied = apply_recipe(model, recipe, work / "w", calibration=(), evaluation=())
+    write_output_dir(model, applied, work / "out")
+    return work / "out"
+
 
 def mahir(*args: str) -> subprocess.CompletedProcess[str]:
     """Run `python -m mahir.cli ARGS`, as a user's shell would, and capture what it printed."""

@@ -23,11 +23,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import mahir
-from mahir.apply import apply_recipe, write_output_dir
 from mahir.export import reference_outputs
 from mahir.model import Model
 from mahir.pooling import pool
-from mahir.recipe import Recipe
 from mahir.workload import tokenize
 from tests.helpers import Server
 from tests.helpers import mahir as run_mahir
@@ -35,17 +33,6 @@ from tests.test_serve import NAME, binary_output, infer_body, sentences
 
 REPLICA = "ServeReplica:mahir:MahirReplica"  # the actor class Ray Serve names after app:deployment
 RAY = str(Path(sys.executable).parent / "ray")
-
-
-@pytest.fixture(scope="module")
-def served_dir(minilm: Model, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The default model, fp32 on ONNX Runtime, as an output directory."""
-    work = tmp_path_factory.mktemp("ray")
-    applied = apply_recipe(
-        minilm, Recipe((), "onnxruntime"), work / "w", calibration=(), evaluation=()
-    )
-    write_output_dir(minilm, applied, work / "out")
-    return work / "out"
 
 
 @pytest.fixture(autouse=True)

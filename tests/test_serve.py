@@ -15,27 +15,14 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import mahir
-from mahir.apply import apply_recipe, write_output_dir
 from mahir.export import reference_outputs
 from mahir.model import Model
 from mahir.pooling import pool
-from mahir.recipe import Recipe
 from mahir.workload import generate_sentences, tokenize
 from tests.helpers import Server
 from tests.helpers import mahir as run_mahir
 
 NAME = "all-MiniLM-L6-v2"
-
-
-@pytest.fixture(scope="module")
-def served_dir(minilm: Model, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The default model, fp32 on ONNX Runtime, as an output directory."""
-    work = tmp_path_factory.mktemp("serve")
-    applied = apply_recipe(
-        minilm, Recipe((), "onnxruntime"), work / "w", calibration=(), evaluation=()
-    )
-    write_output_dir(minilm, applied, work / "out")
-    return work / "out"
 
 
 @pytest.fixture(scope="module")

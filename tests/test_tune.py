@@ -11,14 +11,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mahir.apply import apply_recipe, write_output_dir
 from mahir.errors import BadInput
 from mahir.model import Model
 from mahir.outdir import open_output_dir, read_manifest, update_manifest
-from mahir.recipe import Recipe
 from mahir.serve.batcher import BatcherConfig
 from mahir.serve.tune import TUNED, TuneConfig, TuneResult, settings, tune_batching
-from tests.helpers import Server
+from tests.helpers import Server, fp32_output_dir
 from tests.helpers import mahir as run_mahir
 
 QUICK = {"seconds": 0.2, "concurrency": 8, "batch_sizes": (1, 8), "delays_ms": (0.0, 2.0)}
@@ -26,12 +24,7 @@ QUICK = {"seconds": 0.2, "concurrency": 8, "batch_sizes": (1, 8), "delays_ms": (
 
 @pytest.fixture(scope="module")
 def mlp_dir(mlp: Model, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    work = tmp_path_factory.mktemp("tune")
-    applied = apply_recipe(
-        mlp, Recipe((), "onnxruntime"), work / "w", calibration=(), evaluation=()
-    )
-    write_output_dir(mlp, applied, work / "out")
-    return work / "out"
+    return fp32_output_dir(mlp, tmp_path_factory.mktemp("tune"))
 
 
 def tune(folder: Path, config: TuneConfig) -> TuneResult:
