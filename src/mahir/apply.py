@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 from mahir.errors import BadInput
 from mahir.export import export_program, fidelity, reference_outputs, verification_batches
 from mahir.model import Model
-from mahir.outdir import MANIFEST, TOKENIZER, replace_dir
+from mahir.outdir import MANIFEST, TOKENIZER, staged_dir
 from mahir.passes import PassContext, apply_steps, convert
 from mahir.quality import quality_to_dict
 from mahir.recipe import Recipe
@@ -70,17 +69,11 @@ def write_output_dir(
     `extra` files (name -> text) go beside; with no `applied` artifact only they are written."""
     if out.exists() and any(out.iterdir()) and not _is_output_dir(out):
         raise BadInput(f"refusing to replace {out}: it is not a mahir output directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".mahir-staging-", dir=out.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the output is meant to be shared
-    try:
+    with staged_dir(out) as staging:
         if applied is not None:
             _write_artifact(model, applied, staging)
         for name, text in extra.items():
             (staging / name).write_text(text)
-        replace_dir(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _is_output_dir(folder: Path) -> bool:

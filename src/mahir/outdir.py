@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from mahir.errors import BadInput
 from mahir.pooling import Pooling
@@ -35,6 +40,13 @@ class OutputDir:
     pooling: Pooling | None = None
     max_length: int | None = None
 
+    def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """The model's inputs for `texts`, tokenized (and truncated) as the model was."""
+        encoded = self.tokenizer(
+            list(texts), truncation=True, max_length=self.max_length, return_tensors="np"
+        )
+        return {t.name: encoded[t.name].astype(t.dtype) for t in self.spec.inputs}
+
 
 def read_manifest(out: Path) -> dict[str, Any]:
     path = out / MANIFEST
@@ -56,9 +68,13 @@ def update_manifest(out: Path, key: str, value: Any) -> None:
     staged.replace(out / MANIFEST)
 
 
-def open_output_dir(out: Path) -> OutputDir:
-    """Open the artifact on the runtime and settings the manifest names, with its tokenizer."""
-    manifest = read_manifest(out)
+def model_name(manifest: dict[str, Any], out: Path) -> str:
+    """The name the output directory's model is served and exported under."""
+    return str(manifest.get("source", {}).get("name") or out.name)
+
+
+def read_artifact(out: Path, manifest: dict[str, Any]) -> Artifact:
+    """The artifact the manifest describes, with its input spec."""
     try:
         spec = InputSpec(
             inputs=tuple(
@@ -67,7 +83,16 @@ def open_output_dir(out: Path) -> OutputDir:
             ),
             outputs=tuple(manifest["spec"]["outputs"]),
         )
-        artifact = Artifact(manifest["format"], spec, path=out / manifest["model_file"])
+        return Artifact(manifest["format"], spec, path=out / manifest["model_file"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise BadInput(f"{out / MANIFEST} is damaged ({err}): write the directory again") from err
+
+
+def open_output_dir(out: Path) -> OutputDir:
+    """Open the artifact on the runtime and settings the manifest names, with its tokenizer."""
+    manifest = read_manifest(out)
+    artifact = read_artifact(out, manifest)
+    try:
         options = RuntimeOptions(**manifest["options"])
         pooling = Pooling(**manifest["pooling"]) if manifest.get("pooling") else None
         runtime = manifest["runtime"]
@@ -79,9 +104,9 @@ def open_output_dir(out: Path) -> OutputDir:
 
         tokenizer = AutoTokenizer.from_pretrained(str(out / TOKENIZER))
     return OutputDir(
-        name=manifest.get("source", {}).get("name") or out.name,
+        name=model_name(manifest, out),
         session=open_session(runtime, artifact, options),
-        spec=spec,
+        spec=artifact.spec,
         manifest=manifest,
         tokenizer=tokenizer,
         pooling=pooling,
@@ -94,13 +119,22 @@ def load_output_dir(out: Path) -> Session:
     return open_output_dir(out).session
 
 
-def replace_dir(new: Path, out: Path) -> None:
-    """Swap `new` into place at `out`; the old directory is removed only after the swap."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.replace(old)
-        new.replace(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        new.replace(out)
+@contextmanager
+def staged_dir(out: Path) -> Iterator[Path]:
+    """A private folder beside `out` to fill; on success it replaces `out` in one rename (the
+    old one removed only after the swap), on failure it is removed and `out` stays as it was."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".mahir-staging-", dir=out.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; what is written here is meant to be shared
+    try:
+        yield staging
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.replace(old)
+            staging.replace(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.replace(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

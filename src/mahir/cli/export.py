@@ -115,15 +115,15 @@ def _service(
     source: Path, manifest: dict[str, Any], name: str, uri: str | None, instances: int, gpu: bool
 ) -> str:
     """The KServe InferenceService, as YAML, for a repository at `uri`."""
+    from mahir.outdir import read_artifact
     from mahir.serve import kserve as ks
-    from mahir.serve.triton import artifact_files
 
     if uri is None:
         raise BadInput(
             "--kserve needs --storage-uri: where the Triton repository will be (s3://bucket/"
             "models, gs://..., pvc://claim/models); copy the --triton REPO_DIR there"
         )
-    size = sum(p.stat().st_size for p in artifact_files(source / manifest["model_file"]))
+    size = sum(p.stat().st_size for p in read_artifact(source, manifest).files())
     return ks.to_yaml(
         ks.inference_service(name, uri, model_bytes=size, instances=instances, gpu=gpu)
     )

@@ -97,8 +97,11 @@ def serve(
     from mahir.serve.batcher import BatcherConfig
     from mahir.serve.tune import TuneConfig
 
-    given = {"max_batch_size": max_batch_size, "max_delay_ms": max_delay_ms}
-    given["max_padding"] = max_padding
+    given = {
+        "max_batch_size": max_batch_size,
+        "max_delay_ms": max_delay_ms,
+        "max_padding": max_padding,
+    }
     explicit = {name: value for name, value in given.items() if value is not None}
 
     def configure() -> tuple[ServeConfig, TuneConfig | None]:
@@ -145,7 +148,7 @@ def _ray_config(ray: bool, replicas: int | None, autoscale: str | None, address:
 def _run_serve(
     source: str | None, config: Any, explicit: set[str], tuning: Any, scale: Any = None
 ) -> None:
-    from mahir.outdir import MANIFEST, open_output_dir
+    from mahir.outdir import MANIFEST, model_name, open_output_dir, read_manifest
     from mahir.serve.app import run_server
 
     folder = Path(source) if source else None
@@ -167,18 +170,22 @@ def _run_serve(
         _announce(opened.name, config)
         run_server(opened, config)
         return
-    opened = open_output_dir(folder)
-    if tuning is not None:
-        _tune(folder, opened, config.batcher, tuning)
-        opened = open_output_dir(folder)  # with the manifest the tuner wrote
-    config = _with_batching(config, opened.manifest.get("batching"), explicit)
-    _announce(opened.name, config)
     if scale is None:
-        run_server(opened, config)
+        served = open_output_dir(folder)
+        if tuning is not None:
+            served.manifest["batching"] = _tune(folder, served, config.batcher, tuning)
+        config = _with_batching(config, served.manifest.get("batching"), explicit)
+        _announce(served.name, config)
+        run_server(served, config)
         return
     from mahir.serve.ray import serve_ray
 
-    del opened  # every replica opens the directory itself
+    # Every replica opens the directory itself; here it is opened only to tune, if asked.
+    manifest = read_manifest(folder)
+    if tuning is not None:
+        manifest["batching"] = _tune(folder, open_output_dir(folder), config.batcher, tuning)
+    config = _with_batching(config, manifest.get("batching"), explicit)
+    _announce(model_name(manifest, folder), config)
     serve_ray(folder, config, scale)
 
 
@@ -186,7 +193,8 @@ def _announce(name: str, config: Any) -> None:
     errors.print(f"serving {name} on http://{config.host}:{config.port}", highlight=False)
 
 
-def _tune(folder: Path, opened: Any, base: Any, tuning: Any) -> None:
+def _tune(folder: Path, opened: Any, base: Any, tuning: Any) -> dict[str, Any]:
+    """Measure the batching, print the table, record the choice in mahir.json; returns it."""
     import asyncio
 
     from mahir.outdir import update_manifest
@@ -200,7 +208,9 @@ def _tune(folder: Path, opened: Any, base: Any, tuning: Any) -> None:
 
         result = asyncio.run(tune_batching(opened, tuning, base=base, on_trial=on_trial))
     console.print(result)
-    update_manifest(folder, "batching", result.record())
+    record = result.record()
+    update_manifest(folder, "batching", record)
+    return record
 
 
 def _with_batching(config: Any, recorded: dict[str, Any] | None, explicit: set[str]) -> Any:

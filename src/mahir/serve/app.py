@@ -82,10 +82,7 @@ class Model:
     async def embed(self, text: str) -> tuple[np.ndarray, int]:
         """One sentence's embedding, pooled as the model's own config says, and its tokens."""
         opened = self.opened
-        encoded = opened.tokenizer(
-            [text], truncation=True, max_length=opened.max_length, return_tensors="np"
-        )
-        inputs = {t.name: encoded[t.name].astype(t.dtype) for t in opened.spec.inputs}
+        inputs = opened.encode([text])
         outputs = await self.batcher.submit(inputs)
         tokens = outputs[opened.spec.outputs[0]]
         if opened.pooling is None:

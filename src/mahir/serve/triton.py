@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from mahir.errors import BadInput, Unsupported
-from mahir.outdir import MANIFEST, TOKENIZER, read_manifest, replace_dir
+from mahir.outdir import MANIFEST, TOKENIZER, model_name, read_artifact, read_manifest, staged_dir
 from mahir.types import BATCH
 
 CONFIG = "config.pbtxt"
@@ -93,7 +92,7 @@ def check_exportable(manifest: dict[str, Any], out: Path, *, gpu: bool = False) 
 
 def default_name(manifest: dict[str, Any], out: Path) -> str:
     """The output directory's model name, as a Triton model folder name."""
-    raw = str(manifest.get("source", {}).get("name") or out.name)
+    raw = model_name(manifest, out)
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", raw).strip("-.") or "model"
 
 
@@ -114,14 +113,8 @@ def write_triton_repo(
     text = config_text(
         manifest, read_tensors(fmt, model_file), name=name, instances=instances, gpu=gpu
     )
-    repo.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".mahir-staging-", dir=repo))
-    staging.chmod(0o755)  # mkdtemp makes it private; a repository is meant to be shared
-    try:
+    with staged_dir(repo / name) as staging:
         _fill(staging, out, manifest, text)
-        replace_dir(staging, repo / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return repo / name
 
 
@@ -129,7 +122,7 @@ def _fill(staging: Path, out: Path, manifest: dict[str, Any], config: str) -> No
     """The model folder's contents: config, version folder, manifest, tokenizer."""
     model_file = out / manifest["model_file"]
     (staging / VERSION).mkdir()
-    for source in artifact_files(model_file):
+    for source in read_artifact(out, manifest).files():
         shutil.copy2(source, staging / VERSION / source.name)
     (staging / CONFIG).write_text(config)
     if (out / TOKENIZER).is_dir():  # Triton ignores it; a text client needs it
@@ -268,16 +261,6 @@ def _parameters(fmt: str, manifest: dict[str, Any], batching: Batching) -> dict[
         # told to pad them: the price of batching OpenVINO in Triton.
         params["ENABLE_BATCH_PADDING"] = "YES"
     return params
-
-
-def artifact_files(model_file: Path) -> list[Path]:
-    """The main file and its companion (.bin weights of IR, .data of a large ONNX model)."""
-    companion = (
-        model_file.with_suffix(".bin")
-        if model_file.suffix == ".xml"
-        else model_file.with_name(model_file.name + ".data")
-    )
-    return [p for p in (model_file, companion) if p.is_file()]
 
 
 def _check_repo(repo: Path, name: str) -> None:

@@ -64,9 +64,13 @@ class TuneConfig:
 @dataclass(frozen=True, slots=True)
 class Trial:
     config: BatcherConfig
-    requests: int
     seconds: float
     latencies_ms: tuple[float, ...]
+    """One per timed request."""
+
+    @property
+    def requests(self) -> int:
+        return len(self.latencies_ms)
 
     @property
     def throughput(self) -> float:
@@ -149,14 +153,10 @@ def traffic(opened: OutputDir, count: int, seed: int = 0) -> list[Inputs]:
     spec = opened.spec
     if opened.tokenizer is None:
         return [random_inputs(spec, {BATCH: 1}, rng) for _ in range(count)]
-    max_length = opened.max_length or 512
-    requests = []
-    for sentence in generate_sentences(count, opened.tokenizer, rng, max_tokens=max_length):
-        encoded = opened.tokenizer(
-            [sentence], truncation=True, max_length=max_length, return_tensors="np"
-        )
-        requests.append({t.name: encoded[t.name].astype(t.dtype) for t in spec.inputs})
-    return requests
+    sentences = generate_sentences(
+        count, opened.tokenizer, rng, max_tokens=opened.max_length or 512
+    )
+    return [opened.encode([sentence]) for sentence in sentences]
 
 
 async def tune_batching(
@@ -182,9 +182,7 @@ async def tune_batching(
             pooled[i] += latencies
             elapsed[i] += took
             on_trial(round_ * len(candidates) + i + 1, total)
-    trials = tuple(
-        Trial(c, len(pooled[i]), elapsed[i], tuple(pooled[i])) for i, c in enumerate(candidates)
-    )
+    trials = tuple(Trial(c, elapsed[i], tuple(pooled[i])) for i, c in enumerate(candidates))
     return TuneResult(config, trials, detect(gpus=False).summary())
 
 
