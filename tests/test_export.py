@@ -45,6 +45,17 @@ def test_default_model_exports_with_batch_and_sequence_axes(minilm_onnx: Path) -
     assert dims["attention_mask"] == ["batch", "sequence"]
 
 
+def test_transformers_models_export_with_eager_attention_and_keep_their_own(
+    minilm: Model, minilm_onnx: Path
+) -> None:
+    ops = [n.op_type for n in onnx.load(str(minilm_onnx), load_external_data=False).graph.node]
+    # SDPA traces into an IsNaN guard per layer (a fully masked row); eager attention has none.
+    assert "IsNaN" not in ops
+    assert ops.count("Softmax") == 6
+    # The module PyTorch runs (the baseline, torch.compile) keeps its own attention.
+    assert minilm.module.model.config._attn_implementation == "sdpa"
+
+
 def test_verification_uses_shapes_other_than_the_traced_one(minilm: Model, mlp: Model) -> None:
     for model in (minilm, mlp):
         traced = {k: v.shape for k, v in model.example_inputs.items()}
