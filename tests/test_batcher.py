@@ -98,6 +98,28 @@ def test_requests_are_batched_up_to_the_item_and_token_caps() -> None:
     assert len(session.calls) < 20  # they were batched
 
 
+def test_a_lone_client_stops_waiting_for_company_until_company_comes() -> None:
+    session = FakeEncoder()
+    waits: list[float] = []
+
+    async def main() -> None:
+        b = batcher(session, max_batch_size=8, max_delay_ms=300)
+        b.observer.waited = waits.append
+        b.start()
+        for i in range(4):  # one client in a closed loop: nobody ever joins
+            await b.submit(request(i, 5))
+        together = [asyncio.ensure_future(b.submit(request(9, 5))) for _ in range(2)]
+        await until(lambda: b.depth == 2)
+        late = asyncio.ensure_future(b.submit(request(9, 5)))  # within the 300 ms wait
+        await asyncio.gather(*together, late)
+        await b.stop()
+
+    run(main())
+    assert waits[0] >= 0.29  # the first waited out the delay and stayed alone
+    assert max(waits[1:4]) < 0.15  # the next lone ones started at once
+    assert session.calls[4:] == [(3, 5)]  # with company the delay applies again
+
+
 def test_similar_lengths_are_grouped_together() -> None:
     session = FakeEncoder()
     lengths = [5, 100, 6, 98, 7, 97, 5, 99]

@@ -41,9 +41,14 @@ class OutputDir:
     max_length: int | None = None
 
     def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
-        """The model's inputs for `texts`, tokenized (and truncated) as the model was."""
+        """The model's inputs for `texts`, tokenized (and truncated) as the model was, padded to
+        the longest."""
         encoded = self.tokenizer(
-            list(texts), truncation=True, max_length=self.max_length, return_tensors="np"
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="np",
         )
         return {t.name: encoded[t.name].astype(t.dtype) for t in self.spec.inputs}
 

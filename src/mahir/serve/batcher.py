@@ -9,6 +9,9 @@ starves; the rest of the batch is filled with the requests closest to it in leng
 holds similar lengths and little padding, up to `max_batch_size` items, `max_batch_tokens`
 padded tokens and `max_padding` wasted tokens per real one. A batch starts when it is full or
 when its oldest request has waited `max_delay_ms` (default 0: as soon as the worker is free).
+Waiting pays only while company comes: once a wait ended with its request still alone, lone
+requests start at once, until two or more are seen waiting together again; so a tuned delay
+costs nothing at low load (a closed loop of one client never waits).
 Inference runs on one worker thread, off the event loop, while the next batch gathers. The
 queue is bounded: a request that does not fit is refused at once (`Overloaded`), never queued
 into a timeout. A request whose client went away or whose deadline passed before
@@ -109,6 +112,8 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mahir-infer")
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._alone = False
+        """The last wait for company ended with its request alone: lone ones start at once."""
 
     @property
     def depth(self) -> int:
@@ -157,11 +162,16 @@ class Batcher:
             oldest = self._waiting[0]
             delay = oldest.arrived + self.config.max_delay_ms / 1000 - self.clock()
             full = self._rows_waiting() >= self.config.max_batch_size
-            if delay > 0 and not full and not self._closing:
+            lone = len(self._waiting) == 1
+            if not lone:
+                self._alone = False
+            if delay > 0 and not full and not self._closing and not (lone and self._alone):
                 self._wakeup.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), timeout=delay)
                 continue
+            if self.config.max_delay_ms > 0 and lone:
+                self._alone = True
             batch = self._take_batch()
             if batch:
                 await self._execute(batch)
