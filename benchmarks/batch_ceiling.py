@@ -30,8 +30,10 @@ from mahir.serve.loadtest import sentence_source
 def grouped_batches(opened: OutputDir, sentences: list[str], size: int) -> list[dict[str, Any]]:
     """The sentences sorted by token count and cut into batches of `size`, each padded to
     its own longest: the best grouping a batcher could reach."""
-    lengths = [len(opened.tokenizer(s, truncation=True, max_length=opened.max_length)["input_ids"])
-               for s in sentences]
+    lengths = [
+        len(opened.tokenizer(s, truncation=True, max_length=opened.max_length)["input_ids"])
+        for s in sentences
+    ]
     ordered = [s for _, s in sorted(zip(lengths, sentences, strict=True))]
     return [opened.encode(ordered[i : i + size]) for i in range(0, len(ordered), size)]
 
@@ -65,10 +67,19 @@ def main() -> None:
     for (folder, size), (opened, _, rates) in runs.items():
         median = statistics.median(rates)
         single = statistics.median(runs[(folder, 1)][2])
-        rows.append({"dir": folder, "runtime": opened.session.runtime, "batch_size": size,
-                     "sentences_per_s": median, "over_batch_1": median / single})
-        print(f"{folder:30s} {opened.session.runtime:12s} batch {size:3d}: "
-              f"{median:8.1f} sentences/s  {median / single:5.2f}x batch 1")
+        rows.append(
+            {
+                "dir": folder,
+                "runtime": opened.session.runtime,
+                "batch_size": size,
+                "sentences_per_s": median,
+                "over_batch_1": median / single,
+            }
+        )
+        print(
+            f"{folder:30s} {opened.session.runtime:12s} batch {size:3d}: "
+            f"{median:8.1f} sentences/s  {median / single:5.2f}x batch 1"
+        )
     if args.json is not None:
         record = {
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
