@@ -23,6 +23,7 @@ from mahir.errors import BadInput
 from mahir.pooling import Pooling
 from mahir.runtimes import open_session
 from mahir.types import Artifact, InputSpec, RuntimeOptions, Session, TensorSpec
+from mahir.workload import encode_texts
 
 MANIFEST = "mahir.json"
 TOKENIZER = "tokenizer"
@@ -43,14 +44,7 @@ class OutputDir:
     def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """The model's inputs for `texts`, tokenized (and truncated) as the model was, padded to
         the longest."""
-        encoded = self.tokenizer(
-            list(texts),
-            padding=True,
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="np",
-        )
-        return {t.name: encoded[t.name].astype(t.dtype) for t in self.spec.inputs}
+        return encode_texts(self.tokenizer, self.spec, self.max_length, texts)
 
 
 def read_manifest(out: Path) -> dict[str, Any]:

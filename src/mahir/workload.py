@@ -190,14 +190,18 @@ def build_workload(
 
 def tokenize(model: Model, sentences: Sequence[str]) -> Batch:
     """One padded batch with exactly the model's input names and dtypes."""
-    encoded = model.tokenizer(
-        list(sentences),
-        padding=True,
-        truncation=True,
-        max_length=model.max_length,
-        return_tensors="np",
+    return encode_texts(model.tokenizer, model.spec, model.max_length, sentences)
+
+
+def encode_texts(
+    tokenizer: Any, spec: InputSpec, max_length: int | None, texts: Sequence[str]
+) -> Batch:
+    """`texts` tokenized and truncated as the model was, padded to the longest, with exactly
+    the input names and dtypes of `spec`: for a loaded model and an output directory alike."""
+    encoded = tokenizer(
+        list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="np"
     )
-    return {t.name: encoded[t.name].astype(t.dtype) for t in model.spec.inputs}
+    return {t.name: encoded[t.name].astype(t.dtype) for t in spec.inputs}
 
 
 def tensor_batch(model: Model, batch_size: int, rng: np.random.Generator) -> Batch:
