@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from mahir.candidates import BASELINE_ID, propose
 from mahir.hardware import Machine
-from mahir.model import Model
+from mahir.model import Model, load_model
 
 ZEN4 = Machine("AMD EPYC", 2, 2, ("avx2", "avx512", "avx512_vnni", "avx512_bf16"), 24.0)
 OLD_XEON = Machine("Intel Xeon", 4, 8, ("avx2", "avx512"), 32.0)
@@ -46,3 +48,12 @@ def test_openvino_candidates_follow_the_objective(mlp: Model, objective: str, hi
     openvino = [c for c in proposed if c.recipe.runtime == "openvino"]
     assert openvino
     assert all(c.recipe.options.openvino_hint == hint for c in openvino)
+
+
+def test_the_direct_openvino_conversion_is_left_out_for_an_onnx_model(
+    minilm: Model, minilm_onnx: Path
+) -> None:
+    assert "openvino-direct-nncf-int8" in {c.id for c in propose(minilm, ZEN4, "latency")[0]}
+    onnx_model = load_model(minilm_onnx)
+    skipped = dict((c.id, why) for c, why in propose(onnx_model, ZEN4, "latency")[1])
+    assert "ONNX" in skipped["openvino-direct-nncf-int8"]

@@ -17,6 +17,7 @@ from typing import Literal
 
 from mahir.hardware import Machine
 from mahir.model import Model
+from mahir.passes.conversion import OpenVinoDirect
 from mahir.passes.fallback import AccuracyAwareInt8
 from mahir.passes.graph import TransformerFusion
 from mahir.passes.nncf import NncfAccuracyControl, NncfInt8
@@ -62,6 +63,12 @@ def propose(
             f"OpenVINO + NNCF int8, float fallback to the budget (max drop {max_drop:g})",
             Recipe((NncfAccuracyControl(max_drop=max_drop),), "openvino", f32),
             _needs_int8(int8),
+        ),
+        (
+            "openvino-direct-nncf-int8",
+            "OpenVINO + NNCF int8 with float fallback, converted through torch.export, not ONNX",
+            Recipe((OpenVinoDirect(), NncfAccuracyControl(max_drop=max_drop)), "openvino", f32),
+            _needs_int8(int8) or _needs_module(model),
         ),
         (
             "ort-dynamic-int8",
@@ -134,6 +141,10 @@ def _needs_int8(int8: bool) -> str | None:
     if int8:
         return None
     return "no int8 dot-product instructions (VNNI or AMX): int8 would not pay on this CPU"
+
+
+def _needs_module(model: Model) -> str | None:
+    return None if model.module is not None else "needs the PyTorch module; this model is ONNX"
 
 
 def _needs_text(text: bool) -> str | None:

@@ -7,9 +7,12 @@ lengths other than the ones traced with); a mismatch raises `ExportMismatch` nam
 the shape and the error, and nothing is left on disk. Files appear at their final path only
 after they passed, so an interrupted export never leaves a half-written artifact.
 
-Transformers models are exported with eager attention (`_eager_attention`): their SDPA path
-traces into guards and reshapes that neither ONNX Runtime nor OpenVINO fuse away, measured 1.1-1.3x
-slower on both after int8 (benchmarks/README.md); PyTorch itself keeps its own SDPA.
+Transformers models are exported to ONNX with eager attention (`_eager_attention`): their SDPA
+path traces into guards and reshapes that neither ONNX Runtime nor OpenVINO fuse away, measured
+1.1-1.3x slower on both after int8 (benchmarks/README.md); PyTorch itself keeps its own SDPA.
+`export_openvino_direct` is the other way to OpenVINO: torch.export straight into OpenVINO's
+converter, which keeps SDPA as OpenVINO's own ScaledDotProductAttention op; the CPU plugin runs
+that fused, faster than the ONNX route on long sequences after int8 (benchmarks/README.md).
 
 Sits just above `runtimes/` (it runs what it exported); knows nothing of passes or search.
 """
@@ -174,6 +177,43 @@ def export_openvino(model: Model, onnx_artifact: Artifact, path: Path) -> Artifa
         ir = Artifact("openvino", model.spec, path=staged)
         verify(model, ir, "openvino", what="IR", reference=onnx_artifact)
     return Artifact("openvino", model.spec, path=path, meta=onnx_artifact.meta)
+
+
+def export_openvino_direct(model: Model, source: Artifact, path: Path) -> Artifact:
+    """Convert a torch artifact to OpenVINO IR without ONNX: torch.export (every dynamic axis
+    left to torch.export to bound, which knows the model's limits, such as a maximum length),
+    then OpenVINO's converter of exported programs; verified against `source`."""
+    import openvino as ov
+    import torch
+
+    from mahir.modules import PositionalInputs
+
+    if source.format != "torch":
+        raise Unsupported(f"{model.name}: only a torch module converts directly to OpenVINO")
+    if path.suffix != ".xml":
+        raise BadInput(f"an OpenVINO IR path ends in .xml, got {path}")
+    names = model.spec.input_names
+    adapter = PositionalInputs(source.module.eval(), names).eval()
+    args = tuple(torch.from_numpy(model.example_inputs[n]) for n in names)
+    dynamic = (
+        tuple({a: torch.export.Dim.DYNAMIC for a in t.dynamic_axes} for t in model.spec.inputs),
+    )
+    with _staging(path) as staged, silenced(_EXPORTER_LOGGERS, ignore_warnings=True):
+        try:
+            program = torch.export.export(adapter, args, dynamic_shapes=dynamic)
+            ov_model = ov.convert_model(program)
+        except Exception as err:  # torch.export and OpenVINO raise many types; all: cannot
+            raise Unsupported(
+                f"cannot convert {model.name} to OpenVINO through torch.export: {first_line(err)}"
+            ) from err
+        for port, name in zip(ov_model.inputs, names, strict=True):
+            port.get_tensor().set_names({name})
+        for port, name in zip(ov_model.outputs, model.spec.outputs, strict=True):
+            port.get_tensor().set_names({name})
+        ov.save_model(ov_model, str(staged), compress_to_fp16=False)
+        ir = Artifact("openvino", model.spec, path=staged)
+        verify(model, ir, "openvino", what="IR converted through torch.export", reference=source)
+    return Artifact("openvino", model.spec, path=path, meta=source.meta)
 
 
 def verify(

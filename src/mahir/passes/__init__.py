@@ -22,6 +22,7 @@ from mahir.errors import Unsupported
 from mahir.export import export_onnx, export_openvino
 from mahir.hardware import Machine, detect
 from mahir.model import Model
+from mahir.passes.conversion import OpenVinoDirect, openvino_direct
 from mahir.passes.fallback import AccuracyAwareInt8, accuracy_aware_int8
 from mahir.passes.graph import (
     OrtOptimize,
@@ -78,6 +79,7 @@ PASSES: dict[type[Any], PassFn] = {
     NncfAccuracyControl: nncf_accuracy_control,
     OrtWeightOnly: ort_weight_only,
     NncfWeightCompression: nncf_weight_compression,
+    OpenVinoDirect: openvino_direct,
 }
 
 STEP_TYPES: dict[str, type[Any]] = {cls.__name__: cls for cls in PASSES}

@@ -1,0 +1,34 @@
+"""Conversion as a recipe step, for when the route to a format changes the speed.
+
+mahir converts between formats by itself (torch -> ONNX -> OpenVINO IR) when a step needs
+another one. `OpenVinoDirect` asks for the other route to OpenVINO: torch.export straight into
+OpenVINO's converter, which keeps PyTorch's scaled-dot-product attention as one OpenVINO op
+that the CPU plugin fuses. On all-MiniLM-L6-v2, sentences of 64-128 tokens, NNCF int8 on that
+IR ran 1.05x faster than on the IR converted from ONNX; on mixed lengths the two were even
+(benchmarks/README.md). The search tries both and keeps what this machine runs faster.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+from mahir.export import export_openvino_direct
+from mahir.types import Artifact, ArtifactFormat
+
+if TYPE_CHECKING:
+    from mahir.passes import PassContext
+
+
+@dataclass(frozen=True, slots=True)
+class OpenVinoDirect:
+    """OpenVINO IR from the torch module through torch.export, verified like every export;
+    weights stay fp32. Raises `Unsupported` for a model that torch.export cannot trace."""
+
+    version: int = 1
+    input_formats: ClassVar[tuple[ArtifactFormat, ...]] = ("torch",)
+
+
+def openvino_direct(artifact: Artifact, config: OpenVinoDirect, ctx: PassContext) -> Artifact:
+    converted = export_openvino_direct(ctx.model, artifact, ctx.workdir / "model.xml")
+    return converted.derive(converted.path, converted_by="torch.export")
