@@ -57,3 +57,18 @@ def cnn() -> tuple[nn.Module, dict[str, torch.Tensor]]:
         bn.running_mean.uniform_(-0.5, 0.5)
         bn.running_var.uniform_(0.5, 2.0)
     return model, {"image": torch.randn(2, 3, 32, 32)}
+
+
+class Noisy(nn.Module):
+    """Dropout forced on: no export of it can agree with its own reference."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.dropout(self.linear(x), 0.5, training=True)
+
+
+def noisy() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    return Noisy(), {"x": torch.randn(2, 16)}

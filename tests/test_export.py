@@ -13,7 +13,6 @@ from mahir.errors import ExportMismatch
 from mahir.export import (
     export_onnx,
     export_openvino,
-    export_openvino_direct,
     verification_batches,
     verify,
 )
@@ -113,23 +112,8 @@ def test_our_exporter_names_the_axis_it_could_not_keep_dynamic(tmp_path: Path) -
     assert not list(tmp_path.iterdir())
 
 
-class _Noisy(torch.nn.Module):
-    """Dropout forced on: no export of it can agree with its own reference."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.linear = torch.nn.Linear(16, 16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.dropout(self.linear(x), 0.5, training=True)
-
-
-def noisy() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    return _Noisy(), {"x": torch.randn(2, 16)}
-
-
 def test_a_mismatching_export_leaves_nothing_behind(tmp_path: Path) -> None:
-    model = load_model(f"{Path(__file__)}:noisy")
+    model = load_model(f"{TESTS / 'models.py'}:noisy")
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("written before")
@@ -145,28 +129,3 @@ def test_openvino_ir_is_verified_and_kept_fp32(mlp: Model, tmp_path: Path) -> No
     assert ir.path is not None
     weights = sum(p.numel() for p in mlp.module.parameters())
     assert ir.path.with_suffix(".bin").stat().st_size >= 4 * weights  # not compressed to fp16
-
-
-def test_the_direct_openvino_conversion_keeps_attention_as_one_op(
-    minilm: Model, tmp_path: Path
-) -> None:
-    import openvino as ov
-
-    ir = export_openvino_direct(minilm, minilm.original(), tmp_path / "ov" / "model.xml")
-    assert ir.path is not None
-    ov_model = ov.Core().read_model(str(ir.path))
-    ops = [op.get_type_name() for op in ov_model.get_ops()]
-    assert ops.count("ScaledDotProductAttention") == 6  # one per layer, not MatMul-Softmax-MatMul
-    assert [p.get_any_name() for p in ov_model.inputs] == list(minilm.spec.input_names)
-    assert all(p.get_partial_shape()[0].is_dynamic for p in ov_model.inputs)
-    assert all(p.get_partial_shape()[1].is_dynamic for p in ov_model.inputs)
-
-
-def test_a_direct_conversion_that_mismatches_leaves_nothing_behind(tmp_path: Path) -> None:
-    model = load_model(f"{Path(__file__)}:noisy")
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("written before")
-    with pytest.raises(ExportMismatch, match=r"through torch\.export of noisy"):
-        export_openvino_direct(model, model.original(), out / "model.xml")
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]

@@ -10,9 +10,7 @@ after they passed, so an interrupted export never leaves a half-written artifact
 Transformers models are exported to ONNX with eager attention (`_eager_attention`): their SDPA
 path traces into guards and reshapes that neither ONNX Runtime nor OpenVINO fuse away, measured
 1.1-1.3x slower on both after int8 (benchmarks/README.md); PyTorch itself keeps its own SDPA.
-`export_openvino_direct` is the other way to OpenVINO: torch.export straight into OpenVINO's
-converter, which keeps SDPA as OpenVINO's own ScaledDotProductAttention op; the CPU plugin runs
-that fused, faster than the ONNX route on long sequences after int8 (benchmarks/README.md).
+`mahir.openvino_direct` is the other way to OpenVINO, without ONNX.
 
 Sits just above `runtimes/` (it runs what it exported); knows nothing of passes or search.
 """
@@ -38,7 +36,7 @@ from mahir.types import BATCH, SEQUENCE, Artifact, Outputs, Quality, RuntimeOpti
 from mahir.workload import Batch, example_dims, generate_sentences, random_inputs, tokenize
 
 # The exporter prints progress, logs missing torchvision ops and warns about renamed axes.
-_EXPORTER_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "transformers")
+EXPORTER_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "transformers")
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,9 +67,9 @@ def export_onnx(
 
     adapter = PositionalInputs(module, names).eval()
     args = tuple(torch.from_numpy(model.example_inputs[n]) for n in names)
-    with _staging(path) as staged, silenced(_EXPORTER_LOGGERS, ignore_warnings=True):
+    with staging(path) as staged, silenced(EXPORTER_LOGGERS, ignore_warnings=True):
         try:
-            with _eager_attention(module):
+            with switched_attention(module, "eager"):
                 program = torch.onnx.export(
                     adapter,
                     args,
@@ -97,22 +95,30 @@ def export_onnx(
 
 
 @contextlib.contextmanager
-def _eager_attention(module: Any) -> Iterator[None]:
-    """Switch every transformers model inside `module` to eager attention for the export, and
-    back after. Models that cannot switch at run time (older transformers) keep their own;
-    either way the export is verified against the module as it was."""
+def switched_attention(
+    module: Any, implementation: str, *, only_from: tuple[str, ...] | None = None
+) -> Iterator[None]:
+    """Switch every transformers model inside `module` (those running one of `only_from`, if
+    given) to the attention `implementation`, and back after. Models that cannot switch at
+    run time (older transformers) keep their own; either way the export is verified against
+    the module as it was."""
     switched = []
     for sub in module.modules():
         config = getattr(sub, "config", None)
         current = getattr(config, "_attn_implementation", None)
-        if current not in (None, "eager") and hasattr(sub, "set_attn_implementation"):
-            sub.set_attn_implementation("eager")
+        wanted = only_from is None or current in only_from
+        if (
+            current not in (None, implementation)
+            and wanted
+            and hasattr(sub, "set_attn_implementation")
+        ):
+            sub.set_attn_implementation(implementation)
             switched.append((sub, current))
     try:
         yield
     finally:
-        for sub, implementation in reversed(switched):
-            sub.set_attn_implementation(implementation)
+        for sub, previous in reversed(switched):
+            sub.set_attn_implementation(previous)
 
 
 def _dynamic_shapes(model: Model) -> tuple[tuple[dict[int, Any], ...]]:
@@ -133,7 +139,7 @@ def export_program(model: Model, source: Artifact, path: Path) -> Artifact:
     names = model.spec.input_names
     adapter = PositionalInputs(source.module.eval(), names).eval()
     args = tuple(torch.from_numpy(model.example_inputs[n]) for n in names)
-    with _staging(path) as staged, silenced(_EXPORTER_LOGGERS, ignore_warnings=True):
+    with staging(path) as staged, silenced(EXPORTER_LOGGERS, ignore_warnings=True):
         try:
             program = torch.export.export(adapter, args, dynamic_shapes=_dynamic_shapes(model))
             torch.export.save(program, str(staged))
@@ -168,7 +174,7 @@ def export_openvino(model: Model, onnx_artifact: Artifact, path: Path) -> Artifa
 
     if path.suffix != ".xml":
         raise BadInput(f"an OpenVINO IR path ends in .xml, got {path}")
-    with _staging(path) as staged:
+    with staging(path) as staged:
         try:
             ov_model = ov.convert_model(str(onnx_artifact.path))
             ov.save_model(ov_model, str(staged), compress_to_fp16=False)
@@ -177,43 +183,6 @@ def export_openvino(model: Model, onnx_artifact: Artifact, path: Path) -> Artifa
         ir = Artifact("openvino", model.spec, path=staged)
         verify(model, ir, "openvino", what="IR", reference=onnx_artifact)
     return Artifact("openvino", model.spec, path=path, meta=onnx_artifact.meta)
-
-
-def export_openvino_direct(model: Model, source: Artifact, path: Path) -> Artifact:
-    """Convert a torch artifact to OpenVINO IR without ONNX: torch.export (every dynamic axis
-    left to torch.export to bound, which knows the model's limits, such as a maximum length),
-    then OpenVINO's converter of exported programs; verified against `source`."""
-    import openvino as ov
-    import torch
-
-    from mahir.modules import PositionalInputs
-
-    if source.format != "torch":
-        raise Unsupported(f"{model.name}: only a torch module converts directly to OpenVINO")
-    if path.suffix != ".xml":
-        raise BadInput(f"an OpenVINO IR path ends in .xml, got {path}")
-    names = model.spec.input_names
-    adapter = PositionalInputs(source.module.eval(), names).eval()
-    args = tuple(torch.from_numpy(model.example_inputs[n]) for n in names)
-    dynamic = (
-        tuple({a: torch.export.Dim.DYNAMIC for a in t.dynamic_axes} for t in model.spec.inputs),
-    )
-    with _staging(path) as staged, silenced(_EXPORTER_LOGGERS, ignore_warnings=True):
-        try:
-            program = torch.export.export(adapter, args, dynamic_shapes=dynamic)
-            ov_model = ov.convert_model(program)
-        except Exception as err:  # torch.export and OpenVINO raise many types; all: cannot
-            raise Unsupported(
-                f"cannot convert {model.name} to OpenVINO through torch.export: {first_line(err)}"
-            ) from err
-        for port, name in zip(ov_model.inputs, names, strict=True):
-            port.get_tensor().set_names({name})
-        for port, name in zip(ov_model.outputs, model.spec.outputs, strict=True):
-            port.get_tensor().set_names({name})
-        ov.save_model(ov_model, str(staged), compress_to_fp16=False)
-        ir = Artifact("openvino", model.spec, path=staged)
-        verify(model, ir, "openvino", what="IR converted through torch.export", reference=source)
-    return Artifact("openvino", model.spec, path=path, meta=source.meta)
 
 
 def verify(
@@ -324,7 +293,7 @@ def verification_batches(model: Model) -> list[Batch]:
 
 
 @contextlib.contextmanager
-def _staging(final: Path) -> Iterator[Path]:
+def staging(final: Path) -> Iterator[Path]:
     """A path in a fresh folder beside `final`; on success its files move next to `final`
     (external-data files keep their names, so references stay valid), else all is removed."""
     final.parent.mkdir(parents=True, exist_ok=True)

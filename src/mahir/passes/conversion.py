@@ -3,9 +3,9 @@
 mahir converts between formats by itself (torch -> ONNX -> OpenVINO IR) when a step needs
 another one. `OpenVinoDirect` asks for the other route to OpenVINO: torch.export straight into
 OpenVINO's converter, which keeps PyTorch's scaled-dot-product attention as one OpenVINO op
-that the CPU plugin fuses. On all-MiniLM-L6-v2, sentences of 64-128 tokens, NNCF int8 on that
-IR ran 1.05x faster than on the IR converted from ONNX; on mixed lengths the two were even
-(benchmarks/README.md). The search tries both and keeps what this machine runs faster.
+that the CPU plugin fuses (`mahir.openvino_direct`). Which route is faster depends on the
+model, the lengths and the CPU, so the search tries both and keeps what this machine runs
+faster.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from mahir.export import export_openvino_direct
+from mahir.openvino_direct import export_openvino_direct
 from mahir.types import Artifact, ArtifactFormat
 
 if TYPE_CHECKING:
