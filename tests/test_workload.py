@@ -7,7 +7,14 @@ import pytest
 
 from mahir.errors import BadInput
 from mahir.model import Model
-from mahir.workload import Workload, build_workload, generate_sentences, read_sentences
+from mahir.workload import (
+    TextEncoder,
+    Workload,
+    build_workload,
+    encode_texts,
+    generate_sentences,
+    read_sentences,
+)
 
 
 def test_generated_text_is_short_skewed_with_a_long_tail(minilm: Model) -> None:
@@ -83,3 +90,28 @@ def test_bad_data_files(tmp_path: Path) -> None:
     junk.write_bytes(b"not a zip")
     with pytest.raises(BadInput, match="not a mahir workload"):
         Workload.load(junk)
+
+
+def test_the_direct_text_encoder_gives_what_transformers_gives(minilm: Model) -> None:
+    encoder = TextEncoder(minilm.tokenizer, minilm.spec, minilm.max_length)
+    assert encoder.direct
+    long_text = "a very long sentence about nothing in particular " * 80  # past max_length
+    cases = [
+        ["mahir makes trained models fast."],
+        ["short", "a rather longer sentence, with punctuation; and more words in it!", ""],
+        [long_text, "and a short one"],
+        ["Ünïcödé, emoji \U0001f680 and tabs\tand   spaces", "  leading and trailing  "],
+        generate_sentences(16, minilm.tokenizer, np.random.default_rng(3)),
+    ]
+    for texts in cases:
+        expected = encode_texts(minilm.tokenizer, minilm.spec, minilm.max_length, texts)
+        got = encoder(texts)
+        assert sorted(got) == sorted(expected)
+        for name, array in expected.items():
+            assert got[name].dtype == array.dtype
+            np.testing.assert_array_equal(got[name], array, err_msg=f"{name} for {texts[:1]}")
+    assert encoder([long_text])["input_ids"].shape[1] == minilm.max_length
+    # The encoder sets its own copy: the tokenizer the model shares is left as it was.
+    TextEncoder(minilm.tokenizer, minilm.spec, 8)([long_text])
+    shared = minilm.tokenizer.backend_tokenizer.encode(long_text)
+    assert len(shared.ids) != 8

@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from mahir.errors import BadInput
 from mahir.pooling import Pooling
 from mahir.runtimes import open_session
 from mahir.types import Artifact, InputSpec, RuntimeOptions, Session, TensorSpec
-from mahir.workload import encode_texts
+from mahir.workload import TextEncoder
 
 MANIFEST = "mahir.json"
 TOKENIZER = "tokenizer"
@@ -44,7 +45,11 @@ class OutputDir:
     def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """The model's inputs for `texts`, tokenized (and truncated) as the model was, padded to
         the longest."""
-        return encode_texts(self.tokenizer, self.spec, self.max_length, texts)
+        return self._encoder(texts)
+
+    @cached_property
+    def _encoder(self) -> TextEncoder:
+        return TextEncoder(self.tokenizer, self.spec, self.max_length)
 
 
 def read_manifest(out: Path) -> dict[str, Any]:

@@ -123,7 +123,7 @@ def pool(token_embeddings: np.ndarray, attention_mask: np.ndarray, pooling: Pool
             f"pooling needs (batch, seq, hidden) embeddings and a (batch, seq) mask, got "
             f"{token_embeddings.shape} and {attention_mask.shape}"
         )
-    x = token_embeddings.astype(np.promote_types(token_embeddings.dtype, np.float32))
+    x = token_embeddings.astype(np.promote_types(token_embeddings.dtype, np.float32), copy=False)
     mask = attention_mask != 0
     batch, seq, _ = x.shape
     if pooling.mode == "mean":

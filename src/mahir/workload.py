@@ -204,6 +204,68 @@ def encode_texts(
     return {t.name: encoded[t.name].astype(t.dtype) for t in spec.inputs}
 
 
+# Model input -> the field of a `tokenizers.Encoding` that holds it.
+_ENCODING_FIELDS = {
+    "input_ids": "ids",
+    "attention_mask": "attention_mask",
+    "token_type_ids": "type_ids",
+}
+
+
+class TextEncoder:
+    """`encode_texts` for one tokenizer, called per request by a server. A fast (Rust)
+    tokenizer is called directly, on its own copy with the truncation and padding transformers
+    would set on every call set once: for one sentence the wrapper costs as much as the
+    tokenizing (84 vs 40 us here). Anything else goes through `encode_texts`; tests hold the
+    two to the same arrays."""
+
+    def __init__(self, tokenizer: Any, spec: InputSpec, max_length: int | None) -> None:
+        self._tokenizer, self._spec, self._max_length = tokenizer, spec, max_length
+        self._backend = self._direct_backend()
+
+    @property
+    def direct(self) -> bool:
+        """Whether the Rust tokenizer is called directly."""
+        return self._backend is not None
+
+    def __call__(self, texts: Sequence[str]) -> Batch:
+        if self._backend is None:
+            return encode_texts(self._tokenizer, self._spec, self._max_length, texts)
+        encodings = self._backend.encode_batch(list(texts))
+        return {
+            t.name: np.array([getattr(e, _ENCODING_FIELDS[t.name]) for e in encodings], t.dtype)
+            for t in self._spec.inputs
+        }
+
+    def _direct_backend(self) -> Any:
+        tokenizer = self._tokenizer
+        shared: Any = getattr(tokenizer, "backend_tokenizer", None)
+        direct = (
+            shared is not None
+            and self._max_length is not None
+            and tokenizer.pad_token_id is not None
+            and all(t.name in _ENCODING_FIELDS for t in self._spec.inputs)
+        )
+        if not direct:
+            return None
+        import copy
+
+        backend = copy.deepcopy(shared)  # the tokenizer's own stays as transformers sets it
+        backend.enable_truncation(
+            self._max_length,
+            stride=0,
+            strategy="longest_first",
+            direction=tokenizer.truncation_side,
+        )
+        backend.enable_padding(
+            direction=tokenizer.padding_side,
+            pad_id=tokenizer.pad_token_id,
+            pad_type_id=tokenizer.pad_token_type_id,
+            pad_token=tokenizer.pad_token,
+        )
+        return backend
+
+
 def tensor_batch(model: Model, batch_size: int, rng: np.random.Generator) -> Batch:
     """Random inputs of one batch; other dynamic axes keep the example inputs' sizes."""
     return random_inputs(model.spec, {**example_dims(model), BATCH: batch_size}, rng)
