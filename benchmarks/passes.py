@@ -20,10 +20,14 @@ from mahir.export import fidelity, reference_outputs, verification_batches
 from mahir.hardware import detect
 from mahir.measure import MeasureConfig, measure
 from mahir.model import load_model
-from mahir.passes import PASSES, PassContext, apply_steps, convert
+from mahir.passes import PassContext, apply_steps, convert
+from mahir.passes.conversion import OpenVinoDirect
 from mahir.passes.fallback import AccuracyAwareInt8
 from mahir.passes.graph import OrtOptimize, TransformerFusion
+from mahir.passes.nncf import NncfInt8
 from mahir.passes.precision import Float16, TorchLowPrecision
+from mahir.passes.prune import MagnitudePrune
+from mahir.passes.prune_transformer import TransformerPrune
 from mahir.passes.quantize import DynamicInt8, StaticInt8
 from mahir.passes.torchao import Pt2eInt8, TorchaoInt8
 from mahir.runtimes import RUNTIMES, open_session
@@ -31,6 +35,7 @@ from mahir.types import RuntimeOptions, Session
 from mahir.workload import build_workload
 
 BF16 = RuntimeOptions(openvino_precision="bf16")
+DEFAULT = RuntimeOptions(openvino_precision=None)  # OpenVINO picks: bf16 where the CPU has it
 # name -> (steps, runtime, options)
 VARIANTS: dict[str, tuple[tuple[Any, ...], str, RuntimeOptions]] = {
     "torch fp32 (baseline)": ((), "torch", RuntimeOptions()),
@@ -63,23 +68,30 @@ VARIANTS: dict[str, tuple[tuple[Any, ...], str, RuntimeOptions]] = {
     "onnxruntime static int8": ((StaticInt8(),), "onnxruntime", RuntimeOptions()),
     "onnxruntime accuracy-aware int8": ((AccuracyAwareInt8(),), "onnxruntime", RuntimeOptions()),
     "openvino fp32": ((), "openvino", RuntimeOptions()),
-    "openvino default precision": ((), "openvino", RuntimeOptions(openvino_precision=None)),
+    "openvino default precision": ((), "openvino", DEFAULT),
     "openvino bf16": ((), "openvino", BF16),
     "openvino static int8 (QDQ)": ((StaticInt8(),), "openvino", RuntimeOptions()),
+    "openvino nncf int8": ((NncfInt8(),), "openvino", RuntimeOptions()),
+    "openvino nncf int8, default precision rest": ((NncfInt8(),), "openvino", DEFAULT),
+    "openvino direct fp32": ((OpenVinoDirect(),), "openvino", RuntimeOptions()),
+    "openvino direct default precision": ((OpenVinoDirect(),), "openvino", DEFAULT),
+    "openvino direct nncf int8": ((OpenVinoDirect(), NncfInt8()), "openvino", RuntimeOptions()),
+    "openvino direct nncf int8, default precision rest": (
+        (OpenVinoDirect(), NncfInt8()),
+        "openvino",
+        DEFAULT,
+    ),
+    "openvino pruned 30% heads+ffn": (
+        (TransformerPrune(head_ratio=0.3, ffn_ratio=0.3),),
+        "openvino",
+        RuntimeOptions(),
+    ),
+    "onnxruntime 50% unstructured": (
+        (MagnitudePrune(sparsity=0.5),),
+        "onnxruntime",
+        RuntimeOptions(),
+    ),
 }
-
-
-def add_optional_variants() -> None:
-    """Passes from modules that may not be present in every checkout."""
-    names = {cls.__name__: cls for cls in PASSES}
-    if "NncfInt8" in names:
-        VARIANTS["openvino nncf int8"] = ((names["NncfInt8"](),), "openvino", RuntimeOptions())
-    if "TransformerPrune" in names:
-        pruned = names["TransformerPrune"](head_ratio=0.3, ffn_ratio=0.3)
-        VARIANTS["openvino pruned 30% heads+ffn"] = ((pruned,), "openvino", RuntimeOptions())
-    if "MagnitudePrune" in names:
-        sparse = names["MagnitudePrune"](sparsity=0.5)
-        VARIANTS["onnxruntime 50% unstructured"] = ((sparse,), "onnxruntime", RuntimeOptions())
 
 
 def main() -> None:
@@ -88,7 +100,6 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--only", nargs="*", default=None)
     args = parser.parse_args()
-    add_optional_variants()
     chosen = {k: v for k, v in VARIANTS.items() if not args.only or k in args.only}
 
     model = load_model()

@@ -57,3 +57,4 @@ def test_the_direct_openvino_conversion_is_left_out_for_an_onnx_model(
     onnx_model = load_model(minilm_onnx)
     skipped = dict((c.id, why) for c, why in propose(onnx_model, ZEN4, "latency")[1])
     assert "ONNX" in skipped["openvino-direct-nncf-int8"]
+    assert "ONNX" in skipped["openvino-direct-default"]

@@ -71,6 +71,13 @@ def propose(
             _needs_int8(int8) or _needs_module(model),
         ),
         (
+            "openvino-direct-default",
+            "OpenVINO, its default precision, converted through torch.export"
+            + (" (bf16 here)" if bf16 else " (f32 here)"),
+            Recipe((OpenVinoDirect(),), "openvino", default),
+            _needs_module(model),
+        ),
+        (
             "ort-dynamic-int8",
             "ONNX Runtime, dynamic int8 (per-channel)",
             Recipe((DynamicInt8(per_channel=True),), "onnxruntime"),
