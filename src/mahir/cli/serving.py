@@ -74,7 +74,7 @@ def serve(
         float, typer.Option(help="Timed seconds per setting --tune tries.")
     ] = 2.0,
     ray: Annotated[
-        bool, typer.Option("--ray", help="Serve as Ray Serve replicas (pip install 'mahir[ray]').")
+        bool, typer.Option("--ray", help="Serve as Ray Serve replicas (pip install 'mahir\\[ray]').")
     ] = False,
     replicas: Annotated[
         int | None, typer.Option(help="With --ray: this many replicas [default: 1].")
