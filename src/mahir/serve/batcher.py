@@ -250,17 +250,25 @@ def _merge(batch: Sequence[_Request], sequence_inputs: frozenset[str]) -> tuple[
     for name in batch[0].inputs:
         parts = [r.inputs[name] for r in batch]
         if name in sequence_inputs:
-            parts = [_pad(p, longest) for p in parts]
-        merged[name] = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            merged[name] = _stack_padded(parts, longest)
+        else:
+            merged[name] = parts[0] if len(parts) == 1 else np.concatenate(parts)
     return merged, longest
 
 
-def _pad(array: np.ndarray, length: int) -> np.ndarray:
-    extra = length - array.shape[1]
-    if extra == 0:
-        return array
-    widths = [(0, 0), (0, extra)] + [(0, 0)] * (array.ndim - 2)
-    return np.pad(array, widths)
+def _stack_padded(parts: Sequence[np.ndarray], length: int) -> np.ndarray:
+    """The parts one after another along axis 0, each zero-padded on axis 1 to `length`: one
+    allocation and a copy per part (np.pad per part then concatenate was 8% of the event
+    loop's time at concurrency 32)."""
+    if len(parts) == 1 and parts[0].shape[1] == length:
+        return parts[0]
+    first = parts[0]
+    out = np.zeros((sum(len(p) for p in parts), length, *first.shape[2:]), first.dtype)
+    row = 0
+    for part in parts:
+        out[row : row + len(part), : part.shape[1]] = part
+        row += len(part)
+    return out
 
 
 def _split(
