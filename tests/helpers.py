@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -27,14 +28,16 @@ def fp32_output_dir(model: Model, work: Path) -> Path:
     return work / "out"
 
 
-def mahir(*args: str) -> subprocess.CompletedProcess[str]:
-    """Run `python -m mahir.cli ARGS`, as a user's shell would, and capture what it printed."""
+def mahir(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `python -m mahir.cli ARGS`, as a user's shell would, and capture what it printed;
+    `env` adds to the environment."""
     return subprocess.run(
         [sys.executable, "-m", "mahir.cli", *args],
         capture_output=True,
         text=True,
         timeout=600,
         check=False,
+        env={**os.environ, **(env or {})},
     )
 
 

@@ -120,3 +120,10 @@ def test_optimize_then_export_through_the_command(tmp_path: Path) -> None:
         assert exported.returncode == 2
         assert len(exported.stderr.strip().splitlines()) == 1
         assert not repo.exists()
+
+
+def test_help_shows_bracketed_text_that_rich_would_read_as_markup() -> None:
+    result = mahir("serve", "--help", env={"COLUMNS": "200"})
+    assert result.returncode == 0
+    assert "mahir[ray]" in result.stdout
+    assert result.stdout.count("[default: tuned") == 3

@@ -29,13 +29,15 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     max_batch_size: Annotated[
         int | None,
-        typer.Option(help="Items per batch at most [default: tuned, else 32].", show_default=False),
+        typer.Option(
+            help="Items per batch at most \\[default: tuned, else 32].", show_default=False
+        ),
     ] = None,
     max_batch_tokens: Annotated[int, typer.Option(help="Padded tokens per batch at most.")] = 8192,
     max_delay_ms: Annotated[
         float | None,
         typer.Option(
-            help="Longest wait for a batch to fill [default: tuned, else 0: run when the worker "
+            help="Longest wait for a batch to fill \\[default: tuned, else 0: run when the worker "
             "is free].",
             show_default=False,
         ),
@@ -43,7 +45,8 @@ def serve(
     max_padding: Annotated[
         float | None,
         typer.Option(
-            help="Padded tokens per real token a batch may add at most [default: tuned, else 0.5].",
+            help="Padded tokens per real token a batch may add at most "
+            "\\[default: tuned, else 0.5].",
             show_default=False,
         ),
     ] = None,
@@ -74,10 +77,12 @@ def serve(
         float, typer.Option(help="Timed seconds per setting --tune tries.")
     ] = 2.0,
     ray: Annotated[
-        bool, typer.Option("--ray", help="Serve as Ray Serve replicas (pip install 'mahir\\[ray]').")
+        bool,
+        # "\\[" keeps rich from reading the extra's name as markup
+        typer.Option("--ray", help="Serve as Ray Serve replicas (pip install 'mahir\\[ray]')."),
     ] = False,
     replicas: Annotated[
-        int | None, typer.Option(help="With --ray: this many replicas [default: 1].")
+        int | None, typer.Option(help="With --ray: this many replicas \\[default: 1].")
     ] = None,
     autoscale: Annotated[
         str | None,
