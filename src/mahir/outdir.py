@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from mahir.errors import BadInput
+from mahir.files import write_text_atomically
 from mahir.pooling import Pooling
 from mahir.runtimes import open_session
 from mahir.types import Artifact, InputSpec, RuntimeOptions, Session, TensorSpec
@@ -67,9 +68,7 @@ def update_manifest(out: Path, key: str, value: Any) -> None:
     """Set one top-level key of `mahir.json`, atomically: a reader sees the old file or the new."""
     manifest = read_manifest(out)
     manifest[key] = value
-    staged = out / f".{MANIFEST}.tmp"
-    staged.write_text(json.dumps(manifest, indent=2) + "\n")
-    staged.replace(out / MANIFEST)
+    write_text_atomically(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
 
 def model_name(manifest: dict[str, Any], out: Path) -> str:

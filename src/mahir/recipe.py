@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from mahir.errors import BadInput
+from mahir.files import write_text_atomically
 from mahir.types import RuntimeOptions
 
 
@@ -44,10 +45,7 @@ class Recipe:
 
     def save(self, path: Path) -> None:
         """Write YAML atomically."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        tmp.replace(path)
+        write_text_atomically(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mahir.errors import BadInput
+from mahir.files import atomic_path
 from mahir.types import BATCH, InputSpec
 
 if TYPE_CHECKING:
@@ -55,11 +56,8 @@ class Workload:
             for name, array in batch.items()
         }
         arrays["texts"] = np.array(self.texts, dtype=np.str_)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("wb") as f:
+        with atomic_path(path) as staged, staged.open("wb") as f:
             np.savez_compressed(f, **arrays)  # type: ignore[arg-type]  # stubs fear 'allow_pickle'
-        tmp.replace(path)
 
     @classmethod
     def load(cls, path: Path) -> Workload:

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from mahir.errors import BadInput, MahirError, exit_code
+from mahir.files import write_text_atomically
 
 # Tables are wider than the 80 columns rich assumes when output goes to a file or a pipe.
 console = Console(width=None if sys.stdout.isatty() else 120)
@@ -51,10 +52,7 @@ def parse_range(text: str) -> tuple[int, int]:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Atomically: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    write_text_atomically(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def guard(ctx: typer.Context, fn: Callable[[], T]) -> T:
