@@ -6,6 +6,7 @@ Bottom layer: imports nothing of mahir.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,7 +17,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """A hidden sibling of `path` to write into; it replaces `path` when the block ends without
     an error and is removed when it raises."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    staged = path.with_name(f".{path.name}.tmp")
+    staged = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # two writers never share one
     try:
         yield staged
         staged.replace(path)
@@ -26,4 +27,4 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
 def write_text_atomically(path: Path, text: str) -> None:
     with atomic_path(path) as staged:
-        staged.write_text(text)
+        staged.write_text(text, encoding="utf-8")

@@ -16,7 +16,6 @@ import datetime as dt
 import html
 import json
 import math
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import yaml
 
 from mahir import report_plots as look
+from mahir.files import write_text_atomically
 from mahir.verdicts import (
     BASELINE_NAME,
     Candidate,
@@ -278,14 +278,8 @@ def _recipe(v: View) -> str:
 
 
 def write_html(report: Mapping[str, Any], path: Path) -> None:
-    """Write the page through a temporary file and a rename, so a reader (or a crash) never
-    sees half a report."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(render_html(report), encoding="utf-8")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write the page whole or not at all: a reader (or a crash) never sees half a report."""
+    write_text_atomically(path, render_html(report))
 
 
 if __name__ == "__main__":
