@@ -8,6 +8,7 @@ next to the results, so every number can be reproduced from exactly these inputs
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -246,8 +247,6 @@ class TextEncoder:
         )
         if not direct:
             return None
-        import copy
-
         backend = copy.deepcopy(shared)  # the tokenizer's own stays as transformers sets it
         backend.enable_truncation(
             self._max_length,
