@@ -13,7 +13,7 @@ from mahir.apply import Applied, write_output_dir
 from mahir.errors import BadInput
 from mahir.export import reference_outputs
 from mahir.model import Model
-from mahir.outdir import load_output_dir
+from mahir.outdir import load_output_dir, open_output_dir
 from mahir.pooling import pool
 from mahir.quality import compare
 from mahir.recipe import Recipe
@@ -35,6 +35,7 @@ def test_apply_writes_a_directory_that_opens_and_answers(minilm: Model, tmp_path
     assert manifest["fidelity"]["embedding"]["cosine_mean"] >= 0.985
     assert (out / "recipe.yaml").is_file()
     assert (out / manifest["model_file"]).is_file()
+    assert open_output_dir(out).token_limits == minilm.token_limits  # what the server checks
     # the directory opens again and its embeddings stay close at new shapes
     session = load_output_dir(out)
     batches = build_workload(minilm, [1, 5], batches_per_size=2, seed=11).batches

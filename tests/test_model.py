@@ -9,7 +9,7 @@ import torch
 
 from mahir.errors import BadInput
 from mahir.model import Model, default_model_folder, load_model
-from mahir.types import BATCH, SEQUENCE
+from mahir.types import BATCH, SEQUENCE, TokenLimits
 
 TESTS = Path(__file__).parent
 
@@ -24,6 +24,8 @@ def test_default_model_is_a_sentence_encoder_with_pooling(minilm: Model) -> None
     assert minilm.pooling is not None
     assert (minilm.pooling.mode, minilm.pooling.normalize) == ("mean", True)
     assert minilm.max_length == 256
+    # the position table holds 512 even though sentence-transformers truncates at 256
+    assert minilm.token_limits == TokenLimits(positions=512, vocab_size=30522, type_vocab_size=2)
     assert not minilm.module.training
 
 
@@ -52,6 +54,8 @@ def test_onnx_file_with_tokenizer_beside_it_is_a_text_model(minilm_onnx: Path) -
     assert model.pooling is not None
     assert {t.name: t.shape for t in model.spec.inputs}["input_ids"] == (BATCH, SEQUENCE)
     assert model.original().format == "onnx"
+    assert model.token_limits == TokenLimits(positions=512, vocab_size=30522)
+    assert model.max_length == 512
 
 
 @pytest.mark.parametrize(

@@ -107,6 +107,8 @@ def _write_artifact(model: Model, applied: Applied, staging: Path) -> None:
     if model.tokenizer is not None:  # part of the model's answer; the server tokenizes
         model.tokenizer.save_pretrained(str(staging / TOKENIZER))
         manifest["max_length"] = model.max_length
+        limits = model.token_limits
+        manifest["token_limits"] = None if limits is None else dataclasses.asdict(limits)
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
 
 

@@ -29,7 +29,7 @@ from mahir.errors import BadInput, Unsupported
 from mahir.modules import TupleOutputs
 from mahir.pooling import Pooling, read_pooling
 from mahir.silence import silenced
-from mahir.types import BATCH, SEQUENCE, Artifact, InputSpec, TensorSpec
+from mahir.types import BATCH, SEQUENCE, Artifact, InputSpec, TensorSpec, TokenLimits
 from mahir.workload import random_inputs
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
@@ -58,6 +58,9 @@ class Model:
     tokenizer: Any = None
     pooling: Pooling | None = None
     max_length: int | None = None
+    """Where text is truncated (sentence-transformers' max_seq_length, else `token_limits`')."""
+    token_limits: TokenLimits | None = None
+    """What the token inputs may hold (text models), checked by the server before a batch."""
     folder: Path | None = None
 
     @property
@@ -146,6 +149,13 @@ def load_hf_folder(folder: Path, *, name: str | None = None) -> Model:
         tokenizer=tokenizer,
         pooling=pooling,
         max_length=_max_length(folder, config, tokenizer),
+        token_limits=TokenLimits(
+            positions=_positions(config, tokenizer),
+            vocab_size=int(config.vocab_size),
+            type_vocab_size=getattr(config, "type_vocab_size", None)
+            if "token_type_ids" in input_names
+            else None,
+        ),
         folder=folder,
     )
 
@@ -166,8 +176,15 @@ def _max_length(folder: Path, config: Any, tokenizer: Any) -> int:
     st_config = folder / "sentence_bert_config.json"
     if st_config.is_file():
         return int(_read_json(st_config)["max_seq_length"])
-    limits = [tokenizer.model_max_length, getattr(config, "max_position_embeddings", 512)]
-    return int(min(x for x in limits if isinstance(x, int) and 0 < x < 1_000_000))
+    return _positions(config, tokenizer) or 512
+
+
+def _positions(config: Any, tokenizer: Any) -> int | None:
+    """Tokens a sequence may hold: the tokenizer's limit where it is a real one (RoBERTa's 512,
+    not its table's 514 rows, two of which the padding offset uses), else the position table."""
+    limits = [tokenizer.model_max_length, getattr(config, "max_position_embeddings", None)]
+    real = [x for x in limits if isinstance(x, int) and 0 < x < 1_000_000]
+    return min(real) if real else None
 
 
 @contextlib.contextmanager
@@ -219,6 +236,7 @@ def load_onnx(path: Path) -> Model:
         example = {t.name: encoded[t.name].astype(t.dtype) for t in inputs}
     else:
         example = random_inputs(spec, {BATCH: 2}, np.random.default_rng(0))
+    limits = _onnx_token_limits(tokenizer)
     return Model(
         name=path.stem,
         source=str(path),
@@ -227,7 +245,8 @@ def load_onnx(path: Path) -> Model:
         onnx_path=path,
         tokenizer=tokenizer,
         pooling=read_pooling(folder) if tokenizer is not None else None,
-        max_length=getattr(tokenizer, "model_max_length", None) if tokenizer else None,
+        max_length=None if limits is None else limits.positions,
+        token_limits=limits,
         folder=folder,
     )
 
@@ -250,6 +269,15 @@ def _tensor_spec(value_info: Any) -> TensorSpec:
             shape.append(dim.dim_param or f"dim{axis}")
     dtype = np.dtype(tensor_dtype_to_np_dtype(tensor_type.elem_type)).name
     return TensorSpec(value_info.name, dtype, tuple(shape))
+
+
+def _onnx_token_limits(tokenizer: Any) -> TokenLimits | None:
+    """What the tokenizer beside an ONNX file says; the graph's tables are not read."""
+    if tokenizer is None:
+        return None
+    positions = tokenizer.model_max_length
+    sane = isinstance(positions, int) and 0 < positions < 1_000_000
+    return TokenLimits(positions if sane else None, len(tokenizer))
 
 
 def _tokenizer_beside(folder: Path) -> Any:

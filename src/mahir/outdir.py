@@ -24,7 +24,7 @@ from mahir.errors import BadInput
 from mahir.files import write_text_atomically
 from mahir.pooling import Pooling
 from mahir.runtimes import open_session
-from mahir.types import Artifact, InputSpec, RuntimeOptions, Session, TensorSpec
+from mahir.types import Artifact, InputSpec, RuntimeOptions, Session, TensorSpec, TokenLimits
 from mahir.workload import TextEncoder
 
 MANIFEST = "mahir.json"
@@ -42,6 +42,8 @@ class OutputDir:
     tokenizer: Any = None
     pooling: Pooling | None = None
     max_length: int | None = None
+    token_limits: TokenLimits | None = None
+    """What token inputs may hold; None for directories written before mahir recorded it."""
 
     def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """The model's inputs for `texts`, tokenized (and truncated) as the model was, padded to
@@ -98,6 +100,8 @@ def open_output_dir(out: Path) -> OutputDir:
     try:
         options = RuntimeOptions(**manifest["options"])
         pooling = Pooling(**manifest["pooling"]) if manifest.get("pooling") else None
+        limits = manifest.get("token_limits")
+        token_limits = TokenLimits(**limits) if limits else None
         runtime = manifest["runtime"]
     except (KeyError, TypeError, ValueError) as err:
         raise BadInput(f"{out / MANIFEST} is damaged ({err}): write the directory again") from err
@@ -114,6 +118,7 @@ def open_output_dir(out: Path) -> OutputDir:
         tokenizer=tokenizer,
         pooling=pooling,
         max_length=manifest.get("max_length"),
+        token_limits=token_limits,
     )
 
 

@@ -54,6 +54,19 @@ class InputSpec:
         return frozenset(d for t in self.inputs for d in t.shape if isinstance(d, str))
 
 
+@dataclass(frozen=True, slots=True)
+class TokenLimits:
+    """What a text model's token inputs may hold: beyond these an embedding lookup reads past
+    its table, which one runtime reports as an error and another may answer with garbage."""
+
+    positions: int | None
+    """Tokens per sequence at most (the position table's usable rows); None: not known."""
+    vocab_size: int
+    """Token ids must be in [0, vocab_size)."""
+    type_vocab_size: int | None = None
+    """Token type ids must be in [0, type_vocab_size); None: the model takes none."""
+
+
 @dataclass(frozen=True)
 class Artifact:
     """A model in one runnable format: files on disk (`path`), or for format "torch" a live
