@@ -8,7 +8,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mahir.serve.batcher import Batcher, BatcherConfig, DeadlineExceeded, Overloaded
+from mahir.serve.batcher import (
+    Batcher,
+    BatcherConfig,
+    DeadlineExceeded,
+    Overloaded,
+    TooLarge,
+    Unavailable,
+)
 from mahir.types import Inputs, Outputs
 
 
@@ -23,6 +30,8 @@ class FakeEncoder:
         self.started: list[tuple[int, int]] = []
         self.gate = gate
         self.fail_on = fail_on
+        self.broken = False
+        """Every call raises, as a runtime left in a bad state would."""
 
     def run(self, inputs: Inputs) -> Outputs:
         self.started.append(inputs["input_ids"].shape)
@@ -30,7 +39,7 @@ class FakeEncoder:
             self.gate.wait(timeout=10)
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         self.calls.append(ids.shape)
-        if self.fail_on is not None and (ids == self.fail_on).any():
+        if self.broken or (self.fail_on is not None and (ids == self.fail_on).any()):
             raise RuntimeError("poisoned input")
         tokens = (ids * 2 * mask)[..., None].astype(np.float32)
         return {"tokens": tokens, "pooled": tokens.sum(axis=1)}
@@ -44,12 +53,13 @@ def request(value: int, length: int, items: int = 1) -> Inputs:
     return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
 
 
-def batcher(session: Any, **config: Any) -> Batcher:
+def batcher(session: Any, probe: Inputs | None = None, **config: Any) -> Batcher:
     return Batcher(
         session,
         BatcherConfig(**config),
         sequence_inputs=frozenset({"input_ids", "attention_mask"}),
         token_outputs=frozenset({"tokens"}),
+        probe=probe,
     )
 
 
@@ -254,3 +264,95 @@ def test_a_request_that_would_mostly_add_padding_waits_for_the_next_batch(
 
     run(main())
     assert session.calls == calls  # 2 x 40 = 80 padded for 50 real tokens: 60% waste
+
+
+def test_a_failed_batch_is_rerun_alone_so_only_its_culprit_fails() -> None:
+    session = FakeEncoder(fail_on=13)
+
+    async def main() -> list[Any]:
+        b = batcher(session, max_batch_size=8, max_delay_ms=50)
+        b.start()
+        results = await asyncio.gather(
+            b.submit(request(1, 4)),
+            b.submit(request(13, 4)),
+            b.submit(request(2, 4)),
+            return_exceptions=True,
+        )
+        await b.stop()
+        return results
+
+    ok1, failed, ok2 = run(main())
+    assert isinstance(failed, RuntimeError)
+    assert (ok1["tokens"] == 2).all()
+    assert (ok2["tokens"] == 4).all()
+    assert session.calls == [(3, 4), (1, 4), (1, 4), (1, 4)]  # together, then each alone
+
+
+def test_a_session_that_fails_its_probe_serves_nothing_until_it_passes() -> None:
+    session = FakeEncoder()
+
+    async def main() -> list[Any]:
+        b = batcher(session, probe=request(7, 2), max_batch_size=8)
+        b.start()
+        assert b.healthy
+        session.broken = True
+        outcomes = await asyncio.gather(b.submit(request(1, 4)), return_exceptions=True)
+        await until(lambda: not b.healthy)  # its probe failed (after its answer went out)
+        outcomes += await asyncio.gather(b.submit(request(1, 4)), return_exceptions=True)
+        assert not b.healthy
+        session.broken = False
+        outcomes.append(await b.submit(request(1, 4)))
+        assert b.healthy
+        await b.stop()
+        return outcomes
+
+    first, second, third = run(main())
+    assert isinstance(first, RuntimeError)  # the request that met the failure
+    assert isinstance(second, Unavailable)  # refused unrun: the probe still failed
+    assert (third["tokens"] == 2).all()
+    # run, probe | probe | probe passes, run
+    assert session.calls == [(1, 4), (1, 2), (1, 2), (1, 2), (1, 4)]
+
+
+def test_admission_counts_items_and_refuses_what_can_never_fit() -> None:
+    import threading
+
+    gate = threading.Event()
+    session = FakeEncoder(gate)
+
+    async def main() -> None:
+        b = batcher(session, max_batch_size=4, max_queue=6, max_delay_ms=0)
+        b.start()
+        first = asyncio.create_task(b.submit(request(1, 4)))
+        await until(lambda: len(session.started) == 1)  # the worker holds it in the session
+        waiting = asyncio.create_task(b.submit(request(1, 4, items=4)))
+        await until(lambda: b.depth == 4)
+        with pytest.raises(Overloaded, match="4 items waiting, 3 more"):
+            await b.submit_many([request(2, 4), request(2, 5, items=2)])
+        assert b.depth == 4  # refused whole: none of its parts queued
+        with pytest.raises(TooLarge, match="a batch holds 4"):
+            await b.submit(request(3, 4, items=5))
+        with pytest.raises(TooLarge, match="at most 6"):
+            await b.submit_many([request(3, 4, items=4), request(3, 4, items=3)])
+        last = asyncio.create_task(b.submit_many([request(5, 4), request(6, 4)]))  # fits: 6
+        await until(lambda: b.depth == 6)
+        gate.set()
+        await asyncio.gather(first, waiting, last)
+        await b.stop()
+
+    run(main())
+    assert session.calls == [(1, 4), (4, 4), (2, 4)]
+
+
+def test_the_parts_of_a_request_left_waiting_are_dropped_once_one_fails() -> None:
+    session = FakeEncoder(fail_on=13)
+
+    async def main() -> None:
+        b = batcher(session, max_batch_size=1, max_delay_ms=0)
+        b.start()
+        with pytest.raises(RuntimeError, match="poisoned"):
+            await b.submit_many([request(1, 4), request(13, 4), *(request(2, 4) for _ in range(8))])
+        await b.stop()
+
+    run(main())
+    assert len(session.calls) <= 3  # not the 10 parts

@@ -1,5 +1,6 @@
-"""The batching tuner: real batcher, real ONNX Runtime session, and `mahir serve --tune` as a
-real process whose choice lands in mahir.json and is what the server then runs with."""
+"""The batching tuner: real batcher, real ONNX Runtime session, and `mahir serve --tune` and
+`mahir optimize` as real processes whose choice lands in mahir.json and is what the server then
+runs with."""
 
 from __future__ import annotations
 
@@ -11,11 +12,15 @@ from pathlib import Path
 import httpx
 import pytest
 
+from mahir.cli.tuning import MIN_SECONDS, fit, skip_reason, with_batching
 from mahir.errors import BadInput
+from mahir.hardware import detect
 from mahir.model import Model
 from mahir.outdir import open_output_dir, read_manifest, update_manifest
+from mahir.serve.app import ServeConfig
 from mahir.serve.batcher import BatcherConfig
-from mahir.serve.tune import TUNED, TuneConfig, TuneResult, settings, tune_batching
+from mahir.serve.tune import TUNED, Trial, TuneConfig, TuneResult, settings, tune_batching
+from tests.conftest import TESTS
 from tests.helpers import Server, fp32_output_dir
 from tests.helpers import mahir as run_mahir
 
@@ -33,8 +38,8 @@ def tune(folder: Path, config: TuneConfig) -> TuneResult:
 
 def test_every_setting_is_timed_and_the_choice_keeps_the_bound(mlp_dir: Path) -> None:
     result = tune(mlp_dir, TuneConfig(p99_ms=10_000, **QUICK))  # type: ignore[arg-type]
-    tried = {(t.config.max_batch_size, t.config.max_delay_ms) for t in result.trials}
-    assert tried == {(1, 0.0), (1, 2.0), (8, 0.0), (8, 2.0)}
+    tried = [(t.config.max_batch_size, t.config.max_delay_ms) for t in result.trials]
+    assert sorted(tried) == [(1, 0.0), (8, 0.0), (8, 2.0)]  # batch 1 once: it never waits
     assert all(t.requests > 0 and len(t.latencies_ms) == t.requests for t in result.trials)
     best = result.best
     assert best is not None
@@ -58,7 +63,24 @@ def test_batch_sizes_past_the_concurrency_and_padding_for_tensor_models_are_not_
     assert {s.max_batch_size for s in tensor} == {1, 16}
     assert {s.max_padding for s in tensor} == {0.5}
     assert all(s.max_queue == 99 for s in tensor)  # what the tuner does not choose is kept
-    assert len(settings(BatcherConfig(), config, text=True)) == 2 * len(tensor)
+    text = settings(BatcherConfig(), config, text=True)
+    assert [s.max_batch_size for s in text].count(1) == 1  # a batch of one has nothing to pad
+    assert len(text) == 1 + 2 * (len(tensor) - 1)
+
+
+def test_without_a_bound_the_choice_keeps_batch_1s_own_tail() -> None:
+    def trial(size: int, requests: int, p99: float) -> Trial:
+        return Trial(BatcherConfig(max_batch_size=size), 1.0, (1.0,) * 99 + (p99,) * requests)
+
+    unbatched, steady, fastest = trial(1, 10, 80.0), trial(8, 30, 60.0), trial(32, 50, 95.0)
+    result = TuneResult(TuneConfig.short(), (unbatched, steady, fastest), "a CPU")
+    assert result.bound_ms == unbatched.percentile(99)
+    assert result.best is steady  # the fastest has a worse tail than not batching at all
+    record = result.record("optimize")
+    assert (record["max_batch_size"], record["tuned_by"]) == (8, "optimize")
+    assert record["p99_bound_ms"] == round(unbatched.percentile(99), 2)
+    with pytest.raises(ValueError, match="keep 1 in batch_sizes"):
+        TuneConfig(None, batch_sizes=(4, 8))
 
 
 def test_serve_tune_records_its_choice_and_serves_with_it(mlp_dir: Path, tmp_path: Path) -> None:
@@ -71,6 +93,7 @@ def test_serve_tune_records_its_choice_and_serves_with_it(mlp_dir: Path, tmp_pat
     finally:
         assert server.stop() == 0
     assert recorded["max_batch_size"] in (1, 4, 8)  # the grid, capped at the concurrency
+    assert recorded["tuned_by"] == "serve"
     assert served["max_batch_size"] == recorded["max_batch_size"]
     delay_us = served["dynamic_batching"]["max_queue_delay_microseconds"]
     assert delay_us == int(recorded["max_delay_ms"] * 1000)
@@ -99,3 +122,53 @@ def test_tune_needs_its_bound_and_an_output_directory(mlp: Model, tmp_path: Path
 
 def read_name(folder: Path) -> str:
     return str(json.loads((folder / "mahir.json").read_text())["source"]["name"])
+
+
+def test_optimize_records_a_batching_choice_that_serve_runs_with(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    found = run_mahir(
+        "optimize", f"{TESTS / 'models.py'}:mlp", "--only", "onnxruntime", "--out", str(out)
+    )
+    assert found.returncode == 0, found.stderr
+    recorded = read_manifest(out)["batching"]
+    assert recorded["tuned_by"] == "optimize"
+    assert recorded["machine"] == detect(gpus=False).summary()
+    assert f"batching for mahir serve: batch {recorded['max_batch_size']}," in found.stdout
+    server = Server(out)
+    try:
+        served = httpx.get(f"{server.url}/v2/models/{read_name(out)}/config").json()
+    finally:
+        assert server.stop() == 0
+    assert served["max_batch_size"] == recorded["max_batch_size"]
+    delay_us = served["dynamic_batching"]["max_queue_delay_microseconds"]
+    assert delay_us == int(recorded["max_delay_ms"] * 1000)
+    assert served["mahir_batching"]["max_padding"] == recorded["max_padding"]
+
+
+def test_the_tune_after_optimize_fits_the_time_left_or_says_why_not() -> None:
+    short = TuneConfig.short()
+    assert fit(short, 17, None) == short  # no budget: the whole short tune
+    assert fit(short, 17, 600.0) == short
+    squeezed = fit(short, 17, 10.0)
+    assert squeezed is not None
+    assert MIN_SECONDS <= squeezed.seconds < short.seconds
+    assert fit(short, 17, 17 * MIN_SECONDS) is None  # the warm-ups would not fit either
+    assert skip_reason(has_winner=True, complete=True, wanted=True) is None
+    assert skip_reason(has_winner=False, complete=True, wanted=True) == "no winner to serve"
+    assert "cut short" in str(skip_reason(has_winner=True, complete=False, wanted=True))
+    assert "--tune --p99-ms" in str(skip_reason(has_winner=True, complete=True, wanted=False))
+
+
+def test_a_choice_made_on_another_machine_is_used_with_a_note(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    recorded = {"max_batch_size": 8, "max_delay_ms": 4.0, "tuned_by": "optimize"}
+    here = with_batching(
+        ServeConfig(), {**recorded, "machine": detect(gpus=False).summary()}, set()
+    )
+    assert here.batcher.max_batch_size == 8
+    assert capsys.readouterr().err == ""
+    elsewhere = with_batching(ServeConfig(), {**recorded, "machine": "a 96-core CPU"}, set())
+    assert (elsewhere.batcher.max_batch_size, elsewhere.batcher.max_delay_ms) == (8, 4.0)
+    note = capsys.readouterr().err
+    assert "tuned by mahir optimize on a 96-core CPU, not on this" in " ".join(note.split())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -197,6 +198,14 @@ def optimize(
     resume: Annotated[
         bool, typer.Option("--resume", help="Reuse what an earlier run with --out measured.")
     ] = False,
+    tune_serving: Annotated[
+        bool,
+        typer.Option(
+            "--tune-serving/--no-tune-serving",
+            help="Then tune mahir serve's batching for the winner (~10-25 s, within "
+            "--time-budget) and record it in mahir.json.",
+        ),
+    ] = True,
 ) -> None:
     """Search techniques x runtimes x settings; keep the fastest within the quality budget."""
 
@@ -218,10 +227,13 @@ def optimize(
     from mahir.optimize import OptimizeConfig
 
     config = guard(ctx, configure)
-    guard(ctx, lambda: _run_optimize(model, config, out, resume))
+    guard(ctx, lambda: _run_optimize(model, config, out, resume, tune_serving))
 
 
-def _run_optimize(source: str | None, config: Any, out: Path, resume: bool) -> None:
+def _run_optimize(
+    source: str | None, config: Any, out: Path, resume: bool, tune_serving: bool
+) -> None:
+    from mahir.cli.tuning import tune_after_optimize
     from mahir.model import load_model
     from mahir.optimize import cache_path, optimize
 
@@ -229,6 +241,8 @@ def _run_optimize(source: str | None, config: Any, out: Path, resume: bool) -> N
         errors.print(f"[dim]{candidate:>24}[/dim]  {text}", highlight=False, soft_wrap=True)
 
     model = load_model(source)
+    budget = config.time_budget_s
+    deadline = None if budget is None else time.monotonic() + budget
     with tempfile.TemporaryDirectory(prefix="mahir-optimize-") as tmp:
         result = optimize(
             model, config, Path(tmp), cache_path=cache_path(out), resume=resume, on_event=on_event
@@ -240,6 +254,7 @@ def _run_optimize(source: str | None, config: Any, out: Path, resume: bool) -> N
     console.print(f"report: {written / 'report.html'}", soft_wrap=True)
     if result.best is not None:
         console.print(f"use it: session = mahir.load({str(written)!r})", soft_wrap=True)
+    tune_after_optimize(written, result, wanted=tune_serving, deadline=deadline)
     if not result.complete:
         errors.print("the search was cut short: the report holds what was measured")
         raise typer.Exit(130)

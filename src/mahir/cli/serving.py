@@ -153,6 +153,7 @@ def _ray_config(ray: bool, replicas: int | None, autoscale: str | None, address:
 def _run_serve(
     source: str | None, config: Any, explicit: set[str], tuning: Any, scale: Any = None
 ) -> None:
+    from mahir.cli.tuning import tune_and_record, with_batching
     from mahir.outdir import MANIFEST, model_name, open_output_dir, read_manifest
     from mahir.serve.app import run_server
 
@@ -178,8 +179,8 @@ def _run_serve(
     if scale is None:
         served = open_output_dir(folder)
         if tuning is not None:
-            served.manifest["batching"] = _tune(folder, served, config.batcher, tuning)
-        config = _with_batching(config, served.manifest.get("batching"), explicit)
+            served.manifest["batching"] = tune_and_record(folder, served, config.batcher, tuning)
+        config = with_batching(config, served.manifest.get("batching"), explicit)
         _announce(served.name, config)
         run_server(served, config)
         return
@@ -188,46 +189,16 @@ def _run_serve(
     # Every replica opens the directory itself; here it is opened only to tune, if asked.
     manifest = read_manifest(folder)
     if tuning is not None:
-        manifest["batching"] = _tune(folder, open_output_dir(folder), config.batcher, tuning)
-    config = _with_batching(config, manifest.get("batching"), explicit)
+        manifest["batching"] = tune_and_record(
+            folder, open_output_dir(folder), config.batcher, tuning
+        )
+    config = with_batching(config, manifest.get("batching"), explicit)
     _announce(model_name(manifest, folder), config)
     serve_ray(folder, config, scale)
 
 
 def _announce(name: str, config: Any) -> None:
     errors.print(f"serving {name} on http://{config.host}:{config.port}", highlight=False)
-
-
-def _tune(folder: Path, opened: Any, base: Any, tuning: Any) -> dict[str, Any]:
-    """Measure the batching, print the table, record the choice in mahir.json; returns it."""
-    import asyncio
-
-    from mahir.outdir import update_manifest
-    from mahir.serve.tune import tune_batching
-
-    with progress_bar() as progress:
-        task = progress.add_task("tuning batching", total=None)
-
-        def on_trial(done: int, total: int) -> None:
-            progress.update(task, total=total, completed=done)
-
-        result = asyncio.run(tune_batching(opened, tuning, base=base, on_trial=on_trial))
-    console.print(result)
-    record = result.record()
-    update_manifest(folder, "batching", record)
-    return record
-
-
-def _with_batching(config: Any, recorded: dict[str, Any] | None, explicit: set[str]) -> Any:
-    """The batcher the tuner recorded, under whatever the command line set explicitly."""
-    import dataclasses
-
-    from mahir.serve.tune import TUNED
-
-    if not recorded:
-        return config
-    tuned = {name: recorded[name] for name in TUNED if name in recorded and name not in explicit}
-    return dataclasses.replace(config, batcher=dataclasses.replace(config.batcher, **tuned))
 
 
 def _write_plain(source: str | None, out: Path) -> None:

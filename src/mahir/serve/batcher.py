@@ -13,9 +13,14 @@ Waiting pays only while company comes: once a wait ended with its request still 
 requests start at once, until two or more are seen waiting together again; so a tuned delay
 costs nothing at low load (a closed loop of one client never waits).
 Inference runs on one worker thread, off the event loop, while the next batch gathers. The
-queue is bounded: a request that does not fit is refused at once (`Overloaded`), never queued
-into a timeout. A request whose client went away or whose deadline passed before
-its batch started is dropped unrun.
+queue is bounded in items, not requests: a request is admitted whole or not at all, and one that
+does not fit now is refused at once (`Overloaded`), never queued into a timeout; one that could
+never fit (more items than the queue holds, or a part with more rows than a batch) is refused as
+`TooLarge`. A request whose client went away or whose deadline passed before its batch started
+is dropped unrun, and so are the other parts of a request once one part failed.
+A failed batch fails only the request that caused it: its requests are run again one by one.
+After any failure the session is probed with known-good inputs before it serves again; while
+the probe fails the batcher is not `healthy` and refuses batches (`Unavailable`).
 
 Knows only `Session` and numpy arrays: nothing of HTTP.
 """
@@ -31,7 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mahir.errors import MahirError
+from mahir.errors import BadInput, MahirError
 from mahir.types import Outputs, Session
 
 Inputs = dict[str, np.ndarray]
@@ -43,6 +48,14 @@ class Overloaded(MahirError):
 
 class DeadlineExceeded(MahirError):
     """The request waited longer than its timeout before its batch started (HTTP 504)."""
+
+
+class TooLarge(BadInput):
+    """The request can never be admitted, however long the client waits (HTTP 413)."""
+
+
+class Unavailable(MahirError):
+    """The session failed its health probe after an inference error (HTTP 503)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +72,8 @@ class BatcherConfig:
     """Padded tokens a batch may compute beyond its real ones, as a share of them: a request
     that would push the batch past it waits for the next batch, among closer lengths."""
     max_queue: int = 1024
-    """Requests waiting at most; beyond it new ones are refused."""
+    """Items waiting at most: a request that would pass it is refused (retry later), one that
+    holds more items on its own is too large."""
     timeout_ms: float = 30_000.0
     """A request not started within this is answered with DeadlineExceeded."""
     group_by_length: bool = True
@@ -105,9 +119,14 @@ class Batcher:
     """Outputs whose axis 1 is the sequence: cut back to each request's own length."""
     observer: BatchObserver = field(default_factory=BatchObserver)
     clock: Callable[[], float] = time.monotonic
+    probe: Inputs | None = None
+    """Inputs the session must answer to be trusted again after it raised; None: trusted."""
 
     def __post_init__(self) -> None:
         self._waiting: list[_Request] = []
+        self._waiting_items = 0
+        self.healthy = True
+        """False while the session fails its probe after an error: readiness says so."""
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mahir-infer")
         self._task: asyncio.Task[None] | None = None
@@ -117,7 +136,8 @@ class Batcher:
 
     @property
     def depth(self) -> int:
-        return len(self._waiting)
+        """Items waiting."""
+        return self._waiting_items
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -132,26 +152,60 @@ class Batcher:
 
     async def submit(self, inputs: Inputs) -> Outputs:
         """Queue one request (any number of rows) and wait for its own outputs."""
-        if self._closing:
-            raise Overloaded("the server is shutting down: retry on another replica")
-        if len(self._waiting) >= self.config.max_queue:
-            raise Overloaded(f"{len(self._waiting)} requests waiting, the limit: retry shortly")
+        return (await self.submit_many([inputs]))[0]
+
+    async def submit_many(self, parts: Sequence[Inputs]) -> list[Outputs]:
+        """Queue one request made of parts that may run in different batches (the texts of one
+        embeddings request, each batched with others of its length): all admitted or none, and
+        once one part fails or the caller goes away, the parts not yet started are dropped."""
         now = self.clock()
+        loop = asyncio.get_running_loop()
+        deadline = now + self.config.timeout_ms / 1000
+        requests = [self._request(inputs, now, deadline, loop) for inputs in parts]
+        self._admit(requests)
+        self._waiting.extend(requests)
+        self._waiting_items += sum(r.items for r in requests)
+        self.observer.queued(self._waiting_items)
+        self._wakeup.set()
+        try:
+            if len(requests) == 1:  # the common case, without gather's wrapper
+                return [await requests[0].future]
+            return list(await asyncio.gather(*(r.future for r in requests)))
+        finally:
+            for request in requests:  # a no-op for answered ones; the others are dropped unrun
+                request.future.cancel()
+
+    def _request(
+        self, inputs: Inputs, now: float, deadline: float, loop: asyncio.AbstractEventLoop
+    ) -> _Request:
         first = next(iter(inputs.values()))
         length = max((inputs[n].shape[1] for n in self.sequence_inputs if n in inputs), default=1)
-        request = _Request(
+        return _Request(
             inputs=inputs,
             items=int(first.shape[0]),
             length=int(length),
             shape_key=_shape_key(inputs, self.sequence_inputs),
             arrived=now,
-            future=asyncio.get_running_loop().create_future(),
-            deadline=now + self.config.timeout_ms / 1000,
+            future=loop.create_future(),
+            deadline=deadline,
         )
-        self._waiting.append(request)
-        self.observer.queued(len(self._waiting))
-        self._wakeup.set()
-        return await request.future  # cancelled with the caller: then dropped unrun
+
+    def _admit(self, requests: Sequence[_Request]) -> None:
+        """Refuse what can never fit (TooLarge) before what does not fit now (Overloaded)."""
+        limit, rows = self.config.max_queue, self.config.max_batch_size
+        widest = max(r.items for r in requests)
+        if widest > rows:
+            raise TooLarge(f"{widest} items in one input; a batch holds {rows}: split the request")
+        items = sum(r.items for r in requests)
+        if items > limit:
+            raise TooLarge(f"{items} items in one request; at most {limit}: split the request")
+        if self._closing:
+            raise Overloaded("the server is shutting down: retry on another replica")
+        if self._waiting_items + items > limit:
+            raise Overloaded(
+                f"{self._waiting_items} items waiting, {items} more would pass the limit of "
+                f"{limit}: retry shortly"
+            )
 
     async def _run(self) -> None:
         while self._waiting or not self._closing:
@@ -161,7 +215,7 @@ class Batcher:
                 continue
             oldest = self._waiting[0]
             delay = oldest.arrived + self.config.max_delay_ms / 1000 - self.clock()
-            full = self._rows_waiting() >= self.config.max_batch_size
+            full = self._waiting_items >= self.config.max_batch_size
             lone = len(self._waiting) == 1
             if not lone:
                 self._alone = False
@@ -176,9 +230,6 @@ class Batcher:
             if batch:
                 await self._execute(batch)
 
-    def _rows_waiting(self) -> int:
-        return sum(r.items for r in self._waiting)
-
     def _take_batch(self) -> list[_Request]:
         """The oldest live request plus the closest in length that fit; drops dead ones."""
         now = self.clock()
@@ -190,7 +241,7 @@ class Batcher:
                 request.future.set_exception(DeadlineExceeded("waited past its timeout"))
                 continue
             live.append(request)
-        self._waiting = live
+        self._set_waiting(live)
         if not live:
             return []
         oldest = live[0]
@@ -211,29 +262,63 @@ class Batcher:
             batch.append(request)
             items, longest, real = new_items, new_longest, new_real
         taken = {id(r) for r in batch}
-        self._waiting = [r for r in live if id(r) not in taken]
-        self.observer.queued(len(self._waiting))
+        self._set_waiting([r for r in live if id(r) not in taken])
         return batch
+
+    def _set_waiting(self, waiting: list[_Request]) -> None:
+        self._waiting = waiting
+        self._waiting_items = sum(r.items for r in waiting)
+        self.observer.queued(self._waiting_items)
 
     async def _execute(self, batch: list[_Request]) -> None:
         started = self.clock()
         for request in batch:
             self.observer.waited(started - request.arrived)
+        await self._answer(batch, started)
+
+    async def _answer(self, batch: list[_Request], started: float) -> None:
+        if not self.healthy and not await self._probe():
+            for request in batch:
+                _fail(request, Unavailable("the model failed its health check: retry shortly"))
+            return
         merged, longest = _merge(batch, self.sequence_inputs)
         try:
-            loop = asyncio.get_running_loop()
-            outputs = await loop.run_in_executor(self._executor, self.session.run, merged)
+            outputs = await self._infer(merged)
             parts = _split(outputs, batch, self.token_outputs)
-        except Exception as err:  # fails this batch's requests only; the server goes on
-            for request in batch:
+        except Exception as err:  # one request's inputs, or the runtime: find out which
+            if len(batch) == 1:
+                _fail(batch[0], err)
+            await self._probe()
+            for request in batch if len(batch) > 1 else ():  # alone: only the culprit fails
                 if not request.future.done():
-                    request.future.set_exception(err)
+                    await self._answer([request], self.clock())
             return
         items = sum(r.items for r in batch)
         self.observer.batch(items, items * longest, self.clock() - started)
         for request, part in zip(batch, parts, strict=True):
             if not request.future.done():
                 request.future.set_result(part)
+
+    async def _infer(self, inputs: Inputs) -> Outputs:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.session.run, inputs)
+
+    async def _probe(self) -> bool:
+        """Whether the session answers the probe: a session that raised must be known good
+        again before it serves (a runtime can stay broken after one bad input)."""
+        if self.probe is not None:
+            try:
+                await self._infer(self.probe)
+            except Exception:  # any failure means the same: not healthy
+                self.healthy = False
+                return False
+        self.healthy = True
+        return True
+
+
+def _fail(request: _Request, err: BaseException) -> None:
+    if not request.future.done():
+        request.future.set_exception(err)
 
 
 def _shape_key(inputs: Inputs, sequence_inputs: frozenset[str]) -> tuple[object, ...]:

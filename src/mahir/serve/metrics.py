@@ -49,7 +49,7 @@ class ServerMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.queue_depth = Gauge("mahir_queue_depth", "Requests waiting for a batch.", registry=r)
+        self.queue_depth = Gauge("mahir_queue_depth", "Items waiting for a batch.", registry=r)
 
     def observer(self) -> BatchObserver:
         def batch(items: int, tokens: int, seconds: float) -> None:

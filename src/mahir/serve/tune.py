@@ -8,7 +8,9 @@ drift hits all alike; each setting's latencies are pooled over its rounds. HTTP 
 purpose: it adds the same fixed cost (about a millisecond) to every setting, and a client
 sharing the server's cores would skew the comparison. The winner is the highest throughput
 whose p99 is within the bound; its values are recorded in `mahir.json` under `batching`, which
-`mahir serve` and the exports (Triton's `dynamic_batching`) read.
+`mahir serve` and the exports (Triton's `dynamic_batching`) read. Without a bound from the user
+(the short tune `mahir optimize` runs), the bound is batch 1's own p99 under the same load: no
+choice has a worse tail than not batching at all, and some choice always meets it.
 
 Knows the batcher and the output directory; nothing of HTTP, passes or search.
 """
@@ -41,8 +43,9 @@ TUNED = ("max_batch_size", "max_delay_ms", "max_padding")
 
 @dataclass(frozen=True, slots=True)
 class TuneConfig:
-    p99_ms: float
-    """The bound: a setting whose p99 (queue + batch + inference) exceeds it is not chosen."""
+    p99_ms: float | None
+    """The bound: a setting whose p99 (queue + batch + inference) exceeds it is not chosen.
+    None: batch 1's p99 in the same tune (see the module note)."""
     concurrency: int = 32
     """Clients in the closed loop, each waiting for its answer before the next request."""
     seconds: float = 2.0
@@ -55,10 +58,19 @@ class TuneConfig:
     """`max_padding` values: for text models only (tensor models have nothing to pad)."""
 
     def __post_init__(self) -> None:
-        if self.p99_ms <= 0:
+        if self.p99_ms is not None and self.p99_ms <= 0:
             raise ValueError(f"--p99-ms must be > 0, got {self.p99_ms}")
+        if self.p99_ms is None and 1 not in self.batch_sizes:
+            raise ValueError("a tune without --p99-ms is bounded by batch 1: keep 1 in batch_sizes")
         if self.concurrency < 1 or self.seconds <= 0 or self.rounds < 1:
             raise ValueError("concurrency and rounds must be >= 1 and seconds > 0")
+
+    @classmethod
+    def short(cls) -> TuneConfig:
+        """What `mahir optimize` runs for its winner: the whole grid at 1 s per setting (17
+        settings for a text model, 9 for a tensor model), bounded by batch 1's p99, since the
+        user's own latency target is not known then."""
+        return cls(None, seconds=1.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,18 +99,26 @@ class TuneResult:
     machine: str
 
     @property
+    def bound_ms(self) -> float:
+        """The p99 bound in force: the user's, else batch 1's own p99 here."""
+        if self.config.p99_ms is not None:
+            return self.config.p99_ms
+        return max(t.percentile(99) for t in self.trials if t.config.max_batch_size == 1)
+
+    @property
     def best(self) -> Trial | None:
         """The most throughput among the settings whose p99 is within the bound."""
-        within = [t for t in self.trials if t.percentile(99) <= self.config.p99_ms]
+        within = [t for t in self.trials if t.percentile(99) <= self.bound_ms]
         return max(within, key=lambda t: t.throughput, default=None)
 
-    def record(self) -> dict[str, Any]:
-        """What `mahir.json` keeps under `batching`."""
+    def record(self, tuned_by: str = "serve") -> dict[str, Any]:
+        """What `mahir.json` keeps under `batching`; `tuned_by` names the command that tuned
+        (serve or optimize), `machine` where, so a server elsewhere can say so."""
         best = self.best
         if best is None:
             lowest = min(self.trials, key=lambda t: t.percentile(99))
             raise BadInput(
-                f"no batching setting kept p99 under {self.config.p99_ms:g} ms at concurrency "
+                f"no batching setting kept p99 under {self.bound_ms:g} ms at concurrency "
                 f"{self.config.concurrency} (lowest: {lowest.percentile(99):.1f} ms at batch "
                 f"{lowest.config.max_batch_size}): raise --p99-ms or lower --tune-concurrency"
             )
@@ -106,12 +126,13 @@ class TuneResult:
             "max_batch_size": best.config.max_batch_size,
             "max_delay_ms": best.config.max_delay_ms,
             "max_padding": best.config.max_padding,
-            "p99_bound_ms": self.config.p99_ms,
+            "p99_bound_ms": round(self.bound_ms, 2),
             "concurrency": self.config.concurrency,
             "throughput": round(best.throughput, 1),
             "p50_ms": round(best.percentile(50), 2),
             "p99_ms": round(best.percentile(99), 2),
             "machine": self.machine,
+            "tuned_by": tuned_by,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
 
@@ -122,7 +143,7 @@ class TuneResult:
             table.add_column(column, justify="right")
         for t in sorted(self.trials, key=lambda t: -t.throughput):
             c, p99 = t.config, t.percentile(99)
-            verdict = "chosen" if t is best else ("" if p99 <= self.config.p99_ms else "p99 over")
+            verdict = "chosen" if t is best else ("" if p99 <= self.bound_ms else "p99 over")
             table.add_row(
                 str(c.max_batch_size),
                 f"{c.max_delay_ms:g}",
@@ -132,18 +153,28 @@ class TuneResult:
                 f"{p99:.2f}",
                 verdict,
             )
-        table.caption = f"p99 bound {self.config.p99_ms:g} ms; {self.machine}"
+        bound = "" if self.config.p99_ms is not None else " (batch 1's)"
+        table.caption = f"p99 bound {self.bound_ms:.4g} ms{bound}; {self.machine}"
         return table
 
 
 def settings(base: BatcherConfig, config: TuneConfig, text: bool) -> list[BatcherConfig]:
-    """Every setting the tuner tries: batch sizes x delays (x paddings, for text)."""
+    """Every setting the tuner tries: batch sizes x delays (x paddings, for text). Batch 1 is
+    tried once: a batch that is full at one request neither waits nor pads."""
     sizes = [b for b in config.batch_sizes if b <= config.concurrency] or [config.concurrency]
     paddings = config.paddings if text else (base.max_padding,)
+    grid = itertools.product(sizes, config.delays_ms, paddings)
+    once = dict.fromkeys((b, d, p) if b > 1 else (1, 0.0, paddings[0]) for b, d, p in grid)
     return [
         dataclasses.replace(base, max_batch_size=b, max_delay_ms=d, max_padding=p)
-        for b, d, p in itertools.product(sizes, config.delays_ms, paddings)
+        for b, d, p in once
     ]
+
+
+def sequence_inputs(opened: OutputDir) -> frozenset[str]:
+    """Inputs whose axis 1 is the sequence: what the batcher pads and the tuner tries paddings
+    for."""
+    return frozenset(t.name for t in opened.spec.inputs if t.shape[1:2] == (SEQUENCE,))
 
 
 def traffic(opened: OutputDir, count: int, seed: int = 0) -> list[Inputs]:
@@ -167,7 +198,7 @@ async def tune_batching(
     on_trial: Callable[[int, int], None] = lambda done, total: None,
 ) -> TuneResult:
     """Time every setting under the same load, interleaved in rounds; see the module note."""
-    sequence = frozenset(t.name for t in opened.spec.inputs if t.shape[1:2] == (SEQUENCE,))
+    sequence = sequence_inputs(opened)
     candidates = settings(base or BatcherConfig(), config, text=bool(sequence))
     cut = token_outputs(opened, sequence)
     requests = traffic(opened, 4 * config.concurrency)
