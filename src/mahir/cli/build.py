@@ -29,7 +29,12 @@ def bench(
     model: ModelArg = None,
     runtime: Annotated[
         list[str] | None,
-        typer.Option("--runtime", "-r", help="Runtime to measure; repeat for several."),
+        typer.Option(
+            "--runtime",
+            "-r",
+            help="Runtime to measure; repeat for several \\[default: torch, onnxruntime, "
+            "openvino: those that can run the model].",
+        ),
     ] = None,
     batch_size: Annotated[
         list[int] | None, typer.Option("--batch-size", "-b", help="Repeat for several.")
@@ -56,7 +61,7 @@ def bench(
     ] = None,
 ) -> None:
     """Measure the model on each runtime and batch size: latency, throughput, fidelity."""
-    from mahir.bench import DEFAULT_RUNTIMES, BenchConfig
+    from mahir.bench import BenchConfig
 
     def configure() -> BenchConfig:
         from mahir.measure import MeasureConfig
@@ -65,7 +70,7 @@ def bench(
 
         try:
             return BenchConfig(
-                runtimes=tuple(runtime or DEFAULT_RUNTIMES),
+                runtimes=tuple(runtime or ()),
                 batch_sizes=tuple(batch_size or (1, 32)),
                 measure=MeasureConfig(min_time_s=seconds),
                 options=RuntimeOptions(threads=threads),
