@@ -3,7 +3,9 @@
 The order of work is what makes the numbers honest: one workload for everyone (saved as .npz);
 every runtime's outputs compared with the fp32 original on every batch before any timing; then,
 per batch size, all runtimes timed interleaved so machine drift hits them alike. Speedups are
-ratios of medians against PyTorch eager at the same batch size.
+ratios of medians against the baseline at the same batch size: the original as given, on the
+runtime that gives its reference answers (PyTorch eager for a module, ONNX Runtime for an ONNX
+file). By default every runtime that can run the source is measured.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from typing import Any
 from rich.table import Table
 
 from mahir.builder import ArtifactBuilder
-from mahir.export import fidelity, reference_outputs
+from mahir.errors import BadInput
+from mahir.export import fidelity, reference_outputs, reference_runtime
 from mahir.hardware import Machine, detect
 from mahir.measure import MeasureConfig, measure, resident_mb
 from mahir.model import Model
@@ -26,7 +29,6 @@ from mahir.runtimes import RUNTIMES, get_runtime, open_session
 from mahir.types import Perf, Quality, RuntimeOptions, Session
 from mahir.workload import Workload, build_workload
 
-BASELINE = "torch"
 DEFAULT_RUNTIMES = ("torch", "onnxruntime", "openvino")
 
 
@@ -34,8 +36,9 @@ DEFAULT_RUNTIMES = ("torch", "onnxruntime", "openvino")
 class BenchConfig:
     """What `benchmark` measures: which runtimes, at which batch sizes, on which inputs."""
 
-    runtimes: tuple[str, ...] = DEFAULT_RUNTIMES
-    """Runtime names from `mahir.runtimes.RUNTIMES`; PyTorch eager is the baseline."""
+    runtimes: tuple[str, ...] = ()
+    """Runtime names from `mahir.runtimes.RUNTIMES`; empty: those of `DEFAULT_RUNTIMES` that
+    can run the model's source."""
     batch_sizes: tuple[int, ...] = (1, 32)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
     options: RuntimeOptions = field(default_factory=RuntimeOptions)
@@ -77,12 +80,14 @@ class BenchResult:
     model: Model
     workload: Workload
     rows: list[BenchRow]
+    baseline: str
+    """The runtime speedups are over (see `runnable_runtimes`)."""
     date: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat())
 
     def speedup(self, row: BenchRow) -> float | None:
         """Baseline p50 over this row's p50, at the same batch size."""
         for base in self.rows:
-            if base.runtime == BASELINE and base.batch_size == row.batch_size:
+            if base.runtime == self.baseline and base.batch_size == row.batch_size:
                 return base.perf.p50_ms / row.perf.p50_ms
         return None
 
@@ -92,6 +97,7 @@ class BenchResult:
             "machine": self.machine.to_dict(),
             "model": model_summary(self.model),
             "workload": self.workload.describe(),
+            "baseline": self.baseline,
             "results": [self._row_json(row) for row in self.rows],
         }
 
@@ -175,6 +181,22 @@ def model_summary(model: Model) -> dict[str, Any]:
     }
 
 
+def runnable_runtimes(model: Model, asked: tuple[str, ...]) -> tuple[str, ...]:
+    """The runtimes to measure: those asked for, each refused with the reason if it cannot run
+    this model's source; none asked: the defaults that can."""
+    needs_module = {name for name, r in RUNTIMES.items() if r.formats == ("torch",)}
+    if model.module is not None:
+        return asked or DEFAULT_RUNTIMES
+    refused = sorted(set(asked) & needs_module)
+    if refused:
+        able = [name for name in RUNTIMES if name not in needs_module]
+        raise BadInput(
+            f"{', '.join(refused)} run PyTorch modules, and {model.name} is an ONNX file: "
+            f"choose from {', '.join(able)}"
+        )
+    return asked or tuple(name for name in DEFAULT_RUNTIMES if name not in needs_module)
+
+
 def benchmark(
     model: Model,
     config: BenchConfig,
@@ -184,6 +206,7 @@ def benchmark(
     on_measure: Callable[[str, float], None] | None = None,
 ) -> BenchResult:
     """Build what each runtime needs in `workdir`, check every runtime's outputs, time them."""
+    runtimes = runnable_runtimes(model, config.runtimes)
     on_step("reading the machine")
     machine = detect()
     on_step("building the workload")
@@ -204,7 +227,7 @@ def benchmark(
     sessions: dict[str, Session] = {}
     memory: dict[str, float] = {}
     sizes: dict[str, float] = {}
-    for name in config.runtimes:
+    for name in runtimes:
         on_step(f"building what {name} runs, verified against the original")
         artifact = builder.build((), RUNTIMES[name].formats)
         on_step(f"opening {name}")
@@ -235,4 +258,4 @@ def benchmark(
             )
             for name, session in sessions.items()
         ]
-    return BenchResult(machine, model, workload, rows)
+    return BenchResult(machine, model, workload, rows, reference_runtime(model.original()))

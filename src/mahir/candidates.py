@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from mahir.export import reference_runtime
 from mahir.hardware import Machine
 from mahir.model import Model
 from mahir.passes.conversion import OpenVinoDirect
@@ -28,7 +29,9 @@ from mahir.recipe import Recipe
 from mahir.types import RuntimeOptions
 
 Objective = Literal["latency", "throughput"]
-BASELINE_ID = "torch"
+
+BASELINE_LABELS = {"torch": "PyTorch eager fp32", "onnxruntime": "ONNX Runtime fp32"}
+"""What the original is called, by the runtime that runs it as given (see `baseline`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,17 +43,27 @@ class Candidate:
     recipe: Recipe
 
 
+def baseline(model: Model) -> Candidate:
+    """The original as given, on the runtime that gives its reference answers: PyTorch eager
+    for a torch module, ONNX Runtime for an ONNX file. Every speedup is measured against it."""
+    runtime = reference_runtime(model.original())
+    label = BASELINE_LABELS.get(runtime, runtime)
+    return Candidate(runtime, label, Recipe((), runtime))
+
+
 def propose(
     model: Model, machine: Machine, objective: Objective, *, max_drop: float = 0.01
 ) -> tuple[list[Candidate], list[tuple[Candidate, str]]]:
-    """Candidates for `model` on `machine`, baseline first, and what was left out and why."""
+    """Candidates for `model` on `machine`, the baseline first, and what was left out and why.
+    A candidate that would only repeat the baseline (ONNX Runtime fp32 for an ONNX source) is
+    not proposed."""
     f32 = RuntimeOptions(openvino_precision="f32", openvino_hint=_hint(objective))
     default = RuntimeOptions(openvino_precision=None, openvino_hint=_hint(objective))
     int8 = machine.int8_dot_product
     bf16 = machine.has("avx512_bf16") or machine.has("amx_bf16")
     text = model.is_text
     entries: list[tuple[str, str, Recipe, str | None]] = [
-        (BASELINE_ID, "PyTorch eager fp32", Recipe((), "torch"), None),
+        ("torch", "PyTorch eager fp32", Recipe((), "torch"), _needs_module(model)),
         ("onnxruntime", "ONNX Runtime fp32", Recipe((), "onnxruntime"), None),
         (
             "openvino-default",
@@ -102,7 +115,12 @@ def propose(
             Recipe((TransformerFusion(),), "onnxruntime"),
             _needs_text(text),
         ),
-        ("torch-compile", "torch.compile (inductor) fp32", Recipe((), "torch-compile"), None),
+        (
+            "torch-compile",
+            "torch.compile (inductor) fp32",
+            Recipe((), "torch-compile"),
+            _needs_module(model),
+        ),
         (
             "ort-static-int8",
             "ONNX Runtime, static int8 (QDQ, minmax calibration)",
@@ -126,7 +144,7 @@ def propose(
             "torch-compile-torchao-int8",
             "torch.compile + torchao int8 (dynamic activations, int8 weights)",
             Recipe((TorchaoInt8(),), "torch-compile"),
-            _needs_int8(int8),
+            _needs_int8(int8) or _needs_module(model),
         ),
         (
             "pruned-30-nncf-int8",
@@ -135,9 +153,11 @@ def propose(
             _needs_int8(int8) or _needs_text(text),
         ),
     ]
+    first = baseline(model)
+    entries = [e for e in entries if e[0] != first.id]
     proposed = [Candidate(i, label, recipe) for i, label, recipe, why in entries if why is None]
     skipped = [(Candidate(i, label, r), why) for i, label, r, why in entries if why is not None]
-    return proposed, skipped
+    return [first, *proposed], skipped
 
 
 def _hint(objective: Objective) -> Literal["latency", "throughput"]:

@@ -257,10 +257,16 @@ def reference_outputs(
     return [session.run(batch) for batch in batches]
 
 
+def reference_runtime(artifact: Artifact) -> str:
+    """The runtime an artifact's own answers come from: PyTorch eager for torch artifacts, ONNX
+    Runtime for ONNX, OpenVINO for IR. A model's baseline is its original on this runtime."""
+    return {"torch": "torch", "onnx": "onnxruntime", "openvino": "openvino"}[artifact.format]
+
+
 def reference_session(artifact: Artifact) -> Session:
-    """PyTorch eager for torch artifacts, ONNX Runtime for ONNX, OpenVINO (f32) for IR."""
-    runtime = {"torch": "torch", "onnx": "onnxruntime", "openvino": "openvino"}[artifact.format]
-    return open_session(runtime, artifact, RuntimeOptions(openvino_precision="f32"))
+    """The artifact on its reference runtime, in fp32 (OpenVINO pinned to f32)."""
+    options = RuntimeOptions(openvino_precision="f32")
+    return open_session(reference_runtime(artifact), artifact, options)
 
 
 def verification_batches(model: Model) -> list[Batch]:

@@ -13,9 +13,11 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
+import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,8 +27,8 @@ from rich.table import Table
 from mahir.bench import model_summary
 from mahir.budget import FidelityBudget, MetricBudget, metric_outputs, quality_kind, score
 from mahir.builder import ArtifactBuilder
-from mahir.candidates import BASELINE_ID, Candidate, Objective, propose
-from mahir.errors import BadInput
+from mahir.candidates import Candidate, Objective, propose
+from mahir.errors import BadInput, MahirError, first_line
 from mahir.export import reference_outputs, reference_session, verification_batches
 from mahir.hardware import Machine, detect
 from mahir.model import Model, import_function, load_model
@@ -75,6 +77,23 @@ class OptimizeConfig:
             raise BadInput(f"--time-budget must be > 0 minutes, got {self.time_budget_s / 60:g}")
         if any(size < 1 for size in self.batch_sizes):
             raise BadInput(f"batch sizes must be >= 1, got {list(self.batch_sizes)}")
+        if self.metric is None:
+            FidelityBudget(self.max_drop)  # refuses a drop outside [0, 0.5), as the search would
+        elif not (math.isfinite(self.max_drop) and self.max_drop >= 0):
+            raise BadInput(f"--max-drop must be a number >= 0 for a metric, got {self.max_drop}")
+        if self.data is not None and not self.data.is_file():
+            raise BadInput(f"{self.data} does not exist: give the data file the metric scores")
+
+    def check_model(self, model: Model) -> None:
+        """Refuse what `model` cannot use instead of ignoring it: sentences and token counts
+        shape text, which only text models read."""
+        text_only = {"--sentences": bool(self.sentences), "--tokens": self.token_range is not None}
+        given = " and ".join(flag for flag, on in text_only.items() if on)
+        if given and not model.is_text:
+            raise BadInput(
+                f"{given} shape text, and {model.name} takes tensors "
+                f"({', '.join(model.spec.input_names)}): leave {given} out"
+            )
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -132,19 +151,22 @@ class OptimizeResult:
             "workload": self.workload.describe(),
             "time_budget_s": self.config.time_budget_s,
             "elapsed_s": self.elapsed_s,
-            "baseline": BASELINE_ID,
+            "baseline": self.candidates[0].candidate.id,
             "best": None if self.best is None else self.best.candidate.id,
             "candidates": [outcome_record(o, objective) for o in self.candidates],
         }
 
-    def save(self, out: Path) -> Path:
+    def save(self, out: str | os.PathLike[str]) -> Path:
         """Write the output directory atomically: the winner (model/, mahir.json, recipe.yaml)
         with report.json and report.html. With no winner, only the reports are written, and
-        never over an earlier run's model: then into `<out>-report` beside it."""
+        never over an earlier run's model: then into `<out>-report` beside it. If writing fails
+        (a full disk, a folder made read-only during the run), the measurements are not lost:
+        the reports go to a new temporary folder, and the BadInput raised says where."""
         from mahir.apply import Applied, write_output_dir
         from mahir.outdir import MANIFEST
         from mahir.report import render_html
 
+        out = Path(out)
         report = self.report()
         extra = {
             "report.json": json.dumps(report, indent=2, default=str) + "\n",
@@ -155,7 +177,14 @@ class OptimizeResult:
             applied = Applied(self.artifact, self.best.candidate.recipe, self.best.quality)
         elif (out / MANIFEST).is_file():
             out = out.with_name(f"{out.name}-report")
-        write_output_dir(self.model, applied, out, extra=extra)
+        try:
+            write_output_dir(self.model, applied, out, extra=extra)
+        except (OSError, MahirError) as err:
+            kept = _keep_reports(extra)
+            raise BadInput(
+                f"cannot write {out} ({first_line(err)}); report.json and report.html are in "
+                f"{kept}: put that right and run again with --resume to reuse the measurements"
+            ) from err
         return out
 
     def __rich__(self) -> Table:
@@ -166,6 +195,14 @@ class OptimizeResult:
         for outcome in self.candidates:
             table.add_row(*_row(outcome, self.config, outcome is self.best))
         return table
+
+
+def _keep_reports(reports: Mapping[str, str]) -> Path:
+    """Write `reports` (name -> text) into a new temporary folder, where writing works."""
+    folder = Path(tempfile.mkdtemp(prefix="mahir-report-"))
+    for name, text in reports.items():
+        (folder / name).write_text(text)
+    return folder
 
 
 def _row(outcome: Outcome, config: OptimizeConfig, best: bool) -> tuple[str, ...]:
@@ -209,14 +246,16 @@ def optimize(
     started = time.monotonic()
     deadline = None if config.time_budget_s is None else started + config.time_budget_s
     machine = detect()
-    on_event(BASELINE_ID, f"machine: {machine.summary()}")
     proposed, skipped = propose(model, machine, config.objective, max_drop=config.max_drop)
+    baseline = proposed[0].id
+    on_event(baseline, f"machine: {machine.summary()}")
     proposed = _only(proposed, config.only)  # a typo fails before any work
     workload = _workload(model, config, config.sizes, count=config.batches_per_size, seed=0)
     calibration = _workload(model, config, (8,), count=4, seed=1).batches[8]
     ctx = PassContext(model=model, workdir=workdir, calibration=tuple(calibration), machine=machine)
     evidence = _evidence(model, config, workload)
-    search = Search(model, ArtifactBuilder(ctx), evidence, config.objective, deadline, on_event)
+    builder = ArtifactBuilder(ctx)
+    search = Search(model, builder, evidence, config.objective, baseline, deadline, on_event)
     key = _run_key(model, machine, workload, config)
     cache = OutcomeCache(cache_path, key, resume=resume) if cache_path else None
     outcomes: list[Outcome] = []
@@ -229,7 +268,7 @@ def optimize(
             search.time_survivors(outcomes, rung_s)
     except KeyboardInterrupt:
         complete = False
-        on_event(BASELINE_ID, "interrupted: keeping what was measured")
+        on_event(baseline, "interrupted: keeping what was measured")
     reached = {o.candidate.id for o in outcomes}
     reason = "time budget spent before it was built" if complete else "interrupted"
     outcomes += [Outcome(c, "skipped", reason=reason) for c in proposed if c.id not in reached]
@@ -314,7 +353,7 @@ def _only(proposed: list[Candidate], only: Sequence[str]) -> list[Candidate]:
         raise BadInput(
             f"unknown candidates {unknown}: on this machine, choose from {sorted(known)}"
         )
-    return [c for c in proposed if c.id == BASELINE_ID or c.id in only]
+    return [c for c in proposed if c is proposed[0] or c.id in only]
 
 
 def _run_key(model: Model, machine: Machine, workload: Workload, config: OptimizeConfig) -> str:
@@ -355,11 +394,12 @@ def _check_all(
     all_cached = bool(cached) and all(o is not None for o in cached.values())
     for candidate in proposed:
         earlier = cached.get(candidate.id)
-        if earlier is not None and (candidate.id != BASELINE_ID or all_cached):
+        baseline = candidate is proposed[0]
+        if earlier is not None and (not baseline or all_cached):
             search.on_event(candidate.id, f"{earlier.status} in an earlier run (resumed)")
             outcomes.append(earlier)
             continue
-        if candidate.id != BASELINE_ID and _building_time_spent(search, config):
+        if not baseline and _building_time_spent(search, config):
             search.on_event(candidate.id, "time budget: no more building")
             return
         outcome = search.check(candidate)

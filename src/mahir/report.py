@@ -25,7 +25,6 @@ import yaml
 from mahir import report_plots as look
 from mahir.files import write_text_atomically
 from mahir.verdicts import (
-    BASELINE_NAME,
     Candidate,
     View,
     budget_line,
@@ -95,22 +94,22 @@ def _headline(v: View) -> str:
         return f"<header><h1>No candidate met the budget</h1>{lead}{_meta(v)}</header>"
     x = look.times(w.get("speedup"))
     if b is not None and w["id"] == b["id"]:
-        title = f"{BASELINE_NAME} stays: nothing was faster within the budget"
+        title = f"{v.baseline_name} stays: nothing was faster within the budget"
     elif v.objective == "throughput":
-        title = f"{w['label']} gives {x} the samples/s of {BASELINE_NAME}"
+        title = f"{w['label']} gives {x} the samples/s of {v.baseline_name}"
     else:
-        title = f"{w['label']} runs {x} faster than {BASELINE_NAME}"
+        title = f"{w['label']} runs {x} faster than {v.baseline_name}"
     return f"<header><h1>{_e(title)}</h1>{_cards(v, w, b)}{_meta(v)}</header>"
 
 
 def _cards(v: View, w: Candidate, b: Candidate | None) -> str:
     """The winner's numbers, each beside what it is compared with."""
-    line, base = budget_line(v), f"{BASELINE_NAME}: "
+    line, base = budget_line(v), f"{v.baseline_name}: "
     fid_label, _, fid_value = fid_text(v, w, short=True).rpartition(" ")
     fid_sub = fid_text(v, w).partition(", ")[2] + (f" · budget ≥ {line:.4g}" if line else "")
     size, base_size = w.get("size_mb"), None if b is None else b.get("size_mb")
     return look.cards([
-        ("speedup", look.times(w.get("speedup")), f"over {BASELINE_NAME}"),
+        ("speedup", look.times(w.get("speedup")), f"over {v.baseline_name}"),
         (v.objective, perf_text(v, w), base + perf_text(v, b) if b is not None else ""),
         (fid_label, fid_value, fid_sub),
         ("size on disk", "n/a" if size is None else f"{size:.1f} MB",
@@ -151,7 +150,7 @@ def _closest(v: View) -> str:
         relax = f"A budget of worst cosine ≥ {math.floor(q['cosine_min'] * 1e4) / 1e4:.4f}"
         if (q.get("cosine_mean") or 1.0) < (budget.get("cosine_mean") or 0.0):
             relax += f" and mean ≥ {math.floor(q['cosine_mean'] * 1e4) / 1e4:.4f}"
-    speed = f", at {look.times(c['speedup'])} {BASELINE_NAME}" if c.get("speedup") else ""
+    speed = f", at {look.times(c['speedup'])} {v.baseline_name}" if c.get("speedup") else ""
     return (
         f"Closest: <b>{_e(c['label'])}</b> with {_e(fid_text(v, c) + speed)}. {_e(relax)} would "
         "accept it; recipes that keep more precision (per-channel int8, bf16, fp32 on a faster "
@@ -218,7 +217,9 @@ def _plots(v: View) -> str:
         return "<section><h2>Plots</h2><p>No candidate was timed: nothing to plot.</p></section>"
     metric = v.report["budget"].get("metric", "metric") if v.fidelity == "metric" else None
     batch = None if v.objective == "throughput" else min(v.report.get("batch_sizes") or [1])
-    figures = look.plots_html(marks, batch=batch, metric=metric, budget=budget_line(v))
+    figures = look.plots_html(
+        marks, batch=batch, metric=metric, budget=budget_line(v), baseline=v.baseline_name
+    )
     return f"<section><h2>Plots</h2>{figures}</section>"
 
 

@@ -66,7 +66,8 @@ FIGURES = {  # plot -> (title, caption)
     "scatter": ("Speed against fidelity", "The grey step line is the Pareto front: nothing is "
                 "both faster and more faithful than a point on it. Shaded: outside the budget. "
                 "Hover a marker for its numbers."),
-    "speedup": ("Speedup over PyTorch eager fp32", "At the batch the objective judges."),
+    "speedup": ("Speedup over the baseline", "At the batch the objective judges; the baseline "
+                "is the model as given, at 1.0."),
     "latency": ("Latency distribution", "Per batch: box from p25 to p75, line at the median, "
                 "whiskers p1 to p99, dots beyond. A long tail costs at p99 even when the median "
                 "is low."),
@@ -128,11 +129,17 @@ class Mark:
 
 
 def plots_html(
-    marks: Sequence[Mark], *, batch: int | None, metric: str | None, budget: float | None
+    marks: Sequence[Mark],
+    *,
+    batch: int | None,
+    metric: str | None,
+    budget: float | None,
+    baseline: str,
 ) -> str:
     """The three figures, fastest candidate on top. `batch` is the batch the latency objective
     judges (None: throughput, best batch per candidate); `metric` names the user metric judged
-    instead of the worst cosine. A plot with nothing to show is left out."""
+    instead of the worst cosine; `baseline` names what speedups are over. A plot with nothing
+    to show is left out."""
     throughput = batch is None
     marks = sorted(marks, key=lambda m: -m.speed if throughput else m.speed)
     scatter = [m for m in marks if m.fidelity is not None]
@@ -148,7 +155,7 @@ def plots_html(
                           nines=metric is None, budget=budget)  # fmt: skip
         figures.append(_figure(svg, "scatter"))
     if bars:
-        figures.append(_figure(speedup_svg(bars), "speedup"))
+        figures.append(_figure(speedup_svg(bars, baseline), "speedup"))
     if boxes:
         figures.append(_figure(latency_svg(boxes), "latency"))
     return "".join(figures)
@@ -232,8 +239,8 @@ def scatter_svg(
 
 
 @_styled
-def speedup_svg(marks: Sequence[Mark]) -> str:
-    """Horizontal speedup bars in the given order, top down, with PyTorch eager's 1.0 dashed."""
+def speedup_svg(marks: Sequence[Mark], baseline: str) -> str:
+    """Horizontal speedup bars in the given order, top down, with the baseline's 1.0 dashed."""
     fig, ax = _axes(0.9 + 0.34 * len(marks))
     values = [m.speedup or 0.0 for m in marks]
     ypos = np.arange(len(marks))[::-1]
@@ -245,7 +252,7 @@ def speedup_svg(marks: Sequence[Mark]) -> str:
     ax.axvline(1.0, color=INK, lw=1, ls=(0, (4, 3)))
     ax.set_yticks(ypos, [_plain(m.label) for m in marks])
     ax.set_xlim(0, max(*values, 1.0) * 1.12)
-    ax.set_xlabel("speedup over PyTorch eager fp32 (dashed: 1.0)")
+    ax.set_xlabel(f"speedup over {baseline} (dashed: 1.0)")
     ax.grid(axis="y", visible=False)
     return _to_svg(fig, "speedup", [m.tooltip for m in marks])
 

@@ -3,7 +3,8 @@
 The invariant that makes the answer trustworthy: a candidate is timed only after its outputs
 met the budget, first on a small sample (the cheap check that rejects most bad candidates in
 seconds), then on every batch it will be timed on; and every timing is taken interleaved with
-the PyTorch eager fp32 baseline in the same rung, so a candidate's speedup is a ratio of two
+the baseline (the original as given: PyTorch eager fp32, or an ONNX file on ONNX Runtime) in
+the same rung, so a candidate's speedup is a ratio of two
 medians measured side by side, never of numbers from different moments. Timing is successive
 halving: all survivors get a short measurement, the faster half a twice longer one, and so on,
 so the final few get the most precise numbers. Candidates are ranked by that same-rung speedup.
@@ -23,8 +24,8 @@ from typing import Any, Literal
 
 from mahir.budget import FidelityBudget, MetricBudget, metric_outputs, score
 from mahir.builder import ArtifactBuilder
-from mahir.candidates import BASELINE_ID, Candidate, Objective
-from mahir.errors import first_line
+from mahir.candidates import Candidate, Objective
+from mahir.errors import BadInput, first_line
 from mahir.export import fidelity
 from mahir.measure import MeasureConfig, measure
 from mahir.model import Model
@@ -92,6 +93,8 @@ class Search:
     builder: ArtifactBuilder
     evidence: Evidence
     objective: Objective
+    baseline: str
+    """The baseline candidate's id: timed in every rung, the denominator of every speedup."""
     deadline: float | None = None
     """time.monotonic() after which no new work starts; None: no time budget."""
     on_event: Events = lambda _id, _text: None
@@ -148,7 +151,12 @@ class Search:
 
     def time_survivors(self, outcomes: Sequence[Outcome], first_rung_s: float) -> None:
         """Successive halving over the candidates with open sessions, baseline in every rung."""
-        baseline = next(o for o in outcomes if o.candidate.id == BASELINE_ID)
+        baseline = next(o for o in outcomes if o.candidate.id == self.baseline)
+        if self.baseline not in self.sessions:
+            raise BadInput(
+                f"the baseline, {baseline.candidate.label}, cannot run this model "
+                f"({baseline.reason}): nothing can be timed against it"
+            )
         contenders = [
             o
             for o in outcomes
@@ -162,7 +170,7 @@ class Search:
                 and predicted_s
                 and time.monotonic() + predicted_s > self.deadline
             ):
-                self.on_event(BASELINE_ID, "time budget spent: the halving stops here")
+                self.on_event(self.baseline, "time budget spent: the halving stops here")
                 return
             entrants = [baseline, *contenders]
             started = time.monotonic()
@@ -177,7 +185,7 @@ class Search:
 
     def _rung(self, entrants: Sequence[Outcome], seconds: float) -> None:
         names = ", ".join(o.candidate.id for o in entrants)
-        self.on_event(BASELINE_ID, f"timing {len(entrants)} for {seconds:.1f} s each: {names}")
+        self.on_event(self.baseline, f"timing {len(entrants)} for {seconds:.1f} s each: {names}")
         config = MeasureConfig(
             warmup_runs=2, min_time_s=seconds, min_runs=5, round_time_s=min(0.25, seconds / 4)
         )
@@ -186,7 +194,7 @@ class Search:
             perfs = measure(sessions, batches, config)
             for outcome in entrants:
                 outcome.perf[size] = perfs[outcome.candidate.id]
-                outcome.baseline_perf[size] = perfs[BASELINE_ID]
+                outcome.baseline_perf[size] = perfs[self.baseline]
         for outcome in entrants:
             outcome.rounds += 1
             speedup = outcome.speedup(self.objective) or 0.0

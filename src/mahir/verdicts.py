@@ -16,7 +16,6 @@ from typing import Any
 from mahir import report_plots as look
 
 Candidate = Mapping[str, Any]
-BASELINE_NAME = "PyTorch eager fp32"
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +30,11 @@ class View:
     winner: Candidate | None
     baseline: Candidate | None
     front: tuple[str, ...]
+
+    @property
+    def baseline_name(self) -> str:
+        """What every speedup is over: PyTorch eager fp32, or an ONNX source on ONNX Runtime."""
+        return str(self.baseline["label"]) if self.baseline is not None else "the baseline"
 
     def role(self, c: Candidate) -> str:
         """A key of `ROLES`: the candidate's status, with the winner and baseline singled out."""
@@ -135,10 +139,10 @@ def _sentence(v: View, c: Candidate) -> str:
 
 def _won(v: View, c: Candidate) -> str:
     if v.baseline is not None and c["id"] == v.baseline["id"]:
-        return f"Won: nothing within the budget beat {BASELINE_NAME} ({perf_text(v, c)})."
+        return f"Won: nothing within the budget beat {v.baseline_name} ({perf_text(v, c)})."
     return (
         f"Won: the fastest within the budget at {perf_text(v, c)}, {look.times(c.get('speedup'))} "
-        f"{BASELINE_NAME}, with {fid_text(v, c)}{_noisy(v, c)}."
+        f"{v.baseline_name}, with {fid_text(v, c)}{_noisy(v, c)}."
     )
 
 
@@ -153,7 +157,7 @@ def _slower(v: View, c: Candidate) -> str:
         text += " and was within 0.5% of the winner's speed"
     pair = _same_round(w, c)
     if pair is not None:
-        text += f" ({look.times(pair[1])} vs {look.times(pair[0])} {BASELINE_NAME} in round"
+        text += f" ({look.times(pair[1])} vs {look.times(pair[0])} {v.baseline_name} in round"
         text += f" {len(c['speedups'])}, timed side by side)"
     else:
         text += f" ({perf_text(v, c)} vs {perf_text(v, w)})"
@@ -176,7 +180,7 @@ def _rejected(v: View, c: Candidate) -> str:
     speedup = c.get("speedup")
     if speedup is None:
         return text + "; it was not timed."
-    text += f"; it ran at {look.times(speedup)} {BASELINE_NAME}"
+    text += f"; it ran at {look.times(speedup)} {v.baseline_name}"
     if v.winner is not None and speedup > (v.winner.get("speedup") or 0):
         text += ", faster than the winner: a looser budget would buy speed"
     return text + "."
