@@ -28,6 +28,20 @@ def fp32_output_dir(model: Model, work: Path) -> Path:
     return work / "out"
 
 
+def tiny_factory(folder: Path) -> str:
+    """The source of a tiny model defined in `folder/tiny.py`; loading it leaves `folder/loaded`,
+    so a test can tell whether a command got as far as loading the model."""
+    (folder / "tiny.py").write_text(
+        "from pathlib import Path\n"
+        "import torch\n\n\n"
+        "def model():\n"
+        '    Path(__file__).with_name("loaded").touch()\n'
+        "    torch.manual_seed(0)\n"
+        '    return torch.nn.Linear(8, 4), {"input": torch.zeros(2, 8)}\n'
+    )
+    return f"{folder / 'tiny.py'}:model"
+
+
 def mahir(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run `python -m mahir.cli ARGS`, as a user's shell would, and capture what it printed;
     `env` adds to the environment."""

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mahir.workload import Workload
-from tests.helpers import mahir
+from tests.helpers import mahir, tiny_factory
 
 TESTS = Path(__file__).parent
 
@@ -127,3 +127,48 @@ def test_help_shows_bracketed_text_that_rich_would_read_as_markup() -> None:
     assert result.returncode == 0
     assert "mahir[ray]" in result.stdout
     assert result.stdout.count("[default: tuned") == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--out", "{tmp}/photos"), "not a mahir output directory"),
+        (("--out", "{tmp}/notes.txt/out"), "notes.txt is a file"),
+        (("--out", "/proc/mahir-out"), "cannot create files in /proc"),  # procfs refuses root too
+        (("--max-drop", "2"), "must be in [0, 0.5) for fidelity, got 2.0"),
+        (("--max-drop", "0.6"), "must be in [0, 0.5) for fidelity, got 0.6"),
+        (("--max-drop", "-0.1"), "must be in [0, 0.5) for fidelity, got -0.1"),
+        (("--max-drop", "nan"), "must be in [0, 0.5) for fidelity, got nan"),
+        (("--max-drop", "nan", "--metric", "m.py:f", "--data", "{tmp}/notes.txt"), "got nan"),
+    ],
+)
+def test_optimize_refuses_bad_arguments_before_loading_the_model(
+    args: tuple[str, ...], message: str, tmp_path: Path
+) -> None:
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "holiday.jpg").write_text("precious")
+    (tmp_path / "notes.txt").write_text("mine")
+    filled = [arg.format(tmp=tmp_path) for arg in args]
+    out = [] if "--out" in args else ["--out", str(tmp_path / "out")]
+    result = mahir("optimize", tiny_factory(tmp_path), "--only", "onnxruntime", *out, *filled)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:")
+    assert message in lines[0]
+    assert not (tmp_path / "loaded").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "photos", "tiny.py"]
+
+
+def test_optimize_refuses_sentences_for_a_tensor_model_before_the_search(tmp_path: Path) -> None:
+    (tmp_path / "queries.txt").write_text("how fast is it?\n")
+    result = mahir(
+        "optimize", tiny_factory(tmp_path), "--sentences", str(tmp_path / "queries.txt"),
+        "--only", "onnxruntime", "--out", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: --sentences shape text, and model takes tensors (input): leave --sentences out"
+    )
+    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / ".out.cache.jsonl").exists()

@@ -4,6 +4,8 @@ user metrics and interruption. Candidates are narrowed with `only` to keep the s
 from __future__ import annotations
 
 import json
+import re
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +14,15 @@ import pytest
 import mahir
 import mahir.search
 from mahir.budget import FidelityBudget
+from mahir.errors import BadInput
 from mahir.model import Model
 from mahir.optimize import OptimizeConfig, OptimizeResult, cache_path, optimize
+from mahir.passes import STEP_TYPES
+from mahir.recipe import ModelSource, load_recipe
 
 TESTS = Path(__file__).parent
-ONLY = ("onnxruntime", "ort-static-int8")
+# Proposed on every CPU (int8 candidates are not, where the CPU lacks VNNI and AMX).
+ONLY = ("onnxruntime", "openvino-f32")
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +71,27 @@ def test_save_writes_a_directory_that_loads_and_replays(
     report = json.loads((out / "report.json").read_text())
     assert report["best"] == result.best.candidate.id  # type: ignore[union-attr]
     assert report["complete"] is True
-    session = mahir.load(out)
+    recipe = load_recipe(out / "recipe.yaml", STEP_TYPES)
+    assert recipe.source == ModelSource.of(mlp.source)  # what `mahir apply` replays
+    session = mahir.load(str(out))  # as the README writes it
     batch = {"x": np.random.default_rng(0).standard_normal((3, 32)).astype(np.float32)}
     got = session.run(batch)["output"]
     expected = mlp.module(**{"x": __import__("torch").from_numpy(batch["x"])})[0].detach().numpy()
     assert got.argmax(axis=1).tolist() == expected.argmax(axis=1).tolist()
+
+
+def test_a_failed_save_keeps_the_reports_and_says_where(
+    result: OptimizeResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the reports are rescued to
+    with pytest.raises(BadInput, match=r"^cannot write /proc/mahir-out \(") as caught:
+        result.save("/proc/mahir-out")  # procfs refuses new files, even root's
+    kept = re.search(r"report\.html are in (\S+):", str(caught.value))
+    assert kept is not None
+    folder = Path(kept[1])
+    assert folder.parent == tmp_path
+    assert json.loads((folder / "report.json").read_text())["best"] == result.report()["best"]
+    assert (folder / "report.html").stat().st_size > 0
 
 
 def test_resume_reuses_every_measurement(
@@ -128,15 +150,17 @@ def test_a_user_metric_decides_instead_of_fidelity(mlp: Model, tmp_path: Path) -
 
 
 def test_an_interrupted_run_leaves_a_valid_partial_report(mlp: Model, tmp_path: Path) -> None:
-    def interrupt_at_static(candidate: str, text: str) -> None:
-        if candidate == "ort-static-int8" and text == "building":
+    def interrupt_at_openvino(candidate: str, text: str) -> None:
+        if candidate == "openvino-f32" and text == "building":
             raise KeyboardInterrupt
 
-    result = optimize(mlp, OptimizeConfig(only=ONLY), tmp_path / "w", on_event=interrupt_at_static)
+    result = optimize(
+        mlp, OptimizeConfig(only=ONLY), tmp_path / "w", on_event=interrupt_at_openvino
+    )
     assert not result.complete
-    static = next(o for o in result.candidates if o.candidate.id == "ort-static-int8")
-    assert static.status == "skipped"
-    assert static.reason == "interrupted"
+    cut = next(o for o in result.candidates if o.candidate.id == "openvino-f32")
+    assert cut.status == "skipped"
+    assert cut.reason == "interrupted"
     out = result.save(tmp_path / "out")
     report = json.loads((out / "report.json").read_text())
     assert report["complete"] is False

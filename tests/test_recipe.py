@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -8,7 +10,14 @@ from mahir.errors import BadInput
 from mahir.passes import STEP_TYPES
 from mahir.passes.graph import OrtOptimize, TransformerFusion
 from mahir.passes.quantize import DynamicInt8, StaticInt8
-from mahir.recipe import Recipe, config_from_dict, config_to_dict, load_recipe
+from mahir.recipe import (
+    ModelSource,
+    Recipe,
+    config_from_dict,
+    config_to_dict,
+    content_hash,
+    load_recipe,
+)
 from mahir.types import RuntimeOptions
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
@@ -78,3 +87,53 @@ def test_every_pass_has_a_version_and_input_formats() -> None:
         assert config.version >= 1
         assert set(config.input_formats) <= {"torch", "onnx", "openvino"}
     assert OrtOptimize().level == "extended"
+
+
+def test_the_source_is_saved_but_not_hashed(tmp_path: Path) -> None:
+    """The source travels in recipe.yaml; the hash keys candidates' caches, which carry none."""
+    recipe = Recipe(steps=(DynamicInt8(),), runtime="onnxruntime")
+    built = dataclasses.replace(recipe, source=ModelSource("/models/bert", "ab" * 32))
+    built.save(tmp_path / "recipe.yaml")
+    loaded = load_recipe(tmp_path / "recipe.yaml", STEP_TYPES)
+    assert loaded == built
+    assert loaded.source == ModelSource("/models/bert", "ab" * 32)
+    assert built.hash() == recipe.hash()
+    assert load_recipe(EXAMPLES / "dynamic-int8.yaml", STEP_TYPES).source is None
+
+
+def test_a_malformed_source_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "recipe.yaml"
+    path.write_text("source: /models/bert\nruntime: onnxruntime\nsteps: []\n")
+    with pytest.raises(BadInput, match=r"`source:` is \{path, sha256\}"):
+        load_recipe(path, STEP_TYPES)
+
+
+def test_the_content_hash_sees_contents_and_names_but_not_hidden_files(tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "weights.bin").write_bytes(b"\x00" * 10)
+    first = content_hash(folder)
+    (folder / ".cache").mkdir()
+    (folder / ".cache" / "lock").write_text("busy")
+    assert content_hash(folder) == first
+    (folder / "weights.bin").write_bytes(b"\x00" * 9 + b"\x01")
+    changed = content_hash(folder)
+    assert changed != first
+    (folder / "weights.bin").rename(folder / "other.bin")
+    assert content_hash(folder) not in (first, changed)
+    assert content_hash(folder / "config.json") == hashlib.sha256(b"{}").hexdigest()
+
+
+def test_a_factory_source_is_recorded_absolute_with_its_file_hash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "factory.py").write_text("def model(): ...\n")
+    monkeypatch.chdir(tmp_path)
+    source = ModelSource.of("factory.py:model")
+    assert source.path == f"{tmp_path.resolve() / 'factory.py'}:model"
+    assert source.sha256 == content_hash(tmp_path / "factory.py")
+    assert source.hashed() == tmp_path.resolve() / "factory.py"
+    module = ModelSource.of("some.package:model")  # on the import path: recorded, not hashed
+    assert module == ModelSource("some.package:model", None)
+    assert module.hashed() is None

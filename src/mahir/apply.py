@@ -6,14 +6,17 @@ everything goes into a staging folder beside it, which replaces the old director
     out/
       model/        the artifact's files (model.onnx, or model.xml + model.bin)
       mahir.json    how to open it: format, runtime, settings, input spec, fidelity
-      recipe.yaml   the steps that built it, replayable with `mahir apply`
+      recipe.yaml   the steps that built it and the model they were built from (path and
+                    content hash), replayable with `mahir apply`
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +24,11 @@ from typing import Any
 
 from mahir.errors import BadInput
 from mahir.export import export_program, fidelity, reference_outputs, verification_batches
-from mahir.model import Model
+from mahir.model import Model, default_model_folder
 from mahir.outdir import MANIFEST, TOKENIZER, staged_dir
 from mahir.passes import PassContext, apply_steps, convert
 from mahir.quality import quality_to_dict
-from mahir.recipe import Recipe
+from mahir.recipe import ModelSource, Recipe
 from mahir.runtimes import get_runtime, open_session
 from mahir.types import Artifact, Quality
 from mahir.workload import Batch
@@ -62,13 +65,57 @@ def apply_recipe(
     return Applied(artifact, recipe, quality)
 
 
+def replay_source(recipe: Recipe, recipe_path: Path) -> str | None:
+    """What to build `recipe` from when no model is given: the source it records, if that is
+    still there unchanged; None (the bundled model) for a recipe that records none."""
+    source = recipe.source
+    if source is None:
+        return None
+    fix = f"give the model to build from: mahir apply {recipe_path} MODEL"
+    hashed = source.hashed()
+    if hashed is not None and not hashed.exists():
+        raise BadInput(f"{recipe_path} was built from {source.path}, which is gone: {fix}")
+    now = ModelSource.of(source.path).sha256
+    if now != source.sha256:
+        raise BadInput(
+            f"{source.path} changed since {recipe_path} was built from it (sha256 "
+            f"{(source.sha256 or '')[:12]} then, {(now or '')[:12]} now): to build from it as it "
+            f"is, give it: mahir apply {recipe_path} {source.path}"
+        )
+    bundled = Path(source.path) == default_model_folder().resolve()
+    return None if bundled else source.path  # the bundled model keeps its name
+
+
+def check_output_dir(out: Path) -> None:
+    """Refuse, before any work, an `out` that `write_output_dir` could not write: a file, a
+    folder that is not a mahir output directory, or a place where no file can be created."""
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"{out} is a file: give a folder to write the output directory to")
+    if out.is_dir() and any(out.iterdir()) and not _is_output_dir(out):
+        raise BadInput(
+            f"refusing to replace {out}: it is not a mahir output directory; give another folder"
+        )
+    parent = out.parent
+    while not parent.exists():  # the folders write_output_dir would create
+        parent = parent.parent
+    if not parent.is_dir():
+        raise BadInput(f"{parent} is a file, so {out} cannot be created: give another folder")
+    try:  # write permission bits do not tell: root ignores them, read-only mounts add to them
+        handle, probe = tempfile.mkstemp(prefix=".mahir-probe-", dir=parent)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as err:
+        raise BadInput(
+            f"cannot create files in {parent} ({err.strerror}): give a folder you can write to"
+        ) from err
+
+
 def write_output_dir(
     model: Model, applied: Applied | None, out: Path, *, extra: Mapping[str, str] = {}
 ) -> None:
     """Write `out` atomically: a reader sees the old directory or the new one, never a mix.
     `extra` files (name -> text) go beside; with no `applied` artifact only they are written."""
-    if out.exists() and any(out.iterdir()) and not _is_output_dir(out):
-        raise BadInput(f"refusing to replace {out}: it is not a mahir output directory")
+    check_output_dir(out)
     with staged_dir(out) as staging:
         if applied is not None:
             _write_artifact(model, applied, staging)
@@ -88,7 +135,8 @@ def _write_artifact(model: Model, applied: Applied, staging: Path) -> None:
         files = ["model.pt2"]
     else:
         files = _copy_artifact(artifact, staging / "model")
-    applied.recipe.save(staging / "recipe.yaml")
+    source = ModelSource.of(model.source)  # so `mahir apply recipe.yaml` replays this model
+    dataclasses.replace(applied.recipe, source=source).save(staging / "recipe.yaml")
     manifest: dict[str, Any] = {
         "format": artifact.format,
         "model_file": f"model/{files[0]}",

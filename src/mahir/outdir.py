@@ -9,6 +9,7 @@ search, so serving stays free of the optimizer.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -55,7 +56,9 @@ class OutputDir:
         return TextEncoder(self.tokenizer, self.spec, self.max_length)
 
 
-def read_manifest(out: Path) -> dict[str, Any]:
+def read_manifest(out: str | os.PathLike[str]) -> dict[str, Any]:
+    """An output directory's `mahir.json`, or one line saying why there is none to read."""
+    out = Path(out)
     path = out / MANIFEST
     if not path.is_file():
         raise BadInput(f"{out} has no {MANIFEST}: give a directory written by mahir optimize/apply")
@@ -122,9 +125,9 @@ def open_output_dir(out: Path) -> OutputDir:
     )
 
 
-def load_output_dir(out: Path) -> Session:
+def load_output_dir(out: str | os.PathLike[str]) -> Session:
     """The session of an output directory: the winner, on the runtime it won on."""
-    return open_output_dir(out).session
+    return open_output_dir(Path(out)).session
 
 
 @contextmanager

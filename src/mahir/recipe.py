@@ -5,6 +5,9 @@ A step is a frozen config dataclass. On disk (recipe.yaml) each step is
 allow-list the caller passes in (never an import path read from a file), and refuses a version it
 does not know. Nested option dataclasses are written the same way. The hash of a recipe is the
 hash of that canonical form, so equal recipes share cached results.
+
+A recipe written with an output directory also records its source: the model's path and a hash
+of its content, so `mahir apply` can replay it on the same model or say why it cannot.
 """
 
 from __future__ import annotations
@@ -25,14 +28,76 @@ from mahir.types import RuntimeOptions
 
 
 @dataclass(frozen=True)
+class ModelSource:
+    """The model a recipe was built from: where it is, as `load_model` takes it, and a hash of
+    what is there, so a replay builds that model or says why it cannot."""
+
+    path: str
+    """An absolute folder or .onnx path, or `/abs/file.py:fn`, or `package.module:fn`."""
+    sha256: str | None
+    """`content_hash` of the folder, the .onnx file, or the factory's .py file; None for a
+    module on the import path, whose content is not checked."""
+
+    @classmethod
+    def of(cls, source: str) -> ModelSource:
+        """`source` (a loaded model's source string), made absolute, with its hash as it is now."""
+        py = _python_file(source)
+        if py is not None:
+            return cls(f"{py.resolve()}:{source.rpartition(':')[2]}", content_hash(py))
+        path = Path(source)
+        if path.exists():
+            return cls(str(path.resolve()), content_hash(path))
+        return cls(source, None)
+
+    def hashed(self) -> Path | None:
+        """What the hash covers: the folder, the .onnx file or the .py file; None for a module."""
+        if self.sha256 is None:
+            return None
+        return _python_file(self.path) or Path(self.path)
+
+
+def _python_file(source: str) -> Path | None:
+    """The file of a `file.py:fn` source; None for any other source."""
+    target, _, fn = source.rpartition(":")
+    return Path(target) if target.endswith(".py") and fn.isidentifier() else None
+
+
+def content_hash(path: Path) -> str:
+    """sha256 of a file's bytes, or of a folder's files (hidden ones skipped) in sorted
+    relative-path order, each with its name and size, so a renamed file changes it too."""
+    digest = hashlib.sha256()
+    if path.is_file():
+        files = [("", path)]
+    else:
+        files = sorted(
+            (p.relative_to(path).as_posix(), p)
+            for p in path.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
+    for name, file in files:
+        if name:
+            digest.update(f"{name}\0{file.stat().st_size}\0".encode())
+        with file.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
 class Recipe:
-    """Steps applied in order to the model, then the runtime (and its settings) that runs it."""
+    """Steps applied in order to the model, then the runtime (and its settings) that runs it;
+    with the source it was built from once written into an output directory."""
 
     steps: tuple[Any, ...]
     runtime: str
     options: RuntimeOptions = field(default_factory=RuntimeOptions)
+    source: ModelSource | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        built = {} if self.source is None else {"source": dataclasses.asdict(self.source)}
+        return {**built, **self._how()}
+
+    def _how(self) -> dict[str, Any]:
         return {
             "runtime": self.runtime,
             "options": dataclasses.asdict(self.options),
@@ -40,7 +105,9 @@ class Recipe:
         }
 
     def hash(self) -> str:
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """The hash of the steps, runtime and options, not of the source: it keys caches of
+        candidates, which carry none (a run's key checks the model itself)."""
+        canonical = json.dumps(self._how(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     def save(self, path: Path) -> None:
@@ -116,4 +183,18 @@ def load_recipe(path: Path, allowed: Mapping[str, type]) -> Recipe:
     except (TypeError, ValueError) as err:
         raise BadInput(f"{path}: bad runtime options: {err}") from err
     steps = tuple(config_from_dict(step, allowed) for step in data["steps"] or ())
-    return Recipe(steps=steps, runtime=str(data["runtime"]), options=options)
+    source = _source(path, data.get("source"))
+    return Recipe(steps=steps, runtime=str(data["runtime"]), options=options, source=source)
+
+
+def _source(path: Path, data: Any) -> ModelSource | None:
+    if data is None:
+        return None
+    if (
+        not isinstance(data, dict)
+        or set(data) != {"path", "sha256"}
+        or not isinstance(data["path"], str)
+        or not isinstance(data["sha256"], (str, type(None)))
+    ):
+        raise BadInput(f"{path}: `source:` is {{path, sha256}}, got {data!r}: fix or remove it")
+    return ModelSource(data["path"], data["sha256"])

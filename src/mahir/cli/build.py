@@ -117,7 +117,14 @@ def _run_bench(
 def apply(
     ctx: typer.Context,
     recipe: Annotated[Path, typer.Argument(help="A recipe.yaml (see README: Recipes).")],
-    model: ModelArg = None,
+    model: Annotated[
+        str | None,
+        typer.Argument(
+            help="The model to build (default: the one the recipe records, else the bundled "
+            "all-MiniLM-L6-v2).",
+            show_default=False,
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option("--out", help="Output directory.")] = Path("mahir-out"),
     data: Annotated[
         Path | None, typer.Option("--data", help="Calibration sentences, one per line.")
@@ -128,17 +135,24 @@ def apply(
 
 
 def _run_apply(recipe_path: Path, source: str | None, out: Path, data: Path | None) -> None:
-    from mahir.apply import apply_recipe, write_output_dir
+    from mahir.apply import apply_recipe, check_output_dir, replay_source, write_output_dir
     from mahir.model import load_model
     from mahir.passes import STEP_TYPES
     from mahir.recipe import load_recipe
+    from mahir.runtimes import get_runtime
     from mahir.workload import build_workload, read_sentences
 
     recipe = load_recipe(recipe_path, STEP_TYPES)
+    get_runtime(recipe.runtime)  # everything checkable is checked before the model loads
+    check_output_dir(out)
+    sentences = read_sentences(data) if data else None
+    if source is None:
+        source = replay_source(recipe, recipe_path)
     with progress_bar() as progress:
         progress.add_task("loading the model", total=None)
         model = load_model(source)
-        sentences = read_sentences(data) if data else None
+        if sentences and not model.is_text:
+            raise BadInput(f"--data gives sentences, and {model.name} takes tensors: leave it out")
         calibration = build_workload(model, [8], sentences=sentences, batches_per_size=8, seed=1)
         evaluation = build_workload(model, [8], sentences=sentences, batches_per_size=4, seed=2)
         progress.add_task(f"applying {len(recipe.steps)} steps", total=None)
@@ -215,8 +229,11 @@ def optimize(
     """Search techniques x runtimes x settings; keep the fastest within the quality budget."""
 
     def configure() -> OptimizeConfig:
+        """Everything checkable before the model loads: the config's own checks and --out."""
+        from mahir.apply import check_output_dir
         from mahir.workload import read_sentences
 
+        check_output_dir(out)
         return OptimizeConfig(
             objective=objective,  # type: ignore[arg-type]  # checked in __post_init__
             batch_sizes=tuple(batch_size or ()),
@@ -246,16 +263,17 @@ def _run_optimize(
         errors.print(f"[dim]{candidate:>24}[/dim]  {text}", highlight=False, soft_wrap=True)
 
     model = load_model(source)
+    config.check_model(model)
     budget = config.time_budget_s
     deadline = None if budget is None else time.monotonic() + budget
     with tempfile.TemporaryDirectory(prefix="mahir-optimize-") as tmp:
         result = optimize(
             model, config, Path(tmp), cache_path=cache_path(out), resume=resume, on_event=on_event
         )
-        written = result.save(out)
-    console.print(result)
-    for line in _why_lines(result.report()):
-        console.print(line, soft_wrap=True, highlight=False)
+        console.print(result)
+        for line in _why_lines(result.report()):
+            console.print(line, soft_wrap=True, highlight=False)
+        written = result.save(out)  # if this fails, it says where the reports went instead
     console.print(f"report: {written / 'report.html'}", soft_wrap=True)
     if result.best is not None:
         console.print(f"use it: session = mahir.load({str(written)!r})", soft_wrap=True)
