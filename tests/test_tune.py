@@ -147,12 +147,13 @@ def test_optimize_records_a_batching_choice_that_serve_runs_with(tmp_path: Path)
 
 def test_the_tune_after_optimize_fits_the_time_left_or_says_why_not() -> None:
     short = TuneConfig.short()
-    assert fit(short, 17, None) == short  # no budget: the whole short tune
-    assert fit(short, 17, 600.0) == short
-    squeezed = fit(short, 17, 10.0)
+    assert fit(short, 17, None, item_s=0.1) == short  # no budget: the whole short tune
+    assert fit(short, 17, 600.0, item_s=0.003) == short
+    squeezed = fit(short, 17, 20.0, item_s=0.003)  # 17 x 3 x 32 x 3 ms = 4.9 s of queues
     assert squeezed is not None
-    assert MIN_SECONDS <= squeezed.seconds < short.seconds
-    assert fit(short, 17, 17 * MIN_SECONDS) is None  # the warm-ups would not fit either
+    assert squeezed.seconds == pytest.approx((20.0 - 17 * 3 * 32 * 0.003) / 17)
+    assert fit(short, 17, 20.0, item_s=0.03) is None  # a slow model's queues alone overrun it
+    assert fit(short, 17, 17 * MIN_SECONDS, item_s=1e-6) is None
     assert skip_reason(has_winner=True, complete=True, wanted=True) is None
     assert skip_reason(has_winner=False, complete=True, wanted=True) == "no winner to serve"
     assert "cut short" in str(skip_reason(has_winner=True, complete=False, wanted=True))

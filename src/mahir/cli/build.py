@@ -221,8 +221,8 @@ def optimize(
         bool,
         typer.Option(
             "--tune-serving/--no-tune-serving",
-            help="Then tune mahir serve's batching for the winner (~10-25 s, within "
-            "--time-budget) and record it in mahir.json.",
+            help="Then tune mahir serve's batching for the winner (1 s per setting, ~25 s for "
+            "the default model; inside --time-budget) and record it in mahir.json.",
         ),
     ] = True,
 ) -> None:

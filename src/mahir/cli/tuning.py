@@ -22,8 +22,6 @@ if TYPE_CHECKING:
 
 MIN_SECONDS = 0.25
 """Timed seconds per setting below which a tune after optimize is skipped: it would time noise."""
-SLACK = 1.5
-"""What warm-up requests and opening the directory add to a tune's timed seconds, at most."""
 
 
 def tune_and_record(
@@ -62,19 +60,21 @@ def tune_after_optimize(
     from mahir.serve.batcher import BatcherConfig
     from mahir.serve.tune import TuneConfig, sequence_inputs, settings
 
-    why = skip_reason(has_winner=result.best is not None, complete=result.complete, wanted=wanted)
-    if why is not None:
+    best = result.best
+    why = skip_reason(has_winner=best is not None, complete=result.complete, wanted=wanted)
+    if why is not None or best is None:
         errors.print(f"batching not tuned: {why}", highlight=False, soft_wrap=True)
         return
+    smallest = best.perf[min(best.perf)]
     opened = open_output_dir(out)
-    count = len(settings(BatcherConfig(), TuneConfig.short(), bool(sequence_inputs(opened))))
+    short = TuneConfig.short()
+    count = len(settings(BatcherConfig(), short, bool(sequence_inputs(opened))))
     left = None if deadline is None else deadline - time.monotonic()
-    tuning = fit(TuneConfig.short(), count, left)
+    tuning = fit(short, count, left, item_s=1 / smallest.throughput)
     if tuning is None:
         errors.print(
-            f"batching not tuned: the time budget is spent ({max(left or 0, 0):.0f} s left, the "
-            f"tune needs {count * MIN_SECONDS * SLACK:.0f} s or more): mahir serve {out} --tune "
-            "--p99-ms MS measures it",
+            f"batching not tuned: the time budget is spent ({max(left or 0, 0):.0f} s left, too "
+            f"little for {count} settings): mahir serve {out} --tune --p99-ms MS measures it",
             highlight=False,
             soft_wrap=True,
         )
@@ -105,14 +105,20 @@ def skip_reason(*, has_winner: bool, complete: bool, wanted: bool) -> str | None
     return None
 
 
-def fit(config: TuneConfig, count: int, seconds_left: float | None) -> TuneConfig | None:
+def fit(
+    config: TuneConfig, count: int, seconds_left: float | None, *, item_s: float
+) -> TuneConfig | None:
     """`config` with its seconds per setting cut so `count` settings fit in `seconds_left`
-    (None: no budget), or None when that leaves under MIN_SECONDS a setting."""
+    (None: no budget), or None when that leaves under MIN_SECONDS a setting. Beyond its timed
+    seconds, each setting waits, in every round, for the requests still in flight when time is
+    up, and once for warm-up requests: each about a full queue, `concurrency` requests of
+    `item_s` seconds (the winner's time per item as optimize measured it)."""
     import dataclasses
 
     if seconds_left is None:
         return config
-    seconds = min(config.seconds, seconds_left / (count * SLACK))
+    queues = count * (config.rounds + 1) * config.concurrency * item_s
+    seconds = min(config.seconds, (seconds_left - queues) / count)
     return None if seconds < MIN_SECONDS else dataclasses.replace(config, seconds=seconds)
 
 

@@ -209,7 +209,10 @@ async def tune_batching(
     for round_ in range(config.rounds):
         for i, setting in enumerate(candidates):
             batcher = Batcher(opened.session, setting, sequence_inputs=sequence, token_outputs=cut)
-            latencies, took = await _closed_loop(batcher, requests, config.concurrency, seconds)
+            warm = round_ == 0  # later rounds find the runtime warm at this setting's shapes
+            latencies, took = await _closed_loop(
+                batcher, requests, config.concurrency, seconds, warm_up=warm
+            )
             pooled[i] += latencies
             elapsed[i] += took
             on_trial(round_ * len(candidates) + i + 1, total)
@@ -218,15 +221,22 @@ async def tune_batching(
 
 
 async def _closed_loop(
-    batcher: Batcher, requests: Sequence[Inputs], concurrency: int, seconds: float
+    batcher: Batcher,
+    requests: Sequence[Inputs],
+    concurrency: int,
+    seconds: float,
+    *,
+    warm_up: bool,
 ) -> tuple[list[float], float]:
     """`concurrency` clients send requests back to back for `seconds` (after one warm-up
-    request each); returns each timed request's latency (ms) and the timed span (s)."""
+    request each, if asked); returns each timed request's latency (ms) and the timed span (s),
+    which ends when the last request sent before `seconds` is answered."""
     batcher.start()
     cycle = itertools.cycle(requests)
     latencies: list[float] = []
     try:
-        await asyncio.gather(*(batcher.submit(next(cycle)) for _ in range(concurrency)))
+        if warm_up:
+            await asyncio.gather(*(batcher.submit(next(cycle)) for _ in range(concurrency)))
         started = time.perf_counter()
         stop_at = started + seconds
 
