@@ -226,11 +226,11 @@ def _row(outcome: Outcome, config: OptimizeConfig, best: bool) -> tuple[str, ...
 
 
 def optimize(
-    model: Model | str | os.PathLike[str] | None = None,
+    model: Model | str | Path | None = None,
     config: OptimizeConfig = OptimizeConfig(),
-    workdir: str | os.PathLike[str] | None = None,
+    workdir: Path | None = None,
     *,
-    cache_path: str | os.PathLike[str] | None = None,
+    cache_path: Path | None = None,
     resume: bool = False,
     on_event: Events = lambda _id, _text: None,
 ) -> OptimizeResult:
@@ -241,7 +241,8 @@ def optimize(
     arrive; `resume` reuses them."""
     if not isinstance(model, Model):
         model = load_model(model)
-    workdir = Path(workdir or tempfile.mkdtemp(prefix="mahir-optimize-"))
+    if workdir is None:
+        workdir = Path(tempfile.mkdtemp(prefix="mahir-optimize-"))
     started = time.monotonic()
     deadline = None if config.time_budget_s is None else started + config.time_budget_s
     machine = detect()
@@ -256,7 +257,7 @@ def optimize(
     builder = ArtifactBuilder(ctx)
     search = Search(model, builder, evidence, config.objective, baseline, deadline, on_event)
     key = _run_key(model, machine, workload, config)
-    cache = OutcomeCache(Path(cache_path), key, resume=resume) if cache_path else None
+    cache = OutcomeCache(cache_path, key, resume=resume) if cache_path else None
     outcomes: list[Outcome] = []
     complete = True
     try:
