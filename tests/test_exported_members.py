@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+import re
+
 import mahir
 
 
@@ -22,3 +25,16 @@ def test_every_public_member_exists_and_has_a_docstring() -> None:
         member = getattr(mahir, name)
         if callable(member):
             assert member.__doc__, f"mahir.{name} has no docstring"
+
+
+def test_public_functions_take_paths_as_str_or_pathlike() -> None:
+    """`mahir.load("mahir-out")`, as the README writes it: a bare `Path` parameter would make
+    a str fail deep inside with a TypeError."""
+    functions = [getattr(mahir, name) for name in mahir.__all__]
+    functions = [f for f in functions if inspect.isfunction(f)] + [mahir.OptimizeResult.save]
+    for function in functions:
+        for param in inspect.signature(function).parameters.values():
+            annotation = str(param.annotation)
+            assert not re.search(r"\bPath\b", annotation), (function.__name__, param.name)
+            if "PathLike" in annotation:
+                assert "str | os.PathLike[str]" in annotation, (function.__name__, param.name)

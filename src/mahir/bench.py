@@ -11,6 +11,7 @@ file). By default every runtime that can run the source is measured.
 from __future__ import annotations
 
 import datetime as dt
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,7 +201,7 @@ def runnable_runtimes(model: Model, asked: tuple[str, ...]) -> tuple[str, ...]:
 def benchmark(
     model: Model,
     config: BenchConfig,
-    workdir: Path,
+    workdir: str | os.PathLike[str],
     *,
     on_step: Callable[[str], None] = lambda _: None,
     on_measure: Callable[[str, float], None] | None = None,
@@ -218,7 +219,7 @@ def benchmark(
         token_range=config.token_range,
         seed=config.seed,
     )
-    builder = ArtifactBuilder(PassContext(model=model, workdir=workdir, machine=machine))
+    builder = ArtifactBuilder(PassContext(model=model, workdir=Path(workdir), machine=machine))
     references = {}
     for size, batches in workload.batches.items():
         on_step(f"reference outputs at batch {size}")

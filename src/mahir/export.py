@@ -18,6 +18,7 @@ Sits just above `runtimes/` (it runs what it exported); knows nothing of passes 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -51,10 +52,15 @@ FP32 = Tolerance()
 
 
 def export_onnx(
-    model: Model, path: Path, *, source: Artifact | None = None, opset: int | None = None
+    model: Model,
+    path: str | os.PathLike[str],
+    *,
+    source: Artifact | None = None,
+    opset: int | None = None,
 ) -> Artifact:
     """Export a torch artifact (default: the model's own module) to ONNX with its dynamic axes
     kept dynamic, verified against that torch artifact."""
+    path = Path(path)
     import torch
 
     source = source or model.original()
@@ -168,10 +174,13 @@ def _check_dynamic_axes(model: Model, path: Path) -> None:
                 )
 
 
-def export_openvino(model: Model, onnx_artifact: Artifact, path: Path) -> Artifact:
+def export_openvino(
+    model: Model, onnx_artifact: Artifact, path: str | os.PathLike[str]
+) -> Artifact:
     """Convert an ONNX artifact to OpenVINO IR (`path` is the .xml; weights stay fp32)."""
     import openvino as ov
 
+    path = Path(path)
     if path.suffix != ".xml":
         raise BadInput(f"an OpenVINO IR path ends in .xml, got {path}")
     with staging(path) as staged:

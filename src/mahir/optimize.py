@@ -226,11 +226,11 @@ def _row(outcome: Outcome, config: OptimizeConfig, best: bool) -> tuple[str, ...
 
 
 def optimize(
-    model: Model | str | Path | None = None,
+    model: Model | str | os.PathLike[str] | None = None,
     config: OptimizeConfig = OptimizeConfig(),
-    workdir: Path | None = None,
+    workdir: str | os.PathLike[str] | None = None,
     *,
-    cache_path: Path | None = None,
+    cache_path: str | os.PathLike[str] | None = None,
     resume: bool = False,
     on_event: Events = lambda _id, _text: None,
 ) -> OptimizeResult:
@@ -241,8 +241,7 @@ def optimize(
     arrive; `resume` reuses them."""
     if not isinstance(model, Model):
         model = load_model(model)
-    if workdir is None:
-        workdir = Path(tempfile.mkdtemp(prefix="mahir-optimize-"))
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="mahir-optimize-"))
     started = time.monotonic()
     deadline = None if config.time_budget_s is None else started + config.time_budget_s
     machine = detect()
@@ -257,7 +256,7 @@ def optimize(
     builder = ArtifactBuilder(ctx)
     search = Search(model, builder, evidence, config.objective, baseline, deadline, on_event)
     key = _run_key(model, machine, workload, config)
-    cache = OutcomeCache(cache_path, key, resume=resume) if cache_path else None
+    cache = OutcomeCache(Path(cache_path), key, resume=resume) if cache_path else None
     outcomes: list[Outcome] = []
     complete = True
     try:
