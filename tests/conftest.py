@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mahir.model import Model, load_model
+from mahir.model import Model, load_model, with_logits
 from mahir.types import Artifact
 
 TESTS = Path(__file__).parent
@@ -25,12 +25,15 @@ def minilm() -> Model:
 
 @pytest.fixture(scope="session")
 def mlp() -> Model:
-    return load_model(f"{TESTS / 'models.py'}:mlp")
+    """A 10-class classifier; its output is named "output", so it is declared logits as a
+    user would (`--logits output`)."""
+    return with_logits(load_model(f"{TESTS / 'models.py'}:mlp"), ["output"])
 
 
 @pytest.fixture(scope="session")
 def cnn() -> Model:
-    return load_model(f"{TESTS / 'models.py'}:cnn")
+    """A 10-class image classifier, its logits declared like the MLP's."""
+    return with_logits(load_model(f"{TESTS / 'models.py'}:cnn"), ["output"])
 
 
 @pytest.fixture(scope="session")

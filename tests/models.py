@@ -1,4 +1,4 @@
-"""Small models the tests define, loadable as `tests/models.py:mlp` and `tests/models.py:cnn`.
+"""Small models the tests define, loadable as `tests/models.py:mlp`, `:cnn` and `:regressor`.
 
 Each factory returns `(module, example_inputs)`, the contract of a mahir model factory.
 """
@@ -72,3 +72,20 @@ class Noisy(nn.Module):
 
 def noisy() -> tuple[nn.Module, dict[str, torch.Tensor]]:
     return Noisy(), {"x": torch.randn(2, 16)}
+
+
+class Regressor(nn.Module):
+    """Two inputs, two real-valued targets: a 2-column output that is no classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(4, 16)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, features: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.a(features) + self.b(context)))
+
+
+def regressor() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    return Regressor(), {"features": torch.randn(4, 8), "context": torch.randn(4, 4)}

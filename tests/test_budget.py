@@ -28,13 +28,25 @@ def test_classifiers_are_judged_on_top1_agreement() -> None:
     budget = FidelityBudget(0.01)
     assert budget.judge(Quality({"logits": fid(0.9, 0.5, top1=0.995)})) is None
     reason = budget.judge(Quality({"logits": fid(1, 1, top1=0.98)}))
-    assert reason == "top-1 agreement 98.00% < 99.0%"
+    assert reason == "logits: top-1 agreement 98.00% < 99.0%"
+
+
+def test_every_output_is_judged_by_its_kind() -> None:
+    # RoBERTa-like: a candidate may agree on a pooled vector and still break the hidden states
+    budget = FidelityBudget(0.01)
+    pooled_ok, hidden_bad = fid(1, 0.9998), fid(0.99, 0.95)
+    reason = budget.judge(Quality({"pooler_output": pooled_ok, "last_hidden_state": hidden_bad}))
+    assert reason == "last_hidden_state: worst cosine 0.9500 < 0.98"
+    mixed = Quality({"logits": fid(0.9, 0.5, top1=1.0), "hidden": fid(1, 0.97)})
+    assert quality_kind(mixed) == "mixed"
+    assert budget.judge(mixed) == "hidden: worst cosine 0.9700 < 0.98"
+    assert "logits: top-1" in budget.describe("mixed")
 
 
 def test_other_outputs_need_cosine_and_bounded_error() -> None:
     budget = FidelityBudget(0.01)
     assert budget.judge(Quality({"y": fid(1, 0.99, rel=0.05)})) is None
-    assert "worst output cosine" in (budget.judge(Quality({"y": fid(1, 0.97)})) or "")
+    assert "y: worst cosine" in (budget.judge(Quality({"y": fid(1, 0.97)})) or "")
     assert "max error" in (budget.judge(Quality({"y": fid(1, 1, rel=0.2)})) or "")
 
 

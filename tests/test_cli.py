@@ -59,7 +59,7 @@ def test_bench_small_factory_models(
     out = tmp_path / "bench.json"
     args = [arg for r in runtimes for arg in ("-r", r)]
     result = mahir(
-        "bench", f"{TESTS / 'models.py'}:{factory}", *args,
+        "bench", f"{TESTS / 'models.py'}:{factory}", "--logits", "output", *args,
         "-b", "1", "-b", "8", "--seconds", "0.2", "--json", str(out),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr

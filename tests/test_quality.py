@@ -17,7 +17,7 @@ MASK = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])
 
 def test_identical_outputs_are_perfect() -> None:
     outputs = [{"last_hidden_state": HIDDEN, "logits": LOGITS}] * 2
-    quality = compare(outputs, outputs, attention_masks=[MASK, MASK])
+    quality = compare(outputs, outputs, attention_masks=[MASK, MASK], logits=frozenset({"logits"}))
     hidden, logits = quality.outputs["last_hidden_state"], quality.outputs["logits"]
     for fidelity in (hidden, logits):
         assert (fidelity.max_abs_err, fidelity.max_rel_err) == (0.0, 0.0)
@@ -37,7 +37,7 @@ def test_known_perturbation_gives_known_numbers() -> None:
     assert fidelity.max_rel_err == pytest.approx(0.25)  # 0.5 over the largest |reference|, 2
     assert fidelity.cosine_min == pytest.approx(cosine)
     assert fidelity.cosine_mean == pytest.approx((1 + cosine) / 2)
-    assert fidelity.top1_agreement == 1.0
+    assert fidelity.top1_agreement is None  # two columns, but not declared logits
 
 
 def test_a_sign_flip_is_the_worst_cosine() -> None:
@@ -55,7 +55,8 @@ def test_relative_error_is_not_blown_up_by_values_near_zero() -> None:
 def test_top1_counts_samples_whose_answer_changed() -> None:
     reference = np.array([[0.1, 0.2], [0.5, 0.4], [0.0, 1.0], [2.0, 1.0]])
     candidate = np.array([[0.3, 0.2], [0.5, 0.4], [0.0, 1.0], [0.9, 1.0]])
-    assert compare([{"y": candidate}], [{"y": reference}]).outputs["y"].top1_agreement == 0.5
+    quality = compare([{"y": candidate}], [{"y": reference}], logits=frozenset({"y"}))
+    assert quality.outputs["y"].top1_agreement == 0.5
 
 
 def test_padded_positions_are_excluded() -> None:
@@ -85,7 +86,10 @@ def test_token_logits_count_real_positions_only() -> None:
     candidate[1, 0] = [0.0, 1.0]  # a real position disagrees
     mask = np.array([[1, 1, 1], [1, 1, 0]])
     fidelity = compare(
-        [{"token_logits": candidate}], [{"token_logits": reference}], attention_masks=[mask]
+        [{"token_logits": candidate}],
+        [{"token_logits": reference}],
+        attention_masks=[mask],
+        logits=frozenset({"token_logits"}),
     ).outputs["token_logits"]
     assert fidelity.top1_agreement == pytest.approx(4 / 5)
 
@@ -97,7 +101,10 @@ def test_span_logits_never_pick_a_padded_position() -> None:
     candidate[:, 2] = 50.0
     mask = np.array([[1, 1, 0], [1, 1, 0]])
     fidelity = compare(
-        [{"start_logits": candidate}], [{"start_logits": reference}], attention_masks=[mask]
+        [{"start_logits": candidate}],
+        [{"start_logits": reference}],
+        attention_masks=[mask],
+        logits=frozenset({"start_logits"}),
     ).outputs["start_logits"]
     assert fidelity.top1_agreement == 1.0
     assert fidelity.max_abs_err == 0.0
@@ -107,7 +114,8 @@ def test_span_logits_never_pick_a_padded_position() -> None:
 def test_non_finite_values_are_the_worst_fidelity(bad: float) -> None:
     candidate = LOGITS.copy()
     candidate[1, 3] = bad
-    fidelity = compare([{"logits": candidate}], [{"logits": LOGITS}]).outputs["logits"]
+    quality = compare([{"logits": candidate}], [{"logits": LOGITS}], logits=frozenset({"logits"}))
+    fidelity = quality.outputs["logits"]
     assert fidelity.cosine_min == -1.0
     assert fidelity.cosine_mean == pytest.approx((1 + -1 + 1) / 3)
     assert fidelity.max_abs_err == np.inf

@@ -234,6 +234,7 @@ def fidelity(
         attention_masks=masks,
         pooling=model.pooling,
         embedding_output=model.spec.outputs[0] if model.pooling else None,
+        logits=model.logits,
     )
 
 

@@ -11,6 +11,7 @@ This room imports only the bottom layer (types, errors, pooling) and the framewo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import importlib.util
 import inspect
@@ -18,7 +19,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,10 @@ class Model:
     """Where text is truncated (sentence-transformers' max_seq_length, else `token_limits`')."""
     token_limits: TokenLimits | None = None
     """What the token inputs may hold (text models), checked by the server before a batch."""
+    logits: frozenset[str] = frozenset()
+    """Outputs that are class scores, judged by top-1 agreement; every other output is judged
+    by cosine and error. Outputs the model names `*logits` (as transformers' heads do), with
+    2+ scores and not a regression head, plus any the user names."""
     folder: Path | None = None
 
     @property
@@ -73,6 +78,17 @@ class Model:
         if self.module is not None:
             return Artifact("torch", self.spec, module=self.module)
         return Artifact("onnx", self.spec, path=self.onnx_path)
+
+
+def with_logits(model: Model, names: Sequence[str]) -> Model:
+    """`model` with `names` judged as logits too (the user's word: `--logits OUTPUT`)."""
+    unknown = sorted(set(names) - set(model.spec.outputs))
+    if unknown:
+        raise BadInput(
+            f"--logits {', '.join(unknown)}: {model.name} has no such output; its outputs are "
+            f"{', '.join(model.spec.outputs)}"
+        )
+    return dataclasses.replace(model, logits=model.logits | frozenset(names))
 
 
 def default_model_folder() -> Path:
@@ -137,6 +153,7 @@ def load_hf_folder(folder: Path, *, name: str | None = None) -> Model:
         raw = hf_model(**{n: torch.from_numpy(a) for n, a in example.items()})
     skip = _NOT_OUTPUTS | ({"pooler_output"} if pooling else frozenset())
     output_names = tuple(k for k, v in raw.items() if k not in skip and torch.is_tensor(v))
+    regression = getattr(config, "problem_type", None) == "regression"
     spec = InputSpec(
         inputs=tuple(TensorSpec(n, "int64", (BATCH, SEQUENCE)) for n in input_names),
         outputs=output_names,
@@ -150,6 +167,7 @@ def load_hf_folder(folder: Path, *, name: str | None = None) -> Model:
         tokenizer=tokenizer,
         pooling=pooling,
         max_length=_max_length(folder, config, tokenizer),
+        logits=frozenset() if regression else _logits({n: raw[n].shape for n in output_names}),
         token_limits=TokenLimits(
             positions=_positions(config, tokenizer),
             vocab_size=int(config.vocab_size),
@@ -158,6 +176,18 @@ def load_hf_folder(folder: Path, *, name: str | None = None) -> Model:
             else None,
         ),
         folder=folder,
+    )
+
+
+def _logits(shapes: dict[str, Any]) -> frozenset[str]:
+    """Outputs named as class scores (transformers' `logits`, `start_logits`, ...) that hold
+    more than one score per item; a shape of None (an ONNX dim not fixed) counts as several."""
+    return frozenset(
+        name
+        for name, shape in shapes.items()
+        if name.lower().endswith("logits")
+        and len(shape) >= 2
+        and (shape[-1] is None or shape[-1] >= 2)
     )
 
 
@@ -230,6 +260,7 @@ def load_onnx(path: Path) -> Model:
     initializers = {init.name for init in proto.graph.initializer}
     inputs = tuple(_tensor_spec(i) for i in proto.graph.input if i.name not in initializers)
     spec = InputSpec(inputs=inputs, outputs=tuple(o.name for o in proto.graph.output))
+    output_shapes = {o.name: _static_dims(o) for o in proto.graph.output}
     folder = path.parent
     tokenizer = _tokenizer_beside(folder) if "input_ids" in spec.input_names else None
     if tokenizer is not None:
@@ -244,12 +275,19 @@ def load_onnx(path: Path) -> Model:
         spec=spec,
         example_inputs=example,
         onnx_path=path,
+        logits=_logits(output_shapes),
         tokenizer=tokenizer,
         pooling=read_pooling(folder) if tokenizer is not None else None,
         max_length=None if limits is None else limits.positions,
         token_limits=limits,
         folder=folder,
     )
+
+
+def _static_dims(value_info: Any) -> tuple[int | None, ...]:
+    """A graph tensor's dims: the fixed ones as ints, the rest None."""
+    dims = value_info.type.tensor_type.shape.dim
+    return tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims)
 
 
 def _tensor_spec(value_info: Any) -> TensorSpec:
@@ -333,6 +371,7 @@ def load_factory(target: str, fn_name: str) -> Model:
         spec=spec,
         example_inputs=example,
         module=TupleOutputs(module, output_names).eval(),
+        logits=_logits(_shapes(raw, output_names)),
     )
 
 
@@ -385,6 +424,14 @@ def _output_names(raw: Any, source: str) -> tuple[str, ...]:
             f"tensors; it returned {_describe(raw)}"
         )
     return names
+
+
+def _shapes(raw: Any, names: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+    """Each output's shape, by name, from what the model returned (see `_output_names`)."""
+    if torch.is_tensor(raw):
+        return {names[0]: tuple(raw.shape)}
+    values = [raw[name] for name in names] if isinstance(raw, dict) else list(raw)
+    return {name: tuple(value.shape) for name, value in zip(names, values, strict=True)}
 
 
 def _factory_tensor_spec(name: str, array: np.ndarray) -> TensorSpec:

@@ -1,7 +1,8 @@
 """Fidelity: how close a candidate's outputs are to the fp32 reference, over a list of batches.
 
 Per output: the largest absolute and relative error, the cosine of each sample to its reference
-(mean and worst), and for logits how often the top-1 answer agrees. Padded token positions are
+(mean and worst), and for the outputs the model declares logits how often the top-1 answer
+agrees (a 2-column regressor or a pooled vector is not a classifier, whatever its shape). Padded token positions are
 left out, since their values carry no meaning; for a sentence encoder the pooled sentence
 embedding is measured too, because that is what its users get. A NaN or inf is the worst
 possible answer, never a pass. This room sees only numpy arrays; it imports numpy, the standard
@@ -29,8 +30,11 @@ def compare(
     attention_masks: Sequence[np.ndarray] | None = None,
     pooling: Pooling | None = None,
     embedding_output: str | None = None,
+    logits: frozenset[str] = frozenset(),
 ) -> Quality:
     """Fidelity of `outputs` to `reference`, batch by batch (same order, same inputs).
+
+    Outputs named in `logits` are class scores: their top-1 agreement is measured too.
 
     `attention_masks` (one (batch, seq) mask per batch) excludes padded positions of token-level
     outputs. With `pooling`, the output named `embedding_output` is pooled on both sides and
@@ -53,7 +57,7 @@ def compare(
         _check_outputs(out, ref, i)
         mask = None if attention_masks is None else attention_masks[i]
         for name, expected in ref.items():
-            tallies.setdefault(name, _Tally(logits=_looks_like_logits(name, expected)))
+            tallies.setdefault(name, _Tally(logits=name in logits))
             tallies[name].add(out[name], expected, mask)
         if pooling is not None and embedding_output is not None:
             tokens = ref[embedding_output]
@@ -83,13 +87,6 @@ def _check_outputs(out: Outputs, ref: Outputs, batch: int) -> None:
                 f"batch {batch}: output {name!r} has shape {out[name].shape}, the reference "
                 f"{expected.shape}: re-export the model"
             )
-
-
-def _looks_like_logits(name: str, array: np.ndarray) -> bool:
-    """Class scores, where the top-1 answer is what users act on."""
-    return array.ndim >= 2 and (
-        "logits" in name.lower() or (array.ndim == 2 and array.shape[1] >= 2)
-    )
 
 
 @dataclass

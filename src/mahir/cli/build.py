@@ -10,10 +10,12 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from mahir.cli.common import (
+    LogitsOption,
     ModelArg,
     console,
     errors,
     guard,
+    load_with_logits,
     parse_range,
     progress_bar,
     write_json,
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
 def bench(
     ctx: typer.Context,
     model: ModelArg = None,
+    logits: LogitsOption = None,
     runtime: Annotated[
         list[str] | None,
         typer.Option(
@@ -81,19 +84,22 @@ def bench(
             raise BadInput(str(err)) from err
 
     config = guard(ctx, configure)
-    guard(ctx, lambda: _run_bench(model, config, json_path, workdir))
+    guard(ctx, lambda: _run_bench(model, logits, config, json_path, workdir))
 
 
 def _run_bench(
-    source: str | None, config: Any, json_path: Path | None, workdir: Path | None
+    source: str | None,
+    logits: list[str] | None,
+    config: Any,
+    json_path: Path | None,
+    workdir: Path | None,
 ) -> None:
     from mahir.bench import benchmark
-    from mahir.model import load_model
 
     with progress_bar() as progress:
         step = progress.add_task("loading the model", total=None)
         timing = progress.add_task("timing", total=1.0, visible=False)
-        model = load_model(source)
+        model = load_with_logits(source, logits)
 
         def on_step(text: str) -> None:
             progress.update(step, description=text)
@@ -177,6 +183,7 @@ def _run_apply(recipe_path: Path, source: str | None, out: Path, data: Path | No
 def optimize(
     ctx: typer.Context,
     model: ModelArg = None,
+    logits: LogitsOption = None,
     out: Annotated[Path, typer.Option("--out", help="Output directory.")] = Path("mahir-out"),
     objective: Annotated[
         str, typer.Option("--objective", help="latency (batch-1 p50) or throughput.")
@@ -249,20 +256,24 @@ def optimize(
     from mahir.optimize import OptimizeConfig
 
     config = guard(ctx, configure)
-    guard(ctx, lambda: _run_optimize(model, config, out, resume, tune_serving))
+    guard(ctx, lambda: _run_optimize(model, logits, config, out, resume, tune_serving))
 
 
 def _run_optimize(
-    source: str | None, config: Any, out: Path, resume: bool, tune_serving: bool
+    source: str | None,
+    logits: list[str] | None,
+    config: Any,
+    out: Path,
+    resume: bool,
+    tune_serving: bool,
 ) -> None:
     from mahir.cli.tuning import tune_after_optimize
-    from mahir.model import load_model
     from mahir.optimize import cache_path, optimize
 
     def on_event(candidate: str, text: str) -> None:
         errors.print(f"[dim]{candidate:>24}[/dim]  {text}", highlight=False, soft_wrap=True)
 
-    model = load_model(source)
+    model = load_with_logits(source, logits)
     config.check_model(model)
     budget = config.time_budget_s
     deadline = None if budget is None else time.monotonic() + budget

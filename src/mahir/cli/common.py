@@ -29,6 +29,24 @@ ModelArg = Annotated[
         show_default=False,
     ),
 ]
+LogitsOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--logits",
+        help="An output that holds class scores, judged by top-1 agreement; repeat for several "
+        "(outputs a transformers head names *logits count already; every other output is "
+        "judged by cosine and error).",
+        show_default=False,
+    ),
+]
+
+
+def load_with_logits(source: str | None, logits: list[str] | None) -> Any:
+    """The model `source` names, with the outputs `--logits` names judged as class scores."""
+    from mahir.model import load_model, with_logits
+
+    model = load_model(source)
+    return with_logits(model, logits) if logits else model
 
 
 def progress_bar() -> Progress:
