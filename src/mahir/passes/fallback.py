@@ -153,7 +153,7 @@ class _Search:
         samples = sum(len(next(iter(b.values()))) for b in self.batches)
         self.described = f"{len(self.batches)} batches, {samples} samples"
         self._check_reachable()
-        self.reduce_range = choose_reduce_range(config.reduce_range, ctx)
+        self.reduce_range = choose_reduce_range(config.reduce_range, True, ctx)  # per channel
         int8 = _quantize(artifact, config, self.reduce_range, ctx, scratch / "int8.onnx")
         self.graph = _FloatNodes(onnx.load(str(artifact.path)), int8, config.op_types)
         self.quantized = self.graph.quantized

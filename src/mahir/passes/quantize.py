@@ -31,7 +31,8 @@ class DynamicInt8:
     per_channel: bool = False
     """One scale per output channel instead of per tensor: better fidelity, a little slower."""
     reduce_range: bool | None = None
-    """7-bit weights; None: on when the CPU has no int8 dot-product instructions."""
+    """7-bit weights; None: on for per-channel scales where the CPU has no int8 dot-product
+    instructions (see `choose_reduce_range`)."""
     op_types: tuple[str, ...] = ("MatMul", "Gemm")
     """Ops to quantize; the rest stay float."""
     version: int = 1
@@ -52,7 +53,8 @@ class StaticInt8:
     """For calibration="percentile": the share of values the range must cover."""
     per_channel: bool = True
     reduce_range: bool | None = None
-    """7-bit weights; None: on when the CPU has no int8 dot-product instructions."""
+    """7-bit weights; None: on for per-channel scales where the CPU has no int8 dot-product
+    instructions (see `choose_reduce_range`)."""
     op_types: tuple[str, ...] = ("MatMul", "Gemm", "Conv")
     version: int = 1
     input_formats: ClassVar[tuple[ArtifactFormat, ...]] = ("onnx",)
@@ -69,7 +71,7 @@ def dynamic_int8(artifact: Artifact, config: DynamicInt8, ctx: PassContext) -> A
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     out = ctx.workdir / "model.onnx"
-    reduce_range = choose_reduce_range(config.reduce_range, ctx)
+    reduce_range = choose_reduce_range(config.reduce_range, config.per_channel, ctx)
     with silenced():  # onnxruntime.quantization logs a line per skipped node
         try:
             quantize_dynamic(
@@ -120,7 +122,7 @@ def static_int8(artifact: Artifact, config: StaticInt8, ctx: PassContext) -> Art
     if config.calibration == "percentile":
         extra["CalibPercentile"] = config.percentile
     out = ctx.workdir / "model.onnx"
-    reduce_range = choose_reduce_range(config.reduce_range, ctx)
+    reduce_range = choose_reduce_range(config.reduce_range, config.per_channel, ctx)
     with silenced():  # onnxruntime.quantization logs a line per skipped node
         try:
             quantize_static(
@@ -172,10 +174,14 @@ def pad_to_common_shape(ctx: PassContext) -> tuple[dict[str, np.ndarray], ...]:
     return tuple(padded)
 
 
-def choose_reduce_range(asked: bool | None, ctx: PassContext) -> bool:
-    """7-bit weights if asked, else exactly when the CPU lacks int8 dot products (no VNNI or
-    AMX), where u8*s8 products can saturate in 16 bits."""
-    return asked if asked is not None else not ctx.machine.int8_dot_product
+def choose_reduce_range(asked: bool | None, per_channel: bool, ctx: PassContext) -> bool:
+    """7-bit weights if asked, else for per-channel scales on a CPU without int8 dot products
+    (no VNNI or AMX), where u8*s8 products can saturate in 16 bits. Per tensor, the lost bit
+    costs more than saturation does: MiniLM dynamic int8 on an AVX2-only AMD EPYC, sentence
+    cosine mean 0.950 with 8 bits, 0.859 with 7 (per channel 0.988 either way)."""
+    if asked is not None:
+        return asked
+    return per_channel and not ctx.machine.int8_dot_product
 
 
 def _count_ops(path: Any, op_types: tuple[str, ...]) -> int:

@@ -97,7 +97,7 @@ def torchao_int8(artifact: Artifact, config: TorchaoInt8, ctx: PassContext) -> A
     linears = sum(isinstance(m, torch.nn.Linear) for m in module.modules())
     if linears == 0:
         raise Unsupported(f"{ctx.model.name} has no nn.Linear layer for torchao int8 to quantize")
-    reduce_range = not config.weight_only and choose_reduce_range(config.reduce_range, ctx)
+    reduce_range = not config.weight_only and choose_reduce_range(config.reduce_range, True, ctx)
     recipe: Any = (
         Int8WeightOnlyConfig(set_inductor_config=False)
         if config.weight_only
@@ -132,7 +132,7 @@ def pt2e_int8(artifact: Artifact, config: Pt2eInt8, ctx: PassContext) -> Artifac
     graph = _export(artifact, ctx)
     if not any(node.target == torch.ops.aten.linear.default for node in graph.graph.nodes):
         raise Unsupported(f"{ctx.model.name} has no linear layer for PT2E int8 to quantize")
-    reduce_range = choose_reduce_range(config.reduce_range, ctx)
+    reduce_range = choose_reduce_range(config.reduce_range, True, ctx)
     quantizer = x86.X86InductorQuantizer().set_global(
         x86.get_default_x86_inductor_quantization_config(
             is_dynamic=config.dynamic, reduce_range=reduce_range
