@@ -2,11 +2,11 @@
 
 Per output: the largest absolute and relative error, the cosine of each sample to its reference
 (mean and worst), and for the outputs the model declares logits how often the top-1 answer
-agrees (a 2-column regressor or a pooled vector is not a classifier, whatever its shape). Padded token positions are
-left out, since their values carry no meaning; for a sentence encoder the pooled sentence
-embedding is measured too, because that is what its users get. A NaN or inf is the worst
-possible answer, never a pass. This room sees only numpy arrays; it imports numpy, the standard
-library and mahir's types, errors and pooling.
+agrees (a 2-column regressor or a pooled vector is not a classifier, whatever its shape).
+Padded token positions are left out, since their values carry no meaning; for a sentence
+encoder the pooled sentence embedding is measured too, because that is what its users get. A
+NaN or inf is the worst possible answer, never a pass. This room sees only numpy arrays; it
+imports numpy, the standard library and mahir's types, errors and pooling.
 """
 
 from __future__ import annotations
