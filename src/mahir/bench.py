@@ -23,7 +23,7 @@ from mahir.builder import ArtifactBuilder
 from mahir.errors import BadInput
 from mahir.export import fidelity, reference_outputs, reference_runtime
 from mahir.hardware import Machine, detect
-from mahir.measure import MeasureConfig, measure, resident_mb
+from mahir.measure import MeasureConfig, load_summary, measure, resident_mb
 from mahir.model import Model
 from mahir.passes import PassContext
 from mahir.runtimes import RUNTIMES, get_runtime, open_session
@@ -99,6 +99,7 @@ class BenchResult:
             "model": model_summary(self.model),
             "workload": self.workload.describe(),
             "baseline": self.baseline,
+            "machine_load": load_summary(row.perf for row in self.rows),
             "results": [self._row_json(row) for row in self.rows],
         }
 
@@ -145,6 +146,9 @@ class BenchResult:
         caption = f"cosine: {fidelity} vs the fp32 original, mean / worst sample"
         if any(row.perf.noisy for row in self.rows):
             caption += "; ~ noisy: jitter over 10%, small differences are not real"
+        note = load_summary(row.perf for row in self.rows)["note"]
+        if note:
+            caption += f"\n[bold red]{note}[/bold red]"
         table = Table(title=f"{self.model.name} on {self.machine.summary()}", caption=caption)
         for column in ("runtime", "batch", "p50 ms", "p99 ms", "samples/s", "speedup", "cosine"):
             table.add_column(column, justify="left" if column == "runtime" else "right")

@@ -30,6 +30,12 @@ from mahir.types import RuntimeOptions
 
 Objective = Literal["latency", "throughput"]
 
+TUNING_MARGIN = 0.5
+"""Passes that tune themselves to the budget (accuracy control, float fallback) aim at this
+share of the allowed drop: they see only the calibration inputs, and the budget must then hold
+on held-out inputs too (a winner tuned to exactly 0.98 on its sample gave 0.979 on unseen
+sentences)."""
+
 BASELINE_LABELS = {"torch": "PyTorch eager fp32", "onnxruntime": "ONNX Runtime fp32"}
 """What the original is called, by the runtime that runs it as given (see `baseline`)."""
 
@@ -62,6 +68,7 @@ def propose(
     int8 = machine.int8_dot_product
     bf16 = machine.has("avx512_bf16") or machine.has("amx_bf16")
     text = model.is_text
+    aim = max_drop * TUNING_MARGIN  # what self-tuning passes aim at, with room for unseen inputs
     entries: list[tuple[str, str, Recipe, str | None]] = [
         ("torch", "PyTorch eager fp32", Recipe((), "torch"), _needs_module(model)),
         ("onnxruntime", "ONNX Runtime fp32", Recipe((), "onnxruntime"), None),
@@ -73,14 +80,14 @@ def propose(
         ),
         (
             "openvino-nncf-int8",
-            f"OpenVINO + NNCF int8, float fallback to the budget (max drop {max_drop:g})",
-            Recipe((NncfAccuracyControl(max_drop=max_drop),), "openvino", f32),
+            f"OpenVINO + NNCF int8, float fallback to half the budget (max drop {aim:g})",
+            Recipe((NncfAccuracyControl(max_drop=aim),), "openvino", f32),
             _needs_int8(int8),
         ),
         (
             "openvino-direct-nncf-int8",
             "OpenVINO + NNCF int8 with float fallback, converted through torch.export, not ONNX",
-            Recipe((OpenVinoDirect(), NncfAccuracyControl(max_drop=max_drop)), "openvino", f32),
+            Recipe((OpenVinoDirect(), NncfAccuracyControl(max_drop=aim)), "openvino", f32),
             _needs_int8(int8) or _needs_module(model),
         ),
         (
@@ -131,11 +138,7 @@ def propose(
             "ort-static-int8-fallback",
             "ONNX Runtime, static int8 with the most sensitive MatMuls kept float to the budget",
             Recipe(
-                (
-                    AccuracyAwareInt8(
-                        min_cosine_mean=1 - max_drop, min_cosine_worst=1 - 2 * max_drop
-                    ),
-                ),
+                (AccuracyAwareInt8(min_cosine_mean=1 - aim, min_cosine_worst=1 - 2 * aim),),
                 "onnxruntime",
             ),
             _needs_int8(int8),

@@ -4,15 +4,18 @@ Every session is warmed up, then the sessions take turns: in each round each one
 consecutive batches for about `round_time_s`, until each has enough timed time and runs. Drift
 of the machine (turbo, thermals, a noisy neighbour) thus hits all sessions alike, and all see the
 same batches in the same order. The result says whether it is too noisy to trust small
-differences. This room sees only `Session` objects and numpy arrays; it imports numpy, psutil,
-the standard library and mahir's types, nothing of any runtime.
+differences, and how many cores other processes kept busy meanwhile (`MachineLoad`): a number
+taken on a busy machine is not that machine's. This room sees only `Session` objects and numpy
+arrays; it imports numpy, psutil, the standard library and mahir's types, nothing of any
+runtime.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import psutil
@@ -26,6 +29,70 @@ NOISY_SPREAD = 0.10
 """Inter-quartile range over median of the latencies."""
 NOISY_DRIFT = 0.10
 """Largest minus smallest round median, over the overall median."""
+BUSY_CORES = 0.25
+"""Other processes' average CPU use, in cores, above which timings are flagged as taken on a
+busy machine. An idle 2-core machine shows 0.01-0.05 (the kernel, our own progress output);
+one other busy process shows ~1."""
+
+
+class MachineLoad:
+    """CPU time the rest of the machine used while a measurement ran: everything busy on the
+    machine minus this process's own threads, over the wall time."""
+
+    def __init__(
+        self,
+        *,
+        machine_seconds: Callable[[], float] = lambda: _busy_seconds(psutil.cpu_times()),
+        own_seconds: Callable[[], float] = lambda: _own_seconds(),
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self._machine_seconds, self._own_seconds, self._clock = machine_seconds, own_seconds, clock
+        self._started, self._machine, self._own = clock(), machine_seconds(), own_seconds()
+
+    def other_cores(self) -> float:
+        """Cores other processes kept busy on average since this was created."""
+        wall = self._clock() - self._started
+        if wall <= 0:
+            return 0.0
+        machine = self._machine_seconds() - self._machine
+        own = self._own_seconds() - self._own
+        return max(0.0, machine - own) / wall
+
+
+def load_summary(perfs: Iterable[Perf]) -> dict[str, Any]:
+    """What other processes did to a set of timings: the mean and worst cores they kept busy,
+    and whether that passes `BUSY_CORES`, with one sentence for people when it does."""
+    loads = [p.other_load for p in perfs]
+    worst = max(loads, default=0.0)
+    busy = worst > BUSY_CORES
+    note = None
+    if busy:
+        note = (
+            f"the machine was busy: other processes kept {worst:.2f} cores busy while timing "
+            f"(mean {sum(loads) / len(loads):.2f}); speedups can be far from what a quiet "
+            "machine gives (PyTorch's threads stall first). Time again with the machine to "
+            "yourself"
+        )
+    return {
+        "other_cores_mean": sum(loads) / len(loads) if loads else 0.0,
+        "other_cores_max": worst,
+        "threshold": BUSY_CORES,
+        "busy": busy,
+        "note": note,
+    }
+
+
+def _busy_seconds(times: Any) -> float:
+    """All CPU time not idle (iowait counts as idle: no core was computing)."""
+    idle = times.idle + getattr(times, "iowait", 0.0)
+    return float(
+        sum(times) - idle - getattr(times, "guest", 0.0) - getattr(times, "guest_nice", 0.0)
+    )
+
+
+def _own_seconds() -> float:
+    own = psutil.Process().cpu_times()
+    return float(own.user + own.system)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,12 +152,17 @@ def measure(
         for i in range(config.warmup_runs):
             session.run(batches[i % len(batches)])
     timings = {name: _Timings() for name in sessions}
+    load = MachineLoad()
     while pending := [n for n, t in timings.items() if t.fraction_done(config) < 1.0]:
         for name in pending:
             _take_turn(sessions[name], batches, config, clock, timings[name])
             if on_progress is not None:
                 on_progress(name, timings[name].fraction_done(config))
-    return {name: _perf(t, batches, batch_size) for name, t in timings.items()}
+    other = load.other_cores()
+    return {
+        name: replace(_perf(t, batches, batch_size), other_load=other)
+        for name, t in timings.items()
+    }
 
 
 def _take_turn(

@@ -10,6 +10,7 @@ beside bench and apply, above search; the CLI and `mahir.optimize` call it.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -31,13 +32,30 @@ from mahir.candidates import Candidate, Objective, propose
 from mahir.errors import BadInput, MahirError, first_line
 from mahir.export import reference_outputs, reference_session, verification_batches
 from mahir.hardware import Machine, detect
+from mahir.measure import load_summary
 from mahir.model import Model, import_function, load_model
 from mahir.passes import PassContext
 from mahir.records import OutcomeCache, outcome_record
-from mahir.runtimes import get_runtime
-from mahir.search import Budget, Events, Evidence, Outcome, Search, first_rung_seconds, rank
+from mahir.runtimes import get_runtime, open_session
+from mahir.search import (
+    Budget,
+    Events,
+    Evidence,
+    Outcome,
+    Search,
+    comparable_speedup,
+    first_rung_seconds,
+    rank,
+)
 from mahir.types import Artifact
-from mahir.workload import Batch, Workload, build_workload, read_user_data
+from mahir.workload import (
+    Batch,
+    Workload,
+    build_workload,
+    held_out_batches,
+    read_user_data,
+    split_held_out,
+)
 
 # Share of the time budget kept for timing when candidates are built: building stops when less
 # than this is left, so the survivors are still measured properly.
@@ -149,12 +167,18 @@ class OptimizeResult:
             "machine": self.machine.to_dict(),
             "model": model_summary(self.model),
             "workload": self.workload.describe(),
+            "machine_load": self.machine_load(),
             "time_budget_s": self.config.time_budget_s,
             "elapsed_s": self.elapsed_s,
             "baseline": self.candidates[0].candidate.id,
             "best": None if self.best is None else self.best.candidate.id,
-            "candidates": [outcome_record(o, objective) for o in self.candidates],
+            "candidates": [outcome_record(o, objective, self.best) for o in self.candidates],
         }
+
+    def machine_load(self) -> dict[str, Any]:
+        """What other processes used while this run timed (see `measure.load_summary`)."""
+        timed = [o for o in self.candidates if not o.cached]
+        return load_summary(p for o in timed for p in (*o.perf.values(), *o.baseline_perf.values()))
 
     def save(self, out: str | os.PathLike[str]) -> Path:
         """Write the output directory atomically: the winner (model/, mahir.json, recipe.yaml)
@@ -189,11 +213,19 @@ class OptimizeResult:
 
     def __rich__(self) -> Table:
         title = f"{self.model.name} on {self.machine.summary()}"
-        table = Table(title=title, caption=f"budget: {self.report()['budget']['description']}")
+        caption = f"budget: {self.report()['budget']['description']}; quality: mean / worst on "
+        caption += "every input judged, held-out ones included (tuned on: worst on calibration)"
+        if self.best is not None:
+            caption += "; speedups on the winner's last timing round (losers against the winner "
+            caption += "in the round they were dropped)"
+        note = self.machine_load()["note"]
+        if note:
+            caption += f"\n[bold red]{note}[/bold red]"
+        table = Table(title=title, caption=caption)
         for column in ("candidate", "status", "p50 ms", "samples/s", "speedup", "quality"):
             table.add_column(column, justify="left" if column == "candidate" else "right")
         for outcome in self.candidates:
-            table.add_row(*_row(outcome, self.config, outcome is self.best))
+            table.add_row(*_row(outcome, self.config, self.best))
         return table
 
 
@@ -205,18 +237,22 @@ def _keep_reports(reports: Mapping[str, str]) -> Path:
     return folder
 
 
-def _row(outcome: Outcome, config: OptimizeConfig, best: bool) -> tuple[str, ...]:
+def _row(outcome: Outcome, config: OptimizeConfig, best: Outcome | None) -> tuple[str, ...]:
     perf = outcome.perf.get(config.sizes[0])
     speedup = outcome.speedup(config.objective)
+    if best is not None:
+        speedup = comparable_speedup(outcome, best, config.objective)
     quality = ""
     if outcome.metric is not None:
         quality = f"metric {outcome.metric:.4g}"
     elif outcome.quality is not None:
         head = outcome.quality.headline
         quality = f"{head.cosine_mean:.4f} / {head.cosine_min:.4f}"
+        if outcome.tuned_quality is not None:  # on the calibration inputs: fitted, not judged
+            quality += f" (tuned on: {outcome.tuned_quality.headline.cosine_min:.4f})"
     status = outcome.status if outcome.status == "ok" else f"{outcome.status}: {outcome.reason}"
     return (
-        f"[bold]{outcome.candidate.id} *[/bold]" if best else outcome.candidate.id,
+        f"[bold]{outcome.candidate.id} *[/bold]" if outcome is best else outcome.candidate.id,
         status,
         "" if perf is None else f"{perf.p50_ms:.2f}{' ~' if perf.noisy else ''}",
         "" if not outcome.perf else f"{max(p.throughput for p in outcome.perf.values()):,.0f}",
@@ -237,8 +273,9 @@ def optimize(
     """Search this machine's candidates for `model`; Ctrl-C ends it early with what was found.
     `model` is a loaded model or a source for `load_model` (default: the bundled one). Built
     artifacts go to `workdir` (default: a new temporary folder, left for the caller, since the
-    winner lives there until `save`). With `cache_path`, outcomes are recorded there as they
-    arrive; `resume` reuses them."""
+    winner lives there until `save`). With `cache_path`, outcomes are recorded there as each
+    stage completes (checked, timed; a checked candidate's files kept beside until the run
+    completes); `resume` reuses them (records.py says how)."""
     if not isinstance(model, Model):
         model = load_model(model)
     workdir = Path(workdir or tempfile.mkdtemp(prefix="mahir-optimize-"))
@@ -250,9 +287,10 @@ def optimize(
     on_event(baseline, f"machine: {machine.summary()}")
     proposed = _only(proposed, config.only)  # a typo fails before any work
     workload = _workload(model, config, config.sizes, count=config.batches_per_size, seed=0)
-    calibration = _workload(model, config, (8,), count=4, seed=1).batches[8]
+    tuning, held_out = split_held_out(config.sentences)
+    calibration = _workload(model, config, (8,), count=4, seed=1, sentences=tuning).batches[8]
     ctx = PassContext(model=model, workdir=workdir, calibration=tuple(calibration), machine=machine)
-    evidence = _evidence(model, config, workload)
+    evidence = _evidence(model, config, workload, calibration, held_out)
     builder = ArtifactBuilder(ctx)
     search = Search(model, builder, evidence, config.objective, baseline, deadline, on_event)
     key = _run_key(model, machine, workload, config)
@@ -260,7 +298,7 @@ def optimize(
     outcomes: list[Outcome] = []
     complete = True
     try:
-        _check_all(search, proposed, outcomes, cache, config)
+        _check_all(search, proposed, outcomes, cache, config, workdir / "resumed")
         if search.sessions:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             rung_s = first_rung_seconds(left, len(search.sessions) - 1, len(config.sizes))
@@ -274,8 +312,10 @@ def optimize(
     outcomes += [Outcome(c, "skipped", reason=why) for c, why in skipped]
     if cache is not None:
         for outcome in outcomes:
-            if outcome.perf:
+            if outcome.perf.keys() == set(config.sizes):  # a rung cut short is not a timing
                 cache.put(outcome, config.objective)
+        if complete:  # every checked candidate was timed: its kept files are no longer needed
+            cache.drop_artifacts()
     ranked = rank(outcomes, config.objective)
     best = ranked[0] if ranked else None
     artifact = None
@@ -301,25 +341,39 @@ def cache_path(out: Path) -> Path:
 
 
 def _workload(
-    model: Model, config: OptimizeConfig, sizes: Sequence[int], *, count: int, seed: int
+    model: Model,
+    config: OptimizeConfig,
+    sizes: Sequence[int],
+    *,
+    count: int,
+    seed: int,
+    sentences: Sequence[str] | None = None,
 ) -> Workload:
-    """Inputs drawn like the user's traffic; distinct seeds keep the timing workload, the
-    calibration batches and the cheap-check sample apart."""
+    """Inputs drawn like the user's traffic (`sentences`, default all the user's); distinct
+    seeds keep the timing workload, the calibration batches and the cheap-check sample apart."""
     return build_workload(
         model,
         sizes,
-        sentences=config.sentences or None,
+        sentences=(config.sentences if sentences is None else sentences) or None,
         batches_per_size=count,
         token_range=config.token_range,
         seed=config.seed + seed,
     )
 
 
-def _evidence(model: Model, config: OptimizeConfig, workload: Workload) -> Evidence:
+def _evidence(
+    model: Model,
+    config: OptimizeConfig,
+    workload: Workload,
+    calibration: Sequence[Batch],
+    held_out_sentences: Sequence[str],
+) -> Evidence:
     """What every candidate is judged on: a small check sample with shapes unlike the traffic,
-    the timing batches, the user's data if a metric decides, and the original's outputs."""
+    the timing batches, held-out inputs no pass tuned on, the user's data if a metric decides,
+    and the original's outputs; plus the calibration batches, measured for comparison."""
     check = [*_workload(model, config, (4,), count=2, seed=2).batches[4]]
     check += verification_batches(model)
+    held_out = held_out_batches(model, held_out_sentences, seed=config.seed + 3)
     budget, metric_data = _budget(model, config)
     return Evidence(
         check=check,
@@ -328,6 +382,10 @@ def _evidence(model: Model, config: OptimizeConfig, workload: Workload) -> Evide
         timing_reference={s: reference_outputs(model, b) for s, b in workload.batches.items()},
         budget=budget,
         metric_data=metric_data,
+        held_out=held_out,
+        held_out_reference=reference_outputs(model, held_out),
+        calibration=calibration,
+        calibration_reference=reference_outputs(model, calibration),
     )
 
 
@@ -386,25 +444,71 @@ def _check_all(
     outcomes: list[Outcome],
     cache: OutcomeCache | None,
     config: OptimizeConfig,
+    workdir: Path,
 ) -> None:
-    """Build and check each candidate in order, or take its earlier outcome from the cache.
-    The baseline comes from the cache only when everything does: else it is timed anew."""
+    """Build and check each candidate in order, or take its earlier outcome from the cache: a
+    final one (rejected, failed, timed) as it stands, a checked one reopened to be timed (its
+    kept files copied into `workdir`). The baseline's timing comes from the cache only when
+    everything's does: else it is timed anew."""
     cached = {c.id: cache.get(c) for c in proposed} if cache else {}
-    all_cached = bool(cached) and all(o is not None for o in cached.values())
+    all_final = bool(cached) and all(o is not None and _final(o) for o in cached.values())
     for candidate in proposed:
         earlier = cached.get(candidate.id)
         baseline = candidate is proposed[0]
-        if earlier is not None and (not baseline or all_cached):
+        if earlier is not None and _final(earlier) and (not baseline or all_final):
             search.on_event(candidate.id, f"{earlier.status} in an earlier run (resumed)")
             outcomes.append(earlier)
             continue
         if not baseline and _building_time_spent(search, config):
             search.on_event(candidate.id, "time budget: no more building")
             return
-        outcome = search.check(candidate)
+        reopened = None
+        if cache is not None and earlier is not None and not _final(earlier):
+            reopened = _reopen(search, earlier, cache, workdir)
+        outcome = reopened or search.check(candidate)
         outcomes.append(outcome)
-        if cache is not None and outcome.status != "ok":
-            cache.put(outcome, config.objective)
+        if cache is not None and reopened is None:
+            _record_check(search, cache, outcome, config.objective)
+
+
+def _record_check(
+    search: Search, cache: OutcomeCache, outcome: Outcome, objective: Objective
+) -> None:
+    """Record a checked candidate; one that passed, with its files (kept first, so a record
+    never promises files that are not there; without them, a resumed run builds it again)."""
+    candidate = outcome.candidate
+    if outcome.status == "ok":
+        try:
+            cache.keep_artifact(candidate, search.artifacts[candidate.id])
+        except OSError as err:
+            search.on_event(candidate.id, f"cannot keep its files for --resume ({first_line(err)})")
+    cache.put(outcome, objective)
+
+
+def _final(outcome: Outcome) -> bool:
+    """Whether an outcome needs no more work: rejected, failed, or ok and timed."""
+    return outcome.status != "ok" or bool(outcome.perf)
+
+
+def _reopen(search: Search, earlier: Outcome, cache: OutcomeCache, workdir: Path) -> Outcome | None:
+    """A candidate an earlier run checked but did not time, with its session open again on its
+    kept files (or on its live torch module, built again: it has no files) and its recorded
+    quality standing; None when it cannot be reopened, so it is built and checked anew."""
+    candidate, recipe = earlier.candidate, earlier.candidate.recipe
+    try:
+        if "torch" in get_runtime(recipe.runtime).formats:
+            artifact: Artifact | None = _rebuild(search, candidate)
+        else:
+            artifact = cache.kept_artifact(candidate, search.model.spec, workdir)
+        if artifact is None:
+            return None
+        search.sessions[candidate.id] = open_session(recipe.runtime, artifact, recipe.options)
+    except (MahirError, OSError) as err:
+        search.on_event(candidate.id, f"cannot reopen ({first_line(err)}): building it again")
+        return None
+    search.artifacts[candidate.id] = artifact
+    search.on_event(candidate.id, "passed the quality check in an earlier run (resumed)")
+    return dataclasses.replace(earlier, cached=False)  # timed in this run
 
 
 def _building_time_spent(search: Search, config: OptimizeConfig) -> bool:

@@ -74,6 +74,18 @@ def render_html(report: Mapping[str, Any]) -> str:
 
 
 def _banner(v: View) -> str:
+    return _busy_banner(v) + _incomplete_banner(v)
+
+
+def _busy_banner(v: View) -> str:
+    note = (v.report.get("machine_load") or {}).get("note")
+    if not note:
+        return ""
+    text = _e(note[0].upper() + note[1:])
+    return f'<div class="banner"><strong>Busy machine.</strong> {text}.</div>'
+
+
+def _incomplete_banner(v: View) -> str:
     r = v.report
     if r.get("complete", True):
         return ""

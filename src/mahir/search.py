@@ -47,6 +47,11 @@ class Outcome:
     status: Status
     reason: str | None = None
     quality: Quality | None = None
+    """Fidelity on everything the search judged by: the check sample, the timing batches and
+    the held-out inputs no pass tuned on."""
+    tuned_quality: Quality | None = None
+    """Fidelity on the calibration inputs the passes tuned on, for comparison: a candidate
+    that is much better here than in `quality` was fitted to its calibration."""
     metric: float | None = None
     perf: dict[int, Perf] = field(default_factory=dict)
     baseline_perf: dict[int, Perf] = field(default_factory=dict)
@@ -85,6 +90,13 @@ class Evidence:
     budget: Budget
     metric_data: Sequence[Batch] = ()
     """The user's data as batches, when a user metric decides."""
+    held_out: Sequence[Batch] = ()
+    """Inputs no pass tuned on, from very short to the maximum length: the budget holds on
+    them too (`workload.held_out_batches`)."""
+    held_out_reference: Sequence[Outputs] = ()
+    calibration: Sequence[Batch] = ()
+    """What the passes calibrated and tuned on: measured for the report, not judged."""
+    calibration_reference: Sequence[Outputs] = ()
 
 
 @dataclass
@@ -137,11 +149,15 @@ class Search:
             full = fidelity(
                 self.model,
                 session,
-                [*evidence.check, *batches],
-                [*evidence.check_reference, *refs],
+                [*evidence.check, *batches, *evidence.held_out],
+                [*evidence.check_reference, *refs, *evidence.held_out_reference],
             )
             outcome.quality = full
             outcome.reason = self.evidence.budget.judge(full)
+        if evidence.calibration:
+            outcome.tuned_quality = fidelity(
+                self.model, session, evidence.calibration, evidence.calibration_reference
+            )
         if outcome.reason is not None:
             outcome.status = "rejected"
 
@@ -210,6 +226,22 @@ def first_rung_seconds(time_left_s: float | None, contenders: int, batch_sizes: 
     rungs = math.ceil(math.log2(max(contenders, 1))) + 1
     share = time_left_s / (rungs * (contenders + 1) * batch_sizes * 1.5)
     return min(2.0, max(0.3, share))
+
+
+def comparable_speedup(outcome: Outcome, anchor: Outcome, objective: Objective) -> float | None:
+    """`outcome`'s speedup on the scale of `anchor`'s final round (the winner's, which took
+    part in every round): its speedup in the last round it was timed in, times how far the
+    anchor's moved from that round to its last. Its ratio to the anchor's speedup is then the
+    ratio measured side by side in that round, so a table or a Pareto front built on these
+    numbers never compares speedups taken at different moments (a busy round inflates every
+    speedup in it alike). Outcomes from another run (resumed) keep their own numbers."""
+    own = outcome.speedup(objective)
+    rounds = len(outcome.speedups)
+    if own is None or outcome is anchor or outcome.cached or anchor.cached:
+        return own
+    if not rounds or len(anchor.speedups) < rounds or anchor.speedups[rounds - 1] <= 0:
+        return own
+    return outcome.speedups[-1] * anchor.speedups[-1] / anchor.speedups[rounds - 1]
 
 
 def rank(outcomes: Sequence[Outcome], objective: Objective) -> list[Outcome]:

@@ -188,3 +188,7 @@ class Perf:
     the machine's jitter, not the workload's mix of lengths."""
     noisy: bool
     """True when the spread or the drift between rounds is too large to trust small differences."""
+    other_load: float = 0.0
+    """CPU cores other processes kept busy, on average, while this was timed: on a busy
+    machine PyTorch's OpenMP threads stall while other runtimes barely move, so ratios taken
+    then are not the machine's (see `mahir.measure.BUSY_CORES`)."""

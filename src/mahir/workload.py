@@ -26,6 +26,12 @@ if TYPE_CHECKING:
 
 Batch = dict[str, np.ndarray]
 
+HELD_OUT_TEXT = Path(__file__).parent / "data" / "held_out.txt"
+"""Sentences written for judging fidelity and never tuned on: one word to paragraphs past any
+model's length, questions, reviews, code, numbers, a dozen scripts and emoji."""
+HELD_OUT_EVERY = 5
+"""Every fifth of the user's sentences is held out from calibration (when there are 10+)."""
+
 # Common English words; generated sentences are drawn from them so that tokenizers see real words.
 WORDS = """
 the of and to in is was for that on with as by at from his her it an be are this which or have
@@ -145,6 +151,36 @@ def generate_sentences(
             tokens += word_tokens[word]
         sentences.append(" ".join(words).capitalize() + ".")
     return sentences
+
+
+def split_held_out(sentences: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The user's sentences apart: those passes may calibrate and tune on, and every fifth held
+    out to judge them by (both spread over the file). Fewer than ten: all may be tuned on."""
+    if len(sentences) < 2 * HELD_OUT_EVERY:
+        return tuple(sentences), ()
+    held = tuple(s for i, s in enumerate(sentences) if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1)
+    tuning = tuple(s for i, s in enumerate(sentences) if i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1)
+    return tuning, held
+
+
+def held_out_batches(
+    model: Model, user_held: Sequence[str] = (), *, batch_size: int = 16, seed: int = 3
+) -> list[Batch]:
+    """Inputs no pass tuned on, varied enough that the worst case is not luck: for text models
+    the shipped held-out sentences, the user's held-out share, and generated inputs past the
+    maximum length (truncated to it), batched by length; for others random inputs of their own
+    seed."""
+    if not model.is_text:
+        return build_workload(model, [batch_size], batches_per_size=4, seed=seed).batches[
+            batch_size
+        ]
+    longest = model.max_length or 512
+    rng = np.random.default_rng(seed)
+    past_the_end = generate_sentences(
+        4, model.tokenizer, rng, token_range=(longest, longest + 32), max_tokens=longest + 32
+    )
+    texts = sorted([*read_sentences(HELD_OUT_TEXT), *user_held, *past_the_end], key=len)
+    return [tokenize(model, texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
 
 
 def build_workload(
