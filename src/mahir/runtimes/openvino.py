@@ -4,14 +4,17 @@ because left to itself OpenVINO runs bf16 on CPUs that support it and an "fp32" 
 silently not be fp32; `describe()` reads back the precision the compiled model actually uses.
 One infer request serves every call, so a session runs one batch at a time; it reuses its output
 buffers on the next call, so results are copied out, and it keeps the last inputs, so every
-input must be given on every call.
+input must be given on every call. A call that raised is followed by a recovery (`_recover`)
+before `run` raises: the CPU plugin can otherwise keep failing valid inputs afterwards.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import openvino as ov
 
 from mahir.errors import BadInput, RuntimeFailure, first_line
@@ -23,9 +26,13 @@ from mahir.types import Artifact, Dim, Inputs, Outputs, RuntimeOptions
 class OpenVINOSession:
     runtime = "openvino"
 
-    def __init__(self, compiled: ov.CompiledModel, outputs: tuple[str, ...], path: Path) -> None:
-        self._compiled = compiled
+    def __init__(
+        self, compile_model: Callable[[], ov.CompiledModel], outputs: tuple[str, ...], path: Path
+    ) -> None:
+        self._compile = compile_model
+        self._compiled = compiled = compile_model()
         self._request = compiled.create_infer_request()
+        self._probes = _probes(compiled)
         self._signature: Signature = {
             port.get_any_name(): _dims(port.get_partial_shape()) for port in compiled.inputs
         }
@@ -42,10 +49,26 @@ class OpenVINOSession:
             # share_outputs=False: OpenVINO copies the results out of buffers the next call reuses
             results = self._request.infer(dict(inputs), share_inputs=True, share_outputs=False)
         except Exception as err:  # OpenVINO raises RuntimeError for bad shapes and failures alike
+            self._recover()
             if not inputs_fit(self._signature, inputs):
                 raise input_error(self._signature, inputs) from err
             raise RuntimeFailure(f"OpenVINO failed: {_reason(err)}") from err
         return {name: results[port] for name, port in self._outputs}
+
+    def _recover(self) -> None:
+        """After a failed call the CPU plugin keeps failing every call of the sequence length
+        that last succeeded, until a call of another length succeeds; a new infer request does
+        not help (seen on 2026.4). So one small call is made with every dynamic axis 1, else 2
+        (one of them differs from the last good length); a model that takes neither is
+        compiled afresh."""
+        for probe in self._probes:
+            try:
+                self._request.infer(probe)
+                return
+            except Exception:  # this probe's shape does not suit the model: try the next
+                continue
+        self._compiled = self._compile()
+        self._request = self._compiled.create_infer_request()
 
     def describe(self) -> dict[str, Any]:
         compiled = self._compiled
@@ -76,11 +99,29 @@ def open_session(artifact: Artifact, options: RuntimeOptions) -> OpenVINOSession
         model = core.read_model(str(path))
     except Exception as err:  # RuntimeError whatever is wrong with the file
         raise BadInput(f"{path} is not a valid {kind} model: {_reason(err)}; re-export it") from err
-    try:
-        compiled = core.compile_model(model, "CPU", config)
-    except Exception as err:  # an op or setting the CPU plugin does not support
-        raise RuntimeFailure(f"OpenVINO cannot compile {path}: {_reason(err)}") from err
-    return OpenVINOSession(compiled, artifact.spec.outputs, path)
+
+    def compile_model() -> ov.CompiledModel:
+        try:
+            return core.compile_model(model, "CPU", config)
+        except Exception as err:  # an op or setting the CPU plugin does not support
+            raise RuntimeFailure(f"OpenVINO cannot compile {path}: {_reason(err)}") from err
+
+    return OpenVINOSession(compile_model, artifact.spec.outputs, path)
+
+
+def _probes(compiled: ov.CompiledModel) -> tuple[dict[str, np.ndarray], ...]:
+    """Zero inputs with every dynamic axis 1, then 2; none when an input's rank is dynamic."""
+    shapes = {port.get_any_name(): port.get_partial_shape() for port in compiled.inputs}
+    if any(shape.rank.is_dynamic for shape in shapes.values()):
+        return ()
+    dtypes = {port.get_any_name(): port.get_element_type().to_dtype() for port in compiled.inputs}
+    return tuple(
+        {
+            name: np.zeros([d.get_length() if d.is_static else size for d in shape], dtypes[name])
+            for name, shape in shapes.items()
+        }
+        for size in (1, 2)
+    )
 
 
 def _dims(shape: ov.PartialShape) -> tuple[Dim | None, ...] | None:
