@@ -80,3 +80,25 @@ def served_dir(minilm: Model, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.helpers import fp32_output_dir
 
     return fp32_output_dir(minilm, tmp_path_factory.mktemp("served"))
+
+
+@pytest.fixture(scope="session")
+def served_openvino_dir(minilm: Model, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default model, fp32 on OpenVINO, as an output directory (served read-only)."""
+    from mahir.apply import apply_recipe, write_output_dir
+    from mahir.recipe import Recipe
+
+    work = tmp_path_factory.mktemp("served-openvino")
+    applied = apply_recipe(
+        minilm, Recipe((), "openvino"), work / "w", calibration=(), evaluation=()
+    )
+    write_output_dir(minilm, applied, work / "out")
+    return work / "out"
+
+
+@pytest.fixture(scope="session")
+def served_mlp_dir(mlp: Model, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small tensor model (float inputs), fp32 on ONNX Runtime, as an output directory."""
+    from tests.helpers import fp32_output_dir
+
+    return fp32_output_dir(mlp, tmp_path_factory.mktemp("served-mlp"))

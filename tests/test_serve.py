@@ -173,8 +173,6 @@ def test_embeddings_match_sentence_transformers_pooling(server: Server, minilm: 
             "needs 3 values",
         ),
         (f"/v2/models/{NAME}/infer", b"x" * (2 * 2**20), 413, "limit"),
-        ("/v1/embeddings", b'{"input": [1, 2]}', 422, "list of strings"),
-        ("/v1/embeddings", b'{"texts": "a"}', 400, "input"),
     ],
 )
 def test_malformed_requests_get_their_4xx(
@@ -304,3 +302,12 @@ def test_loadtest_reports_what_it_sent(
     assert summary["statuses"] == {"200": 40}
     assert 0 < summary["p50_ms"] <= summary["p90_ms"] <= summary["p99_ms"]
     assert summary["mode"] == ("closed" if mode[0] == "--concurrency" else "open")
+
+
+def test_loadtest_fails_after_404s_naming_them(server: Server) -> None:
+    done = run_mahir(
+        "loadtest", server.url, "--concurrency", "4", "--requests", "30", "--endpoint", "infer",
+        "--model", "nope",
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "30 of 30 requests failed (404: 30)" in done.stderr

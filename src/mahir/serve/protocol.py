@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 
 from mahir.errors import BadInput
 from mahir.types import TensorSpec
@@ -35,12 +36,29 @@ DATATYPES: dict[str, str] = {
 NUMPY_TYPES = {v: k for k, v in DATATYPES.items()}
 
 
-class Malformed(BadInput):
-    """The body is not a valid inference request at all (HTTP 400)."""
+class RequestError(BadInput):
+    """A request the server will not run; `param` names the field at fault where one is."""
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
-class Mismatch(BadInput):
-    """A valid request that does not fit the model: names, shapes, datatypes (HTTP 422)."""
+class Malformed(RequestError):
+    """The body is not a valid request at all (HTTP 400)."""
+
+
+class Mismatch(RequestError):
+    """A valid request that does not fit the model: names, shapes, datatypes, values (422)."""
+
+
+def read_json(body: bytes) -> Any:
+    """Strict JSON: NaN, Infinity and unpaired surrogates (which `json` lets through, to fail
+    later inside a model or a tokenizer) are refused here."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as err:
+        raise Malformed(f"the body is not JSON ({err}): send standard JSON (RFC 8259)") from err
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,10 +74,7 @@ class InferRequest:
 def parse_infer(body: bytes, header_length: int | None, spec: Sequence[TensorSpec]) -> InferRequest:
     """Decode and check one request against the model's inputs."""
     header, binary = (body, b"") if header_length is None else _split_binary(body, header_length)
-    try:
-        request = json.loads(header)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise Malformed(f"the body is not JSON ({err})") from err
+    request = read_json(header)
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
         raise Malformed('the request needs "inputs": a list of {name, shape, datatype, data}')
     arrays, offset = {}, 0
@@ -170,6 +185,11 @@ def encode_infer(
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                raise Mismatch(
+                    f"output {name!r} holds NaN or infinity, which JSON cannot carry: "
+                    "ask for it as binary data"
+                )
             entry["data"] = array.reshape(-1).tolist()
         entries.append(entry)
     body: dict[str, Any] = {"model_name": model, "model_version": "1", "outputs": entries}
