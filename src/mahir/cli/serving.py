@@ -50,7 +50,10 @@ def serve(
             show_default=False,
         ),
     ] = None,
-    max_queue: Annotated[int, typer.Option(help="Waiting requests at most; then 503.")] = 1024,
+    max_queue: Annotated[
+        int,
+        typer.Option(help="Waiting items at most; then 503 (a request holding more alone: 413)."),
+    ] = 1024,
     timeout_ms: Annotated[
         float, typer.Option(help="A request not started by then gets 504.")
     ] = 30_000.0,
@@ -59,6 +62,21 @@ def serve(
         str | None,
         typer.Option(
             envvar="MAHIR_API_KEY", help="Require Authorization: Bearer KEY.", show_default=False
+        ),
+    ] = None,
+    truncate: Annotated[
+        bool,
+        typer.Option(
+            help="/v1/embeddings cuts inputs past the model's max length (usage counts the tokens "
+            'read); --no-truncate refuses them (400). A request\'s own "truncate" wins.'
+        ),
+    ] = True,
+    matryoshka_dims: Annotated[
+        str | None,
+        typer.Option(
+            help="Embedding sizes the model was trained to be cut to (Matryoshka), e.g. "
+            "256,128,64: /v1/embeddings honours dimensions for these and the native size only.",
+            show_default=False,
         ),
     ] = None,
     tune: Annotated[
@@ -112,6 +130,7 @@ def serve(
     def configure() -> tuple[ServeConfig, TuneConfig | None]:
         if (p99_ms is not None) != tune:
             raise BadInput("--tune and --p99-ms go together: --tune --p99-ms 100, say")
+        _check_port(host, port)
         try:
             batcher = BatcherConfig(
                 max_batch_tokens=max_batch_tokens,
@@ -130,12 +149,46 @@ def serve(
             api_key=api_key,
             max_body_bytes=int(max_body_mb * 2**20),
             batcher=batcher,
+            truncate=truncate,
+            matryoshka_dims=_sizes(matryoshka_dims),
         )
         return config, tuning
 
     config, tuning = guard(ctx, configure)
     scale = guard(ctx, lambda: _ray_config(ray, replicas, autoscale, address))
     guard(ctx, lambda: _run_serve(source, config, set(explicit), tuning, scale))
+
+
+def _check_port(host: str, port: int) -> None:
+    """Refuse a port that something already listens on now, not after loading the model."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as err:
+        raise BadInput(f"--host {host} is no address of this machine ({err})") from err
+    with socket.socket(family, kind, proto) as probe:
+        # as uvicorn binds: a port left in TIME_WAIT by a server that just stopped is free
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise BadInput(
+                f"cannot listen on {host}:{port} ({err.strerror}): stop what holds the port, "
+                "or pass another --port"
+            ) from err
+
+
+def _sizes(text: str | None) -> tuple[int, ...]:
+    """'256,128' -> (256, 128)."""
+    if text is None:
+        return ()
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise BadInput(f"--matryoshka-dims takes sizes such as 256,128,64, got {text!r}") from None
 
 
 def _ray_config(ray: bool, replicas: int | None, autoscale: str | None, address: str | None) -> Any:
@@ -228,7 +281,14 @@ def loadtest(
     endpoint: Annotated[str, typer.Option(help="embeddings (OpenAI) or infer (KServe v2).")] = (
         "embeddings"
     ),
-    model: Annotated[str, typer.Option(help="Model name the requests carry.")] = "model",
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Model name the requests carry (needed for infer; embeddings send none without "
+            "it).",
+            show_default=False,
+        ),
+    ] = None,
     sentences: Annotated[int, typer.Option(help="Sentences per request.")] = 1,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Write the summary here.")
@@ -236,8 +296,13 @@ def loadtest(
     api_key: Annotated[
         str | None, typer.Option(envvar="MAHIR_API_KEY", help="Bearer token.", show_default=False)
     ] = None,
+    max_error_rate: Annotated[
+        float,
+        typer.Option(help="Share of failed requests (not 200) above which the command fails."),
+    ] = 0.01,
 ) -> None:
-    """Load an inference server and report throughput, p50/p90/p99 and errors by status."""
+    """Load an inference server and report throughput, p50/p90/p99 and errors by status; exit 1
+    when more than --max-error-rate of the requests failed."""
     from mahir.serve.loadtest import LoadConfig
 
     config = guard(
@@ -252,6 +317,7 @@ def loadtest(
             model=model,
             sentences_per_request=sentences,
             api_key=api_key,
+            max_error_rate=max_error_rate,
         ),
     )
     guard(ctx, lambda: _run_loadtest(config, json_path))
@@ -278,3 +344,4 @@ def _run_loadtest(config: Any, json_path: Path | None) -> None:
     console.print(result)
     if json_path is not None:
         write_json(json_path, result.summary())
+    result.check()

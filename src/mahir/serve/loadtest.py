@@ -5,7 +5,9 @@ it measures what the server sustains at that concurrency. Open loop (`rate`): re
 a fixed schedule whatever the answers do, as real traffic does; when the server falls behind,
 latency grows instead of the load shrinking, which closed loops hide. Latency is measured from
 the scheduled start, so queueing in the client counts too. Works against any server speaking
-OpenAI-style `/v1/embeddings` or KServe v2 infer (mahir's, Infinity, Triton).
+OpenAI-style `/v1/embeddings` or KServe v2 infer (mahir's, Infinity, Triton). Failed requests
+are counted, never raised; `LoadResult.check` fails the run when they pass the allowed share,
+since numbers measured on error answers (a wrong path, a dead server) measure nothing.
 """
 
 from __future__ import annotations
@@ -20,8 +22,12 @@ from typing import Any, Literal
 import numpy as np
 from rich.table import Table
 
-from mahir.errors import BadInput
+from mahir.errors import BadInput, MahirError
 from mahir.workload import WORDS
+
+
+class TooManyErrors(MahirError):
+    """More requests failed than the run allows: its latencies describe error answers."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,17 +39,24 @@ class LoadConfig:
     duration_s: float = 10.0
     max_requests: int | None = None
     endpoint: Literal["embeddings", "infer"] = "embeddings"
-    model: str = "model"
-    """Model name for the request (OpenAI `model`, or the v2 path segment)."""
+    model: str | None = None
+    """Model name for the request (OpenAI `model`, or the v2 path segment); embeddings
+    requests carry none when None."""
     sentences_per_request: int = 1
     seed: int = 0
     api_key: str | None = None
+    max_error_rate: float = 0.01
+    """Share of requests that may fail (any answer but 200, or no answer) before `check` fails."""
 
     def __post_init__(self) -> None:
         if (self.concurrency is None) == (self.rate is None):
             raise BadInput("give exactly one of --concurrency (closed loop) or --rate (open loop)")
         if (self.concurrency or 1) < 1 or (self.rate or 1) <= 0 or self.duration_s <= 0:
             raise BadInput("concurrency must be >= 1, rate > 0 and duration > 0")
+        if not 0 <= self.max_error_rate <= 1:
+            raise BadInput(f"--max-error-rate is a share in [0, 1], got {self.max_error_rate}")
+        if self.endpoint == "infer" and self.model is None:
+            raise BadInput("--endpoint infer needs --model NAME: the model's path segment")
 
 
 @dataclass
@@ -73,6 +86,19 @@ class LoadResult:
             "statuses": dict(self.statuses),
             "elapsed_s": self.elapsed_s,
         }
+
+    def check(self) -> None:
+        """Raise TooManyErrors, naming the statuses, when failures pass the allowed share."""
+        total = sum(self.statuses.values())
+        failed = total - self.statuses.get("200", 0)
+        if total and failed <= self.config.max_error_rate * total:
+            return
+        seen = ", ".join(f"{k}: {v}" for k, v in sorted(self.statuses.items()) if k != "200")
+        raise TooManyErrors(
+            f"{failed} of {total} requests failed ({seen or 'none sent'}), more than "
+            f"--max-error-rate {self.config.max_error_rate:g} allows: check the URL, --endpoint "
+            "and --model, and that the server is up"
+        )
 
     def __rich__(self) -> Table:
         summary = self.summary()
@@ -109,7 +135,8 @@ def _body(
     (a [CLS] ... [SEP] row per sentence, one id per word) for a server that does not tokenize."""
     texts = [sentence() for _ in range(config.sentences_per_request)]
     if config.endpoint == "embeddings":
-        return "/v1/embeddings", {"input": texts, "model": config.model}
+        named = {"model": config.model} if config.model is not None else {}
+        return "/v1/embeddings", {"input": texts, **named}
     ids = [[101, *rng.integers(1000, 20000, size=len(t.split())).tolist(), 102] for t in texts]
     longest = max(map(len, ids))
     padded = [row + [0] * (longest - len(row)) for row in ids]
