@@ -191,12 +191,15 @@ class Batcher:
         )
 
     def _admit(self, requests: Sequence[_Request]) -> None:
-        """Refuse what can never fit (TooLarge) before what does not fit now (Overloaded)."""
+        self.check_admission(sum(r.items for r in requests), max(r.items for r in requests))
+
+    def check_admission(self, items: int, widest: int = 1) -> None:
+        """Whether a request of `items` in all, `widest` in its largest part, would be admitted
+        now: refuse what can never fit (TooLarge) before what does not fit now (Overloaded).
+        Callers ask before costly preparation; `submit_many` asks again."""
         limit, rows = self.config.max_queue, self.config.max_batch_size
-        widest = max(r.items for r in requests)
         if widest > rows:
             raise TooLarge(f"{widest} items in one input; a batch holds {rows}: split the request")
-        items = sum(r.items for r in requests)
         if items > limit:
             raise TooLarge(f"{items} items in one request; at most {limit}: split the request")
         if self._closing:
