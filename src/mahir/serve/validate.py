@@ -1,8 +1,8 @@
 """What a request's inputs must hold before they may join a batch.
 
 A bad input that reaches a batch costs more than its own answer: a runtime may fail the whole
-batch and every request in it, answer garbage without raising (OpenVINO reads an id past the
-embedding table from whatever memory lies there), or stay broken for the requests after it. So
+batch and every request in it, answer a wrong vector without raising (OpenVINO takes an id past
+the embedding table without complaint), or stay broken for the requests after it. So
 everything that can be checked on the arrays alone is checked here, on the event loop, before
 the batcher sees the request: no dimension of size 0, finite floats, token inputs of one length
 and no longer than the model's positions, token ids and token type ids inside their tables.
