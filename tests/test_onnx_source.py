@@ -1,5 +1,5 @@
 """An ONNX file as the source: its baseline (and reference) is the file itself on ONNX Runtime,
-never PyTorch eager, in optimize, its report and bench."""
+never PyTorch eager, in optimize, its report and bench; and what bench refuses for one."""
 
 from __future__ import annotations
 
@@ -75,3 +75,9 @@ def test_bench_runs_what_can_run_an_onnx_file(mlp_onnx: Model, tmp_path: Path) -
     assert result.speedup(baseline) == pytest.approx(1.0)
     with pytest.raises(BadInput, match="ONNX file: choose from"):
         benchmark(mlp_onnx, BenchConfig(runtimes=("torch",), measure=QUICK), tmp_path)
+
+
+def test_bench_refuses_text_options_for_a_tensor_model(mlp_onnx: Model, tmp_path: Path) -> None:
+    config = BenchConfig(token_range=(8, 16), measure=QUICK)
+    with pytest.raises(BadInput, match="--tokens shape text, and mlp takes tensors"):
+        benchmark(mlp_onnx, config, tmp_path)

@@ -28,7 +28,7 @@ from mahir.model import Model
 from mahir.passes import PassContext
 from mahir.runtimes import RUNTIMES, get_runtime, open_session
 from mahir.types import Perf, Quality, RuntimeOptions, Session
-from mahir.workload import Workload, build_workload
+from mahir.workload import Workload, build_workload, refuse_text_options
 
 DEFAULT_RUNTIMES = ("torch", "onnxruntime", "openvino")
 
@@ -212,6 +212,8 @@ def benchmark(
 ) -> BenchResult:
     """Build what each runtime needs in `workdir`, check every runtime's outputs, time them."""
     runtimes = runnable_runtimes(model, config.runtimes)
+    given = {"--data": bool(config.sentences), "--tokens": config.token_range is not None}
+    refuse_text_options(model, given)
     on_step("reading the machine")
     machine = detect()
     on_step("building the workload")

@@ -54,6 +54,7 @@ from mahir.workload import (
     build_workload,
     held_out_batches,
     read_user_data,
+    refuse_text_options,
     split_held_out,
 )
 
@@ -105,13 +106,8 @@ class OptimizeConfig:
     def check_model(self, model: Model) -> None:
         """Refuse what `model` cannot use instead of ignoring it: sentences and token counts
         shape text, which only text models read."""
-        text_only = {"--sentences": bool(self.sentences), "--tokens": self.token_range is not None}
-        given = " and ".join(flag for flag, on in text_only.items() if on)
-        if given and not model.is_text:
-            raise BadInput(
-                f"{given} shape text, and {model.name} takes tensors "
-                f"({', '.join(model.spec.input_names)}): leave {given} out"
-            )
+        given = {"--sentences": bool(self.sentences), "--tokens": self.token_range is not None}
+        refuse_text_options(model, given)
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -278,6 +274,7 @@ def optimize(
     completes); `resume` reuses them (records.py says how)."""
     if not isinstance(model, Model):
         model = load_model(model)
+    config.check_model(model)
     workdir = Path(workdir or tempfile.mkdtemp(prefix="mahir-optimize-"))
     started = time.monotonic()
     deadline = None if config.time_budget_s is None else started + config.time_budget_s

@@ -206,8 +206,10 @@ class Search:
             warmup_runs=2, min_time_s=seconds, min_runs=5, round_time_s=min(0.25, seconds / 4)
         )
         sessions = {o.candidate.id: self.sessions[o.candidate.id] for o in entrants}
-        for size, batches in self.evidence.timing.items():
-            perfs = measure(sessions, batches, config)
+        # Every batch size timed before any is kept: a rung cut short (Ctrl-C, between sizes)
+        # leaves each outcome's numbers all from one earlier round, never from two.
+        rung = {size: measure(sessions, b, config) for size, b in self.evidence.timing.items()}
+        for size, perfs in rung.items():
             for outcome in entrants:
                 outcome.perf[size] = perfs[outcome.candidate.id]
                 outcome.baseline_perf[size] = perfs[self.baseline]

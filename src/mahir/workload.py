@@ -153,6 +153,17 @@ def generate_sentences(
     return sentences
 
 
+def refuse_text_options(model: Model, given: dict[str, bool]) -> None:
+    """Refuse options that shape text (`given`: flag -> whether it was given) for a model that
+    does not read text, instead of ignoring them."""
+    flags = " and ".join(flag for flag, on in given.items() if on)
+    if flags and not model.is_text:
+        raise BadInput(
+            f"{flags} shape text, and {model.name} takes tensors "
+            f"({', '.join(model.spec.input_names)}): leave {flags} out"
+        )
+
+
 def split_held_out(sentences: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The user's sentences apart: those passes may calibrate and tune on, and every fifth held
     out to judge them by (both spread over the file). Fewer than ten: all may be tuned on."""
