@@ -1,8 +1,8 @@
 """`mahir optimize`: the main job. Propose candidates for this machine, search, keep the best.
 
-The order of work: read the machine; make the workload (timing batches), calibration batches
-and a small check sample with shapes unlike the workload's; compute the fp32 original's outputs
-on all of them once; then let the search build, check and time the candidates (search.py states
+The order of work: read the machine; gather the run's inputs once (evidence.py: the timing
+workload, calibration batches, a check sample, held-out inputs, and the fp32 original's outputs
+on all of them); then let the search build, check and time the candidates (search.py states
 its invariant). The result is the winner, every candidate's outcome and why, and the workload
 and machine they were measured on; `OptimizeResult.save` writes the output directory. Sits
 beside bench and apply, above search; the CLI and `mahir.optimize` call it.
@@ -26,21 +26,20 @@ from typing import Any
 from rich.table import Table
 
 from mahir.bench import model_summary
-from mahir.budget import FidelityBudget, MetricBudget, metric_outputs, quality_kind, score
+from mahir.budget import FidelityBudget, MetricBudget, quality_kind
 from mahir.builder import ArtifactBuilder
 from mahir.candidates import Candidate, Objective, propose
 from mahir.errors import BadInput, MahirError, first_line
-from mahir.export import reference_outputs, reference_session, verification_batches
+from mahir.evidence import gather
 from mahir.hardware import Machine, detect
 from mahir.measure import load_summary
-from mahir.model import Model, import_function, load_model
+from mahir.model import Model, load_model
 from mahir.passes import PassContext
 from mahir.records import OutcomeCache, outcome_record
 from mahir.runtimes import get_runtime, open_session
 from mahir.search import (
     Budget,
     Events,
-    Evidence,
     Outcome,
     Search,
     comparable_speedup,
@@ -48,15 +47,7 @@ from mahir.search import (
     rank,
 )
 from mahir.types import Artifact
-from mahir.workload import (
-    Batch,
-    Workload,
-    build_workload,
-    held_out_batches,
-    read_user_data,
-    refuse_text_options,
-    split_held_out,
-)
+from mahir.workload import Workload, refuse_text_options
 
 # Share of the time budget kept for timing when candidates are built: building stops when less
 # than this is left, so the survivors are still measured properly.
@@ -283,11 +274,9 @@ def optimize(
     baseline = proposed[0].id
     on_event(baseline, f"machine: {machine.summary()}")
     proposed = _only(proposed, config.only)  # a typo fails before any work
-    workload = _workload(model, config, config.sizes, count=config.batches_per_size, seed=0)
-    tuning, held_out = split_held_out(config.sentences)
-    calibration = _workload(model, config, (8,), count=4, seed=1, sentences=tuning).batches[8]
-    ctx = PassContext(model=model, workdir=workdir, calibration=tuple(calibration), machine=machine)
-    evidence = _evidence(model, config, workload, calibration, held_out)
+    inputs = gather(model, config)
+    workload, evidence = inputs.workload, inputs.evidence
+    ctx = PassContext(model=model, workdir=workdir, calibration=inputs.calibration, machine=machine)
     builder = ArtifactBuilder(ctx)
     search = Search(model, builder, evidence, config.objective, baseline, deadline, on_event)
     key = _run_key(model, machine, workload, config)
@@ -335,67 +324,6 @@ def optimize(
 def cache_path(out: Path) -> Path:
     """Where the outcomes of a run writing `out` are recorded for `--resume`: beside it."""
     return out.with_name(f".{out.name}.cache.jsonl")
-
-
-def _workload(
-    model: Model,
-    config: OptimizeConfig,
-    sizes: Sequence[int],
-    *,
-    count: int,
-    seed: int,
-    sentences: Sequence[str] | None = None,
-) -> Workload:
-    """Inputs drawn like the user's traffic (`sentences`, default all the user's); distinct
-    seeds keep the timing workload, the calibration batches and the cheap-check sample apart."""
-    return build_workload(
-        model,
-        sizes,
-        sentences=(config.sentences if sentences is None else sentences) or None,
-        batches_per_size=count,
-        token_range=config.token_range,
-        seed=config.seed + seed,
-    )
-
-
-def _evidence(
-    model: Model,
-    config: OptimizeConfig,
-    workload: Workload,
-    calibration: Sequence[Batch],
-    held_out_sentences: Sequence[str],
-) -> Evidence:
-    """What every candidate is judged on: a small check sample with shapes unlike the traffic,
-    the timing batches, held-out inputs no pass tuned on, the user's data if a metric decides,
-    and the original's outputs; plus the calibration batches, measured for comparison."""
-    check = [*_workload(model, config, (4,), count=2, seed=2).batches[4]]
-    check += verification_batches(model)
-    held_out = held_out_batches(model, held_out_sentences, seed=config.seed + 3)
-    budget, metric_data = _budget(model, config)
-    return Evidence(
-        check=check,
-        check_reference=reference_outputs(model, check),
-        timing=workload.batches,
-        timing_reference={s: reference_outputs(model, b) for s, b in workload.batches.items()},
-        budget=budget,
-        metric_data=metric_data,
-        held_out=held_out,
-        held_out_reference=reference_outputs(model, held_out),
-        calibration=calibration,
-        calibration_reference=reference_outputs(model, calibration),
-    )
-
-
-def _budget(model: Model, config: OptimizeConfig) -> tuple[Budget, list[Batch]]:
-    """The fidelity budget, or the user's metric with the original's score on their data."""
-    if config.metric is None or config.data is None:
-        return FidelityBudget(config.max_drop), []
-    metric = import_function(config.metric, "give --metric as package.module:fn or file.py:fn")
-    data, batches = read_user_data(model, config.data)
-    session = reference_session(model.original())
-    outputs = metric_outputs(model, session, batches)
-    baseline = score(metric, config.metric, outputs, data)
-    return MetricBudget(metric, config.metric, data, baseline, config.max_drop), batches
 
 
 def _only(proposed: list[Candidate], only: Sequence[str]) -> list[Candidate]:
