@@ -64,6 +64,12 @@ def test_tritonclient_round_trip_in_binary_and_json(server: Server, minilm: Mode
         result = client.infer(NAME, inputs, outputs=wanted)
         got = result.as_numpy("last_hidden_state")
         np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-3)
+    # no outputs named: tritonclient asks for every output as binary, and gets binary
+    response = client.infer(NAME, inputs=inputs)
+    assert response.get_output("last_hidden_state")["parameters"]["binary_data_size"] > 0
+    np.testing.assert_allclose(
+        response.as_numpy("last_hidden_state"), expected, atol=1e-4, rtol=1e-3
+    )
     client.close()
 
 

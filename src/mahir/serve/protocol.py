@@ -69,6 +69,9 @@ class InferRequest:
     """Outputs asked for; empty: all."""
     binary_outputs: frozenset[str]
     """Outputs to return as binary data rather than JSON lists."""
+    binary_all: bool = False
+    """`binary_data_output` was asked for the whole request: with no outputs named, every
+    output comes back binary (what `tritonclient` asks for when it names none)."""
 
 
 def parse_infer(body: bytes, header_length: int | None, spec: Sequence[TensorSpec]) -> InferRequest:
@@ -96,6 +99,7 @@ def parse_infer(body: bytes, header_length: int | None, spec: Sequence[TensorSpe
         inputs=arrays,
         outputs=tuple(o["name"] for o in wanted),
         binary_outputs=frozenset(binary_outputs),
+        binary_all=binary_all,
     )
 
 
@@ -180,7 +184,7 @@ def encode_infer(
             "shape": list(array.shape),
             "datatype": DATATYPES[array.dtype.name],
         }
-        if name in request.binary_outputs:
+        if name in request.binary_outputs or (request.binary_all and not request.outputs):
             raw = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
