@@ -104,7 +104,8 @@ class _Tagged:
 def deployment_options(config: ServeConfig, scale: RayConfig) -> dict[str, Any]:
     """Ray Serve's knobs from mahir's. A replica takes two batches' worth of requests at once
     (one running, one gathering, so batches still form); the rest wait at Ray's proxy, at most
-    `max_queue` of them (then 503, as mahir's own queue does). Autoscaling aims at one full
+    `max_queue` of them (then 503, as mahir's own queue does; Ray counts requests, mahir's
+    queue items). Autoscaling aims at one full
     batch in flight per replica."""
     batch = config.batcher.max_batch_size
     options: dict[str, Any] = {
