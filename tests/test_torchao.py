@@ -13,6 +13,7 @@ from torch import nn
 
 from mahir.errors import Unsupported
 from mahir.export import fidelity, reference_outputs, verification_batches
+from mahir.hardware import detect
 from mahir.model import Model
 from mahir.passes import PassContext, run_pass
 from mahir.passes.torchao import Pt2eInt8, TorchaoInt8
@@ -65,11 +66,15 @@ def mlp_eval(mlp: Model) -> Batches:
 
 
 # (config, cosine mean bound, worst bound): measured eager on all-MiniLM-L6-v2 (0.9966/0.9916,
-# 0.9993/0.9985, 0.9911/0.9866) with margin; the bounds the configs' docstrings state.
+# 0.9993/0.9985, 0.9911/0.9866) with margin; the bounds the configs' docstrings state. Without
+# VNNI/AMX the passes take 7-bit ranges against u8 x s8 saturation, which MiniLM pays for in
+# fidelity (measured on an AVX2-only AMD EPYC: 0.9890/0.9738 and 0.9666/0.9337; a small MLP
+# compiled needs them: 0.966 -> 0.9999), so the bounds there are lower.
+VNNI = detect(gpus=False).int8_dot_product
 MINILM_CASES = [
-    (TorchaoInt8(), 0.993, 0.985),
+    (TorchaoInt8(), 0.993, 0.985) if VNNI else (TorchaoInt8(), 0.985, 0.965),
     (TorchaoInt8(weight_only=True), 0.998, 0.997),
-    (Pt2eInt8(), 0.985, 0.975),
+    (Pt2eInt8(), 0.985, 0.975) if VNNI else (Pt2eInt8(), 0.96, 0.925),
 ]
 
 
