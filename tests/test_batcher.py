@@ -169,9 +169,20 @@ def test_a_full_queue_refuses_at_once() -> None:
     assert len(done) == 4
 
 
-def test_an_inference_error_fails_only_its_batch() -> None:
+@pytest.mark.parametrize(
+    ("max_batch_size", "calls"),
+    [
+        (1, [(1, 4), (1, 4), (1, 4)]),  # each alone: the failure is its own
+        (8, [(3, 4), (1, 4), (1, 4), (1, 4)]),  # together, then each alone: only the culprit
+    ],
+)
+def test_an_inference_error_fails_only_the_request_that_caused_it(
+    max_batch_size: int, calls: list[tuple[int, int]]
+) -> None:
+    session = FakeEncoder(fail_on=13)
+
     async def main() -> list[Any]:
-        b = batcher(FakeEncoder(fail_on=13), max_batch_size=1, max_delay_ms=0)
+        b = batcher(session, max_batch_size=max_batch_size, max_delay_ms=50)
         b.start()
         results = await asyncio.gather(
             b.submit(request(1, 4)),
@@ -186,6 +197,7 @@ def test_an_inference_error_fails_only_its_batch() -> None:
     assert isinstance(failed, RuntimeError)
     assert (ok1["tokens"] == 2).all()
     assert (ok2["tokens"] == 4).all()
+    assert session.calls == calls
 
 
 def test_a_request_past_its_deadline_is_not_run() -> None:
@@ -264,28 +276,6 @@ def test_a_request_that_would_mostly_add_padding_waits_for_the_next_batch(
 
     run(main())
     assert session.calls == calls  # 2 x 40 = 80 padded for 50 real tokens: 60% waste
-
-
-def test_a_failed_batch_is_rerun_alone_so_only_its_culprit_fails() -> None:
-    session = FakeEncoder(fail_on=13)
-
-    async def main() -> list[Any]:
-        b = batcher(session, max_batch_size=8, max_delay_ms=50)
-        b.start()
-        results = await asyncio.gather(
-            b.submit(request(1, 4)),
-            b.submit(request(13, 4)),
-            b.submit(request(2, 4)),
-            return_exceptions=True,
-        )
-        await b.stop()
-        return results
-
-    ok1, failed, ok2 = run(main())
-    assert isinstance(failed, RuntimeError)
-    assert (ok1["tokens"] == 2).all()
-    assert (ok2["tokens"] == 4).all()
-    assert session.calls == [(3, 4), (1, 4), (1, 4), (1, 4)]  # together, then each alone
 
 
 def test_a_session_that_fails_its_probe_serves_nothing_until_it_passes() -> None:
