@@ -105,7 +105,7 @@ def test_optimize_then_export_through_the_command(tmp_path: Path) -> None:
     out, repo = tmp_path / "out", tmp_path / "repo"
     found = mahir(
         "optimize", f"{TESTS / 'models.py'}:mlp", "--only", "onnxruntime",
-        "--time-budget", "1", "--out", str(out),
+        "--time-budget", "1", "--out", str(out), "--no-tune-serving",  # test_tune.py tunes
     )  # fmt: skip
     assert found.returncode == 0, found.stderr
     assert "report:" in found.stdout
