@@ -201,7 +201,7 @@ class OptimizeResult:
     def __rich__(self) -> Table:
         title = f"{self.model.name} on {self.machine.summary()}"
         caption = f"budget: {self.report()['budget']['description']}; quality: mean / worst on "
-        caption += "every input judged, held-out ones included (tuned on: worst on calibration)"
+        caption += "every input judged, held-out ones included; tuned on: worst on calibration"
         if self.best is not None:
             caption += "; speedups on the winner's last timing round (losers against the winner "
             caption += "in the round they were dropped)"
@@ -209,7 +209,8 @@ class OptimizeResult:
         if note:
             caption += f"\n[bold red]{note}[/bold red]"
         table = Table(title=title, caption=caption)
-        for column in ("candidate", "status", "p50 ms", "samples/s", "speedup", "quality"):
+        columns = ("candidate", "status", "p50 ms", "samples/s", "speedup", "quality", "tuned on")
+        for column in columns:
             table.add_column(column, justify="left" if column == "candidate" else "right")
         for outcome in self.candidates:
             table.add_row(*_row(outcome, self.config, self.best))
@@ -235,8 +236,7 @@ def _row(outcome: Outcome, config: OptimizeConfig, best: Outcome | None) -> tupl
     elif outcome.quality is not None:
         head = outcome.quality.headline
         quality = f"{head.cosine_mean:.4f} / {head.cosine_min:.4f}"
-        if outcome.tuned_quality is not None:  # on the calibration inputs: fitted, not judged
-            quality += f" (tuned on: {outcome.tuned_quality.headline.cosine_min:.4f})"
+    tuned = outcome.tuned_quality  # on the calibration inputs: fitted, not judged
     status = outcome.status if outcome.status == "ok" else f"{outcome.status}: {outcome.reason}"
     return (
         f"[bold]{outcome.candidate.id} *[/bold]" if outcome is best else outcome.candidate.id,
@@ -245,6 +245,7 @@ def _row(outcome: Outcome, config: OptimizeConfig, best: Outcome | None) -> tupl
         "" if not outcome.perf else f"{max(p.throughput for p in outcome.perf.values()):,.0f}",
         "" if speedup is None else f"{speedup:.2f}x",
         quality,
+        "" if tuned is None else f"{tuned.headline.cosine_min:.4f}",
     )
 
 
