@@ -13,6 +13,11 @@ The CLI maps these to exit codes (`EXIT_CODES`); the server maps them to HTTP st
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TypeVar
+
+T = TypeVar("T")
+
 
 class MahirError(Exception):
     """Base of every error mahir raises on purpose."""
@@ -48,9 +53,16 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def nearest(err: MahirError, table: Mapping[type[MahirError], T]) -> T | None:
+    """The entry of `err`'s nearest class in `table` (its own class first, then its bases), or
+    None: how the CLI and the server each map the one tree onto their own codes."""
+    for cls in type(err).__mro__:
+        if cls in table:
+            return table[cls]
+    return None
+
+
 def exit_code(err: MahirError) -> int:
     """The process exit code for `err`: the entry of its nearest class in `EXIT_CODES`."""
-    for cls in type(err).__mro__:
-        if cls in EXIT_CODES:
-            return EXIT_CODES[cls]
-    return 1
+    code = nearest(err, EXIT_CODES)
+    return 1 if code is None else code

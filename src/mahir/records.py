@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from mahir.candidates import Candidate, Objective
+from mahir.outdir import staged_dir
 from mahir.quality import quality_from_dict, quality_to_dict
 from mahir.search import Outcome, comparable_speedup
 from mahir.types import Artifact, InputSpec, Perf
@@ -155,20 +155,12 @@ class OutcomeCache:
         files = artifact.files()
         if not files:
             return
-        folder = self._artifact_folder(candidate)
-        staged = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")  # as files.atomic_path
-        try:
-            staged.mkdir(parents=True)
+        # replaces what a run cut before it recorded the outcome may have kept
+        with staged_dir(self._artifact_folder(candidate)) as staging:
             for file in files:
-                shutil.copy2(file, staged / file.name)
+                shutil.copy2(file, staging / file.name)
             about = {"format": artifact.format, "file": files[0].name, "meta": artifact.meta}
-            (staged / KEPT).write_text(json.dumps(about, default=str))
-            if folder.exists():  # kept by a run that was cut before it recorded the outcome
-                shutil.rmtree(folder)
-            staged.rename(folder)
-        finally:
-            if staged.exists():
-                shutil.rmtree(staged)
+            (staging / KEPT).write_text(json.dumps(about, default=str))
 
     def kept_artifact(self, candidate: Candidate, spec: InputSpec, into: Path) -> Artifact | None:
         """The artifact `keep_artifact` kept for `candidate`, copied into `into` (the run's work

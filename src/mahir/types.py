@@ -50,6 +50,11 @@ class InputSpec:
         return tuple(t.name for t in self.inputs)
 
     @property
+    def sequence_inputs(self) -> frozenset[str]:
+        """Inputs whose axis 1 is the sequence: what batching pads and token checks measure."""
+        return frozenset(t.name for t in self.inputs if t.shape[1:2] == (SEQUENCE,))
+
+    @property
     def dynamic_dims(self) -> frozenset[str]:
         return frozenset(d for t in self.inputs for d in t.shape if isinstance(d, str))
 

@@ -146,7 +146,7 @@ def _run_apply(recipe_path: Path, source: str | None, out: Path, data: Path | No
     from mahir.passes import STEP_TYPES
     from mahir.recipe import load_recipe
     from mahir.runtimes import get_runtime
-    from mahir.workload import build_workload, read_sentences
+    from mahir.workload import build_workload, read_sentences, refuse_text_options
 
     recipe = load_recipe(recipe_path, STEP_TYPES)
     get_runtime(recipe.runtime)  # everything checkable is checked before the model loads
@@ -157,8 +157,7 @@ def _run_apply(recipe_path: Path, source: str | None, out: Path, data: Path | No
     with progress_bar() as progress:
         progress.add_task("loading the model", total=None)
         model = load_model(source)
-        if sentences and not model.is_text:
-            raise BadInput(f"--data gives sentences, and {model.name} takes tensors: leave it out")
+        refuse_text_options(model, {"--data": bool(sentences)})
         calibration = build_workload(model, [8], sentences=sentences, batches_per_size=8, seed=1)
         evaluation = build_workload(model, [8], sentences=sentences, batches_per_size=4, seed=2)
         progress.add_task(f"applying {len(recipe.steps)} steps", total=None)
@@ -273,8 +272,7 @@ def _run_optimize(
     def on_event(candidate: str, text: str) -> None:
         errors.print(f"[dim]{candidate:>24}[/dim]  {text}", highlight=False, soft_wrap=True)
 
-    model = load_with_logits(source, logits)
-    config.check_model(model)
+    model = load_with_logits(source, logits)  # optimize() refuses what it cannot use at once
     budget = config.time_budget_s
     deadline = None if budget is None else time.monotonic() + budget
     with tempfile.TemporaryDirectory(prefix="mahir-optimize-") as tmp:

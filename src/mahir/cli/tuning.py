@@ -58,7 +58,7 @@ def tune_after_optimize(
     budget (`deadline`, on `time.monotonic`), or print why not."""
     from mahir.outdir import open_output_dir
     from mahir.serve.batcher import BatcherConfig
-    from mahir.serve.tune import TuneConfig, sequence_inputs, settings
+    from mahir.serve.tune import TuneConfig, settings
 
     best = result.best
     why = skip_reason(has_winner=best is not None, complete=result.complete, wanted=wanted)
@@ -68,7 +68,7 @@ def tune_after_optimize(
     smallest = best.perf[min(best.perf)]
     opened = open_output_dir(out)
     short = TuneConfig.short()
-    count = len(settings(BatcherConfig(), short, bool(sequence_inputs(opened))))
+    count = len(settings(BatcherConfig(), short, bool(opened.spec.sequence_inputs)))
     left = None if deadline is None else deadline - time.monotonic()
     tuning = fit(short, count, left, item_s=1 / smallest.throughput)
     if tuning is None:

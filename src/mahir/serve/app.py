@@ -30,7 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from mahir.errors import BadInput, MahirError, first_line
+from mahir.errors import BadInput, MahirError, first_line, nearest
 from mahir.outdir import OutputDir
 from mahir.serve.batcher import (
     Batcher,
@@ -58,14 +58,16 @@ from mahir.workload import random_inputs
 
 Handler = Callable[[], Awaitable[Response]]
 
-# Status per error class, nearest class first; any other BadInput 422, anything else 500.
+# Status per error class, the nearest class deciding (`errors.nearest`).
 _STATUS: dict[type[MahirError], int] = {
     Malformed: 400,
     TooLarge: 413,
     Mismatch: 422,
+    BadInput: 422,
     Overloaded: 503,
     Unavailable: 503,
     DeadlineExceeded: 504,
+    MahirError: 500,
 }
 
 
@@ -94,7 +96,7 @@ class Model:
         self.opened = opened
         self.name = opened.name
         spec = opened.spec
-        sequence = frozenset(t.name for t in spec.inputs if t.shape[1:2] == (SEQUENCE,))
+        sequence = spec.sequence_inputs
         self.token_outputs = token_outputs(opened, sequence)
         self.rules = InputRules.for_model(spec, opened.token_limits)
         probe = random_inputs(spec, {BATCH: 1, SEQUENCE: 4}, np.random.default_rng(0))
@@ -174,7 +176,7 @@ def build_app(opened: OutputDir, config: ServeConfig = ServeConfig()) -> FastAPI
             response = _error_response(err.status, err.message, openai, err.param, err.code)
         except MahirError as err:
             param = getattr(err, "param", None)
-            response = _error_response(_status(err), str(err), openai, param)
+            response = _error_response(nearest(err, _STATUS) or 500, str(err), openai, param)
         except Exception as err:  # an inference failure: the request that caused it only
             response = _error_response(500, f"inference failed: {first_line(err)}", openai)
         metrics.requests.labels(endpoint, str(response.status_code)).inc()
@@ -287,13 +289,6 @@ class _HttpError(Exception):
     ):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
-
-
-def _status(err: MahirError) -> int:
-    for cls in type(err).__mro__:
-        if cls in _STATUS:
-            return _STATUS[cls]
-    return 422 if isinstance(err, BadInput) else 500
 
 
 def _error_response(

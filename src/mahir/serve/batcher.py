@@ -289,12 +289,14 @@ class Batcher:
             outputs = await self._infer(merged)
             parts = _split(outputs, batch, self.token_outputs)
         except Exception as err:  # one request's inputs, or the runtime: find out which
-            if len(batch) == 1:
+            alone = len(batch) == 1
+            if alone:  # the culprit: it fails
                 _fail(batch[0], err)
             await self._probe()
-            for request in batch if len(batch) > 1 else ():  # alone: only the culprit fails
-                if not request.future.done():
-                    await self._answer([request], self.clock())
+            if not alone:  # each again on its own, so only the culprit fails
+                for request in batch:
+                    if not request.future.done():
+                        await self._answer([request], self.clock())
             return
         items = sum(r.items for r in batch)
         self.observer.batch(items, items * longest, self.clock() - started)

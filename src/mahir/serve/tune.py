@@ -34,7 +34,7 @@ from mahir.hardware import detect
 from mahir.outdir import OutputDir
 from mahir.serve.app import token_outputs
 from mahir.serve.batcher import Batcher, BatcherConfig, Inputs
-from mahir.types import BATCH, SEQUENCE
+from mahir.types import BATCH
 from mahir.workload import generate_sentences, random_inputs
 
 TUNED = ("max_batch_size", "max_delay_ms", "max_padding")
@@ -171,12 +171,6 @@ def settings(base: BatcherConfig, config: TuneConfig, text: bool) -> list[Batche
     ]
 
 
-def sequence_inputs(opened: OutputDir) -> frozenset[str]:
-    """Inputs whose axis 1 is the sequence: what the batcher pads and the tuner tries paddings
-    for."""
-    return frozenset(t.name for t in opened.spec.inputs if t.shape[1:2] == (SEQUENCE,))
-
-
 def traffic(opened: OutputDir, count: int, seed: int = 0) -> list[Inputs]:
     """One-item requests shaped like real traffic: generated short-skewed sentences for text
     models (tokenized one by one, as the server does), random tensors otherwise."""
@@ -198,7 +192,7 @@ async def tune_batching(
     on_trial: Callable[[int, int], None] = lambda done, total: None,
 ) -> TuneResult:
     """Time every setting under the same load, interleaved in rounds; see the module note."""
-    sequence = sequence_inputs(opened)
+    sequence = opened.spec.sequence_inputs
     candidates = settings(base or BatcherConfig(), config, text=bool(sequence))
     cut = token_outputs(opened, sequence)
     requests = traffic(opened, 4 * config.concurrency)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mahir.serve.protocol import Mismatch
-from mahir.types import SEQUENCE, Inputs, InputSpec, TokenLimits
+from mahir.types import Inputs, InputSpec, TokenLimits
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +41,7 @@ class InputRules:
             "token_type_ids": limits.type_vocab_size if limits else None,
         }
         return cls(
-            sequence=tuple(t.name for t in spec.inputs if t.shape[1:2] == (SEQUENCE,)),
+            sequence=tuple(n for n in spec.input_names if n in spec.sequence_inputs),
             positions=limits.positions if limits else None,
             tables=tuple((name, size) for name, size in sizes.items() if name in names),
             floats=tuple(t.name for t in spec.inputs if np.dtype(t.dtype).kind == "f"),
