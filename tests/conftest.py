@@ -38,7 +38,7 @@ def cnn() -> Model:
 
 @pytest.fixture(scope="session")
 def minilm_onnx(minilm: Model, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from mahir.export import export_onnx
+    from mahir.export.onnx import export_onnx
 
     path = tmp_path_factory.mktemp("minilm") / "model.onnx"
     export_onnx(minilm, path)
@@ -55,8 +55,8 @@ def minilm_calibration(minilm: Model) -> tuple[dict[str, np.ndarray], ...]:
 @pytest.fixture(scope="session")
 def minilm_eval(minilm: Model) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
     """Held-out batches (two traffic-shaped, three verification shapes) and their references."""
-    from mahir.export import reference_outputs, verification_batches
-    from mahir.workload import build_workload
+    from mahir.runtimes import reference_outputs
+    from mahir.workload import build_workload, verification_batches
 
     batches = build_workload(minilm, [8], batches_per_size=2, seed=9).batches[8]
     batches += verification_batches(minilm)
@@ -85,8 +85,8 @@ def served_dir(minilm: Model, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def served_openvino_dir(minilm: Model, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default model, fp32 on OpenVINO, as an output directory (served read-only)."""
-    from mahir.apply import apply_recipe, write_output_dir
     from mahir.recipe import Recipe
+    from mahir.search.apply import apply_recipe, write_output_dir
 
     work = tmp_path_factory.mktemp("served-openvino")
     applied = apply_recipe(

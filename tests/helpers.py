@@ -14,9 +14,9 @@ from pathlib import Path
 
 import httpx
 
-from mahir.apply import apply_recipe, write_output_dir
 from mahir.model import Model
 from mahir.recipe import Recipe
+from mahir.search.apply import apply_recipe, write_output_dir
 
 
 def fp32_output_dir(model: Model, work: Path) -> Path:

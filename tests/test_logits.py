@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from mahir.apply import apply_recipe
-from mahir.budget import FidelityBudget, quality_kind
 from mahir.errors import BadInput
 from mahir.model import default_model_folder, load_model, with_logits
 from mahir.recipe import Recipe
+from mahir.search.apply import apply_recipe
+from mahir.search.budget import FidelityBudget, quality_kind
 
 TESTS = Path(__file__).parent
 TOKENIZER_FILES = (

@@ -3,20 +3,20 @@
 model = mahir.load_model()                     # a folder, an .onnx file, "file.py:factory"
 result = mahir.benchmark(model, mahir.BenchConfig(batch_sizes=(1, 32)), workdir)
 session = mahir.open_session("onnxruntime", artifact)
-result = mahir.optimize(model, mahir.OptimizeConfig(time_budget_s=600)); result.save(out)
+result = mahir.search.optimize(model, mahir.OptimizeConfig(time_budget_s=600)); result.save(out)
 session = mahir.load(out)                      # the winner, on the runtime it won on
 """
 
 from __future__ import annotations
 
-from mahir.bench import BenchConfig, BenchResult, benchmark
 from mahir.errors import BadInput, ExportMismatch, MahirError, RuntimeFailure, Unsupported
-from mahir.export import export_onnx, export_openvino
+from mahir.export.onnx import export_onnx, export_openvino
 from mahir.measure import MeasureConfig
 from mahir.model import Model, load_model
-from mahir.optimize import OptimizeConfig, OptimizeResult, optimize
 from mahir.outdir import load_output_dir as load
 from mahir.runtimes import RUNTIMES, open_session
+from mahir.search.bench import BenchConfig, BenchResult, benchmark
+from mahir.search.optimize import OptimizeConfig, OptimizeResult, optimize
 from mahir.types import Artifact, RuntimeOptions, Session
 
 __version__ = "0.1.0"

@@ -14,10 +14,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from mahir.budget import FidelityBudget, MetricBudget, metric_outputs, score
-from mahir.export import reference_outputs, reference_session, verification_batches
 from mahir.model import Model, import_function
-from mahir.search import Budget, Evidence
+from mahir.runtimes import reference_outputs, reference_session
+from mahir.search.budget import FidelityBudget, MetricBudget, metric_outputs, score
+from mahir.search.halving import Budget, Evidence
 from mahir.workload import (
     Batch,
     Workload,
@@ -25,10 +25,11 @@ from mahir.workload import (
     held_out_batches,
     read_user_data,
     split_held_out,
+    verification_batches,
 )
 
 if TYPE_CHECKING:
-    from mahir.optimize import OptimizeConfig
+    from mahir.search.optimize import OptimizeConfig
 
 
 @dataclass(frozen=True)

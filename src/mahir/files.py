@@ -6,7 +6,10 @@ Bottom layer: imports nothing of mahir.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,3 +31,17 @@ def atomic_path(path: Path) -> Iterator[Path]:
 def write_text_atomically(path: Path, text: str) -> None:
     with atomic_path(path) as staged:
         staged.write_text(text, encoding="utf-8")
+
+
+@contextlib.contextmanager
+def staging(final: Path) -> Iterator[Path]:
+    """A path in a fresh folder beside `final`; on success its files move next to `final`
+    (external-data files keep their names, so references stay valid), else all is removed."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=".mahir-staging-", dir=final.parent))
+    try:
+        yield folder / final.name
+        for produced in sorted(folder.iterdir(), key=lambda p: p == folder / final.name):
+            produced.replace(final.parent / produced.name)  # the main file last
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

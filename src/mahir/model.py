@@ -28,11 +28,11 @@ import numpy as np
 import torch
 
 from mahir.errors import BadInput, Unsupported
+from mahir.families.tensor import random_inputs
 from mahir.modules import TupleOutputs
 from mahir.pooling import Pooling, read_pooling
 from mahir.silence import silenced
 from mahir.types import BATCH, SEQUENCE, Artifact, InputSpec, TensorSpec, TokenLimits
-from mahir.workload import random_inputs
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")

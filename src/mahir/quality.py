@@ -14,13 +14,17 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mahir.errors import ExportMismatch
 from mahir.pooling import Pooling, pool
-from mahir.types import OutputFidelity, Outputs, Quality
+from mahir.types import OutputFidelity, Outputs, Quality, Session
+
+if TYPE_CHECKING:
+    from mahir.model import Model
+    from mahir.workload import Batch
 
 
 def compare(
@@ -188,3 +192,52 @@ def quality_from_dict(data: dict[str, Any]) -> Quality:
         outputs={name: OutputFidelity(**f) for name, f in data["outputs"].items()},
         embedding=None if embedding is None else OutputFidelity(**embedding),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Tolerance:
+    """Elementwise bound |out - ref| <= atol + rtol * |ref|, as numpy.allclose."""
+
+    atol: float = 1e-4
+    rtol: float = 1e-3
+
+
+FP32 = Tolerance()
+
+
+def fidelity(
+    model: Model, session: Session, batches: Sequence[Batch], reference: Sequence[Outputs]
+) -> Quality:
+    """How close `session` comes to `reference` on `batches`, including the pooled sentence
+    embedding when the model has pooling: for candidates that are not meant to be exact."""
+    outputs = [session.run(batch) for batch in batches]
+    masks = [b["attention_mask"] for b in batches] if "attention_mask" in batches[0] else None
+    return compare(
+        outputs,
+        reference,
+        attention_masks=masks,
+        pooling=model.pooling,
+        embedding_output=model.spec.outputs[0] if model.pooling else None,
+        logits=model.logits,
+    )
+
+
+def check_close(out: Outputs, ref: Outputs, tolerance: Tolerance, *, where: str) -> None:
+    """One line naming the first output that is missing, misshapen or out of tolerance."""
+    for name, expected in ref.items():
+        got = out.get(name)
+        if got is None:
+            raise ExportMismatch(f"{where}: output '{name}' is missing (got {sorted(out)})")
+        if got.shape != expected.shape:
+            raise ExportMismatch(
+                f"{where}: output '{name}' has shape {got.shape}, expected {expected.shape}"
+            )
+        error = np.abs(got.astype(np.float64) - expected)
+        bound = tolerance.atol + tolerance.rtol * np.abs(expected.astype(np.float64))
+        if not np.all(error <= bound):  # also catches NaN
+            raise ExportMismatch(
+                f"{where}: output '{name}' differs from the original by up to "
+                f"{float(error.max()):.3g} "
+                f"(tolerance {tolerance.atol:g} + {tolerance.rtol:g}*|ref|); a shape or "
+                "constant was probably fixed at export time"
+            )

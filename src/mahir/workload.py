@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mahir.errors import BadInput
+from mahir.families.tensor import random_inputs
 from mahir.files import atomic_path
-from mahir.types import BATCH, InputSpec
+from mahir.types import BATCH, SEQUENCE, InputSpec
 
 if TYPE_CHECKING:
     from mahir.model import Model
@@ -324,23 +325,6 @@ def example_dims(model: Model) -> dict[str, int]:
     return dims
 
 
-def random_inputs(
-    spec: InputSpec, dims: dict[str, int], rng: np.random.Generator
-) -> dict[str, np.ndarray]:
-    """Random inputs for a spec; dynamic axes take their size from `dims` (default 16).
-    Floats are standard normal; integers are small non-negative ids."""
-    arrays: dict[str, np.ndarray] = {}
-    for t in spec.inputs:
-        shape = tuple(d if isinstance(d, int) else dims.get(d, 16) for d in t.shape)
-        if np.issubdtype(np.dtype(t.dtype), np.floating):
-            arrays[t.name] = rng.standard_normal(shape).astype(t.dtype)
-        elif t.dtype == "bool":
-            arrays[t.name] = np.ones(shape, dtype=bool)
-        else:
-            arrays[t.name] = rng.integers(0, 2, size=shape).astype(t.dtype)
-    return arrays
-
-
 def read_user_data(model: Model, path: Path, batch_size: int = 32) -> tuple[Any, list[Batch]]:
     """What a user metric receives (the data as read) and the model's inputs made from it, in
     order, `batch_size` samples per batch. Text models read a .txt file (one sentence per
@@ -389,3 +373,32 @@ def _read_text_records(path: Path) -> list[Any]:
     if not records:
         raise BadInput(f'{path} has no records: one JSON object per line with a "text" field')
     return records
+
+
+def verification_batches(model: Model) -> list[Batch]:
+    """Three shapes unlike the traced example: one short item alone, a padded odd-sized batch of
+    mixed lengths, and a batch of long items."""
+    rng = np.random.default_rng(1234)
+    if model.is_text:
+        longest = min(model.max_length or 128, 128)
+        shapes = [(1, (3, 8)), (3, None), (2, (max(4, longest - 28), longest))]
+        return [
+            tokenize(
+                model,
+                generate_sentences(
+                    size,
+                    model.tokenizer,
+                    rng,
+                    token_range=token_range,
+                    max_tokens=longest,
+                ),
+            )
+            for size, token_range in shapes
+        ]
+    dims = example_dims(model)
+    sequence = dims.get(SEQUENCE, 8)
+    variants = [(1, sequence), (3, sequence + 5), (7, max(1, sequence // 2))]
+    return [
+        random_inputs(model.spec, {**dims, BATCH: batch, SEQUENCE: seq}, rng)
+        for batch, seq in variants
+    ]

@@ -23,7 +23,7 @@ from mahir.cli.common import (
 from mahir.errors import BadInput
 
 if TYPE_CHECKING:
-    from mahir.optimize import OptimizeConfig
+    from mahir.search.optimize import OptimizeConfig
 
 
 def bench(
@@ -64,7 +64,7 @@ def bench(
     ] = None,
 ) -> None:
     """Measure the model on each runtime and batch size: latency, throughput, fidelity."""
-    from mahir.bench import BenchConfig
+    from mahir.search.bench import BenchConfig
 
     def configure() -> BenchConfig:
         from mahir.measure import MeasureConfig
@@ -94,7 +94,7 @@ def _run_bench(
     json_path: Path | None,
     workdir: Path | None,
 ) -> None:
-    from mahir.bench import benchmark
+    from mahir.search.bench import benchmark
 
     with progress_bar() as progress:
         step = progress.add_task("loading the model", total=None)
@@ -141,11 +141,11 @@ def apply(
 
 
 def _run_apply(recipe_path: Path, source: str | None, out: Path, data: Path | None) -> None:
-    from mahir.apply import apply_recipe, check_output_dir, replay_source, write_output_dir
     from mahir.model import load_model
     from mahir.passes import STEP_TYPES
     from mahir.recipe import load_recipe
     from mahir.runtimes import get_runtime
+    from mahir.search.apply import apply_recipe, check_output_dir, replay_source, write_output_dir
     from mahir.workload import build_workload, read_sentences, refuse_text_options
 
     recipe = load_recipe(recipe_path, STEP_TYPES)
@@ -236,7 +236,7 @@ def optimize(
 
     def configure() -> OptimizeConfig:
         """Everything checkable before the model loads: the config's own checks and --out."""
-        from mahir.apply import check_output_dir
+        from mahir.search.apply import check_output_dir
         from mahir.workload import read_sentences
 
         check_output_dir(out)
@@ -252,7 +252,7 @@ def optimize(
             data=data,
         )
 
-    from mahir.optimize import OptimizeConfig
+    from mahir.search.optimize import OptimizeConfig
 
     config = guard(ctx, configure)
     guard(ctx, lambda: _run_optimize(model, logits, config, out, resume, tune_serving))
@@ -267,7 +267,7 @@ def _run_optimize(
     tune_serving: bool,
 ) -> None:
     from mahir.cli.tuning import tune_after_optimize
-    from mahir.optimize import cache_path, optimize
+    from mahir.search.optimize import cache_path, optimize
 
     def on_event(candidate: str, text: str) -> None:
         errors.print(f"[dim]{candidate:>24}[/dim]  {text}", highlight=False, soft_wrap=True)
@@ -296,7 +296,7 @@ def _run_optimize(
 
 
 def _why_lines(report: dict[str, Any]) -> list[str]:
-    from mahir.verdicts import explain
+    from mahir.report.verdicts import explain
 
     reasons = explain(report)
     best = report["best"]

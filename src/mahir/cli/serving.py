@@ -256,9 +256,9 @@ def _announce(name: str, config: Any) -> None:
 
 def _write_plain(source: str | None, out: Path) -> None:
     """A model that is no output directory yet: its fp32 ONNX export, checked, as one."""
-    from mahir.apply import apply_recipe, write_output_dir
     from mahir.model import load_model
     from mahir.recipe import Recipe
+    from mahir.search.apply import apply_recipe, write_output_dir
 
     model = load_model(source)
     applied = apply_recipe(

@@ -15,8 +15,8 @@ import typer
 from mahir.cli.common import console, errors, progress_bar
 
 if TYPE_CHECKING:
-    from mahir.optimize import OptimizeResult
     from mahir.outdir import OutputDir
+    from mahir.search.optimize import OptimizeResult
     from mahir.serve.batcher import BatcherConfig
     from mahir.serve.tune import TuneConfig
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mahir.errors import Unsupported
-from mahir.export import export_onnx, export_openvino
+from mahir.export.onnx import export_onnx, export_openvino
 from mahir.hardware import Machine, detect
 from mahir.model import Model
 from mahir.passes.conversion import OpenVinoDirect, openvino_direct

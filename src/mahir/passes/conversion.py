@@ -3,7 +3,7 @@
 mahir converts between formats by itself (torch -> ONNX -> OpenVINO IR) when a step needs
 another one. `OpenVinoDirect` asks for the other route to OpenVINO: torch.export straight into
 OpenVINO's converter, which keeps PyTorch's scaled-dot-product attention as one OpenVINO op
-that the CPU plugin fuses (`mahir.openvino_direct`). Which route is faster depends on the
+that the CPU plugin fuses (`mahir.export.openvino_direct`). Which route is faster depends on the
 model, the lengths and the CPU, so the search tries both and keeps what this machine runs
 faster.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from mahir.openvino_direct import export_openvino_direct
+from mahir.export.openvino_direct import export_openvino_direct
 from mahir.types import Artifact, ArtifactFormat
 
 if TYPE_CHECKING:

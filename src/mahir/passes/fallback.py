@@ -32,13 +32,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from mahir.errors import Unsupported, first_line
-from mahir.export import fidelity, reference_outputs, verification_batches
 from mahir.measure import MeasureConfig, measure
 from mahir.passes.quantize import choose_reduce_range
-from mahir.runtimes import open_session
+from mahir.quality import fidelity
+from mahir.runtimes import open_session, reference_outputs
 from mahir.silence import silenced
 from mahir.types import Artifact, ArtifactFormat, OutputFidelity, Session
-from mahir.workload import Batch
+from mahir.workload import Batch, verification_batches
 
 if TYPE_CHECKING:
     import onnx

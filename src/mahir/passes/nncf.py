@@ -231,7 +231,7 @@ class _Scorer:
     (or of the first output) to the fp32 original's; higher is better, 1.0 is exact."""
 
     def __init__(self, ctx: PassContext, batches: Sequence[Batch]) -> None:
-        from mahir.export import reference_outputs
+        from mahir.runtimes import reference_outputs
 
         self._model = ctx.model
         self._batches = batches

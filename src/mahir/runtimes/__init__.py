@@ -10,13 +10,25 @@ own failure. A runtime knows nothing of passes, search or serving.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mahir.errors import BadInput, Unsupported
-from mahir.types import Artifact, ArtifactFormat, Dim, Inputs, RuntimeOptions, Session
+from mahir.types import (
+    Artifact,
+    ArtifactFormat,
+    Dim,
+    Inputs,
+    Outputs,
+    RuntimeOptions,
+    Session,
+)
+
+if TYPE_CHECKING:
+    from mahir.model import Model
 
 Signature = Mapping[str, tuple[Dim | None, ...] | None]
 """The inputs a runtime declares, in order: name -> dims (an int is fixed, a name or None is
@@ -117,3 +129,23 @@ def _show(dims: tuple[Dim | None, ...] | None) -> str:
     if dims is None:
         return "[any shape]"
     return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+
+
+def reference_outputs(
+    model: Model, batches: Sequence[Inputs], source: Artifact | None = None
+) -> list[Outputs]:
+    """Outputs of `source` (default: the fp32 original) on its reference runtime."""
+    session = reference_session(source or model.original())
+    return [session.run(batch) for batch in batches]
+
+
+def reference_runtime(artifact: Artifact) -> str:
+    """The runtime an artifact's own answers come from: PyTorch eager for torch artifacts, ONNX
+    Runtime for ONNX, OpenVINO for IR. A model's baseline is its original on this runtime."""
+    return {"torch": "torch", "onnx": "onnxruntime", "openvino": "openvino"}[artifact.format]
+
+
+def reference_session(artifact: Artifact) -> Session:
+    """The artifact on its reference runtime, in fp32 (OpenVINO pinned to f32)."""
+    options = RuntimeOptions(openvino_precision="f32")
+    return open_session(reference_runtime(artifact), artifact, options)

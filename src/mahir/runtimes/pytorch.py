@@ -88,7 +88,7 @@ def open_session(artifact: Artifact, options: RuntimeOptions, *, compile: bool) 
 
 
 def _load_program(artifact: Artifact) -> torch.nn.Module:
-    """A program saved by `mahir.export.export_program`, called by keyword like any module."""
+    """A program saved by `mahir.export.onnx.export_program`, called by keyword like any module."""
     from mahir.modules import KeywordInputs
 
     if artifact.path is None or not artifact.path.is_file():

@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from mahir.errors import BadInput, MahirError, first_line, nearest
+from mahir.families.tensor import random_inputs
 from mahir.outdir import OutputDir
 from mahir.serve.batcher import (
     Batcher,
@@ -54,7 +55,6 @@ from mahir.serve.protocol import (
 )
 from mahir.serve.validate import InputRules
 from mahir.types import BATCH, SEQUENCE
-from mahir.workload import random_inputs
 
 Handler = Callable[[], Awaitable[Response]]
 

@@ -30,12 +30,13 @@ import numpy as np
 from rich.table import Table
 
 from mahir.errors import BadInput
+from mahir.families.tensor import random_inputs
 from mahir.hardware import detect
 from mahir.outdir import OutputDir
 from mahir.serve.app import token_outputs
 from mahir.serve.batcher import Batcher, BatcherConfig, Inputs
 from mahir.types import BATCH
-from mahir.workload import generate_sentences, random_inputs
+from mahir.workload import generate_sentences
 
 TUNED = ("max_batch_size", "max_delay_ms", "max_padding")
 """The batcher settings the tuner chooses and `mahir.json` records."""

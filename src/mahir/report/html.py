@@ -1,0 +1,306 @@
+"""report.html: one self-contained page that says which candidate won, by how much, and why.
+
+It works on the plain `report` dict the search saves as report.json (schema 1), so it imports
+nothing from mahir's other rooms: a report.json copied from another machine renders the same way.
+The page loads nothing from the network (inline look.CSS, plots as inline SVG), so it can be mailed,
+archived and opened offline; every string taken from the report goes through `html.escape`.
+
+The page reads in the order an engineer asks: what won and by how much; why, one sentence per
+candidate (verdicts.py writes them, for the terminal too); the numbers; the plots; then the
+machine, model and recipe that make the numbers reproducible. `plots.py` owns the look.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+import json
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mahir.files import write_text_atomically
+from mahir.report import plots as look
+from mahir.report.verdicts import (
+    Candidate,
+    View,
+    budget_line,
+    budget_text,
+    explain,
+    fid_text,
+    fidelity_value,
+    headline_perf,
+    headline_speed,
+    perf_text,
+    rank_cost,
+    read_view,
+)
+
+DATE = "%Y-%m-%d %H:%M UTC"
+
+
+def _date(text: str) -> str:
+    try:
+        return dt.datetime.fromisoformat(text).astimezone(dt.timezone.utc).strftime(DATE)
+    except ValueError:
+        return text
+
+
+def _e(value: object) -> str:
+    return html.escape(str(value))
+
+
+def _order(v: View) -> list[Candidate]:
+    """Winner first, then met-budget by speed, then missed, then failed: the table's order."""
+    rank = {"winner": 0, "baseline": 1, "ok": 1, "rejected": 2, "failed": 3, "skipped": 4}
+    return sorted(v.candidates, key=lambda c: (rank[v.role(c)], rank_cost(c, v.objective)))
+
+
+def render_html(report: Mapping[str, Any]) -> str:
+    """The whole page as one string; nothing in it points outside the file."""
+    v = read_view(report)
+    model = report.get("model", {}).get("name", "model")
+    parts = (_banner(v), _headline(v), _why(v), _table(v), _plots(v), _context(v), _recipe(v))
+    return (
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>mahir report: {_e(model)}</title><style>{look.CSS}</style></head><body><main>"
+        f'<p class="kicker">mahir optimization report &middot; {_e(model)} &middot; '
+        f"{_e(_date(str(report.get('date', ''))))}</p>{''.join(parts)}</main></body></html>\n"
+    )
+
+
+def _banner(v: View) -> str:
+    return _busy_banner(v) + _incomplete_banner(v)
+
+
+def _busy_banner(v: View) -> str:
+    note = (v.report.get("machine_load") or {}).get("note")
+    if not note:
+        return ""
+    text = _e(note[0].upper() + note[1:])
+    return f'<div class="banner"><strong>Busy machine.</strong> {text}.</div>'
+
+
+def _incomplete_banner(v: View) -> str:
+    r = v.report
+    if r.get("complete", True):
+        return ""
+    timed = sum(headline_speed(c, v.objective) is not None for c in v.candidates)
+    spent = f" after {look.duration(r['elapsed_s'])}" if r.get("elapsed_s") is not None else ""
+    limit = f" of a {look.duration(r['time_budget_s'])} budget" if r.get("time_budget_s") else ""
+    return (
+        f'<div class="banner"><strong>Incomplete run.</strong> The search stopped{spent}{limit} '
+        f"(interrupted or out of time); {timed} of {len(v.candidates)} candidates were timed. "
+        f"The result is the best of what finished, not of everything searched.</div>"
+    )
+
+
+def _headline(v: View) -> str:
+    w, b = v.winner, v.baseline
+    if w is None:
+        lead = f'<p class="lead">{_closest(v)}</p>'
+        return f"<header><h1>No candidate met the budget</h1>{lead}{_meta(v)}</header>"
+    x = look.times(w.get("speedup"))
+    if b is not None and w["id"] == b["id"]:
+        title = f"{v.baseline_name} stays: nothing was faster within the budget"
+    elif v.objective == "throughput":
+        title = f"{w['label']} gives {x} the samples/s of {v.baseline_name}"
+    else:
+        title = f"{w['label']} runs {x} faster than {v.baseline_name}"
+    return f"<header><h1>{_e(title)}</h1>{_cards(v, w, b)}{_meta(v)}</header>"
+
+
+def _cards(v: View, w: Candidate, b: Candidate | None) -> str:
+    """The winner's numbers, each beside what it is compared with."""
+    line, base = budget_line(v), f"{v.baseline_name}: "
+    fid_label, _, fid_value = fid_text(v, w, short=True).rpartition(" ")
+    fid_sub = fid_text(v, w).partition(", ")[2] + (f" · budget ≥ {line:.4g}" if line else "")
+    size, base_size = w.get("size_mb"), None if b is None else b.get("size_mb")
+    return look.cards([
+        ("speedup", look.times(w.get("speedup")), f"over {v.baseline_name}"),
+        (v.objective, perf_text(v, w), base + perf_text(v, b) if b is not None else ""),
+        (fid_label, fid_value, fid_sub),
+        ("size on disk", "n/a" if size is None else f"{size:.1f} MB",
+         "" if base_size is None else f"{base}{base_size:.1f} MB"),
+    ])  # fmt: skip
+
+
+def _meta(v: View) -> str:
+    r, batch = v.report, min(v.report.get("batch_sizes") or [1])
+    judged = (
+        "best samples/s of any batch" if v.objective == "throughput" else f"p50 at batch {batch}"
+    )
+    searched = (
+        f"{look.duration(r.get('elapsed_s') or 0)} of {look.duration(r.get('time_budget_s') or 0)}"
+    )
+    return (
+        f'<p class="meta"><b>Objective</b> {_e(v.objective)}, {judged} &middot; <b>Budget</b> '
+        f"{_e(budget_text(v))} &middot; <b>Searched</b> {len(v.candidates)} candidates in "
+        f"{searched}</p>"
+    )
+
+
+def _closest(v: View) -> str:
+    """With no winner: the rejected candidate nearest the budget, and the budget that admits it."""
+    missed = [
+        c
+        for c in v.candidates
+        if c["status"] == "rejected" and fidelity_value(c, v.fidelity) is not None
+    ]
+    if not missed:
+        return "Every candidate failed or went untimed; the reasons are below."
+    c = max(missed, key=lambda m: fidelity_value(m, v.fidelity) or 0.0)
+    q, budget = c["quality"], v.report.get("budget", {})
+    if v.fidelity == "metric":
+        drop = q.get("metric_drop") or 0.0
+        relax = f"Allowing a metric drop of {drop:.4g} (now {budget.get('max_drop')})"
+    else:
+        relax = f"A budget of worst cosine ≥ {math.floor(q['cosine_min'] * 1e4) / 1e4:.4f}"
+        if (q.get("cosine_mean") or 1.0) < (budget.get("cosine_mean") or 0.0):
+            relax += f" and mean ≥ {math.floor(q['cosine_mean'] * 1e4) / 1e4:.4f}"
+    speed = f", at {look.times(c['speedup'])} {v.baseline_name}" if c.get("speedup") else ""
+    return (
+        f"Closest: <b>{_e(c['label'])}</b> with {_e(fid_text(v, c) + speed)}. {_e(relax)} would "
+        "accept it; recipes that keep more precision (per-channel int8, bf16, fp32 on a faster "
+        "runtime) may meet the budget as it is."
+    )
+
+
+def _why(v: View) -> str:
+    sentences = explain(v.report)
+    items = "".join(
+        f'<li><span class="dot" style="--c:{look.ROLES[v.role(c)][1]}"></span>'
+        f"<b>{_e(c['label'])}</b> &mdash; {_e(sentences[c['id']])}</li>"
+        for c in _order(v)
+    )
+    return f'<section><h2>Why</h2><ul class="why">{items}</ul></section>'
+
+
+def _table(v: View) -> str:
+    throughput = v.objective == "throughput"
+    quality = ("Metric", "Drop") if v.fidelity == "metric" else ("Cos mean", "Cos worst")
+    heads = ("Candidate", "Status", *(("Batch",) if throughput else ()), "p50 ms", "p90 ms",
+             "p99 ms", "Samples/s", "Speedup", *quality, "Size MB", "Rounds")  # fmt: skip
+    head = "".join(f"<th>{h}</th>" for h in heads)
+    rows = "".join(_table_row(v, c) for c in _order(v))
+    note = (
+        "Timings at the batch the objective judges; ~ marks noisy timing (jitter over 10%). "
+        "Hover a status for its reason."
+    )
+    return (
+        f'<section><h2>Candidates</h2><div class="scroll"><table><thead><tr>{head}</tr></thead>'
+        f'<tbody>{rows}</tbody></table></div><p class="note">{note}</p></section>'
+    )
+
+
+def _table_row(v: View, c: Candidate) -> str:
+    role = v.role(c)
+    words, colour = look.ROLES[role]
+    size, p = headline_perf(c, v.objective) or (None, {})
+    q = c.get("quality") or {}
+    metric = v.fidelity == "metric"
+    fid: Callable[[Any], str] = (lambda x: f"{x:.4g}") if metric else look.cos
+    cells: list[tuple[Any, Callable[[Any], str]]] = [
+        *(((size, str),) if v.objective == "throughput" else ()),
+        (p.get("p50_ms"), lambda x: ("~" if p.get("noisy") else "") + look.ms(x)),
+        (p.get("p90_ms"), look.ms), (p.get("p99_ms"), look.ms), (p.get("throughput"), look.rate),
+        (c.get("speedup"), look.times),
+        (q.get("metric" if metric else "cosine_mean"), fid),
+        (q.get("metric_drop" if metric else "cosine_min"), fid),
+        (c.get("size_mb"), lambda x: f"{x:.1f}"), (c.get("rounds"), str),
+    ]  # fmt: skip
+    numbers = "".join(
+        f'<td class="n">{"&ndash;" if x is None else _e(f(x))}</td>' for x, f in cells
+    )
+    return (
+        f'<tr class="{role}"><td><b>{_e(c["label"])}</b><small>{_e(c.get("runtime", ""))} '
+        f'&middot; {_e(c["id"])}</small></td><td><span class="pill" style="--c:{colour}" '
+        f'title="{_e(c.get("reason") or words)}">{words}</span></td>{numbers}</tr>'
+    )
+
+
+def _plots(v: View) -> str:
+    marks = [_mark(v, c) for c in v.candidates if headline_speed(c, v.objective) is not None]
+    if not marks:
+        return "<section><h2>Plots</h2><p>No candidate was timed: nothing to plot.</p></section>"
+    metric = v.report["budget"].get("metric", "metric") if v.fidelity == "metric" else None
+    batch = None if v.objective == "throughput" else min(v.report.get("batch_sizes") or [1])
+    figures = look.plots_html(
+        marks, batch=batch, metric=metric, budget=budget_line(v), baseline=v.baseline_name
+    )
+    return f"<section><h2>Plots</h2>{figures}</section>"
+
+
+def _mark(v: View, c: Candidate) -> look.Mark:
+    size, perf = headline_perf(c, v.objective) or (0, {})
+    role, label = v.role(c), str(c["label"])
+    return look.Mark(
+        label=f"{label} (batch {size})" if v.objective == "throughput" else label,
+        role=role,
+        tooltip=f"{label} ({look.ROLES[role][0]}): {perf_text(v, c)}, {fid_text(v, c)}",
+        speed=headline_speed(c, v.objective) or 0.0,
+        fidelity=fidelity_value(c, v.fidelity),
+        speedup=c.get("speedup"),
+        samples=tuple(perf.get("latencies_ms") or ()),
+        on_front=c["id"] in v.front,
+    )
+
+
+def _context(v: View) -> str:
+    """Machine, model and workload: the facts without which the numbers mean nothing."""
+    m, model, w = (v.report.get(k) or {} for k in ("machine", "model", "workload"))
+    gpus = [f"{g['name']} ({g['memory_gb']:.0f} GiB)" for g in m.get("gpus", ())]
+    pool, tokens = model.get("pooling"), w.get("tokens")
+    machine = {
+        "CPU": m.get("cpu", "unknown"),
+        "Cores": f"{m.get('physical_cores', '?')} physical, {m.get('logical_cores', '?')} logical",
+        "Memory": f"{m.get('memory_gb') or 0:.1f} GiB",
+        "GPU": ", ".join(gpus) or "none",
+        "ISA": m.get("isa") or "no AVX2",
+    }
+    facts = {
+        "Model": f"{model.get('name', '?')} ({model.get('source', '?')})",
+        "Inputs": ", ".join(f"{i['name']} {i['dtype']}" for i in model.get("inputs", ()))
+        + (f"; max length {model['max_length']}" if model.get("max_length") else ""),
+        "Outputs": ", ".join(model.get("outputs", ())),
+        "Pooling": f"{pool['mode']}{', normalized' * bool(pool.get('normalize'))}" if pool else "-",
+        "Batch sizes": ", ".join(map(str, w.get("batch_sizes", v.report.get("batch_sizes", [])))),
+        "Tokens": f"{tokens['min']} to {tokens['max']}, median {tokens['median']:g}"
+        if tokens else "not text",
+    }  # fmt: skip
+    return (
+        f'<section class="cols"><div><h2>Machine</h2>{look.facts(machine)}</div><div><h2>Model '
+        f"and workload</h2>{look.facts(facts)}</div></section>"
+    )
+
+
+def _recipe(v: View) -> str:
+    w = v.winner
+    if w is None:
+        return ""
+    keep = {"recipe": w.get("recipe"), "settings": w.get("settings"), "hash": w.get("recipe_hash")}
+    return (
+        f"<section><h2>Recipe of the winner</h2><pre>{_e(yaml.safe_dump(keep, sort_keys=False))}"
+        f'</pre><p class="note">Replay it with <code>mahir apply</code>; built in '
+        f"{w.get('build_s') or 0:.1f} s.</p></section>"
+    )
+
+
+def write_html(report: Mapping[str, Any], path: Path) -> None:
+    """Write the page whole or not at all: a reader (or a crash) never sees half a report."""
+    write_text_atomically(path, render_html(report))
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python -m mahir.report.html path/to/report.json")
+    source = Path(sys.argv[1])
+    target = source.with_name("report.html")
+    write_html(json.loads(source.read_text(encoding="utf-8")), target)
+    print(target)

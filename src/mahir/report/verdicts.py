@@ -1,0 +1,252 @@
+"""What a report says, in numbers and in words: the view of a report.json that both the page and
+the terminal read, the Pareto front, and one plain sentence per candidate on why it won or lost.
+
+Works on the plain `report` dict (schema 1) only. Losers are compared with the winner at the
+timing round they were dropped in, both measured beside the same baseline run, since raw numbers
+from different rounds also hold the machine's drift between them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from mahir.report import plots as look
+
+Candidate = Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class View:
+    """What every part of the page needs, read from the report once."""
+
+    report: Mapping[str, Any]
+    objective: str
+    fidelity: str
+    """The quality key the budget judges: "cosine_min", or "metric" when a user metric decides."""
+    candidates: tuple[Candidate, ...]
+    winner: Candidate | None
+    baseline: Candidate | None
+    front: tuple[str, ...]
+
+    @property
+    def baseline_name(self) -> str:
+        """What every speedup is over: PyTorch eager fp32, or an ONNX source on ONNX Runtime."""
+        return str(self.baseline["label"]) if self.baseline is not None else "the baseline"
+
+    def role(self, c: Candidate) -> str:
+        """A key of `ROLES`: the candidate's status, with the winner and baseline singled out."""
+        if self.winner is not None and c["id"] == self.winner["id"]:
+            return "winner"
+        if self.baseline is not None and c["id"] == self.baseline["id"] and c["status"] == "ok":
+            return "baseline"
+        return str(c["status"])
+
+
+def read_view(report: Mapping[str, Any]) -> View:
+    objective = str(report.get("objective", "latency"))
+    fidelity = "metric" if report.get("budget", {}).get("kind") == "metric" else "cosine_min"
+    candidates = tuple(report.get("candidates", ()))
+    by_id = {c["id"]: c for c in candidates}
+    front = tuple(pareto_front(candidates, objective=objective, fidelity=fidelity))
+    winner, baseline = by_id.get(report.get("best")), by_id.get(report.get("baseline"))
+    return View(report, objective, fidelity, candidates, winner, baseline, front)
+
+
+def headline_perf(c: Candidate, objective: str) -> tuple[int, Mapping[str, Any]] | None:
+    """The timing the objective judges: the smallest batch (batch 1) for latency, the batch with
+    the most samples/s for throughput; None when the candidate was never timed."""
+    perf = c.get("perf") or {}
+    if not perf:
+        return None
+    if objective == "throughput":
+        key = max(perf, key=lambda b: perf[b]["throughput"])
+    else:
+        key = min(perf, key=int)
+    return int(key), perf[key]
+
+
+def headline_speed(c: Candidate, objective: str) -> float | None:
+    timed = headline_perf(c, objective)
+    if timed is None:
+        return None
+    return float(timed[1]["throughput" if objective == "throughput" else "p50_ms"])
+
+
+def rank_cost(c: Candidate, objective: str) -> float:
+    """Lower is better: minus the speedup over the baseline timed beside it (the comparison
+    that survives machine drift between timing rounds), else p50 ms or minus samples/s;
+    infinite when never timed."""
+    speed = headline_speed(c, objective)
+    if speed is None:
+        return math.inf
+    if c.get("speedup"):
+        return -float(c["speedup"])
+    return -speed if objective == "throughput" else speed
+
+
+def fidelity_value(c: Candidate, key: str) -> float | None:
+    value = (c.get("quality") or {}).get(key)
+    return None if value is None else float(value)
+
+
+def pareto_front(
+    candidates: Sequence[Candidate], *, objective: str = "latency", fidelity: str = "cosine_min"
+) -> list[str]:
+    """Ids of the ok candidates that no other ok candidate beats on both speed and fidelity,
+    fastest first: the only sensible picks, since every other one is slower and no more faithful
+    than one of these. `fidelity` is the quality key judged (higher is better)."""
+    points = []
+    for c in candidates:
+        cost, fid = rank_cost(c, objective), fidelity_value(c, fidelity)
+        if c.get("status") == "ok" and cost < math.inf and fid is not None:
+            points.append((cost, -fid, str(c["id"])))
+
+    def dominated(a: tuple[float, float, str]) -> bool:
+        return any(b[0] <= a[0] and b[1] <= a[1] and b[:2] != a[:2] for b in points)
+
+    return [p[2] for p in sorted(points) if not dominated(p)]
+
+
+def explain(report: Mapping[str, Any]) -> dict[str, str]:
+    """Candidate id -> one plain sentence saying why it won or lost, with its numbers."""
+    view = read_view(report)
+    return {str(c["id"]): _sentence(view, c) for c in view.candidates}
+
+
+def _sentence(v: View, c: Candidate) -> str:
+    role = v.role(c)
+    if role == "winner":
+        return _won(v, c)
+    if role == "failed":
+        return f"Failed: {c.get('reason') or 'no reason was recorded'}."
+    if role == "skipped":
+        return f"Not tried: {c.get('reason') or 'no reason was recorded'}."
+    if role == "rejected":
+        return _rejected(v, c)
+    if headline_speed(c, v.objective) is None:
+        stop = " before the run stopped" if not v.report.get("complete", True) else ""
+        return f"Met the budget ({fid_text(v, c)}) but was not timed{stop}."
+    if role == "baseline":
+        text = f"The baseline every speedup is measured against: {perf_text(v, c)}"
+        if v.winner is not None and v.winner.get("speedup"):
+            text += f"; the winner is {look.times(v.winner['speedup'])} faster"
+        return text + f"{_noisy(v, c)}."
+    return _slower(v, c)
+
+
+def _won(v: View, c: Candidate) -> str:
+    if v.baseline is not None and c["id"] == v.baseline["id"]:
+        return f"Won: nothing within the budget beat {v.baseline_name} ({perf_text(v, c)})."
+    return (
+        f"Won: the fastest within the budget at {perf_text(v, c)}, {look.times(c.get('speedup'))} "
+        f"{v.baseline_name}, with {fid_text(v, c)}{_noisy(v, c)}."
+    )
+
+
+def _slower(v: View, c: Candidate) -> str:
+    text, w = f"Met the budget ({fid_text(v, c)})", v.winner
+    ratio = None if w is None else _ratio(v, w, c)
+    if w is None or ratio is None:
+        return f"{text} at {perf_text(v, c)}{_noisy(v, c)}."
+    if ratio >= 1.005:
+        text += f" but was {ratio:.2f}x slower than the winner"
+    else:
+        text += " and was within 0.5% of the winner's speed"
+    pair = _same_round(w, c)
+    if pair is not None:
+        text += f" ({look.times(pair[1])} vs {look.times(pair[0])} {v.baseline_name} in round"
+        text += f" {len(c['speedups'])}, timed side by side)"
+    else:
+        text += f" ({perf_text(v, c)} vs {perf_text(v, w)})"
+    if c["id"] in v.front:
+        text += f"; it is on the Pareto front, the pick if {fid_text(v, c, short=True)} matters"
+        text += f" more than {ratio:.2f}x speed"
+    rounds, most = int(c.get("rounds") or 0), max(int(o.get("rounds") or 0) for o in v.candidates)
+    if 0 < rounds < most:
+        text += f"; dropped after {rounds} of {most} timing rounds"
+    return text + f"{_noisy(v, c, w)}."
+
+
+def _rejected(v: View, c: Candidate) -> str:
+    reason, numbers = c.get("reason"), fid_text(v, c).split(", ")
+    if reason:  # the reason already names the number that failed; add only the others
+        extra = [n for n in numbers if n.rsplit(" ", 1)[-1] not in reason]
+        text = f"Missed the budget: {reason}" + (f" ({', '.join(extra)})" if extra else "")
+    else:
+        text = f"Missed the budget ({budget_text(v)}) with {', '.join(numbers)}"
+    speedup = c.get("speedup")
+    if speedup is None:
+        return text + "; it was not timed."
+    text += f"; it ran at {look.times(speedup)} {v.baseline_name}"
+    if v.winner is not None and speedup > (v.winner.get("speedup") or 0):
+        text += ", faster than the winner: a looser budget would buy speed"
+    return text + "."
+
+
+def _ratio(v: View, fast: Candidate, slow: Candidate) -> float | None:
+    """How many times slower `slow` is than `fast` at the objective (>= 1 when truly slower):
+    the ratio of their speedups, each measured beside the baseline in the same timing round,
+    since raw numbers from different rounds also hold the machine's drift between them."""
+    pair = _same_round(fast, slow)
+    if pair is not None:
+        return pair[0] / pair[1]
+    a, b = headline_speed(fast, v.objective), headline_speed(slow, v.objective)
+    if a is None or b is None or min(a, b) <= 0:
+        return None
+    return a / b if v.objective == "throughput" else b / a
+
+
+def _same_round(fast: Candidate, slow: Candidate) -> tuple[float, float] | None:
+    """Both speedups in the last timing round `slow` took part in, when both were in it."""
+    a, b = fast.get("speedups") or [], slow.get("speedups") or []
+    if not b or len(a) < len(b) or not a[len(b) - 1] or not b[-1]:
+        return None
+    return float(a[len(b) - 1]), float(b[-1])
+
+
+def perf_text(v: View, c: Candidate) -> str:
+    timed = headline_perf(c, v.objective)
+    if timed is None:
+        return "not timed"
+    if v.objective == "throughput":
+        return f"{look.rate(timed[1]['throughput'])} samples/s at batch {timed[0]}"
+    return f"{look.ms(timed[1]['p50_ms'])} ms p50"
+
+
+def fid_text(v: View, c: Candidate, *, short: bool = False) -> str:
+    q = c.get("quality") or {}
+    if v.fidelity == "metric":
+        if q.get("metric") is None:
+            return "metric not measured"
+        drop = "" if short or q.get("metric_drop") is None else f", drop {q['metric_drop']:.4g}"
+        return f"metric {q['metric']:.4g}{drop}"
+    if q.get("cosine_min") is None:
+        return "fidelity not measured"
+    mean = "" if short or q.get("cosine_mean") is None else f", mean {look.cos(q['cosine_mean'])}"
+    return f"worst cosine {look.cos(q['cosine_min'])}{mean}"
+
+
+def _noisy(v: View, *cs: Candidate) -> str:
+    for c in cs:
+        timed = headline_perf(c, v.objective)
+        if timed is not None and timed[1].get("noisy"):
+            return "; timing was noisy (jitter over 10%), so treat the ratio as approximate"
+    return ""
+
+
+def budget_text(v: View) -> str:
+    return str(v.report.get("budget", {}).get("description") or "not recorded")
+
+
+def budget_line(v: View) -> float | None:
+    """The fidelity bound as a number, for the plot. Optional in the schema: a fidelity budget
+    may carry `cosine_min`; a metric budget gives `baseline_metric - max_drop`."""
+    b = v.report.get("budget", {})
+    if v.fidelity != "metric":
+        return None if b.get("cosine_min") is None else float(b["cosine_min"])
+    if b.get("baseline_metric") is None or b.get("max_drop") is None:
+        return None
+    return float(b["baseline_metric"]) - float(b["max_drop"])

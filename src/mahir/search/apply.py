@@ -1,0 +1,170 @@
+"""`mahir apply`: build an artifact from a recipe, check it, and write an output directory.
+
+The output directory is what serving and later runs open, so it is written whole or not at all:
+everything goes into a staging folder beside it, which replaces the old directory in one rename.
+
+    out/
+      model/        the artifact's files (model.onnx, or model.xml + model.bin)
+      mahir.json    how to open it: format, runtime, settings, input spec, fidelity
+      recipe.yaml   the steps that built it and the model they were built from (path and
+                    content hash), replayable with `mahir apply`
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mahir.errors import BadInput
+from mahir.export.onnx import export_program
+from mahir.model import Model, default_model_folder
+from mahir.outdir import MANIFEST, TOKENIZER, staged_dir
+from mahir.passes import PassContext, apply_steps, convert
+from mahir.quality import fidelity, quality_to_dict
+from mahir.recipe import ModelSource, Recipe
+from mahir.runtimes import get_runtime, open_session, reference_outputs
+from mahir.types import Artifact, Quality
+from mahir.workload import Batch, verification_batches
+
+
+@dataclass(frozen=True)
+class Applied:
+    """The artifact a recipe built, and how close it comes to the original."""
+
+    artifact: Artifact
+    recipe: Recipe
+    quality: Quality
+
+
+def apply_recipe(
+    model: Model,
+    recipe: Recipe,
+    workdir: Path,
+    *,
+    calibration: Sequence[Batch],
+    evaluation: Sequence[Batch],
+) -> Applied:
+    """Run the recipe's steps, convert to what its runtime opens, measure fidelity on
+    `evaluation` plus the verification shapes."""
+    runtime = get_runtime(recipe.runtime)
+    ctx = PassContext(model=model, workdir=workdir, calibration=tuple(calibration))
+    artifact = apply_steps(model.original(), recipe.steps, ctx)
+    artifact = convert(
+        artifact, runtime.formats, dataclasses.replace(ctx, workdir=workdir / "final")
+    )
+    batches = [*evaluation, *verification_batches(model)]
+    session = open_session(recipe.runtime, artifact, recipe.options)
+    quality = fidelity(model, session, batches, reference_outputs(model, batches))
+    return Applied(artifact, recipe, quality)
+
+
+def replay_source(recipe: Recipe, recipe_path: Path) -> str | None:
+    """What to build `recipe` from when no model is given: the source it records, if that is
+    still there unchanged; None (the bundled model) for a recipe that records none."""
+    source = recipe.source
+    if source is None:
+        return None
+    fix = f"give the model to build from: mahir apply {recipe_path} MODEL"
+    hashed = source.hashed()
+    if hashed is not None and not hashed.exists():
+        raise BadInput(f"{recipe_path} was built from {source.path}, which is gone: {fix}")
+    now = ModelSource.of(source.path).sha256
+    if now != source.sha256:
+        raise BadInput(
+            f"{source.path} changed since {recipe_path} was built from it (sha256 "
+            f"{(source.sha256 or '')[:12]} then, {(now or '')[:12]} now): to build from it as it "
+            f"is, give it: mahir apply {recipe_path} {source.path}"
+        )
+    bundled = Path(source.path) == default_model_folder().resolve()
+    return None if bundled else source.path  # the bundled model keeps its name
+
+
+def check_output_dir(out: Path) -> None:
+    """Refuse, before any work, an `out` that `write_output_dir` could not write: a file, a
+    folder that is not a mahir output directory, or a place where no file can be created."""
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"{out} is a file: give a folder to write the output directory to")
+    if out.is_dir() and any(out.iterdir()) and not _is_output_dir(out):
+        raise BadInput(
+            f"refusing to replace {out}: it is not a mahir output directory; give another folder"
+        )
+    parent = out.parent
+    while not parent.exists():  # the folders write_output_dir would create
+        parent = parent.parent
+    if not parent.is_dir():
+        raise BadInput(f"{parent} is a file, so {out} cannot be created: give another folder")
+    try:  # write permission bits do not tell: root ignores them, read-only mounts add to them
+        handle, probe = tempfile.mkstemp(prefix=".mahir-probe-", dir=parent)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as err:
+        raise BadInput(
+            f"cannot create files in {parent} ({err.strerror}): give a folder you can write to"
+        ) from err
+
+
+def write_output_dir(
+    model: Model, applied: Applied | None, out: Path, *, extra: Mapping[str, str] = {}
+) -> None:
+    """Write `out` atomically: a reader sees the old directory or the new one, never a mix.
+    `extra` files (name -> text) go beside; with no `applied` artifact only they are written."""
+    check_output_dir(out)
+    with staged_dir(out) as staging:
+        if applied is not None:
+            _write_artifact(model, applied, staging)
+        for name, text in extra.items():
+            (staging / name).write_text(text)
+
+
+def _is_output_dir(folder: Path) -> bool:
+    return (folder / MANIFEST).is_file() or (folder / "report.json").is_file()
+
+
+def _write_artifact(model: Model, applied: Applied, staging: Path) -> None:
+    artifact = applied.artifact
+    if artifact.format == "torch":  # a live module: saved as a program that needs no code
+        (staging / "model").mkdir()
+        artifact = export_program(model, artifact, staging / "model" / "model.pt2")
+        files = ["model.pt2"]
+    else:
+        files = _copy_artifact(artifact, staging / "model")
+    source = ModelSource.of(model.source)  # so `mahir apply recipe.yaml` replays this model
+    dataclasses.replace(applied.recipe, source=source).save(staging / "recipe.yaml")
+    manifest: dict[str, Any] = {
+        "format": artifact.format,
+        "model_file": f"model/{files[0]}",
+        "runtime": applied.recipe.runtime,
+        "options": dataclasses.asdict(applied.recipe.options),
+        "recipe_hash": applied.recipe.hash(),
+        "source": {"name": model.name, "source": model.source},
+        "spec": {
+            "inputs": [dataclasses.asdict(t) for t in artifact.spec.inputs],
+            "outputs": list(artifact.spec.outputs),
+        },
+        "pooling": None if model.pooling is None else dataclasses.asdict(model.pooling),
+        "fidelity": quality_to_dict(applied.quality),
+        "steps": list(applied.artifact.meta.get("steps", ())),
+    }
+    if model.tokenizer is not None:  # part of the model's answer; the server tokenizes
+        model.tokenizer.save_pretrained(str(staging / TOKENIZER))
+        manifest["max_length"] = model.max_length
+        limits = model.token_limits
+        manifest["token_limits"] = None if limits is None else dataclasses.asdict(limits)
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+
+
+def _copy_artifact(artifact: Artifact, folder: Path) -> list[str]:
+    """Copy the artifact's files into `folder`; their names, main file first."""
+    if not artifact.files():
+        raise BadInput(f"the artifact at {artifact.path} has no files: build it again")
+    folder.mkdir(parents=True)
+    for source in artifact.files():
+        shutil.copy2(source, folder / source.name)
+    return [source.name for source in artifact.files()]

@@ -1,0 +1,449 @@
+"""`mahir optimize`: the main job. Propose candidates for this machine, search, keep the best.
+
+The order of work: read the machine; gather the run's inputs once (evidence.py: the timing
+workload, calibration batches, a check sample, held-out inputs, and the fp32 original's outputs
+on all of them); then let the search build, check and time the candidates (halving.py states
+its invariant). The result is the winner, every candidate's outcome and why, and the workload
+and machine they were measured on; `OptimizeResult.save` writes the output directory. Sits
+beside bench and apply, above search; the CLI and `mahir.search.optimize` call it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from mahir.errors import BadInput, MahirError, first_line
+from mahir.evidence import gather
+from mahir.hardware import Machine, detect
+from mahir.measure import load_summary
+from mahir.model import Model, load_model
+from mahir.passes import PassContext
+from mahir.runtimes import get_runtime, open_session
+from mahir.search.bench import model_summary
+from mahir.search.budget import FidelityBudget, MetricBudget, quality_kind
+from mahir.search.builder import ArtifactBuilder
+from mahir.search.candidates import Candidate, Objective, propose
+from mahir.search.halving import (
+    Budget,
+    Events,
+    Outcome,
+    Search,
+    comparable_speedup,
+    first_rung_seconds,
+    rank,
+)
+from mahir.search.records import OutcomeCache, outcome_record
+from mahir.types import Artifact
+from mahir.workload import Workload, refuse_text_options
+
+# Share of the time budget kept for timing when candidates are built: building stops when less
+# than this is left, so the survivors are still measured properly.
+TIMING_SHARE = 0.35
+
+
+@dataclass(frozen=True, slots=True)
+class OptimizeConfig:
+    """What `optimize` searches for, on which inputs, within what quality and time."""
+
+    objective: Objective = "latency"
+    """latency: batch-1 p50 (the smallest batch size); throughput: best samples/s."""
+    batch_sizes: tuple[int, ...] = ()
+    """Batch sizes timed; default (1,) for latency, (8, 32) for throughput."""
+    max_drop: float = 0.01
+    """Quality budget: fidelity drop (see budget.py), or the user metric's absolute drop."""
+    time_budget_s: float | None = None
+    """Wall time for the whole search; None: try every candidate."""
+    only: tuple[str, ...] = ()
+    """Candidate ids to try (the baseline always runs); empty: all proposed."""
+    sentences: tuple[str, ...] = ()
+    """The user's sentences for the workload; generated text when empty."""
+    token_range: tuple[int, int] | None = None
+    batches_per_size: int = 8
+    metric: str | None = None
+    """`module:fn` or `file.py:fn` scoring (outputs, data) -> float, higher is better."""
+    data: Path | None = None
+    """The data the metric scores (see `workload.read_user_data`)."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.objective not in ("latency", "throughput"):
+            raise BadInput(f"objective must be latency or throughput, got {self.objective!r}")
+        if (self.metric is None) != (self.data is None):
+            raise BadInput("--metric and --data go together: the metric scores that data")
+        if self.time_budget_s is not None and self.time_budget_s <= 0:
+            raise BadInput(f"--time-budget must be > 0 minutes, got {self.time_budget_s / 60:g}")
+        if any(size < 1 for size in self.batch_sizes):
+            raise BadInput(f"batch sizes must be >= 1, got {list(self.batch_sizes)}")
+        if self.metric is None:
+            FidelityBudget(self.max_drop)  # refuses a drop outside [0, 0.5), as the search would
+        elif not (math.isfinite(self.max_drop) and self.max_drop >= 0):
+            raise BadInput(f"--max-drop must be a number >= 0 for a metric, got {self.max_drop}")
+        if self.data is not None and not self.data.is_file():
+            raise BadInput(f"{self.data} does not exist: give the data file the metric scores")
+
+    def check_model(self, model: Model) -> None:
+        """Refuse what `model` cannot use instead of ignoring it: sentences and token counts
+        shape text, which only text models read."""
+        given = {"--sentences": bool(self.sentences), "--tokens": self.token_range is not None}
+        refuse_text_options(model, given)
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        if self.batch_sizes:
+            return tuple(sorted(set(self.batch_sizes)))
+        return (1,) if self.objective == "latency" else (8, 32)
+
+
+@dataclass
+class OptimizeResult:
+    """Every candidate's outcome, the winner (None if nothing met the budget), and what they
+    were measured on. `complete` is False when Ctrl-C or the time budget cut the run short."""
+
+    model: Model
+    machine: Machine
+    workload: Workload
+    config: OptimizeConfig
+    budget: Budget
+    candidates: list[Outcome]
+    best: Outcome | None
+    artifact: Artifact | None
+    complete: bool
+    elapsed_s: float
+    date: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat())
+
+    def report(self) -> dict[str, Any]:
+        """report.json: every candidate's recipe, timing, quality, status and reason."""
+        objective = self.config.objective
+        if isinstance(self.budget, MetricBudget):
+            budget: dict[str, Any] = {
+                "kind": "metric",
+                "description": self.budget.describe(),
+                "metric": self.budget.name,
+                "max_drop": self.budget.max_drop,
+                "baseline_metric": self.budget.baseline,
+            }
+        else:
+            kind = next((quality_kind(o.quality) for o in self.candidates if o.quality), "outputs")
+            budget = {
+                "kind": "fidelity",
+                "description": self.budget.describe(kind),
+                "max_drop": self.budget.max_drop,
+                **self.budget.bounds(kind),
+            }
+        return {
+            "schema": 1,
+            "date": self.date,
+            "complete": self.complete,
+            "stopped": None if self.complete else "interrupted",
+            "objective": objective,
+            "batch_sizes": list(self.config.sizes),
+            "budget": budget,
+            "machine": self.machine.to_dict(),
+            "model": model_summary(self.model),
+            "workload": self.workload.describe(),
+            "machine_load": self.machine_load(),
+            "time_budget_s": self.config.time_budget_s,
+            "elapsed_s": self.elapsed_s,
+            "baseline": self.candidates[0].candidate.id,
+            "best": None if self.best is None else self.best.candidate.id,
+            "candidates": [outcome_record(o, objective, self.best) for o in self.candidates],
+        }
+
+    def machine_load(self) -> dict[str, Any]:
+        """What other processes used while this run timed (see `measure.load_summary`)."""
+        timed = [o for o in self.candidates if not o.cached]
+        return load_summary(p for o in timed for p in (*o.perf.values(), *o.baseline_perf.values()))
+
+    def save(self, out: str | os.PathLike[str]) -> Path:
+        """Write the output directory atomically: the winner (model/, mahir.json, recipe.yaml)
+        with report.json and report.html. With no winner, only the reports are written, and
+        never over an earlier run's model: then into `<out>-report` beside it. If writing fails
+        (a full disk, a folder made read-only during the run), the measurements are not lost:
+        the reports go to a new temporary folder, and the BadInput raised says where."""
+        from mahir.outdir import MANIFEST
+        from mahir.report.html import render_html
+        from mahir.search.apply import Applied, write_output_dir
+
+        out = Path(out)
+        report = self.report()
+        extra = {
+            "report.json": json.dumps(report, indent=2, default=str) + "\n",
+            "report.html": render_html(report),
+        }
+        applied = None
+        if self.best is not None and self.artifact is not None and self.best.quality is not None:
+            applied = Applied(self.artifact, self.best.candidate.recipe, self.best.quality)
+        elif (out / MANIFEST).is_file():
+            out = out.with_name(f"{out.name}-report")
+        try:
+            write_output_dir(self.model, applied, out, extra=extra)
+        except (OSError, MahirError) as err:
+            kept = _keep_reports(extra)
+            raise BadInput(
+                f"cannot write {out} ({first_line(err)}); report.json and report.html are in "
+                f"{kept}: put that right and run again with --resume to reuse the measurements"
+            ) from err
+        return out
+
+    def __rich__(self) -> Table:
+        title = f"{self.model.name} on {self.machine.summary()}"
+        caption = f"budget: {self.report()['budget']['description']}; quality: mean / worst on "
+        caption += "every input judged, held-out ones included; tuned on: worst on calibration"
+        if self.best is not None:
+            caption += "; speedups on the winner's last timing round (losers against the winner "
+            caption += "in the round they were dropped)"
+        note = self.machine_load()["note"]
+        if note:
+            caption += f"\n[bold red]{note}[/bold red]"
+        table = Table(title=title, caption=caption)
+        columns = ("candidate", "status", "p50 ms", "samples/s", "speedup", "quality", "tuned on")
+        for column in columns:
+            table.add_column(column, justify="left" if column == "candidate" else "right")
+        for outcome in self.candidates:
+            table.add_row(*_row(outcome, self.config, self.best))
+        return table
+
+
+def _keep_reports(reports: Mapping[str, str]) -> Path:
+    """Write `reports` (name -> text) into a new temporary folder, where writing works."""
+    folder = Path(tempfile.mkdtemp(prefix="mahir-report-"))
+    for name, text in reports.items():
+        (folder / name).write_text(text)
+    return folder
+
+
+def _row(outcome: Outcome, config: OptimizeConfig, best: Outcome | None) -> tuple[str, ...]:
+    perf = outcome.perf.get(config.sizes[0])
+    speedup = outcome.speedup(config.objective)
+    if best is not None:
+        speedup = comparable_speedup(outcome, best, config.objective)
+    quality = ""
+    if outcome.metric is not None:
+        quality = f"metric {outcome.metric:.4g}"
+    elif outcome.quality is not None:
+        head = outcome.quality.headline
+        quality = f"{head.cosine_mean:.4f} / {head.cosine_min:.4f}"
+    tuned = outcome.tuned_quality  # on the calibration inputs: fitted, not judged
+    status = outcome.status if outcome.status == "ok" else f"{outcome.status}: {outcome.reason}"
+    return (
+        f"[bold]{outcome.candidate.id} *[/bold]" if outcome is best else outcome.candidate.id,
+        status,
+        "" if perf is None else f"{perf.p50_ms:.2f}{' ~' if perf.noisy else ''}",
+        "" if not outcome.perf else f"{max(p.throughput for p in outcome.perf.values()):,.0f}",
+        "" if speedup is None else f"{speedup:.2f}x",
+        quality,
+        "" if tuned is None else f"{tuned.headline.cosine_min:.4f}",
+    )
+
+
+def optimize(
+    model: Model | str | os.PathLike[str] | None = None,
+    config: OptimizeConfig = OptimizeConfig(),
+    workdir: str | os.PathLike[str] | None = None,
+    *,
+    cache_path: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    on_event: Events = lambda _id, _text: None,
+) -> OptimizeResult:
+    """Search this machine's candidates for `model`; Ctrl-C ends it early with what was found.
+    `model` is a loaded model or a source for `load_model` (default: the bundled one). Built
+    artifacts go to `workdir` (default: a new temporary folder, left for the caller, since the
+    winner lives there until `save`). With `cache_path`, outcomes are recorded there as each
+    stage completes (checked, timed; a checked candidate's files kept beside until the run
+    completes); `resume` reuses them (records.py says how)."""
+    if not isinstance(model, Model):
+        model = load_model(model)
+    config.check_model(model)
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="mahir-optimize-"))
+    started = time.monotonic()
+    deadline = None if config.time_budget_s is None else started + config.time_budget_s
+    machine = detect()
+    proposed, skipped = propose(model, machine, config.objective, max_drop=config.max_drop)
+    baseline = proposed[0].id
+    on_event(baseline, f"machine: {machine.summary()}")
+    proposed = _only(proposed, config.only)  # a typo fails before any work
+    inputs = gather(model, config)
+    workload, evidence = inputs.workload, inputs.evidence
+    ctx = PassContext(model=model, workdir=workdir, calibration=inputs.calibration, machine=machine)
+    builder = ArtifactBuilder(ctx)
+    search = Search(model, builder, evidence, config.objective, baseline, deadline, on_event)
+    key = _run_key(model, machine, workload, config)
+    cache = OutcomeCache(Path(cache_path), key, resume=resume) if cache_path else None
+    outcomes: list[Outcome] = []
+    complete = True
+    try:
+        _check_all(search, proposed, outcomes, cache, config, workdir / "resumed")
+        if search.sessions:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            rung_s = first_rung_seconds(left, len(search.sessions) - 1, len(config.sizes))
+            search.time_survivors(outcomes, rung_s)
+    except KeyboardInterrupt:
+        complete = False
+        on_event(baseline, "interrupted: keeping what was measured")
+    reached = {o.candidate.id for o in outcomes}
+    reason = "time budget spent before it was built" if complete else "interrupted"
+    outcomes += [Outcome(c, "skipped", reason=reason) for c in proposed if c.id not in reached]
+    outcomes += [Outcome(c, "skipped", reason=why) for c, why in skipped]
+    if cache is not None:
+        for outcome in outcomes:
+            if outcome.perf.keys() == set(config.sizes):  # a rung cut short is not a timing
+                cache.put(outcome, config.objective)
+        if complete:  # every checked candidate was timed: its kept files are no longer needed
+            cache.drop_artifacts()
+    ranked = rank(outcomes, config.objective)
+    best = ranked[0] if ranked else None
+    artifact = None
+    if best is not None:
+        artifact = search.artifacts.get(best.candidate.id) or _rebuild(search, best.candidate)
+    return OptimizeResult(
+        model,
+        machine,
+        workload,
+        config,
+        evidence.budget,
+        outcomes,
+        best,
+        artifact,
+        complete,
+        elapsed_s=time.monotonic() - started,
+    )
+
+
+def cache_path(out: Path) -> Path:
+    """Where the outcomes of a run writing `out` are recorded for `--resume`: beside it."""
+    return out.with_name(f".{out.name}.cache.jsonl")
+
+
+def _only(proposed: list[Candidate], only: Sequence[str]) -> list[Candidate]:
+    if not only:
+        return proposed
+    known = {c.id for c in proposed}
+    unknown = sorted(set(only) - known)
+    if unknown:
+        raise BadInput(
+            f"unknown candidates {unknown}: on this machine, choose from {sorted(known)}"
+        )
+    return [c for c in proposed if c is proposed[0] or c.id in only]
+
+
+def _run_key(model: Model, machine: Machine, workload: Workload, config: OptimizeConfig) -> str:
+    """What must match for an earlier run's measurements to count in this one."""
+    digest = hashlib.sha256()
+    for part in (model.source, machine.summary(), config.objective, config.max_drop, config.metric):
+        digest.update(repr(part).encode())
+    for path in _model_files(model):
+        stat = path.stat()
+        digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    for size, batches in sorted(workload.batches.items()):
+        for batch in batches:
+            for name in sorted(batch):
+                digest.update(f"{size}/{name}".encode() + batch[name].tobytes())
+    if config.data is not None:
+        digest.update(config.data.read_bytes())
+    return str(digest.hexdigest()[:16])
+
+
+def _model_files(model: Model) -> list[Path]:
+    if model.folder is not None:
+        return sorted(p for p in model.folder.rglob("*") if p.is_file())
+    if model.onnx_path is not None:
+        return [model.onnx_path]
+    return [Path(model.source.rpartition(":")[0])] if ".py:" in model.source else []
+
+
+def _check_all(
+    search: Search,
+    proposed: Sequence[Candidate],
+    outcomes: list[Outcome],
+    cache: OutcomeCache | None,
+    config: OptimizeConfig,
+    workdir: Path,
+) -> None:
+    """Build and check each candidate in order, or take its earlier outcome from the cache: a
+    final one (rejected, failed, timed) as it stands, a checked one reopened to be timed (its
+    kept files copied into `workdir`). The baseline's timing comes from the cache only when
+    everything's does: else it is timed anew."""
+    cached = {c.id: cache.get(c) for c in proposed} if cache else {}
+    all_final = bool(cached) and all(o is not None and _final(o) for o in cached.values())
+    for candidate in proposed:
+        earlier = cached.get(candidate.id)
+        baseline = candidate is proposed[0]
+        if earlier is not None and _final(earlier) and (not baseline or all_final):
+            search.on_event(candidate.id, f"{earlier.status} in an earlier run (resumed)")
+            outcomes.append(earlier)
+            continue
+        if not baseline and _building_time_spent(search, config):
+            search.on_event(candidate.id, "time budget: no more building")
+            return
+        reopened = None
+        if cache is not None and earlier is not None and not _final(earlier):
+            reopened = _reopen(search, earlier, cache, workdir)
+        outcome = reopened or search.check(candidate)
+        outcomes.append(outcome)
+        if cache is not None and reopened is None:
+            _record_check(search, cache, outcome, config.objective)
+
+
+def _record_check(
+    search: Search, cache: OutcomeCache, outcome: Outcome, objective: Objective
+) -> None:
+    """Record a checked candidate; one that passed, with its files (kept first, so a record
+    never promises files that are not there; without them, a resumed run builds it again)."""
+    candidate = outcome.candidate
+    if outcome.status == "ok":
+        try:
+            cache.keep_artifact(candidate, search.artifacts[candidate.id])
+        except OSError as err:
+            search.on_event(candidate.id, f"cannot keep its files for --resume ({first_line(err)})")
+    cache.put(outcome, objective)
+
+
+def _final(outcome: Outcome) -> bool:
+    """Whether an outcome needs no more work: rejected, failed, or ok and timed."""
+    return outcome.status != "ok" or bool(outcome.perf)
+
+
+def _reopen(search: Search, earlier: Outcome, cache: OutcomeCache, workdir: Path) -> Outcome | None:
+    """A candidate an earlier run checked but did not time, with its session open again on its
+    kept files (or on its live torch module, built again: it has no files) and its recorded
+    quality standing; None when it cannot be reopened, so it is built and checked anew."""
+    candidate, recipe = earlier.candidate, earlier.candidate.recipe
+    try:
+        if "torch" in get_runtime(recipe.runtime).formats:
+            artifact: Artifact | None = _rebuild(search, candidate)
+        else:
+            artifact = cache.kept_artifact(candidate, search.model.spec, workdir)
+        if artifact is None:
+            return None
+        search.sessions[candidate.id] = open_session(recipe.runtime, artifact, recipe.options)
+    except (MahirError, OSError) as err:
+        search.on_event(candidate.id, f"cannot reopen ({first_line(err)}): building it again")
+        return None
+    search.artifacts[candidate.id] = artifact
+    search.on_event(candidate.id, "passed the quality check in an earlier run (resumed)")
+    return dataclasses.replace(earlier, cached=False)  # timed in this run
+
+
+def _building_time_spent(search: Search, config: OptimizeConfig) -> bool:
+    if search.deadline is None or config.time_budget_s is None:
+        return False
+    return search.deadline - time.monotonic() < TIMING_SHARE * config.time_budget_s
+
+
+def _rebuild(search: Search, candidate: Candidate) -> Artifact:
+    """A cached winner's artifact: built again (building is not measuring)."""
+    recipe = candidate.recipe
+    return search.builder.build(recipe.steps, get_runtime(recipe.runtime).formats)

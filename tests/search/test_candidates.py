@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mahir.hardware import Machine
+from mahir.model import Model, load_model
+from mahir.search.candidates import propose
+
+ZEN4 = Machine("AMD EPYC", 2, 2, ("avx2", "avx512", "avx512_vnni", "avx512_bf16"), 24.0)
+OLD_XEON = Machine("Intel Xeon", 4, 8, ("avx2", "avx512"), 32.0)
+
+
+def test_the_baseline_comes_first_and_ids_are_unique(minilm: Model) -> None:
+    proposed, skipped = propose(minilm, ZEN4, "latency")
+    ids = [c.id for c in proposed] + [c.id for c, _ in skipped]
+    assert proposed[0].id == "torch"  # a module: PyTorch eager is the original as given
+    assert proposed[0].recipe.steps == ()
+    assert len(ids) == len(set(ids))
+
+
+def test_int8_is_left_out_with_a_reason_where_the_cpu_has_no_int8_dot_product(
+    minilm: Model,
+) -> None:
+    with_vnni = {c.id for c in propose(minilm, ZEN4, "latency")[0]}
+    proposed, skipped = propose(minilm, OLD_XEON, "latency")
+    assert "ort-dynamic-int8" in with_vnni
+    assert "openvino-nncf-int8" in with_vnni
+    assert not any("int8" in c.id for c in proposed)
+    reasons = {c.id: why for c, why in skipped}
+    assert "VNNI" in reasons["ort-dynamic-int8"]
+    default = next(c for c in proposed if c.id == "openvino-default")
+    assert "f32 here" in default.label  # no bf16 instructions: OpenVINO's default is f32
+
+
+def test_transformer_techniques_are_left_out_for_other_models(mlp: Model) -> None:
+    proposed, skipped = propose(mlp, ZEN4, "latency")
+    assert "ort-fused" not in {c.id for c in proposed}
+    assert "text encoder" in dict((c.id, why) for c, why in skipped)["ort-fused"]
+
+
+@pytest.mark.parametrize(
+    ("objective", "hint"), [("latency", "latency"), ("throughput", "throughput")]
+)
+def test_openvino_candidates_follow_the_objective(mlp: Model, objective: str, hint: str) -> None:
+    proposed, _ = propose(mlp, ZEN4, objective)  # type: ignore[arg-type]
+    openvino = [c for c in proposed if c.recipe.runtime == "openvino"]
+    assert openvino
+    assert all(c.recipe.options.openvino_hint == hint for c in openvino)
+
+
+def test_the_direct_openvino_conversion_is_left_out_for_an_onnx_model(
+    minilm: Model, minilm_onnx: Path
+) -> None:
+    assert "openvino-direct-nncf-int8" in {c.id for c in propose(minilm, ZEN4, "latency")[0]}
+    onnx_model = load_model(minilm_onnx)
+    skipped = dict((c.id, why) for c, why in propose(onnx_model, ZEN4, "latency")[1])
+    assert "ONNX" in skipped["openvino-direct-nncf-int8"]
+    assert "ONNX" in skipped["openvino-direct-default"]
