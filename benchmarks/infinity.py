@@ -68,7 +68,7 @@ def infinity_folder(work: Path) -> Path:
     dynamic int8) at its root, as Infinity's optimum engine looks for them."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from mahir.export import export_onnx
+    from mahir.export.onnx import export_onnx
     from mahir.model import load_model
 
     folder = shutil.copytree(default_model_folder(), work / "minilm")

@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from mahir.export import fidelity, reference_outputs, verification_batches
 from mahir.hardware import detect
 from mahir.measure import MeasureConfig, measure
 from mahir.model import load_model
@@ -30,9 +29,10 @@ from mahir.passes.prune import MagnitudePrune
 from mahir.passes.prune_transformer import TransformerPrune
 from mahir.passes.quantize import DynamicInt8, StaticInt8
 from mahir.passes.torchao import Pt2eInt8, TorchaoInt8
-from mahir.runtimes import RUNTIMES, open_session
+from mahir.quality import fidelity
+from mahir.runtimes import RUNTIMES, open_session, reference_outputs
 from mahir.types import RuntimeOptions, Session
-from mahir.workload import build_workload
+from mahir.workload import build_workload, verification_batches
 
 BF16 = RuntimeOptions(openvino_precision="bf16")
 DEFAULT = RuntimeOptions(openvino_precision=None)  # OpenVINO picks: bf16 where the CPU has it

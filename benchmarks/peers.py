@@ -5,7 +5,7 @@
         [--time-budget 10] [--winners DIR] [--json-prefix PATH] [--workload 64-128|mixed]
 
 For each workload (batch 1; sentences of 64-128 tokens, and short-skewed mixed lengths) it runs
-`mahir.optimize` for that workload (or reuses a winner saved in `--winners DIR/<workload>`),
+`mahir.search.optimize` for that workload (or reuses a winner saved in `--winners DIR/<workload>`),
 opens the winner with `mahir.load`, builds the peers, and times them all in ONE interleaved
 `mahir.measure.measure` call, so drift of the machine hits all alike:
 
@@ -22,7 +22,7 @@ opens the winner with `mahir.load`, builds the peers, and times them all in ONE 
 Peers 6 and 7 sit behind a small adapter that feeds the same tokenized batch to the backend's
 underlying optimum model (torch tensors in, `last_hidden_state` out), so every contestant gets
 identical inputs and fidelity is measured alike for all: pooled sentence-embedding cosine to the
-fp32 original (`mahir.export.fidelity`) on the timed batches, held-out batches of 8 and mahir's
+fp32 original (`mahir.export.onnx.fidelity`) on the timed batches, held-out batches of 8 and mahir's
 three verification shapes. A contestant counts against the winner only where it meets the same
 bar the winner had to (mean >= 0.99, worst >= 0.98). Timing batches are drawn with a seed apart
 from the ones `optimize` searched on, and calibration data (NNCF, sentence-transformers'
@@ -52,18 +52,18 @@ from rich.console import Console
 from rich.table import Table
 
 import mahir
-from mahir.budget import FidelityBudget
-from mahir.builder import ArtifactBuilder
-from mahir.export import fidelity, reference_outputs, verification_batches
 from mahir.hardware import Machine, detect
 from mahir.measure import MeasureConfig, measure
 from mahir.model import Model, load_model
 from mahir.passes import PassContext
 from mahir.passes.nncf import NncfInt8
+from mahir.quality import fidelity
 from mahir.recipe import Recipe
-from mahir.runtimes import get_runtime, open_session
+from mahir.runtimes import get_runtime, open_session, reference_outputs
+from mahir.search.budget import FidelityBudget
+from mahir.search.builder import ArtifactBuilder
 from mahir.types import Artifact, Inputs, Outputs, Perf, Quality, RuntimeOptions, Session
-from mahir.workload import Batch, build_workload, generate_sentences
+from mahir.workload import Batch, build_workload, generate_sentences, verification_batches
 
 WORKLOADS: dict[str, tuple[int, int] | None] = {"64-128": (64, 128), "mixed": None}
 BASELINE = "PyTorch eager fp32"
@@ -217,7 +217,7 @@ def optimize_winner(
     holds one; either way return its report.json."""
     if not (out / "mahir.json").is_file():
         config = mahir.OptimizeConfig(token_range=token_range, time_budget_s=minutes * 60)
-        result = mahir.optimize(model, config, workdir, on_event=_progress)
+        result = mahir.search.optimize(model, config, workdir, on_event=_progress)
         if result.best is None:
             raise SystemExit(f"mahir optimize found no winner: see {result.save(out)}")
         result.save(out)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from mahir.export import export_onnx, export_openvino
+from mahir.export.onnx import export_onnx, export_openvino
 from mahir.hardware import detect, physical_cores
 from mahir.measure import MeasureConfig, measure
 from mahir.model import load_model
