@@ -31,11 +31,15 @@ def grouped_batches(opened: OutputDir, sentences: list[str], size: int) -> list[
     """The sentences sorted by token count and cut into batches of `size`, each padded to
     its own longest: the best grouping a batcher could reach."""
     lengths = [
-        len(opened.tokenizer(s, truncation=True, max_length=opened.max_length)["input_ids"])
+        len(
+            opened.family.tokenizer(s, truncation=True, max_length=opened.family.max_length)[
+                "input_ids"
+            ]
+        )
         for s in sentences
     ]
     ordered = [s for _, s in sorted(zip(lengths, sentences, strict=True))]
-    return [opened.encode(ordered[i : i + size]) for i in range(0, len(ordered), size)]
+    return [opened.family.tokenize(ordered[i : i + size]) for i in range(0, len(ordered), size)]
 
 
 def main() -> None:

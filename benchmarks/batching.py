@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from mahir.families.text import generate_sentences
 from mahir.model import load_model
 from mahir.serve.batcher import Batcher, BatcherConfig
-from mahir.workload import generate_sentences, tokenize
 
 
 class ShapeRecorder:
@@ -58,8 +58,8 @@ def main() -> None:
     args = parser.parse_args()
     model = load_model()
     rng = np.random.default_rng(0)
-    texts = generate_sentences(args.requests, model.tokenizer, rng, max_tokens=256)
-    requests = [tokenize(model, [t]) for t in texts]
+    texts = generate_sentences(args.requests, model.family.tokenizer, rng, max_tokens=256)
+    requests = [model.family.tokenize([t]) for t in texts]
     real = sum(int(r["attention_mask"].sum()) for r in requests)
     counts = {}
     for grouped in (False, True):

@@ -32,7 +32,6 @@ from mahir.passes.torchao import Pt2eInt8, TorchaoInt8
 from mahir.quality import fidelity
 from mahir.runtimes import RUNTIMES, open_session, reference_outputs
 from mahir.types import RuntimeOptions, Session
-from mahir.workload import build_workload, verification_batches
 
 BF16 = RuntimeOptions(openvino_precision="bf16")
 DEFAULT = RuntimeOptions(openvino_precision=None)  # OpenVINO picks: bf16 where the CPU has it
@@ -104,14 +103,14 @@ def main() -> None:
 
     model = load_model()
     machine = detect(gpus=False)
-    calibration = tuple(build_workload(model, [8], batches_per_size=8, seed=1).batches[8])
-    held_out = build_workload(model, [8], batches_per_size=4, seed=2).batches[8]
-    held_out += verification_batches(model)
+    calibration = tuple(model.family.workload([8], batches_per_size=8, seed=1).batches[8])
+    held_out = model.family.workload([8], batches_per_size=4, seed=2).batches[8]
+    held_out += model.family.verification_batches()
     reference = reference_outputs(model, held_out)
     workloads = {
-        "b1 64-128 tok": build_workload(model, [1], batches_per_size=16, token_range=(64, 128)),
-        "b1 mixed": build_workload(model, [1], batches_per_size=16, seed=3),
-        "b32 mixed": build_workload(model, [32], batches_per_size=4, seed=4),
+        "b1 64-128 tok": model.family.workload([1], batches_per_size=16, token_range=(64, 128)),
+        "b1 mixed": model.family.workload([1], batches_per_size=16, seed=3),
+        "b32 mixed": model.family.workload([32], batches_per_size=4, seed=4),
     }
 
     sessions: dict[str, Session] = {}

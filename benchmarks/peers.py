@@ -52,6 +52,7 @@ from rich.console import Console
 from rich.table import Table
 
 import mahir
+from mahir.families.text import generate_sentences
 from mahir.hardware import Machine, detect
 from mahir.measure import MeasureConfig, measure
 from mahir.model import Model, load_model
@@ -63,7 +64,7 @@ from mahir.runtimes import get_runtime, open_session, reference_outputs
 from mahir.search.budget import FidelityBudget
 from mahir.search.builder import ArtifactBuilder
 from mahir.types import Artifact, Inputs, Outputs, Perf, Quality, RuntimeOptions, Session
-from mahir.workload import Batch, build_workload, generate_sentences, verification_batches
+from mahir.workload import Batch
 
 WORKLOADS: dict[str, tuple[int, int] | None] = {"64-128": (64, 128), "mixed": None}
 BASELINE = "PyTorch eager fp32"
@@ -171,8 +172,8 @@ def run_workload(
     """Optimize for the workload (or reuse its saved winner), build the peers, check them all
     on the same batches, then time them all in one interleaved measurement."""
     token_range = WORKLOADS[name]
-    workload = build_workload(
-        model, [1], token_range=token_range, batches_per_size=16, seed=TIMING_SEED
+    workload = model.family.workload(
+        [1], token_range=token_range, batches_per_size=16, seed=TIMING_SEED
     )
     report = optimize_winner(model, token_range, args.time_budget, winner_dir, workdir / "opt")
     best = next(c for c in report["candidates"] if c["id"] == report["best"])
@@ -230,7 +231,7 @@ def build_peers(
 ) -> dict[str, Contestant]:
     """Peers 2-7 (see the module docstring), each opened the way its users open it."""
     # The winner's calibration: optimize samples 4 batches of 8 like the workload, seed 1.
-    calibration = build_workload(model, [8], token_range=token_range, batches_per_size=4, seed=1)
+    calibration = model.family.workload([8], token_range=token_range, batches_per_size=4, seed=1)
     ctx = PassContext(model, workdir / "mahir", tuple(calibration.batches[8]), machine)
     builder = ArtifactBuilder(ctx)
     peers = {}
@@ -281,7 +282,7 @@ def sentence_transformers_openvino(
     data = workdir / "calibration"
     data.mkdir(parents=True)
     rng = np.random.default_rng(1)
-    sentences = generate_sentences(300, model.tokenizer, rng, token_range=token_range)
+    sentences = generate_sentences(300, model.family.tokenizer, rng, token_range=token_range)
     with (data / "train.csv").open("w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(["text"])
@@ -313,8 +314,8 @@ def sentence_transformers_openvino(
 def _fidelity_batches(
     model: Model, timed: list[Batch], token_range: tuple[int, int] | None
 ) -> list[Batch]:
-    held_out = build_workload(model, [8], token_range=token_range, batches_per_size=4, seed=2)
-    return [*timed, *held_out.batches[8], *verification_batches(model)]
+    held_out = model.family.workload([8], token_range=token_range, batches_per_size=4, seed=2)
+    return [*timed, *held_out.batches[8], *model.family.verification_batches()]
 
 
 def _row(

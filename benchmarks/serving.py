@@ -60,7 +60,7 @@ def low_load(
     built before its timer starts and the answer read but not parsed: what the times include
     beyond the in-process work is the server's, not a load generator's."""
     opened = open_output_dir(folder)
-    assert opened.pooling is not None
+    assert opened.family.pooling is not None
     sentence = sentence_source(0)
     texts = [sentence() for _ in range(2000)]
     bodies = [json.dumps({"input": [t], "model": name}).encode() for t in texts]
@@ -70,9 +70,9 @@ def low_load(
     times: dict[str, list[float]] = {"in_process": [], "server": []}
 
     def in_process(i: int) -> None:
-        inputs = opened.encode([texts[i]])
+        inputs = opened.family.tokenize([texts[i]])
         tokens = opened.session.run(inputs)[opened.spec.outputs[0]]
-        pool(tokens, inputs["attention_mask"], opened.pooling)
+        pool(tokens, inputs["attention_mask"], opened.family.pooling)
 
     def server(i: int) -> None:
         connection.request("POST", "/v1/embeddings", bodies[i], headers)

@@ -25,7 +25,6 @@ from mahir.measure import MeasureConfig, measure
 from mahir.model import load_model
 from mahir.runtimes import open_session
 from mahir.types import Inputs, Outputs, RuntimeOptions
-from mahir.workload import build_workload
 
 TARGET_RATIO = 1.03
 
@@ -88,7 +87,7 @@ def main() -> None:
     threads = physical_cores()
     torch.set_num_threads(threads)
     options = RuntimeOptions(threads=threads)
-    workload = build_workload(model, [1], batches_per_size=16, token_range=(low, high))
+    workload = model.family.workload([1], batches_per_size=16, token_range=(low, high))
     batches = workload.batches[1]
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path, ir_path = Path(tmp) / "model.onnx", Path(tmp) / "ov" / "model.xml"

@@ -47,19 +47,17 @@ def minilm_onnx(minilm: Model, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 @pytest.fixture(scope="session")
 def minilm_calibration(minilm: Model) -> tuple[dict[str, np.ndarray], ...]:
-    from mahir.workload import build_workload
 
-    return tuple(build_workload(minilm, [8], batches_per_size=4, seed=5).batches[8])
+    return tuple(minilm.family.workload([8], batches_per_size=4, seed=5).batches[8])
 
 
 @pytest.fixture(scope="session")
 def minilm_eval(minilm: Model) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
     """Held-out batches (two traffic-shaped, three verification shapes) and their references."""
     from mahir.runtimes import reference_outputs
-    from mahir.workload import build_workload, verification_batches
 
-    batches = build_workload(minilm, [8], batches_per_size=2, seed=9).batches[8]
-    batches += verification_batches(minilm)
+    batches = minilm.family.workload([8], batches_per_size=2, seed=9).batches[8]
+    batches += minilm.family.verification_batches()
     return batches, reference_outputs(minilm, batches)
 
 

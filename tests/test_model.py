@@ -16,16 +16,16 @@ TESTS = Path(__file__).parent
 
 def test_default_model_is_a_sentence_encoder_with_pooling(minilm: Model) -> None:
     assert minilm.name == "all-MiniLM-L6-v2"
-    assert minilm.is_text
+    assert minilm.family.kind == "text"
     assert minilm.spec.input_names == ("input_ids", "token_type_ids", "attention_mask")
     assert all(t.shape == (BATCH, SEQUENCE) and t.dtype == "int64" for t in minilm.spec.inputs)
     # sentence-transformers ignores the pooler head; the pooling config is the model's answer
     assert minilm.spec.outputs == ("last_hidden_state",)
-    assert minilm.pooling is not None
-    assert (minilm.pooling.mode, minilm.pooling.normalize) == ("mean", True)
-    assert minilm.max_length == 256
+    assert minilm.family.pooling is not None
+    assert (minilm.family.pooling.mode, minilm.family.pooling.normalize) == ("mean", True)
+    assert minilm.family.max_length == 256
     # the position table holds 512 even though sentence-transformers truncates at 256
-    assert minilm.token_limits == TokenLimits(positions=512, vocab_size=30522, type_vocab_size=2)
+    assert minilm.family.limits == TokenLimits(positions=512, vocab_size=30522, type_vocab_size=2)
     assert not minilm.module.training
 
 
@@ -33,7 +33,7 @@ def test_factory_models_get_a_dynamic_batch_axis(mlp: Model, cnn: Model) -> None
     assert [(t.name, t.shape, t.dtype) for t in mlp.spec.inputs] == [("x", (BATCH, 32), "float32")]
     assert cnn.spec.inputs[0].shape == (BATCH, 3, 32, 32)
     assert mlp.spec.outputs == ("output",)
-    assert not mlp.is_text
+    assert mlp.family.kind == "tensor"
     # the factory left dropout/batchnorm in training mode; loading put them in eval mode
     assert not any(m.training for m in mlp.module.modules())
     inputs = {k: torch.from_numpy(v) for k, v in mlp.example_inputs.items()}
@@ -50,12 +50,12 @@ def test_onnx_file_with_tokenizer_beside_it_is_a_text_model(minilm_onnx: Path) -
     model = load_model(minilm_onnx)
     assert model.module is None
     assert model.onnx_path == minilm_onnx
-    assert model.is_text
-    assert model.pooling is not None
+    assert model.family.kind == "text"
+    assert model.family.pooling is not None
     assert {t.name: t.shape for t in model.spec.inputs}["input_ids"] == (BATCH, SEQUENCE)
     assert model.original().format == "onnx"
-    assert model.token_limits == TokenLimits(positions=512, vocab_size=30522)
-    assert model.max_length == 512
+    assert model.family.limits == TokenLimits(positions=512, vocab_size=30522)
+    assert model.family.max_length == 512
 
 
 @pytest.mark.parametrize(

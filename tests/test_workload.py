@@ -6,21 +6,15 @@ import numpy as np
 import pytest
 
 from mahir.errors import BadInput
+from mahir.families.text import TextEncoder, encode_texts, generate_sentences
 from mahir.model import Model
-from mahir.workload import (
-    TextEncoder,
-    Workload,
-    build_workload,
-    encode_texts,
-    generate_sentences,
-    read_sentences,
-)
+from mahir.workload import Workload, read_sentences
 
 
 def test_generated_text_is_short_skewed_with_a_long_tail(minilm: Model) -> None:
     rng = np.random.default_rng(0)
-    sentences = generate_sentences(400, minilm.tokenizer, rng, max_tokens=256)
-    lengths = np.array([len(minilm.tokenizer(s)["input_ids"]) for s in sentences])
+    sentences = generate_sentences(400, minilm.family.tokenizer, rng, max_tokens=256)
+    lengths = np.array([len(minilm.family.tokenizer(s)["input_ids"]) for s in sentences])
     assert 12 <= np.median(lengths) <= 30
     assert np.mean(lengths) > np.median(lengths)  # right-skewed
     assert lengths.max() > 3 * np.median(lengths)
@@ -29,14 +23,14 @@ def test_generated_text_is_short_skewed_with_a_long_tail(minilm: Model) -> None:
 
 def test_token_range_is_respected(minilm: Model) -> None:
     rng = np.random.default_rng(0)
-    sentences = generate_sentences(50, minilm.tokenizer, rng, token_range=(64, 128))
-    lengths = [len(minilm.tokenizer(s)["input_ids"]) for s in sentences]
+    sentences = generate_sentences(50, minilm.family.tokenizer, rng, token_range=(64, 128))
+    lengths = [len(minilm.family.tokenizer(s)["input_ids"]) for s in sentences]
     assert min(lengths) >= 64
     assert max(lengths) <= 128 + 8
 
 
 def test_text_batches_are_padded_per_batch(minilm: Model) -> None:
-    workload = build_workload(minilm, [1, 4], batches_per_size=3)
+    workload = minilm.family.workload([1, 4], batches_per_size=3)
     assert sorted(workload.batches) == [1, 4]
     for size, batches in workload.batches.items():
         assert len(batches) == 3
@@ -53,19 +47,19 @@ def test_user_sentences_are_used(minilm: Model, tmp_path: Path) -> None:
     data.write_text("first query\n\nsecond, rather longer query about latency\n")
     sentences = read_sentences(data)
     assert sentences == ["first query", "second, rather longer query about latency"]
-    workload = build_workload(minilm, [2], sentences=sentences, batches_per_size=2)
+    workload = minilm.family.workload([2], texts=sentences, batches_per_size=2)
     assert set(workload.texts) == set(sentences)
 
 
 def test_tensor_workload_follows_the_spec(cnn: Model) -> None:
-    workload = build_workload(cnn, [1, 5], batches_per_size=2)
+    workload = cnn.family.workload([1, 5], batches_per_size=2)
     assert workload.batches[5][0]["image"].shape == (5, 3, 32, 32)
     assert workload.batches[1][1]["image"].dtype == np.float32
     assert workload.texts == ()
 
 
 def test_save_and_load_round_trip(minilm: Model, tmp_path: Path) -> None:
-    workload = build_workload(minilm, [1, 3], batches_per_size=2)
+    workload = minilm.family.workload([1, 3], batches_per_size=2)
     path = tmp_path / "w.npz"
     workload.save(path)
     loaded = Workload.load(path)
@@ -76,7 +70,8 @@ def test_save_and_load_round_trip(minilm: Model, tmp_path: Path) -> None:
             assert a.keys() == b.keys()
             for name in a:
                 np.testing.assert_array_equal(a[name], b[name])
-    assert loaded.describe()["tokens"]["max"] >= loaded.describe()["tokens"]["min"]
+    tokens = loaded.describe(minilm.family.token_lengths)["tokens"]
+    assert tokens["max"] >= tokens["min"]
 
 
 def test_bad_data_files(tmp_path: Path) -> None:
@@ -93,7 +88,7 @@ def test_bad_data_files(tmp_path: Path) -> None:
 
 
 def test_the_direct_text_encoder_gives_what_transformers_gives(minilm: Model) -> None:
-    encoder = TextEncoder(minilm.tokenizer, minilm.spec, minilm.max_length)
+    encoder = TextEncoder(minilm.family.tokenizer, minilm.spec, minilm.family.max_length)
     assert encoder.direct
     long_text = "a very long sentence about nothing in particular " * 80  # past max_length
     cases = [
@@ -101,17 +96,19 @@ def test_the_direct_text_encoder_gives_what_transformers_gives(minilm: Model) ->
         ["short", "a rather longer sentence, with punctuation; and more words in it!", ""],
         [long_text, "and a short one"],
         ["Ünïcödé, emoji \U0001f680 and tabs\tand   spaces", "  leading and trailing  "],
-        generate_sentences(16, minilm.tokenizer, np.random.default_rng(3)),
+        generate_sentences(16, minilm.family.tokenizer, np.random.default_rng(3)),
     ]
     for texts in cases:
-        expected = encode_texts(minilm.tokenizer, minilm.spec, minilm.max_length, texts)
+        expected = encode_texts(
+            minilm.family.tokenizer, minilm.spec, minilm.family.max_length, texts
+        )
         got = encoder(texts)
         assert sorted(got) == sorted(expected)
         for name, array in expected.items():
             assert got[name].dtype == array.dtype
             np.testing.assert_array_equal(got[name], array, err_msg=f"{name} for {texts[:1]}")
-    assert encoder([long_text])["input_ids"].shape[1] == minilm.max_length
+    assert encoder([long_text])["input_ids"].shape[1] == minilm.family.max_length
     # The encoder sets its own copy: the tokenizer the model shares is left as it was.
-    TextEncoder(minilm.tokenizer, minilm.spec, 8)([long_text])
-    shared = minilm.tokenizer.backend_tokenizer.encode(long_text)
+    TextEncoder(minilm.family.tokenizer, minilm.spec, 8)([long_text])
+    shared = minilm.family.tokenizer.backend_tokenizer.encode(long_text)
     assert len(shared.ids) != 8

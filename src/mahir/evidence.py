@@ -3,7 +3,7 @@
 The inputs are kept apart by purpose, each from its own seed, so no candidate is judged on what
 it was tuned on: the timing workload (traffic-shaped batches per batch size), the calibration
 batches passes tune on (the user's sentences minus a held-out fifth), a small check sample with
-shapes unlike the traffic, and held-out inputs no pass sees (`workload.held_out_batches`); then
+shapes unlike the traffic, and held-out inputs no pass sees (`Family.held_out_batches`); then
 the original's outputs on each, and the budget that judges them (fidelity, or the user's metric
 with the original's own score). Sits with the search, which reads the `Evidence` it builds.
 """
@@ -18,15 +18,7 @@ from mahir.model import Model, import_function
 from mahir.runtimes import reference_outputs, reference_session
 from mahir.search.budget import FidelityBudget, MetricBudget, metric_outputs, score
 from mahir.search.halving import Budget, Evidence
-from mahir.workload import (
-    Batch,
-    Workload,
-    build_workload,
-    held_out_batches,
-    read_user_data,
-    split_held_out,
-    verification_batches,
-)
+from mahir.workload import Batch, Workload, split_held_out
 
 if TYPE_CHECKING:
     from mahir.search.optimize import OptimizeConfig
@@ -47,8 +39,8 @@ def gather(model: Model, config: OptimizeConfig) -> RunInputs:
     tuning, held_out = split_held_out(config.sentences)
     calibration = _workload(model, config, (8,), count=4, seed=1, sentences=tuning).batches[8]
     check = [*_workload(model, config, (4,), count=2, seed=2).batches[4]]
-    check += verification_batches(model)
-    unseen = held_out_batches(model, held_out, seed=config.seed + 3)
+    check += model.family.verification_batches()
+    unseen = model.family.held_out_batches(held_out, batch_size=16, seed=config.seed + 3)
     budget, metric_data = _budget(model, config)
     evidence = Evidence(
         check=check,
@@ -76,10 +68,9 @@ def _workload(
 ) -> Workload:
     """Inputs drawn like the user's traffic (`sentences`, default all the user's); distinct
     seeds keep the timing workload, the calibration batches and the cheap-check sample apart."""
-    return build_workload(
-        model,
+    return model.family.workload(
         sizes,
-        sentences=(config.sentences if sentences is None else sentences) or None,
+        texts=(config.sentences if sentences is None else sentences) or None,
         batches_per_size=count,
         token_range=config.token_range,
         seed=config.seed + seed,
@@ -91,7 +82,7 @@ def _budget(model: Model, config: OptimizeConfig) -> tuple[Budget, list[Batch]]:
     if config.metric is None or config.data is None:
         return FidelityBudget(config.max_drop), []
     metric = import_function(config.metric, "give --metric as package.module:fn or file.py:fn")
-    data, batches = read_user_data(model, config.data)
+    data, batches = model.family.read_user_data(config.data, batch_size=32)
     session = reference_session(model.original())
     outputs = metric_outputs(model, session, batches)
     baseline = score(metric, config.metric, outputs, data)

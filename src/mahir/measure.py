@@ -143,8 +143,10 @@ def measure(
     *,
     clock: Callable[[], float] = time.perf_counter,
     on_progress: Callable[[str, float], None] | None = None,
+    tokens: Sequence[int] | None = None,
 ) -> dict[str, Perf]:
-    """Time every session on `batches` (cycled), interleaved; one `Perf` per session name."""
+    """Time every session on `batches` (cycled), interleaved; one `Perf` per session name.
+    `tokens`: the real (unpadded) tokens of each batch, for tokens/s (`Family.token_lengths`)."""
     if not sessions or not batches:
         raise ValueError("measure needs at least one session and one batch")
     batch_size = _batch_size(batches)
@@ -160,8 +162,7 @@ def measure(
                 on_progress(name, timings[name].fraction_done(config))
     other = load.other_cores()
     return {
-        name: replace(_perf(t, batches, batch_size), other_load=other)
-        for name, t in timings.items()
+        name: replace(_perf(t, tokens, batch_size), other_load=other) for name, t in timings.items()
     }
 
 
@@ -199,17 +200,15 @@ def _batch_size(batches: Sequence[Inputs]) -> int:
     return int(sizes.pop())
 
 
-def _perf(timings: _Timings, batches: Sequence[Inputs], batch_size: int) -> Perf:
+def _perf(timings: _Timings, tokens: Sequence[int] | None, batch_size: int) -> Perf:
     runs = [run for round_ in timings.rounds for run in round_]
     if timings.total_s <= 0:
         raise ValueError(f"the clock saw no time pass in {len(runs)} runs: use a finer clock")
     latencies = np.array([latency for latency, _ in runs])
     p50, p90, p99 = np.percentile(latencies * 1e3, [50, 90, 99])
     tokens_per_s = None
-    if "attention_mask" in batches[0]:
-        per_batch = [int(np.count_nonzero(batch["attention_mask"])) for batch in batches]
-        tokens = sum(per_batch[index] for _, index in runs)
-        tokens_per_s = tokens / timings.total_s
+    if tokens is not None:
+        tokens_per_s = sum(tokens[index] for _, index in runs) / timings.total_s
     spread, drift = _noise(timings.rounds)
     return Perf(
         batch_size=batch_size,

@@ -1,8 +1,9 @@
 """Load a model source into a `Model`: a Hugging Face folder, an ONNX file, or a PyTorch factory.
 
 A `Model` is what every later room starts from: the fp32 original (a torch module in eval mode, or
-the ONNX file as given), its input spec with named dynamic axes, example inputs, and for text
-models the tokenizer and the sentence-transformers pooling, which is part of the model.
+the ONNX file as given), its input spec with named dynamic axes, example inputs, and its family
+(`families/`): for text models the tokenizer and the sentence-transformers pooling, which is part
+of the model.
 
 Every way a source can be wrong ends in one `BadInput` line that says what to give instead.
 This room imports only the bottom layer (types, errors, pooling) and the frameworks.
@@ -28,9 +29,11 @@ import numpy as np
 import torch
 
 from mahir.errors import BadInput, Unsupported
-from mahir.families.tensor import random_inputs
+from mahir.families import Family
+from mahir.families.tensor import Tensor, random_inputs
+from mahir.families.text import Text
 from mahir.modules import TupleOutputs
-from mahir.pooling import Pooling, read_pooling
+from mahir.pooling import read_pooling
 from mahir.silence import silenced
 from mahir.types import BATCH, SEQUENCE, Artifact, InputSpec, TensorSpec, TokenLimits
 
@@ -55,23 +58,15 @@ class Model:
     source: str
     spec: InputSpec
     example_inputs: dict[str, np.ndarray]
+    family: Family
+    """What differs by kind of model: inputs, fidelity, what serving needs (`families/`)."""
     module: Any = None
     onnx_path: Path | None = None
-    tokenizer: Any = None
-    pooling: Pooling | None = None
-    max_length: int | None = None
-    """Where text is truncated (sentence-transformers' max_seq_length, else `token_limits`')."""
-    token_limits: TokenLimits | None = None
-    """What the token inputs may hold (text models), checked by the server before a batch."""
     logits: frozenset[str] = frozenset()
     """Outputs that are class scores, judged by top-1 agreement; every other output is judged
     by cosine and error. Outputs the model names `*logits` (as transformers' heads do), with
     2+ scores and not a regression head, plus any the user names."""
     folder: Path | None = None
-
-    @property
-    def is_text(self) -> bool:
-        return self.tokenizer is not None
 
     def original(self) -> Artifact:
         """The model as given, as an artifact a runtime can open."""
@@ -163,18 +158,21 @@ def load_hf_folder(folder: Path, *, name: str | None = None) -> Model:
         source=str(folder),
         spec=spec,
         example_inputs=example,
-        module=TupleOutputs(hf_model, output_names).eval(),
-        tokenizer=tokenizer,
-        pooling=pooling,
-        max_length=_max_length(folder, config, tokenizer),
-        logits=frozenset() if regression else _logits({n: raw[n].shape for n in output_names}),
-        token_limits=TokenLimits(
-            positions=_positions(config, tokenizer),
-            vocab_size=int(config.vocab_size),
-            type_vocab_size=getattr(config, "type_vocab_size", None)
-            if "token_type_ids" in input_names
-            else None,
+        family=Text(
+            spec,
+            tokenizer,
+            max_length=_max_length(folder, config, tokenizer),
+            limits=TokenLimits(
+                positions=_positions(config, tokenizer),
+                vocab_size=int(config.vocab_size),
+                type_vocab_size=getattr(config, "type_vocab_size", None)
+                if "token_type_ids" in input_names
+                else None,
+            ),
+            pooling=pooling,
         ),
+        module=TupleOutputs(hf_model, output_names).eval(),
+        logits=frozenset() if regression else _logits({n: raw[n].shape for n in output_names}),
         folder=folder,
     )
 
@@ -263,23 +261,23 @@ def load_onnx(path: Path) -> Model:
     output_shapes = {o.name: _static_dims(o) for o in proto.graph.output}
     folder = path.parent
     tokenizer = _tokenizer_beside(folder) if "input_ids" in spec.input_names else None
+    family: Family
     if tokenizer is not None:
         encoded = tokenizer(list(EXAMPLE_SENTENCES), padding=True, return_tensors="np")
         example = {t.name: encoded[t.name].astype(t.dtype) for t in inputs}
+        limits = _onnx_token_limits(tokenizer)
+        family = Text(spec, tokenizer, limits.positions, limits, read_pooling(folder))
     else:
         example = random_inputs(spec, {BATCH: 2}, np.random.default_rng(0))
-    limits = _onnx_token_limits(tokenizer)
+        family = Tensor.from_example(spec, example)
     return Model(
         name=path.stem,
         source=str(path),
         spec=spec,
         example_inputs=example,
+        family=family,
         onnx_path=path,
         logits=_logits(output_shapes),
-        tokenizer=tokenizer,
-        pooling=read_pooling(folder) if tokenizer is not None else None,
-        max_length=None if limits is None else limits.positions,
-        token_limits=limits,
         folder=folder,
     )
 
@@ -310,10 +308,8 @@ def _tensor_spec(value_info: Any) -> TensorSpec:
     return TensorSpec(value_info.name, dtype, tuple(shape))
 
 
-def _onnx_token_limits(tokenizer: Any) -> TokenLimits | None:
+def _onnx_token_limits(tokenizer: Any) -> TokenLimits:
     """What the tokenizer beside an ONNX file says; the graph's tables are not read."""
-    if tokenizer is None:
-        return None
     positions = tokenizer.model_max_length
     sane = isinstance(positions, int) and 0 < positions < 1_000_000
     return TokenLimits(positions if sane else None, len(tokenizer))
@@ -370,6 +366,7 @@ def load_factory(target: str, fn_name: str) -> Model:
         source=source,
         spec=spec,
         example_inputs=example,
+        family=Tensor.from_example(spec, example),
         module=TupleOutputs(module, output_names).eval(),
         logits=_logits(_shapes(raw, output_names)),
     )

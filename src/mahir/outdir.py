@@ -1,9 +1,9 @@
 """Reading an output directory (written by `mahir apply` or `mahir optimize`) back.
 
 What a server or a later run needs is all inside it: the artifact and how to open it
-(`mahir.json`), and for text models the tokenizer (`tokenizer/`) and the pooling, since both are
-part of the model's answer. This room imports runtimes and the low rooms only, never passes or
-search, so serving stays free of the optimizer.
+(`mahir.json`), and what the model's family saved beside it: for text models the tokenizer
+(`tokenizer/`) and the pooling, since both are part of the model's answer. This room imports
+runtimes and the low rooms only, never passes or search, so serving stays free of the optimizer.
 """
 
 from __future__ import annotations
@@ -12,21 +12,17 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from mahir.errors import BadInput
+from mahir.families import Family, open_family
 from mahir.files import write_text_atomically
-from mahir.pooling import Pooling
 from mahir.runtimes import open_session
-from mahir.types import Artifact, InputSpec, RuntimeOptions, Session, TensorSpec, TokenLimits
-from mahir.workload import TextEncoder
+from mahir.types import Artifact, InputSpec, RuntimeOptions, Session, TensorSpec
 
 MANIFEST = "mahir.json"
 TOKENIZER = "tokenizer"
@@ -40,20 +36,8 @@ class OutputDir:
     session: Session
     spec: InputSpec
     manifest: dict[str, Any]
-    tokenizer: Any = None
-    pooling: Pooling | None = None
-    max_length: int | None = None
-    token_limits: TokenLimits | None = None
-    """What token inputs may hold; None for directories written before mahir recorded it."""
-
-    def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
-        """The model's inputs for `texts`, tokenized (and truncated) as the model was, padded to
-        the longest."""
-        return self._encoder(texts)
-
-    @cached_property
-    def _encoder(self) -> TextEncoder:
-        return TextEncoder(self.tokenizer, self.spec, self.max_length)
+    family: Family
+    """The model's family as recorded: for text models the tokenizer, pooling and limits."""
 
 
 def read_manifest(out: str | os.PathLike[str]) -> dict[str, Any]:
@@ -102,26 +86,16 @@ def open_output_dir(out: Path) -> OutputDir:
     artifact = read_artifact(out, manifest)
     try:
         options = RuntimeOptions(**manifest["options"])
-        pooling = Pooling(**manifest["pooling"]) if manifest.get("pooling") else None
-        limits = manifest.get("token_limits")
-        token_limits = TokenLimits(**limits) if limits else None
         runtime = manifest["runtime"]
+        family = open_family(manifest.get("family"), artifact.spec, out, manifest)
     except (KeyError, TypeError, ValueError) as err:
         raise BadInput(f"{out / MANIFEST} is damaged ({err}): write the directory again") from err
-    tokenizer = None
-    if (out / TOKENIZER).is_dir():
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(out / TOKENIZER))
     return OutputDir(
         name=model_name(manifest, out),
         session=open_session(runtime, artifact, options),
         spec=artifact.spec,
         manifest=manifest,
-        tokenizer=tokenizer,
-        pooling=pooling,
-        max_length=manifest.get("max_length"),
-        token_limits=token_limits,
+        family=family,
     )
 
 

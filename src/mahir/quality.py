@@ -208,18 +208,10 @@ FP32 = Tolerance()
 def fidelity(
     model: Model, session: Session, batches: Sequence[Batch], reference: Sequence[Outputs]
 ) -> Quality:
-    """How close `session` comes to `reference` on `batches`, including the pooled sentence
-    embedding when the model has pooling: for candidates that are not meant to be exact."""
+    """How close `session` comes to `reference` on `batches`, by the model family's measure
+    (a sentence encoder's pooled vector too): for candidates that are not meant to be exact."""
     outputs = [session.run(batch) for batch in batches]
-    masks = [b["attention_mask"] for b in batches] if "attention_mask" in batches[0] else None
-    return compare(
-        outputs,
-        reference,
-        attention_masks=masks,
-        pooling=model.pooling,
-        embedding_output=model.spec.outputs[0] if model.pooling else None,
-        logits=model.logits,
-    )
+    return model.family.compare(outputs, reference, batches, model.logits)
 
 
 def check_close(out: Outputs, ref: Outputs, tolerance: Tolerance, *, where: str) -> None:

@@ -14,7 +14,6 @@ from mahir.export.onnx import export_onnx, export_openvino, verify
 from mahir.model import Model, load_model
 from mahir.modules import PositionalInputs
 from mahir.types import Artifact
-from mahir.workload import verification_batches
 
 TESTS = Path(__file__).parents[1]
 
@@ -60,7 +59,7 @@ def test_transformers_models_export_with_eager_attention_and_keep_their_own(
 def test_verification_uses_shapes_other_than_the_traced_one(minilm: Model, mlp: Model) -> None:
     for model in (minilm, mlp):
         traced = {k: v.shape for k, v in model.example_inputs.items()}
-        shapes = [{k: v.shape for k, v in b.items()} for b in verification_batches(model)]
+        shapes = [{k: v.shape for k, v in b.items()} for b in model.family.verification_batches()]
         assert len(shapes) >= 3
         assert len({tuple(s.values()) for s in shapes}) == len(shapes)
         assert traced not in shapes

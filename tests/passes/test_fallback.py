@@ -19,7 +19,7 @@ from mahir.passes.fallback import AccuracyAwareInt8
 from mahir.quality import fidelity
 from mahir.runtimes import open_session, reference_outputs
 from mahir.types import Artifact, OutputFidelity
-from mahir.workload import Batch, build_workload, verification_batches
+from mahir.workload import Batch
 
 # How far held-out batches may fall below a budget met on calibration plus verification shapes.
 # all-MiniLM-L6-v2 measured above the default budget on them: 0.9912 mean, 0.9868 worst.
@@ -176,12 +176,14 @@ def test_invalid_configs_raise(field: str, value: object, message: str) -> None:
 
 def _run(model: Model, config: AccuracyAwareInt8, workdir: Path) -> Artifact:
     """The pass on a small model's torch original (exported to ONNX first)."""
-    calibration = tuple(build_workload(model, [8], batches_per_size=4).batches[8])
+    calibration = tuple(model.family.workload([8], batches_per_size=4).batches[8])
     ctx = PassContext(model=model, workdir=workdir, calibration=calibration)
     return run_pass(model.original(), config, ctx)
 
 
 def _held_out(model: Model, artifact: Artifact) -> OutputFidelity:
-    batches = verification_batches(model) + list(build_workload(model, [16], seed=3).batches[16])
+    batches = model.family.verification_batches() + list(
+        model.family.workload([16], seed=3).batches[16]
+    )
     reference = reference_outputs(model, batches)
     return fidelity(model, open_session("onnxruntime", artifact), batches, reference).headline

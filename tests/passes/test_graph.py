@@ -93,9 +93,8 @@ def test_fusion_needs_a_known_architecture(mlp: Model, tmp_path: Path) -> None:
 
 def test_cnn_graph_passes_keep_answers(cnn: Model, tmp_path: Path) -> None:
     from mahir.runtimes import reference_outputs
-    from mahir.workload import verification_batches
 
-    batches = verification_batches(cnn)
+    batches = cnn.family.verification_batches()
     reference = reference_outputs(cnn, batches)
     for config in (OrtOptimize("all"), Simplify()):
         ctx = PassContext(model=cnn, workdir=tmp_path / type(config).__name__)

@@ -19,14 +19,14 @@ from mahir.passes.nncf import NncfAccuracyControl, NncfInt8, nncf_accuracy_contr
 from mahir.quality import fidelity
 from mahir.runtimes import open_session, reference_outputs
 from mahir.types import Artifact
-from mahir.workload import Batch, build_workload, verification_batches
+from mahir.workload import Batch
 
 Eval = tuple[list[Batch], list[dict[str, np.ndarray]]]
 
 
 @pytest.fixture(scope="module")
 def calibration(minilm: Model) -> tuple[Batch, ...]:
-    return tuple(build_workload(minilm, [4], batches_per_size=8).batches[4])
+    return tuple(minilm.family.workload([4], batches_per_size=8).batches[4])
 
 
 def digest(artifact: Artifact) -> str:
@@ -89,14 +89,16 @@ def test_int8_on_the_default_model(
 
 
 def small_model_context(model: Model, tmp_path: Path) -> tuple[PassContext, Artifact]:
-    calibration = tuple(build_workload(model, [4], batches_per_size=8).batches[4])
+    calibration = tuple(model.family.workload([4], batches_per_size=8).batches[4])
     ctx = PassContext(model=model, workdir=tmp_path, calibration=calibration)
     return ctx, convert(model.original(), ("openvino",), ctx)
 
 
 def small_model_quality(model: Model, artifact: Artifact) -> tuple[float, float | None]:
     """Mean cosine and top-1 agreement of the logits at batch 1, 3, 7 and 16."""
-    batches = verification_batches(model) + list(build_workload(model, [16], seed=3).batches[16])
+    batches = model.family.verification_batches() + list(
+        model.family.workload([16], seed=3).batches[16]
+    )
     session = open_session("openvino", artifact)
     quality = fidelity(model, session, batches, reference_outputs(model, batches))
     return quality.outputs["output"].cosine_mean, quality.outputs["output"].top1_agreement

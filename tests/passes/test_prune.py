@@ -17,7 +17,6 @@ from mahir.passes.prune_transformer import TransformerPrune, transformer_prune
 from mahir.quality import fidelity
 from mahir.runtimes import open_session
 from mahir.types import Artifact
-from mahir.workload import build_workload
 
 Eval = tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]
 
@@ -45,9 +44,9 @@ def test_structured_prune_shrinks_a_copy_and_keeps_the_contract(
 ) -> None:
     model: Model = request.getfixturevalue(name)
     source = model.original()
-    batch = build_workload(model, [5], batches_per_size=1, seed=3).batches[5][0]
+    batch = model.family.workload([5], batches_per_size=1, seed=3).batches[5][0]
     before, answer = params(source.module), run_torch(source, batch)
-    calibration = tuple(build_workload(model, [8], batches_per_size=2).batches[8])
+    calibration = tuple(model.family.workload([8], batches_per_size=2).batches[8])
     ctx = PassContext(model=model, workdir=tmp_path, calibration=calibration)
 
     pruned = structured_prune(source, StructuredPrune(ratio=0.3, round_to=None), ctx)

@@ -20,7 +20,6 @@ from mahir.passes.quantize import DynamicInt8, StaticInt8, pad_to_common_shape
 from mahir.quality import fidelity
 from mahir.runtimes import open_session, reference_outputs
 from mahir.types import Artifact
-from mahir.workload import build_workload, verification_batches
 
 
 def _ops(path: Path | None) -> set[str]:
@@ -97,11 +96,13 @@ def test_reduce_range_follows_the_cpu(minilm: Model, tmp_path: Path) -> None:
 
 
 def test_static_int8_on_the_cnn_keeps_top1(cnn: Model, tmp_path: Path) -> None:
-    calibration = tuple(build_workload(cnn, [8], batches_per_size=4).batches[8])
+    calibration = tuple(cnn.family.workload([8], batches_per_size=4).batches[8])
     ctx = PassContext(model=cnn, workdir=tmp_path, calibration=calibration)
     artifact = run_pass(cnn.original(), StaticInt8(), ctx)  # exports to ONNX first
     assert "QuantizeLinear" in _ops(artifact.path)
-    batches = verification_batches(cnn) + list(build_workload(cnn, [16], seed=3).batches[16])
+    batches = cnn.family.verification_batches() + list(
+        cnn.family.workload([16], seed=3).batches[16]
+    )
     reference = reference_outputs(cnn, batches)
     for runtime in ("onnxruntime", "openvino"):
         quality = fidelity(cnn, open_session(runtime, artifact), batches, reference)

@@ -19,7 +19,6 @@ from mahir.passes.torchao import Pt2eInt8, TorchaoInt8
 from mahir.quality import fidelity
 from mahir.runtimes import open_session, reference_outputs
 from mahir.types import Artifact
-from mahir.workload import build_workload, verification_batches
 
 Batches = tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]
 
@@ -60,8 +59,8 @@ def _unchanged(module: nn.Module, before: dict[str, torch.Tensor]) -> bool:
 @pytest.fixture(scope="module")
 def mlp_eval(mlp: Model) -> Batches:
     """Traffic-shaped batches of 8 and the three verification shapes, with fp32 references."""
-    batches = build_workload(mlp, [8], batches_per_size=2, seed=9).batches[8]
-    batches += verification_batches(mlp)
+    batches = mlp.family.workload([8], batches_per_size=2, seed=9).batches[8]
+    batches += mlp.family.verification_batches()
     return batches, reference_outputs(mlp, batches)
 
 

@@ -25,7 +25,7 @@ from mahir.passes.weights import (
 from mahir.quality import fidelity
 from mahir.runtimes import open_session, reference_outputs
 from mahir.types import Artifact
-from mahir.workload import Batch, build_workload, verification_batches
+from mahir.workload import Batch
 
 Eval = tuple[list[Batch], list[dict[str, np.ndarray]]]
 
@@ -146,7 +146,9 @@ def test_nncf_weight_compression_on_the_small_models(
     artifact = nncf_weight_compression(source, NncfWeightCompression(), ctx)
     assert digest(source.path) == before
     assert artifact.meta["steps"][-1]["weights"] == {"u8": 3}
-    batches = verification_batches(model) + list(build_workload(model, [16], seed=3).batches[16])
+    batches = model.family.verification_batches() + list(
+        model.family.workload([16], seed=3).batches[16]
+    )
     session = open_session("openvino", artifact)
     quality = fidelity(model, session, batches, reference_outputs(model, batches))
     assert quality.outputs["output"].cosine_mean > 0.9999  # measured 0.99996, 0.99998

@@ -19,7 +19,6 @@ from mahir.recipe import ModelSource, Recipe, content_hash, load_recipe
 from mahir.runtimes import reference_outputs
 from mahir.search.apply import Applied, write_output_dir
 from mahir.types import Artifact, Quality
-from mahir.workload import build_workload
 from tests.helpers import mahir, tiny_factory
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
@@ -36,10 +35,10 @@ def test_apply_writes_a_directory_that_opens_and_answers(minilm: Model, tmp_path
     assert manifest["fidelity"]["embedding"]["cosine_mean"] >= 0.985
     assert (out / "recipe.yaml").is_file()
     assert (out / manifest["model_file"]).is_file()
-    assert open_output_dir(out).token_limits == minilm.token_limits  # what the server checks
+    assert open_output_dir(out).family.limits == minilm.family.limits  # what the server checks
     # the directory opens again and its embeddings stay close at new shapes
     session = load_output_dir(out)
-    batches = build_workload(minilm, [1, 5], batches_per_size=2, seed=11).batches
+    batches = minilm.family.workload([1, 5], batches_per_size=2, seed=11).batches
     for size_batches in batches.values():
         reference = reference_outputs(minilm, size_batches)
         outputs = [session.run(b) for b in size_batches]
@@ -48,13 +47,13 @@ def test_apply_writes_a_directory_that_opens_and_answers(minilm: Model, tmp_path
             outputs,
             reference,
             attention_masks=masks,
-            pooling=minilm.pooling,
+            pooling=minilm.family.pooling,
             embedding_output="last_hidden_state",
         )
         assert quality.embedding is not None
         assert quality.embedding.cosine_min > 0.97
-        assert minilm.pooling is not None
-        embedding = pool(outputs[0]["last_hidden_state"], masks[0], minilm.pooling)
+        assert minilm.family.pooling is not None
+        embedding = pool(outputs[0]["last_hidden_state"], masks[0], minilm.family.pooling)
         np.testing.assert_allclose(np.linalg.norm(embedding, axis=1), 1.0, rtol=1e-5)
 
 

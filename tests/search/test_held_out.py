@@ -18,7 +18,7 @@ from mahir.search.builder import ArtifactBuilder
 from mahir.search.candidates import Candidate, propose
 from mahir.search.halving import Evidence, Search
 from mahir.search.records import outcome_record
-from mahir.workload import build_workload, held_out_batches, split_held_out
+from mahir.workload import split_held_out
 
 
 def test_every_fifth_user_sentence_is_held_out_from_tuning() -> None:
@@ -31,17 +31,17 @@ def test_every_fifth_user_sentence_is_held_out_from_tuning() -> None:
 
 
 def test_held_out_text_spans_one_token_to_the_maximum_length(minilm: Model) -> None:
-    batches = held_out_batches(minilm, ["a sentence of the user's own"])
+    batches = minilm.family.held_out_batches(["a sentence of the user's own"])
     lengths = np.concatenate([b["attention_mask"].sum(axis=1) for b in batches])
     assert lengths.min() <= 3  # "ok", "?": one token between [CLS] and [SEP]
-    assert lengths.max() == minilm.max_length  # past the end, truncated as served
+    assert lengths.max() == minilm.family.max_length  # past the end, truncated as served
     assert len(lengths) >= 60
 
 
 def test_the_budget_is_judged_on_held_out_inputs_too(mlp: Model, tmp_path: Path) -> None:
-    batches = build_workload(mlp, [4], batches_per_size=2, seed=0).batches[4]
-    held_out = held_out_batches(mlp)
-    calibration = build_workload(mlp, [8], batches_per_size=2, seed=1).batches[8]
+    batches = mlp.family.workload([4], batches_per_size=2, seed=0).batches[4]
+    held_out = mlp.family.held_out_batches()
+    calibration = mlp.family.workload([8], batches_per_size=2, seed=1).batches[8]
     wrong = [{k: -v for k, v in out.items()} for out in reference_outputs(mlp, held_out)]
     evidence = Evidence(
         check=batches,

@@ -26,7 +26,6 @@ import mahir
 from mahir.model import Model
 from mahir.pooling import pool
 from mahir.runtimes import reference_outputs
-from mahir.workload import tokenize
 from tests.helpers import Server
 from tests.helpers import mahir as run_mahir
 from tests.serve.test_serve import NAME, binary_output, infer_body, sentences
@@ -62,11 +61,11 @@ class Expected:
 @pytest.fixture(scope="module")
 def expected(minilm: Model, served_dir: Path) -> Expected:
     texts = sentences(minilm, 100, seed=11, max_tokens=24)
-    batch = tokenize(minilm, texts)
+    batch = minilm.family.tokenize(texts)
     tokens = reference_outputs(minilm, [batch])[0]["last_hidden_state"]
-    assert minilm.pooling is not None
-    embeddings = pool(tokens, batch["attention_mask"], minilm.pooling)
-    singles = [tokenize(minilm, [t]) for t in texts]
+    assert minilm.family.pooling is not None
+    embeddings = pool(tokens, batch["attention_mask"], minilm.family.pooling)
+    singles = [minilm.family.tokenize([t]) for t in texts]
     alone = mahir.load(served_dir)
     hidden = [alone.run(single)["last_hidden_state"] for single in singles]
     return Expected(texts, embeddings, singles, hidden)

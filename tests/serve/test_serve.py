@@ -15,10 +15,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import mahir
+from mahir.families.text import generate_sentences
 from mahir.model import Model
 from mahir.pooling import pool
 from mahir.runtimes import reference_outputs
-from mahir.workload import generate_sentences, tokenize
 from tests.helpers import Server
 from tests.helpers import mahir as run_mahir
 
@@ -43,13 +43,13 @@ def infer_body(batch: dict[str, np.ndarray]) -> dict[str, object]:
 
 def sentences(minilm: Model, count: int, seed: int, max_tokens: int = 64) -> list[str]:
     rng = np.random.default_rng(seed)
-    return generate_sentences(count, minilm.tokenizer, rng, max_tokens=max_tokens)
+    return generate_sentences(count, minilm.family.tokenizer, rng, max_tokens=max_tokens)
 
 
 def test_tritonclient_round_trip_in_binary_and_json(server: Server, minilm: Model) -> None:
     import tritonclient.http as triton
 
-    batch = tokenize(minilm, sentences(minilm, 3, seed=1))
+    batch = minilm.family.tokenize(sentences(minilm, 3, seed=1))
     expected = reference_outputs(minilm, [batch])[0]["last_hidden_state"]
     client = triton.InferenceServerClient(f"127.0.0.1:{server.port}")
     assert client.is_server_ready()
@@ -77,7 +77,7 @@ def test_2000_concurrent_requests_each_get_their_own_answer(
     server: Server, served_dir: Path, minilm: Model
 ) -> None:
     texts = sentences(minilm, 2000, seed=2, max_tokens=24)
-    singles = [tokenize(minilm, [t]) for t in texts]
+    singles = [minilm.family.tokenize([t]) for t in texts]
     alone = mahir.load(served_dir)  # what each request would get on its own
     expected = [alone.run(single)["last_hidden_state"] for single in singles]
     binary = [{"name": "last_hidden_state", "parameters": {"binary_data": True}}]
@@ -118,10 +118,10 @@ def test_embeddings_match_sentence_transformers_pooling(server: Server, minilm: 
     assert response.status_code == 200
     body = response.json()
     assert [d["index"] for d in body["data"]] == list(range(5))
-    batch = tokenize(minilm, texts)
+    batch = minilm.family.tokenize(texts)
     tokens = reference_outputs(minilm, [batch])[0]["last_hidden_state"]
-    assert minilm.pooling is not None
-    expected = pool(tokens, batch["attention_mask"], minilm.pooling)
+    assert minilm.family.pooling is not None
+    expected = pool(tokens, batch["attention_mask"], minilm.family.pooling)
     got = np.array([d["embedding"] for d in body["data"]], np.float32)
     cosines = (
         (got * expected).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(expected, axis=1)
@@ -194,7 +194,7 @@ def test_malformed_requests_get_their_4xx(
 def test_metrics_parse_and_count_what_was_sent(served_dir: Path, minilm: Model) -> None:
     running = Server(served_dir)
     try:
-        batch = tokenize(minilm, ["one sentence"])
+        batch = minilm.family.tokenize(["one sentence"])
         for _ in range(7):
             assert (
                 httpx.post(
@@ -221,7 +221,9 @@ def test_metrics_parse_and_count_what_was_sent(served_dir: Path, minilm: Model) 
 
 def test_overload_gets_503_with_retry_after_and_never_500(served_dir: Path, minilm: Model) -> None:
     running = Server(served_dir, "--max-queue", "2", "--max-batch-size", "1", "--max-delay-ms", "0")
-    body = infer_body(tokenize(minilm, ["a sentence long enough to take a little while " * 4]))
+    body = infer_body(
+        minilm.family.tokenize(["a sentence long enough to take a little while " * 4])
+    )
 
     async def flood() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=running.url, timeout=120) as client:
@@ -243,7 +245,7 @@ def test_overload_gets_503_with_retry_after_and_never_500(served_dir: Path, mini
 
 def test_sigterm_finishes_in_flight_requests_then_exits_0(served_dir: Path, minilm: Model) -> None:
     running = Server(served_dir, "--max-delay-ms", "2000", "--max-batch-size", "64")
-    body = infer_body(tokenize(minilm, ["drain me"]))
+    body = infer_body(minilm.family.tokenize(["drain me"]))
 
     async def send_then_terminate() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=running.url, timeout=60) as client:
@@ -269,7 +271,7 @@ def queue_depth(server: Server) -> float:
 
 def test_an_api_key_guards_inference_but_not_health(served_dir: Path, minilm: Model) -> None:
     running = Server(served_dir, "--api-key", "s3cret")
-    body = infer_body(tokenize(minilm, ["hello"]))
+    body = infer_body(minilm.family.tokenize(["hello"]))
     url = f"{running.url}/v2/models/{NAME}/infer"
     try:
         assert httpx.get(f"{running.url}/v2/health/live").status_code == 200

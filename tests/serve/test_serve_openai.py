@@ -15,7 +15,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from mahir.model import Model
 from mahir.pooling import pool
 from mahir.runtimes import reference_outputs
-from mahir.workload import tokenize
 from tests.helpers import Server
 from tests.serve.test_serve import NAME, sentences
 
@@ -34,10 +33,10 @@ def client(server: Server) -> Iterator[openai.OpenAI]:
 
 
 def expected_embeddings(minilm: Model, texts: list[str]) -> np.ndarray:
-    batch = tokenize(minilm, texts)
+    batch = minilm.family.tokenize(texts)
     tokens = reference_outputs(minilm, [batch])[0]["last_hidden_state"]
-    assert minilm.pooling is not None
-    return pool(tokens, batch["attention_mask"], minilm.pooling)
+    assert minilm.family.pooling is not None
+    return pool(tokens, batch["attention_mask"], minilm.family.pooling)
 
 
 def cosines(got: np.ndarray, want: np.ndarray) -> np.ndarray:
@@ -53,12 +52,12 @@ def test_the_stock_client_gets_the_models_embeddings(client: openai.OpenAI, mini
         got = np.array([d.embedding for d in response.data], np.float32)
         assert got.shape == (4, 384)
         assert cosines(got, want).min() > 0.9999
-    assert default.usage.prompt_tokens == int(tokenize(minilm, texts)["attention_mask"].sum())
+    assert default.usage.prompt_tokens == int(minilm.family.tokenize(texts)["attention_mask"].sum())
 
 
 def test_token_ids_embed_as_their_text(client: openai.OpenAI, minilm: Model) -> None:
     texts = sentences(minilm, 2, seed=12)
-    ids = [minilm.tokenizer(text)["input_ids"] for text in texts]
+    ids = [minilm.family.tokenizer(text)["input_ids"] for text in texts]
     by_ids = client.embeddings.create(model=NAME, input=ids)
     one = client.embeddings.create(model=NAME, input=ids[0])  # a single list of ids
     got = np.array([d.embedding for d in by_ids.data], np.float32)

@@ -18,7 +18,6 @@ from mahir.errors import MahirError
 from mahir.model import Model
 from mahir.runtimes import open_session
 from mahir.types import Artifact
-from mahir.workload import tokenize
 from tests.helpers import Server
 from tests.helpers import mahir as run_mahir
 from tests.serve.test_serve import NAME, binary_output, infer_body
@@ -64,7 +63,7 @@ BAD = {
 def test_bad_token_inputs_get_422_and_every_other_request_its_answer(
     server: Server, served_openvino_dir: Path, minilm: Model
 ) -> None:
-    good = tokenize(minilm, ["five tokens here"])  # [CLS] five tokens here [SEP]
+    good = minilm.family.tokenize(["five tokens here"])  # [CLS] five tokens here [SEP]
     alone = mahir.load(served_openvino_dir).run(good)["last_hidden_state"]
 
     async def send() -> tuple[list[httpx.Response], list[httpx.Response], httpx.Response]:
@@ -92,7 +91,7 @@ def test_an_openvino_session_answers_the_last_good_shape_after_a_failed_call(
     minilm: Model, minilm_onnx: Path
 ) -> None:
     session = open_session("openvino", Artifact("onnx", minilm.spec, path=minilm_onnx))
-    good = tokenize(minilm, ["five tokens here"])
+    good = minilm.family.tokenize(["five tokens here"])
     expected = session.run(good)["last_hidden_state"]
     too_long = {name: np.ones((1, 1000), np.int64) for name in good}  # past 512 positions
     with pytest.raises(MahirError):
@@ -103,7 +102,7 @@ def test_an_openvino_session_answers_the_last_good_shape_after_a_failed_call(
 def test_a_request_with_more_rows_than_a_batch_holds_gets_413(
     server: Server, minilm: Model
 ) -> None:
-    rows = tokenize(minilm, ["a sentence"] * 33)
+    rows = minilm.family.tokenize(["a sentence"] * 33)
     response = httpx.post(f"{server.url}{INFER}", json=infer_body(rows), timeout=60)
     assert response.status_code == 413
     assert "a batch holds 32" in response.json()["error"]

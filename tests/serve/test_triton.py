@@ -26,7 +26,7 @@ from mahir.recipe import Recipe
 from mahir.runtimes import open_session, reference_outputs
 from mahir.search.apply import Applied, apply_recipe, write_output_dir
 from mahir.types import Artifact, Outputs
-from mahir.workload import Batch, verification_batches
+from mahir.workload import Batch
 from tests.helpers import mahir
 
 TYPES = {"int64": "TYPE_INT64", "int32": "TYPE_INT32", "float32": "TYPE_FP32"}
@@ -38,7 +38,7 @@ def write_dir(model: Model, runtime: str, out: Path, artifact: Artifact | None =
     if artifact is None:
         applied = apply_recipe(model, recipe, out.parent / "work", calibration=(), evaluation=())
     else:
-        batches = verification_batches(model)
+        batches = model.family.verification_batches()
         session = open_session(runtime, artifact, recipe.options)
         quality = fidelity(model, session, batches, reference_outputs(model, batches))
         applied = Applied(artifact, recipe, quality)
@@ -133,7 +133,7 @@ def test_repository_config_and_model_match_the_output_dir(
     assert done.returncode == 0, done.stderr
     folder = tmp_path / "repo" / name
     config = parse(folder)
-    batches = verification_batches(model)
+    batches = model.family.verification_batches()
     got = run_copied(folder, batches, list(model.spec.outputs))
     check_config(config, out, got, name)
     if key.endswith("onnx"):
@@ -155,9 +155,9 @@ def test_text_model_folder_carries_its_tokenizer_and_opens_as_an_output_dir(
     minilm, out = dirs["minilm-onnx"]
     assert mahir("export", str(out), "--triton", str(tmp_path), "--name", "e5").returncode == 0
     opened = open_output_dir(tmp_path / "e5")  # tokenizer and pooling travel with the model
-    assert opened.tokenizer is not None
-    assert opened.pooling == minilm.pooling
-    batch = verification_batches(minilm)[0]
+    assert opened.family.tokenizer is not None
+    assert opened.family.pooling == minilm.family.pooling
+    batch = minilm.family.verification_batches()[0]
     np.testing.assert_allclose(
         opened.session.run(batch)["last_hidden_state"],
         reference_outputs(minilm, [batch])[0]["last_hidden_state"],

@@ -30,7 +30,7 @@ from mahir.quality import FP32, Tolerance, check_close
 from mahir.runtimes import open_session, reference_outputs
 from mahir.silence import silenced
 from mahir.types import Artifact, RuntimeOptions
-from mahir.workload import Batch, verification_batches
+from mahir.workload import Batch
 
 # The exporter prints progress, logs missing torchvision ops and warns about renamed axes.
 EXPORTER_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "transformers")
@@ -192,7 +192,7 @@ def verify(
     """Raise `ExportMismatch` unless `artifact` on `runtime` gives the outputs of `reference`
     (default: the original) on every verification shape. OpenVINO is held to f32 here: this
     checks the conversion, not bf16."""
-    batches = verification_batches(model) if batches is None else batches
+    batches = model.family.verification_batches() if batches is None else batches
     expected = reference_outputs(model, batches, reference)
     session = open_session(runtime, artifact, RuntimeOptions(openvino_precision="f32"))
     for batch, ref in zip(batches, expected, strict=True):

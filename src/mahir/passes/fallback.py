@@ -38,7 +38,7 @@ from mahir.quality import fidelity
 from mahir.runtimes import open_session, reference_outputs
 from mahir.silence import silenced
 from mahir.types import Artifact, ArtifactFormat, OutputFidelity, Session
-from mahir.workload import Batch, verification_batches
+from mahir.workload import Batch
 
 if TYPE_CHECKING:
     import onnx
@@ -148,7 +148,7 @@ class _Search:
         import onnx
 
         self.config, self.ctx, self.scratch, self.artifact = config, ctx, scratch, artifact
-        self.batches: list[Batch] = [*ctx.calibration, *verification_batches(ctx.model)]
+        self.batches: list[Batch] = [*ctx.calibration, *ctx.model.family.verification_batches()]
         self.reference = reference_outputs(ctx.model, self.batches)
         samples = sum(len(next(iter(b.values()))) for b in self.batches)
         self.described = f"{len(self.batches)} batches, {samples} samples"

@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import numpy as np
 
 from mahir.errors import BadInput, Unsupported, first_line
-from mahir.quality import compare
 from mahir.silence import silenced
 from mahir.types import Artifact, ArtifactFormat, Outputs
 from mahir.workload import Batch
@@ -256,13 +255,7 @@ class _Scorer:
 
     def _score(self, index: int, outputs: Outputs) -> float:
         model, batch = self._model, self._batches[index]
-        quality = compare(
-            [outputs],
-            [self._reference[index]],
-            attention_masks=[batch["attention_mask"]] if "attention_mask" in batch else None,
-            pooling=model.pooling,
-            embedding_output=model.spec.outputs[0] if model.pooling else None,
-        )
+        quality = model.family.compare([outputs], [self._reference[index]], [batch], frozenset())
         fidelity = quality.embedding or quality.outputs[model.spec.outputs[0]]
         return fidelity.cosine_mean
 
@@ -321,7 +314,7 @@ def _preset(name: str) -> Any:
 
 
 def _is_transformer(asked: bool | None, ctx: PassContext) -> bool:
-    return ctx.model.is_text if asked is None else asked
+    return ctx.model.family.transformer if asked is None else asked
 
 
 def _model_type(asked: bool | None, ctx: PassContext) -> Any:

@@ -154,10 +154,11 @@ def static_int8(artifact: Artifact, config: StaticInt8, ctx: PassContext) -> Art
 def pad_to_common_shape(ctx: PassContext) -> tuple[dict[str, np.ndarray], ...]:
     """Calibration batches zero-padded along their dynamic non-batch axes to the largest size.
     Zero is padding for token inputs (the attention mask hides it); other models with more than
-    a batch axis dynamic cannot be padded safely."""
+    a batch axis dynamic cannot be padded safely (the family says whether padding is masked)."""
     spec = ctx.model.spec
     axes = {t.name: [a for a, d in t.dynamic_axes.items() if d != BATCH] for t in spec.inputs}
-    if any(axes.values()) and "attention_mask" not in spec.input_names:
+    masked = ctx.model.family.token_lengths(ctx.calibration[0]) is not None
+    if any(axes.values()) and not masked:
         raise Unsupported("histogram calibration needs equal shapes; use calibration='minmax'")
     sizes = {
         (name, axis): max(b[name].shape[axis] for b in ctx.calibration)

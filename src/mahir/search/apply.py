@@ -25,13 +25,13 @@ from typing import Any
 from mahir.errors import BadInput
 from mahir.export.onnx import export_program
 from mahir.model import Model, default_model_folder
-from mahir.outdir import MANIFEST, TOKENIZER, staged_dir
+from mahir.outdir import MANIFEST, staged_dir
 from mahir.passes import PassContext, apply_steps, convert
 from mahir.quality import fidelity, quality_to_dict
 from mahir.recipe import ModelSource, Recipe
 from mahir.runtimes import get_runtime, open_session, reference_outputs
 from mahir.types import Artifact, Quality
-from mahir.workload import Batch, verification_batches
+from mahir.workload import Batch
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def apply_recipe(
     artifact = convert(
         artifact, runtime.formats, dataclasses.replace(ctx, workdir=workdir / "final")
     )
-    batches = [*evaluation, *verification_batches(model)]
+    batches = [*evaluation, *model.family.verification_batches()]
     session = open_session(recipe.runtime, artifact, recipe.options)
     quality = fidelity(model, session, batches, reference_outputs(model, batches))
     return Applied(artifact, recipe, quality)
@@ -148,15 +148,11 @@ def _write_artifact(model: Model, applied: Applied, staging: Path) -> None:
             "inputs": [dataclasses.asdict(t) for t in artifact.spec.inputs],
             "outputs": list(artifact.spec.outputs),
         },
-        "pooling": None if model.pooling is None else dataclasses.asdict(model.pooling),
+        "family": model.family.kind,
+        **model.family.save(staging),
         "fidelity": quality_to_dict(applied.quality),
         "steps": list(applied.artifact.meta.get("steps", ())),
     }
-    if model.tokenizer is not None:  # part of the model's answer; the server tokenizes
-        model.tokenizer.save_pretrained(str(staging / TOKENIZER))
-        manifest["max_length"] = model.max_length
-        limits = model.token_limits
-        manifest["token_limits"] = None if limits is None else dataclasses.asdict(limits)
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
 
 

@@ -20,6 +20,7 @@ from typing import Any
 from rich.table import Table
 
 from mahir.errors import BadInput
+from mahir.families import real_tokens, refuse_text_options
 from mahir.hardware import Machine, detect
 from mahir.measure import MeasureConfig, load_summary, measure, resident_mb
 from mahir.model import Model
@@ -28,7 +29,7 @@ from mahir.quality import fidelity
 from mahir.runtimes import RUNTIMES, get_runtime, open_session, reference_outputs, reference_runtime
 from mahir.search.builder import ArtifactBuilder
 from mahir.types import Perf, Quality, RuntimeOptions, Session
-from mahir.workload import Workload, build_workload, refuse_text_options
+from mahir.workload import Workload
 
 DEFAULT_RUNTIMES = ("torch", "onnxruntime", "openvino")
 
@@ -97,7 +98,7 @@ class BenchResult:
             "date": self.date,
             "machine": self.machine.to_dict(),
             "model": model_summary(self.model),
-            "workload": self.workload.describe(),
+            "workload": self.workload.describe(self.model.family.token_lengths),
             "baseline": self.baseline,
             "machine_load": load_summary(row.perf for row in self.rows),
             "results": [self._row_json(row) for row in self.rows],
@@ -142,7 +143,7 @@ class BenchResult:
         }
 
     def __rich__(self) -> Table:
-        fidelity = "embedding" if self.model.pooling else "output"
+        fidelity = self.model.family.fidelity_name
         caption = f"cosine: {fidelity} vs the fp32 original, mean / worst sample"
         if any(row.perf.noisy for row in self.rows):
             caption += "; ~ noisy: jitter over 10%, small differences are not real"
@@ -179,10 +180,8 @@ def model_summary(model: Model) -> dict[str, Any]:
             {"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in model.spec.inputs
         ],
         "outputs": list(model.spec.outputs),
-        "pooling": None
-        if model.pooling is None
-        else {"mode": model.pooling.mode, "normalize": model.pooling.normalize},
-        "max_length": model.max_length,
+        "family": model.family.kind,
+        **model.family.summary(),
     }
 
 
@@ -213,14 +212,13 @@ def benchmark(
     """Build what each runtime needs in `workdir`, check every runtime's outputs, time them."""
     runtimes = runnable_runtimes(model, config.runtimes)
     given = {"--data": bool(config.sentences), "--tokens": config.token_range is not None}
-    refuse_text_options(model, given)
+    refuse_text_options(model.family, model.name, given)
     on_step("reading the machine")
     machine = detect()
     on_step("building the workload")
-    workload = build_workload(
-        model,
+    workload = model.family.workload(
         config.batch_sizes,
-        sentences=config.sentences or None,
+        texts=config.sentences or None,
         batches_per_size=config.batches_per_size,
         token_range=config.token_range,
         seed=config.seed,
@@ -252,7 +250,13 @@ def benchmark(
             on_step(f"checking {name} at batch {size}")
             qualities[name] = fidelity(model, session, batches, references[size])
         on_step(f"timing batch {size}")
-        perfs = measure(sessions, batches, config.measure, on_progress=on_measure)
+        perfs = measure(
+            sessions,
+            batches,
+            config.measure,
+            on_progress=on_measure,
+            tokens=real_tokens(model.family, batches),
+        )
         rows += [
             BenchRow(
                 runtime=name,

@@ -22,7 +22,6 @@ import numpy as np
 
 from mahir.errors import BadInput
 from mahir.model import Model
-from mahir.pooling import pool
 from mahir.types import Outputs, Quality, Session
 from mahir.workload import Batch
 
@@ -124,19 +123,9 @@ class MetricBudget:
 
 
 def metric_outputs(model: Model, session: Session, batches: Sequence[Batch]) -> list[Outputs]:
-    """The session's outputs on the user's batches, with the pooled "sentence_embedding" added
-    for a sentence encoder, since that is what its users score."""
-    outputs = []
-    for batch in batches:
-        out = session.run(batch)
-        if model.pooling is not None:
-            tokens = out[model.spec.outputs[0]]
-            out = {
-                **out,
-                "sentence_embedding": pool(tokens, batch["attention_mask"], model.pooling),
-            }
-        outputs.append(out)
-    return outputs
+    """The session's outputs on the user's batches, with what the model's users really get
+    added (a sentence encoder's pooled "sentence_embedding"), since that is what they score."""
+    return [model.family.scored(session.run(batch), batch) for batch in batches]
 
 
 def score(metric: Metric, name: str, outputs: Sequence[Outputs], data: Any) -> float:

@@ -67,7 +67,7 @@ def propose(
     default = RuntimeOptions(openvino_precision=None, openvino_hint=_hint(objective))
     int8 = machine.int8_dot_product
     bf16 = machine.has("avx512_bf16") or machine.has("amx_bf16")
-    text = model.is_text
+    text = model.family.transformer
     aim = max_drop * TUNING_MARGIN  # what self-tuning passes aim at, with room for unseen inputs
     entries: list[tuple[str, str, Recipe, str | None]] = [
         ("torch", "PyTorch eager fp32", Recipe((), "torch"), _needs_module(model)),

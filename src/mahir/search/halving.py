@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from mahir.errors import BadInput, first_line
+from mahir.families import real_tokens
 from mahir.measure import MeasureConfig, measure
 from mahir.model import Model
 from mahir.quality import fidelity
@@ -208,7 +209,10 @@ class Search:
         sessions = {o.candidate.id: self.sessions[o.candidate.id] for o in entrants}
         # Every batch size timed before any is kept: a rung cut short (Ctrl-C, between sizes)
         # leaves each outcome's numbers all from one earlier round, never from two.
-        rung = {size: measure(sessions, b, config) for size, b in self.evidence.timing.items()}
+        rung = {
+            size: measure(sessions, b, config, tokens=real_tokens(self.model.family, b))
+            for size, b in self.evidence.timing.items()
+        }
         for size, perfs in rung.items():
             for outcome in entrants:
                 outcome.perf[size] = perfs[outcome.candidate.id]

@@ -27,6 +27,7 @@ from rich.table import Table
 
 from mahir.errors import BadInput, MahirError, first_line
 from mahir.evidence import gather
+from mahir.families import refuse_text_options
 from mahir.hardware import Machine, detect
 from mahir.measure import load_summary
 from mahir.model import Model, load_model
@@ -47,7 +48,7 @@ from mahir.search.halving import (
 )
 from mahir.search.records import OutcomeCache, outcome_record
 from mahir.types import Artifact
-from mahir.workload import Workload, refuse_text_options
+from mahir.workload import Workload
 
 # Share of the time budget kept for timing when candidates are built: building stops when less
 # than this is left, so the survivors are still measured properly.
@@ -75,7 +76,7 @@ class OptimizeConfig:
     metric: str | None = None
     """`module:fn` or `file.py:fn` scoring (outputs, data) -> float, higher is better."""
     data: Path | None = None
-    """The data the metric scores (see `workload.read_user_data`)."""
+    """The data the metric scores (see `Family.read_user_data`)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -98,7 +99,7 @@ class OptimizeConfig:
         """Refuse what `model` cannot use instead of ignoring it: sentences and token counts
         shape text, which only text models read."""
         given = {"--sentences": bool(self.sentences), "--tokens": self.token_range is not None}
-        refuse_text_options(model, given)
+        refuse_text_options(model.family, model.name, given)
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -153,7 +154,7 @@ class OptimizeResult:
             "budget": budget,
             "machine": self.machine.to_dict(),
             "model": model_summary(self.model),
-            "workload": self.workload.describe(),
+            "workload": self.workload.describe(self.model.family.token_lengths),
             "machine_load": self.machine_load(),
             "time_budget_s": self.config.time_budget_s,
             "elapsed_s": self.elapsed_s,

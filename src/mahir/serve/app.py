@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException
 
 from mahir.errors import BadInput, MahirError, first_line, nearest
 from mahir.families.tensor import random_inputs
+from mahir.families.text import Text
 from mahir.outdir import OutputDir
 from mahir.serve.batcher import (
     Batcher,
@@ -98,7 +99,8 @@ class Model:
         spec = opened.spec
         sequence = spec.sequence_inputs
         self.token_outputs = token_outputs(opened, sequence)
-        self.rules = InputRules.for_model(spec, opened.token_limits)
+        text = opened.family if isinstance(opened.family, Text) else None
+        self.rules = InputRules.for_model(spec, text.limits if text else None)
         probe = random_inputs(spec, {BATCH: 1, SEQUENCE: 4}, np.random.default_rng(0))
         self.batcher = Batcher(
             opened.session,
@@ -109,10 +111,10 @@ class Model:
             probe=probe,
         )
         self.embedder: Embedder | None = None
-        embeds = opened.tokenizer is not None and opened.pooling is not None
-        if config.matryoshka_dims and not (embeds and opened.max_length):
+        embeds = text is not None and text.pooling is not None and text.max_length is not None
+        if config.matryoshka_dims and not embeds:
             raise BadInput(f"--matryoshka-dims: {self.name} is not a sentence encoder; drop it")
-        if embeds and opened.max_length:
+        if embeds:
             native = opened.session.run(probe)[spec.outputs[0]].shape[-1]
             self.embedder = Embedder(
                 opened,

@@ -25,6 +25,7 @@ import numpy as np
 import orjson
 
 from mahir.errors import BadInput
+from mahir.families.text import Text, TextEncoder
 from mahir.outdir import OutputDir
 from mahir.pooling import pool
 from mahir.serve.batcher import Batcher
@@ -108,7 +109,8 @@ class Embedder:
         dimensions: Sequence[int] = (),
         truncate: bool = True,
     ) -> None:
-        if opened.pooling is None or opened.max_length is None:
+        text = opened.family
+        if not isinstance(text, Text) or text.pooling is None or text.max_length is None:
             raise ValueError("an Embedder needs a text model with pooling and a max length")
         wrong = [d for d in dimensions if not 0 < d < native]
         if wrong:
@@ -117,7 +119,9 @@ class Embedder:
                 f"give sizes below {native}"
             )
         self.opened, self.batcher, self.rules = opened, batcher, rules
-        self.pooling, self.max_length = opened.pooling, opened.max_length
+        self.pooling, self.max_length = text.pooling, text.max_length
+        self.tokenizer = text.tokenizer
+        self.encode = TextEncoder(text.tokenizer, text.spec, text.max_length)
         self.native, self.sizes, self.truncate = native, frozenset(dimensions), truncate
 
     def check(self, request: EmbeddingRequest) -> None:
@@ -147,7 +151,7 @@ class Embedder:
 
     def _encode(self, index: int, item: str | TokenIds, truncate: bool) -> dict[str, np.ndarray]:
         if isinstance(item, str):
-            inputs = self.opened.encode([item])
+            inputs = self.encode([item])
             if not truncate and inputs["attention_mask"].shape[1] == self.max_length:
                 self._refuse_long(index, self._full_length(item))
             return inputs
@@ -161,7 +165,7 @@ class Embedder:
 
     def _full_length(self, text: str) -> int:
         """Tokens before truncation (asked only of texts that reached the max length)."""
-        encoded = self.opened.tokenizer(text, truncation=False, verbose=False)
+        encoded = self.tokenizer(text, truncation=False, verbose=False)
         return len(encoded["input_ids"])
 
     def _refuse_long(self, index: int, tokens: int) -> None:

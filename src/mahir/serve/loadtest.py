@@ -23,7 +23,7 @@ import numpy as np
 from rich.table import Table
 
 from mahir.errors import BadInput, MahirError
-from mahir.workload import WORDS
+from mahir.families.text import WORDS
 
 
 class TooManyErrors(MahirError):

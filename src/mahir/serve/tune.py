@@ -30,13 +30,10 @@ import numpy as np
 from rich.table import Table
 
 from mahir.errors import BadInput
-from mahir.families.tensor import random_inputs
 from mahir.hardware import detect
 from mahir.outdir import OutputDir
 from mahir.serve.app import token_outputs
 from mahir.serve.batcher import Batcher, BatcherConfig, Inputs
-from mahir.types import BATCH
-from mahir.workload import generate_sentences
 
 TUNED = ("max_batch_size", "max_delay_ms", "max_padding")
 """The batcher settings the tuner chooses and `mahir.json` records."""
@@ -174,15 +171,9 @@ def settings(base: BatcherConfig, config: TuneConfig, text: bool) -> list[Batche
 
 def traffic(opened: OutputDir, count: int, seed: int = 0) -> list[Inputs]:
     """One-item requests shaped like real traffic: generated short-skewed sentences for text
-    models (tokenized one by one, as the server does), random tensors otherwise."""
-    rng = np.random.default_rng(seed)
-    spec = opened.spec
-    if opened.tokenizer is None:
-        return [random_inputs(spec, {BATCH: 1}, rng) for _ in range(count)]
-    sentences = generate_sentences(
-        count, opened.tokenizer, rng, max_tokens=opened.max_length or 512
-    )
-    return [opened.encode([sentence]) for sentence in sentences]
+    models (tokenized one by one, as the server does), random tensors otherwise: what the
+    model's family makes."""
+    return list(opened.family.workload([1], batches_per_size=count, seed=seed).batches[1])
 
 
 async def tune_batching(

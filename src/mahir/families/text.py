@@ -1,0 +1,319 @@
+"""The text family: models that read tokenized text (sentence embeddings, token outputs,
+sequence classifiers).
+
+Workloads are sentences, from the user's file (one per line, or .jsonl with a "text" field) or
+generated with a short-skewed length spread like real queries, tokenized per batch with padding to
+the longest in the batch and truncated where the model truncates, as a server would. Padded
+positions carry no meaning, so fidelity leaves them out; a sentence encoder is judged on its
+pooled vector (`pooling.py`), since that is what its users get.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mahir.errors import BadInput
+from mahir.pooling import Pooling, pool
+from mahir.quality import compare
+from mahir.types import InputSpec, Outputs, Quality, TokenLimits
+from mahir.workload import HELD_OUT_TEXT, Batch, Workload, check_batch_sizes, read_sentences
+
+TOKENIZER = "tokenizer"
+"""The folder in an output directory that holds the tokenizer (the server tokenizes)."""
+
+# Common English words; generated sentences are drawn from them so that tokenizers see real words.
+WORDS = """
+the of and to in is was for that on with as by at from his her it an be are this which or have
+had not but were one their all new more first can after time two been other years when would
+there who they some into only its most also over made such where him many then these through
+between about during under both while three before city used known people school year later
+world found each war part music well album what state four game family several life best name
+released member series team since high national season under river small around each another
+model faster cheaper server request answer machine memory latency batch token sentence quick
+brown fox jumps lazy dog weather today market price report data search result user question
+please help order delivery account password change support email phone service product review
+great good bad late early open close start stop find make take give look think know want need
+""".split()
+
+
+def generate_sentences(
+    count: int,
+    tokenizer: Any,
+    rng: np.random.Generator,
+    *,
+    token_range: tuple[int, int] | None = None,
+    max_tokens: int = 512,
+) -> list[str]:
+    """Sentences whose token counts follow real traffic: by default short-skewed (log-normal,
+    median about 20 tokens, a long tail up to `max_tokens`); with `token_range`, uniform in it."""
+    word_tokens = {w: len(tokenizer.tokenize(w)) for w in WORDS}
+    special = len(tokenizer("")["input_ids"])  # [CLS] and [SEP], or the model's equivalent
+    targets: np.ndarray
+    if token_range is None:
+        targets = np.clip(rng.lognormal(np.log(20), 0.7, size=count), 4, max_tokens)
+    else:
+        low, high = token_range
+        if not 1 <= low <= high:
+            raise BadInput(f"token range {low}-{high} is empty: give MIN-MAX with 1 <= MIN <= MAX")
+        targets = rng.integers(low, high + 1, size=count)
+    sentences = []
+    for target in targets.astype(int):
+        words, tokens = [], special
+        while tokens < min(target, max_tokens):
+            word = WORDS[rng.integers(len(WORDS))]
+            words.append(word)
+            tokens += word_tokens[word]
+        sentences.append(" ".join(words).capitalize() + ".")
+    return sentences
+
+
+def encode_texts(
+    tokenizer: Any, spec: InputSpec, max_length: int | None, texts: Sequence[str]
+) -> Batch:
+    """`texts` tokenized and truncated as the model was, padded to the longest, with exactly
+    the input names and dtypes of `spec`: for a loaded model and an output directory alike."""
+    encoded = tokenizer(
+        list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="np"
+    )
+    return {t.name: encoded[t.name].astype(t.dtype) for t in spec.inputs}
+
+
+_ENCODING_FIELDS = {
+    "input_ids": "ids",
+    "attention_mask": "attention_mask",
+    "token_type_ids": "type_ids",
+}
+
+
+class TextEncoder:
+    """`encode_texts` for one tokenizer, called per request by a server. A fast (Rust)
+    tokenizer is called directly, on its own copy with the truncation and padding transformers
+    would set on every call set once: for one sentence the wrapper costs as much as the
+    tokenizing (84 vs 40 us here). Anything else goes through `encode_texts`; tests hold the
+    two to the same arrays."""
+
+    def __init__(self, tokenizer: Any, spec: InputSpec, max_length: int | None) -> None:
+        self._tokenizer, self._spec, self._max_length = tokenizer, spec, max_length
+        self._backend = self._direct_backend()
+
+    @property
+    def direct(self) -> bool:
+        """Whether the Rust tokenizer is called directly."""
+        return self._backend is not None
+
+    def __call__(self, texts: Sequence[str]) -> Batch:
+        if self._backend is None:
+            return encode_texts(self._tokenizer, self._spec, self._max_length, texts)
+        encodings = self._backend.encode_batch(list(texts))
+        return {
+            t.name: np.array([getattr(e, _ENCODING_FIELDS[t.name]) for e in encodings], t.dtype)
+            for t in self._spec.inputs
+        }
+
+    def _direct_backend(self) -> Any:
+        tokenizer = self._tokenizer
+        shared: Any = getattr(tokenizer, "backend_tokenizer", None)
+        direct = (
+            shared is not None
+            and self._max_length is not None
+            and tokenizer.pad_token_id is not None
+            and all(t.name in _ENCODING_FIELDS for t in self._spec.inputs)
+        )
+        if not direct:
+            return None
+        backend = copy.deepcopy(shared)  # the tokenizer's own stays as transformers sets it
+        backend.enable_truncation(
+            self._max_length,
+            stride=0,
+            strategy="longest_first",
+            direction=tokenizer.truncation_side,
+        )
+        backend.enable_padding(
+            direction=tokenizer.padding_side,
+            pad_id=tokenizer.pad_token_id,
+            pad_type_id=tokenizer.pad_token_type_id,
+            pad_token=tokenizer.pad_token,
+        )
+        return backend
+
+
+@dataclass(frozen=True)
+class Text:
+    """A model that reads tokenized text: its tokenizer, where it truncates, what its token
+    inputs may hold, and for a sentence encoder its pooling."""
+
+    spec: InputSpec
+    tokenizer: Any
+    max_length: int | None
+    """Where text is truncated (sentence-transformers' max_seq_length, else the limits')."""
+    limits: TokenLimits | None = None
+    """What the token inputs may hold, checked by the server before a batch."""
+    pooling: Pooling | None = None
+    """sentence-transformers' pooling: part of a sentence encoder's answer."""
+
+    kind = "text"
+    transformer = True
+
+    @property
+    def fidelity_name(self) -> str:
+        return "embedding" if self.pooling else "output"
+
+    def tokenize(self, sentences: Sequence[str]) -> Batch:
+        """One padded batch with exactly the model's input names and dtypes."""
+        return encode_texts(self.tokenizer, self.spec, self.max_length, sentences)
+
+    def generate(self, count: int, rng: np.random.Generator, **kwargs: Any) -> list[str]:
+        """`generate_sentences` with this model's tokenizer and length."""
+        kwargs.setdefault("max_tokens", self.max_length or 512)
+        return generate_sentences(count, self.tokenizer, rng, **kwargs)
+
+    def workload(
+        self,
+        sizes: Sequence[int],
+        *,
+        batches_per_size: int = 8,
+        seed: int = 0,
+        texts: Sequence[str] | None = None,
+        token_range: tuple[int, int] | None = None,
+    ) -> Workload:
+        """`texts` cycled in a shuffled order, or generated sentences, batched per size."""
+        check_batch_sizes(sizes)
+        rng = np.random.default_rng(seed)
+        needed = max(sizes) * batches_per_size
+        if texts:
+            order = rng.permutation(len(texts))
+            pool_ = [texts[order[i % len(texts)]] for i in range(needed)]
+        else:
+            pool_ = self.generate(needed, rng, token_range=token_range)
+        batches = {
+            size: [self.tokenize(pool_[i * size : (i + 1) * size]) for i in range(batches_per_size)]
+            for size in sizes
+        }
+        return Workload(batches, tuple(pool_))
+
+    def verification_batches(self) -> list[Batch]:
+        """One short sentence alone, a padded odd-sized batch of mixed lengths, and a batch of
+        long sentences."""
+        rng = np.random.default_rng(1234)
+        longest = min(self.max_length or 128, 128)
+        shapes = [(1, (3, 8)), (3, None), (2, (max(4, longest - 28), longest))]
+        return [
+            self.tokenize(self.generate(size, rng, token_range=span, max_tokens=longest))
+            for size, span in shapes
+        ]
+
+    def held_out_batches(
+        self, user_held: Sequence[str] = (), *, batch_size: int = 16, seed: int = 3
+    ) -> list[Batch]:
+        """The shipped held-out sentences, the user's held-out share, and generated sentences
+        past the maximum length (truncated to it), batched by length."""
+        longest = self.max_length or 512
+        rng = np.random.default_rng(seed)
+        past_the_end = self.generate(
+            4, rng, token_range=(longest, longest + 32), max_tokens=longest + 32
+        )
+        texts = sorted([*read_sentences(HELD_OUT_TEXT), *user_held, *past_the_end], key=len)
+        return [self.tokenize(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
+
+    def compare(
+        self,
+        outputs: Sequence[Outputs],
+        reference: Sequence[Outputs],
+        batches: Sequence[Batch],
+        logits: frozenset[str],
+    ) -> Quality:
+        """Padded positions left out; a sentence encoder's pooled vector measured too."""
+        masks = [b["attention_mask"] for b in batches] if "attention_mask" in batches[0] else None
+        return compare(
+            outputs,
+            reference,
+            attention_masks=masks,
+            pooling=self.pooling,
+            embedding_output=self.spec.outputs[0] if self.pooling else None,
+            logits=logits,
+        )
+
+    def scored(self, outputs: Outputs, batch: Batch) -> Outputs:
+        """A sentence encoder's users score its pooled "sentence_embedding"."""
+        if self.pooling is None:
+            return outputs
+        tokens = outputs[self.spec.outputs[0]]
+        return {**outputs, "sentence_embedding": pool(tokens, _mask(batch, tokens), self.pooling)}
+
+    def token_lengths(self, batch: Batch) -> np.ndarray | None:
+        if "attention_mask" in batch:
+            return np.asarray(batch["attention_mask"].sum(axis=1))
+        return None
+
+    def read_user_data(self, path: Path, batch_size: int) -> tuple[Any, list[Batch]]:
+        """.txt: one sentence per line (the data is the list of sentences); .jsonl: one object
+        per line with a "text" field (the data is the list of objects, labels included)."""
+        records: list[Any] = _read_text_records(path)
+        texts = [r if isinstance(r, str) else r["text"] for r in records]
+        chunks = [texts[i : i + batch_size] for i in range(0, len(texts), batch_size)]
+        return records, [self.tokenize(chunk) for chunk in chunks]
+
+    def summary(self) -> dict[str, Any]:
+        pooling = self.pooling
+        return {
+            "pooling": None
+            if pooling is None
+            else {"mode": pooling.mode, "normalize": pooling.normalize},
+            "max_length": self.max_length,
+        }
+
+    def save(self, folder: Path) -> dict[str, Any]:
+        """The tokenizer beside the model (part of its answer: the server tokenizes)."""
+        self.tokenizer.save_pretrained(str(folder / TOKENIZER))
+        return {
+            "pooling": None if self.pooling is None else dataclasses.asdict(self.pooling),
+            "max_length": self.max_length,
+            "token_limits": None if self.limits is None else dataclasses.asdict(self.limits),
+        }
+
+    @classmethod
+    def open(cls, spec: InputSpec, folder: Path, manifest: dict[str, Any]) -> Text:
+        """The family as `save` recorded it in an output directory."""
+        from transformers import AutoTokenizer
+
+        limits = manifest.get("token_limits")
+        return cls(
+            spec,
+            AutoTokenizer.from_pretrained(str(folder / TOKENIZER)),
+            manifest.get("max_length"),
+            TokenLimits(**limits) if limits else None,
+            Pooling(**manifest["pooling"]) if manifest.get("pooling") else None,
+        )
+
+
+def _mask(batch: Batch, tokens: np.ndarray) -> np.ndarray:
+    """The attention mask, or all ones where the model takes none."""
+    mask = batch.get("attention_mask")
+    return np.ones(tokens.shape[:2], np.int64) if mask is None else mask
+
+
+def _read_text_records(path: Path) -> list[Any]:
+    if path.suffix != ".jsonl":
+        return read_sentences(path)
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise BadInput(f"{path}:{number} is not JSON ({err.msg})") from err
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise BadInput(f'{path}:{number} needs a "text" field holding the sentence')
+        records.append(record)
+    if not records:
+        raise BadInput(f'{path} has no records: one JSON object per line with a "text" field')
+    return records
