@@ -111,7 +111,7 @@ def refuse_text_options(family: Family, name: str, given: dict[str, bool]) -> No
     flags = " and ".join(flag for flag, on in given.items() if on)
     if flags and family.kind != "text":
         raise BadInput(
-            f"{flags} shape text, and {name} takes {family.kind} inputs "
+            f"{flags} shape text, and {name} takes tensors "
             f"({', '.join(family.spec.input_names)}): leave {flags} out"
         )
 
