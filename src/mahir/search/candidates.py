@@ -67,7 +67,7 @@ def propose(
     default = RuntimeOptions(openvino_precision=None, openvino_hint=_hint(objective))
     int8 = machine.int8_dot_product
     bf16 = machine.has("avx512_bf16") or machine.has("amx_bf16")
-    text = model.family.transformer
+    transformer = model.family.transformer
     aim = max_drop * TUNING_MARGIN  # what self-tuning passes aim at, with room for unseen inputs
     entries: list[tuple[str, str, Recipe, str | None]] = [
         ("torch", "PyTorch eager fp32", Recipe((), "torch"), _needs_module(model)),
@@ -107,7 +107,7 @@ def propose(
             "ort-fused-dynamic-int8",
             "ONNX Runtime, transformer fusion + dynamic int8 (per-channel)",
             Recipe((TransformerFusion(), DynamicInt8(per_channel=True)), "onnxruntime"),
-            _needs_int8(int8) or _needs_text(text),
+            _needs_int8(int8) or _needs_transformer(transformer),
         ),
         (
             "openvino-nncf-int8-bf16",
@@ -120,7 +120,7 @@ def propose(
             "ort-fused",
             "ONNX Runtime, transformer fusion",
             Recipe((TransformerFusion(),), "onnxruntime"),
-            _needs_text(text),
+            _needs_transformer(transformer),
         ),
         (
             "torch-compile",
@@ -153,7 +153,7 @@ def propose(
             "pruned-30-nncf-int8",
             "30% of heads and FFN neurons pruned, OpenVINO + NNCF int8",
             Recipe((TransformerPrune(), NncfInt8()), "openvino", f32),
-            _needs_int8(int8) or _needs_text(text),
+            _needs_int8(int8) or _needs_transformer(transformer),
         ),
     ]
     first = baseline(model)
@@ -177,5 +177,5 @@ def _needs_module(model: Model) -> str | None:
     return None if model.module is not None else "needs the PyTorch module; this model is ONNX"
 
 
-def _needs_text(text: bool) -> str | None:
-    return None if text else "transformer-only technique; this model is not a text encoder"
+def _needs_transformer(transformer: bool) -> str | None:
+    return None if transformer else "transformer-only technique; this model is not a transformer"
