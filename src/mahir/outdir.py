@@ -101,12 +101,12 @@ def open_output_dir(out: Path) -> OutputDir:
     manifest = read_manifest(out)
     artifact = read_artifact(out, manifest)
     try:
-        options = RuntimeOptions(**manifest["options"])
+        options = RuntimeOptions.from_dict(manifest["options"])
         pooling = Pooling(**manifest["pooling"]) if manifest.get("pooling") else None
         limits = manifest.get("token_limits")
         token_limits = TokenLimits(**limits) if limits else None
         runtime = manifest["runtime"]
-    except (KeyError, TypeError, ValueError) as err:
+    except (KeyError, TypeError, ValueError, BadInput) as err:
         raise BadInput(f"{out / MANIFEST} is damaged ({err}): write the directory again") from err
     tokenizer = None
     if (out / TOKENIZER).is_dir():
