@@ -274,4 +274,3 @@ def test_a_gpu_is_timed_by_cuda_events_or_refused_where_torch_sees_none() -> Non
     else:
         with pytest.raises(Unsupported, match=r"cannot time cuda:0: torch sees 0 CUDA device"):
             timer_for(Device.parse("cuda"))
-
