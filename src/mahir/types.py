@@ -155,7 +155,7 @@ class Device:
 
     @classmethod
     def parse(cls, text: str) -> Device:
-        """ "cpu", "cuda" (GPU 0) or "cuda:N"; anything else is refused in one line."""
+        """The device "cpu", "cuda" (GPU 0) or "cuda:N" names; anything else is refused."""
         match = _DEVICE.fullmatch(text.strip().lower())
         if match is None or (match[1] == "cpu" and match[2] is not None):
             raise BadInput(f"unknown device {text!r}: {_DEVICE_HELP}")
