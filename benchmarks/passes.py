@@ -31,10 +31,12 @@ from mahir.passes.quantize import DynamicInt8, StaticInt8
 from mahir.passes.torchao import Pt2eInt8, TorchaoInt8
 from mahir.quality import fidelity
 from mahir.runtimes import RUNTIMES, open_session, reference_outputs
-from mahir.types import RuntimeOptions, Session
+from mahir.types import OpenVinoOptions, RuntimeOptions, Session
 
-BF16 = RuntimeOptions(openvino_precision="bf16")
-DEFAULT = RuntimeOptions(openvino_precision=None)  # OpenVINO picks: bf16 where the CPU has it
+BF16 = RuntimeOptions(openvino=OpenVinoOptions(precision="bf16"))
+DEFAULT = RuntimeOptions(
+    openvino=OpenVinoOptions(precision=None)
+)  # OpenVINO picks: bf16 where the CPU has it
 # name -> (steps, runtime, options)
 VARIANTS: dict[str, tuple[tuple[Any, ...], str, RuntimeOptions]] = {
     "torch fp32 (baseline)": ((), "torch", RuntimeOptions()),

@@ -63,7 +63,17 @@ from mahir.recipe import Recipe
 from mahir.runtimes import get_runtime, open_session, reference_outputs
 from mahir.search.budget import FidelityBudget
 from mahir.search.builder import ArtifactBuilder
-from mahir.types import Artifact, Inputs, Outputs, Perf, Quality, RuntimeOptions, Session
+from mahir.types import (
+    CPU,
+    Artifact,
+    Inputs,
+    OpenVinoOptions,
+    Outputs,
+    Perf,
+    Quality,
+    RuntimeOptions,
+    Session,
+)
 from mahir.workload import Batch
 
 WORKLOADS: dict[str, tuple[int, int] | None] = {"64-128": (64, 128), "mixed": None}
@@ -71,7 +81,9 @@ BASELINE = "PyTorch eager fp32"
 WINNER = "mahir optimize winner"
 BUDGET = FidelityBudget()  # the default `--max-drop 0.01`: mean >= 0.99, worst >= 0.98
 TIMING_SEED = 100  # apart from optimize's seeds (0: its timing, 1: calibration, 2: its check)
-DEFAULT = RuntimeOptions(openvino_precision=None)  # OpenVINO picks the precision, as users get
+DEFAULT = RuntimeOptions(
+    openvino=OpenVinoOptions(precision=None)
+)  # OpenVINO picks the precision, as users get
 # Peers mahir can build itself, as recipes: a winner with the same recipe is the same model.
 RECIPES = {
     BASELINE: (Recipe((), "torch"), "mahir's torch runtime"),
@@ -98,6 +110,8 @@ class OptimumSession:
     """A sentence-transformers backend's own model (optimum's ORTModel or OVModel) behind
     mahir's Session protocol: the batch goes in as torch tensors, as sentence-transformers
     passes it, and the token embeddings come back under the reference's output name."""
+
+    device = CPU
 
     def __init__(self, st_model: Any, runtime: str, output: str) -> None:
         self.runtime = runtime

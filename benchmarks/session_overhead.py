@@ -24,13 +24,15 @@ from mahir.hardware import detect, physical_cores
 from mahir.measure import MeasureConfig, measure
 from mahir.model import load_model
 from mahir.runtimes import open_session
-from mahir.types import Inputs, Outputs, RuntimeOptions
+from mahir.types import CPU, Inputs, Outputs, RuntimeOptions
 
 TARGET_RATIO = 1.03
 
 
 class Direct:
     """The runtime's own call, shaped like a Session only so `measure` can time it."""
+
+    device = CPU
 
     def __init__(self, runtime: str, call: Callable[[Inputs], Any]) -> None:
         self.runtime = runtime

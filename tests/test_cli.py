@@ -29,6 +29,7 @@ def test_bench_default_model_on_every_cpu_runtime(tmp_path: Path) -> None:
     rows = {(r["runtime"], r["batch_size"]): r for r in report["results"]}
     assert set(rows) == {(r, b) for r in ("torch", "onnxruntime", "openvino") for b in (1, 4)}
     for (runtime, _), row in rows.items():
+        assert row["device"] == "cpu"
         assert 0 < row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
         assert row["throughput"] > 0
         assert row["tokens_per_s"] > row["throughput"]

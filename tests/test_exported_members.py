@@ -11,8 +11,9 @@ import mahir
 def test_all_is_pinned() -> None:
     assert sorted(mahir.__all__) == sorted(
         [
-            "RUNTIMES", "Artifact", "BadInput", "BenchConfig", "BenchResult", "ExportMismatch",
-            "MahirError", "MeasureConfig", "Model", "OptimizeConfig", "OptimizeResult",
+            "RUNTIMES", "Artifact", "BadInput", "BenchConfig", "BenchResult", "Device",
+            "ExportMismatch", "MahirError", "MeasureConfig", "Model", "OpenVinoOptions",
+            "OptimizeConfig", "OptimizeResult",
             "RuntimeFailure", "RuntimeOptions", "Session",
             "Unsupported", "benchmark", "export_onnx", "export_openvino", "load", "load_model",
             "open_session", "optimize",

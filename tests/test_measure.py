@@ -8,8 +8,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mahir.measure import NOISY_SPREAD, MeasureConfig, measure, resident_mb
-from mahir.types import Inputs, Outputs
+from mahir.errors import Unsupported
+from mahir.measure import NOISY_SPREAD, HostTimer, MeasureConfig, measure, resident_mb, timer_for
+from mahir.types import CPU, Device, Inputs, Outputs
 
 # Powers of two keep the fake clock's sums exact.
 MS = 1 / 1024
@@ -27,6 +28,7 @@ class FakeSession:
     """Advances the clock by `latency(clock time, batch)` per run and records every run."""
 
     runtime = "fake"
+    device = CPU
 
     def __init__(
         self, name: str, clock: FakeClock, latency: Callable[[float, Inputs], float], log: list[str]
@@ -139,7 +141,10 @@ def test_perf_numbers_from_known_latencies() -> None:
     per_batch = {0: 8 * MS, 1: 24 * MS}
     clock, sessions, _ = fake_sessions(lambda _now, batch: per_batch[int(batch["id"][0, 0])])
     config = MeasureConfig(warmup_runs=0, min_time_s=1.0, min_runs=10, round_time_s=0.125)
-    perf = measure(sessions, batches(2, size=4, lengths=lengths), config, clock=clock)["s0"]
+    tokens_per_batch = [4 * n for n in lengths]  # what the family counts (unpadded tokens)
+    perf = measure(
+        sessions, batches(2, size=4, lengths=lengths), config, clock=clock, tokens=tokens_per_batch
+    )["s0"]
     runs = len(perf.latencies_ms)
     expected = [per_batch[i % 2] * 1e3 for i in range(runs)]
     assert list(perf.latencies_ms) == pytest.approx(expected)
@@ -250,3 +255,25 @@ def test_resident_memory_is_this_process_rss() -> None:
     pages = int(Path("/proc/self/statm").read_text().split()[1])
     kernel_mb = pages * os.sysconf("SC_PAGE_SIZE") / 2**20
     assert abs(resident_mb() - kernel_mb) < 16
+
+
+def test_cpu_sessions_are_timed_by_the_host_clock_and_say_so() -> None:
+    clock = FakeClock()
+    timer = timer_for(CPU, clock)
+    assert isinstance(timer, HostTimer)
+    timer.start()
+    clock.now += 0.25
+    assert timer.stop() == 0.25
+    _, sessions, _ = fake_sessions(constant(16 * MS))
+    perf = measure(sessions, batches(), CONFIG, clock=sessions["s0"].clock)["s0"]
+    assert perf.device == "cpu"
+
+
+def test_a_gpu_is_timed_by_cuda_events_or_refused_where_torch_sees_none() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        assert type(timer_for(Device.parse("cuda"))).__name__ == "CudaTimer"
+    else:
+        with pytest.raises(Unsupported, match=r"cannot time cuda:0: torch sees 0 CUDA device"):
+            timer_for(Device.parse("cuda"))

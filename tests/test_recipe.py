@@ -18,7 +18,7 @@ from mahir.recipe import (
     content_hash,
     load_recipe,
 )
-from mahir.types import RuntimeOptions
+from mahir.types import CPU, OpenVinoOptions, RuntimeOptions
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
@@ -79,6 +79,33 @@ def test_shipped_examples_load(example: Path) -> None:
     recipe = load_recipe(example, STEP_TYPES)
     assert recipe.steps
     assert all(type(step) in STEP_TYPES.values() for step in recipe.steps)
+
+
+def test_a_recipe_written_before_devices_loads_on_the_cpu(tmp_path: Path) -> None:
+    """Flat `openvino_hint`/`openvino_precision`, no device: what every recipe held before."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(
+        "runtime: openvino\n"
+        "options: {threads: 2, openvino_hint: throughput, openvino_precision: bf16}\n"
+        "steps: []\n"
+    )
+    recipe = load_recipe(path, STEP_TYPES)
+    assert recipe.options == RuntimeOptions(
+        threads=2, openvino=OpenVinoOptions(hint="throughput", precision="bf16")
+    )
+    assert recipe.options.device == CPU
+    assert recipe.to_dict()["options"] == {
+        "threads": 2,
+        "device": "cpu",
+        "openvino": {"hint": "throughput", "precision": "bf16"},
+    }
+
+
+def test_bad_runtime_options_name_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "recipe.yaml"
+    path.write_text("runtime: torch\noptions: {device: tpu}\nsteps: []\n")
+    with pytest.raises(BadInput, match=r"recipe\.yaml: bad runtime options: unknown device 'tpu'"):
+        load_recipe(path, STEP_TYPES)
 
 
 def test_every_pass_has_a_version_and_input_formats() -> None:

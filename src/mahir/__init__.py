@@ -17,7 +17,7 @@ from mahir.outdir import load_output_dir as load
 from mahir.runtimes import RUNTIMES, open_session
 from mahir.search.bench import BenchConfig, BenchResult, benchmark
 from mahir.search.optimize import OptimizeConfig, OptimizeResult, optimize
-from mahir.types import Artifact, RuntimeOptions, Session
+from mahir.types import Artifact, Device, OpenVinoOptions, RuntimeOptions, Session
 
 __version__ = "0.1.0"
 
@@ -27,10 +27,12 @@ __all__ = [
     "BadInput",
     "BenchConfig",
     "BenchResult",
+    "Device",
     "ExportMismatch",
     "MahirError",
     "MeasureConfig",
     "Model",
+    "OpenVinoOptions",
     "OptimizeConfig",
     "OptimizeResult",
     "RuntimeFailure",

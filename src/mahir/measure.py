@@ -5,9 +5,11 @@ consecutive batches for about `round_time_s`, until each has enough timed time a
 of the machine (turbo, thermals, a noisy neighbour) thus hits all sessions alike, and all see the
 same batches in the same order. The result says whether it is too noisy to trust small
 differences, and how many cores other processes kept busy meanwhile (`MachineLoad`): a number
-taken on a busy machine is not that machine's. This room sees only `Session` objects and numpy
-arrays; it imports numpy, psutil, the standard library and mahir's types, nothing of any
-runtime.
+taken on a busy machine is not that machine's. Each run is timed by the `Timer` of the
+session's device (`timer_for`): the host clock for the CPU, whose runs return when their work is
+done; CUDA events between device synchronisations for a GPU, whose work may still be queued
+when a call returns. This room sees only `Session` objects and numpy arrays; it imports numpy,
+psutil, the standard library and mahir's types, and torch only inside the CUDA timer.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import psutil
 
-from mahir.types import Inputs, Perf, Session
+from mahir.errors import Unsupported
+from mahir.types import Device, Inputs, Perf, Session
 
 # Above these, a difference of a few percent between two sessions may be noise. 10% is what
 # repeated runs on the 2-core CI machines stay within when nothing else runs; beyond it the
@@ -95,6 +98,67 @@ def _own_seconds() -> float:
     return float(own.user + own.system)
 
 
+class Timer(Protocol):
+    """Times one run where its work happens: `start()`, the run, then `stop()`."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> float:
+        """Seconds since `start`, once everything the run asked of the device is done."""
+        ...
+
+
+class HostTimer:
+    """The host's clock: a CPU session's run returns when its work is done."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self._clock = clock
+        self._started = 0.0
+
+    def start(self) -> None:
+        self._started = self._clock()
+
+    def stop(self) -> float:
+        return self._clock() - self._started
+
+
+class CudaTimer:
+    """CUDA events on one GPU. The device is synchronised before the start event, so work queued
+    earlier is not billed to this run, and after the end event, so work the run queued but did
+    not wait for is. Both events are recorded from the host around the run on an idle device,
+    so the time is the run's as its caller sees it, transfers and host work included."""
+
+    def __init__(self, index: int) -> None:
+        import torch  # only a GPU measurement needs torch here
+
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            raise Unsupported(f"cannot time cuda:{index}: torch sees {seen} CUDA device(s) here")
+        self._device = torch.device("cuda", index)
+        self._begin = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        self._end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+
+    def start(self) -> None:
+        import torch
+
+        torch.cuda.synchronize(self._device)
+        self._begin.record(torch.cuda.current_stream(self._device))
+
+    def stop(self) -> float:
+        import torch
+
+        self._end.record(torch.cuda.current_stream(self._device))
+        torch.cuda.synchronize(self._device)
+        return float(self._begin.elapsed_time(self._end)) / 1e3  # elapsed_time gives ms
+
+
+def timer_for(device: Device, clock: Callable[[], float] = time.perf_counter) -> Timer:
+    """The timer that is right for `device`: `clock` on the CPU, CUDA events on a GPU."""
+    if device.kind == "cuda":
+        return CudaTimer(device.index)
+    return HostTimer(clock)
+
+
 @dataclass(frozen=True, slots=True)
 class MeasureConfig:
     warmup_runs: int = 3
@@ -145,11 +209,13 @@ def measure(
     on_progress: Callable[[str, float], None] | None = None,
     tokens: Sequence[int] | None = None,
 ) -> dict[str, Perf]:
-    """Time every session on `batches` (cycled), interleaved; one `Perf` per session name.
+    """Time every session on `batches` (cycled), interleaved, each by its device's timer
+    (`clock` is the host's, for CPU sessions and rounds); one `Perf` per session name.
     `tokens`: the real (unpadded) tokens of each batch, for tokens/s (`Family.token_lengths`)."""
     if not sessions or not batches:
         raise ValueError("measure needs at least one session and one batch")
     batch_size = _batch_size(batches)
+    timers = {name: timer_for(session.device, clock) for name, session in sessions.items()}
     for session in sessions.values():
         for i in range(config.warmup_runs):
             session.run(batches[i % len(batches)])
@@ -157,12 +223,15 @@ def measure(
     load = MachineLoad()
     while pending := [n for n, t in timings.items() if t.fraction_done(config) < 1.0]:
         for name in pending:
-            _take_turn(sessions[name], batches, config, clock, timings[name])
+            _take_turn(sessions[name], batches, config, clock, timers[name], timings[name])
             if on_progress is not None:
                 on_progress(name, timings[name].fraction_done(config))
     other = load.other_cores()
     return {
-        name: replace(_perf(t, tokens, batch_size), other_load=other) for name, t in timings.items()
+        name: replace(
+            _perf(t, tokens, batch_size), other_load=other, device=str(sessions[name].device)
+        )
+        for name, t in timings.items()
     }
 
 
@@ -171,6 +240,7 @@ def _take_turn(
     batches: Sequence[Inputs],
     config: MeasureConfig,
     clock: Callable[[], float],
+    timer: Timer,
     timings: _Timings,
 ) -> None:
     """Run consecutive batches for one round, stopping early once the session has enough."""
@@ -178,13 +248,13 @@ def _take_turn(
     start = clock()
     while True:
         index = timings.runs % len(batches)
-        before = clock()
+        timer.start()
         session.run(batches[index])
-        after = clock()
-        runs.append((after - before, index))
+        latency = timer.stop()
+        runs.append((latency, index))
         timings.runs += 1
-        timings.total_s += after - before
-        if after - start >= config.round_time_s or timings.fraction_done(config) >= 1.0:
+        timings.total_s += latency
+        if clock() - start >= config.round_time_s or timings.fraction_done(config) >= 1.0:
             break
     timings.rounds.append(runs)
 

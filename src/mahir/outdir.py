@@ -85,10 +85,10 @@ def open_output_dir(out: Path) -> OutputDir:
     manifest = read_manifest(out)
     artifact = read_artifact(out, manifest)
     try:
-        options = RuntimeOptions(**manifest["options"])
+        options = RuntimeOptions.from_dict(manifest["options"])
         runtime = manifest["runtime"]
         family = open_family(manifest.get("family"), artifact.spec, out, manifest)
-    except (KeyError, TypeError, ValueError) as err:
+    except (KeyError, TypeError, ValueError, BadInput) as err:
         raise BadInput(f"{out / MANIFEST} is damaged ({err}): write the directory again") from err
     return OutputDir(
         name=model_name(manifest, out),

@@ -3,8 +3,11 @@
 A step is a frozen config dataclass. On disk (recipe.yaml) each step is
 `{_type: ClassName, _version: N, _data: {field: value}}`; reading resolves `_type` against an
 allow-list the caller passes in (never an import path read from a file), and refuses a version it
-does not know. Nested option dataclasses are written the same way. The hash of a recipe is the
-hash of that canonical form, so equal recipes share cached results.
+does not know. Nested option dataclasses are written the same way. The runtime's options are
+written as `RuntimeOptions.to_dict` gives them (`{threads, device, openvino: {hint, precision}}`)
+and read with `RuntimeOptions.from_dict`, which also reads recipes written before devices (flat
+`openvino_hint`, `openvino_precision`). The hash of a recipe is the hash of that canonical form,
+so equal recipes share cached results.
 
 A recipe written with an output directory also records its source: the model's path and a hash
 of its content, so `mahir apply` can replay it on the same model or say why it cannot.
@@ -100,7 +103,7 @@ class Recipe:
     def _how(self) -> dict[str, Any]:
         return {
             "runtime": self.runtime,
-            "options": dataclasses.asdict(self.options),
+            "options": self.options.to_dict(),
             "steps": [config_to_dict(step) for step in self.steps],
         }
 
@@ -179,8 +182,8 @@ def load_recipe(path: Path, allowed: Mapping[str, type]) -> Recipe:
     if not isinstance(data, dict) or "steps" not in data or "runtime" not in data:
         raise BadInput(f"{path} is not a recipe: it needs `runtime:` and `steps:`")
     try:
-        options = RuntimeOptions(**(data.get("options") or {}))
-    except (TypeError, ValueError) as err:
+        options = RuntimeOptions.from_dict(data.get("options"))
+    except BadInput as err:
         raise BadInput(f"{path}: bad runtime options: {err}") from err
     steps = tuple(config_from_dict(step, allowed) for step in data["steps"] or ())
     source = _source(path, data.get("source"))

@@ -6,12 +6,15 @@ Everything above the runtimes (measurement, quality, search, serving) sees a mod
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
+
+from mahir.errors import BadInput
 
 Inputs = Mapping[str, np.ndarray]
 Outputs = dict[str, np.ndarray]
@@ -118,9 +121,11 @@ class Artifact:
 
 
 class Session(Protocol):
-    """The one way to execute any artifact on any runtime."""
+    """The one way to execute any artifact on any runtime, on one device."""
 
     runtime: str
+    device: Device
+    """Where `run` computes: what measurement synchronises before it reads a clock."""
 
     def run(self, inputs: Inputs) -> Outputs:
         """Run one batch; outputs are keyed by the spec's output names."""
@@ -131,21 +136,127 @@ class Session(Protocol):
         ...
 
 
+_DEVICE = re.compile(r"(cpu|cuda)(?::(\d+))?")
+DEVICE_KINDS = ("cpu", "cuda")
+
+
 @dataclass(frozen=True, slots=True)
+class Device:
+    """Where a session computes: the host's CPU, or one CUDA GPU by its index. Written and read
+    as "cpu" or "cuda:N" (`str`, `Device.parse`)."""
+
+    kind: Literal["cpu", "cuda"] = "cpu"
+    index: int = 0
+    """The GPU's CUDA index; always 0 for the CPU (all its cores are one device)."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in DEVICE_KINDS or self.index < 0 or (self.kind == "cpu" and self.index):
+            raise BadInput(f"no device {self.kind}:{self.index}: {_DEVICE_HELP}")
+
+    @classmethod
+    def parse(cls, text: str) -> Device:
+        """The device "cpu", "cuda" (GPU 0) or "cuda:N" names; anything else is refused."""
+        match = _DEVICE.fullmatch(text.strip().lower())
+        if match is None or (match[1] == "cpu" and match[2] is not None):
+            raise BadInput(f"unknown device {text!r}: {_DEVICE_HELP}")
+        kind: Literal["cpu", "cuda"] = "cpu" if match[1] == "cpu" else "cuda"
+        return cls(kind, int(match[2] or 0))
+
+    def __str__(self) -> str:
+        return "cpu" if self.kind == "cpu" else f"cuda:{self.index}"
+
+
+_DEVICE_HELP = 'give "cpu", "cuda" (GPU 0) or "cuda:N" (N the GPU\'s index)'
+
+CPU = Device()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OpenVinoOptions:
+    """Settings only OpenVINO has (ONNX Runtime and PyTorch need none beyond `RuntimeOptions`)."""
+
+    hint: Literal["latency", "throughput"] = "latency"
+    """PERFORMANCE_HINT: one stream for the lowest latency, or several for throughput."""
+    precision: Literal["f32", "bf16", "f16"] | None = "f32"
+    """INFERENCE_PRECISION_HINT. None lets OpenVINO choose, and it picks bf16 on CPUs with bf16
+    instructions (avx512_bf16 or AMX): an "fp32" model is then not run in fp32."""
+
+    def __post_init__(self) -> None:
+        if self.hint not in ("latency", "throughput"):
+            raise ValueError(f"the OpenVINO hint is latency or throughput, got {self.hint!r}")
+        if self.precision not in ("f32", "bf16", "f16", None):
+            raise ValueError(
+                f"the OpenVINO precision is f32, bf16, f16 or null, got {self.precision!r}"
+            )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RuntimeOptions:
-    """Settings a runtime is opened with. `None`: the runtime's own choice for this machine."""
+    """Settings a runtime is opened with: those every runtime takes, then one field per runtime
+    that has settings of its own (the others ignore it). `None`: the runtime's own choice for
+    this machine. Written as `to_dict` gives and read back with `from_dict`, which also reads
+    the flat form of recipes and output directories written before devices existed."""
 
     threads: int | None = None
     """Intra-op threads; default: the machine's physical cores."""
-    openvino_hint: Literal["latency", "throughput"] = "latency"
-    """OpenVINO PERFORMANCE_HINT."""
-    openvino_precision: Literal["f32", "bf16", "f16"] | None = "f32"
-    """OpenVINO INFERENCE_PRECISION_HINT. None lets OpenVINO choose, and it picks bf16 on CPUs
-    with bf16 instructions (avx512_bf16 or AMX): an "fp32" model is then not run in fp32."""
+    device: Device = CPU
+    """Where the session computes; a runtime that cannot run there refuses to open."""
+    openvino: OpenVinoOptions = OpenVinoOptions()
+    """OpenVINO's hint and precision."""
 
     def __post_init__(self) -> None:
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError(f"threads must be an integer >= 1, got {self.threads!r}")
+        if not isinstance(self.device, Device):
+            raise ValueError(f"device must be a Device (Device.parse({self.device!r})), got text")
+        if not isinstance(self.openvino, OpenVinoOptions):
+            raise ValueError(f"openvino must be OpenVinoOptions, got {self.openvino!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for recipe.yaml, mahir.json and records: the device as "cpu"/"cuda:N"."""
+        return {
+            "threads": self.threads,
+            "device": str(self.device),
+            "openvino": {"hint": self.openvino.hint, "precision": self.openvino.precision},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> RuntimeOptions:
+        """The options `to_dict` wrote; also the older flat form (`openvino_hint`,
+        `openvino_precision`, no device: the CPU). BadInput names what is wrong."""
+        if data is not None and not isinstance(data, Mapping):
+            raise BadInput(f"runtime options are a mapping, got {data!r}")
+        shared = dict(data or {})
+        openvino = shared.pop("openvino", None) or {}
+        if not isinstance(openvino, Mapping):
+            raise BadInput(f"`openvino:` options are a mapping, got {openvino!r}")
+        openvino = dict(openvino)
+        for old, new in _FLAT_OPENVINO.items():
+            if old in shared:
+                openvino.setdefault(new, shared.pop(old))
+        _refuse_unknown(shared, ("threads", "device", "openvino"), "runtime option")
+        _refuse_unknown(openvino, ("hint", "precision"), "OpenVINO option")
+        device = shared.get("device", "cpu")
+        if not isinstance(device, str):
+            raise BadInput(f"unknown device {device!r}: {_DEVICE_HELP}")
+        try:
+            return cls(
+                threads=shared.get("threads"),
+                device=Device.parse(device),
+                openvino=OpenVinoOptions(**openvino),
+            )
+        except ValueError as err:
+            raise BadInput(str(err)) from err
+
+
+_FLAT_OPENVINO = {"openvino_hint": "hint", "openvino_precision": "precision"}
+"""Keys of the flat options written before per-runtime options, and where they went."""
+
+
+def _refuse_unknown(data: Mapping[str, Any], known: tuple[str, ...], what: str) -> None:
+    unknown = [key for key in data if key not in known]
+    if unknown:
+        raise BadInput(f"unknown {what} {unknown[0]!r}: known are {', '.join(known)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,3 +308,5 @@ class Perf:
     """CPU cores other processes kept busy, on average, while this was timed: on a busy
     machine PyTorch's OpenMP threads stall while other runtimes barely move, so ratios taken
     then are not the machine's (see `mahir.measure.BUSY_CORES`)."""
+    device: str = "cpu"
+    """The device timed ("cpu", "cuda:N"): its clock took the latencies."""

@@ -195,6 +195,14 @@ def test_html_is_self_contained(report: dict[str, Any]) -> None:
     assert page.count("<svg") == 3
 
 
+def test_a_row_names_its_device_when_it_is_not_the_cpu(report: dict[str, Any]) -> None:
+    """Records written before devices have none: those ran on the CPU, and say nothing more."""
+    assert "<small>openvino &middot;" in render_html(report)
+    assert " on cpu" not in render_html(report)
+    _by_id(report, "ov-fp32")["device"] = "cuda:1"
+    assert "<small>openvino on cuda:1 &middot;" in render_html(report)
+
+
 def test_text_from_the_report_is_escaped(report: dict[str, Any]) -> None:
     _by_id(report, "ov-fp32")["label"] = XSS
     _by_id(report, "torch-compile")["reason"] = "<b>boom</b>"

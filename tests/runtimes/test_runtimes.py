@@ -10,6 +10,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import openvino as ov
@@ -19,7 +20,15 @@ from torch import nn
 
 from mahir.errors import BadInput, RuntimeFailure, Unsupported
 from mahir.runtimes import RUNTIMES, get_runtime, open_session
-from mahir.types import Artifact, InputSpec, RuntimeOptions, TensorSpec
+from mahir.types import (
+    CPU,
+    Artifact,
+    Device,
+    InputSpec,
+    OpenVinoOptions,
+    RuntimeOptions,
+    TensorSpec,
+)
 from tests import models
 
 BATCH_SIZES = (1, 3, 7)
@@ -113,6 +122,7 @@ RUNTIME_FORMATS = [
 def test_runtime_gives_the_reference_outputs(built: Built, runtime: str, fmt: str) -> None:
     session = open_session(runtime, built.artifacts[fmt], ONE_THREAD)
     assert session.runtime == runtime
+    assert session.device == CPU
     for batch in BATCH_SIZES:
         inputs = built.inputs(batch)
         got = session.run(inputs)
@@ -146,15 +156,19 @@ def test_openvino_results_are_not_overwritten_by_the_next_run(built: Built, fmt:
 
 def test_openvino_reports_the_precision_and_hint_in_effect(built: Built) -> None:
     ir = built.artifacts["openvino"]
-    pinned = open_session("openvino", ir, RuntimeOptions(openvino_precision="f32"))
+    pinned = open_session("openvino", ir, openvino(precision="f32"))
     assert pinned.describe()["precision"] == "f32"
     # Left alone, OpenVINO uses its CPU plugin's default (bf16 where the CPU has bf16 or AMX).
-    chosen = open_session("openvino", ir, RuntimeOptions(openvino_precision=None))
+    chosen = open_session("openvino", ir, openvino(precision=None))
     plugin_default = ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").to_string()
     assert chosen.describe()["precision"] == plugin_default
-    throughput = open_session("openvino", ir, RuntimeOptions(openvino_hint="throughput"))
+    throughput = open_session("openvino", ir, openvino(hint="throughput"))
     assert throughput.describe()["hint"] == "throughput"
     assert pinned.describe()["hint"] == "latency"
+
+
+def openvino(**settings: Any) -> RuntimeOptions:
+    return RuntimeOptions(openvino=OpenVinoOptions(**settings))
 
 
 def test_onnxruntime_reports_its_settings(built: Built) -> None:
@@ -200,6 +214,15 @@ def test_unknown_runtime_names_the_known_ones(built: Built) -> None:
 def test_a_format_the_runtime_cannot_open(built: Built, runtime: str, fmt: str) -> None:
     with pytest.raises(Unsupported, match=f"{runtime} runs .* artifacts, not {fmt}"):
         open_session(runtime, built.artifacts[fmt])
+
+
+@pytest.mark.parametrize(("runtime", "fmt"), RUNTIME_FORMATS)
+def test_a_device_the_runtime_cannot_run_on_is_refused(
+    built: Built, runtime: str, fmt: str
+) -> None:
+    """No runtime runs on a GPU yet: asked for one, each says so in one line, before it loads."""
+    with pytest.raises(Unsupported, match=rf"^{runtime} runs on cpu only; .*cuda.*cpu$"):
+        open_session(runtime, built.artifacts[fmt], RuntimeOptions(device=Device.parse("cuda")))
 
 
 @pytest.mark.parametrize("runtime", ["torch", "torch-compile"])

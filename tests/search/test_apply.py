@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mahir.errors import BadInput
+from mahir.errors import BadInput, Unsupported
 from mahir.model import Model
 from mahir.outdir import load_output_dir, open_output_dir
 from mahir.passes import STEP_TYPES
@@ -18,7 +18,7 @@ from mahir.quality import compare
 from mahir.recipe import ModelSource, Recipe, content_hash, load_recipe
 from mahir.runtimes import reference_outputs
 from mahir.search.apply import Applied, write_output_dir
-from mahir.types import Artifact, Quality
+from mahir.types import CPU, Artifact, OpenVinoOptions, Quality, RuntimeOptions
 from tests.helpers import mahir, tiny_factory
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
@@ -81,6 +81,27 @@ def test_a_foreign_directory_is_never_replaced(
     with pytest.raises(BadInput, match="not a mahir output directory"):
         write_output_dir(minilm, applied, out)
     assert (out / "holiday.jpg").read_text() == "precious"
+
+
+def test_the_options_in_mahir_json_name_the_device_and_old_flat_ones_still_open(
+    minilm: Model, minilm_onnx: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    options = RuntimeOptions(threads=1, openvino=OpenVinoOptions(hint="throughput"))
+    artifact = Artifact("onnx", minilm.spec, path=minilm_onnx)
+    write_output_dir(minilm, Applied(artifact, Recipe((), "openvino", options), Quality({})), out)
+    manifest = json.loads((out / "mahir.json").read_text())
+    assert manifest["options"]["device"] == "cpu"
+    assert open_output_dir(out).session.describe()["hint"] == "throughput"
+    # written before devices and per-runtime options: flat OpenVINO keys, no device
+    manifest["options"] = {"threads": 1, "openvino_hint": "throughput", "openvino_precision": None}
+    (out / "mahir.json").write_text(json.dumps(manifest))
+    session = open_output_dir(out).session
+    assert (session.device, session.describe()["hint"]) == (CPU, "throughput")
+    manifest["options"] = {**options.to_dict(), "device": "cuda:0"}
+    (out / "mahir.json").write_text(json.dumps(manifest))
+    with pytest.raises(Unsupported, match="openvino runs on cpu only"):
+        open_output_dir(out)
 
 
 def test_load_needs_a_manifest(tmp_path: Path) -> None:

@@ -47,7 +47,7 @@ def test_openvino_candidates_follow_the_objective(mlp: Model, objective: str, hi
     proposed, _ = propose(mlp, ZEN4, objective)  # type: ignore[arg-type]
     openvino = [c for c in proposed if c.recipe.runtime == "openvino"]
     assert openvino
-    assert all(c.recipe.options.openvino_hint == hint for c in openvino)
+    assert all(c.recipe.options.openvino.hint == hint for c in openvino)
 
 
 def test_the_direct_openvino_conversion_is_left_out_for_an_onnx_model(

@@ -18,7 +18,7 @@ from mahir.report.verdicts import pareto_front
 from mahir.search.candidates import Candidate
 from mahir.search.halving import Outcome, comparable_speedup
 from mahir.search.records import outcome_record
-from mahir.types import Inputs, Outputs, Perf
+from mahir.types import CPU, Inputs, Outputs, Perf
 
 SPIN = "import time\nend = time.monotonic() + 30\nwhile time.monotonic() < end: pass\n"
 
@@ -27,6 +27,7 @@ class IdleSession:
     """Waits without computing, so the process itself uses no CPU while it is timed."""
 
     runtime = "idle"
+    device = CPU
 
     def run(self, inputs: Inputs) -> Outputs:
         time.sleep(0.002)  # the thing being timed: a session that waits, not a test's wait

@@ -27,9 +27,9 @@ from mahir.errors import BadInput, ExportMismatch, MahirError, Unsupported, firs
 from mahir.files import staging
 from mahir.model import Model
 from mahir.quality import FP32, Tolerance, check_close
-from mahir.runtimes import open_session, reference_outputs
+from mahir.runtimes import REFERENCE_OPTIONS, open_session, reference_outputs
 from mahir.silence import silenced
-from mahir.types import Artifact, RuntimeOptions
+from mahir.types import Artifact
 from mahir.workload import Batch
 
 # The exporter prints progress, logs missing torchvision ops and warns about renamed axes.
@@ -194,7 +194,7 @@ def verify(
     checks the conversion, not bf16."""
     batches = model.family.verification_batches() if batches is None else batches
     expected = reference_outputs(model, batches, reference)
-    session = open_session(runtime, artifact, RuntimeOptions(openvino_precision="f32"))
+    session = open_session(runtime, artifact, REFERENCE_OPTIONS)
     for batch, ref in zip(batches, expected, strict=True):
         shape = "x".join(str(d) for d in next(iter(batch.values())).shape)
         try:

@@ -2,7 +2,7 @@
 
 fp16 halves the weights and pays on GPUs; on CPUs ONNX Runtime emulates most fp16 ops, so it is
 rarely faster there and mostly a size win. bf16 pays on CPUs with avx512_bf16 or AMX. OpenVINO's
-bf16/f16 is a runtime setting (`RuntimeOptions.openvino_precision`), not a pass: the IR stays
+bf16/f16 is a runtime setting (`OpenVinoOptions.precision`), not a pass: the IR stays
 fp32 and the plugin converts at compile time.
 """
 

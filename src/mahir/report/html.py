@@ -217,10 +217,16 @@ def _table_row(v: View, c: Candidate) -> str:
         f'<td class="n">{"&ndash;" if x is None else _e(f(x))}</td>' for x, f in cells
     )
     return (
-        f'<tr class="{role}"><td><b>{_e(c["label"])}</b><small>{_e(c.get("runtime", ""))} '
+        f'<tr class="{role}"><td><b>{_e(c["label"])}</b><small>{_e(_where(c))} '
         f'&middot; {_e(c["id"])}</small></td><td><span class="pill" style="--c:{colour}" '
         f'title="{_e(c.get("reason") or words)}">{words}</span></td>{numbers}</tr>'
     )
+
+
+def _where(c: Candidate) -> str:
+    """The runtime, and the device when it is not the CPU (records before devices have none)."""
+    device = c.get("device") or "cpu"
+    return str(c.get("runtime", "")) + ("" if device == "cpu" else f" on {device}")
 
 
 def _plots(v: View) -> str:

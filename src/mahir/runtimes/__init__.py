@@ -1,9 +1,10 @@
 """The runtimes mahir can run an artifact on, each behind the one `Session` interface.
 
 `RUNTIMES` is written out by hand: to add a runtime, add a module with
-`open_session(artifact, options) -> Session` and one entry here. The runtime modules import their
-framework at the top, so they are imported only when a session is opened: listing runtimes costs
-nothing. `inputs_fit` and `input_error` are shared by the runtime modules: after a runtime
+`open_session(artifact, options) -> Session` and one entry here, naming the device kinds it runs
+on (`open_session` refuses others before the framework is imported). The runtime modules import
+their framework at the top, so they are imported only when a session is opened: listing runtimes
+costs nothing. `inputs_fit` and `input_error` are shared by the runtime modules: after a runtime
 raised, they tell the caller's mistake (BadInput naming the expected inputs) from the runtime's
 own failure. A runtime knows nothing of passes, search or serving.
 """
@@ -20,8 +21,10 @@ from mahir.errors import BadInput, Unsupported
 from mahir.types import (
     Artifact,
     ArtifactFormat,
+    Device,
     Dim,
     Inputs,
+    OpenVinoOptions,
     Outputs,
     RuntimeOptions,
     Session,
@@ -45,6 +48,8 @@ class Runtime:
     open: Callable[[Artifact, RuntimeOptions], Session]
     summary: str
     """One line for `--help` and reports."""
+    devices: tuple[str, ...] = ("cpu",)
+    """Device kinds (`Device.kind`) it runs on."""
 
 
 def _torch_eager(artifact: Artifact, options: RuntimeOptions) -> Session:
@@ -93,13 +98,25 @@ _DEFAULTS = RuntimeOptions()
 
 
 def open_session(runtime: str, artifact: Artifact, options: RuntimeOptions = _DEFAULTS) -> Session:
-    """Open `artifact` on the named runtime, refusing a format it cannot run."""
+    """Open `artifact` on the named runtime, refusing a format or device it cannot run."""
     chosen = get_runtime(runtime)
     if artifact.format not in chosen.formats:
         raise Unsupported(
             f"{runtime} runs {' or '.join(chosen.formats)} artifacts, not {artifact.format}"
         )
+    if options.device.kind not in chosen.devices:
+        raise Unsupported(
+            f"{runtime} runs on {' or '.join(chosen.devices)} only; {_elsewhere(options.device)}"
+        )
     return chosen.open(artifact, options)
+
+
+def _elsewhere(device: Device) -> str:
+    """Where to turn for `device`: the runtimes that run there, or that none does yet."""
+    able = [r.name for r in RUNTIMES.values() if device.kind in r.devices]
+    if able:
+        return f"for {device} choose {', '.join(able)}"
+    return f"no runtime runs on {device.kind} yet: open it on cpu"
 
 
 def inputs_fit(expected: Signature, inputs: Inputs) -> bool:
@@ -131,6 +148,10 @@ def _show(dims: tuple[Dim | None, ...] | None) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
 
 
+REFERENCE_OPTIONS = RuntimeOptions(openvino=OpenVinoOptions(precision="f32"))
+"""What reference answers are computed with: fp32 on the CPU, whatever the defaults become."""
+
+
 def reference_outputs(
     model: Model, batches: Sequence[Inputs], source: Artifact | None = None
 ) -> list[Outputs]:
@@ -146,6 +167,5 @@ def reference_runtime(artifact: Artifact) -> str:
 
 
 def reference_session(artifact: Artifact) -> Session:
-    """The artifact on its reference runtime, in fp32 (OpenVINO pinned to f32)."""
-    options = RuntimeOptions(openvino_precision="f32")
-    return open_session(reference_runtime(artifact), artifact, options)
+    """The artifact on its reference runtime, in fp32 (OpenVINO pinned to f32), on the CPU."""
+    return open_session(reference_runtime(artifact), artifact, REFERENCE_OPTIONS)

@@ -17,7 +17,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 from mahir.errors import BadInput, RuntimeFailure, first_line
 from mahir.hardware import physical_cores
 from mahir.runtimes import input_error, inputs_fit
-from mahir.types import Artifact, Inputs, Outputs, RuntimeOptions
+from mahir.types import CPU, Artifact, Inputs, Outputs, RuntimeOptions
 
 # What ONNX Runtime raises for a file that is not a usable model.
 _NOT_A_MODEL = (
@@ -35,6 +35,7 @@ _NUMPY_NAMES = frozenset(
 
 class OnnxRuntimeSession:
     runtime = "onnxruntime"
+    device = CPU
 
     def __init__(self, session: ort.InferenceSession, outputs: tuple[str, ...]) -> None:
         self._session = session

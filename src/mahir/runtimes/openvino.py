@@ -1,5 +1,5 @@
 """OpenVINO on the CPU plugin, from IR (the .xml) or straight from an ONNX file; dynamic shapes
-stay dynamic. The precision is pinned to `RuntimeOptions.openvino_precision` (f32 by default),
+stay dynamic. The precision is pinned to `OpenVinoOptions.precision` (f32 by default),
 because left to itself OpenVINO runs bf16 on CPUs that support it and an "fp32" result would
 silently not be fp32; `describe()` reads back the precision the compiled model actually uses.
 One infer request serves every call, so a session runs one batch at a time; it reuses its output
@@ -20,11 +20,12 @@ import openvino as ov
 from mahir.errors import BadInput, RuntimeFailure, first_line
 from mahir.hardware import physical_cores
 from mahir.runtimes import Signature, input_error, inputs_fit
-from mahir.types import Artifact, Dim, Inputs, Outputs, RuntimeOptions
+from mahir.types import CPU, Artifact, Dim, Inputs, Outputs, RuntimeOptions
 
 
 class OpenVINOSession:
     runtime = "openvino"
+    device = CPU
 
     def __init__(
         self, compile_model: Callable[[], ov.CompiledModel], outputs: tuple[str, ...], path: Path
@@ -82,18 +83,18 @@ class OpenVINOSession:
 
 
 def open_session(artifact: Artifact, options: RuntimeOptions) -> OpenVINOSession:
-    """Read the IR or ONNX file and compile it for the CPU with the hint, threads and precision
-    `options` ask for."""
+    """Read the IR or ONNX file and compile it for the CPU with the threads `options` ask for
+    and the hint and precision of `options.openvino`."""
     kind = "OpenVINO IR" if artifact.format == "openvino" else "ONNX"
     if artifact.path is None or not Path(artifact.path).is_file():
         raise BadInput(f"no {kind} file at {artifact.path}; export the model first")
     path = Path(artifact.path)
     config: dict[str, Any] = {
-        "PERFORMANCE_HINT": options.openvino_hint.upper(),
+        "PERFORMANCE_HINT": options.openvino.hint.upper(),
         "INFERENCE_NUM_THREADS": options.threads or physical_cores(),
     }
-    if options.openvino_precision is not None:
-        config["INFERENCE_PRECISION_HINT"] = options.openvino_precision
+    if options.openvino.precision is not None:
+        config["INFERENCE_PRECISION_HINT"] = options.openvino.precision
     core = ov.Core()
     try:
         model = core.read_model(str(path))

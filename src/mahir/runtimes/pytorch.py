@@ -17,12 +17,14 @@ import torch
 from mahir.errors import BadInput, MahirError, RuntimeFailure, Unsupported, first_line
 from mahir.hardware import physical_cores
 from mahir.runtimes import Signature, input_error, inputs_fit
-from mahir.types import Artifact, Inputs, InputSpec, Outputs, RuntimeOptions
+from mahir.types import CPU, Artifact, Inputs, InputSpec, Outputs, RuntimeOptions
 
 _PRECISIONS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 
 
 class TorchSession:
+    device = CPU  # CUDA comes with GPU sessions: `RUNTIMES` lets torch open on the CPU only
+
     def __init__(self, module: Any, spec: InputSpec, *, runtime: str, precision: str) -> None:
         self.runtime = runtime
         self._module = module

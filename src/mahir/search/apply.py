@@ -141,7 +141,7 @@ def _write_artifact(model: Model, applied: Applied, staging: Path) -> None:
         "format": artifact.format,
         "model_file": f"model/{files[0]}",
         "runtime": applied.recipe.runtime,
-        "options": dataclasses.asdict(applied.recipe.options),
+        "options": applied.recipe.options.to_dict(),
         "recipe_hash": applied.recipe.hash(),
         "source": {"name": model.name, "source": model.source},
         "spec": {

@@ -109,6 +109,7 @@ class BenchResult:
         perf = row.perf
         return {
             "runtime": row.runtime,
+            "device": perf.device,
             "batch_size": row.batch_size,
             "p50_ms": perf.p50_ms,
             "p90_ms": perf.p90_ms,

@@ -26,7 +26,7 @@ from mahir.passes.quantize import DynamicInt8, StaticInt8
 from mahir.passes.torchao import TorchaoInt8
 from mahir.recipe import Recipe
 from mahir.runtimes import reference_runtime
-from mahir.types import RuntimeOptions
+from mahir.types import OpenVinoOptions, RuntimeOptions
 
 Objective = Literal["latency", "throughput"]
 
@@ -63,8 +63,8 @@ def propose(
     """Candidates for `model` on `machine`, the baseline first, and what was left out and why.
     A candidate that would only repeat the baseline (ONNX Runtime fp32 for an ONNX source) is
     not proposed."""
-    f32 = RuntimeOptions(openvino_precision="f32", openvino_hint=_hint(objective))
-    default = RuntimeOptions(openvino_precision=None, openvino_hint=_hint(objective))
+    f32 = RuntimeOptions(openvino=OpenVinoOptions(precision="f32", hint=_hint(objective)))
+    default = RuntimeOptions(openvino=OpenVinoOptions(precision=None, hint=_hint(objective)))
     int8 = machine.int8_dot_product
     bf16 = machine.has("avx512_bf16") or machine.has("amx_bf16")
     transformer = model.family.transformer

@@ -45,6 +45,7 @@ def outcome_record(
         "recipe": candidate.recipe.to_dict(),
         "recipe_hash": candidate.recipe.hash(),
         "runtime": candidate.recipe.runtime,
+        "device": str(candidate.recipe.options.device),
         "settings": outcome.settings,
         "status": outcome.status,
         "reason": outcome.reason,

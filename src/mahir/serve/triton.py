@@ -28,7 +28,7 @@ import numpy as np
 
 from mahir.errors import BadInput, Unsupported
 from mahir.outdir import MANIFEST, TOKENIZER, model_name, read_artifact, read_manifest, staged_dir
-from mahir.types import BATCH
+from mahir.types import BATCH, RuntimeOptions
 
 CONFIG = "config.pbtxt"
 VERSION = "1"
@@ -247,14 +247,14 @@ def _parameters(fmt: str, manifest: dict[str, Any], batching: Batching) -> dict[
     """The runtime settings the model was measured with, as the backend's parameters. The
     OpenVINO backend can ask for bf16 but not insist on f32: on a CPU with AMX it picks bf16 by
     itself, so check its answers there (mahir verified f32)."""
-    options = manifest.get("options") or {}
-    threads = options.get("threads")
+    options = RuntimeOptions.from_dict(manifest.get("options"))
+    threads = options.threads
     if fmt == "onnx":
         return {"intra_op_thread_count": str(threads)} if threads else {}
-    params = {"PERFORMANCE_HINT": str(options.get("openvino_hint") or "latency").upper()}
+    params = {"PERFORMANCE_HINT": options.openvino.hint.upper()}
     if threads:
         params["INFERENCE_NUM_THREADS"] = str(threads)
-    if options.get("openvino_precision") == "bf16":
+    if options.openvino.precision == "bf16":
         params["HINT_BF16"] = "YES"
     if batching.max_batch_size:
         # The backend fixes the batch axis at max_batch_size and refuses smaller batches unless
