@@ -33,8 +33,8 @@ from mahir.errors import BadInput
 from mahir.families.tensor import random_inputs
 from mahir.hardware import detect
 from mahir.outdir import OutputDir
-from mahir.serve.app import token_outputs
 from mahir.serve.batcher import Batcher, BatcherConfig, Inputs
+from mahir.serve.served import token_outputs
 from mahir.types import BATCH
 from mahir.workload import generate_sentences
 
