@@ -5,8 +5,9 @@ binary tensors, as `tritonclient.http` sends them), OpenAI's `POST /v1/embedding
 encoders (`embeddings.py`: the server tokenizes and pools, with the model's own pooling config),
 and Prometheus `/metrics`. A plain Starlette app: module-level handlers that read the served
 model (`served.py`) from `request.app.state`, one list of routes, and around each model endpoint
-two pure ASGI wrappers, metrics outside the API-key check (FastAPI's parameter resolution cost
-~30 us a request; these cost about a microsecond). Every request's inputs are checked
+two pure ASGI wrappers, metrics outside the API-key check. No FastAPI: its parameter
+resolution cost ~30 us a request, and a model endpoint's GET took 460 us in process against
+115 us here (raw ASGI calls, a busy 2-core machine). Every request's inputs are checked
 (`validate.py`) before they may join a batch. Errors become HTTP answers in one place
 (`error_answer`), by mahir's error tree (`errors.HTTP_STATUS`): bad bodies 400, requests too
 large to ever admit 413, requests that do not fit the model 422, a full queue or a model failing
