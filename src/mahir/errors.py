@@ -3,12 +3,23 @@
 
     MahirError                 base; the message is one line that says what is wrong and what to do
     ├── BadInput               the user gave something unusable: a missing path, a corrupt file,
-    │                          a factory that returns the wrong thing, a malformed request
+    │   │                      a factory that returns the wrong thing
+    │   └── RequestError       a request the server will not run (`param`, `code`: OpenAI's fields)
+    │       ├── Malformed      not a valid request at all
+    │       ├── Mismatch       valid, but does not fit the model: names, shapes, datatypes, values
+    │       ├── TooLarge       can never be admitted, however long the client waits
+    │       ├── Unauthorized   a missing or wrong API key
+    │       └── NotFound       no such model, or not an endpoint this model serves
     ├── Unsupported            a technique or runtime does not apply here; the message is the reason
     ├── ExportMismatch         an export or conversion disagrees with the reference model
-    └── RuntimeFailure         a runtime failed while running a model it had accepted
+    ├── RuntimeFailure         a runtime failed while running a model it had accepted
+    ├── Overloaded             the server's queue is full: retry later
+    ├── Unavailable            the served model fails its health probe after an error: retry shortly
+    ├── DeadlineExceeded       a request waited past its timeout before its batch started
+    └── ClientClosed           the client went away before its answer
 
-The CLI maps these to exit codes (`EXIT_CODES`); the server maps them to HTTP status codes.
+The CLI maps these to exit codes (`EXIT_CODES`), the server to HTTP statuses (`HTTP_STATUS`),
+each by the error's nearest class in its table (`nearest`).
 """
 
 from __future__ import annotations
@@ -27,6 +38,37 @@ class BadInput(MahirError):
     """The user gave something mahir cannot use; the message says what to give instead."""
 
 
+class RequestError(BadInput):
+    """A request the server will not run. `param` names the field at fault where one is, `code`
+    is a machine-readable reason; both reach clients in OpenAI's error shape."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+class Malformed(RequestError):
+    """The body is not a valid request at all."""
+
+
+class Mismatch(RequestError):
+    """A valid request that does not fit the model: names, shapes, datatypes, values."""
+
+
+class TooLarge(RequestError):
+    """The request can never be admitted: more items than a batch or the queue holds, or a
+    body past the server's limit."""
+
+
+class Unauthorized(RequestError):
+    """The request lacks the server's API key, or sends a wrong one."""
+
+
+class NotFound(RequestError):
+    """The request names a model this server does not serve, or asks an endpoint of a model
+    that does not offer it."""
+
+
 class Unsupported(MahirError):
     """A technique, runtime or model feature does not apply here; the message is the reason."""
 
@@ -39,11 +81,41 @@ class RuntimeFailure(MahirError):
     """A runtime raised while opening or running a model it had accepted."""
 
 
+class Overloaded(MahirError):
+    """The queue is full, or the server is shutting down: the client should retry later."""
+
+
+class Unavailable(MahirError):
+    """The session failed its health probe after an inference error: retry shortly."""
+
+
+class DeadlineExceeded(MahirError):
+    """The request waited longer than its timeout before its batch started."""
+
+
+class ClientClosed(MahirError):
+    """The client closed the connection before its answer; its work was dropped unrun."""
+
+
 EXIT_CODES: dict[type[MahirError], int] = {
     BadInput: 2,
     Unsupported: 2,
     ExportMismatch: 3,
     RuntimeFailure: 4,
+}
+
+HTTP_STATUS: dict[type[MahirError], int] = {
+    Malformed: 400,
+    Unauthorized: 401,
+    NotFound: 404,
+    TooLarge: 413,
+    Mismatch: 422,
+    BadInput: 422,
+    ClientClosed: 499,  # nginx's code: nobody reads it but the logs and the metrics
+    MahirError: 500,
+    Overloaded: 503,
+    Unavailable: 503,
+    DeadlineExceeded: 504,
 }
 
 

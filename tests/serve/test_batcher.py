@@ -8,14 +8,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mahir.serve.batcher import (
-    Batcher,
-    BatcherConfig,
-    DeadlineExceeded,
-    Overloaded,
-    TooLarge,
-    Unavailable,
-)
+from mahir.errors import DeadlineExceeded, Overloaded, TooLarge, Unavailable
+from mahir.serve.batcher import Batcher, BatcherConfig
 from mahir.types import Inputs, Outputs
 
 

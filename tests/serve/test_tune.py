@@ -17,8 +17,8 @@ from mahir.errors import BadInput
 from mahir.hardware import detect
 from mahir.model import Model
 from mahir.outdir import open_output_dir, read_manifest, update_manifest
-from mahir.serve.app import ServeConfig
 from mahir.serve.batcher import BatcherConfig
+from mahir.serve.served import ServeConfig
 from mahir.serve.tune import TUNED, Trial, TuneConfig, TuneResult, settings, tune_batching
 from tests.conftest import TESTS
 from tests.helpers import Server, fp32_output_dir

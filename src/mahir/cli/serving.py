@@ -116,8 +116,8 @@ def serve(
     ] = None,
 ) -> None:
     """Serve a model over HTTP (KServe v2, OpenAI-style embeddings) with dynamic batching."""
-    from mahir.serve.app import ServeConfig
     from mahir.serve.batcher import BatcherConfig
+    from mahir.serve.served import ServeConfig
     from mahir.serve.tune import TuneConfig
 
     given = {

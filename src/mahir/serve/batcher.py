@@ -36,26 +36,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mahir.errors import BadInput, MahirError
+from mahir.errors import DeadlineExceeded, Overloaded, TooLarge, Unavailable
 from mahir.types import Outputs, Session
 
 Inputs = dict[str, np.ndarray]
-
-
-class Overloaded(MahirError):
-    """The queue is full: the client should retry later (HTTP 503 with Retry-After)."""
-
-
-class DeadlineExceeded(MahirError):
-    """The request waited longer than its timeout before its batch started (HTTP 504)."""
-
-
-class TooLarge(BadInput):
-    """The request can never be admitted, however long the client waits (HTTP 413)."""
-
-
-class Unavailable(MahirError):
-    """The session failed its health probe after an inference error (HTTP 503)."""
 
 
 @dataclass(frozen=True, slots=True)

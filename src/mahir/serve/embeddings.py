@@ -24,12 +24,11 @@ from typing import Any
 import numpy as np
 import orjson
 
-from mahir.errors import BadInput
+from mahir.errors import BadInput, Malformed
 from mahir.families.text import Text, TextEncoder
 from mahir.outdir import OutputDir
 from mahir.pooling import pool
 from mahir.serve.batcher import Batcher
-from mahir.serve.protocol import Malformed
 from mahir.serve.validate import InputRules
 
 TokenIds = tuple[int, ...]

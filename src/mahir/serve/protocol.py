@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from mahir.errors import BadInput
+from mahir.errors import Malformed, Mismatch
 from mahir.types import TensorSpec
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -34,22 +34,6 @@ DATATYPES: dict[str, str] = {
     "float64": "FP64",
 }
 NUMPY_TYPES = {v: k for k, v in DATATYPES.items()}
-
-
-class RequestError(BadInput):
-    """A request the server will not run; `param` names the field at fault where one is."""
-
-    def __init__(self, message: str, *, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
-
-
-class Malformed(RequestError):
-    """The body is not a valid request at all (HTTP 400)."""
-
-
-class Mismatch(RequestError):
-    """A valid request that does not fit the model: names, shapes, datatypes, values (422)."""
 
 
 def read_json(body: bytes) -> Any:
@@ -120,6 +104,11 @@ def _read_tensor(item: Any, binary: bytes, offset: int) -> tuple[str, np.ndarray
     dtype = np.dtype(NUMPY_TYPES[datatype])
     size = (item.get("parameters") or {}).get("binary_data_size")
     if size is not None:
+        if not isinstance(size, int) or size < 0 or size % dtype.itemsize:
+            raise Malformed(
+                f"input {name!r}: binary_data_size {size!r} is not a whole number of "
+                f"{datatype} values ({dtype.itemsize} bytes each)"
+            )
         chunk = binary[offset : offset + size]
         if len(chunk) != size:
             raise Malformed(f"input {name!r}: {size} binary bytes announced, {len(chunk)} sent")

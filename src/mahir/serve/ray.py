@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mahir.errors import BadInput, Unsupported
-from mahir.serve.app import ServeConfig
+from mahir.serve.served import ServeConfig
 
 APP_NAME = "mahir"
 REPLICA_HEADER = b"x-mahir-replica"

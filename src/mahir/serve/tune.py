@@ -32,8 +32,8 @@ from rich.table import Table
 from mahir.errors import BadInput
 from mahir.hardware import detect
 from mahir.outdir import OutputDir
-from mahir.serve.app import token_outputs
 from mahir.serve.batcher import Batcher, BatcherConfig, Inputs
+from mahir.serve.served import token_outputs
 
 TUNED = ("max_batch_size", "max_delay_ms", "max_padding")
 """The batcher settings the tuner chooses and `mahir.json` records."""

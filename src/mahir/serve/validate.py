@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mahir.serve.protocol import Mismatch
+from mahir.errors import Mismatch
 from mahir.types import Inputs, InputSpec, TokenLimits
 
 
