@@ -37,6 +37,32 @@ def cnn() -> Model:
 
 
 @pytest.fixture(scope="session")
+def vit_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ViT image classifier with its image processor, as a Hugging Face folder."""
+    from tests.models import vit_folder as write
+
+    return write(tmp_path_factory.mktemp("vit"))
+
+
+@pytest.fixture(scope="session")
+def resnet_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ResNet image classifier with ConvNeXt's image processor, as a folder."""
+    from tests.models import resnet_folder as write
+
+    return write(tmp_path_factory.mktemp("resnet"))
+
+
+@pytest.fixture(scope="session")
+def vit(vit_folder: Path) -> Model:
+    return load_model(vit_folder)
+
+
+@pytest.fixture(scope="session")
+def resnet(resnet_folder: Path) -> Model:
+    return load_model(resnet_folder)
+
+
+@pytest.fixture(scope="session")
 def minilm_onnx(minilm: Model, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from mahir.export.onnx import export_onnx
 

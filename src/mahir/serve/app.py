@@ -43,6 +43,7 @@ from mahir.serve.batcher import (
     Unavailable,
 )
 from mahir.serve.embeddings import Embedder, encode_embeddings, openai_error, parse_embeddings
+from mahir.serve.images import ImageCodec, classified
 from mahir.serve.metrics import ServerMetrics
 from mahir.serve.protocol import (
     DATATYPES,
@@ -101,6 +102,7 @@ class Model:
         self.token_outputs = token_outputs(opened, sequence)
         text = opened.family if isinstance(opened.family, Text) else None
         self.rules = InputRules.for_model(spec, text.limits if text else None)
+        self.images = ImageCodec.of(opened.family)
         probe = random_inputs(spec, {BATCH: 1, SEQUENCE: 4}, np.random.default_rng(0))
         self.batcher = Batcher(
             opened.session,
@@ -237,9 +239,11 @@ def build_app(opened: OutputDir, config: ServeConfig = ServeConfig()) -> FastAPI
             _known(model, name)
             body = await _read_body(request, config.max_body_bytes)
             length = request.headers.get(HEADER_LENGTH)
-            parsed = parse_infer(body, int(length) if length else None, opened.spec.inputs)
+            decode = model.images.decode if model.images else None
+            parsed = parse_infer(body, int(length) if length else None, opened.spec.inputs, decode)
             model.rules.check(parsed.inputs)
             outputs = await _until_disconnect(request, model.batcher.submit(parsed.inputs))
+            outputs = classified(outputs, parsed, model.images)
             content, header_length = encode_infer(model.name, parsed, outputs)
             if header_length is None:
                 return Response(content, media_type="application/json")
