@@ -107,6 +107,14 @@ def served_dir(minilm: Model, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def served_vit_dir(vit: Model, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny ViT classifier, fp32 on ONNX Runtime, as an output directory (served read-only)."""
+    from tests.helpers import fp32_output_dir
+
+    return fp32_output_dir(vit, tmp_path_factory.mktemp("served-vit"))
+
+
+@pytest.fixture(scope="session")
 def served_openvino_dir(minilm: Model, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default model, fp32 on OpenVINO, as an output directory (served read-only)."""
     from mahir.recipe import Recipe
