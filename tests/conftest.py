@@ -41,7 +41,7 @@ def vit_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny ViT image classifier with its image processor, as a Hugging Face folder."""
     from tests.models import vit_folder as write
 
-    return write(tmp_path_factory.mktemp("vit"))
+    return write(tmp_path_factory.mktemp("vit", numbered=False))
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +49,7 @@ def resnet_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny ResNet image classifier with ConvNeXt's image processor, as a folder."""
     from tests.models import resnet_folder as write
 
-    return write(tmp_path_factory.mktemp("resnet"))
+    return write(tmp_path_factory.mktemp("resnet", numbered=False))
 
 
 @pytest.fixture(scope="session")

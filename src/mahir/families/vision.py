@@ -17,11 +17,12 @@ Imports types, errors, quality, workload and the frameworks (transformers, Pillo
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,24 +120,47 @@ def edge_images(channels: int = 3) -> list[np.ndarray]:
 
 
 def decode_image(data: bytes, channels: int = 3) -> np.ndarray:
-    """An encoded image as (height, width, channels) uint8, turned upright as its EXIF says;
-    BadInput saying what is wrong for what is not one (truncated, not an image, too large)."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    """An encoded image as (height, width, channels) uint8 (`open_image`, then `pixels`)."""
+    return pixels(open_image(data), channels)
+
+
+def open_image(data: bytes) -> Any:
+    """An encoded image with only its header read, refused (BadInput) past `MAX_PIXELS`
+    before any pixel is decompressed."""
+    from PIL import Image
+
+    with _decoding(len(data)), warnings.catch_warnings():
+        # Pillow warns past its own limit (89 MP) when it reads the header, and raises at
+        # twice that; ours is lower, and one refusal, never a warning in the server's log.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        image = Image.open(io.BytesIO(data), formats=FORMATS)
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        raise BadInput(
+            f"the image is {width}x{height} ({width * height / 1e6:.0f} megapixels); "
+            f"the limit is {MAX_PIXELS / 1e6:.0f} megapixels: send it smaller"
+        )
+    return image
+
+
+def pixels(image: Any, channels: int = 3) -> np.ndarray:
+    """An opened image decoded, turned upright as its EXIF says, as (height, width, channels)
+    uint8; BadInput for one that is truncated or damaged."""
+    from PIL import ImageOps
+
+    with _decoding(None):
+        image.load()
+        upright = ImageOps.exif_transpose(image).convert(_mode(channels))
+    return np.asarray(upright, np.uint8).reshape(upright.height, upright.width, channels)
+
+
+@contextlib.contextmanager
+def _decoding(size: int | None) -> Iterator[None]:
+    """Pillow's errors as one BadInput line saying what is wrong with the image."""
+    from PIL import Image, UnidentifiedImageError
 
     try:
-        with warnings.catch_warnings():
-            # Pillow warns past its own limit (89 MP) when it reads the header, and raises at
-            # twice that; ours is lower and checked before any pixel is decoded.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            opened = Image.open(io.BytesIO(data), formats=FORMATS)
-            width, height = opened.size
-            if width * height > MAX_PIXELS:
-                raise BadInput(
-                    f"the image is {width}x{height} ({width * height / 1e6:.0f} megapixels); "
-                    f"the limit is {MAX_PIXELS / 1e6:.0f} megapixels: send it smaller"
-                )
-            opened.load()
-            image = ImageOps.exif_transpose(opened).convert(_mode(channels))
+        yield
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
         raise BadInput(
             f"the image is past the {MAX_PIXELS / 1e6:.0f}-megapixel limit (Pillow: "
@@ -144,12 +168,10 @@ def decode_image(data: bytes, channels: int = 3) -> np.ndarray:
         ) from err
     except UnidentifiedImageError as err:
         raise BadInput(
-            f"not an image ({len(data)} bytes that no decoder recognises): send "
-            f"{', '.join(FORMATS)}"
+            f"not an image ({size} bytes that no decoder recognises): send {', '.join(FORMATS)}"
         ) from err
     except (OSError, SyntaxError, ValueError) as err:  # Pillow's ways of saying "damaged"
         raise BadInput(f"the image cannot be decoded ({first_line(err)}): send it whole") from err
-    return np.asarray(image, np.uint8).reshape(image.height, image.width, channels)
 
 
 @dataclass(frozen=True)

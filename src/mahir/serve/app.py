@@ -102,7 +102,6 @@ class Model:
         self.token_outputs = token_outputs(opened, sequence)
         text = opened.family if isinstance(opened.family, Text) else None
         self.rules = InputRules.for_model(spec, text.limits if text else None)
-        self.images = ImageCodec.of(opened.family)
         probe = random_inputs(spec, {BATCH: 1, SEQUENCE: 4}, np.random.default_rng(0))
         self.batcher = Batcher(
             opened.session,
@@ -112,6 +111,7 @@ class Model:
             observer=metrics.observer(),
             probe=probe,
         )
+        self.images = ImageCodec.of(opened.family, self.batcher.check_admission)
         self.embedder: Embedder | None = None
         embeds = text is not None and text.pooling is not None and text.max_length is not None
         if config.matryoshka_dims and not embeds:

@@ -19,14 +19,16 @@ Knows the family and the protocol; nothing of batching or HTTP.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from mahir.errors import BadInput
 from mahir.families import Family
-from mahir.families.vision import PIXELS, Vision, decode_image
+from mahir.families.vision import MAX_PIXELS, PIXELS, Vision, open_image, pixels
+from mahir.serve.batcher import TooLarge
 from mahir.serve.protocol import BYTES, InferRequest, Mismatch
 from mahir.types import Outputs
 
@@ -35,6 +37,9 @@ IMAGE = "image"
 LOGITS = "logits"
 LABELS = "labels"
 TOP_K = 5
+REQUEST_PIXELS = 3 * MAX_PIXELS
+"""Pixels one request may hold in all, checked on the headers before any image is decoded:
+decoding runs on the event loop, so this bounds how long one request can hold it (~1 s)."""
 
 
 @dataclass(frozen=True)
@@ -42,11 +47,14 @@ class ImageCodec:
     """Encoded images to a vision model's inputs, its class scores to names."""
 
     family: Vision
+    admit: Callable[[int, int], None]
+    """The batcher's `check_admission(items, widest)`, asked before any image is decoded:
+    more images than a batch holds, or a full queue, are refused without the work."""
 
     @classmethod
-    def of(cls, family: Family) -> ImageCodec | None:
+    def of(cls, family: Family, admit: Callable[[int, int], None]) -> ImageCodec | None:
         """The codec for a model of the vision family; None for any other."""
-        return cls(family) if isinstance(family, Vision) else None
+        return cls(family, admit) if isinstance(family, Vision) else None
 
     @property
     def classifier(self) -> bool:
@@ -67,12 +75,17 @@ class ImageCodec:
                 f"input {IMAGE!r} has shape {list(column.shape)}: send [n] or [n, 1], one "
                 "encoded image per row"
             )
-        images = []
-        for row, data in enumerate(column.reshape(-1).tolist()):
-            try:
-                images.append(decode_image(data, self.family.channels))
-            except BadInput as err:
-                raise Mismatch(f"image {row}: {err}") from err
+        blobs = column.reshape(-1).tolist()
+        self.admit(len(blobs), len(blobs))
+        opened = [_each(row, open_image, blob) for row, blob in enumerate(blobs)]
+        total = sum(image.width * image.height for image in opened)
+        if total > REQUEST_PIXELS:
+            raise TooLarge(
+                f"the request's {len(opened)} images hold {total / 1e6:.0f} megapixels; one "
+                f"request may hold {REQUEST_PIXELS / 1e6:.0f}: split it"
+            )
+        channels = self.family.channels
+        images = [_each(row, pixels, image, channels) for row, image in enumerate(opened)]
         return {PIXELS: self.family.preprocess(images)[PIXELS]}
 
     def answer(self, outputs: Outputs, request: InferRequest) -> Outputs:
@@ -82,6 +95,14 @@ class ImageCodec:
             return outputs
         k = request.classification.get(LABELS, TOP_K)
         return {**outputs, LABELS: top_k(outputs[LOGITS], k, self.family.labels)}
+
+
+def _each(row: int, step: Callable[..., Any], *args: Any) -> Any:
+    """One image's step, its BadInput naming the row."""
+    try:
+        return step(*args)
+    except BadInput as err:
+        raise Mismatch(f"image {row}: {err}") from err
 
 
 def classified(outputs: Outputs, request: InferRequest, codec: ImageCodec | None = None) -> Outputs:
