@@ -38,8 +38,8 @@ PROCESSOR = "processor"
 """The folder in an output directory that holds the image processor (the server preprocesses)."""
 PIXELS = "pixel_values"
 MAX_PIXELS = 40_000_000
-"""Largest image decoded, in pixels (width x height): 40 megapixels, 120 MB as RGB; past any
-camera's photo, well below what would let one request exhaust a server's memory."""
+"""Largest image decoded, in pixels (width x height): 40 megapixels, 120 MB as RGB; past most
+cameras' photos, well below what would let one request exhaust a server's memory."""
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
 """Image formats decoded; the rest of Pillow's parsers (TIFF, PSD, ICNS...) stay out of reach."""
 _MODES = {1: "L", 3: "RGB"}
