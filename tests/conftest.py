@@ -37,6 +37,32 @@ def cnn() -> Model:
 
 
 @pytest.fixture(scope="session")
+def vit_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ViT image classifier with its image processor, as a Hugging Face folder."""
+    from tests.models import vit_folder as write
+
+    return write(tmp_path_factory.mktemp("vit", numbered=False))
+
+
+@pytest.fixture(scope="session")
+def resnet_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ResNet image classifier with ConvNeXt's image processor, as a folder."""
+    from tests.models import resnet_folder as write
+
+    return write(tmp_path_factory.mktemp("resnet", numbered=False))
+
+
+@pytest.fixture(scope="session")
+def vit(vit_folder: Path) -> Model:
+    return load_model(vit_folder)
+
+
+@pytest.fixture(scope="session")
+def resnet(resnet_folder: Path) -> Model:
+    return load_model(resnet_folder)
+
+
+@pytest.fixture(scope="session")
 def minilm_onnx(minilm: Model, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from mahir.export.onnx import export_onnx
 
@@ -78,6 +104,14 @@ def served_dir(minilm: Model, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.helpers import fp32_output_dir
 
     return fp32_output_dir(minilm, tmp_path_factory.mktemp("served"))
+
+
+@pytest.fixture(scope="session")
+def served_vit_dir(vit: Model, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny ViT classifier, fp32 on ONNX Runtime, as an output directory (served read-only)."""
+    from tests.helpers import fp32_output_dir
+
+    return fp32_output_dir(vit, tmp_path_factory.mktemp("served-vit"))
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,13 @@
-"""Small models the tests define, loadable as `tests/models.py:mlp`, `:cnn` and `:regressor`.
+"""Small models the tests define, loadable as `tests/models.py:mlp`, `:cnn` and `:regressor`,
+and tiny Hugging Face image classifiers written as folders (`vit_folder`, `resnet_folder`).
 
 Each factory returns `(module, example_inputs)`, the contract of a mahir model factory.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -89,3 +93,58 @@ class Regressor(nn.Module):
 def regressor() -> tuple[nn.Module, dict[str, torch.Tensor]]:
     torch.manual_seed(0)
     return Regressor(), {"features": torch.randn(4, 8), "context": torch.randn(4, 4)}
+
+
+LABELS = ("cat", "dog", "fox", "owl", "yak")
+"""The tiny ViT's classes, by index."""
+
+
+def vit_folder(folder: Path) -> Path:
+    """A tiny ViT image classifier (32x32 images, 8x8 patches, 2 layers, 5 named classes) with
+    random weights and its image processor, saved as a Hugging Face folder."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(
+        image_size=32,
+        patch_size=8,
+        num_hidden_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        intermediate_size=64,
+        initializer_range=1.0,  # logits far apart: generated images fall into several classes
+        id2label=dict(enumerate(LABELS)),
+        label2id={label: i for i, label in enumerate(LABELS)},
+    )
+    transformers.ViTForImageClassification(config).save_pretrained(folder)
+    processor = _pil_processor("ViTImageProcessor")
+    processor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def resnet_folder(folder: Path) -> Path:
+    """A tiny ResNet image classifier (4 classes) with random weights and ConvNeXt's image
+    processor (resize the short side, crop the centre), as ResNet checkpoints ship."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=4
+    )
+    model = transformers.ResNetForImageClassification(config)
+    # Non-trivial BatchNorm statistics, so eval and train modes give different answers.
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    model.save_pretrained(folder)
+    processor = _pil_processor("ConvNextImageProcessor")
+    processor(size={"shortest_edge": 32}, crop_pct=0.875).save_pretrained(folder)
+    return folder
+
+
+def _pil_processor(name: str) -> Any:
+    """transformers 5's PIL implementation of an image processor (the default one needs
+    torchvision, which is not installed), else the class itself."""
+    import transformers
+
+    return getattr(transformers, f"{name}Pil", None) or getattr(transformers, name)

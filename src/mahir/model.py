@@ -3,10 +3,11 @@
 A `Model` is what every later room starts from: the fp32 original (a torch module in eval mode, or
 the ONNX file as given), its input spec with named dynamic axes, example inputs, and its family
 (`families/`): for text models the tokenizer and the sentence-transformers pooling, which is part
-of the model.
+of the model; for image models the image processor and the class labels. A Hugging Face folder
+is text or vision by what it holds beside the weights: a tokenizer or an image processor.
 
 Every way a source can be wrong ends in one `BadInput` line that says what to give instead.
-This room imports only the bottom layer (types, errors, pooling) and the frameworks.
+This room imports only the bottom layer (types, errors, pooling), the families and the frameworks.
 """
 
 from __future__ import annotations
@@ -28,16 +29,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from mahir.errors import BadInput, Unsupported
+from mahir.errors import BadInput, first_line
 from mahir.families import Family
 from mahir.families.tensor import Tensor, random_inputs
 from mahir.families.text import Text
+from mahir.families.vision import ImageInputs, Vision, is_image_folder, labels_of
 from mahir.modules import TupleOutputs
 from mahir.pooling import read_pooling
 from mahir.silence import silenced
 from mahir.types import BATCH, SEQUENCE, Artifact, InputSpec, TensorSpec, TokenLimits
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spiece.model")
+"""Files that mark a folder's tokenizer: a text model (else an image processor: `vision`)."""
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 EXAMPLE_SENTENCES = (
     "mahir makes trained models fast.",
@@ -114,7 +118,9 @@ def load_model(source: str | os.PathLike[str] | None = None) -> Model:
 
 
 def load_hf_folder(folder: Path, *, name: str | None = None) -> Model:
-    """A transformers text model with its tokenizer (and pooling, for sentence-transformers)."""
+    """A transformers model with what turns requests into its inputs, as the folder holds it:
+    a tokenizer (a text model; with pooling, a sentence encoder) or an image processor (an
+    image model, usually a classifier)."""
     import transformers
 
     if not (folder / "config.json").is_file():
@@ -122,33 +128,44 @@ def load_hf_folder(folder: Path, *, name: str | None = None) -> Model:
     weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
     if not any((folder / w).is_file() for w in weights):
         raise BadInput(f"{folder} has no weights (model.safetensors or pytorch_model.bin)")
+    text = any((folder / f).is_file() for f in TOKENIZER_FILES)
+    if not text and not is_image_folder(folder):
+        raise BadInput(
+            f"{folder} has neither a tokenizer (tokenizer.json) nor an image processor "
+            "(preprocessor_config.json): save the model's with save_pretrained, or for another "
+            "kind of model use path/to/file.py:factory"
+        )
     with _quiet_transformers():
         try:
             config = transformers.AutoConfig.from_pretrained(folder)
-            tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
         except (OSError, ValueError, KeyError) as err:
-            raise Unsupported(
-                f"{folder}: only text models with a tokenizer load from a folder ({err}); "
-                "for other models use path/to/file.py:factory"
-            ) from err
+            raise BadInput(f"cannot read {folder / 'config.json'} ({first_line(err)})") from err
         model_class = _model_class(config)
         try:
             hf_model = model_class.from_pretrained(folder, dtype=torch.float32).eval()
         except (OSError, ValueError, RuntimeError) as err:
             raise BadInput(f"cannot load the weights in {folder}: {err}") from err
-    if hasattr(hf_model.config, "use_cache"):
-        hf_model.config.use_cache = False
+        if hasattr(hf_model.config, "use_cache"):
+            hf_model.config.use_cache = False
+        if text:
+            return _text_model(folder, name, config, hf_model)
+        return _vision_model(folder, name, config, hf_model)
 
+
+def _text_model(folder: Path, name: str | None, config: Any, hf_model: Any) -> Model:
+    import transformers
+
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as err:
+        raise BadInput(f"cannot load the tokenizer in {folder}: {first_line(err)}") from err
     pooling = read_pooling(folder)
     accepted = inspect.signature(hf_model.forward).parameters
     input_names = [n for n in tokenizer.model_input_names if n in accepted]
     encoded = tokenizer(list(EXAMPLE_SENTENCES), padding=True, return_tensors="np")
     example = {n: encoded[n].astype(np.int64) for n in input_names}
-    with torch.inference_mode():
-        raw = hf_model(**{n: torch.from_numpy(a) for n, a in example.items()})
     skip = _NOT_OUTPUTS | ({"pooler_output"} if pooling else frozenset())
-    output_names = tuple(k for k, v in raw.items() if k not in skip and torch.is_tensor(v))
-    regression = getattr(config, "problem_type", None) == "regression"
+    raw, output_names = _answers(hf_model, example, skip)
     spec = InputSpec(
         inputs=tuple(TensorSpec(n, "int64", (BATCH, SEQUENCE)) for n in input_names),
         outputs=output_names,
@@ -172,9 +189,41 @@ def load_hf_folder(folder: Path, *, name: str | None = None) -> Model:
             pooling=pooling,
         ),
         module=TupleOutputs(hf_model, output_names).eval(),
-        logits=frozenset() if regression else _logits({n: raw[n].shape for n in output_names}),
+        logits=_class_scores(config, raw, output_names),
         folder=folder,
     )
+
+
+def _vision_model(folder: Path, name: str | None, config: Any, hf_model: Any) -> Model:
+    images = ImageInputs.read(folder, int(getattr(config, "num_channels", 3)))
+    raw, output_names = _answers(hf_model, images.example, _NOT_OUTPUTS)
+    spec = InputSpec(inputs=(images.input,), outputs=output_names)
+    return Model(
+        name=name or folder.name,
+        source=str(folder),
+        spec=spec,
+        example_inputs=images.example,
+        family=Vision(spec, images.processor, labels_of(config)),
+        module=TupleOutputs(hf_model, output_names).eval(),
+        logits=_class_scores(config, raw, output_names),
+        folder=folder,
+    )
+
+
+def _answers(
+    hf_model: Any, example: dict[str, np.ndarray], skip: frozenset[str]
+) -> tuple[Any, tuple[str, ...]]:
+    """What the model returns on `example`, and the names of its outputs that are answers."""
+    with torch.inference_mode():
+        raw = hf_model(**{n: torch.from_numpy(a) for n, a in example.items()})
+    return raw, tuple(k for k, v in raw.items() if k not in skip and torch.is_tensor(v))
+
+
+def _class_scores(config: Any, raw: Any, output_names: tuple[str, ...]) -> frozenset[str]:
+    """`_logits` of a transformers model's outputs, unless its head is a regression."""
+    if getattr(config, "problem_type", None) == "regression":
+        return frozenset()
+    return _logits({n: raw[n].shape for n in output_names})
 
 
 def _logits(shapes: dict[str, Any]) -> frozenset[str]:

@@ -123,10 +123,11 @@ def open_family(
     written before mahir recorded the family are text when they hold a tokenizer."""
     from mahir.families.tensor import Tensor
     from mahir.families.text import TOKENIZER, Text
+    from mahir.families.vision import Vision
 
     if kind is None:
         kind = "text" if (folder / TOKENIZER).is_dir() else "tensor"
-    openers: dict[str, Any] = {"text": Text.open, "tensor": Tensor.open}
+    openers: dict[str, Any] = {"text": Text.open, "vision": Vision.open, "tensor": Tensor.open}
     if kind not in openers:
         raise BadInput(
             f"mahir.json names the model family {kind!r}, unknown to this mahir: upgrade mahir"

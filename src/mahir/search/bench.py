@@ -152,11 +152,15 @@ class BenchResult:
         if note:
             caption += f"\n[bold red]{note}[/bold red]"
         table = Table(title=f"{self.model.name} on {self.machine.summary()}", caption=caption)
-        for column in ("runtime", "batch", "p50 ms", "p99 ms", "samples/s", "speedup", "cosine"):
+        # A classifier's answer is its top class: how often it agrees gets its own column.
+        top1 = any(row.quality.headline.top1_agreement is not None for row in self.rows)
+        columns = ("runtime", "batch", "p50 ms", "p99 ms", "samples/s", "speedup", "cosine")
+        for column in (*columns, "top-1")[: len(columns) + top1]:
             table.add_column(column, justify="left" if column == "runtime" else "right")
         for row in self.rows:
             speedup = self.speedup(row)
             headline = row.quality.headline
+            agreement = headline.top1_agreement
             table.add_row(
                 row.runtime,
                 str(row.batch_size),
@@ -165,6 +169,7 @@ class BenchResult:
                 f"{row.perf.throughput:,.0f}",
                 "" if speedup is None else f"{speedup:.2f}x",
                 f"{headline.cosine_mean:.5f} / {headline.cosine_min:.5f}",
+                *([] if not top1 else ["" if agreement is None else f"{agreement:.1%}"]),
             )
         return table
 

@@ -54,6 +54,7 @@ from mahir.errors import (
 from mahir.outdir import OutputDir
 from mahir.serve.batcher import BatcherConfig
 from mahir.serve.embeddings import encode_embeddings, openai_error, parse_embeddings
+from mahir.serve.images import classified
 from mahir.serve.metrics import ServerMetrics
 from mahir.serve.protocol import (
     DATATYPES,
@@ -129,9 +130,12 @@ async def infer(request: Request) -> Response:
     length = request.headers.get(HEADER_LENGTH)
     if length is not None and not length.isdigit():
         raise Malformed(f"{HEADER_LENGTH} is {length!r}: send the JSON header's length in bytes")
-    parsed = parse_infer(body, None if length is None else int(length), served.opened.spec.inputs)
+    decode = served.images.decode if served.images else None
+    header = None if length is None else int(length)
+    parsed = parse_infer(body, header, served.opened.spec.inputs, decode)
     served.rules.check(parsed.inputs)
     outputs = await _until_disconnect(request, served.batcher.submit(parsed.inputs))
+    outputs = classified(outputs, parsed, served.images)
     content, header_length = encode_infer(served.name, parsed, outputs)
     if header_length is None:
         return Response(content, media_type="application/json")

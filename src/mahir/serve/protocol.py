@@ -10,8 +10,8 @@ message is all a client sees. Knows nothing of models or batching.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -34,6 +34,9 @@ DATATYPES: dict[str, str] = {
     "float64": "FP64",
 }
 NUMPY_TYPES = {v: k for k, v in DATATYPES.items()}
+BYTES = "BYTES"
+"""Variable-length byte strings, held as numpy object arrays of `bytes` (encoded images in,
+class names out)."""
 
 
 def read_json(body: bytes) -> Any:
@@ -56,10 +59,23 @@ class InferRequest:
     binary_all: bool = False
     """`binary_data_output` was asked for the whole request: with no outputs named, every
     output comes back binary (what `tritonclient` asks for when it names none)."""
+    classification: Mapping[str, int] = field(default_factory=dict)
+    """Outputs asked for as their top k classes (Triton's classification extension: the
+    output's `classification` parameter, tritonclient's `class_count`)."""
 
 
-def parse_infer(body: bytes, header_length: int | None, spec: Sequence[TensorSpec]) -> InferRequest:
-    """Decode and check one request against the model's inputs."""
+Decoder = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+"""Turns a request's BYTES inputs (encoded images: `images.py`) into the model's inputs."""
+
+
+def parse_infer(
+    body: bytes,
+    header_length: int | None,
+    spec: Sequence[TensorSpec],
+    decode: Decoder | None = None,
+) -> InferRequest:
+    """Decode and check one request against the model's inputs; BYTES inputs go through
+    `decode` first, for models that have one."""
     header, binary = (body, b"") if header_length is None else _split_binary(body, header_length)
     request = read_json(header)
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
@@ -70,6 +86,8 @@ def parse_infer(body: bytes, header_length: int | None, spec: Sequence[TensorSpe
         arrays[name] = array
     if offset != len(binary):
         raise Malformed(f"{len(binary) - offset} bytes of binary data belong to no input")
+    if decode is not None and any(a.dtype == object for a in arrays.values()):
+        arrays = decode(arrays)
     _check_against_spec(arrays, spec)
     wanted = request.get("outputs") or []
     if not isinstance(wanted, list) or not all(isinstance(o, dict) and "name" in o for o in wanted):
@@ -78,13 +96,28 @@ def parse_infer(body: bytes, header_length: int | None, spec: Sequence[TensorSpe
     binary_outputs = {
         o["name"] for o in wanted if (o.get("parameters") or {}).get("binary_data", binary_all)
     }
+    classification = {
+        o["name"]: _class_count(o)
+        for o in wanted
+        if (o.get("parameters") or {}).get("classification")
+    }
     return InferRequest(
         id=request.get("id"),
         inputs=arrays,
         outputs=tuple(o["name"] for o in wanted),
         binary_outputs=frozenset(binary_outputs),
         binary_all=binary_all,
+        classification=classification,
     )
+
+
+def _class_count(output: dict[str, Any]) -> int:
+    count = output["parameters"]["classification"]
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise Malformed(
+            f"output {output['name']!r}: classification must be a class count >= 1, got {count!r}"
+        )
+    return count
 
 
 def _split_binary(body: bytes, header_length: int) -> tuple[bytes, bytes]:
@@ -99,10 +132,14 @@ def _read_tensor(item: Any, binary: bytes, offset: int) -> tuple[str, np.ndarray
     name, shape, datatype = item["name"], item["shape"], item["datatype"]
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise Malformed(f"input {name!r}: shape must be a list of non-negative integers")
-    if datatype not in NUMPY_TYPES:
-        raise Mismatch(f"input {name!r}: datatype {datatype!r} is not one of {sorted(NUMPY_TYPES)}")
-    dtype = np.dtype(NUMPY_TYPES[datatype])
     size = (item.get("parameters") or {}).get("binary_data_size")
+    if datatype == BYTES:
+        return _read_bytes(name, shape, item, binary, offset, size)
+    if datatype not in NUMPY_TYPES:
+        raise Mismatch(
+            f"input {name!r}: datatype {datatype!r} is not one of {sorted([*NUMPY_TYPES, BYTES])}"
+        )
+    dtype = np.dtype(NUMPY_TYPES[datatype])
     if size is not None:
         if not isinstance(size, int) or size < 0 or size % dtype.itemsize:
             raise Malformed(
@@ -128,6 +165,36 @@ def _read_tensor(item: Any, binary: bytes, offset: int) -> tuple[str, np.ndarray
     return name, flat.reshape(shape).astype(dtype, copy=False), offset
 
 
+def _read_bytes(
+    name: str, shape: list[int], item: dict[str, Any], binary: bytes, offset: int, size: int | None
+) -> tuple[str, np.ndarray, int]:
+    """A BYTES tensor as an object array of `bytes`: in binary, each element its 4-byte
+    little-endian length then its bytes; in JSON, strings (their UTF-8 bytes)."""
+    count = int(np.prod(shape))
+    if size is None:
+        data = item.get("data")
+        if not isinstance(data, list) or not all(isinstance(d, str) for d in data):
+            raise Malformed(f"input {name!r}: BYTES data must be a list of strings")
+        elements = [d.encode() for d in data]
+    else:
+        chunk, offset = binary[offset : offset + size], offset + size
+        if len(chunk) != size:
+            raise Malformed(f"input {name!r}: {size} binary bytes announced, {len(chunk)} sent")
+        elements, at = [], 0
+        while at < len(chunk):
+            length = int.from_bytes(chunk[at : at + 4], "little")
+            element = chunk[at + 4 : at + 4 + length]
+            if at + 4 > len(chunk) or len(element) != length:
+                raise Malformed(f"input {name!r}: element {len(elements)} overruns its bytes")
+            elements.append(element)
+            at += 4 + length
+    if len(elements) != count:
+        raise Mismatch(f"input {name!r}: shape {shape} needs {count} values, got {len(elements)}")
+    array = np.empty(count, dtype=object)
+    array[:] = elements
+    return name, array.reshape(shape), offset
+
+
 def _check_against_spec(arrays: Mapping[str, np.ndarray], spec: Sequence[TensorSpec]) -> None:
     expected = {t.name: t for t in spec}
     if arrays.keys() != expected.keys():
@@ -141,7 +208,7 @@ def _check_against_spec(arrays: Mapping[str, np.ndarray], spec: Sequence[TensorS
         tensor = expected[name]
         if array.dtype != np.dtype(tensor.dtype):
             raise Mismatch(
-                f"input {name!r} is {DATATYPES[array.dtype.name]}, the model takes "
+                f"input {name!r} is {DATATYPES.get(array.dtype.name, BYTES)}, the model takes "
                 f"{DATATYPES.get(tensor.dtype, tensor.dtype)}"
             )
         if array.ndim != len(tensor.shape) or any(
@@ -171,10 +238,10 @@ def encode_infer(
         entry: dict[str, Any] = {
             "name": name,
             "shape": list(array.shape),
-            "datatype": DATATYPES[array.dtype.name],
+            "datatype": DATATYPES.get(array.dtype.name, BYTES),
         }
         if name in request.binary_outputs or (request.binary_all and not request.outputs):
-            raw = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+            raw = _raw(array)
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:
@@ -183,7 +250,8 @@ def encode_infer(
                     f"output {name!r} holds NaN or infinity, which JSON cannot carry: "
                     "ask for it as binary data"
                 )
-            entry["data"] = array.reshape(-1).tolist()
+            flat = array.reshape(-1).tolist()
+            entry["data"] = [x.decode() for x in flat] if array.dtype == object else flat
         entries.append(entry)
     body: dict[str, Any] = {"model_name": model, "model_version": "1", "outputs": entries}
     if request.id is not None:
@@ -192,3 +260,10 @@ def encode_infer(
     if not chunks:
         return header, None
     return header + b"".join(chunks), len(header)
+
+
+def _raw(array: np.ndarray) -> bytes:
+    """A tensor's binary form: little-endian values, or for BYTES length-prefixed elements."""
+    if array.dtype != object:
+        return array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+    return b"".join(len(x).to_bytes(4, "little") + x for x in array.reshape(-1).tolist())

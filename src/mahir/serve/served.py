@@ -17,6 +17,7 @@ from mahir.families.text import Text
 from mahir.outdir import OutputDir
 from mahir.serve.batcher import Batcher, BatcherConfig
 from mahir.serve.embeddings import Embedder
+from mahir.serve.images import ImageCodec
 from mahir.serve.metrics import ServerMetrics
 from mahir.serve.validate import InputRules
 from mahir.types import BATCH, SEQUENCE
@@ -61,6 +62,7 @@ class ServedModel:
             observer=metrics.observer(),
             probe=probe,
         )
+        self.images = ImageCodec.of(opened.family, self.batcher.check_admission)
         self.embedder: Embedder | None = None
         embeds = text is not None and text.pooling is not None and text.max_length is not None
         if config.matryoshka_dims and not embeds:

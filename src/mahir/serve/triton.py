@@ -4,11 +4,13 @@
     REPO/<name>/1/model.onnx    (or model.xml + model.bin for OpenVINO IR)
     REPO/<name>/mahir.json      the output directory's manifest (marks the folder as ours)
     REPO/<name>/tokenizer/      for text models: Triton ignores it, the client tokenizes with it
+    REPO/<name>/processor/      for image models: Triton ignores it, the client preprocesses
 
 ONNX artifacts get the ONNX Runtime backend (platform "onnxruntime_onnx"), OpenVINO IR the
 "openvino" backend. The dims come from the graph itself, since Triton checks the config against
 it: a config that says -1 where the graph has a fixed size fails to load. Triton serves tensors,
-not text: for a text model tokenization and pooling stay with the client (mahir.json has both).
+not text or images: for a text model tokenization and pooling stay with the client (mahir.json
+has both), for an image model decoding and the image processor (mahir.json has the labels).
 
 The batching settings are the batching tuner's (`batching` in mahir.json) when it ran, else
 `DEFAULT_MAX_BATCH` and `DEFAULT_DELAY_US`. Opens artifacts read-only with onnx/openvino; never
@@ -27,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from mahir.errors import BadInput, Unsupported
+from mahir.families.vision import PROCESSOR
 from mahir.outdir import MANIFEST, TOKENIZER, model_name, read_artifact, read_manifest, staged_dir
 from mahir.types import BATCH, RuntimeOptions
 
@@ -125,8 +128,9 @@ def _fill(staging: Path, out: Path, manifest: dict[str, Any], config: str) -> No
     for source in read_artifact(out, manifest).files():
         shutil.copy2(source, staging / VERSION / source.name)
     (staging / CONFIG).write_text(config)
-    if (out / TOKENIZER).is_dir():  # Triton ignores it; a text client needs it
-        shutil.copytree(out / TOKENIZER, staging / TOKENIZER)
+    for client_side in (TOKENIZER, PROCESSOR):  # Triton ignores them; the client needs them
+        if (out / client_side).is_dir():
+            shutil.copytree(out / client_side, staging / client_side)
     # The folder stays an output directory mahir can open (and marks it as ours).
     copied = {**manifest, "model_file": f"{VERSION}/{model_file.name}"}
     (staging / MANIFEST).write_text(json.dumps(copied, indent=2) + "\n")
