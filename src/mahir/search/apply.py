@@ -24,8 +24,9 @@ from typing import Any
 
 from mahir.errors import BadInput
 from mahir.export.onnx import export_program
+from mahir.files import staged
 from mahir.model import Model, default_model_folder
-from mahir.outdir import MANIFEST, TOKENIZER, staged_dir
+from mahir.outdir import MANIFEST, TOKENIZER
 from mahir.passes import PassContext, apply_steps, convert
 from mahir.quality import fidelity, quality_to_dict
 from mahir.recipe import ModelSource, Recipe
@@ -116,7 +117,7 @@ def write_output_dir(
     """Write `out` atomically: a reader sees the old directory or the new one, never a mix.
     `extra` files (name -> text) go beside; with no `applied` artifact only they are written."""
     check_output_dir(out)
-    with staged_dir(out) as staging:
+    with staged(out, folder=True) as staging:
         if applied is not None:
             _write_artifact(model, applied, staging)
         for name, text in extra.items():

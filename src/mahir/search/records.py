@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from mahir.outdir import staged_dir
+from mahir.files import staged
 from mahir.quality import quality_from_dict, quality_to_dict
 from mahir.search.candidates import Candidate, Objective
 from mahir.search.halving import Outcome, comparable_speedup
@@ -156,7 +156,7 @@ class OutcomeCache:
         if not files:
             return
         # replaces what a run cut before it recorded the outcome may have kept
-        with staged_dir(self._artifact_folder(candidate)) as staging:
+        with staged(self._artifact_folder(candidate), folder=True) as staging:
             for file in files:
                 shutil.copy2(file, staging / file.name)
             about = {"format": artifact.format, "file": files[0].name, "meta": artifact.meta}
