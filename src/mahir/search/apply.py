@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from mahir.errors import BadInput
+from mahir.export.conversions import convert
 from mahir.export.onnx import export_program
 from mahir.files import staged
 from mahir.model import Model, default_model_folder
 from mahir.outdir import MANIFEST, TOKENIZER
-from mahir.passes import PassContext, apply_steps, convert
+from mahir.passes import PassContext, apply_steps
 from mahir.quality import fidelity, quality_to_dict
 from mahir.recipe import ModelSource, Recipe
 from mahir.runtimes import get_runtime, open_session, reference_outputs
@@ -57,9 +58,7 @@ def apply_recipe(
     runtime = get_runtime(recipe.runtime)
     ctx = PassContext(model=model, workdir=workdir, calibration=tuple(calibration))
     artifact = apply_steps(model.original(), recipe.steps, ctx)
-    artifact = convert(
-        artifact, runtime.formats, dataclasses.replace(ctx, workdir=workdir / "final")
-    )
+    artifact = convert(model, artifact, runtime.formats, workdir / "final" / "input")
     batches = [*evaluation, *verification_batches(model)]
     session = open_session(recipe.runtime, artifact, recipe.options)
     quality = fidelity(model, session, batches, reference_outputs(model, batches))
