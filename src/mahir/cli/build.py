@@ -23,6 +23,7 @@ from mahir.cli.common import (
 from mahir.errors import BadInput
 
 if TYPE_CHECKING:
+    from mahir.report.schema import Report
     from mahir.search.optimize import OptimizeConfig
 
 
@@ -295,9 +296,9 @@ def _run_optimize(
         raise typer.Exit(1)
 
 
-def _why_lines(report: dict[str, Any]) -> list[str]:
+def _why_lines(report: Report) -> list[str]:
     from mahir.report.verdicts import explain
 
     reasons = explain(report)
-    best = report["best"]
+    best = report.best
     return [f"{'*' if cid == best else '-'} {cid}: {text}" for cid, text in reasons.items()]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
-import json
 import math
 import os
 import tempfile
@@ -31,6 +30,7 @@ from mahir.hardware import Machine, detect
 from mahir.measure import load_summary
 from mahir.model import Model, load_model
 from mahir.passes import PassContext
+from mahir.report.schema import BudgetRecord, Report, report_json
 from mahir.runtimes import get_runtime, open_session
 from mahir.search.bench import model_summary
 from mahir.search.budget import FidelityBudget, MetricBudget, quality_kind
@@ -124,43 +124,44 @@ class OptimizeResult:
     elapsed_s: float
     date: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat())
 
-    def report(self) -> dict[str, Any]:
+    def report(self) -> Report:
         """report.json: every candidate's recipe, timing, quality, status and reason."""
         objective = self.config.objective
         if isinstance(self.budget, MetricBudget):
-            budget: dict[str, Any] = {
-                "kind": "metric",
-                "description": self.budget.describe(),
-                "metric": self.budget.name,
-                "max_drop": self.budget.max_drop,
-                "baseline_metric": self.budget.baseline,
-            }
+            budget = BudgetRecord(
+                kind="metric",
+                description=self.budget.describe(),
+                metric=self.budget.name,
+                max_drop=self.budget.max_drop,
+                baseline_metric=self.budget.baseline,
+            )
         else:
             kind = next((quality_kind(o.quality) for o in self.candidates if o.quality), "outputs")
-            budget = {
-                "kind": "fidelity",
-                "description": self.budget.describe(kind),
-                "max_drop": self.budget.max_drop,
-                **self.budget.bounds(kind),
-            }
-        return {
-            "schema": 1,
-            "date": self.date,
-            "complete": self.complete,
-            "stopped": None if self.complete else "interrupted",
-            "objective": objective,
-            "batch_sizes": list(self.config.sizes),
-            "budget": budget,
-            "machine": self.machine.to_dict(),
-            "model": model_summary(self.model),
-            "workload": self.workload.describe(),
-            "machine_load": self.machine_load(),
-            "time_budget_s": self.config.time_budget_s,
-            "elapsed_s": self.elapsed_s,
-            "baseline": self.candidates[0].candidate.id,
-            "best": None if self.best is None else self.best.candidate.id,
-            "candidates": [outcome_record(o, objective, self.best) for o in self.candidates],
-        }
+            bounds = self.budget.bounds(kind)
+            budget = BudgetRecord(
+                kind="fidelity",
+                description=self.budget.describe(kind),
+                max_drop=self.budget.max_drop,
+                cosine_mean=bounds.get("cosine_mean"),
+                cosine_min=bounds.get("cosine_min"),
+            )
+        return Report(
+            date=self.date,
+            complete=self.complete,
+            stopped=None if self.complete else "interrupted",
+            objective=objective,
+            batch_sizes=list(self.config.sizes),
+            budget=budget,
+            machine=self.machine.to_dict(),
+            model=model_summary(self.model),
+            workload=self.workload.describe(),
+            machine_load=self.machine_load(),
+            time_budget_s=self.config.time_budget_s,
+            elapsed_s=self.elapsed_s,
+            baseline=self.candidates[0].candidate.id,
+            best=None if self.best is None else self.best.candidate.id,
+            candidates=[outcome_record(o, objective, self.best) for o in self.candidates],
+        )
 
     def machine_load(self) -> dict[str, Any]:
         """What other processes used while this run timed (see `measure.load_summary`)."""
@@ -180,7 +181,7 @@ class OptimizeResult:
         out = Path(out)
         report = self.report()
         extra = {
-            "report.json": json.dumps(report, indent=2, default=str) + "\n",
+            "report.json": report_json(report),
             "report.html": render_html(report),
         }
         applied = None
@@ -200,7 +201,7 @@ class OptimizeResult:
 
     def __rich__(self) -> Table:
         title = f"{self.model.name} on {self.machine.summary()}"
-        caption = f"budget: {self.report()['budget']['description']}; quality: mean / worst on "
+        caption = f"budget: {self.report().budget.description}; quality: mean / worst on "
         caption += "every input judged, held-out ones included; tuned on: worst on calibration"
         if self.best is not None:
             caption += "; speedups on the winner's last timing round (losers against the winner "
