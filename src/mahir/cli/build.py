@@ -146,8 +146,13 @@ def _run_apply(recipe_path: Path, source: str | None, out: Path, data: Path | No
     from mahir.passes import STEP_TYPES
     from mahir.recipe import load_recipe
     from mahir.runtimes import get_runtime
-    from mahir.search.apply import apply_recipe, check_output_dir, replay_source, write_output_dir
-    from mahir.workload import build_workload, read_sentences, refuse_text_options
+    from mahir.search.apply import (
+        apply_on_workload,
+        check_output_dir,
+        replay_source,
+        write_output_dir,
+    )
+    from mahir.workload import read_sentences
 
     recipe = load_recipe(recipe_path, STEP_TYPES)
     get_runtime(recipe.runtime)  # everything checkable is checked before the model loads
@@ -158,18 +163,9 @@ def _run_apply(recipe_path: Path, source: str | None, out: Path, data: Path | No
     with progress_bar() as progress:
         progress.add_task("loading the model", total=None)
         model = load_model(source)
-        refuse_text_options(model, {"--data": bool(sentences)})
-        calibration = build_workload(model, [8], sentences=sentences, batches_per_size=8, seed=1)
-        evaluation = build_workload(model, [8], sentences=sentences, batches_per_size=4, seed=2)
         progress.add_task(f"applying {len(recipe.steps)} steps", total=None)
         with tempfile.TemporaryDirectory(prefix="mahir-apply-") as tmp:
-            applied = apply_recipe(
-                model,
-                recipe,
-                Path(tmp),
-                calibration=calibration.batches[8],
-                evaluation=evaluation.batches[8],
-            )
+            applied = apply_on_workload(model, recipe, Path(tmp), sentences=sentences)
             write_output_dir(model, applied, out)
     headline = applied.quality.headline
     what = "sentence embedding" if applied.quality.embedding is not None else "outputs"

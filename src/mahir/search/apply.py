@@ -33,7 +33,7 @@ from mahir.quality import fidelity, quality_to_dict
 from mahir.recipe import ModelSource, Recipe
 from mahir.runtimes import get_runtime, open_session, reference_outputs
 from mahir.types import Artifact, Quality
-from mahir.workload import Batch, verification_batches
+from mahir.workload import Batch, build_workload, refuse_text_options, verification_batches
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,23 @@ def apply_recipe(
     session = open_session(recipe.runtime, artifact, recipe.options)
     quality = fidelity(model, session, batches, reference_outputs(model, batches))
     return Applied(artifact, recipe, quality)
+
+
+def apply_on_workload(
+    model: Model, recipe: Recipe, workdir: Path, *, sentences: Sequence[str] | None = None
+) -> Applied:
+    """`apply_recipe` on traffic-shaped batches (of `sentences`, or generated text): passes
+    calibrate on 8 batches of 8, fidelity is measured on 4 others, drawn apart (other seeds)."""
+    refuse_text_options(model, {"--data": bool(sentences)})
+    calibration = build_workload(model, [8], sentences=sentences, batches_per_size=8, seed=1)
+    evaluation = build_workload(model, [8], sentences=sentences, batches_per_size=4, seed=2)
+    return apply_recipe(
+        model,
+        recipe,
+        workdir,
+        calibration=calibration.batches[8],
+        evaluation=evaluation.batches[8],
+    )
 
 
 def replay_source(recipe: Recipe, recipe_path: Path) -> str | None:
