@@ -195,8 +195,8 @@ def runnable_runtimes(model: Model, asked: tuple[str, ...]) -> tuple[str, ...]:
     refused = sorted(set(asked) - set(able))
     if refused:
         raise BadInput(
-            f"{', '.join(refused)} cannot run {model.name}, a {source} model (mahir converts "
-            f"torch -> ONNX -> OpenVINO, never back): choose from {', '.join(able)}"
+            f"{', '.join(refused)} run PyTorch modules, and {model.name} is an ONNX file: "
+            f"choose from {', '.join(able)}"
         )
     return asked or tuple(name for name in DEFAULT_RUNTIMES if name in able)
 
