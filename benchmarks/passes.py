@@ -16,10 +16,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from mahir.export.conversions import convert
 from mahir.hardware import detect
 from mahir.measure import MeasureConfig, measure
 from mahir.model import load_model
-from mahir.passes import PassContext, apply_steps, convert
+from mahir.passes import PassContext, apply_steps
 from mahir.passes.conversion import OpenVinoDirect
 from mahir.passes.fallback import AccuracyAwareInt8
 from mahir.passes.graph import OrtOptimize, TransformerFusion
@@ -122,7 +123,9 @@ def main() -> None:
             ctx = PassContext(model, Path(tmp) / str(index), calibration, machine)
             try:
                 artifact = apply_steps(model.original(), steps, ctx)
-                artifact = convert(artifact, RUNTIMES[runtime].formats, ctx)
+                artifact = convert(
+                    model, artifact, RUNTIMES[runtime].formats, ctx.workdir / "input"
+                )
                 session = open_session(runtime, artifact, options)
             except Exception as err:  # a benchmark reports failures and goes on
                 print(f"{name}: skipped ({type(err).__name__}: {err})")

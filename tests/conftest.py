@@ -92,10 +92,10 @@ def minilm_ir(
     minilm: Model, minilm_onnx: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Artifact:
     """The default model as OpenVINO IR, converted (and verified) once for the session."""
-    from mahir.passes import PassContext, convert
+    from mahir.export.conversions import convert
 
-    ctx = PassContext(model=minilm, workdir=tmp_path_factory.mktemp("minilm-ir"))
-    return convert(Artifact("onnx", minilm.spec, path=minilm_onnx), ("openvino",), ctx)
+    onnx = Artifact("onnx", minilm.spec, path=minilm_onnx)
+    return convert(minilm, onnx, ("openvino",), tmp_path_factory.mktemp("minilm-ir") / "input")
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from mahir.files import atomic_path, write_text_atomically
+from mahir.files import staged, write_text_atomically
 
 
 def test_a_write_replaces_the_file_whole(tmp_path: Path) -> None:
@@ -20,11 +20,54 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_nothing_behind(tmp_path: P
     path.write_text("old")
 
     def interrupted_write() -> None:
-        with atomic_path(path) as staged:
-            staged.write_text("half a fi")
+        with staged(path) as draft:
+            draft.write_text("half a fi")
             raise RuntimeError("interrupted")
 
     with pytest.raises(RuntimeError, match="interrupted"):
         interrupted_write()
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+def test_files_written_beside_the_draft_move_with_it(tmp_path: Path) -> None:
+    """An ONNX file's external data keeps its name, so the reference inside the model holds."""
+    path = tmp_path / "model.onnx"
+    with staged(path) as draft:
+        draft.write_text("graph")
+        (draft.parent / "model.onnx.data").write_text("weights")
+    assert path.read_text() == "graph"
+    assert (tmp_path / "model.onnx.data").read_text() == "weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
+
+
+def test_a_folder_is_swapped_in_whole(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with staged(out, folder=True) as draft:
+        assert draft.is_dir()
+        assert not any(draft.iterdir())
+        (draft / "new.txt").write_text("new")
+        assert (out / "old.txt").is_file()  # readers see the old folder until the swap
+    assert [p.name for p in out.iterdir()] == ["new.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_failed_folder_write_keeps_the_old_folder_and_leaves_nothing_behind(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mahir.json").write_text("old")
+
+    def interrupted_write() -> None:
+        with staged(out, folder=True) as draft:
+            (draft / "mahir.json").write_text("new")
+            raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        interrupted_write()
+    assert [p.name for p in out.iterdir()] == ["mahir.json"]
+    assert (out / "mahir.json").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]

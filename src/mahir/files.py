@@ -1,13 +1,17 @@
-"""Files written whole or not at all: a reader (or a crash) sees the old file or the new one,
-never half of one. Output directories, which are folders, are swapped in by `outdir.py`.
+"""Files and folders written whole or not at all: a reader (or a crash) sees the old one or the
+new one, never half of one.
+
+One mechanism for all of them (`staged`): the block writes into a fresh hidden folder beside the
+target, and only when it ends without an error does what it wrote move into place, by rename
+(same folder, same file system); when it raises, the hidden folder goes and the old target
+stays as it was. A folder that already exists cannot be renamed over, so it is moved aside
+into the hidden folder first and removed with it.
 
 Bottom layer: imports nothing of mahir.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -16,32 +20,30 @@ from pathlib import Path
 
 
 @contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """A hidden sibling of `path` to write into; it replaces `path` when the block ends without
-    an error and is removed when it raises."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staged = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # two writers never share one
+def staged(target: Path, *, folder: bool = False) -> Iterator[Path]:
+    """Where to write `target`, inside a fresh hidden folder beside it: a path to create a file
+    at, or with `folder` an empty folder to fill. On success `target` is replaced in one rename,
+    then files written beside the yielded path (an ONNX file's external data) move next to it,
+    before it; on an error nothing of the block's writing remains and `target` is untouched."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    hidden = Path(tempfile.mkdtemp(prefix=".mahir-staging-", dir=target.parent))
+    draft = hidden / target.name
     try:
-        yield staged
-        staged.replace(path)
+        if folder:
+            draft.mkdir()
+        yield draft
+        for produced in sorted(hidden.iterdir(), key=lambda p: p == draft):  # target last
+            _put(produced, target.parent / produced.name, aside=hidden / f".old-{produced.name}")
     finally:
-        staged.unlink(missing_ok=True)
+        shutil.rmtree(hidden, ignore_errors=True)
+
+
+def _put(produced: Path, final: Path, *, aside: Path) -> None:
+    if produced.is_dir() and final.is_dir():
+        final.replace(aside)  # removed with the hidden folder, after the swap
+    produced.replace(final)
 
 
 def write_text_atomically(path: Path, text: str) -> None:
-    with atomic_path(path) as staged:
-        staged.write_text(text, encoding="utf-8")
-
-
-@contextlib.contextmanager
-def staging(final: Path) -> Iterator[Path]:
-    """A path in a fresh folder beside `final`; on success its files move next to `final`
-    (external-data files keep their names, so references stay valid), else all is removed."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix=".mahir-staging-", dir=final.parent))
-    try:
-        yield folder / final.name
-        for produced in sorted(folder.iterdir(), key=lambda p: p == folder / final.name):
-            produced.replace(final.parent / produced.name)  # the main file last
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    with staged(path) as draft:
+        draft.write_text(text, encoding="utf-8")

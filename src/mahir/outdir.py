@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,24 +98,3 @@ def open_output_dir(out: Path) -> OutputDir:
 def load_output_dir(out: str | os.PathLike[str]) -> Session:
     """The session of an output directory: the winner, on the runtime it won on."""
     return open_output_dir(Path(out)).session
-
-
-@contextmanager
-def staged_dir(out: Path) -> Iterator[Path]:
-    """A private folder beside `out` to fill; on success it replaces `out` in one rename (the
-    old one removed only after the swap), on failure it is removed and `out` stays as it was."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".mahir-staging-", dir=out.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; what is written here is meant to be shared
-    try:
-        yield staging
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.replace(old)
-            staging.replace(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.replace(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from mahir.errors import BadInput
-from mahir.files import atomic_path
+from mahir.files import staged
 
 Batch = dict[str, np.ndarray]
 
@@ -43,7 +43,7 @@ class Workload:
             for name, array in batch.items()
         }
         arrays["texts"] = np.array(self.texts, dtype=np.str_)
-        with atomic_path(path) as staged, staged.open("wb") as f:
+        with staged(path) as draft, draft.open("wb") as f:
             np.savez_compressed(f, **arrays)  # type: ignore[arg-type]  # stubs fear 'allow_pickle'
 
     @classmethod

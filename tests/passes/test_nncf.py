@@ -13,8 +13,9 @@ import openvino as ov
 import pytest
 
 from mahir.errors import Unsupported
+from mahir.export.conversions import convert
 from mahir.model import Model
-from mahir.passes import PassContext, convert
+from mahir.passes import PassContext
 from mahir.passes.nncf import NncfAccuracyControl, NncfInt8, nncf_accuracy_control, nncf_int8
 from mahir.quality import fidelity
 from mahir.runtimes import open_session, reference_outputs
@@ -91,7 +92,7 @@ def test_int8_on_the_default_model(
 def small_model_context(model: Model, tmp_path: Path) -> tuple[PassContext, Artifact]:
     calibration = tuple(model.family.workload([4], batches_per_size=8).batches[4])
     ctx = PassContext(model=model, workdir=tmp_path, calibration=calibration)
-    return ctx, convert(model.original(), ("openvino",), ctx)
+    return ctx, convert(model, model.original(), ("openvino",), ctx.workdir / "input")
 
 
 def small_model_quality(model: Model, artifact: Artifact) -> tuple[float, float | None]:

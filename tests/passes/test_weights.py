@@ -13,8 +13,9 @@ import openvino as ov
 import pytest
 
 from mahir.errors import Unsupported
+from mahir.export.conversions import convert
 from mahir.model import Model
-from mahir.passes import PassContext, convert
+from mahir.passes import PassContext
 from mahir.passes.weights import (
     NncfWeightCompression,
     OrtWeightOnly,
@@ -85,7 +86,7 @@ def test_ort_weight_only_on_the_default_model(
 
 def test_ort_weight_only_needs_a_matmul(cnn: Model, tmp_path: Path) -> None:
     ctx = PassContext(model=cnn, workdir=tmp_path)
-    source = convert(cnn.original(), ("onnx",), ctx)
+    source = convert(cnn, cnn.original(), ("onnx",), ctx.workdir / "input")
     with pytest.raises(Unsupported, match=r"no MatMul with constant weights.*Conv x2"):
         ort_weight_only(source, OrtWeightOnly(), ctx)
     with pytest.raises(ValueError, match="bits must be 4 or 8"):
@@ -141,7 +142,7 @@ def test_nncf_weight_compression_on_the_small_models(
 ) -> None:
     model: Model = request.getfixturevalue(name)
     ctx = PassContext(model=model, workdir=tmp_path)
-    source = convert(model.original(), ("openvino",), ctx)
+    source = convert(model, model.original(), ("openvino",), ctx.workdir / "input")
     before = digest(source.path)
     artifact = nncf_weight_compression(source, NncfWeightCompression(), ctx)
     assert digest(source.path) == before
@@ -157,7 +158,7 @@ def test_nncf_weight_compression_on_the_small_models(
 
 def test_nncf_int4_needs_layers_it_can_group(mlp: Model, cnn: Model, tmp_path: Path) -> None:
     mlp_ctx = PassContext(model=mlp, workdir=tmp_path / "mlp")
-    mlp_ir = convert(mlp.original(), ("openvino",), mlp_ctx)
+    mlp_ir = convert(mlp, mlp.original(), ("openvino",), mlp_ctx.workdir / "input")
     # the MLP's 32 and 64 input channels do not split into groups of 128
     with pytest.raises(Unsupported, match="group size value 128"):
         nncf_weight_compression(mlp_ir, NncfWeightCompression(mode="int4"), mlp_ctx)
@@ -167,7 +168,7 @@ def test_nncf_int4_needs_layers_it_can_group(mlp: Model, cnn: Model, tmp_path: P
     assert small_groups.meta["steps"][-1]["weights"] == {"i4": 2, "u8": 1}  # the last stays int8
     # NNCF keeps convolutions and the last layer in int8: nothing of the CNN would be int4
     cnn_ctx = PassContext(model=cnn, workdir=tmp_path / "cnn")
-    cnn_ir = convert(cnn.original(), ("openvino",), cnn_ctx)
+    cnn_ir = convert(cnn, cnn.original(), ("openvino",), cnn_ctx.workdir / "input")
     with pytest.raises(Unsupported, match="kept every weight in int8"):
         nncf_weight_compression(cnn_ir, NncfWeightCompression(mode="int4"), cnn_ctx)
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
+import json
 import re
 import subprocess
 import sys
@@ -14,7 +16,9 @@ import numpy as np
 import pytest
 
 from mahir.report.html import render_html, write_html
+from mahir.report.schema import CandidateRecord, PerfRecord, Report, report_json
 from mahir.report.verdicts import explain, pareto_front
+from mahir.types import Perf
 
 XSS = '<script>alert("x")</script> $5 & co'
 
@@ -150,13 +154,19 @@ def _by_id(report: dict[str, Any], cid: str) -> dict[str, Any]:
 
 def test_pareto_front_keeps_only_undominated_ok_candidates(report: dict[str, Any]) -> None:
     # the faster pruned model missed the budget; ort-fp32 and the per-channel int8 are dominated
-    assert pareto_front(report["candidates"]) == ["ov-nncf-int8", "ov-bf16", "ov-fp32", "torch"]
+    assert pareto_front(Report.from_dict(report).candidates) == [
+        "ov-nncf-int8",
+        "ov-bf16",
+        "ov-fp32",
+        "torch",
+    ]
 
 
 def test_pareto_front_throughput_and_ties() -> None:
-    def c(cid: str, samples_per_s: float, worst: float) -> dict[str, Any]:
+    def c(cid: str, samples_per_s: float, worst: float) -> CandidateRecord:
         perf = {"32": {"p50_ms": 32000 / samples_per_s, "throughput": samples_per_s}}
-        return {"id": cid, "status": "ok", "perf": perf, "quality": {"cosine_min": worst}}
+        record = {"id": cid, "label": cid, "status": "ok", "perf": perf}
+        return CandidateRecord.from_dict({**record, "quality": {"cosine_min": worst}})
 
     cands = [c("a", 1000, 0.99), c("b", 400, 0.999), c("c", 900, 0.98), c("d", 1000, 0.99)]
     assert pareto_front(cands, objective="throughput") == ["a", "d", "b"]
@@ -164,7 +174,7 @@ def test_pareto_front_throughput_and_ties() -> None:
 
 
 def test_explain_names_the_numbers_and_reasons(report: dict[str, Any]) -> None:
-    why = explain(report)
+    why = explain(Report.from_dict(report))
     assert set(why) == {c["id"] for c in report["candidates"]}
     assert why["ov-nncf-int8"].startswith("Won")
     assert all(s in why["ov-nncf-int8"] for s in ("3.50 ms p50", "4.74x", "0.989"))
@@ -184,7 +194,7 @@ def test_explain_names_the_numbers_and_reasons(report: dict[str, Any]) -> None:
 
 
 def test_html_is_self_contained(report: dict[str, Any]) -> None:
-    page = render_html(report)
+    page = render_html(Report.from_dict(report))
     assert page.startswith("<!doctype html>")
     assert "<script" not in page.lower()
     assert "<link" not in page.lower()
@@ -197,16 +207,17 @@ def test_html_is_self_contained(report: dict[str, Any]) -> None:
 
 def test_a_row_names_its_device_when_it_is_not_the_cpu(report: dict[str, Any]) -> None:
     """Records written before devices have none: those ran on the CPU, and say nothing more."""
-    assert "<small>openvino &middot;" in render_html(report)
-    assert " on cpu" not in render_html(report)
+    page = render_html(Report.from_dict(report))
+    assert "<small>openvino &middot;" in page
+    assert " on cpu" not in page
     _by_id(report, "ov-fp32")["device"] = "cuda:1"
-    assert "<small>openvino on cuda:1 &middot;" in render_html(report)
+    assert "<small>openvino on cuda:1 &middot;" in render_html(Report.from_dict(report))
 
 
 def test_text_from_the_report_is_escaped(report: dict[str, Any]) -> None:
     _by_id(report, "ov-fp32")["label"] = XSS
     _by_id(report, "torch-compile")["reason"] = "<b>boom</b>"
-    page = render_html(report)
+    page = render_html(Report.from_dict(report))
     assert "<script" not in page
     assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; $5 &amp; co" in page
     assert "<b>boom</b>" not in page
@@ -214,7 +225,7 @@ def test_text_from_the_report_is_escaped(report: dict[str, Any]) -> None:
 
 
 def test_headline_names_winner_speedup_and_budget(report: dict[str, Any]) -> None:
-    page = render_html(report)
+    page = render_html(Report.from_dict(report))
     headline = page[page.index("<h1>") : page.index("</h1>")]
     assert "OpenVINO + NNCF int8" in headline
     assert "4.74x" in headline
@@ -227,7 +238,7 @@ def test_no_winner_says_what_came_closest(report: dict[str, Any]) -> None:
     report["candidates"] = [
         c for c in report["candidates"] if c["status"] != "ok" or c["id"] == "torch"
     ]
-    page = render_html(report)
+    page = render_html(Report.from_dict(report))
     assert "No candidate met the budget" in page
     assert "Closest: <b>Torch-Pruning FFN 30% + OpenVINO int8</b>" in page
     assert "worst cosine ≥ 0.9120 and mean ≥ 0.9510 would accept it" in page
@@ -237,22 +248,22 @@ def test_no_winner_says_what_came_closest(report: dict[str, Any]) -> None:
 def test_incomplete_run_is_said_first(report: dict[str, Any]) -> None:
     report["complete"] = False
     _by_id(report, "ov-fp32")["perf"] = {}
-    page = render_html(report)
+    page = render_html(Report.from_dict(report))
     assert page.index("Incomplete run") < page.index("<h1>")
     assert "after 8 min 32 s of a 10 min budget" in page
     assert "6 of 9 candidates were timed" in page
-    assert "not timed before the run stopped" in explain(report)["ov-fp32"]
+    assert "not timed before the run stopped" in explain(Report.from_dict(report))["ov-fp32"]
 
 
 def test_single_candidate_and_nothing_timed(report: dict[str, Any]) -> None:
     report["candidates"] = [_by_id(report, "torch")]
     report["best"] = "torch"
-    page = render_html(report)
+    page = render_html(Report.from_dict(report))
     assert "PyTorch eager fp32 stays" in page
     assert page.count("<svg") == 3
     report["best"] = None
     report["candidates"] = [_by_id(example_report(), "torch-compile")]
-    page = render_html(report)
+    page = render_html(Report.from_dict(report))
     assert "Every candidate failed" in page
     assert "nothing to plot" in page
 
@@ -265,9 +276,9 @@ def test_metric_budget(report: dict[str, Any]) -> None:
         if c["quality"] is not None:
             drop = round((1 - c["quality"]["cosine_min"]) / 2, 4)
             c["quality"].update(metric=0.91 - drop, metric_drop=drop)
-    why = explain(report)
+    why = explain(Report.from_dict(report))
     assert "metric 0.866, drop 0.044" in why["prune-ffn-30"]
-    page = render_html(report)
+    page = render_html(Report.from_dict(report))
     assert "Metric</th><th>Drop" in page
     assert "accuracy drops at most 0.01" in page
 
@@ -278,27 +289,51 @@ def test_throughput_objective_judges_the_best_batch(report: dict[str, Any]) -> N
         if c["perf"]:
             p50 = c["perf"]["1"]["p50_ms"]
             c["perf"] |= _perf(p50 * 10, batch=32)
-    why = explain(report)
+    why = explain(Report.from_dict(report))
     assert "914 samples/s at batch 32" in why["ov-nncf-int8"]
-    assert "(batch 32)" in render_html(report)
+    assert "(batch 32)" in render_html(Report.from_dict(report))
 
 
 def test_write_html_replaces_atomically(report: dict[str, Any], tmp_path: Path) -> None:
     target = tmp_path / "report.html"
     target.write_text("old")
-    write_html(report, target)
+    write_html(Report.from_dict(report), target)
     assert target.read_text().startswith("<!doctype html>")
     assert [p.name for p in tmp_path.iterdir()] == ["report.html"]
 
 
 def test_render_is_deterministic(report: dict[str, Any]) -> None:
-    assert render_html(report) == render_html(copy.deepcopy(report))
+    assert render_html(Report.from_dict(report)) == render_html(
+        Report.from_dict(copy.deepcopy(report))
+    )
 
 
 def test_main_renders_beside_the_json(report: dict[str, Any], tmp_path: Path) -> None:
-    import json
-
     (tmp_path / "report.json").write_text(json.dumps(report))
     cmd = [sys.executable, "-W", "error", "-m", "mahir.report.html", str(tmp_path / "report.json")]
     subprocess.run(cmd, check=True, capture_output=True, timeout=120)
     assert "OpenVINO + NNCF int8" in (tmp_path / "report.html").read_text()
+
+
+def test_the_records_read_an_older_report_and_write_it_back_whole(report: dict[str, Any]) -> None:
+    """Keys an older report lacks take defaults; every key it has comes back with its value."""
+    written = json.loads(report_json(Report.from_dict(report)))
+    for key, value in report.items():
+        if key != "candidates":
+            assert written[key] == value, key
+    for old, new in zip(report["candidates"], written["candidates"], strict=True):
+        assert {k: v for k, v in new.items() if k in old and k != "perf"} == {
+            k: v for k, v in old.items() if k != "perf"
+        }
+        for size, perf in old["perf"].items():
+            assert perf.items() <= new["perf"][size].items()
+    again = Report.from_dict(written)
+    assert json.loads(report_json(again)) == written  # and from then on, key for key
+    assert again.candidates[1].perf[1].p50_ms == 3.5
+
+
+def test_a_perf_record_has_a_field_for_every_timing_field() -> None:
+    """A field added to `types.Perf` (a device, say) must reach report.json too."""
+    assert {f.name for f in dataclasses.fields(Perf)} <= {
+        f.name for f in dataclasses.fields(PerfRecord)
+    }

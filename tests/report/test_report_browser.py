@@ -17,6 +17,7 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 
 from mahir.report.html import write_html
+from mahir.report.schema import Report
 from tests.report.test_report import example_report
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -61,7 +62,7 @@ return ['scatter', 'speedup', 'latency'].map(name => {
 def test_report_renders_in_chromium(tmp_path: Path) -> None:
     report: dict[str, Any] = example_report()
     page = tmp_path / "report.html"
-    write_html(report, page)
+    write_html(Report.from_dict(report), page)
     with chromium(tmp_path / "profile") as browser:
         browser.get(page.as_uri())
         _check_page(browser, report)

@@ -14,6 +14,7 @@ import pytest
 from mahir.measure import BUSY_CORES, MachineLoad, MeasureConfig, load_summary, measure
 from mahir.recipe import Recipe
 from mahir.report.html import render_html
+from mahir.report.schema import Report
 from mahir.report.verdicts import pareto_front
 from mahir.search.candidates import Candidate
 from mahir.search.halving import Outcome, comparable_speedup
@@ -93,8 +94,8 @@ def test_a_loser_is_shown_against_the_winner_of_its_own_round() -> None:
     assert shown == pytest.approx(14.0 / 1.2)  # 1.2x slower than the winner, as in round 1
     assert comparable_speedup(winner, winner, "latency") == pytest.approx(14.0)
     records = [outcome_record(o, "latency", winner) for o in (winner, loser)]
-    assert [r["speedup"] for r in records] == pytest.approx([14.0, 14.0 / 1.2])
-    assert records[1]["speedup_measured"] == pytest.approx(40.0 / 1.2)
+    assert [r.speedup for r in records] == pytest.approx([14.0, 14.0 / 1.2])
+    assert records[1].speedup_measured == pytest.approx(40.0 / 1.2)
     # the winner is on the front; the loser too, as the more faithful and slower pick
     assert pareto_front(records) == ["winner", "loser"]
 
@@ -107,6 +108,6 @@ def test_a_busy_machine_is_said_in_the_report() -> None:
     assert busy["busy"]
     assert busy["other_cores_max"] == pytest.approx(BUSY_CORES + 0.9)
     assert "busy" in busy["note"]
-    page = render_html({"candidates": [], "machine_load": busy})
+    page = render_html(Report(machine_load=busy))
     assert "Busy machine." in page
-    assert "Busy machine." not in render_html({"candidates": [], "machine_load": quiet})
+    assert "Busy machine." not in render_html(Report(machine_load=quiet))

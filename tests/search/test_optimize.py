@@ -90,7 +90,7 @@ def test_a_failed_save_keeps_the_reports_and_says_where(
     assert kept is not None
     folder = Path(kept[1])
     assert folder.parent == tmp_path
-    assert json.loads((folder / "report.json").read_text())["best"] == result.report()["best"]
+    assert json.loads((folder / "report.json").read_text())["best"] == result.report().best
     assert (folder / "report.html").stat().st_size > 0
 
 
@@ -142,8 +142,8 @@ def test_a_user_metric_decides_instead_of_fidelity(mlp: Model, tmp_path: Path) -
     assert ort.status == "rejected"
     assert "exactness" in (ort.reason or "")
     report = by_metric.report()
-    assert report["budget"]["kind"] == "metric"
-    assert report["budget"]["baseline_metric"] == 0.0
+    assert report.budget.kind == "metric"
+    assert report.budget.baseline_metric == 0.0
     out = by_metric.save(tmp_path / "out")  # a torch winner is saved as a program
     assert (out / "model" / "model.pt2").is_file()
     np.testing.assert_allclose(mahir.load(out).run({"x": x})["output"], reference, atol=1e-6)

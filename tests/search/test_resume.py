@@ -11,6 +11,7 @@ import pytest
 
 import mahir.search.builder
 import mahir.search.halving
+from mahir.export.conversions import Conversion
 from mahir.model import Model
 from mahir.search.candidates import baseline
 from mahir.search.optimize import OptimizeConfig, OptimizeResult, optimize
@@ -69,7 +70,7 @@ def test_resume_after_the_first_rung_times_without_building_or_checking(
     assert set(checked) == {"torch", *ONLY}
     assert not any(o.perf for o in checked.values())
     passes = _count(monkeypatch, mahir.search.builder, "run_pass")
-    conversions = _count(monkeypatch, mahir.search.builder, "convert")
+    conversions = _count(monkeypatch, Conversion, "run")
     judged = _count(monkeypatch, mahir.search.halving, "fidelity")
 
     second = optimize(mlp, CONFIG, tmp_path / "w2", cache_path=cache, resume=True)

@@ -47,9 +47,9 @@ def write_dir(model: Model, runtime: str, out: Path, artifact: Artifact | None =
 
 
 def ir_of(model: Model, work: Path) -> Artifact:
-    from mahir.passes import PassContext, convert
+    from mahir.export.conversions import convert
 
-    return convert(model.original(), ("openvino",), PassContext(model=model, workdir=work))
+    return convert(model, model.original(), ("openvino",), work / "input")
 
 
 @pytest.fixture(scope="module")

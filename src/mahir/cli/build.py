@@ -23,6 +23,7 @@ from mahir.cli.common import (
 from mahir.errors import BadInput
 
 if TYPE_CHECKING:
+    from mahir.report.schema import Report
     from mahir.search.optimize import OptimizeConfig
 
 
@@ -141,12 +142,16 @@ def apply(
 
 
 def _run_apply(recipe_path: Path, source: str | None, out: Path, data: Path | None) -> None:
-    from mahir.families import refuse_text_options
     from mahir.model import load_model
     from mahir.passes import STEP_TYPES
     from mahir.recipe import load_recipe
     from mahir.runtimes import get_runtime
-    from mahir.search.apply import apply_recipe, check_output_dir, replay_source, write_output_dir
+    from mahir.search.apply import (
+        apply_on_workload,
+        check_output_dir,
+        replay_source,
+        write_output_dir,
+    )
     from mahir.workload import read_sentences
 
     recipe = load_recipe(recipe_path, STEP_TYPES)
@@ -158,18 +163,9 @@ def _run_apply(recipe_path: Path, source: str | None, out: Path, data: Path | No
     with progress_bar() as progress:
         progress.add_task("loading the model", total=None)
         model = load_model(source)
-        refuse_text_options(model.family, model.name, {"--data": bool(sentences)})
-        calibration = model.family.workload([8], texts=sentences, batches_per_size=8, seed=1)
-        evaluation = model.family.workload([8], texts=sentences, batches_per_size=4, seed=2)
         progress.add_task(f"applying {len(recipe.steps)} steps", total=None)
         with tempfile.TemporaryDirectory(prefix="mahir-apply-") as tmp:
-            applied = apply_recipe(
-                model,
-                recipe,
-                Path(tmp),
-                calibration=calibration.batches[8],
-                evaluation=evaluation.batches[8],
-            )
+            applied = apply_on_workload(model, recipe, Path(tmp), sentences=sentences)
             write_output_dir(model, applied, out)
     headline = applied.quality.headline
     what = "sentence embedding" if applied.quality.embedding is not None else "outputs"
@@ -296,9 +292,9 @@ def _run_optimize(
         raise typer.Exit(1)
 
 
-def _why_lines(report: dict[str, Any]) -> list[str]:
+def _why_lines(report: Report) -> list[str]:
     from mahir.report.verdicts import explain
 
     reasons = explain(report)
-    best = report["best"]
+    best = report.best
     return [f"{'*' if cid == best else '-'} {cid}: {text}" for cid, text in reasons.items()]

@@ -206,7 +206,7 @@ def _ray_config(ray: bool, replicas: int | None, autoscale: str | None, address:
 def _run_serve(
     source: str | None, config: Any, explicit: set[str], tuning: Any, scale: Any = None
 ) -> None:
-    from mahir.cli.tuning import tune_and_record, with_batching
+    from mahir.cli.tuning import recorded_batching, tune_and_record
     from mahir.outdir import MANIFEST, model_name, open_output_dir, read_manifest
     from mahir.serve.app import run_server
 
@@ -233,7 +233,7 @@ def _run_serve(
         served = open_output_dir(folder)
         if tuning is not None:
             served.manifest["batching"] = tune_and_record(folder, served, config.batcher, tuning)
-        config = with_batching(config, served.manifest.get("batching"), explicit)
+        config = recorded_batching(config, served.manifest.get("batching"), explicit)
         _announce(served.name, config)
         run_server(served, config)
         return
@@ -245,7 +245,7 @@ def _run_serve(
         manifest["batching"] = tune_and_record(
             folder, open_output_dir(folder), config.batcher, tuning
         )
-    config = with_batching(config, manifest.get("batching"), explicit)
+    config = recorded_batching(config, manifest.get("batching"), explicit)
     _announce(model_name(manifest, folder), config)
     serve_ray(folder, config, scale)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mahir.errors import BadInput, ExportMismatch, MahirError, Unsupported, first_line
-from mahir.files import staging
+from mahir.files import staged
 from mahir.model import Model
 from mahir.quality import FP32, Tolerance, check_close
 from mahir.runtimes import REFERENCE_OPTIONS, open_session, reference_outputs
@@ -58,7 +58,7 @@ def export_onnx(
 
     adapter = PositionalInputs(module, names).eval()
     args = tuple(torch.from_numpy(model.example_inputs[n]) for n in names)
-    with staging(path) as staged, silenced(EXPORTER_LOGGERS, ignore_warnings=True):
+    with staged(path) as draft, silenced(EXPORTER_LOGGERS, ignore_warnings=True):
         try:
             with switched_attention(module, "eager"):
                 program = torch.onnx.export(
@@ -76,11 +76,11 @@ def export_onnx(
             raise Unsupported(f"cannot export {model.name} to ONNX: {first_line(err)}") from err
         if program is None:
             raise Unsupported(f"cannot export {model.name} to ONNX: the exporter returned nothing")
-        program.save(str(staged))
-        _check_dynamic_axes(model, staged)
+        program.save(str(draft))
+        _check_dynamic_axes(model, draft)
         # torch.onnx.export restores training flags it touched; answers must come from eval mode.
         module.eval()
-        artifact = Artifact("onnx", model.spec, path=staged)
+        artifact = Artifact("onnx", model.spec, path=draft)
         verify(model, artifact, "onnxruntime", what="ONNX export", reference=source)
     return Artifact("onnx", model.spec, path=path, meta=source.meta)
 
@@ -130,13 +130,13 @@ def export_program(model: Model, source: Artifact, path: Path) -> Artifact:
     names = model.spec.input_names
     adapter = PositionalInputs(source.module.eval(), names).eval()
     args = tuple(torch.from_numpy(model.example_inputs[n]) for n in names)
-    with staging(path) as staged, silenced(EXPORTER_LOGGERS, ignore_warnings=True):
+    with staged(path) as draft, silenced(EXPORTER_LOGGERS, ignore_warnings=True):
         try:
             program = torch.export.export(adapter, args, dynamic_shapes=_dynamic_shapes(model))
-            torch.export.save(program, str(staged))
+            torch.export.save(program, str(draft))
         except Exception as err:  # torch.export raises many types; all mean "cannot export"
             raise Unsupported(f"cannot save {model.name} as a program: {first_line(err)}") from err
-        artifact = Artifact("torch", model.spec, path=staged)
+        artifact = Artifact("torch", model.spec, path=draft)
         verify(model, artifact, "torch", what="saved program", reference=source)
     return Artifact("torch", model.spec, path=path, meta=source.meta)
 
@@ -168,13 +168,13 @@ def export_openvino(
     path = Path(path)
     if path.suffix != ".xml":
         raise BadInput(f"an OpenVINO IR path ends in .xml, got {path}")
-    with staging(path) as staged:
+    with staged(path) as draft:
         try:
             ov_model = ov.convert_model(str(onnx_artifact.path))
-            ov.save_model(ov_model, str(staged), compress_to_fp16=False)
+            ov.save_model(ov_model, str(draft), compress_to_fp16=False)
         except Exception as err:  # OpenVINO raises RuntimeError/OpConversionFailure/...
             raise Unsupported(f"OpenVINO cannot convert {model.name}: {first_line(err)}") from err
-        ir = Artifact("openvino", model.spec, path=staged)
+        ir = Artifact("openvino", model.spec, path=draft)
         verify(model, ir, "openvino", what="IR", reference=onnx_artifact)
     return Artifact("openvino", model.spec, path=path, meta=onnx_artifact.meta)
 

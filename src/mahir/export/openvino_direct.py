@@ -29,7 +29,7 @@ from typing import Any
 
 from mahir.errors import BadInput, Unsupported, first_line
 from mahir.export.onnx import EXPORTER_LOGGERS, switched_attention, verify
-from mahir.files import staging
+from mahir.files import staged
 from mahir.model import Model
 from mahir.silence import silenced
 from mahir.types import Artifact
@@ -58,7 +58,7 @@ def export_openvino_direct(model: Model, source: Artifact, path: Path) -> Artifa
             {axis: torch.export.Dim.DYNAMIC for axis in t.dynamic_axes} for t in model.spec.inputs
         ),
     )
-    with staging(path) as staged, silenced(EXPORTER_LOGGERS, ignore_warnings=True):
+    with staged(path) as draft, silenced(EXPORTER_LOGGERS, ignore_warnings=True):
         try:
             with _padding_mask_attention(source.module):
                 program = torch.export.export(adapter, args, dynamic_shapes=dynamic)
@@ -71,8 +71,8 @@ def export_openvino_direct(model: Model, source: Artifact, path: Path) -> Artifa
             port.get_tensor().set_names({name})
         for port, name in zip(ov_model.outputs, model.spec.outputs, strict=True):
             port.get_tensor().set_names({name})
-        ov.save_model(ov_model, str(staged), compress_to_fp16=False)
-        ir = Artifact("openvino", model.spec, path=staged)
+        ov.save_model(ov_model, str(draft), compress_to_fp16=False)
+        ir = Artifact("openvino", model.spec, path=draft)
         verify(model, ir, "openvino", what="IR converted through torch.export", reference=source)
     return Artifact("openvino", model.spec, path=path, meta=source.meta)
 

@@ -4,8 +4,8 @@ A pass never mutates its input artifact: it writes a new one into `ctx.workdir`.
 not apply (wrong architecture, an op it cannot handle, a CPU without the instructions that make
 it pay) it raises `Unsupported(reason)`, and the search records the reason and moves on. The
 config's type picks the function, through the one dict `PASSES`, written out by hand; names such
-as "ort-dynamic-int8" live only at the CLI and recipe edge. `apply_steps` converts between
-formats (torch -> ONNX -> OpenVINO IR, each conversion verified) when a step needs another one.
+as "ort-dynamic-int8" live only at the CLI and recipe edge. A step that needs another format
+gets it converted first, by the route `export/conversions.py` finds (each conversion verified).
 
 Passes sit above runtimes and export; they know nothing of search or serving.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mahir.errors import Unsupported
-from mahir.export.onnx import export_onnx, export_openvino
+from mahir.export.conversions import convert
 from mahir.hardware import Machine, detect
 from mahir.model import Model
 from mahir.passes.conversion import OpenVinoDirect, openvino_direct
@@ -93,7 +93,7 @@ def run_pass(artifact: Artifact, config: Any, ctx: PassContext) -> Artifact:
         raise Unsupported(f"no pass for {type(config).__name__}")
     needed: tuple[ArtifactFormat, ...] = config.input_formats
     ctx.workdir.mkdir(parents=True, exist_ok=True)
-    return fn(convert(artifact, needed, ctx), config, ctx)
+    return fn(convert(ctx.model, artifact, needed, ctx.workdir / "input"), config, ctx)
 
 
 def apply_steps(artifact: Artifact, steps: Sequence[Any], ctx: PassContext) -> Artifact:
@@ -102,18 +102,3 @@ def apply_steps(artifact: Artifact, steps: Sequence[Any], ctx: PassContext) -> A
         folder = ctx.workdir / f"{index:02d}-{type(step).__name__.lower()}"
         artifact = run_pass(artifact, step, dataclasses.replace(ctx, workdir=folder))
     return artifact
-
-
-def convert(artifact: Artifact, formats: tuple[ArtifactFormat, ...], ctx: PassContext) -> Artifact:
-    """`artifact` in the first of `formats` reachable from it: torch -> onnx -> openvino."""
-    if artifact.format in formats:
-        return artifact
-    if "onnx" in formats and artifact.format == "torch":
-        return export_onnx(ctx.model, ctx.workdir / "input" / "model.onnx", source=artifact)
-    if "openvino" in formats and artifact.format in ("torch", "onnx"):
-        onnx = convert(artifact, ("onnx",), ctx)
-        return export_openvino(ctx.model, onnx, ctx.workdir / "input" / "openvino" / "model.xml")
-    raise Unsupported(
-        f"cannot make a {' or '.join(formats)} artifact from {artifact.format}: mahir converts "
-        "torch -> ONNX -> OpenVINO, never back (in a recipe, torch steps come first)"
-    )

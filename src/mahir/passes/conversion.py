@@ -1,9 +1,10 @@
 """Conversion as a recipe step, for when the route to a format changes the speed.
 
 mahir converts between formats by itself (torch -> ONNX -> OpenVINO IR) when a step needs
-another one. `OpenVinoDirect` asks for the other route to OpenVINO: torch.export straight into
-OpenVINO's converter, which keeps PyTorch's scaled-dot-product attention as one OpenVINO op
-that the CPU plugin fuses (`mahir.export.openvino_direct`). Which route is faster depends on the
+another one. `OpenVinoDirect` asks for the other route to OpenVINO in the table of
+`mahir.export.conversions`: torch.export straight into OpenVINO's converter, which keeps
+PyTorch's scaled-dot-product attention as one OpenVINO op that the CPU plugin fuses
+(`mahir.export.openvino_direct`). Which route is faster depends on the
 model, the lengths and the CPU, so the search tries both and keeps what this machine runs
 faster.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from mahir.export.openvino_direct import export_openvino_direct
+from mahir.export.conversions import route
 from mahir.types import Artifact, ArtifactFormat
 
 if TYPE_CHECKING:
@@ -30,5 +31,6 @@ class OpenVinoDirect:
 
 
 def openvino_direct(artifact: Artifact, config: OpenVinoDirect, ctx: PassContext) -> Artifact:
-    converted = export_openvino_direct(ctx.model, artifact, ctx.workdir / "model.xml")
-    return converted.derive(converted.path, converted_by="torch.export")
+    (conversion,) = route(artifact.format, ("openvino",), direct=True)
+    converted = conversion.run(ctx.model, artifact, ctx.workdir)
+    return converted.derive(converted.path, converted_by=conversion.how)

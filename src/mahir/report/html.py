@@ -1,7 +1,7 @@
 """report.html: one self-contained page that says which candidate won, by how much, and why.
 
-It works on the plain `report` dict the search saves as report.json (schema 1), so it imports
-nothing from mahir's other rooms: a report.json copied from another machine renders the same way.
+It works on the typed records of report.json (`schema.py`), so it imports nothing from mahir's
+other rooms: a report.json copied from another machine renders the same way.
 The page loads nothing from the network (inline look.CSS, plots as inline SVG), so it can be mailed,
 archived and opened offline; every string taken from the report goes through `html.escape`.
 
@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import datetime as dt
 import html
-import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,9 @@ import yaml
 
 from mahir.files import write_text_atomically
 from mahir.report import plots as look
+from mahir.report.schema import CandidateRecord as Candidate
+from mahir.report.schema import PerfRecord, QualityRecord, Report
 from mahir.report.verdicts import (
-    Candidate,
     View,
     budget_line,
     budget_text,
@@ -59,17 +59,17 @@ def _order(v: View) -> list[Candidate]:
     return sorted(v.candidates, key=lambda c: (rank[v.role(c)], rank_cost(c, v.objective)))
 
 
-def render_html(report: Mapping[str, Any]) -> str:
+def render_html(report: Report) -> str:
     """The whole page as one string; nothing in it points outside the file."""
     v = read_view(report)
-    model = report.get("model", {}).get("name", "model")
+    model = report.model.get("name", "model")
     parts = (_banner(v), _headline(v), _why(v), _table(v), _plots(v), _context(v), _recipe(v))
     return (
         '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>mahir report: {_e(model)}</title><style>{look.CSS}</style></head><body><main>"
         f'<p class="kicker">mahir optimization report &middot; {_e(model)} &middot; '
-        f"{_e(_date(str(report.get('date', ''))))}</p>{''.join(parts)}</main></body></html>\n"
+        f"{_e(_date(report.date))}</p>{''.join(parts)}</main></body></html>\n"
     )
 
 
@@ -78,7 +78,7 @@ def _banner(v: View) -> str:
 
 
 def _busy_banner(v: View) -> str:
-    note = (v.report.get("machine_load") or {}).get("note")
+    note = v.report.machine_load.get("note")
     if not note:
         return ""
     text = _e(note[0].upper() + note[1:])
@@ -87,11 +87,11 @@ def _busy_banner(v: View) -> str:
 
 def _incomplete_banner(v: View) -> str:
     r = v.report
-    if r.get("complete", True):
+    if r.complete:
         return ""
     timed = sum(headline_speed(c, v.objective) is not None for c in v.candidates)
-    spent = f" after {look.duration(r['elapsed_s'])}" if r.get("elapsed_s") is not None else ""
-    limit = f" of a {look.duration(r['time_budget_s'])} budget" if r.get("time_budget_s") else ""
+    spent = f" after {look.duration(r.elapsed_s)}" if r.elapsed_s is not None else ""
+    limit = f" of a {look.duration(r.time_budget_s)} budget" if r.time_budget_s else ""
     return (
         f'<div class="banner"><strong>Incomplete run.</strong> The search stopped{spent}{limit} '
         f"(interrupted or out of time); {timed} of {len(v.candidates)} candidates were timed. "
@@ -104,13 +104,13 @@ def _headline(v: View) -> str:
     if w is None:
         lead = f'<p class="lead">{_closest(v)}</p>'
         return f"<header><h1>No candidate met the budget</h1>{lead}{_meta(v)}</header>"
-    x = look.times(w.get("speedup"))
-    if b is not None and w["id"] == b["id"]:
+    x = look.times(w.speedup)
+    if b is not None and w.id == b.id:
         title = f"{v.baseline_name} stays: nothing was faster within the budget"
     elif v.objective == "throughput":
-        title = f"{w['label']} gives {x} the samples/s of {v.baseline_name}"
+        title = f"{w.label} gives {x} the samples/s of {v.baseline_name}"
     else:
-        title = f"{w['label']} runs {x} faster than {v.baseline_name}"
+        title = f"{w.label} runs {x} faster than {v.baseline_name}"
     return f"<header><h1>{_e(title)}</h1>{_cards(v, w, b)}{_meta(v)}</header>"
 
 
@@ -119,9 +119,9 @@ def _cards(v: View, w: Candidate, b: Candidate | None) -> str:
     line, base = budget_line(v), f"{v.baseline_name}: "
     fid_label, _, fid_value = fid_text(v, w, short=True).rpartition(" ")
     fid_sub = fid_text(v, w).partition(", ")[2] + (f" · budget ≥ {line:.4g}" if line else "")
-    size, base_size = w.get("size_mb"), None if b is None else b.get("size_mb")
+    size, base_size = w.size_mb, None if b is None else b.size_mb
     return look.cards([
-        ("speedup", look.times(w.get("speedup")), f"over {v.baseline_name}"),
+        ("speedup", look.times(w.speedup), f"over {v.baseline_name}"),
         (v.objective, perf_text(v, w), base + perf_text(v, b) if b is not None else ""),
         (fid_label, fid_value, fid_sub),
         ("size on disk", "n/a" if size is None else f"{size:.1f} MB",
@@ -130,13 +130,11 @@ def _cards(v: View, w: Candidate, b: Candidate | None) -> str:
 
 
 def _meta(v: View) -> str:
-    r, batch = v.report, min(v.report.get("batch_sizes") or [1])
+    r, batch = v.report, min(v.report.batch_sizes or [1])
     judged = (
         "best samples/s of any batch" if v.objective == "throughput" else f"p50 at batch {batch}"
     )
-    searched = (
-        f"{look.duration(r.get('elapsed_s') or 0)} of {look.duration(r.get('time_budget_s') or 0)}"
-    )
+    searched = f"{look.duration(r.elapsed_s or 0)} of {look.duration(r.time_budget_s or 0)}"
     return (
         f'<p class="meta"><b>Objective</b> {_e(v.objective)}, {judged} &middot; <b>Budget</b> '
         f"{_e(budget_text(v))} &middot; <b>Searched</b> {len(v.candidates)} candidates in "
@@ -149,32 +147,37 @@ def _closest(v: View) -> str:
     missed = [
         c
         for c in v.candidates
-        if c["status"] == "rejected" and fidelity_value(c, v.fidelity) is not None
+        if c.status == "rejected" and fidelity_value(c, v.fidelity) is not None
     ]
     if not missed:
         return "Every candidate failed or went untimed; the reasons are below."
     c = max(missed, key=lambda m: fidelity_value(m, v.fidelity) or 0.0)
-    q, budget = c["quality"], v.report.get("budget", {})
+    q, budget = c.quality or QualityRecord(), v.report.budget
     if v.fidelity == "metric":
-        drop = q.get("metric_drop") or 0.0
-        relax = f"Allowing a metric drop of {drop:.4g} (now {budget.get('max_drop')})"
+        drop = q.metric_drop or 0.0
+        relax = f"Allowing a metric drop of {drop:.4g} (now {budget.max_drop})"
     else:
-        relax = f"A budget of worst cosine ≥ {math.floor(q['cosine_min'] * 1e4) / 1e4:.4f}"
-        if (q.get("cosine_mean") or 1.0) < (budget.get("cosine_mean") or 0.0):
-            relax += f" and mean ≥ {math.floor(q['cosine_mean'] * 1e4) / 1e4:.4f}"
-    speed = f", at {look.times(c['speedup'])} {v.baseline_name}" if c.get("speedup") else ""
+        relax = f"A budget of worst cosine ≥ {_floor(q.cosine_min or 0.0)}"
+        if (q.cosine_mean or 1.0) < (budget.cosine_mean or 0.0):
+            relax += f" and mean ≥ {_floor(q.cosine_mean or 0.0)}"
+    speed = f", at {look.times(c.speedup)} {v.baseline_name}" if c.speedup else ""
     return (
-        f"Closest: <b>{_e(c['label'])}</b> with {_e(fid_text(v, c) + speed)}. {_e(relax)} would "
+        f"Closest: <b>{_e(c.label)}</b> with {_e(fid_text(v, c) + speed)}. {_e(relax)} would "
         "accept it; recipes that keep more precision (per-channel int8, bf16, fp32 on a faster "
         "runtime) may meet the budget as it is."
     )
+
+
+def _floor(cosine: float) -> str:
+    """Rounded down to 4 places: a bound at this value admits the candidate."""
+    return f"{math.floor(cosine * 1e4) / 1e4:.4f}"
 
 
 def _why(v: View) -> str:
     sentences = explain(v.report)
     items = "".join(
         f'<li><span class="dot" style="--c:{look.ROLES[v.role(c)][1]}"></span>'
-        f"<b>{_e(c['label'])}</b> &mdash; {_e(sentences[c['id']])}</li>"
+        f"<b>{_e(c.label)}</b> &mdash; {_e(sentences[c.id])}</li>"
         for c in _order(v)
     )
     return f'<section><h2>Why</h2><ul class="why">{items}</ul></section>'
@@ -200,41 +203,40 @@ def _table(v: View) -> str:
 def _table_row(v: View, c: Candidate) -> str:
     role = v.role(c)
     words, colour = look.ROLES[role]
-    size, p = headline_perf(c, v.objective) or (None, {})
-    q = c.get("quality") or {}
+    size, p = headline_perf(c, v.objective) or (None, None)
+    q = c.quality or QualityRecord()
     metric = v.fidelity == "metric"
     fid: Callable[[Any], str] = (lambda x: f"{x:.4g}") if metric else look.cos
     cells: list[tuple[Any, Callable[[Any], str]]] = [
         *(((size, str),) if v.objective == "throughput" else ()),
-        (p.get("p50_ms"), lambda x: ("~" if p.get("noisy") else "") + look.ms(x)),
-        (p.get("p90_ms"), look.ms), (p.get("p99_ms"), look.ms), (p.get("throughput"), look.rate),
-        (c.get("speedup"), look.times),
+        (p and p.p50_ms, lambda x: ("~" if p and p.noisy else "") + look.ms(x)),
+        (p and p.p90_ms, look.ms), (p and p.p99_ms, look.ms), (p and p.throughput, look.rate),
+        (c.speedup, look.times),
         (q.get("metric" if metric else "cosine_mean"), fid),
         (q.get("metric_drop" if metric else "cosine_min"), fid),
-        (c.get("size_mb"), lambda x: f"{x:.1f}"), (c.get("rounds"), str),
+        (c.size_mb, lambda x: f"{x:.1f}"), (c.rounds, str),
     ]  # fmt: skip
     numbers = "".join(
         f'<td class="n">{"&ndash;" if x is None else _e(f(x))}</td>' for x, f in cells
     )
     return (
-        f'<tr class="{role}"><td><b>{_e(c["label"])}</b><small>{_e(_where(c))} '
-        f'&middot; {_e(c["id"])}</small></td><td><span class="pill" style="--c:{colour}" '
-        f'title="{_e(c.get("reason") or words)}">{words}</span></td>{numbers}</tr>'
+        f'<tr class="{role}"><td><b>{_e(c.label)}</b><small>{_e(_where(c))} '
+        f'&middot; {_e(c.id)}</small></td><td><span class="pill" style="--c:{colour}" '
+        f'title="{_e(c.reason or words)}">{words}</span></td>{numbers}</tr>'
     )
 
 
 def _where(c: Candidate) -> str:
-    """The runtime, and the device when it is not the CPU (records before devices have none)."""
-    device = c.get("device") or "cpu"
-    return str(c.get("runtime", "")) + ("" if device == "cpu" else f" on {device}")
+    """The runtime, and the device when it is not the CPU."""
+    return c.runtime + ("" if c.device == "cpu" else f" on {c.device}")
 
 
 def _plots(v: View) -> str:
     marks = [_mark(v, c) for c in v.candidates if headline_speed(c, v.objective) is not None]
     if not marks:
         return "<section><h2>Plots</h2><p>No candidate was timed: nothing to plot.</p></section>"
-    metric = v.report["budget"].get("metric", "metric") if v.fidelity == "metric" else None
-    batch = None if v.objective == "throughput" else min(v.report.get("batch_sizes") or [1])
+    metric = (v.report.budget.metric or "metric") if v.fidelity == "metric" else None
+    batch = None if v.objective == "throughput" else min(v.report.batch_sizes or [1])
     figures = look.plots_html(
         marks, batch=batch, metric=metric, budget=budget_line(v), baseline=v.baseline_name
     )
@@ -242,23 +244,23 @@ def _plots(v: View) -> str:
 
 
 def _mark(v: View, c: Candidate) -> look.Mark:
-    size, perf = headline_perf(c, v.objective) or (0, {})
-    role, label = v.role(c), str(c["label"])
+    size, perf = headline_perf(c, v.objective) or (0, PerfRecord(p50_ms=0.0, throughput=0.0))
+    role, label = v.role(c), c.label
     return look.Mark(
         label=f"{label} (batch {size})" if v.objective == "throughput" else label,
         role=role,
         tooltip=f"{label} ({look.ROLES[role][0]}): {perf_text(v, c)}, {fid_text(v, c)}",
         speed=headline_speed(c, v.objective) or 0.0,
         fidelity=fidelity_value(c, v.fidelity),
-        speedup=c.get("speedup"),
-        samples=tuple(perf.get("latencies_ms") or ()),
-        on_front=c["id"] in v.front,
+        speedup=c.speedup,
+        samples=tuple(perf.latencies_ms),
+        on_front=c.id in v.front,
     )
 
 
 def _context(v: View) -> str:
     """Machine, model and workload: the facts without which the numbers mean nothing."""
-    m, model, w = (v.report.get(k) or {} for k in ("machine", "model", "workload"))
+    m, model, w = v.report.machine, v.report.model, v.report.workload
     gpus = [f"{g['name']} ({g['memory_gb']:.0f} GiB)" for g in m.get("gpus", ())]
     pool, tokens = model.get("pooling"), w.get("tokens")
     machine = {
@@ -274,7 +276,7 @@ def _context(v: View) -> str:
         + (f"; max length {model['max_length']}" if model.get("max_length") else ""),
         "Outputs": ", ".join(model.get("outputs", ())),
         "Pooling": f"{pool['mode']}{', normalized' * bool(pool.get('normalize'))}" if pool else "-",
-        "Batch sizes": ", ".join(map(str, w.get("batch_sizes", v.report.get("batch_sizes", [])))),
+        "Batch sizes": ", ".join(map(str, w.get("batch_sizes", v.report.batch_sizes))),
         "Tokens": f"{tokens['min']} to {tokens['max']}, median {tokens['median']:g}"
         if tokens else "not text",
     }  # fmt: skip
@@ -288,15 +290,15 @@ def _recipe(v: View) -> str:
     w = v.winner
     if w is None:
         return ""
-    keep = {"recipe": w.get("recipe"), "settings": w.get("settings"), "hash": w.get("recipe_hash")}
+    keep = {"recipe": w.recipe, "settings": w.settings, "hash": w.recipe_hash}
     return (
         f"<section><h2>Recipe of the winner</h2><pre>{_e(yaml.safe_dump(keep, sort_keys=False))}"
         f'</pre><p class="note">Replay it with <code>mahir apply</code>; built in '
-        f"{w.get('build_s') or 0:.1f} s.</p></section>"
+        f"{w.build_s:.1f} s.</p></section>"
     )
 
 
-def write_html(report: Mapping[str, Any], path: Path) -> None:
+def write_html(report: Report, path: Path) -> None:
     """Write the page whole or not at all: a reader (or a crash) never sees half a report."""
     write_text_atomically(path, render_html(report))
 
@@ -308,5 +310,5 @@ if __name__ == "__main__":
         raise SystemExit("usage: python -m mahir.report.html path/to/report.json")
     source = Path(sys.argv[1])
     target = source.with_name("report.html")
-    write_html(json.loads(source.read_text(encoding="utf-8")), target)
+    write_html(Report.read(source), target)
     print(target)

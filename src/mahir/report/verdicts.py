@@ -1,28 +1,27 @@
 """What a report says, in numbers and in words: the view of a report.json that both the page and
 the terminal read, the Pareto front, and one plain sentence per candidate on why it won or lost.
 
-Works on the plain `report` dict (schema 1) only. Losers are compared with the winner at the
-timing round they were dropped in, both measured beside the same baseline run, since raw numbers
-from different rounds also hold the machine's drift between them.
+Reads report.json through its typed records (`schema.py`) only. Losers are compared with the
+winner at the timing round they were dropped in, both measured beside the same baseline run,
+since raw numbers from different rounds also hold the machine's drift between them.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from mahir.report import plots as look
-
-Candidate = Mapping[str, Any]
+from mahir.report.schema import CandidateRecord as Candidate
+from mahir.report.schema import PerfRecord, QualityRecord, Report
 
 
 @dataclass(frozen=True, slots=True)
 class View:
     """What every part of the page needs, read from the report once."""
 
-    report: Mapping[str, Any]
+    report: Report
     objective: str
     fidelity: str
     """The quality key the budget judges: "cosine_min", or "metric" when a user metric decides."""
@@ -34,45 +33,43 @@ class View:
     @property
     def baseline_name(self) -> str:
         """What every speedup is over: PyTorch eager fp32, or an ONNX source on ONNX Runtime."""
-        return str(self.baseline["label"]) if self.baseline is not None else "the baseline"
+        return self.baseline.label if self.baseline is not None else "the baseline"
 
     def role(self, c: Candidate) -> str:
         """A key of `ROLES`: the candidate's status, with the winner and baseline singled out."""
-        if self.winner is not None and c["id"] == self.winner["id"]:
+        if self.winner is not None and c.id == self.winner.id:
             return "winner"
-        if self.baseline is not None and c["id"] == self.baseline["id"] and c["status"] == "ok":
+        if self.baseline is not None and c.id == self.baseline.id and c.status == "ok":
             return "baseline"
-        return str(c["status"])
+        return c.status
 
 
-def read_view(report: Mapping[str, Any]) -> View:
-    objective = str(report.get("objective", "latency"))
-    fidelity = "metric" if report.get("budget", {}).get("kind") == "metric" else "cosine_min"
-    candidates = tuple(report.get("candidates", ()))
-    by_id = {c["id"]: c for c in candidates}
+def read_view(report: Report) -> View:
+    objective = report.objective
+    fidelity = "metric" if report.budget.kind == "metric" else "cosine_min"
+    candidates = tuple(report.candidates)
+    by_id = {c.id: c for c in candidates}
     front = tuple(pareto_front(candidates, objective=objective, fidelity=fidelity))
-    winner, baseline = by_id.get(report.get("best")), by_id.get(report.get("baseline"))
+    winner = None if report.best is None else by_id.get(report.best)
+    baseline = None if report.baseline is None else by_id.get(report.baseline)
     return View(report, objective, fidelity, candidates, winner, baseline, front)
 
 
-def headline_perf(c: Candidate, objective: str) -> tuple[int, Mapping[str, Any]] | None:
+def headline_perf(c: Candidate, objective: str) -> tuple[int, PerfRecord] | None:
     """The timing the objective judges: the smallest batch (batch 1) for latency, the batch with
     the most samples/s for throughput; None when the candidate was never timed."""
-    perf = c.get("perf") or {}
+    perf = c.perf
     if not perf:
         return None
-    if objective == "throughput":
-        key = max(perf, key=lambda b: perf[b]["throughput"])
-    else:
-        key = min(perf, key=int)
-    return int(key), perf[key]
+    size = max(perf, key=lambda b: perf[b].throughput) if objective == "throughput" else min(perf)
+    return size, perf[size]
 
 
 def headline_speed(c: Candidate, objective: str) -> float | None:
     timed = headline_perf(c, objective)
     if timed is None:
         return None
-    return float(timed[1]["throughput" if objective == "throughput" else "p50_ms"])
+    return timed[1].throughput if objective == "throughput" else timed[1].p50_ms
 
 
 def rank_cost(c: Candidate, objective: str) -> float:
@@ -82,14 +79,13 @@ def rank_cost(c: Candidate, objective: str) -> float:
     speed = headline_speed(c, objective)
     if speed is None:
         return math.inf
-    if c.get("speedup"):
-        return -float(c["speedup"])
+    if c.speedup:
+        return -c.speedup
     return -speed if objective == "throughput" else speed
 
 
 def fidelity_value(c: Candidate, key: str) -> float | None:
-    value = (c.get("quality") or {}).get(key)
-    return None if value is None else float(value)
+    return None if c.quality is None else c.quality.get(key)
 
 
 def pareto_front(
@@ -101,8 +97,8 @@ def pareto_front(
     points = []
     for c in candidates:
         cost, fid = rank_cost(c, objective), fidelity_value(c, fidelity)
-        if c.get("status") == "ok" and cost < math.inf and fid is not None:
-            points.append((cost, -fid, str(c["id"])))
+        if c.status == "ok" and cost < math.inf and fid is not None:
+            points.append((cost, -fid, c.id))
 
     def dominated(a: tuple[float, float, str]) -> bool:
         return any(b[0] <= a[0] and b[1] <= a[1] and b[:2] != a[:2] for b in points)
@@ -110,10 +106,10 @@ def pareto_front(
     return [p[2] for p in sorted(points) if not dominated(p)]
 
 
-def explain(report: Mapping[str, Any]) -> dict[str, str]:
+def explain(report: Report) -> dict[str, str]:
     """Candidate id -> one plain sentence saying why it won or lost, with its numbers."""
     view = read_view(report)
-    return {str(c["id"]): _sentence(view, c) for c in view.candidates}
+    return {c.id: _sentence(view, c) for c in view.candidates}
 
 
 def _sentence(v: View, c: Candidate) -> str:
@@ -121,27 +117,27 @@ def _sentence(v: View, c: Candidate) -> str:
     if role == "winner":
         return _won(v, c)
     if role == "failed":
-        return f"Failed: {c.get('reason') or 'no reason was recorded'}."
+        return f"Failed: {c.reason or 'no reason was recorded'}."
     if role == "skipped":
-        return f"Not tried: {c.get('reason') or 'no reason was recorded'}."
+        return f"Not tried: {c.reason or 'no reason was recorded'}."
     if role == "rejected":
         return _rejected(v, c)
     if headline_speed(c, v.objective) is None:
-        stop = " before the run stopped" if not v.report.get("complete", True) else ""
+        stop = " before the run stopped" if not v.report.complete else ""
         return f"Met the budget ({fid_text(v, c)}) but was not timed{stop}."
     if role == "baseline":
         text = f"The baseline every speedup is measured against: {perf_text(v, c)}"
-        if v.winner is not None and v.winner.get("speedup"):
-            text += f"; the winner is {look.times(v.winner['speedup'])} faster"
+        if v.winner is not None and v.winner.speedup:
+            text += f"; the winner is {look.times(v.winner.speedup)} faster"
         return text + f"{_noisy(v, c)}."
     return _slower(v, c)
 
 
 def _won(v: View, c: Candidate) -> str:
-    if v.baseline is not None and c["id"] == v.baseline["id"]:
+    if v.baseline is not None and c.id == v.baseline.id:
         return f"Won: nothing within the budget beat {v.baseline_name} ({perf_text(v, c)})."
     return (
-        f"Won: the fastest within the budget at {perf_text(v, c)}, {look.times(c.get('speedup'))} "
+        f"Won: the fastest within the budget at {perf_text(v, c)}, {look.times(c.speedup)} "
         f"{v.baseline_name}, with {fid_text(v, c)}{_noisy(v, c)}."
     )
 
@@ -158,30 +154,30 @@ def _slower(v: View, c: Candidate) -> str:
     pair = _same_round(w, c)
     if pair is not None:
         text += f" ({look.times(pair[1])} vs {look.times(pair[0])} {v.baseline_name} in round"
-        text += f" {len(c['speedups'])}, timed side by side)"
+        text += f" {len(c.speedups)}, timed side by side)"
     else:
         text += f" ({perf_text(v, c)} vs {perf_text(v, w)})"
-    if c["id"] in v.front:
+    if c.id in v.front:
         text += f"; it is on the Pareto front, the pick if {fid_text(v, c, short=True)} matters"
         text += f" more than {ratio:.2f}x speed"
-    rounds, most = int(c.get("rounds") or 0), max(int(o.get("rounds") or 0) for o in v.candidates)
+    rounds, most = c.rounds, max(o.rounds for o in v.candidates)
     if 0 < rounds < most:
         text += f"; dropped after {rounds} of {most} timing rounds"
     return text + f"{_noisy(v, c, w)}."
 
 
 def _rejected(v: View, c: Candidate) -> str:
-    reason, numbers = c.get("reason"), fid_text(v, c).split(", ")
+    reason, numbers = c.reason, fid_text(v, c).split(", ")
     if reason:  # the reason already names the number that failed; add only the others
         extra = [n for n in numbers if n.rsplit(" ", 1)[-1] not in reason]
         text = f"Missed the budget: {reason}" + (f" ({', '.join(extra)})" if extra else "")
     else:
         text = f"Missed the budget ({budget_text(v)}) with {', '.join(numbers)}"
-    speedup = c.get("speedup")
+    speedup = c.speedup
     if speedup is None:
         return text + "; it was not timed."
     text += f"; it ran at {look.times(speedup)} {v.baseline_name}"
-    if v.winner is not None and speedup > (v.winner.get("speedup") or 0):
+    if v.winner is not None and speedup > (v.winner.speedup or 0):
         text += ", faster than the winner: a looser budget would buy speed"
     return text + "."
 
@@ -201,7 +197,7 @@ def _ratio(v: View, fast: Candidate, slow: Candidate) -> float | None:
 
 def _same_round(fast: Candidate, slow: Candidate) -> tuple[float, float] | None:
     """Both speedups in the last timing round `slow` took part in, when both were in it."""
-    a, b = fast.get("speedups") or [], slow.get("speedups") or []
+    a, b = fast.speedups, slow.speedups
     if not b or len(a) < len(b) or not a[len(b) - 1] or not b[-1]:
         return None
     return float(a[len(b) - 1]), float(b[-1])
@@ -212,41 +208,41 @@ def perf_text(v: View, c: Candidate) -> str:
     if timed is None:
         return "not timed"
     if v.objective == "throughput":
-        return f"{look.rate(timed[1]['throughput'])} samples/s at batch {timed[0]}"
-    return f"{look.ms(timed[1]['p50_ms'])} ms p50"
+        return f"{look.rate(timed[1].throughput)} samples/s at batch {timed[0]}"
+    return f"{look.ms(timed[1].p50_ms)} ms p50"
 
 
 def fid_text(v: View, c: Candidate, *, short: bool = False) -> str:
-    q = c.get("quality") or {}
+    q = c.quality or QualityRecord()
     if v.fidelity == "metric":
-        if q.get("metric") is None:
+        if q.metric is None:
             return "metric not measured"
-        drop = "" if short or q.get("metric_drop") is None else f", drop {q['metric_drop']:.4g}"
-        return f"metric {q['metric']:.4g}{drop}"
-    if q.get("cosine_min") is None:
+        drop = "" if short or q.metric_drop is None else f", drop {q.metric_drop:.4g}"
+        return f"metric {q.metric:.4g}{drop}"
+    if q.cosine_min is None:
         return "fidelity not measured"
-    mean = "" if short or q.get("cosine_mean") is None else f", mean {look.cos(q['cosine_mean'])}"
-    return f"worst cosine {look.cos(q['cosine_min'])}{mean}"
+    mean = "" if short or q.cosine_mean is None else f", mean {look.cos(q.cosine_mean)}"
+    return f"worst cosine {look.cos(q.cosine_min)}{mean}"
 
 
 def _noisy(v: View, *cs: Candidate) -> str:
     for c in cs:
         timed = headline_perf(c, v.objective)
-        if timed is not None and timed[1].get("noisy"):
+        if timed is not None and timed[1].noisy:
             return "; timing was noisy (jitter over 10%), so treat the ratio as approximate"
     return ""
 
 
 def budget_text(v: View) -> str:
-    return str(v.report.get("budget", {}).get("description") or "not recorded")
+    return v.report.budget.description or "not recorded"
 
 
 def budget_line(v: View) -> float | None:
     """The fidelity bound as a number, for the plot. Optional in the schema: a fidelity budget
     may carry `cosine_min`; a metric budget gives `baseline_metric - max_drop`."""
-    b = v.report.get("budget", {})
+    b = v.report.budget
     if v.fidelity != "metric":
-        return None if b.get("cosine_min") is None else float(b["cosine_min"])
-    if b.get("baseline_metric") is None or b.get("max_drop") is None:
+        return b.cosine_min
+    if b.baseline_metric is None or b.max_drop is None:
         return None
-    return float(b["baseline_metric"]) - float(b["max_drop"])
+    return b.baseline_metric - b.max_drop

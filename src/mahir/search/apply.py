@@ -23,10 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from mahir.errors import BadInput
+from mahir.export.conversions import convert
 from mahir.export.onnx import export_program
+from mahir.families import refuse_text_options
+from mahir.files import staged
 from mahir.model import Model, default_model_folder
-from mahir.outdir import MANIFEST, staged_dir
-from mahir.passes import PassContext, apply_steps, convert
+from mahir.outdir import MANIFEST
+from mahir.passes import PassContext, apply_steps
 from mahir.quality import fidelity, quality_to_dict
 from mahir.recipe import ModelSource, Recipe
 from mahir.runtimes import get_runtime, open_session, reference_outputs
@@ -56,13 +59,28 @@ def apply_recipe(
     runtime = get_runtime(recipe.runtime)
     ctx = PassContext(model=model, workdir=workdir, calibration=tuple(calibration))
     artifact = apply_steps(model.original(), recipe.steps, ctx)
-    artifact = convert(
-        artifact, runtime.formats, dataclasses.replace(ctx, workdir=workdir / "final")
-    )
+    artifact = convert(model, artifact, runtime.formats, workdir / "final" / "input")
     batches = [*evaluation, *model.family.verification_batches()]
     session = open_session(recipe.runtime, artifact, recipe.options)
     quality = fidelity(model, session, batches, reference_outputs(model, batches))
     return Applied(artifact, recipe, quality)
+
+
+def apply_on_workload(
+    model: Model, recipe: Recipe, workdir: Path, *, sentences: Sequence[str] | None = None
+) -> Applied:
+    """`apply_recipe` on traffic-shaped batches (of `sentences`, or generated text): passes
+    calibrate on 8 batches of 8, fidelity is measured on 4 others, drawn apart (other seeds)."""
+    refuse_text_options(model.family, model.name, {"--data": bool(sentences)})
+    calibration = model.family.workload([8], texts=sentences, batches_per_size=8, seed=1)
+    evaluation = model.family.workload([8], texts=sentences, batches_per_size=4, seed=2)
+    return apply_recipe(
+        model,
+        recipe,
+        workdir,
+        calibration=calibration.batches[8],
+        evaluation=evaluation.batches[8],
+    )
 
 
 def replay_source(recipe: Recipe, recipe_path: Path) -> str | None:
@@ -116,7 +134,7 @@ def write_output_dir(
     """Write `out` atomically: a reader sees the old directory or the new one, never a mix.
     `extra` files (name -> text) go beside; with no `applied` artifact only they are written."""
     check_output_dir(out)
-    with staged_dir(out) as staging:
+    with staged(out, folder=True) as staging:
         if applied is not None:
             _write_artifact(model, applied, staging)
         for name, text in extra.items():

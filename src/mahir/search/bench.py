@@ -20,6 +20,7 @@ from typing import Any
 from rich.table import Table
 
 from mahir.errors import BadInput
+from mahir.export.conversions import reachable
 from mahir.families import real_tokens, refuse_text_options
 from mahir.hardware import Machine, detect
 from mahir.measure import MeasureConfig, load_summary, measure, resident_mb
@@ -192,19 +193,17 @@ def model_summary(model: Model) -> dict[str, Any]:
 
 
 def runnable_runtimes(model: Model, asked: tuple[str, ...]) -> tuple[str, ...]:
-    """The runtimes to measure: those asked for, each refused with the reason if it cannot run
-    this model's source; none asked: the defaults that can."""
-    needs_module = {name for name, r in RUNTIMES.items() if r.formats == ("torch",)}
-    if model.module is not None:
-        return asked or DEFAULT_RUNTIMES
-    refused = sorted(set(asked) & needs_module)
+    """The runtimes to measure: those asked for, each refused with the reason if no conversion
+    leads from this model's source to what it opens; none asked: the defaults that can."""
+    source = model.original().format
+    able = [name for name, r in RUNTIMES.items() if reachable(source, r.formats)]
+    refused = sorted(set(asked) - set(able))
     if refused:
-        able = [name for name in RUNTIMES if name not in needs_module]
         raise BadInput(
             f"{', '.join(refused)} run PyTorch modules, and {model.name} is an ONNX file: "
             f"choose from {', '.join(able)}"
         )
-    return asked or tuple(name for name in DEFAULT_RUNTIMES if name not in needs_module)
+    return asked or tuple(name for name in DEFAULT_RUNTIMES if name in able)
 
 
 def benchmark(

@@ -3,9 +3,10 @@
 Recipes overlap: most start from the same ONNX export, many convert it to the same OpenVINO IR,
 some share a first step (transformer fusion, then different quantizations). The builder keeps
 every artifact it made, keyed by the steps that made it and its format, so each export,
-conversion and step runs once per model; a step that raised `Unsupported` raises it again for
-every recipe that shares it, without running again. Each step writes into its own numbered
-folder under the work directory, so nothing one recipe built is overwritten by another.
+conversion (routed by `export/conversions.py`) and step runs once per model; a step that raised
+`Unsupported` raises it again for every recipe that shares it, without running again. Each
+step writes into its own numbered folder under the work directory, so nothing one recipe built
+is overwritten by another.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from mahir.errors import MahirError
-from mahir.passes import PassContext, convert, run_pass
+from mahir.export.conversions import route
+from mahir.passes import PassContext, run_pass
 from mahir.types import Artifact, ArtifactFormat
 
 Steps = tuple[Any, ...]
@@ -52,13 +54,15 @@ class ArtifactBuilder:
         for fmt in formats:  # in the order the consumer prefers
             if (steps, fmt) in self._made:
                 return self._made[(steps, fmt)]
-        made = {fmt: a for (key, fmt), a in self._made.items() if key == steps}
-        if "onnx" not in formats and "torch" in made:
-            made["onnx"] = self._in_format(steps, ("onnx",))  # later formats start from ONNX
-        source = made.get("onnx") or next(iter(made.values()))
-        ctx = self._ctx_for(steps)
-        artifact = convert(source, formats, dataclasses.replace(ctx, workdir=ctx.workdir / "to"))
-        self._made[(steps, artifact.format)] = artifact
+        # every conversion starts from what the steps made, so a route's first conversions
+        # are those an earlier consumer's route already took (torch -> ONNX for OpenVINO)
+        artifact = next(a for (key, _), a in self._made.items() if key == steps)
+        folder = self._ctx_for(steps).workdir / "to"
+        for conversion in route(artifact.format, formats):
+            if (steps, conversion.target) not in self._made:
+                made = conversion.run(self._ctx.model, artifact, folder)
+                self._made[(steps, conversion.target)] = made
+            artifact = self._made[(steps, conversion.target)]
         return artifact
 
     def _ctx_for(self, steps: Steps) -> PassContext:

@@ -9,20 +9,23 @@ medians measured side by side, never of numbers from different moments. Timing i
 halving: all survivors get a short measurement, the faster half a twice longer one, and so on,
 so the final few get the most precise numbers. Candidates are ranked by that same-rung speedup.
 
-Ctrl-C or the time budget stop the search between steps, never inside a result: what was
-measured stays, what was not is marked skipped with the reason. Sits above passes and
+`Search.run` is the whole search: check each candidate in order (building stops once only the
+timing's share of the budget is left), then halve the survivors until one is left or the
+budget ends. Ctrl-C or the time budget stop the search between steps, never inside a result:
+what was measured stays, what was not is marked skipped with the reason. Sits above passes and
 runtimes; knows nothing of reports, files or the terminal.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from mahir.errors import BadInput, first_line
+from mahir.errors import BadInput, MahirError, first_line
 from mahir.families import real_tokens
 from mahir.measure import MeasureConfig, measure
 from mahir.model import Model
@@ -38,6 +41,11 @@ Status = Literal["ok", "rejected", "failed", "skipped"]
 Budget = FidelityBudget | MetricBudget
 Events = Callable[[str, str], None]
 """(candidate id, what happened): progress for a terminal or a log."""
+Reopen = Callable[["Candidate"], "tuple[Outcome, Artifact] | None"]
+"""An earlier run's outcome of a candidate it checked but did not time, with the artifact to
+time it on (`--resume`); None when there is none."""
+Checked = Callable[["Outcome", "Artifact | None"], None]
+"""Called with each outcome this run checked, and its artifact when it passed."""
 
 
 @dataclass
@@ -110,9 +118,72 @@ class Search:
     """The baseline candidate's id: timed in every rung, the denominator of every speedup."""
     deadline: float | None = None
     """time.monotonic() after which no new work starts; None: no time budget."""
+    build_deadline: float | None = None
+    """time.monotonic() after which no candidate is built, leaving the rest for timing."""
     on_event: Events = lambda _id, _text: None
     sessions: dict[str, Session] = field(default_factory=dict)
     artifacts: dict[str, Artifact] = field(default_factory=dict)
+
+    def run(
+        self,
+        proposed: Sequence[Candidate],
+        batch_sizes: int,
+        *,
+        done: Mapping[str, Outcome] = {},
+        reopen: Reopen = lambda _: None,
+        on_checked: Checked = lambda _o, _a: None,
+    ) -> Searched:
+        """The whole search over `proposed` (the baseline first), timed at `batch_sizes` sizes.
+        `done` holds earlier outcomes to take as they stand, `reopen` earlier checked ones to
+        time without building again; `on_checked` hears of each candidate checked here."""
+        outcomes: list[Outcome] = []
+        complete = True
+        try:
+            for candidate in proposed:
+                if candidate.id in done:
+                    outcome = done[candidate.id]
+                    self.on_event(candidate.id, f"{outcome.status} in an earlier run (resumed)")
+                elif candidate is not proposed[0] and self._building_time_spent():
+                    self.on_event(candidate.id, "time budget: no more building")
+                    break
+                elif (reopened := self._reopen(candidate, reopen)) is not None:
+                    outcome = reopened
+                else:
+                    outcome = self.check(candidate)
+                    on_checked(outcome, self.artifacts.get(candidate.id))
+                outcomes.append(outcome)
+            if self.sessions:
+                left = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+                rung_s = first_rung_seconds(left, len(self.sessions) - 1, batch_sizes)
+                self.time_survivors(outcomes, rung_s)
+        except KeyboardInterrupt:
+            complete = False
+            self.on_event(self.baseline, "interrupted: keeping what was measured")
+        reached = {o.candidate.id for o in outcomes}
+        reason = "time budget spent before it was built" if complete else "interrupted"
+        outcomes += [Outcome(c, "skipped", reason=reason) for c in proposed if c.id not in reached]
+        ranked = rank(outcomes, self.objective)
+        return Searched(outcomes, ranked[0] if ranked else None, complete)
+
+    def _building_time_spent(self) -> bool:
+        return self.build_deadline is not None and time.monotonic() > self.build_deadline
+
+    def _reopen(self, candidate: Candidate, reopen: Reopen) -> Outcome | None:
+        """An earlier run's checked candidate with its session open again and its recorded
+        quality standing; None when there is none or it cannot be opened, so it is built."""
+        recipe = candidate.recipe
+        try:
+            earlier = reopen(candidate)
+            if earlier is None:
+                return None
+            outcome, artifact = earlier
+            self.sessions[candidate.id] = open_session(recipe.runtime, artifact, recipe.options)
+        except (MahirError, OSError) as err:
+            self.on_event(candidate.id, f"cannot reopen ({first_line(err)}): building it again")
+            return None
+        self.artifacts[candidate.id] = artifact
+        self.on_event(candidate.id, "passed the quality check in an earlier run (resumed)")
+        return dataclasses.replace(outcome, cached=False)  # timed in this run
 
     def check(self, candidate: Candidate) -> Outcome:
         """Build the candidate and judge its outputs; keep its session open when it passes."""
@@ -222,6 +293,16 @@ class Search:
             speedup = outcome.speedup(self.objective) or 0.0
             outcome.speedups.append(speedup)
             self.on_event(outcome.candidate.id, f"{speedup:.2f}x the baseline")
+
+
+@dataclass
+class Searched:
+    """What a search found: every outcome, the best within budget, whether it ran to the end
+    (False when Ctrl-C or the time budget cut it short)."""
+
+    outcomes: list[Outcome]
+    best: Outcome | None
+    complete: bool
 
 
 def first_rung_seconds(time_left_s: float | None, contenders: int, batch_sizes: int) -> float:

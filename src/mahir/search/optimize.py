@@ -10,10 +10,8 @@ beside bench and apply, above search; the CLI and `mahir.search.optimize` call i
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import hashlib
-import json
 import math
 import os
 import tempfile
@@ -32,7 +30,8 @@ from mahir.hardware import Machine, detect
 from mahir.measure import load_summary
 from mahir.model import Model, load_model
 from mahir.passes import PassContext
-from mahir.runtimes import get_runtime, open_session
+from mahir.report.schema import BudgetRecord, Report, report_json
+from mahir.runtimes import get_runtime
 from mahir.search.bench import model_summary
 from mahir.search.budget import FidelityBudget, MetricBudget, quality_kind
 from mahir.search.builder import ArtifactBuilder
@@ -43,8 +42,6 @@ from mahir.search.halving import (
     Outcome,
     Search,
     comparable_speedup,
-    first_rung_seconds,
-    rank,
 )
 from mahir.search.records import OutcomeCache, outcome_record
 from mahir.types import Artifact
@@ -125,43 +122,44 @@ class OptimizeResult:
     elapsed_s: float
     date: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat())
 
-    def report(self) -> dict[str, Any]:
+    def report(self) -> Report:
         """report.json: every candidate's recipe, timing, quality, status and reason."""
         objective = self.config.objective
         if isinstance(self.budget, MetricBudget):
-            budget: dict[str, Any] = {
-                "kind": "metric",
-                "description": self.budget.describe(),
-                "metric": self.budget.name,
-                "max_drop": self.budget.max_drop,
-                "baseline_metric": self.budget.baseline,
-            }
+            budget = BudgetRecord(
+                kind="metric",
+                description=self.budget.describe(),
+                metric=self.budget.name,
+                max_drop=self.budget.max_drop,
+                baseline_metric=self.budget.baseline,
+            )
         else:
             kind = next((quality_kind(o.quality) for o in self.candidates if o.quality), "outputs")
-            budget = {
-                "kind": "fidelity",
-                "description": self.budget.describe(kind),
-                "max_drop": self.budget.max_drop,
-                **self.budget.bounds(kind),
-            }
-        return {
-            "schema": 1,
-            "date": self.date,
-            "complete": self.complete,
-            "stopped": None if self.complete else "interrupted",
-            "objective": objective,
-            "batch_sizes": list(self.config.sizes),
-            "budget": budget,
-            "machine": self.machine.to_dict(),
-            "model": model_summary(self.model),
-            "workload": self.workload.describe(self.model.family.token_lengths),
-            "machine_load": self.machine_load(),
-            "time_budget_s": self.config.time_budget_s,
-            "elapsed_s": self.elapsed_s,
-            "baseline": self.candidates[0].candidate.id,
-            "best": None if self.best is None else self.best.candidate.id,
-            "candidates": [outcome_record(o, objective, self.best) for o in self.candidates],
-        }
+            bounds = self.budget.bounds(kind)
+            budget = BudgetRecord(
+                kind="fidelity",
+                description=self.budget.describe(kind),
+                max_drop=self.budget.max_drop,
+                cosine_mean=bounds.get("cosine_mean"),
+                cosine_min=bounds.get("cosine_min"),
+            )
+        return Report(
+            date=self.date,
+            complete=self.complete,
+            stopped=None if self.complete else "interrupted",
+            objective=objective,
+            batch_sizes=list(self.config.sizes),
+            budget=budget,
+            machine=self.machine.to_dict(),
+            model=model_summary(self.model),
+            workload=self.workload.describe(self.model.family.token_lengths),
+            machine_load=self.machine_load(),
+            time_budget_s=self.config.time_budget_s,
+            elapsed_s=self.elapsed_s,
+            baseline=self.candidates[0].candidate.id,
+            best=None if self.best is None else self.best.candidate.id,
+            candidates=[outcome_record(o, objective, self.best) for o in self.candidates],
+        )
 
     def machine_load(self) -> dict[str, Any]:
         """What other processes used while this run timed (see `measure.load_summary`)."""
@@ -181,7 +179,7 @@ class OptimizeResult:
         out = Path(out)
         report = self.report()
         extra = {
-            "report.json": json.dumps(report, indent=2, default=str) + "\n",
+            "report.json": report_json(report),
             "report.html": render_html(report),
         }
         applied = None
@@ -201,7 +199,7 @@ class OptimizeResult:
 
     def __rich__(self) -> Table:
         title = f"{self.model.name} on {self.machine.summary()}"
-        caption = f"budget: {self.report()['budget']['description']}; quality: mean / worst on "
+        caption = f"budget: {self.report().budget.description}; quality: mean / worst on "
         caption += "every input judged, held-out ones included; tuned on: worst on calibration"
         if self.best is not None:
             caption += "; speedups on the winner's last timing round (losers against the winner "
@@ -280,35 +278,34 @@ def optimize(
     workload, evidence = inputs.workload, inputs.evidence
     ctx = PassContext(model=model, workdir=workdir, calibration=inputs.calibration, machine=machine)
     builder = ArtifactBuilder(ctx)
-    search = Search(model, builder, evidence, config.objective, baseline, deadline, on_event)
+    build_deadline = None
+    if deadline is not None and config.time_budget_s is not None:
+        build_deadline = deadline - TIMING_SHARE * config.time_budget_s
+    search = Search(
+        model, builder, evidence, config.objective, baseline, deadline, build_deadline, on_event
+    )
     key = _run_key(model, machine, workload, config)
     cache = OutcomeCache(Path(cache_path), key, resume=resume) if cache_path else None
-    outcomes: list[Outcome] = []
-    complete = True
-    try:
-        _check_all(search, proposed, outcomes, cache, config, workdir / "resumed")
-        if search.sessions:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            rung_s = first_rung_seconds(left, len(search.sessions) - 1, len(config.sizes))
-            search.time_survivors(outcomes, rung_s)
-    except KeyboardInterrupt:
-        complete = False
-        on_event(baseline, "interrupted: keeping what was measured")
-    reached = {o.candidate.id for o in outcomes}
-    reason = "time budget spent before it was built" if complete else "interrupted"
-    outcomes += [Outcome(c, "skipped", reason=reason) for c in proposed if c.id not in reached]
-    outcomes += [Outcome(c, "skipped", reason=why) for c, why in skipped]
+    if cache is None:
+        searched = search.run(proposed, len(config.sizes))
+    else:
+        searched = search.run(
+            proposed,
+            len(config.sizes),
+            done=_done(cache, proposed),
+            reopen=lambda c: _reopen(cache, builder, c, model, workdir / "resumed"),
+            on_checked=lambda o, a: _record_check(cache, o, a, config.objective, on_event),
+        )
+    outcomes = searched.outcomes + [Outcome(c, "skipped", reason=why) for c, why in skipped]
     if cache is not None:
         for outcome in outcomes:
             if outcome.perf.keys() == set(config.sizes):  # a rung cut short is not a timing
                 cache.put(outcome, config.objective)
-        if complete:  # every checked candidate was timed: its kept files are no longer needed
+        if searched.complete:  # every checked candidate was timed: its kept files can go
             cache.drop_artifacts()
-    ranked = rank(outcomes, config.objective)
-    best = ranked[0] if ranked else None
-    artifact = None
+    best, artifact = searched.best, None
     if best is not None:
-        artifact = search.artifacts.get(best.candidate.id) or _rebuild(search, best.candidate)
+        artifact = search.artifacts.get(best.candidate.id) or _rebuild(builder, best.candidate)
     return OptimizeResult(
         model,
         machine,
@@ -318,7 +315,7 @@ def optimize(
         outcomes,
         best,
         artifact,
-        complete,
+        searched.complete,
         elapsed_s=time.monotonic() - started,
     )
 
@@ -365,50 +362,31 @@ def _model_files(model: Model) -> list[Path]:
     return [Path(model.source.rpartition(":")[0])] if ".py:" in model.source else []
 
 
-def _check_all(
-    search: Search,
-    proposed: Sequence[Candidate],
-    outcomes: list[Outcome],
-    cache: OutcomeCache | None,
-    config: OptimizeConfig,
-    workdir: Path,
-) -> None:
-    """Build and check each candidate in order, or take its earlier outcome from the cache: a
-    final one (rejected, failed, timed) as it stands, a checked one reopened to be timed (its
-    kept files copied into `workdir`). The baseline's timing comes from the cache only when
-    everything's does: else it is timed anew."""
-    cached = {c.id: cache.get(c) for c in proposed} if cache else {}
-    all_final = bool(cached) and all(o is not None and _final(o) for o in cached.values())
-    for candidate in proposed:
-        earlier = cached.get(candidate.id)
-        baseline = candidate is proposed[0]
-        if earlier is not None and _final(earlier) and (not baseline or all_final):
-            search.on_event(candidate.id, f"{earlier.status} in an earlier run (resumed)")
-            outcomes.append(earlier)
-            continue
-        if not baseline and _building_time_spent(search, config):
-            search.on_event(candidate.id, "time budget: no more building")
-            return
-        reopened = None
-        if cache is not None and earlier is not None and not _final(earlier):
-            reopened = _reopen(search, earlier, cache, workdir)
-        outcome = reopened or search.check(candidate)
-        outcomes.append(outcome)
-        if cache is not None and reopened is None:
-            _record_check(search, cache, outcome, config.objective)
+def _done(cache: OutcomeCache, proposed: Sequence[Candidate]) -> dict[str, Outcome]:
+    """Earlier outcomes that need no more work (rejected, failed, or ok and timed). The
+    baseline's timing comes from the cache only when everything's does: else it is timed anew."""
+    cached = {c.id: cache.get(c) for c in proposed}
+    done = {cid: o for cid, o in cached.items() if o is not None and _final(o)}
+    if len(done) < len(cached):
+        done.pop(proposed[0].id, None)
+    return done
 
 
 def _record_check(
-    search: Search, cache: OutcomeCache, outcome: Outcome, objective: Objective
+    cache: OutcomeCache,
+    outcome: Outcome,
+    artifact: Artifact | None,
+    objective: Objective,
+    on_event: Events,
 ) -> None:
     """Record a checked candidate; one that passed, with its files (kept first, so a record
     never promises files that are not there; without them, a resumed run builds it again)."""
     candidate = outcome.candidate
-    if outcome.status == "ok":
+    if artifact is not None:
         try:
-            cache.keep_artifact(candidate, search.artifacts[candidate.id])
+            cache.keep_artifact(candidate, artifact)
         except OSError as err:
-            search.on_event(candidate.id, f"cannot keep its files for --resume ({first_line(err)})")
+            on_event(candidate.id, f"cannot keep its files for --resume ({first_line(err)})")
     cache.put(outcome, objective)
 
 
@@ -417,34 +395,24 @@ def _final(outcome: Outcome) -> bool:
     return outcome.status != "ok" or bool(outcome.perf)
 
 
-def _reopen(search: Search, earlier: Outcome, cache: OutcomeCache, workdir: Path) -> Outcome | None:
-    """A candidate an earlier run checked but did not time, with its session open again on its
-    kept files (or on its live torch module, built again: it has no files) and its recorded
-    quality standing; None when it cannot be reopened, so it is built and checked anew."""
-    candidate, recipe = earlier.candidate, earlier.candidate.recipe
-    try:
-        if "torch" in get_runtime(recipe.runtime).formats:
-            artifact: Artifact | None = _rebuild(search, candidate)
-        else:
-            artifact = cache.kept_artifact(candidate, search.model.spec, workdir)
-        if artifact is None:
-            return None
-        search.sessions[candidate.id] = open_session(recipe.runtime, artifact, recipe.options)
-    except (MahirError, OSError) as err:
-        search.on_event(candidate.id, f"cannot reopen ({first_line(err)}): building it again")
+def _reopen(
+    cache: OutcomeCache, builder: ArtifactBuilder, candidate: Candidate, model: Model, into: Path
+) -> tuple[Outcome, Artifact] | None:
+    """An earlier run's outcome of `candidate` if it was checked but not timed, with its
+    artifact: its kept files copied `into` the work folder, or a live torch module built again
+    (it has no files)."""
+    earlier = cache.get(candidate)
+    if earlier is None or _final(earlier):
         return None
-    search.artifacts[candidate.id] = artifact
-    search.on_event(candidate.id, "passed the quality check in an earlier run (resumed)")
-    return dataclasses.replace(earlier, cached=False)  # timed in this run
+    recipe = candidate.recipe
+    if "torch" in get_runtime(recipe.runtime).formats:
+        artifact: Artifact | None = _rebuild(builder, candidate)
+    else:
+        artifact = cache.kept_artifact(candidate, model.spec, into)
+    return None if artifact is None else (earlier, artifact)
 
 
-def _building_time_spent(search: Search, config: OptimizeConfig) -> bool:
-    if search.deadline is None or config.time_budget_s is None:
-        return False
-    return search.deadline - time.monotonic() < TIMING_SHARE * config.time_budget_s
-
-
-def _rebuild(search: Search, candidate: Candidate) -> Artifact:
+def _rebuild(builder: ArtifactBuilder, candidate: Candidate) -> Artifact:
     """A cached winner's artifact: built again (building is not measuring)."""
     recipe = candidate.recipe
-    return search.builder.build(recipe.steps, get_runtime(recipe.runtime).formats)
+    return builder.build(recipe.steps, get_runtime(recipe.runtime).formats)

@@ -30,7 +30,8 @@ import numpy as np
 
 from mahir.errors import BadInput, Unsupported
 from mahir.families.vision import PROCESSOR
-from mahir.outdir import MANIFEST, TOKENIZER, model_name, read_artifact, read_manifest, staged_dir
+from mahir.files import staged
+from mahir.outdir import MANIFEST, TOKENIZER, model_name, read_artifact, read_manifest
 from mahir.types import BATCH, RuntimeOptions
 
 CONFIG = "config.pbtxt"
@@ -116,7 +117,7 @@ def write_triton_repo(
     text = config_text(
         manifest, read_tensors(fmt, model_file), name=name, instances=instances, gpu=gpu
     )
-    with staged_dir(repo / name) as staging:
+    with staged(repo / name, folder=True) as staging:
         _fill(staging, out, manifest, text)
     return repo / name
 

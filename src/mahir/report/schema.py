@@ -1,0 +1,191 @@
+"""report.json as typed records: the run, its candidates, their timing and quality.
+
+The search makes a `Report` (`search/optimize.py`, each candidate from `search/records.py`)
+and `report_json` is the one place it becomes JSON; the page and the terminal read it back
+through `Report.from_dict`. Reading is lenient so reports written by older versions still
+render: a missing key takes its field's default and an unknown one is ignored; so a new field
+(a device, say) is one line with a default here, and older reports keep rendering. The JSON is
+schema 1, key for key.
+
+Imports nothing of mahir's other rooms: a report.json copied from another machine reads the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+SCHEMA = 1
+
+T = TypeVar("T")
+
+
+def _known(cls: type[T], data: dict[str, Any], **typed: Any) -> T:
+    """`cls` from the keys of `data` it has fields for; `typed` overrides (nested records)."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in data.items() if k in names and k not in typed}, **typed)
+
+
+@dataclass(kw_only=True, slots=True)
+class PerfRecord:
+    """Timing at one batch size (`types.Perf`), latencies thinned to a bounded number."""
+
+    batch_size: int | None = None
+    latencies_ms: list[float] = field(default_factory=list)
+    p50_ms: float
+    p90_ms: float | None = None
+    p99_ms: float | None = None
+    throughput: float
+    tokens_per_s: float | None = None
+    spread: float | None = None
+    noisy: bool = False
+    other_load: float = 0.0
+    device: str = "cpu"
+    runs: int = 0
+    """Runs timed, before the latencies were thinned."""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PerfRecord:
+        return _known(cls, data)
+
+
+@dataclass(kw_only=True, slots=True)
+class QualityRecord:
+    """The headline fidelity the budget judged, or the user's metric."""
+
+    cosine_mean: float | None = None
+    cosine_min: float | None = None
+    max_abs_err: float | None = None
+    top1_agreement: float | None = None
+    metric: float | None = None
+    metric_drop: float | None = None
+
+    def get(self, key: str) -> float | None:
+        """The value of one quality key (the one a budget judges, chosen at run time)."""
+        value = getattr(self, key)
+        return None if value is None else float(value)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QualityRecord:
+        return _known(cls, data)
+
+
+@dataclass(kw_only=True, slots=True)
+class CandidateRecord:
+    """One candidate: its recipe, what became of it and why, its numbers."""
+
+    id: str
+    label: str
+    recipe: dict[str, Any] = field(default_factory=dict)
+    recipe_hash: str = ""
+    runtime: str = ""
+    device: str = "cpu"
+    """Where it ran ("cpu", "cuda:N"); records before devices existed ran on the CPU."""
+    settings: dict[str, Any] = field(default_factory=dict)
+    status: str
+    """ok, rejected, failed or skipped."""
+    reason: str | None = None
+    quality: QualityRecord | None = None
+    quality_detail: dict[str, Any] | None = None
+    """Every output's fidelity (`quality.quality_to_dict`), on everything judged."""
+    quality_tuned: dict[str, Any] | None = None
+    """The same on the calibration inputs the passes tuned on."""
+    perf: dict[int, PerfRecord] = field(default_factory=dict)
+    baseline_perf: dict[int, PerfRecord] = field(default_factory=dict)
+    speedup: float | None = None
+    """On the scale of the winner's final timing round (`search.comparable_speedup`)."""
+    speedup_measured: float | None = None
+    size_mb: float | None = None
+    build_s: float = 0.0
+    rounds: int = 0
+    speedups: list[float] = field(default_factory=list)
+    cached: bool = False
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CandidateRecord:
+        quality = data.get("quality")
+        return _known(
+            cls,
+            data,
+            quality=None if quality is None else QualityRecord.from_dict(quality),
+            perf=_perfs_from(data.get("perf")),
+            baseline_perf=_perfs_from(data.get("baseline_perf")),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        record = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        record["quality"] = None if self.quality is None else dataclasses.asdict(self.quality)
+        for key in ("perf", "baseline_perf"):
+            record[key] = {str(size): dataclasses.asdict(p) for size, p in record[key].items()}
+        return record
+
+
+def _perfs_from(data: dict[str, Any] | None) -> dict[int, PerfRecord]:
+    return {int(size): PerfRecord.from_dict(p) for size, p in (data or {}).items()}
+
+
+@dataclass(kw_only=True, slots=True)
+class BudgetRecord:
+    """The quality budget: fidelity floors, or a user metric's allowed drop."""
+
+    kind: str = "fidelity"
+    description: str | None = None
+    metric: str | None = None
+    max_drop: float | None = None
+    baseline_metric: float | None = None
+    cosine_mean: float | None = None
+    cosine_min: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Only the keys that apply to this kind (a fidelity budget names no metric)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass(kw_only=True, slots=True)
+class Report:
+    """A whole run. Machine, model, workload and load are as their own rooms describe them."""
+
+    schema: int = SCHEMA
+    date: str = ""
+    complete: bool = True
+    stopped: str | None = None
+    objective: str = "latency"
+    batch_sizes: list[int] = field(default_factory=list)
+    budget: BudgetRecord = field(default_factory=BudgetRecord)
+    machine: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+    workload: dict[str, Any] = field(default_factory=dict)
+    machine_load: dict[str, Any] = field(default_factory=dict)
+    time_budget_s: float | None = None
+    elapsed_s: float | None = None
+    baseline: str | None = None
+    best: str | None = None
+    candidates: list[CandidateRecord] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Report:
+        return _known(
+            cls,
+            data,
+            budget=_known(BudgetRecord, data.get("budget") or {}),
+            machine_load=data.get("machine_load") or {},
+            candidates=[CandidateRecord.from_dict(c) for c in data.get("candidates", ())],
+        )
+
+    @classmethod
+    def read(cls, path: Path) -> Report:
+        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+
+    def to_dict(self) -> dict[str, Any]:
+        record = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        record["budget"] = self.budget.to_dict()
+        record["candidates"] = [c.to_dict() for c in self.candidates]
+        return record
+
+
+def report_json(report: Report) -> str:
+    """The text of report.json: the one place a report becomes JSON."""
+    return json.dumps(report.to_dict(), indent=2, default=str) + "\n"
