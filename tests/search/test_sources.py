@@ -168,10 +168,10 @@ def test_bench_and_optimize_end_with_a_winner_on_the_right_baseline(
     config = OptimizeConfig(only=(candidate,), batch_sizes=(1,), batches_per_size=2)
     result = optimize(model, config, tmp_path / "o")
     report = result.report()
-    assert report["baseline"] == baseline
-    assert report["model"]["family"] == family
+    assert report.baseline == baseline
+    assert report.model["family"] == family
     assert result.best is not None
-    statuses = {c["id"]: c["status"] for c in report["candidates"]}
+    statuses = {c.id: c.status for c in report.candidates}
     assert (statuses[baseline], statuses[candidate]) == ("ok", "ok"), statuses
     name = {"torch": "PyTorch eager fp32", "onnxruntime": "ONNX Runtime fp32"}[baseline]
     assert f"over {name}" in render_html(report)
