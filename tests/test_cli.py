@@ -47,20 +47,13 @@ def test_bench_default_model_on_every_cpu_runtime(tmp_path: Path) -> None:
     assert len(workload.texts) > 0
 
 
-@pytest.mark.parametrize(
-    ("factory", "runtimes"),
-    [
-        ("mlp", ("torch", "torch-compile", "onnxruntime", "openvino")),
-        ("cnn", ("torch", "onnxruntime", "openvino")),
-    ],
-)
-def test_bench_small_factory_models(
-    factory: str, runtimes: tuple[str, ...], tmp_path: Path
-) -> None:
+def test_bench_a_factory_model_on_every_runtime(tmp_path: Path) -> None:
+    """Other sources' bench (a CNN, a two-input module, ...): tests/search/test_sources.py."""
+    runtimes = ("torch", "torch-compile", "onnxruntime", "openvino")
     out = tmp_path / "bench.json"
     args = [arg for r in runtimes for arg in ("-r", r)]
     result = mahir(
-        "bench", f"{TESTS / 'models.py'}:{factory}", "--logits", "output", *args,
+        "bench", f"{TESTS / 'models.py'}:mlp", "--logits", "output", *args,
         "-b", "1", "-b", "8", "--seconds", "0.2", "--json", str(out),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -72,7 +65,7 @@ def test_bench_small_factory_models(
         assert row["quality"]["outputs"]["output"]["top1_agreement"] == 1.0
         assert row["tokens_per_s"] is None
     workload = np.load(out.with_suffix(".workload.npz"))
-    assert "b8/0/" + ("x" if factory == "mlp" else "image") in workload.files
+    assert "b8/0/x" in workload.files
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,6 @@ import onnx
 import pytest
 
 from mahir.errors import Unsupported
-from mahir.export.onnx import export_onnx
 from mahir.hardware import detect
 from mahir.model import Model
 from mahir.passes import PassContext, apply_steps, run_pass
@@ -82,10 +81,10 @@ def test_per_channel_is_closer_than_per_tensor(
     assert means[True] > means[False]
 
 
-def test_reduce_range_follows_the_cpu(minilm: Model, tmp_path: Path) -> None:
+def test_reduce_range_follows_the_cpu(minilm: Model, minilm_onnx: Path, tmp_path: Path) -> None:
     zen4_without_vnni = dataclasses.replace(detect(gpus=False), isa=("avx2",))
     with_vnni = dataclasses.replace(detect(gpus=False), isa=("avx2", "avx512_vnni"))
-    onnx_artifact = export_onnx(minilm, tmp_path / "m.onnx")
+    onnx_artifact = Artifact("onnx", minilm.spec, path=minilm_onnx)
     for machine, expected in ((zen4_without_vnni, True), (with_vnni, False)):
         ctx = PassContext(model=minilm, workdir=tmp_path / str(expected), machine=machine)
         artifact = run_pass(onnx_artifact, DynamicInt8(per_channel=True), ctx)
