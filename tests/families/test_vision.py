@@ -155,11 +155,9 @@ def test_user_data_is_a_folder_of_images_or_an_npz(vit: Model, tmp_path: Path) -
         vit.family.read_user_data(images, batch_size=2)
 
 
-@pytest.mark.parametrize("fixture", ["vit", "resnet"])
-def test_bench_times_every_runtime_with_top1_fidelity(
-    fixture: str, request: pytest.FixtureRequest, tmp_path: Path
-) -> None:
-    model: Model = request.getfixturevalue(fixture)
+def test_bench_times_every_runtime_with_top1_fidelity(vit: Model, tmp_path: Path) -> None:
+    """(ResNet's bench and optimize: tests/search/test_sources.py.)"""
+    model = vit
     config = BenchConfig(batch_sizes=(1, 3), measure=QUICK, batches_per_size=2)
     result = benchmark(model, config, tmp_path)
     assert {row.runtime for row in result.rows} == {"torch", "onnxruntime", "openvino"}

@@ -1,6 +1,7 @@
 """Every kind of model source through `bench` and a short `optimize`: each ends with a winner
 and a report whose baseline is right for its source (PyTorch eager for a module, ONNX Runtime for
-an ONNX file), and the family that judges it is the right one."""
+an ONNX file), and the family that judges it is the right one. (What a family does beyond this:
+tests/families/.)"""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from mahir.model import Model, default_model_folder, load_model
 from mahir.report.html import render_html
 from mahir.search.bench import BenchConfig, benchmark
 from mahir.search.optimize import OptimizeConfig, optimize
+from tests import models
 
 TESTS = Path(__file__).parents[1]
 QUICK = MeasureConfig(warmup_runs=1, min_time_s=0.05, min_runs=3, round_time_s=0.02)
@@ -129,6 +131,14 @@ def two_inputs(folder: Path) -> str:
     return f"{TESTS / 'models.py'}:regressor"
 
 
+def vit(folder: Path) -> str:
+    return str(models.vit_folder(folder))
+
+
+def resnet(folder: Path) -> str:
+    return str(models.resnet_folder(folder))
+
+
 SOURCES: dict[str, tuple[Callable[[Path], str], str, str]] = {
     # name: (how to make it, its family, its baseline runtime)
     "hand-built onnx": (hand_built_onnx, "tensor", "onnxruntime"),
@@ -140,6 +150,8 @@ SOURCES: dict[str, tuple[Callable[[Path], str], str, str]] = {
     "sequence classifier": (classifier, "text", "torch"),
     "factory cnn": (cnn, "tensor", "torch"),
     "two-input module": (two_inputs, "tensor", "torch"),
+    "vit": (vit, "vision", "torch"),
+    "resnet": (resnet, "vision", "torch"),
 }
 
 
