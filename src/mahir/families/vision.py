@@ -69,7 +69,7 @@ def load_processor(folder: Path) -> Any:
     new = importlib.util.find_spec("transformers.image_processing_backends") is not None
     kwargs: dict[str, Any] = {"backend": "pil"} if new else {"use_fast": False}
     try:
-        return AutoImageProcessor.from_pretrained(str(folder), **kwargs)  # type: ignore[no-untyped-call]
+        return AutoImageProcessor.from_pretrained(str(folder), **kwargs)  # type: ignore[no-untyped-call, unused-ignore]
     except (OSError, ValueError, KeyError) as err:
         raise BadInput(f"cannot load the image processor in {folder}: {first_line(err)}") from err
 
