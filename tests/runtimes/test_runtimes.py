@@ -216,13 +216,39 @@ def test_a_format_the_runtime_cannot_open(built: Built, runtime: str, fmt: str) 
         open_session(runtime, built.artifacts[fmt])
 
 
-@pytest.mark.parametrize(("runtime", "fmt"), RUNTIME_FORMATS)
+@pytest.mark.parametrize(("runtime", "fmt"), [(r, f) for r, f in RUNTIME_FORMATS if r != "torch"])
 def test_a_device_the_runtime_cannot_run_on_is_refused(
     built: Built, runtime: str, fmt: str
 ) -> None:
-    """No runtime runs on a GPU yet: asked for one, each says so in one line, before it loads."""
-    with pytest.raises(Unsupported, match=rf"^{runtime} runs on cpu only; .*cuda.*cpu$"):
+    """Asked for a GPU, a CPU-only runtime says so in one line, naming the one that runs
+    there, before it loads."""
+    with pytest.raises(
+        Unsupported, match=rf"^{runtime} runs on cpu only; for cuda:0 choose torch$"
+    ):
         open_session(runtime, built.artifacts[fmt], RuntimeOptions(device=Device.parse("cuda")))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_torch_on_a_gpu_this_machine_lacks_says_so(built: Built) -> None:
+    with pytest.raises(
+        Unsupported, match=r"^no cuda:3 here: torch sees 0 CUDA GPUs.*open it on cpu$"
+    ):
+        open_session(
+            "torch", built.artifacts["torch"], RuntimeOptions(device=Device.parse("cuda:3"))
+        )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_torch_on_a_gpu_gives_the_reference_outputs(built: Built) -> None:
+    """Run where a GPU is (the lent H200): a copy on the device, the CPU original untouched."""
+    artifact = built.artifacts["torch"]
+    gpu = open_session("torch", artifact, RuntimeOptions(device=Device.parse("cuda")))
+    assert gpu.describe()["device"] == "cuda:0"
+    assert next(artifact.module.parameters()).device.type == "cpu"
+    for batch in (1, 3, 16):
+        inputs = built.inputs(batch, seed=batch)
+        (got,) = gpu.run(inputs).values()
+        np.testing.assert_allclose(got, built.reference(inputs), atol=1e-3, rtol=1e-3)
 
 
 @pytest.mark.parametrize("runtime", ["torch", "torch-compile"])

@@ -77,7 +77,13 @@ def _openvino(artifact: Artifact, options: RuntimeOptions) -> Session:
 
 
 RUNTIMES: dict[str, Runtime] = {
-    "torch": Runtime("torch", ("torch",), _torch_eager, "PyTorch eager, fp32 (the baseline)"),
+    "torch": Runtime(
+        "torch",
+        ("torch",),
+        _torch_eager,
+        "PyTorch eager, fp32 (the baseline); on the CPU or a CUDA GPU",
+        devices=("cpu", "cuda"),
+    ),
     "torch-compile": Runtime(
         "torch-compile", ("torch",), _torch_compile, "torch.compile (inductor), dynamic shapes"
     ),

@@ -1,14 +1,18 @@
-"""PyTorch on the CPU: eager, the baseline every speedup is measured against, and torch.compile
-(inductor, dynamic shapes so that a new batch size or sequence length does not recompile; it
-compiles on the first call, which therefore takes seconds). The module takes the spec's inputs
-by keyword and returns a tuple in the spec's output order (`mahir.modules.TupleOutputs` adapts a
-user's model). A module in training mode is refused: dropout and batch-norm statistics would
-silently change every answer. Torch's thread count is process-wide: opening a session sets it
-for every torch session in the process, and `describe()` reports the count in effect.
+"""PyTorch: eager, the baseline every speedup is measured against, on the CPU or a CUDA GPU, and
+torch.compile on the CPU (inductor, dynamic shapes so that a new batch size or sequence length does
+not recompile; it compiles on the first call, which therefore takes seconds). On a GPU the session
+runs a copy of the module moved there (the original stays the CPU reference); inputs travel through
+pinned host memory and come back as numpy once the device has finished. The module takes the
+spec's inputs by keyword and returns a tuple in the spec's output order
+(`mahir.modules.TupleOutputs` adapts a user's model). A module in training mode is refused:
+dropout and batch-norm statistics would silently change every answer. Torch's thread count is
+process-wide: opening a session sets it for every torch session in the process, and `describe()`
+reports the count in effect.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import numpy as np
@@ -17,16 +21,24 @@ import torch
 from mahir.errors import BadInput, MahirError, RuntimeFailure, Unsupported, first_line
 from mahir.hardware import physical_cores
 from mahir.runtimes import Signature, input_error, inputs_fit
-from mahir.types import CPU, Artifact, Inputs, InputSpec, Outputs, RuntimeOptions
+from mahir.types import CPU, Artifact, Device, Inputs, InputSpec, Outputs, RuntimeOptions
 
 _PRECISIONS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 
 
 class TorchSession:
-    device = CPU  # CUDA comes with GPU sessions: `RUNTIMES` lets torch open on the CPU only
-
-    def __init__(self, module: Any, spec: InputSpec, *, runtime: str, precision: str) -> None:
+    def __init__(
+        self,
+        module: Any,
+        spec: InputSpec,
+        *,
+        runtime: str,
+        precision: str,
+        device: Device = CPU,
+    ) -> None:
         self.runtime = runtime
+        self.device = device
+        self._where = "cpu" if device.kind == "cpu" else str(device)
         self._module = module
         self._outputs = spec.outputs
         self._signature: Signature = {t.name: t.shape for t in spec.inputs}
@@ -36,7 +48,10 @@ class TorchSession:
     def run(self, inputs: Inputs) -> Outputs:
         if inputs.keys() != self._signature.keys():
             raise input_error(self._signature, inputs)
-        tensors = {name: _tensor(array, self._dtypes[name]) for name, array in inputs.items()}
+        tensors = {
+            name: _to(_tensor(array, self._dtypes[name]), self._where)
+            for name, array in inputs.items()
+        }
         try:
             with torch.inference_mode():
                 results = self._module(**tensors)
@@ -48,10 +63,14 @@ class TorchSession:
                 f"{len(self._outputs)} tensors {self._outputs}; wrap it in "
                 "mahir.modules.TupleOutputs"
             )
-        return {name: r.numpy() for name, r in zip(self._outputs, results, strict=True)}
+        return {name: r.cpu().numpy() for name, r in zip(self._outputs, results, strict=True)}
 
     def describe(self) -> dict[str, Any]:
-        settings = {"threads": torch.get_num_threads(), "precision": self._precision}
+        settings = {
+            "threads": torch.get_num_threads(),
+            "precision": self._precision,
+            "device": str(self.device),
+        }
         if self.runtime == "torch-compile":
             settings |= {"backend": "inductor", "dynamic": True}
         return settings | {"version": str(torch.__version__)}
@@ -80,13 +99,20 @@ def open_session(artifact: Artifact, options: RuntimeOptions, *, compile: bool) 
     torch.set_num_threads(options.threads or physical_cores())
     dtypes = [p.dtype for p in module.parameters() if p.is_floating_point()]
     precision = _PRECISIONS.get(dtypes[0], str(dtypes[0])) if dtypes else "f32"
+    device = options.device
+    if device.kind == "cuda":
+        module = copy.deepcopy(module).to(_cuda(device))
     if not compile:
-        return TorchSession(module, artifact.spec, runtime="torch", precision=precision)
+        return TorchSession(
+            module, artifact.spec, runtime="torch", precision=precision, device=device
+        )
     try:
         compiled = torch.compile(module, backend="inductor", dynamic=True)
     except Exception as err:  # no compiler support on this Python or platform
         raise Unsupported(f"torch.compile is not available here: {first_line(err)}") from err
-    return TorchSession(compiled, artifact.spec, runtime="torch-compile", precision=precision)
+    return TorchSession(
+        compiled, artifact.spec, runtime="torch-compile", precision=precision, device=device
+    )
 
 
 def _load_program(artifact: Artifact) -> torch.nn.Module:
@@ -100,6 +126,24 @@ def _load_program(artifact: Artifact) -> torch.nn.Module:
     except Exception as err:  # a damaged or foreign file
         raise BadInput(f"{artifact.path} is not a saved torch program: {first_line(err)}") from err
     return KeywordInputs(program, artifact.spec.input_names)
+
+
+def _cuda(device: Device) -> str:
+    """The torch name of a CUDA device this machine has, or one line saying it has none."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.index >= count:
+        seen = f"torch sees {count} CUDA GPU{'s' * (count != 1)}"
+        build = "" if torch.version.cuda else " (this torch is a CPU build)"
+        raise Unsupported(f"no {device} here: {seen}{build}; open it on cpu")
+    return str(device)
+
+
+def _to(tensor: torch.Tensor, where: str) -> torch.Tensor:
+    """On the CPU, the tensor itself; for a GPU, copied through pinned host memory, without
+    waiting for the copy (the stream orders it before the model's kernels)."""
+    if where == "cpu":
+        return tensor
+    return tensor.pin_memory().to(where, non_blocking=True)
 
 
 def _tensor(array: np.ndarray, dtype: np.dtype[Any]) -> torch.Tensor:
