@@ -75,6 +75,7 @@ def test_bench_a_factory_model_on_every_runtime(tmp_path: Path) -> None:
         (("bench", "-r", "tensorrt-xl"), "unknown runtime"),
         (("bench", "--tokens", "many"), "MIN-MAX"),
         (("bench", "-b", "0"), "batch"),
+        (("bench", "--device", "gpu"), "unknown device 'gpu'"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(args: tuple[str, ...], message: str) -> None:

@@ -17,6 +17,7 @@ from mahir.report.html import render_html
 from mahir.search.bench import BenchConfig, benchmark
 from mahir.search.candidates import propose
 from mahir.search.optimize import OptimizeConfig, optimize
+from mahir.types import Device, RuntimeOptions
 from tests.helpers import mahir
 
 OLD_XEON = Machine("Intel Xeon", 4, 8, ("avx2", "avx512"), 32.0)
@@ -81,3 +82,16 @@ def test_bench_refuses_text_options_for_a_tensor_model(mlp_onnx: Model, tmp_path
     config = BenchConfig(token_range=(8, 16), measure=QUICK)
     with pytest.raises(BadInput, match="--tokens shape text, and mlp takes tensors"):
         benchmark(mlp_onnx, config, tmp_path)
+
+
+def test_bench_on_a_gpu_keeps_to_the_runtimes_that_run_there(
+    mlp: Model, mlp_onnx: Model, tmp_path: Path
+) -> None:
+    """Refused before any work: a runtime that does not run on the device asked for, and a
+    source no GPU runtime can open yet (ONNX Runtime here is the CPU build)."""
+    gpu = RuntimeOptions(device=Device.parse("cuda"))
+    asked = BenchConfig(runtimes=("torch", "onnxruntime"), options=gpu, measure=QUICK)
+    with pytest.raises(BadInput, match=r"^onnxruntime cannot run on cuda:0: choose from torch$"):
+        benchmark(mlp, asked, tmp_path)
+    with pytest.raises(BadInput, match=r"^no runtime runs mlp on cuda:0 yet: use --device cpu$"):
+        benchmark(mlp_onnx, BenchConfig(options=gpu, measure=QUICK), tmp_path)

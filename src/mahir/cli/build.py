@@ -59,6 +59,10 @@ def bench(
     threads: Annotated[
         int | None, typer.Option("--threads", help="Threads per runtime (default: cores).")
     ] = None,
+    device: Annotated[
+        str,
+        typer.Option("--device", help="Where the runtimes compute: cpu, cuda (GPU 0) or cuda:N."),
+    ] = "cpu",
     workdir: Annotated[
         Path | None,
         typer.Option("--workdir", help="Keep exported artifacts here (default: a temp folder)."),
@@ -69,7 +73,7 @@ def bench(
 
     def configure() -> BenchConfig:
         from mahir.measure import MeasureConfig
-        from mahir.types import RuntimeOptions
+        from mahir.types import Device, RuntimeOptions
         from mahir.workload import read_sentences
 
         try:
@@ -77,7 +81,7 @@ def bench(
                 runtimes=tuple(runtime or ()),
                 batch_sizes=tuple(batch_size or (1, 32)),
                 measure=MeasureConfig(min_time_s=seconds),
-                options=RuntimeOptions(threads=threads),
+                options=RuntimeOptions(threads=threads, device=Device.parse(device)),
                 sentences=tuple(read_sentences(data)) if data else (),
                 token_range=parse_range(tokens) if tokens else None,
             )

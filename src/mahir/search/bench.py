@@ -29,7 +29,7 @@ from mahir.passes import PassContext
 from mahir.quality import fidelity
 from mahir.runtimes import RUNTIMES, get_runtime, open_session, reference_outputs, reference_runtime
 from mahir.search.builder import ArtifactBuilder
-from mahir.types import Perf, Quality, RuntimeOptions, Session
+from mahir.types import CPU, Device, Perf, Quality, RuntimeOptions, Session
 from mahir.workload import Workload
 
 DEFAULT_RUNTIMES = ("torch", "onnxruntime", "openvino")
@@ -192,16 +192,27 @@ def model_summary(model: Model) -> dict[str, Any]:
     }
 
 
-def runnable_runtimes(model: Model, asked: tuple[str, ...]) -> tuple[str, ...]:
+def runnable_runtimes(
+    model: Model, asked: tuple[str, ...], device: Device = CPU
+) -> tuple[str, ...]:
     """The runtimes to measure: those asked for, each refused with the reason if no conversion
-    leads from this model's source to what it opens; none asked: the defaults that can."""
+    leads from this model's source to what it opens or it does not run on `device`; none
+    asked: the defaults that can."""
     source = model.original().format
-    able = [name for name, r in RUNTIMES.items() if reachable(source, r.formats)]
-    refused = sorted(set(asked) - set(able))
-    if refused:
+    convertible = [name for name, r in RUNTIMES.items() if reachable(source, r.formats)]
+    able = [name for name in convertible if device.kind in RUNTIMES[name].devices]
+    unconvertible = sorted(set(asked) - set(convertible))
+    if unconvertible:
         raise BadInput(
-            f"{', '.join(refused)} run PyTorch modules, and {model.name} is an ONNX file: "
-            f"choose from {', '.join(able)}"
+            f"{', '.join(unconvertible)} run PyTorch modules, and {model.name} is an ONNX "
+            f"file: choose from {', '.join(able)}"
+        )
+    if not able:
+        raise BadInput(f"no runtime runs {model.name} on {device} yet: use --device cpu")
+    elsewhere = sorted(set(asked) - set(able))
+    if elsewhere:
+        raise BadInput(
+            f"{', '.join(elsewhere)} cannot run on {device}: choose from {', '.join(able)}"
         )
     return asked or tuple(name for name in DEFAULT_RUNTIMES if name in able)
 
@@ -215,7 +226,7 @@ def benchmark(
     on_measure: Callable[[str, float], None] | None = None,
 ) -> BenchResult:
     """Build what each runtime needs in `workdir`, check every runtime's outputs, time them."""
-    runtimes = runnable_runtimes(model, config.runtimes)
+    runtimes = runnable_runtimes(model, config.runtimes, config.options.device)
     given = {"--data": bool(config.sentences), "--tokens": config.token_range is not None}
     refuse_text_options(model.family, model.name, given)
     on_step("reading the machine")
