@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mahir.export.onnx import export_onnx
 from mahir.measure import MeasureConfig
 from mahir.model import Model, default_model_folder, load_model
 from mahir.report.html import render_html
@@ -117,12 +116,6 @@ def hand_built_onnx(folder: Path) -> str:
     return str(path)
 
 
-def onnx_from_torch(folder: Path) -> str:
-    path = folder / "mlp.onnx"
-    export_onnx(load_model(f"{TESTS / 'models.py'}:mlp"), path)
-    return str(path)
-
-
 def cnn(folder: Path) -> str:
     return f"{TESTS / 'models.py'}:cnn"
 
@@ -139,10 +132,11 @@ def resnet(folder: Path) -> str:
     return str(models.resnet_folder(folder))
 
 
+# An ONNX file exported from a torch model: tests/export/test_onnx_source.py (bench, optimize,
+# and optimize through the command, on the same session's export).
 SOURCES: dict[str, tuple[Callable[[Path], str], str, str]] = {
     # name: (how to make it, its family, its baseline runtime)
     "hand-built onnx": (hand_built_onnx, "tensor", "onnxruntime"),
-    "onnx from torch": (onnx_from_torch, "tensor", "onnxruntime"),
     "t5 encoder": (t5_encoder, "text", "torch"),
     "bert": (bert, "text", "torch"),
     "roberta": (roberta, "text", "torch"),
