@@ -21,7 +21,6 @@ from mahir.runtimes import open_session
 from mahir.types import Artifact, InputSpec, RuntimeOptions, Session, TensorSpec
 
 MANIFEST = "mahir.json"
-TOKENIZER = "tokenizer"
 
 
 @dataclass

@@ -29,9 +29,10 @@ from typing import Any
 import numpy as np
 
 from mahir.errors import BadInput, Unsupported
+from mahir.families.text import TOKENIZER
 from mahir.families.vision import PROCESSOR
 from mahir.files import staged
-from mahir.outdir import MANIFEST, TOKENIZER, model_name, read_artifact, read_manifest
+from mahir.outdir import MANIFEST, model_name, read_artifact, read_manifest
 from mahir.types import BATCH, RuntimeOptions
 
 CONFIG = "config.pbtxt"
