@@ -15,6 +15,9 @@ from typing import Any
 
 import psutil
 
+from mahir.errors import BadInput
+from mahir.types import Device
+
 # cpuinfo flag -> the name mahir reports. Order is the order shown to people.
 ISA_FLAGS: dict[str, str] = {
     "avx2": "avx2",
@@ -53,9 +56,16 @@ class Machine:
         """True when the CPU multiplies int8 in hardware (VNNI or AMX), so int8 can pay off."""
         return any(self.has(f) for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
+    def require(self, device: Device) -> None:
+        """Refuse, in one line and before any work, a device this machine does not have."""
+        if device.kind == "cuda" and device.index >= len(self.gpus):
+            seen = f"{len(self.gpus)} CUDA GPU{'s' * (len(self.gpus) != 1)}"
+            raise BadInput(f"no {device} here: this machine has {seen}; use --device cpu")
+
     def summary(self) -> str:
         isa = ", ".join(self.isa) or "no AVX2"
-        return f"{self.cpu}, {self.physical_cores} cores ({isa}), {self.memory_gb:.0f} GiB"
+        gpus = "".join(f"; {g.name} ({g.memory_gb:.0f} GiB)" for g in self.gpus)
+        return f"{self.cpu}, {self.physical_cores} cores ({isa}), {self.memory_gb:.0f} GiB{gpus}"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -15,7 +15,8 @@ psutil, the standard library and mahir's types, and torch only inside the CUDA t
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -323,3 +324,23 @@ def _noise(rounds: list[list[tuple[float, int]]]) -> tuple[float, float]:
 def resident_mb() -> float:
     """Resident memory of this process in MiB, to record what opening a session adds."""
     return float(psutil.Process().memory_info().rss) / 2**20
+
+
+@contextmanager
+def memory_added(device: Device) -> Iterator[list[float]]:
+    """MiB the block adds on `device`, in the yielded list once it ends: resident memory on the
+    CPU (never below 0: RSS shrinks when Python frees); on a GPU, the peak of torch's allocation
+    during the block above what was allocated before it (weights, activations, CUDA graph
+    pools)."""
+    added: list[float] = []
+    if device.kind == "cpu":
+        before = resident_mb()
+        yield added
+        added.append(max(0.0, resident_mb() - before))
+        return
+    import torch
+
+    start = torch.cuda.memory_allocated(device.index)
+    torch.cuda.reset_peak_memory_stats(device.index)
+    yield added
+    added.append(max(0, torch.cuda.max_memory_allocated(device.index) - start) / 2**20)

@@ -166,9 +166,11 @@ def _text_model(folder: Path, name: str | None, config: Any, hf_model: Any) -> M
     example = {n: encoded[n].astype(np.int64) for n in input_names}
     skip = _NOT_OUTPUTS | ({"pooler_output"} if pooling else frozenset())
     raw, output_names = _answers(hf_model, example, skip)
+    positions = _positions(config, tokenizer)
     spec = InputSpec(
         inputs=tuple(TensorSpec(n, "int64", (BATCH, SEQUENCE)) for n in input_names),
         outputs=output_names,
+        max_sequence=positions,
     )
     return Model(
         name=name or folder.name,
@@ -180,7 +182,7 @@ def _text_model(folder: Path, name: str | None, config: Any, hf_model: Any) -> M
             tokenizer,
             max_length=_max_length(folder, config, tokenizer),
             limits=TokenLimits(
-                positions=_positions(config, tokenizer),
+                positions=positions,
                 vocab_size=int(config.vocab_size),
                 type_vocab_size=getattr(config, "type_vocab_size", None)
                 if "token_type_ids" in input_names
@@ -315,6 +317,7 @@ def load_onnx(path: Path) -> Model:
         encoded = tokenizer(list(EXAMPLE_SENTENCES), padding=True, return_tensors="np")
         example = {t.name: encoded[t.name].astype(t.dtype) for t in inputs}
         limits = _onnx_token_limits(tokenizer)
+        spec = dataclasses.replace(spec, max_sequence=limits.positions)
         family = Text(spec, tokenizer, limits.positions, limits, read_pooling(folder))
     else:
         example = random_inputs(spec, {BATCH: 2}, np.random.default_rng(0))

@@ -69,6 +69,7 @@ def read_artifact(out: Path, manifest: dict[str, Any]) -> Artifact:
                 for t in manifest["spec"]["inputs"]
             ),
             outputs=tuple(manifest["spec"]["outputs"]),
+            max_sequence=manifest["spec"].get("max_sequence"),
         )
         return Artifact(manifest["format"], spec, path=out / manifest["model_file"])
     except (KeyError, TypeError, ValueError) as err:

@@ -47,6 +47,9 @@ class InputSpec:
 
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[str, ...]
+    max_sequence: int | None = None
+    """The longest sequence the model reads (its position table), where known: padding for
+    shape buckets stops here."""
 
     @property
     def input_names(self) -> tuple[str, ...]:

@@ -4,9 +4,11 @@ from pathlib import Path
 
 import pytest
 
-from mahir.hardware import Machine
+from mahir.errors import BadInput
+from mahir.hardware import Gpu, Machine
 from mahir.model import Model, load_model
 from mahir.search.candidates import propose
+from mahir.types import Device
 
 ZEN4 = Machine("AMD EPYC", 2, 2, ("avx2", "avx512", "avx512_vnni", "avx512_bf16"), 24.0)
 OLD_XEON = Machine("Intel Xeon", 4, 8, ("avx2", "avx512"), 32.0)
@@ -58,3 +60,40 @@ def test_the_direct_openvino_conversion_is_left_out_for_an_onnx_model(
     skipped = dict((c.id, why) for c, why in propose(onnx_model, ZEN4, "latency")[1])
     assert "ONNX" in skipped["openvino-direct-nncf-int8"]
     assert "ONNX" in skipped["openvino-direct-default"]
+
+
+H200 = Machine(
+    "Intel Xeon", 16, 32, ("avx2", "avx512"), 128.0, (Gpu("NVIDIA H200", (9, 0), 139.8),)
+)
+T4 = Machine("Intel Xeon", 4, 8, ("avx2",), 32.0, (Gpu("Tesla T4", (7, 5), 15.0),))
+CUDA = Device.parse("cuda")
+
+
+def test_a_gpu_gets_its_own_candidates_against_eager_fp32_on_the_same_gpu(minilm: Model) -> None:
+    proposed, skipped = propose(minilm, H200, "throughput", device=CUDA)
+    first = proposed[0]
+    assert (first.id, first.recipe.runtime, first.recipe.steps) == ("torch", "torch", ())
+    assert all(c.recipe.options.device == CUDA for c in proposed)
+    assert {"cuda-graphs-bf16", "cuda-graphs-fp16", "torch-fp16", "torch-bf16"} <= {
+        c.id for c in proposed
+    }
+    assert not any(c.recipe.runtime in ("onnxruntime", "openvino") for c in proposed)
+    assert skipped == []
+    assert "NVIDIA H200" in H200.summary()
+
+
+def test_bf16_is_left_out_on_a_gpu_without_bf16_tensor_cores(minilm: Model) -> None:
+    proposed, skipped = propose(minilm, T4, "latency", device=CUDA)
+    assert not any("bf16" in c.id for c in proposed)
+    assert "compute capability 8.0" in dict((c.id, why) for c, why in skipped)["torch-bf16"]
+
+
+def test_an_onnx_file_or_a_missing_gpu_is_refused_in_one_line(
+    minilm: Model, minilm_onnx: Path
+) -> None:
+    with pytest.raises(BadInput, match=r"ONNX file.*--device cpu"):
+        propose(load_model(minilm_onnx), H200, "latency", device=CUDA)
+    with pytest.raises(BadInput, match=r"no cuda:1 here: this machine has 1 CUDA GPU;"):
+        H200.require(Device.parse("cuda:1"))
+    H200.require(CUDA)
+    ZEN4.require(Device.parse("cpu"))

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from mahir.cli.common import (
+    DeviceOption,
     LogitsOption,
     ModelArg,
     console,
@@ -59,10 +60,7 @@ def bench(
     threads: Annotated[
         int | None, typer.Option("--threads", help="Threads per runtime (default: cores).")
     ] = None,
-    device: Annotated[
-        str,
-        typer.Option("--device", help="Where the runtimes compute: cpu, cuda (GPU 0) or cuda:N."),
-    ] = "cpu",
+    device: DeviceOption = "cpu",
     workdir: Annotated[
         Path | None,
         typer.Option("--workdir", help="Keep exported artifacts here (default: a temp folder)."),
@@ -193,7 +191,8 @@ def optimize(
         typer.Option(
             "--batch-size",
             "-b",
-            help="Batch sizes timed (default 1; 8 and 32 for throughput). Repeat for several.",
+            help="Batch sizes timed (default 1; for throughput 8 and 32 on a CPU, 64 and 256 "
+            "on a GPU). Repeat for several.",
         ),
     ] = None,
     time_budget: Annotated[
@@ -232,12 +231,14 @@ def optimize(
             "the default model; inside --time-budget) and record it in mahir.json.",
         ),
     ] = True,
+    device: DeviceOption = "cpu",
 ) -> None:
     """Search techniques x runtimes x settings; keep the fastest within the quality budget."""
 
     def configure() -> OptimizeConfig:
         """Everything checkable before the model loads: the config's own checks and --out."""
         from mahir.search.apply import check_output_dir
+        from mahir.types import Device
         from mahir.workload import read_sentences
 
         check_output_dir(out)
@@ -251,6 +252,7 @@ def optimize(
             token_range=parse_range(tokens) if tokens else None,
             metric=metric,
             data=data,
+            device=Device.parse(device),
         )
 
     from mahir.search.optimize import OptimizeConfig

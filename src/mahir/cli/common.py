@@ -39,6 +39,10 @@ LogitsOption = Annotated[
         show_default=False,
     ),
 ]
+DeviceOption = Annotated[
+    str,
+    typer.Option("--device", help="Where the runtimes compute: cpu, cuda (GPU 0) or cuda:N."),
+]
 
 
 def load_with_logits(source: str | None, logits: list[str] | None) -> Any:

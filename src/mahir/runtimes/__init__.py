@@ -11,6 +11,7 @@ own failure. A runtime knows nothing of passes, search or serving.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -50,6 +51,13 @@ class Runtime:
     """One line for `--help` and reports."""
     devices: tuple[str, ...] = ("cpu",)
     """Device kinds (`Device.kind`) it runs on."""
+    package: str = "torch"
+    """The package it imports (module and pip name alike): a machine may lack it (a GPU
+    machine without OpenVINO), and then the runtime is left out, not crashed into."""
+
+    def missing(self) -> str | None:
+        """The package to install before this runtime can run here, or None."""
+        return None if importlib.util.find_spec(self.package) else self.package
 
 
 def _torch_eager(artifact: Artifact, options: RuntimeOptions) -> Session:
@@ -85,10 +93,18 @@ RUNTIMES: dict[str, Runtime] = {
         devices=("cpu", "cuda"),
     ),
     "torch-compile": Runtime(
-        "torch-compile", ("torch",), _torch_compile, "torch.compile (inductor), dynamic shapes"
+        "torch-compile",
+        ("torch",),
+        _torch_compile,
+        "torch.compile (inductor), dynamic shapes; on a GPU with CUDA graphs over shape buckets",
+        devices=("cpu", "cuda"),
     ),
-    "onnxruntime": Runtime("onnxruntime", ("onnx",), _onnxruntime, "ONNX Runtime, CPU provider"),
-    "openvino": Runtime("openvino", ("openvino", "onnx"), _openvino, "OpenVINO, CPU plugin"),
+    "onnxruntime": Runtime(
+        "onnxruntime", ("onnx",), _onnxruntime, "ONNX Runtime, CPU provider", package="onnxruntime"
+    ),
+    "openvino": Runtime(
+        "openvino", ("openvino", "onnx"), _openvino, "OpenVINO, CPU plugin", package="openvino"
+    ),
 }
 
 
@@ -113,6 +129,11 @@ def open_session(runtime: str, artifact: Artifact, options: RuntimeOptions = _DE
     if options.device.kind not in chosen.devices:
         raise Unsupported(
             f"{runtime} runs on {' or '.join(chosen.devices)} only; {_elsewhere(options.device)}"
+        )
+    missing = chosen.missing()
+    if missing:
+        raise Unsupported(
+            f"{runtime} needs {missing}, which is not installed: pip install {missing}"
         )
     return chosen.open(artifact, options)
 

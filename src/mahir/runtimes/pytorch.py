@@ -1,8 +1,12 @@
-"""PyTorch: eager, the baseline every speedup is measured against, on the CPU or a CUDA GPU, and
-torch.compile on the CPU (inductor, dynamic shapes so that a new batch size or sequence length does
-not recompile; it compiles on the first call, which therefore takes seconds). On a GPU the session
-runs a copy of the module moved there (the original stays the CPU reference); inputs travel through
-pinned host memory and come back as numpy once the device has finished. The module takes the
+"""PyTorch: eager, the baseline every speedup is measured against, and torch.compile (inductor,
+dynamic shapes so that a new batch size or sequence length does not recompile; it compiles on the
+first call, which therefore takes seconds), on the CPU or a CUDA GPU. On a GPU the session runs a
+copy of the module moved there (the original stays the CPU reference); inputs and outputs travel
+through pinned host memory (torch's caching host allocator, so no page-locking per call), and
+outputs come back as numpy once the device has finished. Compiled on a GPU, the module runs as
+CUDA graphs (mode "reduce-overhead": one launch per batch instead of one per kernel, which is what
+bounds small batches) over shape buckets (`runtimes/buckets.py`), so traffic of any shape replays
+a few recorded graphs. The module takes the
 spec's inputs by keyword and returns a tuple in the spec's output order
 (`mahir.modules.TupleOutputs` adapts a user's model). A module in training mode is refused:
 dropout and batch-norm statistics would silently change every answer. Torch's thread count is
@@ -21,7 +25,8 @@ import torch
 from mahir.errors import BadInput, MahirError, RuntimeFailure, Unsupported, first_line
 from mahir.hardware import physical_cores
 from mahir.runtimes import Signature, input_error, inputs_fit
-from mahir.types import CPU, Artifact, Device, Inputs, InputSpec, Outputs, RuntimeOptions
+from mahir.runtimes.buckets import Buckets
+from mahir.types import CPU, Artifact, Device, Inputs, InputSpec, Outputs, RuntimeOptions, Session
 
 _PRECISIONS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 
@@ -44,6 +49,7 @@ class TorchSession:
         self._signature: Signature = {t.name: t.shape for t in spec.inputs}
         self._dtypes = {t.name: np.dtype(t.dtype) for t in spec.inputs}
         self._precision = precision
+        self._graphs = runtime == "torch-compile" and device.kind == "cuda"
 
     def run(self, inputs: Inputs) -> Outputs:
         if inputs.keys() != self._signature.keys():
@@ -52,6 +58,8 @@ class TorchSession:
             name: _to(_tensor(array, self._dtypes[name]), self._where)
             for name, array in inputs.items()
         }
+        if self._graphs:  # the last replay's outputs were copied out: its memory may be reused
+            torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call, unused-ignore]
         try:
             with torch.inference_mode():
                 results = self._module(**tensors)
@@ -63,7 +71,7 @@ class TorchSession:
                 f"{len(self._outputs)} tensors {self._outputs}; wrap it in "
                 "mahir.modules.TupleOutputs"
             )
-        return {name: r.cpu().numpy() for name, r in zip(self._outputs, results, strict=True)}
+        return dict(zip(self._outputs, self._to_host(results), strict=True))
 
     def describe(self) -> dict[str, Any]:
         settings = {
@@ -73,7 +81,19 @@ class TorchSession:
         }
         if self.runtime == "torch-compile":
             settings |= {"backend": "inductor", "dynamic": True}
+        if self._graphs:
+            settings |= {"mode": "reduce-overhead", "cuda_graphs": True}
         return settings | {"version": str(torch.__version__)}
+
+    def _to_host(self, results: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
+        """The outputs as numpy; from a GPU through pinned buffers, after one synchronise."""
+        if self._where == "cpu":
+            return [r.numpy() for r in results]
+        host = [torch.empty(r.shape, dtype=r.dtype, pin_memory=True) for r in results]
+        for buffer, result in zip(host, results, strict=True):
+            buffer.copy_(result, non_blocking=True)
+        torch.cuda.current_stream(self._where).synchronize()
+        return [buffer.numpy() for buffer in host]  # each array keeps its buffer alive
 
     def _failure(self, err: Exception, inputs: Inputs) -> MahirError:
         if not inputs_fit(self._signature, inputs):
@@ -85,9 +105,10 @@ class TorchSession:
         return RuntimeFailure(f"{self.runtime} failed: {first_line(err)}")
 
 
-def open_session(artifact: Artifact, options: RuntimeOptions, *, compile: bool) -> TorchSession:
+def open_session(artifact: Artifact, options: RuntimeOptions, *, compile: bool) -> Session:
     """Check the module is ready for inference, set torch's threads, and compile if asked."""
-    module = artifact.module if artifact.module is not None else _load_program(artifact)
+    device = options.device
+    module = artifact.module if artifact.module is not None else _load_program(artifact, device)
     if not isinstance(module, torch.nn.Module):
         raise BadInput(f"a torch artifact needs a live nn.Module, got {type(module).__name__}")
     training = [name or "the module" for name, m in module.named_modules() if m.training]
@@ -99,33 +120,40 @@ def open_session(artifact: Artifact, options: RuntimeOptions, *, compile: bool) 
     torch.set_num_threads(options.threads or physical_cores())
     dtypes = [p.dtype for p in module.parameters() if p.is_floating_point()]
     precision = _PRECISIONS.get(dtypes[0], str(dtypes[0])) if dtypes else "f32"
-    device = options.device
     if device.kind == "cuda":
         module = copy.deepcopy(module).to(_cuda(device))
     if not compile:
         return TorchSession(
             module, artifact.spec, runtime="torch", precision=precision, device=device
         )
+    mode = "reduce-overhead" if device.kind == "cuda" else None
     try:
-        compiled = torch.compile(module, backend="inductor", dynamic=True)
+        compiled = torch.compile(module, backend="inductor", dynamic=True, mode=mode)
     except Exception as err:  # no compiler support on this Python or platform
         raise Unsupported(f"torch.compile is not available here: {first_line(err)}") from err
-    return TorchSession(
+    session = TorchSession(
         compiled, artifact.spec, runtime="torch-compile", precision=precision, device=device
     )
+    return Buckets(session, artifact.spec) if mode else session
 
 
-def _load_program(artifact: Artifact) -> torch.nn.Module:
-    """A program saved by `mahir.export.onnx.export_program`, called by keyword like any module."""
+def _load_program(artifact: Artifact, device: Device) -> torch.nn.Module:
+    """A program saved by `mahir.export.onnx.export_program`, called by keyword like any module;
+    for a GPU its graph is moved there too (a traced graph names the device of the tensors it
+    creates, e.g. position ids, which moving the parameters alone leaves on the CPU)."""
     from mahir.modules import KeywordInputs
 
     if artifact.path is None or not artifact.path.is_file():
         raise BadInput(f"a torch artifact needs a module or a saved .pt2 program: {artifact.path}")
     try:
-        program = torch.export.load(str(artifact.path)).module()
+        program = torch.export.load(str(artifact.path))
     except Exception as err:  # a damaged or foreign file
         raise BadInput(f"{artifact.path} is not a saved torch program: {first_line(err)}") from err
-    return KeywordInputs(program, artifact.spec.input_names)
+    if device.kind == "cuda":
+        from torch.export.passes import move_to_device_pass
+
+        program = move_to_device_pass(program, _cuda(device))
+    return KeywordInputs(program.module(), artifact.spec.input_names)
 
 
 def _cuda(device: Device) -> str:

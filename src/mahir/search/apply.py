@@ -165,6 +165,7 @@ def _write_artifact(model: Model, applied: Applied, staging: Path) -> None:
         "spec": {
             "inputs": [dataclasses.asdict(t) for t in artifact.spec.inputs],
             "outputs": list(artifact.spec.outputs),
+            "max_sequence": artifact.spec.max_sequence,
         },
         "family": model.family.kind,
         **model.family.save(staging),

@@ -23,7 +23,7 @@ from mahir.errors import BadInput
 from mahir.export.conversions import reachable
 from mahir.families import real_tokens, refuse_text_options
 from mahir.hardware import Machine, detect
-from mahir.measure import MeasureConfig, load_summary, measure, resident_mb
+from mahir.measure import MeasureConfig, load_summary, measure, memory_added
 from mahir.model import Model
 from mahir.passes import PassContext
 from mahir.quality import fidelity
@@ -196,10 +196,20 @@ def runnable_runtimes(
     model: Model, asked: tuple[str, ...], device: Device = CPU
 ) -> tuple[str, ...]:
     """The runtimes to measure: those asked for, each refused with the reason if no conversion
-    leads from this model's source to what it opens or it does not run on `device`; none
-    asked: the defaults that can."""
+    leads from this model's source to what it opens, it does not run on `device`, or its package
+    is not installed; none asked: the defaults that can."""
+    missing = {name: r.missing() for name, r in RUNTIMES.items() if r.missing()}
+    absent = [
+        f"{name} needs {missing[name]} (pip install {missing[name]})"
+        for name in asked
+        if name in missing
+    ]
+    if absent:
+        raise BadInput(f"not installed here: {'; '.join(absent)}")
     source = model.original().format
-    convertible = [name for name, r in RUNTIMES.items() if reachable(source, r.formats)]
+    convertible = [
+        name for name, r in RUNTIMES.items() if reachable(source, r.formats) and name not in missing
+    ]
     able = [name for name in convertible if device.kind in RUNTIMES[name].devices]
     unconvertible = sorted(set(asked) - set(convertible))
     if unconvertible:
@@ -252,10 +262,10 @@ def benchmark(
         on_step(f"building what {name} runs, verified against the original")
         artifact = builder.build((), RUNTIMES[name].formats)
         on_step(f"opening {name}")
-        before = resident_mb()
-        session = open_session(name, artifact, config.options)
-        session.run(workload.batches[min(workload.batches)][0])  # first run: lazy init, compile
-        memory[name] = max(0.0, resident_mb() - before)  # RSS can shrink when Python frees
+        with memory_added(config.options.device) as added:
+            session = open_session(name, artifact, config.options)
+            session.run(workload.batches[min(workload.batches)][0])  # lazy init, compile
+        memory[name] = added[0]
         sessions[name] = session
         sizes[name] = artifact.size_mb()
 

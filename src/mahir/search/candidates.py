@@ -1,6 +1,7 @@
 """Which recipes are worth trying on this machine, most promising first.
 
-A candidate is a recipe (passes + runtime + settings) with a readable name. The machine decides
+A candidate is a recipe (passes + runtime + settings) with a readable name. The device decides
+the list: a CUDA GPU's is `cuda.py`'s; the CPU's is below. On a CPU, the machine decides
 what is proposed: int8 only where the CPU multiplies int8 in hardware (VNNI or AMX; elsewhere it
 is slower than fp32 more often than not), bf16 only where the CPU has bf16 instructions, the
 OpenVINO throughput hint only when the objective is throughput. What is left out is returned
@@ -26,7 +27,8 @@ from mahir.passes.quantize import DynamicInt8, StaticInt8
 from mahir.passes.torchao import TorchaoInt8
 from mahir.recipe import Recipe
 from mahir.runtimes import reference_runtime
-from mahir.types import OpenVinoOptions, RuntimeOptions
+from mahir.search.cuda import Entry, cuda_baseline, cuda_entries
+from mahir.types import CPU, Device, OpenVinoOptions, RuntimeOptions
 
 Objective = Literal["latency", "throughput"]
 
@@ -58,18 +60,42 @@ def baseline(model: Model) -> Candidate:
 
 
 def propose(
-    model: Model, machine: Machine, objective: Objective, *, max_drop: float = 0.01
+    model: Model,
+    machine: Machine,
+    objective: Objective,
+    *,
+    max_drop: float = 0.01,
+    device: Device = CPU,
 ) -> tuple[list[Candidate], list[tuple[Candidate, str]]]:
-    """Candidates for `model` on `machine`, the baseline first, and what was left out and why.
-    A candidate that would only repeat the baseline (ONNX Runtime fp32 for an ONNX source) is
-    not proposed."""
+    """Candidates for `model` on `device` of `machine`, the baseline first, and what was left
+    out and why. A candidate that would only repeat the baseline (ONNX Runtime fp32 for an ONNX
+    source) is not proposed."""
+    if device.kind == "cuda":
+        first = Candidate(*cuda_baseline(model, device))
+        return _split(first, cuda_entries(model, machine, device))
+    return _split(baseline(model), _cpu_entries(model, machine, objective, max_drop))
+
+
+def _split(
+    first: Candidate, entries: list[Entry]
+) -> tuple[list[Candidate], list[tuple[Candidate, str]]]:
+    """The baseline and the proposed entries; the entries left out, with why."""
+    entries = [e for e in entries if e[0] != first.id]
+    proposed = [Candidate(i, label, recipe) for i, label, recipe, why in entries if why is None]
+    skipped = [(Candidate(i, label, r), why) for i, label, r, why in entries if why is not None]
+    return [first, *proposed], skipped
+
+
+def _cpu_entries(
+    model: Model, machine: Machine, objective: Objective, max_drop: float
+) -> list[Entry]:
     f32 = RuntimeOptions(openvino=OpenVinoOptions(precision="f32", hint=_hint(objective)))
     default = RuntimeOptions(openvino=OpenVinoOptions(precision=None, hint=_hint(objective)))
     int8 = machine.int8_dot_product
     bf16 = machine.has("avx512_bf16") or machine.has("amx_bf16")
     transformer = model.family.transformer
     aim = max_drop * TUNING_MARGIN  # what self-tuning passes aim at, with room for unseen inputs
-    entries: list[tuple[str, str, Recipe, str | None]] = [
+    return [
         ("torch", "PyTorch eager fp32", Recipe((), "torch"), _needs_module(model)),
         ("onnxruntime", "ONNX Runtime fp32", Recipe((), "onnxruntime"), None),
         (
@@ -156,11 +182,6 @@ def propose(
             _needs_int8(int8) or _needs_transformer(transformer),
         ),
     ]
-    first = baseline(model)
-    entries = [e for e in entries if e[0] != first.id]
-    proposed = [Candidate(i, label, recipe) for i, label, recipe, why in entries if why is None]
-    skipped = [(Candidate(i, label, r), why) for i, label, r, why in entries if why is not None]
-    return [first, *proposed], skipped
 
 
 def _hint(objective: Objective) -> Literal["latency", "throughput"]:

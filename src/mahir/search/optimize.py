@@ -44,8 +44,11 @@ from mahir.search.halving import (
     comparable_speedup,
 )
 from mahir.search.records import OutcomeCache, outcome_record
-from mahir.types import Artifact
+from mahir.types import CPU, Artifact, Device
 from mahir.workload import Workload
+
+THROUGHPUT_SIZES = {"cpu": (8, 32), "cuda": (64, 256)}
+"""Batch sizes timed for throughput when none are given: a GPU idles at a CPU's batches."""
 
 # Share of the time budget kept for timing when candidates are built: building stops when less
 # than this is left, so the survivors are still measured properly.
@@ -75,6 +78,8 @@ class OptimizeConfig:
     data: Path | None = None
     """The data the metric scores (see `Family.read_user_data`)."""
     seed: int = 0
+    device: Device = CPU
+    """Where the candidates run: the CPU's candidates, or a CUDA GPU's (search/cuda.py)."""
 
     def __post_init__(self) -> None:
         if self.objective not in ("latency", "throughput"):
@@ -102,7 +107,7 @@ class OptimizeConfig:
     def sizes(self) -> tuple[int, ...]:
         if self.batch_sizes:
             return tuple(sorted(set(self.batch_sizes)))
-        return (1,) if self.objective == "latency" else (8, 32)
+        return (1,) if self.objective == "latency" else THROUGHPUT_SIZES[self.device.kind]
 
 
 @dataclass
@@ -270,7 +275,10 @@ def optimize(
     started = time.monotonic()
     deadline = None if config.time_budget_s is None else started + config.time_budget_s
     machine = detect()
-    proposed, skipped = propose(model, machine, config.objective, max_drop=config.max_drop)
+    machine.require(config.device)
+    proposed, skipped = propose(
+        model, machine, config.objective, max_drop=config.max_drop, device=config.device
+    )
     baseline = proposed[0].id
     on_event(baseline, f"machine: {machine.summary()}")
     proposed = _only(proposed, config.only)  # a typo fails before any work
@@ -340,7 +348,8 @@ def _only(proposed: list[Candidate], only: Sequence[str]) -> list[Candidate]:
 def _run_key(model: Model, machine: Machine, workload: Workload, config: OptimizeConfig) -> str:
     """What must match for an earlier run's measurements to count in this one."""
     digest = hashlib.sha256()
-    for part in (model.source, machine.summary(), config.objective, config.max_drop, config.metric):
+    parts = (model.source, machine.summary(), config.objective, config.max_drop, config.metric)
+    for part in (*parts, str(config.device)):
         digest.update(repr(part).encode())
     for path in _model_files(model):
         stat = path.stat()

@@ -15,6 +15,7 @@ from mahir.errors import BadInput
 from mahir.families.tensor import random_inputs
 from mahir.families.text import Text
 from mahir.outdir import OutputDir
+from mahir.runtimes.buckets import token_outputs
 from mahir.serve.batcher import Batcher, BatcherConfig
 from mahir.serve.embeddings import Embedder
 from mahir.serve.images import ImageCodec
@@ -50,7 +51,7 @@ class ServedModel:
         self.name = opened.name
         spec = opened.spec
         sequence = spec.sequence_inputs
-        self.token_outputs = token_outputs(opened, sequence)
+        self.token_outputs = token_outputs(opened.session, spec)
         text = opened.family if isinstance(opened.family, Text) else None
         self.rules = InputRules.for_model(spec, text.limits if text else None)
         probe = random_inputs(spec, {BATCH: 1, SEQUENCE: 4}, np.random.default_rng(0))
@@ -92,24 +93,3 @@ class ServedModel:
         """Answer not ready, then run every admitted request and stop."""
         self.started = False
         await self.batcher.stop()
-
-
-def token_outputs(opened: OutputDir, sequence: frozenset[str]) -> frozenset[str]:
-    """Outputs whose axis 1 follows the sequence length, found by running two lengths (which
-    also warms the runtime up before the first request)."""
-    if not sequence:
-        return frozenset()
-    runs = []
-    for length in (3, 7):
-        batch = {
-            t.name: np.ones(
-                (1, length, *tuple(d for d in t.shape[2:] if isinstance(d, int))), t.dtype
-            )
-            for t in opened.spec.inputs
-        }
-        runs.append(opened.session.run(batch))
-    return frozenset(
-        name
-        for name, out in runs[0].items()
-        if out.ndim >= 2 and out.shape[1] == 3 and runs[1][name].shape[1] == 7
-    )

@@ -32,8 +32,8 @@ from rich.table import Table
 from mahir.errors import BadInput
 from mahir.hardware import detect
 from mahir.outdir import OutputDir
+from mahir.runtimes.buckets import token_outputs
 from mahir.serve.batcher import Batcher, BatcherConfig, Inputs
-from mahir.serve.served import token_outputs
 
 TUNED = ("max_batch_size", "max_delay_ms", "max_padding")
 """The batcher settings the tuner chooses and `mahir.json` records."""
@@ -186,7 +186,7 @@ async def tune_batching(
     """Time every setting under the same load, interleaved in rounds; see the module note."""
     sequence = opened.spec.sequence_inputs
     candidates = settings(base or BatcherConfig(), config, text=bool(sequence))
-    cut = token_outputs(opened, sequence)
+    cut = token_outputs(opened.session, opened.spec)
     requests = traffic(opened, 4 * config.concurrency)
     pooled: dict[int, list[float]] = {i: [] for i in range(len(candidates))}
     elapsed = dict.fromkeys(range(len(candidates)), 0.0)

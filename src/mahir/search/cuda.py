@@ -1,0 +1,85 @@
+"""The candidates for a CUDA GPU: the one place that knows what is worth trying there.
+
+On a GPU the question is not int8 instructions but how busy the device is kept. Small batches
+are bound by kernel launches (eager BERT-base takes ~4-5 ms at batch 1 on an H200 whatever the
+precision), so CUDA graphs (`torch-compile` on a GPU: mode "reduce-overhead" over shape buckets)
+are proposed beside eager; big batches are bound by the matmuls, so fp16 and bf16 (tensor
+cores) are proposed beside fp32. bf16 needs compute capability 8.0 (Ampere) or later. The
+baseline is the original, eager and fp32, on the same GPU: the honest denominator for a GPU's
+speedup (the reference answers stay the CPU's fp32 ones).
+
+Sits beside `candidates.py`, which calls it for a CUDA device.
+"""
+
+from __future__ import annotations
+
+from mahir.errors import BadInput
+from mahir.hardware import Machine
+from mahir.model import Model
+from mahir.passes.precision import TorchLowPrecision
+from mahir.recipe import Recipe
+from mahir.types import Device, RuntimeOptions
+
+Entry = tuple[str, str, Recipe, str | None]
+"""id, label, recipe, and why it is left out (None: proposed)."""
+
+
+def cuda_baseline(model: Model, device: Device) -> tuple[str, str, Recipe]:
+    """PyTorch eager fp32 on `device`; an ONNX source gets one line saying what to give."""
+    if model.module is None:
+        raise BadInput(
+            f"{model.name} is an ONNX file, and on a GPU mahir runs PyTorch modules: give the "
+            "Hugging Face folder or the module factory, or use --device cpu"
+        )
+    return "torch", f"PyTorch eager fp32 on {device}", Recipe((), "torch", _on(device))
+
+
+def cuda_entries(model: Model, machine: Machine, device: Device) -> list[Entry]:
+    """The GPU candidates, most promising first."""
+    on = _on(device)
+    no_bf16 = _needs_bf16(machine, device)
+    entries: list[Entry] = [
+        (
+            "cuda-graphs-bf16",
+            "torch.compile + CUDA graphs over shape buckets, bf16",
+            Recipe((TorchLowPrecision("bfloat16"),), "torch-compile", on),
+            no_bf16,
+        ),
+        (
+            "cuda-graphs-fp16",
+            "torch.compile + CUDA graphs over shape buckets, fp16",
+            Recipe((TorchLowPrecision("float16"),), "torch-compile", on),
+            None,
+        ),
+        (
+            "torch-bf16",
+            "PyTorch eager bf16",
+            Recipe((TorchLowPrecision("bfloat16"),), "torch", on),
+            no_bf16,
+        ),
+        (
+            "torch-fp16",
+            "PyTorch eager fp16",
+            Recipe((TorchLowPrecision("float16"),), "torch", on),
+            None,
+        ),
+        (
+            "cuda-graphs",
+            "torch.compile + CUDA graphs over shape buckets, fp32",
+            Recipe((), "torch-compile", on),
+            None,
+        ),
+    ]
+    return entries
+
+
+def _on(device: Device) -> RuntimeOptions:
+    return RuntimeOptions(device=device)
+
+
+def _needs_bf16(machine: Machine, device: Device) -> str | None:
+    gpus = machine.gpus
+    if device.index < len(gpus) and gpus[device.index].compute_capability < (8, 0):
+        name = gpus[device.index].name
+        return f"{name} has no bf16 tensor cores (compute capability 8.0 or later)"
+    return None

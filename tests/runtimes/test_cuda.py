@@ -1,0 +1,94 @@
+"""mahir on a CUDA GPU: sessions, CUDA graphs over shape buckets, the GPU's candidates in
+`optimize`, and an output directory that runs there again. Skipped where torch sees no GPU
+(`gpu` marker, tests/conftest.py); the default encoder's folder may be given with
+MAHIR_TEST_ENCODER where its package is not installed (a GPU machine)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mahir
+from mahir.families import real_tokens
+from mahir.hardware import detect
+from mahir.measure import MeasureConfig, measure
+from mahir.model import Model, load_model
+from mahir.passes import PassContext
+from mahir.passes.precision import TorchLowPrecision, torch_low_precision
+from mahir.quality import fidelity
+from mahir.runtimes import open_session, reference_outputs
+from mahir.search.optimize import OptimizeConfig, optimize
+from mahir.types import Device, RuntimeOptions
+
+pytestmark = pytest.mark.gpu
+GPU = RuntimeOptions(device=Device.parse("cuda"))
+QUICK = MeasureConfig(warmup_runs=2, min_time_s=0.2, min_runs=5, round_time_s=0.05)
+
+
+@pytest.fixture(scope="module")
+def encoder() -> Model:
+    folder = os.environ.get("MAHIR_TEST_ENCODER")
+    return load_model(folder) if folder else load_model()
+
+
+@pytest.fixture(scope="module")
+def batches(encoder: Model) -> list[dict[str, np.ndarray]]:
+    """Several shapes: one short sentence, a few, and a full batch of long ones."""
+    workload = encoder.family.workload((1, 5, 64), batches_per_size=1)
+    return [b for size in sorted(workload.batches) for b in workload.batches[size]]
+
+
+def _low(encoder: Model, dtype: str, tmp_path: Path) -> mahir.Artifact:
+    ctx = PassContext(model=encoder, workdir=tmp_path, machine=detect())
+    return torch_low_precision(encoder.original(), TorchLowPrecision(dtype), ctx)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("dtype", [None, "float16", "bfloat16"])
+@pytest.mark.parametrize("runtime", ["torch", "torch-compile"])
+def test_gpu_sessions_answer_like_the_cpu_original(
+    encoder: Model, batches: list, runtime: str, dtype: str | None, tmp_path: Path
+) -> None:
+    artifact = encoder.original() if dtype is None else _low(encoder, dtype, tmp_path)
+    session = open_session(runtime, artifact, GPU)
+    assert session.device == Device.parse("cuda:0")
+    quality = fidelity(encoder, session, batches, reference_outputs(encoder, batches)).headline
+    assert quality.cosine_mean >= 0.999, quality
+    assert quality.cosine_min >= 0.99, quality
+    settings = session.describe()
+    assert settings["device"] == "cuda:0"
+    if runtime == "torch-compile":
+        assert settings["cuda_graphs"]
+        assert settings["batch_buckets"][0] == 1
+
+
+def test_cuda_graphs_beat_eager_at_batch_one(encoder: Model, tmp_path: Path) -> None:
+    """The point of CUDA graphs: batch 1 is launch-bound in eager. Checked here as a sanity
+    bound on the GPU (benchmarks/gpu.py measures properly)."""
+    artifact = _low(encoder, "float16", tmp_path)
+    sessions = {r: open_session(r, artifact, GPU) for r in ("torch", "torch-compile")}
+    batch = encoder.family.workload((1,), batches_per_size=4).batches[1]
+    perf = measure(sessions, batch, QUICK, tokens=real_tokens(encoder.family, batch))
+    assert perf["torch-compile"].p50_ms < perf["torch"].p50_ms
+
+
+def test_optimize_on_a_gpu_writes_a_winner_that_runs_there_again(
+    encoder: Model, batches: list, tmp_path: Path
+) -> None:
+    config = OptimizeConfig(
+        device=Device.parse("cuda"),
+        only=("torch-fp16", "cuda-graphs-fp16"),
+        batches_per_size=4,
+    )
+    result = optimize(encoder, config, tmp_path / "work")
+    assert result.best is not None
+    assert result.best.candidate.id != "torch"
+    report = result.report()
+    assert all(c.device == "cuda:0" for c in report.candidates if c.status == "ok")
+    out = result.save(tmp_path / "out")
+    session = mahir.load(out)
+    assert session.device == Device.parse("cuda:0")
+    quality = fidelity(encoder, session, batches, reference_outputs(encoder, batches)).headline
+    assert quality.cosine_mean >= 0.999, quality
