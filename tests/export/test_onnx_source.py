@@ -91,7 +91,9 @@ def test_bench_on_a_gpu_keeps_to_the_runtimes_that_run_there(
     source no GPU runtime can open yet (ONNX Runtime here is the CPU build)."""
     gpu = RuntimeOptions(device=Device.parse("cuda"))
     asked = BenchConfig(runtimes=("torch", "onnxruntime"), options=gpu, measure=QUICK)
-    with pytest.raises(BadInput, match=r"^onnxruntime cannot run on cuda:0: choose from torch$"):
+    with pytest.raises(
+        BadInput, match=r"^onnxruntime cannot run on cuda:0: choose from torch, torch-compile$"
+    ):
         benchmark(mlp, asked, tmp_path)
     with pytest.raises(BadInput, match=r"^no runtime runs mlp on cuda:0 yet: use --device cpu$"):
         benchmark(mlp_onnx, BenchConfig(options=gpu, measure=QUICK), tmp_path)

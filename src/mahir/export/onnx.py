@@ -29,7 +29,7 @@ from mahir.model import Model
 from mahir.quality import FP32, Tolerance, check_close
 from mahir.runtimes import REFERENCE_OPTIONS, open_session, reference_outputs
 from mahir.silence import silenced
-from mahir.types import Artifact
+from mahir.types import SEQUENCE, Artifact
 from mahir.workload import Batch
 
 # The exporter prints progress, logs missing torchvision ops and warns about renamed axes.
@@ -113,10 +113,16 @@ def switched_attention(
 
 
 def _dynamic_shapes(model: Model) -> tuple[tuple[dict[int, Any], ...]]:
-    """torch.export's dynamic shapes for the positional adapter: one Dim per named axis."""
+    """torch.export's dynamic shapes for the positional adapter: one Dim per named axis, the
+    sequence bounded by the model's position table where known (the exporter refuses a range
+    the model's own guards do not cover)."""
     import torch
 
-    dims = {name: torch.export.Dim(name) for name in sorted(model.spec.dynamic_dims)}
+    bounds = {SEQUENCE: model.spec.max_sequence}
+    dims = {
+        name: torch.export.Dim(name, max=bounds.get(name))
+        for name in sorted(model.spec.dynamic_dims)
+    }
     return (tuple({a: dims[d] for a, d in t.dynamic_axes.items()} for t in model.spec.inputs),)
 
 

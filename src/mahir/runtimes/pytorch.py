@@ -120,7 +120,7 @@ def open_session(artifact: Artifact, options: RuntimeOptions, *, compile: bool) 
     torch.set_num_threads(options.threads or physical_cores())
     dtypes = [p.dtype for p in module.parameters() if p.is_floating_point()]
     precision = _PRECISIONS.get(dtypes[0], str(dtypes[0])) if dtypes else "f32"
-    if device.kind == "cuda":
+    if device.kind == "cuda" and artifact.module is not None:  # a loaded program is there
         module = copy.deepcopy(module).to(_cuda(device))
     if not compile:
         return TorchSession(
