@@ -216,25 +216,28 @@ def test_a_format_the_runtime_cannot_open(built: Built, runtime: str, fmt: str) 
         open_session(runtime, built.artifacts[fmt])
 
 
-@pytest.mark.parametrize(("runtime", "fmt"), [(r, f) for r, f in RUNTIME_FORMATS if r != "torch"])
+@pytest.mark.parametrize(
+    ("runtime", "fmt"), [(r, f) for r, f in RUNTIME_FORMATS if not r.startswith("torch")]
+)
 def test_a_device_the_runtime_cannot_run_on_is_refused(
     built: Built, runtime: str, fmt: str
 ) -> None:
     """Asked for a GPU, a CPU-only runtime says so in one line, naming the one that runs
     there, before it loads."""
     with pytest.raises(
-        Unsupported, match=rf"^{runtime} runs on cpu only; for cuda:0 choose torch$"
+        Unsupported, match=rf"^{runtime} runs on cpu only; for cuda:0 choose torch, torch-compile$"
     ):
         open_session(runtime, built.artifacts[fmt], RuntimeOptions(device=Device.parse("cuda")))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
-def test_torch_on_a_gpu_this_machine_lacks_says_so(built: Built) -> None:
+@pytest.mark.parametrize("runtime", ["torch", "torch-compile"])
+def test_torch_on_a_gpu_this_machine_lacks_says_so(built: Built, runtime: str) -> None:
     with pytest.raises(
         Unsupported, match=r"^no cuda:3 here: torch sees 0 CUDA GPUs.*open it on cpu$"
     ):
         open_session(
-            "torch", built.artifacts["torch"], RuntimeOptions(device=Device.parse("cuda:3"))
+            runtime, built.artifacts["torch"], RuntimeOptions(device=Device.parse("cuda:3"))
         )
 
 
