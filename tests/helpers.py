@@ -1,5 +1,6 @@
-"""What several test modules need: the real `mahir` command in a fresh process, and a real
-`mahir serve` on a free loopback port."""
+"""What several test modules need: the real `mahir` command in a fresh process, the same
+command run in this process (for what a fresh interpreter adds nothing to), and a real `mahir
+serve` on a free loopback port."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import httpx
@@ -53,6 +55,25 @@ def mahir(*args: str, env: dict[str, str] | None = None) -> subprocess.Completed
         check=False,
         env={**os.environ, **(env or {})},
     )
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`mahir ARGS` in this process through typer's CliRunner, for tests of what the command
+    line parses, refuses and prints: the same app, exit codes, stdout and stderr as `mahir()`,
+    without a fresh interpreter's seconds of imports. An exception the command lets out ends it
+    as the interpreter would: exit code 1, its traceback on stderr. `env` adds to the
+    environment for the call."""
+    from typer.testing import CliRunner
+
+    from mahir.cli import app
+
+    result = CliRunner().invoke(app, list(args), env=env, prog_name="mahir")
+    stderr = result.stderr
+    code = result.exit_code
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(result.exception))
+        code = 1
+    return subprocess.CompletedProcess(["mahir", *args], code, result.stdout, stderr)
 
 
 class Server:

@@ -1,5 +1,5 @@
 """`mahir bench`, and `mahir optimize` then `mahir export`, end to end through the real console
-entry point in a fresh process."""
+entry point in a fresh process; what the command line refuses, in this process (`cli`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mahir.workload import Workload
-from tests.helpers import mahir, tiny_factory
+from tests.helpers import cli, mahir, tiny_factory
 
 TESTS = Path(__file__).parent
 
@@ -79,7 +79,7 @@ def test_bench_a_factory_model_on_every_runtime(tmp_path: Path) -> None:
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(args: tuple[str, ...], message: str) -> None:
-    result = mahir(*args)
+    result = cli(*args)
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
@@ -89,7 +89,7 @@ def test_bad_input_is_one_line_and_exit_code_2(args: tuple[str, ...], message: s
 
 
 def test_debug_shows_the_traceback() -> None:
-    result = mahir("--debug", "bench", "no/such/model")
+    result = cli("--debug", "bench", "no/such/model")
     assert result.returncode != 0
     assert "Traceback" in result.stderr
     assert "BadInput" in result.stderr
@@ -118,7 +118,7 @@ def test_optimize_then_export_through_the_command(tmp_path: Path) -> None:
 
 
 def test_help_shows_bracketed_text_that_rich_would_read_as_markup() -> None:
-    result = mahir("serve", "--help", env={"COLUMNS": "200"})
+    result = cli("serve", "--help", env={"COLUMNS": "200"})
     assert result.returncode == 0
     assert "mahir[ray]" in result.stdout
     assert result.stdout.count("[default: tuned") == 3
@@ -145,7 +145,7 @@ def test_optimize_refuses_bad_arguments_before_loading_the_model(
     (tmp_path / "notes.txt").write_text("mine")
     filled = [arg.format(tmp=tmp_path) for arg in args]
     out = [] if "--out" in args else ["--out", str(tmp_path / "out")]
-    result = mahir("optimize", tiny_factory(tmp_path), "--only", "onnxruntime", *out, *filled)
+    result = cli("optimize", tiny_factory(tmp_path), "--only", "onnxruntime", *out, *filled)
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
@@ -157,7 +157,7 @@ def test_optimize_refuses_bad_arguments_before_loading_the_model(
 
 def test_optimize_refuses_sentences_for_a_tensor_model_before_the_search(tmp_path: Path) -> None:
     (tmp_path / "queries.txt").write_text("how fast is it?\n")
-    result = mahir(
+    result = cli(
         "optimize", tiny_factory(tmp_path), "--sentences", str(tmp_path / "queries.txt"),
         "--only", "onnxruntime", "--out", str(tmp_path / "out"),
     )  # fmt: skip
