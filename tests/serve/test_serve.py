@@ -19,8 +19,7 @@ from mahir.families.text import generate_sentences
 from mahir.model import Model
 from mahir.pooling import pool
 from mahir.runtimes import reference_outputs
-from tests.helpers import Server
-from tests.helpers import mahir as run_mahir
+from tests.helpers import Server, cli
 
 NAME = "all-MiniLM-L6-v2"
 
@@ -291,7 +290,7 @@ def test_loadtest_reports_what_it_sent(
     server: Server, tmp_path: Path, mode: tuple[str, str]
 ) -> None:
     out = tmp_path / "load.json"
-    done = run_mahir(
+    done = cli(
         "loadtest",
         server.url,
         *mode,
@@ -313,7 +312,7 @@ def test_loadtest_reports_what_it_sent(
 
 
 def test_loadtest_fails_after_404s_naming_them(server: Server) -> None:
-    done = run_mahir(
+    done = cli(
         "loadtest", server.url, "--concurrency", "4", "--requests", "30", "--endpoint", "infer",
         "--model", "nope",
     )  # fmt: skip
