@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from subprocess import CompletedProcess
 
 import numpy as np
 import pytest
@@ -152,3 +153,17 @@ def short_rungs() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(halving, "first_rung_seconds", short)
         yield
+
+
+@pytest.fixture(scope="session")
+def optimized_mlp(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, CompletedProcess[str]]:
+    """`mahir optimize tests/models.py:mlp --only onnxruntime --out OUT` as a real process, run
+    once for the session: (OUT, what the command returned). Read-only: test_cli exports it,
+    test_tune serves it."""
+    from tests.helpers import mahir
+
+    out = tmp_path_factory.mktemp("optimized-mlp") / "out"
+    found = mahir(
+        "optimize", f"{TESTS / 'models.py'}:mlp", "--only", "onnxruntime", "--out", str(out)
+    )
+    return out, found

@@ -44,11 +44,19 @@ def tiny_factory(folder: Path) -> str:
     return f"{folder / 'tiny.py'}:model"
 
 
-def mahir(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def mahir(
+    *args: str, env: dict[str, str] | None = None, installed: bool = False
+) -> subprocess.CompletedProcess[str]:
     """Run `python -m mahir.cli ARGS`, as a user's shell would, and capture what it printed;
-    `env` adds to the environment."""
+    `env` adds to the environment. `installed`: run the `mahir` console script that installing
+    the package put beside this Python instead, entry point and all."""
+    command = [sys.executable, "-m", "mahir.cli"]
+    if installed:
+        script = Path(sys.executable).with_name("mahir")
+        assert script.is_file(), f"no {script}: `pip install -e .` installs the mahir command"
+        command = [str(script)]
     return subprocess.run(
-        [sys.executable, "-m", "mahir.cli", *args],
+        [*command, *args],
         capture_output=True,
         text=True,
         timeout=600,

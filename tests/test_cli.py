@@ -4,6 +4,7 @@ entry point in a fresh process; what the command line refuses, in this process (
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ def test_bench_default_model_on_every_cpu_runtime(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     result = mahir(
         "bench", "-r", "torch", "-r", "onnxruntime", "-r", "openvino",
-        "-b", "1", "-b", "4", "--seconds", "0.3", "--json", str(out),
+        "-b", "1", "-b", "4", "--seconds", "0.3", "--json", str(out), installed=True,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
@@ -95,13 +96,13 @@ def test_debug_shows_the_traceback() -> None:
     assert "BadInput" in result.stderr
 
 
-def test_optimize_then_export_through_the_command(tmp_path: Path) -> None:
-    """The commands a user chains: optimize a model, then export the winner for Triton."""
-    out, repo = tmp_path / "out", tmp_path / "repo"
-    found = mahir(
-        "optimize", f"{TESTS / 'models.py'}:mlp", "--only", "onnxruntime",
-        "--time-budget", "1", "--out", str(out), "--no-tune-serving",  # test_tune.py tunes
-    )  # fmt: skip
+def test_optimize_then_export_through_the_command(
+    optimized_mlp: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
+    """The commands a user chains: optimize a model, then export the winner for Triton.
+    (The same run's batching record and `mahir serve` of it: tests/serve/test_tune.py.)"""
+    out, found = optimized_mlp
+    repo = tmp_path / "repo"
     assert found.returncode == 0, found.stderr
     assert "report:" in found.stdout
     report = json.loads((out / "report.json").read_text())
