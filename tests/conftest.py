@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from subprocess import CompletedProcess
 
 import numpy as np
 import pytest
@@ -146,3 +148,34 @@ def served_mlp_dir(mlp: Model, tmp_path_factory: pytest.TempPathFactory) -> Path
     from tests.helpers import fp32_output_dir
 
     return fp32_output_dir(mlp, tmp_path_factory.mktemp("served-mlp"))
+
+
+@pytest.fixture(scope="module")
+def short_rungs() -> Iterator[None]:
+    """The search's first timing rung capped at 0.2 s per candidate (1 s without a time budget):
+    for modules whose point is what a search keeps, resumes or reports, not how precise its
+    timings are. Later rungs still double it, and the baseline is timed in each."""
+    import mahir.search.halving as halving
+
+    real = halving.first_rung_seconds
+
+    def short(time_left_s: float | None, contenders: int, batch_sizes: int) -> float:
+        return min(0.2, real(time_left_s, contenders, batch_sizes))
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(halving, "first_rung_seconds", short)
+        yield
+
+
+@pytest.fixture(scope="session")
+def optimized_mlp(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, CompletedProcess[str]]:
+    """`mahir optimize tests/models.py:mlp --only onnxruntime --out OUT` as a real process, run
+    once for the session: (OUT, what the command returned). Read-only: test_cli exports it,
+    test_tune serves it."""
+    from tests.helpers import mahir
+
+    out = tmp_path_factory.mktemp("optimized-mlp") / "out"
+    found = mahir(
+        "optimize", f"{TESTS / 'models.py'}:mlp", "--only", "onnxruntime", "--out", str(out)
+    )
+    return out, found

@@ -1,5 +1,6 @@
-"""What several test modules need: the real `mahir` command in a fresh process, and a real
-`mahir serve` on a free loopback port."""
+"""What several test modules need: the real `mahir` command in a fresh process, the same
+command run in this process (for what a fresh interpreter adds nothing to), and a real `mahir
+serve` on a free loopback port."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import httpx
@@ -42,17 +44,44 @@ def tiny_factory(folder: Path) -> str:
     return f"{folder / 'tiny.py'}:model"
 
 
-def mahir(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def mahir(
+    *args: str, env: dict[str, str] | None = None, installed: bool = False
+) -> subprocess.CompletedProcess[str]:
     """Run `python -m mahir.cli ARGS`, as a user's shell would, and capture what it printed;
-    `env` adds to the environment."""
+    `env` adds to the environment. `installed`: run the `mahir` console script that installing
+    the package put beside this Python instead, entry point and all."""
+    command = [sys.executable, "-m", "mahir.cli"]
+    if installed:
+        script = Path(sys.executable).with_name("mahir")
+        assert script.is_file(), f"no {script}: `pip install -e .` installs the mahir command"
+        command = [str(script)]
     return subprocess.run(
-        [sys.executable, "-m", "mahir.cli", *args],
+        [*command, *args],
         capture_output=True,
         text=True,
         timeout=600,
         check=False,
         env={**os.environ, **(env or {})},
     )
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`mahir ARGS` in this process through typer's CliRunner, for tests of what the command
+    line parses, refuses and prints: the same app, exit codes, stdout and stderr as `mahir()`,
+    without a fresh interpreter's seconds of imports. An exception the command lets out ends it
+    as the interpreter would: exit code 1, its traceback on stderr. `env` adds to the
+    environment for the call."""
+    from typer.testing import CliRunner
+
+    from mahir.cli import app
+
+    result = CliRunner().invoke(app, list(args), env=env, prog_name="mahir")
+    stderr = result.stderr
+    code = result.exit_code
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(result.exception))
+        code = 1
+    return subprocess.CompletedProcess(["mahir", *args], code, result.stdout, stderr)
 
 
 class Server:

@@ -1,16 +1,17 @@
 """`mahir bench`, and `mahir optimize` then `mahir export`, end to end through the real console
-entry point in a fresh process."""
+entry point in a fresh process; what the command line refuses, in this process (`cli`)."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from mahir.workload import Workload
-from tests.helpers import mahir, tiny_factory
+from tests.helpers import cli, mahir, tiny_factory
 
 TESTS = Path(__file__).parent
 
@@ -19,7 +20,7 @@ def test_bench_default_model_on_every_cpu_runtime(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     result = mahir(
         "bench", "-r", "torch", "-r", "onnxruntime", "-r", "openvino",
-        "-b", "1", "-b", "4", "--seconds", "0.3", "--json", str(out),
+        "-b", "1", "-b", "4", "--seconds", "0.3", "--json", str(out), installed=True,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
@@ -79,7 +80,7 @@ def test_bench_a_factory_model_on_every_runtime(tmp_path: Path) -> None:
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(args: tuple[str, ...], message: str) -> None:
-    result = mahir(*args)
+    result = cli(*args)
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
@@ -89,19 +90,19 @@ def test_bad_input_is_one_line_and_exit_code_2(args: tuple[str, ...], message: s
 
 
 def test_debug_shows_the_traceback() -> None:
-    result = mahir("--debug", "bench", "no/such/model")
+    result = cli("--debug", "bench", "no/such/model")
     assert result.returncode != 0
     assert "Traceback" in result.stderr
     assert "BadInput" in result.stderr
 
 
-def test_optimize_then_export_through_the_command(tmp_path: Path) -> None:
-    """The commands a user chains: optimize a model, then export the winner for Triton."""
-    out, repo = tmp_path / "out", tmp_path / "repo"
-    found = mahir(
-        "optimize", f"{TESTS / 'models.py'}:mlp", "--only", "onnxruntime",
-        "--time-budget", "1", "--out", str(out), "--no-tune-serving",  # test_tune.py tunes
-    )  # fmt: skip
+def test_optimize_then_export_through_the_command(
+    optimized_mlp: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
+    """The commands a user chains: optimize a model, then export the winner for Triton.
+    (The same run's batching record and `mahir serve` of it: tests/serve/test_tune.py.)"""
+    out, found = optimized_mlp
+    repo = tmp_path / "repo"
     assert found.returncode == 0, found.stderr
     assert "report:" in found.stdout
     report = json.loads((out / "report.json").read_text())
@@ -118,7 +119,7 @@ def test_optimize_then_export_through_the_command(tmp_path: Path) -> None:
 
 
 def test_help_shows_bracketed_text_that_rich_would_read_as_markup() -> None:
-    result = mahir("serve", "--help", env={"COLUMNS": "200"})
+    result = cli("serve", "--help", env={"COLUMNS": "200"})
     assert result.returncode == 0
     assert "mahir[ray]" in result.stdout
     assert result.stdout.count("[default: tuned") == 3
@@ -145,7 +146,7 @@ def test_optimize_refuses_bad_arguments_before_loading_the_model(
     (tmp_path / "notes.txt").write_text("mine")
     filled = [arg.format(tmp=tmp_path) for arg in args]
     out = [] if "--out" in args else ["--out", str(tmp_path / "out")]
-    result = mahir("optimize", tiny_factory(tmp_path), "--only", "onnxruntime", *out, *filled)
+    result = cli("optimize", tiny_factory(tmp_path), "--only", "onnxruntime", *out, *filled)
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
@@ -157,7 +158,7 @@ def test_optimize_refuses_bad_arguments_before_loading_the_model(
 
 def test_optimize_refuses_sentences_for_a_tensor_model_before_the_search(tmp_path: Path) -> None:
     (tmp_path / "queries.txt").write_text("how fast is it?\n")
-    result = mahir(
+    result = cli(
         "optimize", tiny_factory(tmp_path), "--sentences", str(tmp_path / "queries.txt"),
         "--only", "onnxruntime", "--out", str(tmp_path / "out"),
     )  # fmt: skip

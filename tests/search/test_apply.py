@@ -19,7 +19,7 @@ from mahir.recipe import ModelSource, Recipe, content_hash, load_recipe
 from mahir.runtimes import reference_outputs
 from mahir.search.apply import Applied, write_output_dir
 from mahir.types import CPU, Artifact, OpenVinoOptions, Quality, RuntimeOptions
-from tests.helpers import mahir, tiny_factory
+from tests.helpers import cli, mahir, tiny_factory
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
 
@@ -114,18 +114,18 @@ def test_a_recipe_replays_the_model_it_was_built_from(tmp_path: Path) -> None:
     refuses in one line when that model is gone or changed, unless a model is given."""
     source = tiny_factory(tmp_path)
     Recipe((), "onnxruntime").save(tmp_path / "fp32.yaml")
-    first = mahir("apply", str(tmp_path / "fp32.yaml"), source, "--out", str(tmp_path / "a"))
+    first = cli("apply", str(tmp_path / "fp32.yaml"), source, "--out", str(tmp_path / "a"))
     assert first.returncode == 0, first.stderr
     recipe = tmp_path / "a" / "recipe.yaml"
     assert load_recipe(recipe, STEP_TYPES).source == ModelSource.of(source)
 
-    again = mahir("apply", str(recipe), "--out", str(tmp_path / "b"))
+    again = cli("apply", str(recipe), "--out", str(tmp_path / "b"))
     assert again.returncode == 0, again.stderr
     assert json.loads((tmp_path / "b" / "mahir.json").read_text())["source"]["name"] == "model"
 
     factory = tmp_path / "tiny.py"
     factory.write_text(factory.read_text().replace("Linear(8, 4)", "Linear(8, 3)"))
-    changed = mahir("apply", str(recipe), "--out", str(tmp_path / "c"))
+    changed = cli("apply", str(recipe), "--out", str(tmp_path / "c"))
     assert changed.returncode == 2
     line = _one_error_line(changed.stderr)
     recorded = load_recipe(recipe, STEP_TYPES).source
@@ -134,11 +134,11 @@ def test_a_recipe_replays_the_model_it_was_built_from(tmp_path: Path) -> None:
     assert f"{factory.resolve()}:model changed" in line
     assert f"sha256 {recorded.sha256[:12]} then, {content_hash(factory)[:12]} now" in line
     assert f"mahir apply {recipe} {factory.resolve()}:model" in line
-    given = mahir("apply", str(recipe), source, "--out", str(tmp_path / "c"))
+    given = cli("apply", str(recipe), source, "--out", str(tmp_path / "c"))
     assert given.returncode == 0, given.stderr
 
     factory.unlink()
-    gone = mahir("apply", str(recipe), "--out", str(tmp_path / "d"))
+    gone = cli("apply", str(recipe), "--out", str(tmp_path / "d"))
     assert gone.returncode == 2
     assert "which is gone: give the model" in _one_error_line(gone.stderr)
     assert not (tmp_path / "d").exists()
@@ -161,7 +161,7 @@ def test_apply_refuses_an_unwritable_out_before_loading_the_model(
     (tmp_path / "notes.txt").write_text("mine")
     source = tiny_factory(tmp_path)
     recipe = EXAMPLES / "dynamic-int8.yaml"
-    result = mahir("apply", str(recipe), source, "--out", str(tmp_path / where))
+    result = cli("apply", str(recipe), source, "--out", str(tmp_path / where))
     assert result.returncode == 2
     assert message in _one_error_line(result.stderr)
     assert not (tmp_path / "loaded").exists()

@@ -20,13 +20,16 @@ from mahir.recipe import ModelSource, load_recipe
 from mahir.search.budget import FidelityBudget
 from mahir.search.optimize import OptimizeConfig, OptimizeResult, cache_path, optimize
 
+pytestmark = pytest.mark.usefixtures("short_rungs")  # what is timed matters, not how long
 TESTS = Path(__file__).parents[1]
 # Proposed on every CPU (int8 candidates are not, where the CPU lacks VNNI and AMX).
 ONLY = ("onnxruntime", "openvino-f32")
 
 
 @pytest.fixture(scope="module")
-def result(mlp: Model, tmp_path_factory: pytest.TempPathFactory) -> OptimizeResult:
+def result(
+    mlp: Model, tmp_path_factory: pytest.TempPathFactory, short_rungs: None
+) -> OptimizeResult:
     work = tmp_path_factory.mktemp("optimize")
     config = OptimizeConfig(only=ONLY, batch_sizes=(1, 4))
     return optimize(mlp, config, work / "work", cache_path=cache_path(work / "out"))

@@ -18,6 +18,7 @@ from mahir.search.optimize import OptimizeConfig, OptimizeResult, optimize
 from mahir.search.records import OutcomeCache
 from mahir.types import Artifact
 
+pytestmark = pytest.mark.usefixtures("short_rungs")  # what is timed matters, not how long
 # Proposed on every CPU; one ONNX file, one OpenVINO IR (.xml and .bin) to keep.
 ONLY = ("onnxruntime", "openvino-f32")
 CONFIG = OptimizeConfig(only=ONLY)

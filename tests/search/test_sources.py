@@ -20,6 +20,7 @@ from mahir.search.bench import BenchConfig, benchmark
 from mahir.search.optimize import OptimizeConfig, optimize
 from tests import models
 
+pytestmark = pytest.mark.usefixtures("short_rungs")  # what is timed matters, not how long
 TESTS = Path(__file__).parents[1]
 QUICK = MeasureConfig(warmup_runs=1, min_time_s=0.05, min_runs=3, round_time_s=0.02)
 TOKENIZER_FILES = (

@@ -26,8 +26,7 @@ import mahir
 from mahir.model import Model
 from mahir.pooling import pool
 from mahir.runtimes import reference_outputs
-from tests.helpers import Server
-from tests.helpers import mahir as run_mahir
+from tests.helpers import Server, cli
 from tests.serve.test_serve import NAME, binary_output, infer_body, sentences
 
 REPLICA = "ServeReplica:mahir:MahirReplica"  # the actor class Ray Serve names after app:deployment
@@ -86,7 +85,7 @@ def expected(minilm: Model, served_dir: Path) -> Expected:
 def test_bad_ray_options_are_one_line_and_exit_2(
     args: list[str], message: str, tmp_path: Path
 ) -> None:
-    done = run_mahir("serve", str(tmp_path / "not-an-output-dir"), *args)
+    done = cli("serve", str(tmp_path / "not-an-output-dir"), *args)
     assert done.returncode == 2, done.stderr
     assert message in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1

@@ -1,4 +1,5 @@
-"""`mahir export --triton/--kserve`, run as a user would, on real output directories.
+"""`mahir export --triton/--kserve` on real output directories: the command's own app in this
+process (`cli`), and once as a real process whose stdout is the manifest alone.
 
 Each generated config.pbtxt is parsed back into tritonclient's own ModelConfig and checked
 against the output directory's spec and against what the copied model actually returns at two
@@ -27,7 +28,7 @@ from mahir.runtimes import open_session, reference_outputs
 from mahir.search.apply import Applied, apply_recipe, write_output_dir
 from mahir.types import Artifact, Outputs
 from mahir.workload import Batch
-from tests.helpers import mahir
+from tests.helpers import cli, mahir
 
 TYPES = {"int64": "TYPE_INT64", "int32": "TYPE_INT32", "float32": "TYPE_FP32"}
 
@@ -58,14 +59,17 @@ def dirs(
     mlp: Model,
     cnn: Model,
     minilm_ir: Artifact,
+    served_dir: Path,
+    served_mlp_dir: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> dict[str, tuple[Model, Path]]:
-    """Output directories: ONNX for three models, OpenVINO IR for two, one torch program."""
+    """Output directories: ONNX for three models (two of them the session's fp32 directories,
+    which the exports only read), OpenVINO IR for two, one torch program."""
     root = tmp_path_factory.mktemp("outdirs")
     return {
-        "mlp-onnx": (mlp, write_dir(mlp, "onnxruntime", root / "a" / "mlp-onnx")),
+        "mlp-onnx": (mlp, served_mlp_dir),
         "cnn-onnx": (cnn, write_dir(cnn, "onnxruntime", root / "b" / "cnn-onnx")),
-        "minilm-onnx": (minilm, write_dir(minilm, "onnxruntime", root / "c" / "minilm-onnx")),
+        "minilm-onnx": (minilm, served_dir),
         "mlp-ir": (mlp, write_dir(mlp, "openvino", root / "d" / "mlp-ir", ir_of(mlp, root / "e"))),
         "minilm-ir": (minilm, write_dir(minilm, "openvino", root / "f" / "minilm-ir", minilm_ir)),
         "mlp-torch": (mlp, write_dir(mlp, "torch", root / "g" / "mlp-torch")),
@@ -129,7 +133,7 @@ def test_repository_config_and_model_match_the_output_dir(
     dirs: dict[str, tuple[Model, Path]], tmp_path: Path, key: str, name: str
 ) -> None:
     model, out = dirs[key]
-    done = mahir("export", str(out), "--triton", str(tmp_path / "repo"))
+    done = cli("export", str(out), "--triton", str(tmp_path / "repo"))
     assert done.returncode == 0, done.stderr
     folder = tmp_path / "repo" / name
     config = parse(folder)
@@ -153,7 +157,7 @@ def test_text_model_folder_carries_its_tokenizer_and_opens_as_an_output_dir(
     dirs: dict[str, tuple[Model, Path]], tmp_path: Path
 ) -> None:
     minilm, out = dirs["minilm-onnx"]
-    assert mahir("export", str(out), "--triton", str(tmp_path), "--name", "e5").returncode == 0
+    assert cli("export", str(out), "--triton", str(tmp_path), "--name", "e5").returncode == 0
     opened = open_output_dir(tmp_path / "e5")  # tokenizer and pooling travel with the model
     assert opened.family.tokenizer is not None
     assert opened.family.pooling == minilm.family.pooling
@@ -176,7 +180,7 @@ def test_tuner_batching_instances_gpu_and_name(
     (out / "mahir.json").write_text(json.dumps(manifest))
     repo = tmp_path / "repo"
     args = ["--triton", str(repo), "--name", "tuned_mlp", "--instances", "3", "--gpu"]
-    done = mahir("export", str(out), *args)
+    done = cli("export", str(out), *args)
     assert done.returncode == 0, done.stderr
     config = parse(repo / "tuned_mlp")
     assert config.name == "tuned_mlp"
@@ -196,6 +200,7 @@ def test_kserve_manifest_to_stdout_and_to_a_file(
 ) -> None:
     out = dirs["minilm-onnx"][1]
     repo, uri = tmp_path / "repo", "s3://models-bucket/triton"
+    # a real process: what a shell pipes to kubectl is stdout alone
     done = mahir("export", str(out), "--triton", str(repo), "--kserve", "--storage-uri", uri)
     assert done.returncode == 0, done.stderr
     service = yaml.safe_load(done.stdout)  # stdout is the YAML alone; the status is on stderr
@@ -212,7 +217,7 @@ def test_kserve_manifest_to_stdout_and_to_a_file(
     assert set(model["resources"]["requests"]) == {"cpu", "memory"}
     file = tmp_path / "k8s" / "isvc.yaml"
     args = ["--kserve", "--storage-uri", "pvc://claim/repo", "--gpu", "--out", str(file)]
-    done = mahir("export", str(out), *args)
+    done = cli("export", str(out), *args)
     assert done.returncode == 0, done.stderr
     on_gpu = yaml.safe_load(file.read_text())["spec"]["predictor"]["model"]
     assert on_gpu["storageUri"] == "pvc://claim/repo"
@@ -236,7 +241,7 @@ def test_bad_options_get_one_line_and_write_nothing(
 ) -> None:
     repo = tmp_path / "repo"
     args = [a.replace("{repo}", str(repo)) for a in args]
-    done = mahir("export", str(dirs["mlp-onnx"][1]), *args)
+    done = cli("export", str(dirs["mlp-onnx"][1]), *args)
     assert done.returncode == 2
     assert message in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
@@ -250,7 +255,7 @@ def test_torch_program_is_refused_with_the_fix(
     out = dirs["mlp-torch"][1]
     assert (out / "model" / "model.pt2").is_file()
     for args in (["--triton", str(tmp_path / "repo")], ["--kserve", "--storage-uri", "s3://b/r"]):
-        done = mahir("export", str(out), *args)
+        done = cli("export", str(out), *args)
         assert done.returncode == 2  # Unsupported
         (line,) = done.stderr.strip().splitlines()
         assert "torch artifact" in line
@@ -260,7 +265,7 @@ def test_torch_program_is_refused_with_the_fix(
 
 
 def test_openvino_ir_on_gpu_is_refused(dirs: dict[str, tuple[Model, Path]], tmp_path: Path) -> None:
-    done = mahir("export", str(dirs["mlp-ir"][1]), "--triton", str(tmp_path / "repo"), "--gpu")
+    done = cli("export", str(dirs["mlp-ir"][1]), "--triton", str(tmp_path / "repo"), "--gpu")
     assert done.returncode == 2
     (line,) = done.stderr.strip().splitlines()
     assert "KIND_CPU" in line
@@ -274,7 +279,7 @@ def test_never_overwrites_what_mahir_did_not_write(
     notes = tmp_path / "project" / "notes.txt"
     notes.parent.mkdir()
     notes.write_text("mine")
-    done = mahir("export", str(out), "--triton", str(notes.parent))
+    done = cli("export", str(out), "--triton", str(notes.parent))
     assert done.returncode == 2
     assert "not a Triton model repository" in done.stderr
     assert [p.name for p in notes.parent.iterdir()] == ["notes.txt"]
@@ -282,13 +287,13 @@ def test_never_overwrites_what_mahir_did_not_write(
     theirs = tmp_path / "repo" / "mlp"
     (theirs / "1").mkdir(parents=True)
     (theirs / "config.pbtxt").write_text('name: "mlp"\n')
-    done = mahir("export", str(out), "--triton", str(tmp_path / "repo"))
+    done = cli("export", str(out), "--triton", str(tmp_path / "repo"))
     assert done.returncode == 2
     assert "mahir did not write it" in done.stderr
     assert (theirs / "config.pbtxt").read_text() == 'name: "mlp"\n'
     # Beside it, under another name, and again over mahir's own export: fine.
     for _ in range(2):
-        done = mahir("export", str(out), "--triton", str(tmp_path / "repo"), "--name", "mlp2")
+        done = cli("export", str(out), "--triton", str(tmp_path / "repo"), "--name", "mlp2")
         assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == ["mlp", "mlp2"]
     assert parse(tmp_path / "repo" / "mlp2").name == "mlp2"

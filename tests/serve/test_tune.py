@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import httpx
@@ -21,9 +22,7 @@ from mahir.serve.batcher import BatcherConfig
 from mahir.serve.served import ServeConfig
 from mahir.serve.tune import TUNED, Trial, TuneConfig, TuneResult, settings, tune_batching
 from mahir.serve.tuned import MIN_SECONDS, fit, with_batching
-from tests.conftest import TESTS
-from tests.helpers import Server, fp32_output_dir
-from tests.helpers import mahir as run_mahir
+from tests.helpers import Server, cli, fp32_output_dir
 
 QUICK = {"seconds": 0.2, "concurrency": 8, "batch_sizes": (1, 8), "delays_ms": (0.0, 2.0)}
 
@@ -113,10 +112,10 @@ def test_the_command_line_overrides_what_was_recorded(mlp_dir: Path, tmp_path: P
 
 
 def test_tune_needs_its_bound_and_an_output_directory(mlp: Model, tmp_path: Path) -> None:
-    alone = run_mahir("serve", "--tune")
+    alone = cli("serve", "--tune")
     assert alone.returncode == 2
     assert "--tune and --p99-ms go together" in alone.stderr
-    plain = run_mahir("serve", "tests/models.py:mlp", "--tune", "--p99-ms", "50")
+    plain = cli("serve", "tests/models.py:mlp", "--tune", "--p99-ms", "50")
     assert plain.returncode == 2
     assert "records its choice in an output directory" in plain.stderr
 
@@ -125,11 +124,11 @@ def read_name(folder: Path) -> str:
     return str(json.loads((folder / "mahir.json").read_text())["source"]["name"])
 
 
-def test_optimize_records_a_batching_choice_that_serve_runs_with(tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    found = run_mahir(
-        "optimize", f"{TESTS / 'models.py'}:mlp", "--only", "onnxruntime", "--out", str(out)
-    )
+def test_optimize_records_a_batching_choice_that_serve_runs_with(
+    optimized_mlp: tuple[Path, subprocess.CompletedProcess[str]],
+) -> None:
+    """(The same run's report and Triton export: tests/test_cli.py.)"""
+    out, found = optimized_mlp
     assert found.returncode == 0, found.stderr
     recorded = read_manifest(out)["batching"]
     assert recorded["tuned_by"] == "optimize"
