@@ -8,12 +8,13 @@ the host, tokenization included).
 
 Stock anchors compute the sentence embedding on the GPU and copy it to the host: eager fp16 and
 bf16, `torch.compile` default and mode="reduce-overhead" (fp16), and for the variable-length
-workload sentence-transformers' `encode(batch_size=256)` in fp16. mahir's rows are its sessions as
-`optimize` proposes them on a GPU (`torch-compile` = CUDA graphs over shape buckets, and eager),
-which return every token's vector to the host, pooled there. Every variant is timed in the same
+workload sentence-transformers' `encode(batch_size=256)` in fp16. mahir's rows are its
+candidates as `optimize` proposes them for a sentence encoder on a GPU (`torch-compile` = CUDA
+graphs over shape buckets, and eager; pooled inside the model by `PoolInModel`, so only the
+embedding crosses to the host). Every variant is timed in the same
 rounds, interleaved, each call synchronised; medians and ratios are reported.
 
-Usage: python benchmarks/gpu.py --tokenizer MINILM_FOLDER [--out results.json]
+Usage: python -m benchmarks.gpu --tokenizer MINILM_FOLDER [--out results.json]
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,26 +34,15 @@ import numpy as np
 import torch
 import transformers
 
+from benchmarks import gpu_sessions
 from mahir.families.text import TextEncoder, generate_sentences
 from mahir.hardware import detect
-from mahir.modules import LowPrecision, TupleOutputs
-from mahir.pooling import Pooling, pool
+from mahir.modules import LowPrecision, PooledEmbedding, TupleOutputs
+from mahir.pooling import EMBEDDING, Pooling
 from mahir.runtimes import open_session
-from mahir.types import BATCH, SEQUENCE, Artifact, Device, InputSpec, RuntimeOptions, TensorSpec
+from mahir.types import Artifact, Device, RuntimeOptions
 
-SHAPES = {
-    "minilm": dict(
-        hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536
-    ),
-    "bert-base": dict(
-        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072
-    ),
-}
-SPEC = InputSpec(
-    tuple(TensorSpec(n, "int64", (BATCH, SEQUENCE)) for n in ("input_ids", "attention_mask")),
-    ("last_hidden_state",),
-    max_sequence=512,
-)
+SPEC = replace(gpu_sessions.SPEC, max_sequence=512)
 MEAN = Pooling("mean", normalize=False)
 GPU = Device.parse("cuda")
 Call = Callable[[], Any]
@@ -81,11 +72,10 @@ def stock(model: torch.nn.Module) -> Callable[[dict[str, np.ndarray]], np.ndarra
 
 
 def mahir_call(session: Any) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
-    """A mahir session's answer, pooled on the host as mahir's text family pools it."""
+    """A mahir session's sentence embeddings (pooled inside the model)."""
 
     def run(batch: dict[str, np.ndarray]) -> np.ndarray:
-        tokens = session.run(batch)["last_hidden_state"]
-        return pool(tokens, batch["attention_mask"], MEAN)
+        return session.run(batch)[EMBEDDING]
 
     return run
 
@@ -120,16 +110,20 @@ def variants(bert: torch.nn.Module, with_compile: bool) -> dict[str, Callable[..
         runs["compile fp16"] = stock(torch.compile(fp16))
         runs["compile reduce-overhead fp16"] = stock(torch.compile(fp16, mode="reduce-overhead"))
     options = RuntimeOptions(device=GPU)
-    for dtype, label in ((torch.float16, "fp16"), (torch.bfloat16, "bf16")):
-        low = LowPrecision(copy.deepcopy(original), dtype).eval()
-        artifact = Artifact("torch", SPEC, module=low)
-        runs[f"mahir cuda-graphs {label}"] = mahir_call(
-            open_session("torch-compile", artifact, options)
-        )
-    low = LowPrecision(copy.deepcopy(original), torch.float16).eval()
-    artifact = Artifact("torch", SPEC, module=low)
-    runs["mahir eager fp16"] = mahir_call(open_session("torch", artifact, options))
+    for runtime, dtype, label in (
+        ("torch-compile", torch.float16, "mahir cuda-graphs fp16"),
+        ("torch-compile", torch.bfloat16, "mahir cuda-graphs bf16"),
+        ("torch", torch.float16, "mahir eager fp16"),
+    ):
+        runs[label] = mahir_call(open_session(runtime, pooled(original, dtype), options))
     return runs
+
+
+def pooled(original: torch.nn.Module, dtype: torch.dtype) -> Artifact:
+    """What `TorchLowPrecision` then `PoolInModel` make of the original."""
+    low = LowPrecision(copy.deepcopy(original), dtype).eval()
+    module = PooledEmbedding(low, MEAN.mode, MEAN.normalize).eval()
+    return Artifact("torch", replace(SPEC, outputs=(EMBEDDING,)), module=module)
 
 
 def fixed_shapes(
@@ -210,7 +204,7 @@ def main() -> None:
     parser.add_argument("--no-compile-anchors", action="store_true")
     args = parser.parse_args()
     rows: list[dict[str, Any]] = []
-    for name, shape in SHAPES.items():
+    for name, shape in gpu_sessions.SHAPES.items():
         torch.manual_seed(0)
         bert = transformers.BertModel(transformers.BertConfig(**shape)).eval()
         runs = variants(bert, not args.no_compile_anchors)

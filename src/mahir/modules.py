@@ -69,3 +69,32 @@ class LowPrecision(torch.nn.Module):
         cast = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in inputs.items()}
         outputs: tuple[torch.Tensor, ...] = self.model(**cast)
         return tuple(o.float() if o.is_floating_point() else o for o in outputs)
+
+
+class PooledEmbedding(torch.nn.Module):
+    """A sentence encoder that answers with its sentence embedding: the token vectors pooled
+    (and normalized) where they were computed, in float32, as `mahir.pooling.pool` pools them
+    in numpy. On a GPU only (batch, hidden) floats then cross to the host instead of (batch,
+    seq, hidden): 100 MB less per 256x128 batch of BERT-base."""
+
+    def __init__(self, model: torch.nn.Module, mode: str, normalize: bool) -> None:
+        super().__init__()
+        self.model, self.mode, self.normalize = model, mode, normalize
+
+    def forward(self, **inputs: torch.Tensor) -> tuple[torch.Tensor]:
+        tokens = self.model(**inputs)[0].float()
+        mask = inputs["attention_mask"] != 0
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        if self.mode == "mean":
+            total = torch.where(mask.unsqueeze(-1), tokens, 0).sum(dim=1)
+            pooled = total / mask.sum(dim=1, keepdim=True).clamp(min=1e-9)
+        elif self.mode == "cls":  # the first real token, past any left padding
+            pooled = tokens[rows, mask.int().argmax(dim=1)]
+        elif self.mode == "max":
+            pooled = torch.where(mask.unsqueeze(-1), tokens, -torch.inf).amax(dim=1)
+        else:  # lasttoken: the last real token; a row with none gives zeros
+            last = tokens.shape[1] - 1 - mask.flip(1).int().argmax(dim=1)
+            pooled = torch.where(mask.any(dim=1, keepdim=True), tokens[rows, last], 0)
+        if self.normalize:
+            pooled = torch.nn.functional.normalize(pooled, dim=1, eps=1e-12)
+        return (pooled,)

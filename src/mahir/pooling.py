@@ -21,6 +21,9 @@ from mahir.errors import BadInput, Unsupported
 
 PoolingMode = Literal["mean", "cls", "max", "lasttoken"]
 
+EMBEDDING = "sentence_embedding"
+"""The name of a sentence encoder's pooled answer, where mahir or a user's metric sees it."""
+
 # sentence-transformers' legacy boolean keys (`pooling_mode_*`), mapped to its mode names.
 _LEGACY_KEYS = {
     "pooling_mode_cls_token": "cls",

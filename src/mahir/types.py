@@ -114,13 +114,17 @@ class Artifact:
         path: Path | None = None,
         format: ArtifactFormat | None = None,
         module: Any = None,
+        spec: InputSpec | None = None,
         **step: Any,
     ) -> Artifact:
-        """The next artifact in a chain of passes: same spec, new files (or a new module), and
-        `step` appended to the history in `meta["steps"]`."""
+        """The next artifact in a chain of passes: same spec unless a pass changes what the
+        model answers, new files (or a new module), and `step` appended to the history in
+        `meta["steps"]`."""
         steps = [*self.meta.get("steps", ()), step]
         meta = {**self.meta, "steps": steps}
-        return Artifact(format or self.format, self.spec, path=path, module=module, meta=meta)
+        return Artifact(
+            format or self.format, spec or self.spec, path=path, module=module, meta=meta
+        )
 
 
 class Session(Protocol):

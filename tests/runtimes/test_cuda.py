@@ -1,13 +1,14 @@
 """mahir on a CUDA GPU: sessions, CUDA graphs over shape buckets, the GPU's candidates in
-`optimize`, and an output directory that runs there again. Skipped where torch sees no GPU
-(`gpu` marker, tests/conftest.py); the default encoder's folder may be given with
-MAHIR_TEST_ENCODER where its package is not installed (a GPU machine)."""
+`optimize`, an output directory that runs there again, and `mahir serve` from it. Skipped where
+torch sees no GPU (`gpu` marker, tests/conftest.py); the default encoder's folder may be given
+with MAHIR_TEST_ENCODER where its package is not installed (a GPU machine)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
@@ -17,11 +18,14 @@ from mahir.hardware import detect
 from mahir.measure import MeasureConfig, measure
 from mahir.model import Model, load_model
 from mahir.passes import PassContext
+from mahir.passes.pooling import PoolInModel
 from mahir.passes.precision import TorchLowPrecision, torch_low_precision
+from mahir.pooling import EMBEDDING
 from mahir.quality import fidelity
 from mahir.runtimes import open_session, reference_outputs
-from mahir.search.optimize import OptimizeConfig, optimize
+from mahir.search.optimize import OptimizeConfig, OptimizeResult, optimize
 from mahir.types import Device, RuntimeOptions
+from tests.helpers import Server
 
 pytestmark = pytest.mark.gpu
 GPU = RuntimeOptions(device=Device.parse("cuda"))
@@ -74,21 +78,55 @@ def test_cuda_graphs_beat_eager_at_batch_one(encoder: Model, tmp_path: Path) -> 
     assert perf["torch-compile"].p50_ms < perf["torch"].p50_ms
 
 
-def test_optimize_on_a_gpu_writes_a_winner_that_runs_there_again(
-    encoder: Model, batches: list, tmp_path: Path
-) -> None:
+@pytest.fixture(scope="module")
+def optimized(encoder: Model, tmp_path_factory: pytest.TempPathFactory) -> OptimizeResult:
     config = OptimizeConfig(
         device=Device.parse("cuda"),
         only=("torch-fp16", "cuda-graphs-fp16"),
         batches_per_size=4,
     )
-    result = optimize(encoder, config, tmp_path / "work")
-    assert result.best is not None
-    assert result.best.candidate.id != "torch"
-    report = result.report()
+    return optimize(encoder, config, tmp_path_factory.mktemp("work"))
+
+
+@pytest.fixture(scope="module")
+def gpu_out(optimized: OptimizeResult, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return optimized.save(tmp_path_factory.mktemp("gpu") / "out")
+
+
+def test_optimize_on_a_gpu_keeps_a_gpu_candidate_pooled_there(optimized: OptimizeResult) -> None:
+    assert optimized.best is not None
+    assert optimized.best.candidate.id != "torch"
+    assert isinstance(optimized.best.candidate.recipe.steps[-1], PoolInModel)
+    report = optimized.report()
     assert all(c.device == "cuda:0" for c in report.candidates if c.status == "ok")
-    out = result.save(tmp_path / "out")
-    session = mahir.load(out)
+
+
+def test_the_winner_runs_on_the_gpu_again_from_its_directory(
+    encoder: Model, batches: list, gpu_out: Path
+) -> None:
+    session = mahir.load(gpu_out)
     assert session.device == Device.parse("cuda:0")
-    quality = fidelity(encoder, session, batches, reference_outputs(encoder, batches)).headline
+    assert session.run(batches[0]).keys() == {EMBEDDING}
+    quality = fidelity(encoder, session, batches, reference_outputs(encoder, batches)).embedding
+    assert quality is not None
     assert quality.cosine_mean >= 0.999, quality
+
+
+def test_mahir_serve_answers_from_the_gpu_like_the_cpu_original(
+    encoder: Model, gpu_out: Path
+) -> None:
+    texts = ["a short one", "a somewhat longer sentence, so that the batch is padded", "x"]
+    server = Server(gpu_out)
+    try:
+        replies = [
+            httpx.post(f"{server.url}/v1/embeddings", json={"input": [t]}, timeout=60)
+            for t in texts
+        ]
+    finally:
+        assert server.stop() == 0
+    batch = encoder.family.tokenize(texts)  # type: ignore[attr-defined]
+    want = encoder.family.scored(reference_outputs(encoder, [batch])[0], batch)[EMBEDDING]
+    for reply, expected in zip(replies, want, strict=True):
+        assert reply.status_code == 200, reply.text
+        got = np.array(reply.json()["data"][0]["embedding"])
+        assert float(got @ expected / np.linalg.norm(got) / np.linalg.norm(expected)) > 0.999

@@ -7,6 +7,7 @@ import pytest
 from mahir.errors import BadInput
 from mahir.hardware import Gpu, Machine
 from mahir.model import Model, load_model
+from mahir.passes.pooling import PoolInModel
 from mahir.search.candidates import propose
 from mahir.types import Device
 
@@ -78,8 +79,15 @@ def test_a_gpu_gets_its_own_candidates_against_eager_fp32_on_the_same_gpu(minilm
         c.id for c in proposed
     }
     assert not any(c.recipe.runtime in ("onnxruntime", "openvino") for c in proposed)
+    assert all(isinstance(c.recipe.steps[-1], PoolInModel) for c in proposed[1:])  # an encoder
     assert skipped == []
     assert "NVIDIA H200" in H200.summary()
+
+
+def test_only_a_sentence_encoder_pools_in_the_model_on_a_gpu(mlp: Model) -> None:
+    proposed, _ = propose(mlp, H200, "latency", device=CUDA)
+    assert len(proposed) > 1
+    assert not any(isinstance(s, PoolInModel) for c in proposed for s in c.recipe.steps)
 
 
 def test_bf16_is_left_out_on_a_gpu_without_bf16_tensor_cores(minilm: Model) -> None:

@@ -142,9 +142,9 @@ def export_program(model: Model, source: Artifact, path: Path) -> Artifact:
             torch.export.save(program, str(draft))
         except Exception as err:  # torch.export raises many types; all mean "cannot export"
             raise Unsupported(f"cannot save {model.name} as a program: {first_line(err)}") from err
-        artifact = Artifact("torch", model.spec, path=draft)
+        artifact = Artifact("torch", source.spec, path=draft)
         verify(model, artifact, "torch", what="saved program", reference=source)
-    return Artifact("torch", model.spec, path=path, meta=source.meta)
+    return Artifact("torch", source.spec, path=path, meta=source.meta)
 
 
 def _check_dynamic_axes(model: Model, path: Path) -> None:

@@ -46,6 +46,12 @@ class Family(Protocol):
         ...
 
     @property
+    def pools(self) -> bool:
+        """Whether the answer is a vector pooled over token outputs (a sentence encoder), which
+        the model itself can compute (`passes/pooling.py`)."""
+        ...
+
+    @property
     def fidelity_name(self) -> str:
         """What the headline fidelity measures, for table captions ("embedding", "output")."""
         ...

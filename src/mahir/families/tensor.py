@@ -30,6 +30,7 @@ class Tensor:
 
     kind = "tensor"
     transformer = False
+    pools = False
     fidelity_name = "output"
 
     @classmethod

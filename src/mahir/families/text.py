@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from mahir.errors import BadInput
-from mahir.pooling import Pooling, pool
+from mahir.pooling import EMBEDDING, Pooling, pool
 from mahir.quality import compare
 from mahir.types import InputSpec, Outputs, Quality, TokenLimits
 from mahir.workload import HELD_OUT_TEXT, Batch, Workload, check_batch_sizes, read_sentences
@@ -163,6 +163,10 @@ class Text:
     transformer = True
 
     @property
+    def pools(self) -> bool:
+        return self.pooling is not None
+
+    @property
     def fidelity_name(self) -> str:
         return "embedding" if self.pooling else "output"
 
@@ -230,8 +234,16 @@ class Text:
         batches: Sequence[Batch],
         logits: frozenset[str],
     ) -> Quality:
-        """Padded positions left out; a sentence encoder's pooled vector measured too."""
+        """Padded positions left out; a sentence encoder's pooled vector measured too, and
+        alone when the artifact answers with it (`passes/pooling.py`)."""
         masks = [b["attention_mask"] for b in batches] if "attention_mask" in batches[0] else None
+        if self.pooling is not None and masks is not None and EMBEDDING in outputs[0]:
+            pooled = [
+                {EMBEDDING: pool(ref[self.spec.outputs[0]], mask, self.pooling)}
+                for ref, mask in zip(reference, masks, strict=True)
+            ]
+            quality = compare(outputs, pooled)
+            return Quality(quality.outputs, embedding=quality.outputs[EMBEDDING])
         return compare(
             outputs,
             reference,
@@ -243,10 +255,10 @@ class Text:
 
     def scored(self, outputs: Outputs, batch: Batch) -> Outputs:
         """A sentence encoder's users score its pooled "sentence_embedding"."""
-        if self.pooling is None:
+        if self.pooling is None or EMBEDDING in outputs:
             return outputs
         tokens = outputs[self.spec.outputs[0]]
-        return {**outputs, "sentence_embedding": pool(tokens, _mask(batch, tokens), self.pooling)}
+        return {**outputs, EMBEDDING: pool(tokens, _mask(batch, tokens), self.pooling)}
 
     def token_lengths(self, batch: Batch) -> np.ndarray | None:
         if "attention_mask" in batch:

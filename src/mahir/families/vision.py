@@ -185,6 +185,7 @@ class Vision:
 
     kind = "vision"
     transformer = False
+    pools = False
     fidelity_name = "output"
 
     @property

@@ -33,6 +33,7 @@ from mahir.passes.graph import (
     simplify,
 )
 from mahir.passes.nncf import NncfAccuracyControl, NncfInt8, nncf_accuracy_control, nncf_int8
+from mahir.passes.pooling import PoolInModel, pool_in_model
 from mahir.passes.precision import Float16, TorchLowPrecision, float16, torch_low_precision
 from mahir.passes.prune import MagnitudePrune, StructuredPrune, magnitude_prune, structured_prune
 from mahir.passes.prune_transformer import TransformerPrune, transformer_prune
@@ -70,6 +71,7 @@ PASSES: dict[type[Any], PassFn] = {
     AccuracyAwareInt8: accuracy_aware_int8,
     Float16: float16,
     TorchLowPrecision: torch_low_precision,
+    PoolInModel: pool_in_model,
     TorchaoInt8: torchao_int8,
     Pt2eInt8: pt2e_int8,
     StructuredPrune: structured_prune,

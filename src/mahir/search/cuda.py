@@ -4,18 +4,22 @@ On a GPU the question is not int8 instructions but how busy the device is kept. 
 are bound by kernel launches (eager BERT-base takes ~4-5 ms at batch 1 on an H200 whatever the
 precision), so CUDA graphs (`torch-compile` on a GPU: mode "reduce-overhead" over shape buckets)
 are proposed beside eager; big batches are bound by the matmuls, so fp16 and bf16 (tensor
-cores) are proposed beside fp32. bf16 needs compute capability 8.0 (Ampere) or later. The
-baseline is the original, eager and fp32, on the same GPU: the honest denominator for a GPU's
-speedup (the reference answers stay the CPU's fp32 ones).
+cores) are proposed beside fp32, and by what crosses to the host, so a sentence encoder pools
+inside the model (its token vectors are 128x the embedding at 128 tokens). bf16 needs compute
+capability 8.0 (Ampere) or later. The baseline is the original, eager and fp32, on the same
+GPU: the honest denominator for a GPU's speedup (the reference answers stay the CPU's fp32).
 
 Sits beside `candidates.py`, which calls it for a CUDA device.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from mahir.errors import BadInput
 from mahir.hardware import Machine
 from mahir.model import Model
+from mahir.passes.pooling import PoolInModel
 from mahir.passes.precision import TorchLowPrecision
 from mahir.recipe import Recipe
 from mahir.types import Device, RuntimeOptions
@@ -35,42 +39,32 @@ def cuda_baseline(model: Model, device: Device) -> tuple[str, str, Recipe]:
 
 
 def cuda_entries(model: Model, machine: Machine, device: Device) -> list[Entry]:
-    """The GPU candidates, most promising first."""
+    """The GPU candidates, most promising first. A sentence encoder's pool inside the model,
+    so that only the embedding leaves the GPU."""
     on = _on(device)
     no_bf16 = _needs_bf16(machine, device)
-    entries: list[Entry] = [
+    pooled: tuple[Any, ...] = (PoolInModel(),) if model.family.pools else ()
+    suffix = ", pooled on the GPU" if pooled else ""
+    bf16, fp16 = TorchLowPrecision("bfloat16"), TorchLowPrecision("float16")
+    graphs = "torch.compile + CUDA graphs over shape buckets"
+    compiled, eager = "torch-compile", "torch"
+    return [
         (
             "cuda-graphs-bf16",
-            "torch.compile + CUDA graphs over shape buckets, bf16",
-            Recipe((TorchLowPrecision("bfloat16"),), "torch-compile", on),
+            f"{graphs}, bf16{suffix}",
+            Recipe((bf16, *pooled), compiled, on),
             no_bf16,
         ),
         (
             "cuda-graphs-fp16",
-            "torch.compile + CUDA graphs over shape buckets, fp16",
-            Recipe((TorchLowPrecision("float16"),), "torch-compile", on),
+            f"{graphs}, fp16{suffix}",
+            Recipe((fp16, *pooled), compiled, on),
             None,
         ),
-        (
-            "torch-bf16",
-            "PyTorch eager bf16",
-            Recipe((TorchLowPrecision("bfloat16"),), "torch", on),
-            no_bf16,
-        ),
-        (
-            "torch-fp16",
-            "PyTorch eager fp16",
-            Recipe((TorchLowPrecision("float16"),), "torch", on),
-            None,
-        ),
-        (
-            "cuda-graphs",
-            "torch.compile + CUDA graphs over shape buckets, fp32",
-            Recipe((), "torch-compile", on),
-            None,
-        ),
+        ("torch-bf16", f"PyTorch eager bf16{suffix}", Recipe((bf16, *pooled), eager, on), no_bf16),
+        ("torch-fp16", f"PyTorch eager fp16{suffix}", Recipe((fp16, *pooled), eager, on), None),
+        ("cuda-graphs", f"{graphs}, fp32{suffix}", Recipe(pooled, compiled, on), None),
     ]
-    return entries
 
 
 def _on(device: Device) -> RuntimeOptions:

@@ -27,7 +27,7 @@ import orjson
 from mahir.errors import BadInput, Malformed
 from mahir.families.text import Text, TextEncoder
 from mahir.outdir import OutputDir
-from mahir.pooling import pool
+from mahir.pooling import EMBEDDING, pool
 from mahir.serve.batcher import Batcher
 from mahir.serve.validate import InputRules
 
@@ -144,7 +144,10 @@ class Embedder:
         name = self.opened.spec.outputs[0]
         vectors = []
         for part, out in zip(parts, outputs, strict=True):
-            vector = pool(out[name], part["attention_mask"], self.pooling)[0]
+            if name == EMBEDDING:  # pooled inside the model (passes/pooling.py)
+                vector = out[name][0]
+            else:
+                vector = pool(out[name], part["attention_mask"], self.pooling)[0]
             vectors.append(self._sized(vector, request.dimensions))
         return vectors, sum(int(part["attention_mask"].sum()) for part in parts)
 
