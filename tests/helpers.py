@@ -103,7 +103,9 @@ class Server:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 self.log.seek(0)
-                raise RuntimeError(f"server exited: {self.log.read()}")
+                output = self.log.read()
+                self.log.close()
+                raise RuntimeError(f"server exited: {output}")
             try:
                 if httpx.get(f"{self.url}/v2/health/ready", timeout=1).status_code == 200:
                     return

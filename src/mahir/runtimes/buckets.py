@@ -1,8 +1,7 @@
 """Shape buckets: run every batch at one of a few fixed shapes.
 
-A CUDA graph replays one recorded shape, and torch.compile's graph trees record a new graph for
-each new shape: under real traffic (any batch size, any sentence length) that is a recording per
-request and memory without end. `Buckets` pads each batch up to the next bucket, rows to a power
+A CUDA graph replays one recorded shape, so each new shape is a new capture: under real traffic
+(any batch size, any sentence length) that is a capture per request and memory without end. `Buckets` pads each batch up to the next bucket, rows to a power
 of two and sequences to the next of a short ladder of lengths, runs it, and cuts the outputs back:
 a handful of graphs cover all traffic, at the price of computing some padding.
 

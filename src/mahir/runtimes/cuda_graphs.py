@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mahir.errors import RuntimeFailure, Unsupported, first_line
+from mahir.errors import RuntimeFailure, first_line
 from mahir.types import Device, Inputs, Outputs
 
 WARMUP_RUNS = 3
@@ -52,7 +52,7 @@ class CudaGraphs:
         self._module, self._names, self._device = module, output_names, str(device)
         self._graphs: dict[Key, _Graph] = {}
         self._pool = torch.cuda.graph_pool_handle()
-        self._stream = torch.cuda.Stream(self._device)
+        self._stream = torch.cuda.Stream(self._device)  # type: ignore[no-untyped-call, unused-ignore]
 
     @property
     def shapes(self) -> int:
@@ -74,22 +74,22 @@ class CudaGraphs:
         return {name: b.numpy().copy() for name, b in zip(self._names, graph.host, strict=True)}
 
     def _capture(self, key: Key, inputs: Inputs) -> _Graph:
-        static = {n: torch.from_numpy(np.ascontiguousarray(a)).to(self._device) for n, a in inputs.items()}
+        static = {
+            n: torch.from_numpy(np.ascontiguousarray(a)).to(self._device) for n, a in inputs.items()
+        }
         stream = self._stream
         stream.wait_stream(torch.cuda.current_stream(self._device))
-        try:
-            with torch.cuda.stream(stream), torch.inference_mode():
-                for _ in range(WARMUP_RUNS):
-                    self._module(**static)
-                graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(stream), torch.inference_mode():
+            for _ in range(WARMUP_RUNS):  # compile errors surface here, as on any first call
+                self._module(**static)
+            graph = torch.cuda.CUDAGraph()
+            try:
                 with torch.cuda.graph(graph, pool=self._pool, stream=stream):
                     outputs = tuple(self._module(**static))
-        except (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.InductorError) as err:
-            raise Unsupported(f"torch.compile cannot compile this model: {first_line(err)}; use 'torch'") from err
-        except RuntimeError as err:  # a host synchronisation inside the model, most often
-            raise RuntimeFailure(
-                f"cannot capture this model as a CUDA graph: {first_line(err)}; use 'torch'"
-            ) from err
+            except RuntimeError as err:  # a host synchronisation inside the model, most often
+                raise RuntimeFailure(
+                    f"cannot capture this model as a CUDA graph: {first_line(err)}; use 'torch'"
+                ) from err
         captured = _Graph(
             graph,
             static,

@@ -3,11 +3,10 @@ dynamic shapes so that a new batch size or sequence length does not recompile; i
 first call, which therefore takes seconds), on the CPU or a CUDA GPU. On a GPU the session runs a
 copy of the module moved there (the original stays the CPU reference); inputs and outputs travel
 through pinned host memory (torch's caching host allocator, so no page-locking per call), and
-outputs come back as numpy once the device has finished. Compiled on a GPU, the module runs as
-CUDA graphs (mode "reduce-overhead": one launch per batch instead of one per kernel, which is what
-bounds small batches) over shape buckets (`runtimes/buckets.py`), so traffic of any shape replays
-a few recorded graphs. The module takes the
-spec's inputs by keyword and returns a tuple in the spec's output order
+outputs come back as numpy once the device has finished. Compiled on a GPU, the module is
+captured as one CUDA graph per shape bucket (`runtimes/cuda_graphs.py`, `runtimes/buckets.py`):
+one launch per batch instead of one per kernel, which is what bounds small batches. The module
+takes the spec's inputs by keyword and returns a tuple in the spec's output order
 (`mahir.modules.TupleOutputs` adapts a user's model). A module in training mode is refused:
 dropout and batch-norm statistics would silently change every answer. Torch's thread count is
 process-wide: opening a session sets it for every torch session in the process, and `describe()`
@@ -26,6 +25,7 @@ from mahir.errors import BadInput, MahirError, RuntimeFailure, Unsupported, firs
 from mahir.hardware import physical_cores
 from mahir.runtimes import Signature, input_error, inputs_fit
 from mahir.runtimes.buckets import Buckets
+from mahir.runtimes.cuda_graphs import CudaGraphs
 from mahir.types import CPU, Artifact, Device, Inputs, InputSpec, Outputs, RuntimeOptions, Session
 
 _PRECISIONS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
@@ -40,6 +40,7 @@ class TorchSession:
         runtime: str,
         precision: str,
         device: Device = CPU,
+        replay: CudaGraphs | None = None,
     ) -> None:
         self.runtime = runtime
         self.device = device
@@ -49,17 +50,24 @@ class TorchSession:
         self._signature: Signature = {t.name: t.shape for t in spec.inputs}
         self._dtypes = {t.name: np.dtype(t.dtype) for t in spec.inputs}
         self._precision = precision
-        self._graphs = runtime == "torch-compile" and device.kind == "cuda"
+        self._replay = replay
 
     def run(self, inputs: Inputs) -> Outputs:
         if inputs.keys() != self._signature.keys():
             raise input_error(self._signature, inputs)
+        if self._replay is not None:
+            try:
+                return self._replay.run(
+                    {n: a.astype(self._dtypes[n], copy=False) for n, a in inputs.items()}
+                )
+            except MahirError:
+                raise
+            except Exception as err:  # shape errors on the first capture of a shape, ...
+                raise self._failure(err, inputs) from err
         tensors = {
             name: _to(_tensor(array, self._dtypes[name]), self._where)
             for name, array in inputs.items()
         }
-        if self._graphs:  # the last replay's outputs were copied out: its memory may be reused
-            torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call, unused-ignore]
         try:
             with torch.inference_mode():
                 results = self._module(**tensors)
@@ -81,8 +89,8 @@ class TorchSession:
         }
         if self.runtime == "torch-compile":
             settings |= {"backend": "inductor", "dynamic": True}
-        if self._graphs:
-            settings |= {"mode": "reduce-overhead", "cuda_graphs": True}
+        if self._replay is not None:
+            settings |= {"cuda_graphs": True, "graphs_captured": self._replay.shapes}
         return settings | {"version": str(torch.__version__)}
 
     def _to_host(self, results: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
@@ -126,15 +134,20 @@ def open_session(artifact: Artifact, options: RuntimeOptions, *, compile: bool) 
         return TorchSession(
             module, artifact.spec, runtime="torch", precision=precision, device=device
         )
-    mode = "reduce-overhead" if device.kind == "cuda" else None
     try:
-        compiled = torch.compile(module, backend="inductor", dynamic=True, mode=mode)
+        compiled = torch.compile(module, backend="inductor", dynamic=True)
     except Exception as err:  # no compiler support on this Python or platform
         raise Unsupported(f"torch.compile is not available here: {first_line(err)}") from err
+    on_gpu = device.kind == "cuda"
     session = TorchSession(
-        compiled, artifact.spec, runtime="torch-compile", precision=precision, device=device
+        compiled,
+        artifact.spec,
+        runtime="torch-compile",
+        precision=precision,
+        device=device,
+        replay=CudaGraphs(compiled, artifact.spec.outputs, device) if on_gpu else None,
     )
-    return Buckets(session, artifact.spec) if mode else session
+    return Buckets(session, artifact.spec) if on_gpu else session
 
 
 def _load_program(artifact: Artifact, device: Device) -> torch.nn.Module:

@@ -2,7 +2,7 @@
 
 On a GPU the question is not int8 instructions but how busy the device is kept. Small batches
 are bound by kernel launches (eager BERT-base takes ~4-5 ms at batch 1 on an H200 whatever the
-precision), so CUDA graphs (`torch-compile` on a GPU: mode "reduce-overhead" over shape buckets)
+precision), so CUDA graphs (`torch-compile` on a GPU: one captured graph per shape bucket)
 are proposed beside eager; big batches are bound by the matmuls, so fp16 and bf16 (tensor
 cores) are proposed beside fp32, and by what crosses to the host, so a sentence encoder pools
 inside the model (its token vectors are 128x the embedding at 128 tokens). bf16 needs compute
