@@ -13,11 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mahir.export.conversions import Conversion
 from mahir.measure import MeasureConfig
 from mahir.model import Model, default_model_folder, load_model
 from mahir.report.html import render_html
 from mahir.search.bench import BenchConfig, benchmark
 from mahir.search.optimize import OptimizeConfig, optimize
+from mahir.types import Artifact
 from tests import models
 
 pytestmark = pytest.mark.usefixtures("short_rungs")  # what is timed matters, not how long
@@ -158,6 +160,27 @@ def source(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Model, str, 
     return load_model(make(folder)), family, baseline
 
 
+@pytest.fixture
+def convert_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each conversion of one source (torch -> ONNX, ONNX -> OpenVINO IR) runs once per test:
+    the optimize after the bench opens the files the bench's conversions made and verified,
+    as one builder shares them between recipes. The export is most of a tiny model's time and
+    was done twice for the same module; bench still exports for real, and optimize still
+    builds, checks and times on what was exported."""
+    made: dict[tuple[object, ...], Artifact] = {}
+    real = Conversion.run
+
+    def run(self: Conversion, model: Model, source: Artifact, folder: Path) -> Artifact:
+        origin = id(source.module) if source.module is not None else source.path
+        key = (self.source, self.target, self.direct, origin)
+        if key not in made:
+            made[key] = real(self, model, source, folder)
+        return made[key]
+
+    monkeypatch.setattr(Conversion, "run", run)
+
+
+@pytest.mark.usefixtures("convert_once")
 def test_bench_and_optimize_end_with_a_winner_on_the_right_baseline(
     source: tuple[Model, str, str], tmp_path: Path
 ) -> None:
