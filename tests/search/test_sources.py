@@ -127,16 +127,13 @@ def two_inputs(folder: Path) -> str:
     return f"{TESTS / 'models.py'}:regressor"
 
 
-def vit(folder: Path) -> str:
-    return str(models.vit_folder(folder))
-
-
 def resnet(folder: Path) -> str:
     return str(models.resnet_folder(folder))
 
 
 # An ONNX file exported from a torch model: tests/export/test_onnx_source.py (bench, optimize,
-# and optimize through the command, on the same session's export).
+# and optimize through the command, on the same session's export). A ViT image classifier:
+# tests/families/test_vision.py (bench on every runtime, optimize through the command).
 SOURCES: dict[str, tuple[Callable[[Path], str], str, str]] = {
     # name: (how to make it, its family, its baseline runtime)
     "hand-built onnx": (hand_built_onnx, "tensor", "onnxruntime"),
@@ -147,7 +144,6 @@ SOURCES: dict[str, tuple[Callable[[Path], str], str, str]] = {
     "sequence classifier": (classifier, "text", "torch"),
     "factory cnn": (cnn, "tensor", "torch"),
     "two-input module": (two_inputs, "tensor", "torch"),
-    "vit": (vit, "vision", "torch"),
     "resnet": (resnet, "vision", "torch"),
 }
 
