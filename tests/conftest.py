@@ -113,11 +113,13 @@ def minilm_ir(
 
 
 @pytest.fixture(scope="session")
-def served_dir(minilm: Model, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The default model, fp32 on ONNX Runtime, as an output directory (served read-only)."""
+def served_dir(minilm: Model, minilm_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default model, fp32 on ONNX Runtime, as an output directory (served read-only),
+    around the session's export of it."""
     from tests.helpers import fp32_output_dir
 
-    return fp32_output_dir(minilm, tmp_path_factory.mktemp("served"))
+    onnx = Artifact("onnx", minilm.spec, path=minilm_onnx)
+    return fp32_output_dir(minilm, tmp_path_factory.mktemp("served"), artifact=onnx)
 
 
 @pytest.fixture(scope="session")
@@ -129,17 +131,15 @@ def served_vit_dir(vit: Model, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 
 @pytest.fixture(scope="session")
-def served_openvino_dir(minilm: Model, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The default model, fp32 on OpenVINO, as an output directory (served read-only)."""
-    from mahir.recipe import Recipe
-    from mahir.search.apply import apply_recipe, write_output_dir
+def served_openvino_dir(
+    minilm: Model, minilm_ir: Artifact, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """The default model, fp32 on OpenVINO, as an output directory (served read-only), around
+    the session's OpenVINO IR of it."""
+    from tests.helpers import fp32_output_dir
 
     work = tmp_path_factory.mktemp("served-openvino")
-    applied = apply_recipe(
-        minilm, Recipe((), "openvino"), work / "w", calibration=(), evaluation=()
-    )
-    write_output_dir(minilm, applied, work / "out")
-    return work / "out"
+    return fp32_output_dir(minilm, work, artifact=minilm_ir, runtime="openvino")
 
 
 @pytest.fixture(scope="session")

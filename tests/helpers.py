@@ -17,15 +17,28 @@ from pathlib import Path
 import httpx
 
 from mahir.model import Model
+from mahir.quality import fidelity
 from mahir.recipe import Recipe
-from mahir.search.apply import apply_recipe, write_output_dir
+from mahir.runtimes import open_session, reference_outputs
+from mahir.search.apply import Applied, apply_recipe, write_output_dir
+from mahir.types import Artifact
 
 
-def fp32_output_dir(model: Model, work: Path) -> Path:
-    """`model`, fp32 on ONNX Runtime, as an output directory (what `mahir serve` and the
-    exports take), written under `work`."""
-    recipe = Recipe((), "onnxruntime")
-    applied = apply_recipe(model, recipe, work / "w", calibration=(), evaluation=())
+def fp32_output_dir(
+    model: Model, work: Path, *, artifact: Artifact | None = None, runtime: str = "onnxruntime"
+) -> Path:
+    """`model`, fp32 on `runtime`, as an output directory (what `mahir serve` and the exports
+    take), written under `work`: built by `apply_recipe`, or around `artifact` (an export the
+    session already made and verified) with the fidelity apply would record, on the
+    verification shapes."""
+    recipe = Recipe((), runtime)
+    if artifact is None:
+        applied = apply_recipe(model, recipe, work / "w", calibration=(), evaluation=())
+    else:
+        batches = model.family.verification_batches()
+        session = open_session(runtime, artifact, recipe.options)
+        quality = fidelity(model, session, batches, reference_outputs(model, batches))
+        applied = Applied(artifact, recipe, quality)
     write_output_dir(model, applied, work / "out")
     return work / "out"
 

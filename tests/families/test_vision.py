@@ -205,8 +205,9 @@ def test_triton_export_carries_the_processor_for_the_client(
 
 
 def test_optimize_a_vision_model_through_the_command(vit_folder: Path, tmp_path: Path) -> None:
-    """On an image classifier folder the baseline is PyTorch eager, and the winner's directory
-    reopens as the vision family."""
+    """On an image classifier folder the baseline is PyTorch eager, both candidates are built,
+    checked and timed, and the winner's directory reopens as the vision family. (ResNet's
+    optimize, through the API: tests/search/test_sources.py.)"""
     out = tmp_path / "out"
     found = mahir(
         "optimize", str(vit_folder), "--only", "onnxruntime",
@@ -217,6 +218,9 @@ def test_optimize_a_vision_model_through_the_command(vit_folder: Path, tmp_path:
     assert report["baseline"] == "torch"
     assert report["best"] in ("torch", "onnxruntime")
     assert report["model"]["family"] == "vision"
+    statuses = {c["id"]: c["status"] for c in report["candidates"]}
+    assert (statuses["torch"], statuses["onnxruntime"]) == ("ok", "ok"), statuses
+    assert "over PyTorch eager fp32" in (out / "report.html").read_text()
     assert "- torch: The baseline every speedup is measured against" in found.stdout
     assert "PyTorch eager fp32" in found.stdout
     opened = open_output_dir(out)

@@ -5,6 +5,7 @@ already meets needs no float node, and one no mix can meet raises `Unsupported`.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import onnx
 import pytest
 
 from mahir.errors import Unsupported
+from mahir.export.conversions import convert
 from mahir.model import Model
 from mahir.passes import PassContext, run_pass
 from mahir.passes.fallback import AccuracyAwareInt8
@@ -66,6 +68,24 @@ def check_step(step: dict[str, Any], config: AccuracyAwareInt8) -> None:
         assert speed["float_cost"] > 0
 
 
+Exported = Callable[[Model], Artifact]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Exported:
+    """model -> its torch original exported to ONNX, once for the module: the pass would
+    export it first, the same way, on every run (the pass never writes to its input)."""
+    made: dict[str, Artifact] = {}
+
+    def onnx_of(model: Model) -> Artifact:
+        if model.name not in made:
+            folder = tmp_path_factory.mktemp(f"{model.name}-onnx")
+            made[model.name] = convert(model, model.original(), ("onnx",), folder)
+        return made[model.name]
+
+    return onnx_of
+
+
 @pytest.mark.slow
 def test_static_int8_of_minilm_meets_the_budget(
     minilm: Model,
@@ -97,11 +117,11 @@ def test_static_int8_of_minilm_meets_the_budget(
     ("model_name", "mode"), [("mlp", "static"), ("cnn", "static"), ("mlp", "dynamic")]
 )
 def test_a_budget_int8_meets_keeps_every_node_int8(
-    model_name: str, mode: str, request: pytest.FixtureRequest, tmp_path: Path
+    model_name: str, mode: str, request: pytest.FixtureRequest, exported: Exported, tmp_path: Path
 ) -> None:
     model: Model = request.getfixturevalue(model_name)
     config = AccuracyAwareInt8(mode=mode)  # type: ignore[arg-type]
-    artifact = _run(model, config, tmp_path)
+    artifact = _run(model, exported(model), config, tmp_path)
     step = artifact.meta["steps"][-1]
     check_step(step, config)
     assert step["float_nodes"] == []
@@ -123,11 +143,11 @@ TIGHT = {
 
 @pytest.mark.parametrize("model_name", ["mlp", "cnn"])
 def test_a_tight_budget_keeps_the_most_sensitive_nodes_float(
-    model_name: str, request: pytest.FixtureRequest, tmp_path: Path
+    model_name: str, request: pytest.FixtureRequest, exported: Exported, tmp_path: Path
 ) -> None:
     model: Model = request.getfixturevalue(model_name)
     config = TIGHT[model_name]
-    artifact = _run(model, config, tmp_path)
+    artifact = _run(model, exported(model), config, tmp_path)
     step = artifact.meta["steps"][-1]
     check_step(step, config)
     assert step["fidelity_int8"]["cosine_worst"] < config.min_cosine_worst
@@ -145,6 +165,7 @@ def test_an_unreachable_budget_is_unsupported(
     minilm_onnx: Path,
     minilm_calibration: tuple[Batch, ...],
     mlp: Model,
+    exported: Exported,
     tmp_path: Path,
 ) -> None:
     source = Artifact("onnx", minilm.spec, path=minilm_onnx)
@@ -154,7 +175,7 @@ def test_an_unreachable_budget_is_unsupported(
     # The fp32 model meets it, but not with at most one of the three layers float.
     tight = AccuracyAwareInt8(min_cosine_mean=0.999999, min_cosine_worst=0.99999, max_float=0.4)
     with pytest.raises(Unsupported, match=r"with 1 of 3 quantized nodes float \(max_float 0.4"):
-        _run(mlp, tight, tmp_path / "mlp")
+        _run(mlp, exported(mlp), tight, tmp_path / "mlp")
     with pytest.raises(Unsupported, match="needs calibration inputs"):
         run_pass(source, AccuracyAwareInt8(), PassContext(model=minilm, workdir=tmp_path / "no"))
 
@@ -174,11 +195,11 @@ def test_invalid_configs_raise(field: str, value: object, message: str) -> None:
         AccuracyAwareInt8(**{field: value})  # type: ignore[arg-type]
 
 
-def _run(model: Model, config: AccuracyAwareInt8, workdir: Path) -> Artifact:
-    """The pass on a small model's torch original (exported to ONNX first)."""
+def _run(model: Model, onnx: Artifact, config: AccuracyAwareInt8, workdir: Path) -> Artifact:
+    """The pass on a small model's ONNX export of its torch original."""
     calibration = tuple(model.family.workload([8], batches_per_size=4).batches[8])
     ctx = PassContext(model=model, workdir=workdir, calibration=calibration)
-    return run_pass(model.original(), config, ctx)
+    return run_pass(onnx, config, ctx)
 
 
 def _held_out(model: Model, artifact: Artifact) -> OutputFidelity:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mahir.serve.loadtest import LoadConfig, LoadResult, TooManyErrors
-from tests.helpers import mahir as run_mahir
+from tests.helpers import cli
 
 
 def test_a_dead_url_fails_the_run_and_says_why(tmp_path: Path) -> None:
@@ -19,7 +19,7 @@ def test_a_dead_url_fails_the_run_and_says_why(tmp_path: Path) -> None:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
     out = tmp_path / "load.json"
-    done = run_mahir(
+    done = cli(
         "loadtest", f"http://127.0.0.1:{port}", "--concurrency", "2", "--requests", "20",
         "--json", str(out),
     )  # fmt: skip

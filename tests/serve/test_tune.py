@@ -22,14 +22,16 @@ from mahir.serve.batcher import BatcherConfig
 from mahir.serve.served import ServeConfig
 from mahir.serve.tune import TUNED, Trial, TuneConfig, TuneResult, settings, tune_batching
 from mahir.serve.tuned import MIN_SECONDS, fit, with_batching
-from tests.helpers import Server, cli, fp32_output_dir
+from tests.helpers import Server, cli
 
 QUICK = {"seconds": 0.2, "concurrency": 8, "batch_sizes": (1, 8), "delays_ms": (0.0, 2.0)}
 
 
 @pytest.fixture(scope="module")
-def mlp_dir(mlp: Model, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return fp32_output_dir(mlp, tmp_path_factory.mktemp("tune"))
+def mlp_dir(served_mlp_dir: Path) -> Path:
+    """The session's fp32 MLP directory: tune_batching only reads it, and the tests that let
+    a tuner write into mahir.json copy it first."""
+    return served_mlp_dir
 
 
 def tune(folder: Path, config: TuneConfig) -> TuneResult:
