@@ -1,9 +1,10 @@
 """Shape buckets: run every batch at one of a few fixed shapes.
 
 A CUDA graph replays one recorded shape, so each new shape is a new capture: under real traffic
-(any batch size, any sentence length) that is a capture per request and memory without end. `Buckets` pads each batch up to the next bucket, rows to a power
-of two and sequences to the next of a short ladder of lengths, runs it, and cuts the outputs back:
-a handful of graphs cover all traffic, at the price of computing some padding.
+(any batch size, any sentence length) that is a capture per request and memory without end.
+`Buckets` pads each batch up to the next bucket, rows to a power of two and sequences to the
+next of a short ladder of lengths, runs it, and cuts the outputs back: a handful of graphs cover
+all traffic, at the price of computing some padding.
 
 Padding follows the batcher's convention: sequence inputs (axis 1) are zero-padded, which the
 attention mask hides, and rows are padded by repeating the last real row, which every model
