@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mahir.errors import RuntimeFailure, first_line
+from mahir.errors import BadInput, RuntimeFailure, first_line
 from mahir.types import Device, Inputs, Outputs
 
 WARMUP_RUNS = 3
@@ -85,11 +85,16 @@ class CudaGraphs:
             graph = torch.cuda.CUDAGraph()
             try:
                 with torch.cuda.graph(graph, pool=self._pool, stream=stream):
-                    outputs = tuple(self._module(**static))
+                    outputs = self._module(**static)
             except RuntimeError as err:  # a host synchronisation inside the model, most often
                 raise RuntimeFailure(
                     f"cannot capture this model as a CUDA graph: {first_line(err)}; use 'torch'"
                 ) from err
+        if not isinstance(outputs, tuple) or len(outputs) != len(self._names):
+            raise BadInput(
+                f"the module returned {type(outputs).__name__}, not a tuple of "
+                f"{len(self._names)} tensors {self._names}; wrap it in mahir.modules.TupleOutputs"
+            )
         captured = _Graph(
             graph,
             static,
