@@ -17,7 +17,7 @@ from typing import Any
 from mahir.errors import BadInput
 from mahir.families import Family, open_family
 from mahir.files import write_text_atomically
-from mahir.runtimes import open_session
+from mahir.runtimes import RUNTIMES, get_runtime, open_session
 from mahir.types import Artifact, InputSpec, RuntimeOptions, Session, TensorSpec
 
 MANIFEST = "mahir.json"
@@ -76,8 +76,10 @@ def read_artifact(out: Path, manifest: dict[str, Any]) -> Artifact:
         raise BadInput(f"{out / MANIFEST} is damaged ({err}): write the directory again") from err
 
 
-def open_output_dir(out: Path) -> OutputDir:
-    """Open the artifact on the runtime and settings the manifest names, with its tokenizer."""
+def open_output_dir(out: Path, *, workers: int = 1) -> OutputDir:
+    """Open the artifact on the runtime and settings the manifest names, with its tokenizer.
+    `workers`: batches the session will run at once (a server's); a runtime that runs one at a
+    time refuses more, in one line."""
     manifest = read_manifest(out)
     artifact = read_artifact(out, manifest)
     try:
@@ -86,9 +88,15 @@ def open_output_dir(out: Path) -> OutputDir:
         family = open_family(manifest.get("family"), artifact.spec, out, manifest)
     except (KeyError, TypeError, ValueError, BadInput) as err:
         raise BadInput(f"{out / MANIFEST} is damaged ({err}): write the directory again") from err
+    if workers > 1 and not get_runtime(runtime).concurrent:
+        able = ", ".join(name for name, r in RUNTIMES.items() if r.concurrent)
+        raise BadInput(
+            f"--workers {workers}: {runtime} runs one batch at a time; serve this directory with "
+            f"--workers 1, or write one for {able}"
+        )
     return OutputDir(
         name=model_name(manifest, out),
-        session=open_session(runtime, artifact, options),
+        session=open_session(runtime, artifact, options.for_workers(workers)),
         spec=artifact.spec,
         manifest=manifest,
         family=family,

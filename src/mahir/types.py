@@ -6,6 +6,7 @@ Everything above the runtimes (measurement, quality, search, serving) sees a mod
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -187,8 +188,13 @@ class OpenVinoOptions:
     precision: Literal["f32", "bf16", "f16"] | None = "f32"
     """INFERENCE_PRECISION_HINT. None lets OpenVINO choose, and it picks bf16 on CPUs with bf16
     instructions (avx512_bf16 or AMX): an "fp32" model is then not run in fp32."""
+    streams: int | None = None
+    """NUM_STREAMS: batches the CPU plugin runs at once, the threads split among them (a server
+    with that many workers); None: what the hint implies."""
 
     def __post_init__(self) -> None:
+        if self.streams is not None and (not isinstance(self.streams, int) or self.streams < 1):
+            raise ValueError(f"OpenVINO streams must be an integer >= 1, got {self.streams!r}")
         if self.hint not in ("latency", "throughput"):
             raise ValueError(f"the OpenVINO hint is latency or throughput, got {self.hint!r}")
         if self.precision not in ("f32", "bf16", "f16", None):
@@ -224,8 +230,18 @@ class RuntimeOptions:
         return {
             "threads": self.threads,
             "device": str(self.device),
-            "openvino": {"hint": self.openvino.hint, "precision": self.openvino.precision},
+            "openvino": {"hint": self.openvino.hint, "precision": self.openvino.precision}
+            | ({"streams": self.openvino.streams} if self.openvino.streams else {}),
         }
+
+    def for_workers(self, workers: int) -> RuntimeOptions:
+        """These options for a session that runs `workers` batches at once: OpenVINO compiles that
+        many streams; the other runtimes that can run concurrently need nothing."""
+        if workers == 1:
+            return self
+        return dataclasses.replace(
+            self, openvino=dataclasses.replace(self.openvino, streams=workers)
+        )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> RuntimeOptions:
@@ -242,7 +258,7 @@ class RuntimeOptions:
             if old in shared:
                 openvino.setdefault(new, shared.pop(old))
         _refuse_unknown(shared, ("threads", "device", "openvino"), "runtime option")
-        _refuse_unknown(openvino, ("hint", "precision"), "OpenVINO option")
+        _refuse_unknown(openvino, ("hint", "precision", "streams"), "OpenVINO option")
         device = shared.get("device", "cpu")
         if not isinstance(device, str):
             raise BadInput(f"unknown device {device!r}: {_DEVICE_HELP}")

@@ -340,3 +340,35 @@ def test_the_parts_of_a_request_left_waiting_are_dropped_once_one_fails() -> Non
 
     run(main())
     assert len(session.calls) <= 3  # not the 10 parts
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_workers_run_that_many_batches_at_once_and_each_answer_stays_its_own(
+    workers: int,
+) -> None:
+    """Two held batches: with one worker the second waits for the first; with two both start.
+    Every answer is still its own request's rows."""
+    import threading
+
+    async def main() -> tuple[int, list[Outputs]]:
+        gate = threading.Event()
+        session = FakeEncoder(gate)
+        b = batcher(session, max_batch_size=1, workers=workers)
+        b.start()
+        first = asyncio.ensure_future(b.submit(request(1, 3)))
+        await until(lambda: len(session.started) == 1)
+        second = asyncio.ensure_future(b.submit(request(2, 5)))
+        if workers == 2:
+            await until(lambda: len(session.started) == 2)
+        else:  # the second is queued behind the held first
+            await until(lambda: b.depth == 1)
+        started = len(session.started)
+        gate.set()
+        results = [await first, await second]
+        await b.stop()
+        return started, results
+
+    started, results = run(main())
+    assert started == workers
+    assert results[0]["tokens"][0, :, 0].tolist() == [2, 2, 2]
+    assert results[1]["tokens"][0, :, 0].tolist() == [4] * 5

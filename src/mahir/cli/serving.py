@@ -54,6 +54,13 @@ def serve(
         int,
         typer.Option(help="Waiting items at most; then 503 (a request holding more alone: 413)."),
     ] = 1024,
+    workers: Annotated[
+        int,
+        typer.Option(
+            help="Batches run at once, on that many OpenVINO streams (openvino and onnxruntime "
+            "directories; the cores are split among them)."
+        ),
+    ] = 1,
     timeout_ms: Annotated[
         float, typer.Option(help="A request not started by then gets 504.")
     ] = 30_000.0,
@@ -136,6 +143,7 @@ def serve(
                 max_batch_tokens=max_batch_tokens,
                 max_queue=max_queue,
                 timeout_ms=timeout_ms,
+                workers=workers,
                 **explicit,  # type: ignore[arg-type]
             )
             tuning = None
@@ -225,12 +233,12 @@ def _run_serve(
         with tempfile.TemporaryDirectory(prefix="mahir-serve-") as tmp:
             out = Path(tmp) / "out"
             _write_plain(source, out)
-            opened = open_output_dir(out)
+            opened = open_output_dir(out, workers=config.batcher.workers)
         _announce(opened.name, config)
         run_server(opened, config)
         return
     if scale is None:
-        served = open_output_dir(folder)
+        served = open_output_dir(folder, workers=config.batcher.workers)
         if tuning is not None:
             served.manifest["batching"] = tune_and_record(folder, served, config.batcher, tuning)
         config = recorded_batching(config, served.manifest.get("batching"), explicit)

@@ -52,6 +52,8 @@ class Runtime:
     devices: tuple[str, ...] = ("cpu",)
     """Device kinds (`Device.kind`) it runs on."""
     package: str = "torch"
+    concurrent: bool = False
+    """Whether one session runs batches from several threads at once (a server's workers)."""
     """The package it imports (module and pip name alike): a machine may lack it (a GPU
     machine without OpenVINO), and then the runtime is left out, not crashed into."""
 
@@ -100,10 +102,20 @@ RUNTIMES: dict[str, Runtime] = {
         devices=("cpu", "cuda"),
     ),
     "onnxruntime": Runtime(
-        "onnxruntime", ("onnx",), _onnxruntime, "ONNX Runtime, CPU provider", package="onnxruntime"
+        "onnxruntime",
+        ("onnx",),
+        _onnxruntime,
+        "ONNX Runtime, CPU provider",
+        package="onnxruntime",
+        concurrent=True,  # InferenceSession.run is thread-safe
     ),
     "openvino": Runtime(
-        "openvino", ("openvino", "onnx"), _openvino, "OpenVINO, CPU plugin", package="openvino"
+        "openvino",
+        ("openvino", "onnx"),
+        _openvino,
+        "OpenVINO, CPU plugin",
+        package="openvino",
+        concurrent=True,  # an infer request per thread, one stream each
     ),
 }
 

@@ -2,7 +2,8 @@
 stay dynamic. The precision is pinned to `OpenVinoOptions.precision` (f32 by default),
 because left to itself OpenVINO runs bf16 on CPUs that support it and an "fp32" result would
 silently not be fp32; `describe()` reads back the precision the compiled model actually uses.
-One infer request serves every call, so a session runs one batch at a time; it reuses its output
+Each calling thread gets its own infer request, so a session compiled with N streams
+(`OpenVinoOptions.streams`) runs the batches of N threads at once; a request reuses its output
 buffers on the next call, so results are copied out, and it keeps the last inputs, so every
 input must be given on every call. A call that raised is followed by a recovery (`_recover`)
 before `run` raises: the CPU plugin can otherwise keep failing valid inputs afterwards.
@@ -10,6 +11,7 @@ before `run` raises: the CPU plugin can otherwise keep failing valid inputs afte
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ class OpenVINOSession:
     ) -> None:
         self._compile = compile_model
         self._compiled = compiled = compile_model()
-        self._request = compiled.create_infer_request()
+        self._local = threading.local()
         self._probes = _probes(compiled)
         self._signature: Signature = {
             port.get_any_name(): _dims(port.get_partial_shape()) for port in compiled.inputs
@@ -48,13 +50,20 @@ class OpenVINOSession:
             raise input_error(self._signature, inputs)
         try:
             # share_outputs=False: OpenVINO copies the results out of buffers the next call reuses
-            results = self._request.infer(dict(inputs), share_inputs=True, share_outputs=False)
+            results = self._request().infer(dict(inputs), share_inputs=True, share_outputs=False)
         except Exception as err:  # OpenVINO raises RuntimeError for bad shapes and failures alike
             self._recover()
             if not inputs_fit(self._signature, inputs):
                 raise input_error(self._signature, inputs) from err
             raise RuntimeFailure(f"OpenVINO failed: {_reason(err)}") from err
         return {name: results[port] for name, port in self._outputs}
+
+    def _request(self) -> ov.InferRequest:
+        """This thread's infer request, made on its first call (from the model compiled now)."""
+        local = self._local
+        if getattr(local, "compiled", None) is not self._compiled:
+            local.compiled, local.request = self._compiled, self._compiled.create_infer_request()
+        return local.request
 
     def _recover(self) -> None:
         """After a failed call the CPU plugin keeps failing every call of the sequence length
@@ -64,12 +73,11 @@ class OpenVINOSession:
         compiled afresh."""
         for probe in self._probes:
             try:
-                self._request.infer(probe)
+                self._request().infer(probe)
                 return
             except Exception:  # this probe's shape does not suit the model: try the next
                 continue
-        self._compiled = self._compile()
-        self._request = self._compiled.create_infer_request()
+        self._compiled = self._compile()  # every thread's next call makes a request from it
 
     def describe(self) -> dict[str, Any]:
         compiled = self._compiled
@@ -95,6 +103,8 @@ def open_session(artifact: Artifact, options: RuntimeOptions) -> OpenVINOSession
     }
     if options.openvino.precision is not None:
         config["INFERENCE_PRECISION_HINT"] = options.openvino.precision
+    if options.openvino.streams is not None:
+        config["NUM_STREAMS"] = options.openvino.streams
     core = ov.Core()
     try:
         model = core.read_model(str(path))

@@ -12,7 +12,8 @@ when its oldest request has waited `max_delay_ms` (default 0: as soon as the wor
 Waiting pays only while company comes: once a wait ended with its request still alone, lone
 requests start at once, until two or more are seen waiting together again; so a tuned delay
 costs nothing at low load (a closed loop of one client never waits).
-Inference runs on one worker thread, off the event loop, while the next batch gathers. The
+Inference runs on worker threads, off the event loop, while the next batch gathers: one by
+default; `workers` batches at once where the session runs several (OpenVINO streams). The
 queue is bounded in items, not requests: a request is admitted whole or not at all, and one that
 does not fit now is refused at once (`Overloaded`), never queued into a timeout; one that could
 never fit (more items than the queue holds, or a part with more rows than a batch) is refused as
@@ -62,9 +63,12 @@ class BatcherConfig:
     """A request not started within this is answered with DeadlineExceeded."""
     group_by_length: bool = True
     """Fill batches with the requests closest in length to the oldest; False: arrival order."""
+    workers: int = 1
+    """Batches running at once, each on its own thread: for a session that runs several
+    (`Runtime.concurrent`), e.g. OpenVINO with that many streams."""
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_batch_tokens", "max_queue"):
+        for name in ("max_batch_size", "max_batch_tokens", "max_queue", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_delay_ms < 0 or self.timeout_ms <= 0 or self.max_padding < 0:
@@ -112,7 +116,10 @@ class Batcher:
         self.healthy = True
         """False while the session fails its probe after an error: readiness says so."""
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mahir-infer")
+        workers = self.config.workers
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mahir-infer")
+        self._free = asyncio.Semaphore(workers)
+        self._running: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._alone = False
@@ -132,6 +139,8 @@ class Batcher:
         self._wakeup.set()
         if self._task is not None:
             await self._task
+        if self._running:
+            await asyncio.gather(*self._running)
         self._executor.shutdown(wait=True)
 
     async def submit(self, inputs: Inputs) -> Outputs:
@@ -213,9 +222,18 @@ class Batcher:
                 continue
             if self.config.max_delay_ms > 0 and lone:
                 self._alone = True
+            await self._free.acquire()  # a worker is free: the batch is taken now, not before
             batch = self._take_batch()
-            if batch:
-                await self._execute(batch)
+            if not batch:
+                self._free.release()
+                continue
+            task = asyncio.get_running_loop().create_task(self._execute(batch))
+            self._running.add(task)
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._free.release()
 
     def _take_batch(self) -> list[_Request]:
         """The oldest live request plus the closest in length that fit; drops dead ones."""

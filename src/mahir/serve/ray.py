@@ -72,7 +72,7 @@ class MahirReplica:
     def __init__(self, folder: str, config: ServeConfig) -> None:
         from mahir.outdir import open_output_dir
 
-        self._opened = open_output_dir(Path(folder))
+        self._opened = open_output_dir(Path(folder), workers=config.batcher.workers)
         self._config = config
 
     def __serve_build_asgi_app__(self) -> Any:
