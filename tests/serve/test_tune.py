@@ -70,6 +70,25 @@ def test_batch_sizes_past_the_concurrency_and_padding_for_tensor_models_are_not_
     assert len(text) == 1 + 2 * (len(tensor) - 1)
 
 
+def test_workers_are_tuned_on_sessions_that_run_that_many_batches(mlp_dir: Path) -> None:
+    config = TuneConfig(p99_ms=10_000, workers=(1, 2), **QUICK)  # type: ignore[arg-type]
+    grid = settings(BatcherConfig(), config, text=False)
+    assert sorted((s.workers, s.max_batch_size) for s in grid if s.max_delay_ms == 0) == [
+        (1, 1),
+        (1, 8),
+        (2, 1),
+        (2, 8),
+    ]
+    opened = open_output_dir(mlp_dir)
+    with pytest.raises(ValueError, match=r"no session to tune \[2\] workers"):
+        asyncio.run(tune_batching(opened, config))
+    two = open_output_dir(mlp_dir, workers=2).session  # ONNX Runtime: concurrent runs
+    result = asyncio.run(tune_batching(opened, config, sessions={2: two}))
+    assert {t.config.workers for t in result.trials} == {1, 2}
+    assert all(t.requests > 0 for t in result.trials)
+    assert result.record()["workers"] in (1, 2)
+
+
 def test_without_a_bound_the_choice_keeps_batch_1s_own_tail() -> None:
     def trial(size: int, requests: int, p99: float) -> Trial:
         return Trial(BatcherConfig(max_batch_size=size), 1.0, (1.0,) * 99 + (p99,) * requests)
@@ -96,6 +115,7 @@ def test_serve_tune_records_its_choice_and_serves_with_it(mlp_dir: Path, tmp_pat
         assert server.stop() == 0
     assert recorded["max_batch_size"] in (1, 4, 8)  # the grid, capped at the concurrency
     assert recorded["tuned_by"] == "serve"
+    assert recorded["workers"] in (1, 2)  # ONNX Runtime runs batches at once: both tried
     assert served["max_batch_size"] == recorded["max_batch_size"]
     delay_us = served["dynamic_batching"]["max_queue_delay_microseconds"]
     assert delay_us == int(recorded["max_delay_ms"] * 1000)

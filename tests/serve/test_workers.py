@@ -17,6 +17,9 @@ from mahir.outdir import open_output_dir
 from mahir.recipe import Recipe
 from mahir.runtimes import open_session
 from mahir.search.apply import apply_recipe, write_output_dir
+from mahir.serve.batcher import BatcherConfig
+from mahir.serve.tune import TuneConfig
+from mahir.serve.tuned import tune_and_record
 from mahir.types import Artifact, OpenVinoOptions, RuntimeOptions
 from tests.helpers import Server
 
@@ -71,11 +74,16 @@ def test_mahir_serve_with_two_workers_answers_every_request_with_its_own_vector(
     assert len({v.tobytes() for v in vectors}) == len(texts)  # no answer went to another request
 
 
-def test_workers_are_refused_for_a_runtime_that_runs_one_batch_at_a_time(
+def test_a_runtime_that_runs_one_batch_at_a_time_refuses_workers_and_tunes_without(
     mlp: Model, tmp_path: Path
 ) -> None:
     applied = apply_recipe(mlp, Recipe((), "torch"), tmp_path / "w", calibration=(), evaluation=())
     write_output_dir(mlp, applied, tmp_path / "out")
     with pytest.raises(BadInput, match=r"--workers 2: torch runs one batch at a time"):
         open_output_dir(tmp_path / "out", workers=2)
-    assert open_output_dir(tmp_path / "out").session.runtime == "torch"
+    opened = open_output_dir(tmp_path / "out")
+    assert opened.session.runtime == "torch"
+    tuning = TuneConfig(10_000, seconds=0.1, concurrency=4, batch_sizes=(1, 4), workers=(1, 2))
+    result, record = tune_and_record(tmp_path / "out", opened, BatcherConfig(), tuning)
+    assert {t.config.workers for t in result.trials} == {1}  # one batch at a time: not tried
+    assert record["workers"] == 1

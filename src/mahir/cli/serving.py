@@ -55,12 +55,13 @@ def serve(
         typer.Option(help="Waiting items at most; then 503 (a request holding more alone: 413)."),
     ] = 1024,
     workers: Annotated[
-        int,
+        int | None,
         typer.Option(
-            help="Batches run at once, on that many OpenVINO streams (openvino and onnxruntime "
-            "directories; the cores are split among them)."
+            help="Batches run at once (openvino: on that many streams, the cores split among "
+            "them; onnxruntime: concurrent runs) \\[default: tuned, else 1].",
+            show_default=False,
         ),
-    ] = 1,
+    ] = None,
     timeout_ms: Annotated[
         float, typer.Option(help="A request not started by then gets 504.")
     ] = 30_000.0,
@@ -131,6 +132,7 @@ def serve(
         "max_batch_size": max_batch_size,
         "max_delay_ms": max_delay_ms,
         "max_padding": max_padding,
+        "workers": workers,
     }
     explicit = {name: value for name, value in given.items() if value is not None}
 
@@ -143,12 +145,16 @@ def serve(
                 max_batch_tokens=max_batch_tokens,
                 max_queue=max_queue,
                 timeout_ms=timeout_ms,
-                workers=workers,
                 **explicit,  # type: ignore[arg-type]
             )
             tuning = None
             if p99_ms is not None:
-                tuning = TuneConfig(p99_ms, concurrency=tune_concurrency, seconds=tune_seconds)
+                tuning = TuneConfig(
+                    p99_ms,
+                    concurrency=tune_concurrency,
+                    seconds=tune_seconds,
+                    workers=(1, 2),  # two only where the runtime runs batches at once
+                )
         except ValueError as err:
             raise BadInput(str(err)) from err
         config = ServeConfig(
@@ -237,17 +243,7 @@ def _run_serve(
         _announce(opened.name, config)
         run_server(opened, config)
         return
-    if scale is None:
-        served = open_output_dir(folder, workers=config.batcher.workers)
-        if tuning is not None:
-            served.manifest["batching"] = tune_and_record(folder, served, config.batcher, tuning)
-        config = recorded_batching(config, served.manifest.get("batching"), explicit)
-        _announce(served.name, config)
-        run_server(served, config)
-        return
-    from mahir.serve.ray import serve_ray
-
-    # Every replica opens the directory itself; here it is opened only to tune, if asked.
+    # The batching (workers too) is settled first: the session is opened for it.
     manifest = read_manifest(folder)
     if tuning is not None:
         manifest["batching"] = tune_and_record(
@@ -255,7 +251,12 @@ def _run_serve(
         )
     config = recorded_batching(config, manifest.get("batching"), explicit)
     _announce(model_name(manifest, folder), config)
-    serve_ray(folder, config, scale)
+    if scale is None:
+        run_server(open_output_dir(folder, workers=config.batcher.workers), config)
+        return
+    from mahir.serve.ray import serve_ray
+
+    serve_ray(folder, config, scale)  # every replica opens the directory itself
 
 
 def _announce(name: str, config: Any) -> None:

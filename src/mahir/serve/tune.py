@@ -21,7 +21,7 @@ import asyncio
 import dataclasses
 import itertools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -34,8 +34,9 @@ from mahir.hardware import detect
 from mahir.outdir import OutputDir
 from mahir.runtimes.buckets import token_outputs
 from mahir.serve.batcher import Batcher, BatcherConfig, Inputs
+from mahir.types import Session
 
-TUNED = ("max_batch_size", "max_delay_ms", "max_padding")
+TUNED = ("max_batch_size", "max_delay_ms", "max_padding", "workers")
 """The batcher settings the tuner chooses and `mahir.json` records."""
 
 
@@ -54,12 +55,17 @@ class TuneConfig:
     delays_ms: tuple[float, ...] = (0.0, 4.0)
     paddings: tuple[float, ...] = (0.5, 2.0)
     """`max_padding` values: for text models only (tensor models have nothing to pad)."""
+    workers: tuple[int, ...] = (1,)
+    """Worker counts (batches at once), each on a session that runs that many: given to
+    `tune_batching` as `sessions`."""
 
     def __post_init__(self) -> None:
         if self.p99_ms is not None and self.p99_ms <= 0:
             raise ValueError(f"--p99-ms must be > 0, got {self.p99_ms}")
         if self.p99_ms is None and 1 not in self.batch_sizes:
             raise ValueError("a tune without --p99-ms is bounded by batch 1: keep 1 in batch_sizes")
+        if 1 not in self.workers or min(self.workers) < 1:
+            raise ValueError(f"worker counts are >= 1 and include 1, got {self.workers}")
         if self.concurrency < 1 or self.seconds <= 0 or self.rounds < 1:
             raise ValueError("concurrency and rounds must be >= 1 and seconds > 0")
 
@@ -124,6 +130,7 @@ class TuneResult:
             "max_batch_size": best.config.max_batch_size,
             "max_delay_ms": best.config.max_delay_ms,
             "max_padding": best.config.max_padding,
+            "workers": best.config.workers,
             "p99_bound_ms": round(self.bound_ms, 2),
             "concurrency": self.config.concurrency,
             "throughput": round(best.throughput, 1),
@@ -137,7 +144,7 @@ class TuneResult:
     def __rich__(self) -> Table:
         best = self.best
         table = Table(title=f"batching at concurrency {self.config.concurrency}")
-        for column in ("batch", "delay ms", "padding", "req/s", "p50 ms", "p99 ms", ""):
+        for column in ("batch", "delay ms", "padding", "workers", "req/s", "p50 ms", "p99 ms", ""):
             table.add_column(column, justify="right")
         for t in sorted(self.trials, key=lambda t: -t.throughput):
             c, p99 = t.config, t.percentile(99)
@@ -146,6 +153,7 @@ class TuneResult:
                 str(c.max_batch_size),
                 f"{c.max_delay_ms:g}",
                 f"{c.max_padding:g}",
+                str(c.workers),
                 f"{t.throughput:.1f}",
                 f"{t.percentile(50):.2f}",
                 f"{p99:.2f}",
@@ -157,15 +165,16 @@ class TuneResult:
 
 
 def settings(base: BatcherConfig, config: TuneConfig, text: bool) -> list[BatcherConfig]:
-    """Every setting the tuner tries: batch sizes x delays (x paddings, for text). Batch 1 is
-    tried once: a batch that is full at one request neither waits nor pads."""
+    """Every setting the tuner tries: batch sizes x delays (x paddings, for text) x workers.
+    Batch 1 is tried once per worker count: a batch that is full at one request neither waits
+    nor pads."""
     sizes = [b for b in config.batch_sizes if b <= config.concurrency] or [config.concurrency]
     paddings = config.paddings if text else (base.max_padding,)
-    grid = itertools.product(sizes, config.delays_ms, paddings)
-    once = dict.fromkeys((b, d, p) if b > 1 else (1, 0.0, paddings[0]) for b, d, p in grid)
+    grid = itertools.product(config.workers, sizes, config.delays_ms, paddings)
+    once = dict.fromkeys((w, b, d, p) if b > 1 else (w, 1, 0.0, paddings[0]) for w, b, d, p in grid)
     return [
-        dataclasses.replace(base, max_batch_size=b, max_delay_ms=d, max_padding=p)
-        for b, d, p in once
+        dataclasses.replace(base, workers=w, max_batch_size=b, max_delay_ms=d, max_padding=p)
+        for w, b, d, p in once
     ]
 
 
@@ -182,9 +191,15 @@ async def tune_batching(
     *,
     base: BatcherConfig | None = None,
     on_trial: Callable[[int, int], None] = lambda done, total: None,
+    sessions: Mapping[int, Session] | None = None,
 ) -> TuneResult:
-    """Time every setting under the same load, interleaved in rounds; see the module note."""
+    """Time every setting under the same load, interleaved in rounds; see the module note.
+    A setting of N workers runs on `sessions[N]` (one worker: `opened.session`)."""
     sequence = opened.spec.sequence_inputs
+    on = {1: opened.session, **(sessions or {})}
+    lacking = sorted(set(config.workers) - set(on))
+    if lacking:
+        raise ValueError(f"no session to tune {lacking} workers on: give them in `sessions`")
     candidates = settings(base or BatcherConfig(), config, text=bool(sequence))
     cut = token_outputs(opened.session, opened.spec)
     requests = traffic(opened, 4 * config.concurrency)
@@ -194,7 +209,8 @@ async def tune_batching(
     total = len(candidates) * config.rounds
     for round_ in range(config.rounds):
         for i, setting in enumerate(candidates):
-            batcher = Batcher(opened.session, setting, sequence_inputs=sequence, token_outputs=cut)
+            session = on[setting.workers]
+            batcher = Batcher(session, setting, sequence_inputs=sequence, token_outputs=cut)
             warm = round_ == 0  # later rounds find the runtime warm at this setting's shapes
             latencies, took = await _closed_loop(
                 batcher, requests, config.concurrency, seconds, warm_up=warm

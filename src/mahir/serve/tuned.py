@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from mahir.hardware import detect
-from mahir.outdir import OutputDir, update_manifest
+from mahir.outdir import OutputDir, open_output_dir, update_manifest
+from mahir.runtimes import get_runtime
 from mahir.serve.batcher import BatcherConfig
 from mahir.serve.tune import TUNED, TuneConfig, TuneResult, settings, tune_batching
 
@@ -32,8 +33,14 @@ def tune_and_record(
     on_trial: Callable[[int, int], None] = lambda done, total: None,
 ) -> tuple[TuneResult, dict[str, Any]]:
     """Measure the batching and record the choice in `folder`'s mahir.json; the measurements
-    and the record."""
-    result = asyncio.run(tune_batching(opened, tuning, base=base, on_trial=on_trial))
+    and the record. More than one worker is tried only where the runtime runs batches at once,
+    each count on a session of the directory opened for it."""
+    if not get_runtime(opened.manifest["runtime"]).concurrent:
+        tuning = dataclasses.replace(tuning, workers=(1,))
+    sessions = {n: open_output_dir(folder, workers=n).session for n in tuning.workers if n > 1}
+    result = asyncio.run(
+        tune_batching(opened, tuning, base=base, on_trial=on_trial, sessions=sessions)
+    )
     record = result.record(tuned_by)
     update_manifest(folder, "batching", record)
     return result, record
