@@ -122,7 +122,7 @@ def test_help_shows_bracketed_text_that_rich_would_read_as_markup() -> None:
     result = cli("serve", "--help", env={"COLUMNS": "200"})
     assert result.returncode == 0
     assert "mahir[ray]" in result.stdout
-    assert result.stdout.count("[default: tuned") == 3
+    assert result.stdout.count("[default: tuned") == 4  # batch size, delay, padding, workers
 
 
 @pytest.mark.parametrize(
