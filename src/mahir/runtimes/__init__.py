@@ -52,10 +52,10 @@ class Runtime:
     devices: tuple[str, ...] = ("cpu",)
     """Device kinds (`Device.kind`) it runs on."""
     package: str = "torch"
-    concurrent: bool = False
-    """Whether one session runs batches from several threads at once (a server's workers)."""
     """The package it imports (module and pip name alike): a machine may lack it (a GPU
     machine without OpenVINO), and then the runtime is left out, not crashed into."""
+    concurrent: bool = False
+    """Whether one session runs batches from several threads at once (a server's workers)."""
 
     def missing(self) -> str | None:
         """The package to install before this runtime can run here, or None."""

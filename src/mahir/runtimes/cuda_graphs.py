@@ -25,6 +25,16 @@ import torch
 from mahir.errors import BadInput, RuntimeFailure, first_line
 from mahir.types import Device, Inputs, Outputs
 
+
+def check_returned(results: Any, names: tuple[str, ...]) -> None:
+    """Refuse, in one line, a module that does not return one tensor per output name."""
+    if not isinstance(results, tuple) or len(results) != len(names):
+        raise BadInput(
+            f"the module returned {type(results).__name__}, not a tuple of {len(names)} "
+            f"tensors {names}; wrap it in mahir.modules.TupleOutputs"
+        )
+
+
 WARMUP_RUNS = 3
 """Runs before a capture, on a side stream: compilation, autotuning and lazy allocations done."""
 
@@ -90,11 +100,7 @@ class CudaGraphs:
                 raise RuntimeFailure(
                     f"cannot capture this model as a CUDA graph: {first_line(err)}; use 'torch'"
                 ) from err
-        if not isinstance(outputs, tuple) or len(outputs) != len(self._names):
-            raise BadInput(
-                f"the module returned {type(outputs).__name__}, not a tuple of "
-                f"{len(self._names)} tensors {self._names}; wrap it in mahir.modules.TupleOutputs"
-            )
+        check_returned(outputs, self._names)
         captured = _Graph(
             graph,
             static,

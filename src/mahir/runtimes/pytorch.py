@@ -25,7 +25,7 @@ from mahir.errors import BadInput, MahirError, RuntimeFailure, Unsupported, firs
 from mahir.hardware import physical_cores
 from mahir.runtimes import Signature, input_error, inputs_fit
 from mahir.runtimes.buckets import Buckets
-from mahir.runtimes.cuda_graphs import CudaGraphs
+from mahir.runtimes.cuda_graphs import CudaGraphs, check_returned
 from mahir.types import CPU, Artifact, Device, Inputs, InputSpec, Outputs, RuntimeOptions, Session
 
 _PRECISIONS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
@@ -73,12 +73,7 @@ class TorchSession:
                 results = self._module(**tensors)
         except Exception as err:  # shape errors, compile failures on the first call, ...
             raise self._failure(err, inputs) from err
-        if not isinstance(results, tuple) or len(results) != len(self._outputs):
-            raise BadInput(
-                f"the module returned {type(results).__name__}, not a tuple of "
-                f"{len(self._outputs)} tensors {self._outputs}; wrap it in "
-                "mahir.modules.TupleOutputs"
-            )
+        check_returned(results, self._outputs)
         return dict(zip(self._outputs, self._to_host(results), strict=True))
 
     def describe(self) -> dict[str, Any]:
