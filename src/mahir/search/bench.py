@@ -198,7 +198,7 @@ def runnable_runtimes(
     """The runtimes to measure: those asked for, each refused with the reason if no conversion
     leads from this model's source to what it opens, it does not run on `device`, or its package
     is not installed; none asked: the defaults that can."""
-    missing = {name: r.missing() for name, r in RUNTIMES.items() if r.missing()}
+    missing = {name: package for name, r in RUNTIMES.items() if (package := r.missing())}
     absent = [
         f"{name} needs {missing[name]} (pip install {missing[name]})"
         for name in asked
