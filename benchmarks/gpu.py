@@ -9,9 +9,11 @@ the host, tokenization included).
 Stock anchors compute the sentence embedding on the GPU and copy it to the host: eager fp16 and
 bf16, `torch.compile` default and mode="reduce-overhead" (fp16), and for the variable-length
 workload sentence-transformers' `encode(batch_size=256)` in fp16. mahir's rows are its
-candidates as `optimize` proposes them for a sentence encoder on a GPU (`torch-compile` = CUDA
-graphs over shape buckets, and eager; pooled inside the model by `PoolInModel`, so only the
-embedding crosses to the host). Every variant is timed in the same
+candidates built and opened as `optimize --device cuda` builds them (`search/cuda.py`): CUDA
+graphs over shape buckets, packed sequences (no padding computed), fp8 matmuls, eager; pooled
+inside the model, so only the embedding crosses to the host. On the variable-length workload
+mahir goes through `mahir.embed` (tokenizing ahead while the GPU runs), and each of its rows
+carries its cosine to the fp32 original's embeddings. Every variant is timed in the same
 rounds, interleaved, each call synchronised; medians and ratios are reported.
 
 Usage: python -m benchmarks.gpu --tokenizer MINILM_FOLDER [--out results.json]
@@ -26,7 +28,6 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,16 +36,22 @@ import torch
 import transformers
 
 from benchmarks import gpu_sessions
-from mahir.families.text import TextEncoder, generate_sentences
+from mahir.embed import embed
+from mahir.families.text import TextEncoder
 from mahir.hardware import detect
-from mahir.modules import LowPrecision, PooledEmbedding, TupleOutputs
-from mahir.pooling import EMBEDDING, Pooling
+from mahir.model import Model, load_model
+from mahir.passes import PassContext, apply_steps
+from mahir.passes.pooling import PoolInModel
+from mahir.pooling import EMBEDDING
 from mahir.runtimes import open_session
+from mahir.search.cuda import cuda_entries
 from mahir.types import Artifact, Device, RuntimeOptions
 
-SPEC = replace(gpu_sessions.SPEC, max_sequence=512)
-MEAN = Pooling("mean", normalize=False)
 GPU = Device.parse("cuda")
+MAHIR = ("packed-fp16", "packed-bf16", "cuda-graphs-fp16", "cuda-graphs-bf16", "cuda-graphs-fp8")
+"""mahir's GPU candidates measured here, by their ids in `search/cuda.py`. fp8 runs the fixed
+shapes only: each new shape recompiles torchao's fp8 kernels (~10 s), and the variable-length
+workload meets dozens of shape buckets."""
 Call = Callable[[], Any]
 
 
@@ -53,6 +60,7 @@ def fixed_batch(size: int, tokens: int) -> dict[str, np.ndarray]:
     return {
         "input_ids": rng.integers(1000, 30000, (size, tokens)).astype(np.int64),
         "attention_mask": np.ones((size, tokens), np.int64),
+        "token_type_ids": np.zeros((size, tokens), np.int64),
     }
 
 
@@ -97,33 +105,33 @@ def timed(calls: dict[str, Call], rounds: int, per_round: int) -> dict[str, list
     return times
 
 
-def variants(bert: torch.nn.Module, with_compile: bool) -> dict[str, Callable[..., Any]]:
+def mahir_sessions(model: Model, workdir: Path) -> dict[str, Any]:
+    """mahir's candidates as `optimize --device cuda` builds and opens them."""
+    machine = detect()
+    ctx = PassContext(model=model, workdir=workdir, machine=machine)
+    sessions: dict[str, Any] = {}
+    for id_, _, recipe, left_out in cuda_entries(model, machine, GPU):
+        if id_ not in MAHIR:
+            continue
+        if left_out:
+            print(f"mahir {id_} left out: {left_out}", flush=True)
+            continue
+        artifact = apply_steps(model.original(), recipe.steps, ctx)
+        sessions[f"mahir {id_}"] = open_session(recipe.runtime, artifact, recipe.options)
+    return sessions
+
+
+def variants(
+    bert: torch.nn.Module, sessions: dict[str, Any], with_compile: bool
+) -> dict[str, Callable[..., Any]]:
     """The stock anchors and mahir's sessions for one model."""
     fp16 = copy.deepcopy(bert).half().cuda()
     bf16 = copy.deepcopy(bert).to(torch.bfloat16).cuda()
-    original = TupleOutputs(bert, SPEC.outputs).eval()
-    runs: dict[str, Callable[..., Any]] = {
-        "eager fp16": stock(fp16),
-        "eager bf16": stock(bf16),
-    }
+    runs: dict[str, Callable[..., Any]] = {"eager fp16": stock(fp16), "eager bf16": stock(bf16)}
     if with_compile:
         runs["compile fp16"] = stock(torch.compile(fp16))
         runs["compile reduce-overhead fp16"] = stock(torch.compile(fp16, mode="reduce-overhead"))
-    options = RuntimeOptions(device=GPU)
-    for runtime, dtype, label in (
-        ("torch-compile", torch.float16, "mahir cuda-graphs fp16"),
-        ("torch-compile", torch.bfloat16, "mahir cuda-graphs bf16"),
-        ("torch", torch.float16, "mahir eager fp16"),
-    ):
-        runs[label] = mahir_call(open_session(runtime, pooled(original, dtype), options))
-    return runs
-
-
-def pooled(original: torch.nn.Module, dtype: torch.dtype) -> Artifact:
-    """What `TorchLowPrecision` then `PoolInModel` make of the original."""
-    low = LowPrecision(copy.deepcopy(original), dtype).eval()
-    module = PooledEmbedding(low, MEAN.mode, MEAN.normalize).eval()
-    return Artifact("torch", replace(SPEC, outputs=(EMBEDDING,)), module=module)
+    return runs | {label: mahir_call(session) for label, session in sessions.items()}
 
 
 def fixed_shapes(
@@ -148,53 +156,67 @@ def fixed_shapes(
 
 
 def variable_length(
-    bert: transformers.BertModel,
-    runs: dict[str, Callable[..., Any]],
-    tokenizer_folder: Path,
+    model: Model,
+    folder: Path,
+    sessions: dict[str, Any],
     rows: list[dict[str, Any]],
     name: str,
 ) -> None:
-    """4,096 generated sentences, text to embeddings: mahir (its Rust tokenizer call, length-
-    sorted batches of 256 through the bucketed session) against sentence-transformers."""
-    from sentence_transformers import SentenceTransformer, models
+    """4,096 generated sentences, text to embeddings: each mahir session through `mahir.embed`
+    (tokenizing ahead on a thread while the GPU runs), against sentence-transformers' `encode`;
+    each mahir variant's cosine to the fp32 original's embeddings on the same GPU."""
+    from sentence_transformers import SentenceTransformer
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_folder)
-    sentences = generate_sentences(4096, tokenizer, np.random.default_rng(0))
-    encode = TextEncoder(tokenizer, SPEC, 256)
-    graphs = runs["mahir cuda-graphs fp16"]
-
-    def mahir_texts() -> None:
-        order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
-        for start in range(0, len(order), 256):
-            graphs(encode([sentences[i] for i in order[start : start + 256]]))
-
-    with tempfile.TemporaryDirectory() as tmp:
-        bert.save_pretrained(tmp)
-        for file in tokenizer_folder.iterdir():
-            if file.name.startswith(("tokenizer", "vocab", "special_tokens")):
-                shutil.copy(file, tmp)
-        word = models.Transformer(tmp, max_seq_length=256)
-        st = SentenceTransformer(
-            modules=[word, models.Pooling(word.get_word_embedding_dimension(), "mean")],
-            device="cuda",
-        ).half()
-
-        def st_texts() -> None:
-            st.encode(sentences, batch_size=256, convert_to_numpy=True)
-
-        times = timed({"sentence-transformers encode fp16": st_texts, "mahir": mahir_texts}, 3, 1)
+    sentences = model.family.generate(4096, np.random.default_rng(0))  # type: ignore[attr-defined]
+    encode = TextEncoder(model.family.tokenizer, model.spec, model.family.max_length)  # type: ignore[attr-defined]
+    reference = open_session("torch", pool_in_model(model), RuntimeOptions(device=GPU))
+    want = embed(sentences, reference, encode)
+    st = SentenceTransformer(str(folder), device="cuda").half()
+    calls: dict[str, Call] = {
+        "sentence-transformers encode fp16": lambda: st.encode(
+            sentences, batch_size=256, convert_to_numpy=True
+        )
+    }
+    for label, session in sessions.items():
+        if "fp8" not in label:
+            calls[label] = lambda s=session: embed(sentences, s, encode)
+    times = timed(calls, 3, 1)
     for variant, seconds in times.items():
         median = float(np.median(seconds))
-        rows.append(
-            {
-                "model": name,
-                "workload": "4096 sentences, variable length",
-                "variant": variant,
-                "p50_ms": median * 1e3,
-                "items_per_s": len(sentences) / median,
-                "calls": len(seconds),
-            }
-        )
+        row = {
+            "model": name,
+            "workload": "4096 sentences, variable length",
+            "variant": variant,
+            "p50_ms": median * 1e3,
+            "items_per_s": len(sentences) / median,
+            "calls": len(seconds),
+        }
+        if variant in sessions:  # fidelity on the workload, against fp32
+            got = embed(sentences, sessions[variant], encode)
+            cosine = (
+                np.sum(got * want, 1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+            )
+            row |= {"cosine_mean": float(cosine.mean()), "cosine_min": float(cosine.min())}
+        rows.append(row)
+
+
+def pool_in_model(model: Model) -> Artifact:
+    """The fp32 original pooled inside: the reference embeddings on the GPU."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = PassContext(model=model, workdir=Path(tmp))
+        return apply_steps(model.original(), (PoolInModel(),), ctx)
+
+
+def sentence_encoder_folder(bert: torch.nn.Module, tokenizer: Path, folder: Path) -> Path:
+    """`bert` saved as a sentence-transformers folder with MiniLM's tokenizer and mean pooling,
+    which both mahir and sentence-transformers load."""
+    bert.save_pretrained(folder)
+    for file in tokenizer.iterdir():
+        keep = ("tokenizer", "vocab", "special_tokens", "modules", "sentence_", "1_Pooling")
+        if file.name.startswith(keep):
+            copy_into = shutil.copytree if file.is_dir() else shutil.copy
+            copy_into(file, folder / file.name)
+    return folder
 
 
 def main() -> None:
@@ -202,14 +224,21 @@ def main() -> None:
     parser.add_argument("--tokenizer", type=Path, required=True)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--no-compile-anchors", action="store_true")
+    parser.add_argument("--models", nargs="*", default=list(gpu_sessions.SHAPES))
+    parser.add_argument("--fixed-only", action="store_true", help="skip the variable-length run")
     args = parser.parse_args()
     rows: list[dict[str, Any]] = []
-    for name, shape in gpu_sessions.SHAPES.items():
+    for name in args.models:
         torch.manual_seed(0)
-        bert = transformers.BertModel(transformers.BertConfig(**shape)).eval()
-        runs = variants(bert, not args.no_compile_anchors)
-        fixed_shapes(runs, rows, name)
-        variable_length(bert, runs, args.tokenizer, rows, name)
+        config = transformers.BertConfig(**gpu_sessions.SHAPES[name])
+        bert = transformers.BertModel(config).eval()
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = sentence_encoder_folder(bert, args.tokenizer, Path(tmp) / name)
+            model = load_model(folder)
+            sessions = mahir_sessions(model, Path(tmp) / "work")
+            fixed_shapes(variants(bert, sessions, not args.no_compile_anchors), rows, name)
+            if not args.fixed_only:
+                variable_length(model, folder, sessions, rows, name)
         for row in rows:
             if row["model"] == name:
                 print(json.dumps(row), flush=True)

@@ -70,6 +70,7 @@ def read_artifact(out: Path, manifest: dict[str, Any]) -> Artifact:
             ),
             outputs=tuple(manifest["spec"]["outputs"]),
             max_sequence=manifest["spec"].get("max_sequence"),
+            packed=bool(manifest["spec"].get("packed", False)),
         )
         return Artifact(manifest["format"], spec, path=out / manifest["model_file"])
     except (KeyError, TypeError, ValueError) as err:

@@ -51,6 +51,9 @@ class InputSpec:
     max_sequence: int | None = None
     """The longest sequence the model reads (its position table), where known: padding for
     shape buckets stops here."""
+    packed: bool = False
+    """The module takes its batch packed (`runtimes/packing.py`): callers still give padded
+    batches, which its session lays out as one row of real tokens."""
 
     @property
     def input_names(self) -> tuple[str, ...]:

@@ -214,7 +214,7 @@ def test_every_pruning_pass_refuses_a_file_artifact(
     prune: Any, config: Any, mlp: Model, tmp_path: Path
 ) -> None:
     onnx = Artifact("onnx", mlp.spec, path=tmp_path / "model.onnx")
-    with pytest.raises(Unsupported, match="prunes a live torch module; this artifact is onnx"):
+    with pytest.raises(Unsupported, match="changes a live torch module; this artifact is onnx"):
         prune(onnx, config, PassContext(model=mlp, workdir=tmp_path))
 
 

@@ -17,7 +17,9 @@ from mahir.families import real_tokens
 from mahir.hardware import detect
 from mahir.measure import MeasureConfig, measure
 from mahir.model import Model, load_model
-from mahir.passes import PassContext
+from mahir.passes import PassContext, apply_steps
+from mahir.passes.float8 import FP8_COMPUTE_CAPABILITY, TorchaoFloat8
+from mahir.passes.packing import PackSequences, pack_sequences
 from mahir.passes.pooling import PoolInModel
 from mahir.passes.precision import TorchLowPrecision, torch_low_precision
 from mahir.pooling import EMBEDDING
@@ -68,6 +70,39 @@ def test_gpu_sessions_answer_like_the_cpu_original(
         assert settings["batch_buckets"][0] == 1
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("runtime", ["torch", "torch-compile"])
+def test_packed_sessions_answer_like_the_cpu_original(
+    encoder: Model, batches: list, runtime: str, dtype: str, tmp_path: Path
+) -> None:
+    ctx = PassContext(model=encoder, workdir=tmp_path, machine=detect())
+    artifact = pack_sequences(_low(encoder, dtype, tmp_path), PackSequences(), ctx)
+    session = open_session(runtime, artifact, GPU)
+    quality = fidelity(encoder, session, batches, reference_outputs(encoder, batches)).embedding
+    assert quality is not None
+    assert quality.cosine_mean >= 0.999, quality
+    assert quality.cosine_min >= 0.99, quality
+    assert session.describe()["packed"]
+
+
+def test_fp8_matmuls_keep_the_embedding(encoder: Model, batches: list, tmp_path: Path) -> None:
+    machine = detect()
+    if machine.gpus[0].compute_capability < FP8_COMPUTE_CAPABILITY:
+        pytest.skip(f"{machine.gpus[0].name} has no fp8 tensor cores")
+    pytest.importorskip("torchao")
+    ctx = PassContext(model=encoder, workdir=tmp_path, machine=machine)
+    steps = (TorchLowPrecision("bfloat16"), TorchaoFloat8(), PoolInModel())
+    for packed in (False, True):
+        chosen = (*steps[:2], PackSequences()) if packed else steps
+        artifact = apply_steps(encoder.original(), chosen, ctx)
+        session = open_session("torch-compile", artifact, GPU)
+        report = fidelity(encoder, session, batches, reference_outputs(encoder, batches))
+        quality = report.embedding
+        assert quality is not None
+        assert quality.cosine_mean >= 0.99, quality
+        assert quality.cosine_min >= 0.98, quality
+
+
 def test_cuda_graphs_beat_eager_at_batch_one(encoder: Model, tmp_path: Path) -> None:
     """The point of CUDA graphs: batch 1 is launch-bound in eager. Checked here as a sanity
     bound on the GPU (benchmarks/gpu.py measures properly)."""
@@ -82,7 +117,7 @@ def test_cuda_graphs_beat_eager_at_batch_one(encoder: Model, tmp_path: Path) -> 
 def optimized(encoder: Model, tmp_path_factory: pytest.TempPathFactory) -> OptimizeResult:
     config = OptimizeConfig(
         device=Device.parse("cuda"),
-        only=("torch-fp16", "cuda-graphs-fp16"),
+        only=("torch-fp16", "cuda-graphs-fp16", "packed-fp16"),
         batches_per_size=4,
     )
     return optimize(encoder, config, tmp_path_factory.mktemp("work"))
@@ -93,10 +128,12 @@ def gpu_out(optimized: OptimizeResult, tmp_path_factory: pytest.TempPathFactory)
     return optimized.save(tmp_path_factory.mktemp("gpu") / "out")
 
 
-def test_optimize_on_a_gpu_keeps_a_gpu_candidate_pooled_there(optimized: OptimizeResult) -> None:
+def test_optimize_on_a_gpu_keeps_a_gpu_candidate_pooled_or_packed_there(
+    optimized: OptimizeResult,
+) -> None:
     assert optimized.best is not None
     assert optimized.best.candidate.id != "torch"
-    assert isinstance(optimized.best.candidate.recipe.steps[-1], PoolInModel)
+    assert isinstance(optimized.best.candidate.recipe.steps[-1], (PoolInModel, PackSequences))
     report = optimized.report()
     assert all(c.device == "cuda:0" for c in report.candidates if c.status == "ok")
 

@@ -7,6 +7,7 @@ import pytest
 from mahir.errors import BadInput
 from mahir.hardware import Gpu, Machine
 from mahir.model import Model, load_model
+from mahir.passes.packing import PackSequences
 from mahir.passes.pooling import PoolInModel
 from mahir.search.candidates import propose
 from mahir.types import Device
@@ -75,25 +76,30 @@ def test_a_gpu_gets_its_own_candidates_against_eager_fp32_on_the_same_gpu(minilm
     first = proposed[0]
     assert (first.id, first.recipe.runtime, first.recipe.steps) == ("torch", "torch", ())
     assert all(c.recipe.options.device == CUDA for c in proposed)
-    assert {"cuda-graphs-bf16", "cuda-graphs-fp16", "torch-fp16", "torch-bf16"} <= {
-        c.id for c in proposed
-    }
+    ids = {c.id for c in proposed}
+    assert {"cuda-graphs-bf16", "cuda-graphs-fp16", "torch-fp16", "torch-bf16"} <= ids
+    assert {"packed-bf16", "packed-fp16", "packed-fp8", "cuda-graphs-fp8"} <= ids  # Hopper
     assert not any(c.recipe.runtime in ("onnxruntime", "openvino") for c in proposed)
-    assert all(isinstance(c.recipe.steps[-1], PoolInModel) for c in proposed[1:])  # an encoder
+    pooled_or_packed = (PoolInModel, PackSequences)  # an encoder: only the embedding leaves
+    assert all(isinstance(c.recipe.steps[-1], pooled_or_packed) for c in proposed[1:])
     assert skipped == []
     assert "NVIDIA H200" in H200.summary()
 
 
-def test_only_a_sentence_encoder_pools_in_the_model_on_a_gpu(mlp: Model) -> None:
-    proposed, _ = propose(mlp, H200, "latency", device=CUDA)
+def test_only_a_sentence_encoder_pools_or_packs_in_the_model_on_a_gpu(mlp: Model) -> None:
+    proposed, skipped = propose(mlp, H200, "latency", device=CUDA)
     assert len(proposed) > 1
-    assert not any(isinstance(s, PoolInModel) for c in proposed for s in c.recipe.steps)
+    steps = [s for c in proposed for s in c.recipe.steps]
+    assert not any(isinstance(s, (PoolInModel, PackSequences)) for s in steps)
+    assert "sentence encoders" in dict((c.id, why) for c, why in skipped)["packed-fp16"]
 
 
 def test_bf16_is_left_out_on_a_gpu_without_bf16_tensor_cores(minilm: Model) -> None:
     proposed, skipped = propose(minilm, T4, "latency", device=CUDA)
-    assert not any("bf16" in c.id for c in proposed)
-    assert "compute capability 8.0" in dict((c.id, why) for c, why in skipped)["torch-bf16"]
+    assert not any("bf16" in c.id or "fp8" in c.id for c in proposed)
+    reasons = dict((c.id, why) for c, why in skipped)
+    assert "compute capability 8.0" in reasons["torch-bf16"]
+    assert "compute capability 8.9" in reasons["cuda-graphs-fp8"]
 
 
 def test_an_onnx_file_or_a_missing_gpu_is_refused_in_one_line(

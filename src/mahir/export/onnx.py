@@ -29,7 +29,7 @@ from mahir.model import Model
 from mahir.quality import FP32, Tolerance, check_close
 from mahir.runtimes import REFERENCE_OPTIONS, open_session, reference_outputs
 from mahir.silence import silenced
-from mahir.types import SEQUENCE, Artifact
+from mahir.types import SEQUENCE, Artifact, InputSpec
 from mahir.workload import Batch
 
 # The exporter prints progress, logs missing torchvision ops and warns about renamed axes.
@@ -53,7 +53,7 @@ def export_onnx(
         raise Unsupported(f"{model.name}: only a torch module exports to ONNX, not {source.format}")
     module = source.module.eval()
     names = model.spec.input_names
-    dynamic_shapes = _dynamic_shapes(model)
+    dynamic_shapes = _dynamic_shapes(model.spec)
     from mahir.modules import PositionalInputs
 
     adapter = PositionalInputs(module, names).eval()
@@ -112,33 +112,41 @@ def switched_attention(
             sub.set_attn_implementation(previous)
 
 
-def _dynamic_shapes(model: Model) -> tuple[tuple[dict[int, Any], ...]]:
+def _dynamic_shapes(spec: InputSpec) -> tuple[tuple[dict[int, Any], ...]]:
     """torch.export's dynamic shapes for the positional adapter: one Dim per named axis, the
     sequence bounded by the model's position table where known (the exporter refuses a range
     the model's own guards do not cover)."""
     import torch
 
-    bounds = {SEQUENCE: model.spec.max_sequence}
+    from mahir.runtimes.packing import SEGMENTS
+
+    bounds = {SEQUENCE: spec.max_sequence}
+    least = {SEGMENTS: 3}  # a packed batch: one sentence at least, and the padding's segment
     dims = {
-        name: torch.export.Dim(name, max=bounds.get(name))
-        for name in sorted(model.spec.dynamic_dims)
+        name: torch.export.Dim(name, min=least.get(name), max=bounds.get(name))
+        for name in sorted(spec.dynamic_dims)
     }
-    return (tuple({a: dims[d] for a, d in t.dynamic_axes.items()} for t in model.spec.inputs),)
+    return (tuple({a: dims[d] for a, d in t.dynamic_axes.items()} for t in spec.inputs),)
 
 
 def export_program(model: Model, source: Artifact, path: Path) -> Artifact:
     """Save a torch artifact as a torch.export program (`.pt2`) that loads without the
-    model's code, dynamic axes kept dynamic; verified against `source` after loading back."""
+    model's code, dynamic axes kept dynamic; verified against `source` after loading back.
+    A packed module is traced on the example batch packed (runtimes/packing.py)."""
     import torch
 
     from mahir.modules import PositionalInputs
+    from mahir.runtimes.packing import pack, packed_spec
 
-    names = model.spec.input_names
-    adapter = PositionalInputs(source.module.eval(), names).eval()
-    args = tuple(torch.from_numpy(model.example_inputs[n]) for n in names)
+    spec, examples = source.spec, model.example_inputs
+    if spec.packed:
+        spec, examples = packed_spec(spec), pack(examples)
+    adapter = PositionalInputs(source.module.eval(), spec.input_names).eval()
+    args = tuple(torch.from_numpy(examples[n]) for n in spec.input_names)
+    dynamic = _dynamic_shapes(spec)
     with staged(path) as draft, silenced(EXPORTER_LOGGERS, ignore_warnings=True):
         try:
-            program = torch.export.export(adapter, args, dynamic_shapes=_dynamic_shapes(model))
+            program = torch.export.export(adapter, args, dynamic_shapes=dynamic)
             torch.export.save(program, str(draft))
         except Exception as err:  # torch.export raises many types; all mean "cannot export"
             raise Unsupported(f"cannot save {model.name} as a program: {first_line(err)}") from err

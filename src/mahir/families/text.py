@@ -103,6 +103,10 @@ class TextEncoder:
     def __init__(self, tokenizer: Any, spec: InputSpec, max_length: int | None) -> None:
         self._tokenizer, self._spec, self._max_length = tokenizer, spec, max_length
         self._backend = self._direct_backend()
+        # without offsets (tokenizers >= 0.20): ~20% less time, the same ids and masks
+        self._encode_batch: Any = getattr(self._backend, "encode_batch_fast", None) or getattr(
+            self._backend, "encode_batch", None
+        )
 
     @property
     def direct(self) -> bool:
@@ -112,7 +116,7 @@ class TextEncoder:
     def __call__(self, texts: Sequence[str]) -> Batch:
         if self._backend is None:
             return encode_texts(self._tokenizer, self._spec, self._max_length, texts)
-        encodings = self._backend.encode_batch(list(texts))
+        encodings = self._encode_batch(list(texts))
         return {
             t.name: np.array([getattr(e, _ENCODING_FIELDS[t.name]) for e in encodings], t.dtype)
             for t in self._spec.inputs

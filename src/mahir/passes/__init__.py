@@ -24,6 +24,7 @@ from mahir.hardware import Machine, detect
 from mahir.model import Model
 from mahir.passes.conversion import OpenVinoDirect, openvino_direct
 from mahir.passes.fallback import AccuracyAwareInt8, accuracy_aware_int8
+from mahir.passes.float8 import TorchaoFloat8, torchao_float8
 from mahir.passes.graph import (
     OrtOptimize,
     Simplify,
@@ -33,6 +34,7 @@ from mahir.passes.graph import (
     simplify,
 )
 from mahir.passes.nncf import NncfAccuracyControl, NncfInt8, nncf_accuracy_control, nncf_int8
+from mahir.passes.packing import PackSequences, pack_sequences
 from mahir.passes.pooling import PoolInModel, pool_in_model
 from mahir.passes.precision import Float16, TorchLowPrecision, float16, torch_low_precision
 from mahir.passes.prune import MagnitudePrune, StructuredPrune, magnitude_prune, structured_prune
@@ -72,6 +74,8 @@ PASSES: dict[type[Any], PassFn] = {
     Float16: float16,
     TorchLowPrecision: torch_low_precision,
     PoolInModel: pool_in_model,
+    PackSequences: pack_sequences,
+    TorchaoFloat8: torchao_float8,
     TorchaoInt8: torchao_int8,
     Pt2eInt8: pt2e_int8,
     StructuredPrune: structured_prune,

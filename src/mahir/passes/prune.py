@@ -216,7 +216,7 @@ def torch_copy(artifact: Artifact, what: str) -> Any:
     """A deep copy of the artifact's module in eval mode: the input is never touched."""
     if artifact.format != "torch" or not isinstance(artifact.module, torch.nn.Module):
         raise Unsupported(
-            f"{what} prunes a live torch module; this artifact is {artifact.format}: put the "
+            f"{what} changes a live torch module; this artifact is {artifact.format}: put the "
             "step before any export"
         )
     return copy.deepcopy(artifact.module).eval()

@@ -88,7 +88,7 @@ class Pt2eInt8:
 
 
 def torchao_int8(artifact: Artifact, config: TorchaoInt8, ctx: PassContext) -> Artifact:
-    _import_torchao()
+    import_torchao()
     import torch
     from torchao.quantization import (
         Int8DynamicActivationInt8WeightConfig,
@@ -122,7 +122,7 @@ def torchao_int8(artifact: Artifact, config: TorchaoInt8, ctx: PassContext) -> A
 
 
 def pt2e_int8(artifact: Artifact, config: Pt2eInt8, ctx: PassContext) -> Artifact:
-    _import_torchao()
+    import_torchao()
     import torch
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
@@ -217,7 +217,7 @@ def _inference_module(converted: Any, names: tuple[str, ...]) -> Any:
     return module
 
 
-def _import_torchao() -> None:
+def import_torchao() -> None:
     """torchao logs a line for each C++ extension it cannot load (CUDA and MX kernels a CPU
     build has no use for), and torch logs a deprecation line for each enum torchao registers
     with pytree: both at import, both noise, so the import runs silenced."""

@@ -26,6 +26,7 @@ from mahir.hardware import physical_cores
 from mahir.runtimes import Signature, input_error, inputs_fit
 from mahir.runtimes.buckets import Buckets
 from mahir.runtimes.cuda_graphs import CudaGraphs, check_returned
+from mahir.runtimes.packing import Packing, packed_spec
 from mahir.types import CPU, Artifact, Device, Inputs, InputSpec, Outputs, RuntimeOptions, Session
 
 _PRECISIONS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
@@ -111,7 +112,10 @@ class TorchSession:
 def open_session(artifact: Artifact, options: RuntimeOptions, *, compile: bool) -> Session:
     """Check the module is ready for inference, set torch's threads, and compile if asked."""
     device = options.device
-    module = artifact.module if artifact.module is not None else _load_program(artifact, device)
+    spec = packed_spec(artifact.spec) if artifact.spec.packed else artifact.spec
+    module = (
+        artifact.module if artifact.module is not None else _load_program(artifact, spec, device)
+    )
     if not isinstance(module, torch.nn.Module):
         raise BadInput(f"a torch artifact needs a live nn.Module, got {type(module).__name__}")
     training = [name or "the module" for name, m in module.named_modules() if m.training]
@@ -125,30 +129,37 @@ def open_session(artifact: Artifact, options: RuntimeOptions, *, compile: bool) 
     precision = _PRECISIONS.get(dtypes[0], str(dtypes[0])) if dtypes else "f32"
     if device.kind == "cuda" and artifact.module is not None:  # a loaded program is there
         module = copy.deepcopy(module).to(_cuda(device))
+    session: Session = _session(module, spec, precision, device, compile)
+    if artifact.spec.packed:
+        return Packing(session, artifact.spec)
+    return Buckets(session, spec) if compile and device.kind == "cuda" else session
+
+
+def _session(
+    module: torch.nn.Module, spec: InputSpec, precision: str, device: Device, compile: bool
+) -> TorchSession:
     if not compile:
-        return TorchSession(
-            module, artifact.spec, runtime="torch", precision=precision, device=device
-        )
+        return TorchSession(module, spec, runtime="torch", precision=precision, device=device)
     try:
         compiled = torch.compile(module, backend="inductor", dynamic=True)
     except Exception as err:  # no compiler support on this Python or platform
         raise Unsupported(f"torch.compile is not available here: {first_line(err)}") from err
     on_gpu = device.kind == "cuda"
-    session = TorchSession(
+    return TorchSession(
         compiled,
-        artifact.spec,
+        spec,
         runtime="torch-compile",
         precision=precision,
         device=device,
-        replay=CudaGraphs(compiled, artifact.spec.outputs, device) if on_gpu else None,
+        replay=CudaGraphs(compiled, spec.outputs, device) if on_gpu else None,
     )
-    return Buckets(session, artifact.spec) if on_gpu else session
 
 
-def _load_program(artifact: Artifact, device: Device) -> torch.nn.Module:
+def _load_program(artifact: Artifact, spec: InputSpec, device: Device) -> torch.nn.Module:
     """A program saved by `mahir.export.onnx.export_program`, called by keyword like any module;
     for a GPU its graph is moved there too (a traced graph names the device of the tensors it
     creates, e.g. position ids, which moving the parameters alone leaves on the CPU)."""
+    import mahir.varlen  # noqa: F401  (a packed program calls its custom op)
     from mahir.modules import KeywordInputs
 
     if artifact.path is None or not artifact.path.is_file():
@@ -161,7 +172,7 @@ def _load_program(artifact: Artifact, device: Device) -> torch.nn.Module:
         from torch.export.passes import move_to_device_pass
 
         program = move_to_device_pass(program, _cuda(device))
-    return KeywordInputs(program.module(), artifact.spec.input_names)
+    return KeywordInputs(program.module(), spec.input_names)
 
 
 def _cuda(device: Device) -> str:

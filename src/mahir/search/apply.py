@@ -166,6 +166,7 @@ def _write_artifact(model: Model, applied: Applied, staging: Path) -> None:
             "inputs": [dataclasses.asdict(t) for t in artifact.spec.inputs],
             "outputs": list(artifact.spec.outputs),
             "max_sequence": artifact.spec.max_sequence,
+            "packed": artifact.spec.packed,
         },
         "family": model.family.kind,
         **model.family.save(staging),

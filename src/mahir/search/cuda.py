@@ -14,13 +14,17 @@ Sits beside `candidates.py`, which calls it for a CUDA device.
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 from mahir.errors import BadInput
 from mahir.hardware import Machine
 from mahir.model import Model
+from mahir.passes.float8 import FP8_COMPUTE_CAPABILITY, TorchaoFloat8
+from mahir.passes.packing import PackSequences
 from mahir.passes.pooling import PoolInModel
 from mahir.passes.precision import TorchLowPrecision
+from mahir.passes.torchao import INSTALL
 from mahir.recipe import Recipe
 from mahir.types import Device, RuntimeOptions
 
@@ -40,15 +44,42 @@ def cuda_baseline(model: Model, device: Device) -> tuple[str, str, Recipe]:
 
 def cuda_entries(model: Model, machine: Machine, device: Device) -> list[Entry]:
     """The GPU candidates, most promising first. A sentence encoder's pool inside the model,
-    so that only the embedding leaves the GPU."""
+    so that only the embedding leaves the GPU, and may run packed (no padding computed)."""
     on = _on(device)
-    no_bf16 = _needs_bf16(machine, device)
+    no_bf16 = _needs(machine, device, (8, 0), "bf16 tensor cores")
+    no_fp8 = _needs(machine, device, FP8_COMPUTE_CAPABILITY, "fp8 tensor cores") or _no_torchao()
     pooled: tuple[Any, ...] = (PoolInModel(),) if model.family.pools else ()
+    no_packing = None if pooled else "packing is for sentence encoders (it pools inside)"
     suffix = ", pooled on the GPU" if pooled else ""
-    bf16, fp16 = TorchLowPrecision("bfloat16"), TorchLowPrecision("float16")
+    bf16, fp16, fp8 = TorchLowPrecision("bfloat16"), TorchLowPrecision("float16"), TorchaoFloat8()
+    packed = PackSequences()
     graphs = "torch.compile + CUDA graphs over shape buckets"
     compiled, eager = "torch-compile", "torch"
     return [
+        (
+            "packed-bf16",
+            f"{graphs}, bf16, packed sequences (no padding)",
+            Recipe((bf16, packed), compiled, on),
+            no_bf16 or no_packing,
+        ),
+        (
+            "packed-fp16",
+            f"{graphs}, fp16, packed sequences (no padding)",
+            Recipe((fp16, packed), compiled, on),
+            no_packing,
+        ),
+        (
+            "packed-fp8",
+            f"{graphs}, fp8 matmuls (torchao), packed sequences (no padding)",
+            Recipe((bf16, fp8, packed), compiled, on),
+            no_fp8 or no_packing,
+        ),
+        (
+            "cuda-graphs-fp8",
+            f"{graphs}, fp8 matmuls (torchao){suffix}",
+            Recipe((bf16, fp8, *pooled), compiled, on),
+            no_fp8,
+        ),
         (
             "cuda-graphs-bf16",
             f"{graphs}, bf16{suffix}",
@@ -71,9 +102,15 @@ def _on(device: Device) -> RuntimeOptions:
     return RuntimeOptions(device=device)
 
 
-def _needs_bf16(machine: Machine, device: Device) -> str | None:
+def _needs(machine: Machine, device: Device, capability: tuple[int, int], what: str) -> str | None:
     gpus = machine.gpus
-    if device.index < len(gpus) and gpus[device.index].compute_capability < (8, 0):
-        name = gpus[device.index].name
-        return f"{name} has no bf16 tensor cores (compute capability 8.0 or later)"
+    if device.index < len(gpus) and gpus[device.index].compute_capability < capability:
+        name, (major, minor) = gpus[device.index].name, capability
+        return f"{name} has no {what} (compute capability {major}.{minor} or later)"
+    return None
+
+
+def _no_torchao() -> str | None:
+    if importlib.util.find_spec("torchao") is None:
+        return f"fp8 needs torchao: {INSTALL}"
     return None
