@@ -20,8 +20,9 @@ from mahir.errors import BadInput
 from mahir.hardware import Machine
 from mahir.model import Model
 from mahir.passes.pooling import PoolInModel
-from mahir.passes.precision import TorchLowPrecision
+from mahir.passes.precision import Float16, TorchLowPrecision
 from mahir.recipe import Recipe
+from mahir.runtimes import get_runtime
 from mahir.types import Device, RuntimeOptions
 
 Entry = tuple[str, str, Recipe, str | None]
@@ -77,3 +78,34 @@ def _needs_bf16(machine: Machine, device: Device) -> str | None:
         name = gpus[device.index].name
         return f"{name} has no bf16 tensor cores (compute capability 8.0 or later)"
     return None
+
+
+def onnxruntime_entries(model: Model, device: Device) -> list[Entry]:
+    """ONNX Runtime's GPU providers, after PyTorch's candidates: CUDA on an fp16 graph, and
+    TensorRT (fp16 kernels allowed) on the fp32 one, pooled inside like the rest. Each is left
+    out, with the reason, where this machine's onnxruntime lacks the provider (the CPU wheel).
+    torch-tensorrt is not here: mahir has no runtime for it yet."""
+    on = _on(device)
+    pooled: tuple[Any, ...] = (PoolInModel(),) if model.family.pools else ()
+    suffix = ", pooled on the GPU" if pooled else ""
+    cuda, tensorrt = "onnxruntime", "onnxruntime-tensorrt"
+    return [
+        (
+            "ort-cuda-fp16",
+            f"ONNX Runtime, CUDA provider, fp16 graph{suffix}",
+            Recipe((*pooled, Float16()), cuda, on),
+            _lacks(cuda, device),
+        ),
+        (
+            "ort-tensorrt-fp16",
+            f"ONNX Runtime, TensorRT provider, fp16 kernels allowed{suffix}",
+            Recipe(pooled, tensorrt, on),
+            _lacks(tensorrt, device),
+        ),
+    ]
+
+
+def _lacks(runtime: str, device: Device) -> str | None:
+    chosen = get_runtime(runtime)
+    missing = chosen.missing()
+    return f"needs {missing}: pip install {missing}" if missing else chosen.unavailable(device)
