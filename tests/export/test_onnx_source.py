@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from mahir import runtimes
 from mahir.errors import BadInput
 from mahir.export.onnx import export_onnx
 from mahir.hardware import Machine
@@ -85,15 +86,22 @@ def test_bench_refuses_text_options_for_a_tensor_model(mlp_onnx: Model, tmp_path
 
 
 def test_bench_on_a_gpu_keeps_to_the_runtimes_that_run_there(
-    mlp: Model, mlp_onnx: Model, tmp_path: Path
+    mlp: Model, mlp_onnx: Model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Refused before any work: a runtime that does not run on the device asked for, and a
-    source no GPU runtime can open yet (ONNX Runtime here is the CPU build)."""
+    """Refused before any work: a runtime that does not run on the device asked for, one whose
+    ONNX Runtime provider this machine lacks, and a source no GPU runtime here can open (ONNX
+    Runtime here is the CPU build)."""
+    monkeypatch.setattr(runtimes, "available_providers", lambda: ("CPUExecutionProvider",))
     gpu = RuntimeOptions(device=Device.parse("cuda"))
-    asked = BenchConfig(runtimes=("torch", "onnxruntime"), options=gpu, measure=QUICK)
+    asked = BenchConfig(runtimes=("torch", "openvino"), options=gpu, measure=QUICK)
     with pytest.raises(
-        BadInput, match=r"^onnxruntime cannot run on cuda:0: choose from torch, torch-compile$"
+        BadInput, match=r"^openvino cannot run on cuda:0: choose from torch, torch-compile$"
     ):
         benchmark(mlp, asked, tmp_path)
-    with pytest.raises(BadInput, match=r"^no runtime runs mlp on cuda:0 yet: use --device cpu$"):
+    no_cuda = "onnxruntime here has no CUDA provider: pip install onnxruntime-gpu"
+    for names in (("torch", "onnxruntime"), ("onnxruntime-tensorrt",)):
+        asked = BenchConfig(runtimes=names, options=gpu, measure=QUICK)
+        with pytest.raises(BadInput, match=rf"^{no_cuda} \(in place of onnxruntime\)$"):
+            benchmark(mlp, asked, tmp_path)
+    with pytest.raises(BadInput, match=rf"^no runtime runs mlp on cuda:0 here \({no_cuda}"):
         benchmark(mlp_onnx, BenchConfig(options=gpu, measure=QUICK), tmp_path)

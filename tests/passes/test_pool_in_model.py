@@ -1,6 +1,6 @@
 """Pooling inside the model: the torch module answers with the sentence embedding that numpy
-pooling gives, the artifact is judged and served by that embedding, and only sentence
-encoders get it."""
+pooling gives, the artifact is judged and served by that embedding (in ONNX too), and only
+sentence encoders get it."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from mahir.model import Model
 from mahir.modules import PooledEmbedding
 from mahir.passes import PassContext, apply_steps
 from mahir.passes.pooling import PoolInModel
+from mahir.passes.precision import Float16
 from mahir.pooling import EMBEDDING, Pooling, pool
 from mahir.quality import fidelity
 from mahir.recipe import Recipe
@@ -66,6 +67,23 @@ def test_a_pooled_artifact_answers_with_the_embedding_and_is_judged_by_it(
     assert quality.embedding is not None
     assert quality.embedding.cosine_min > 0.99999
     assert set(quality.outputs) == {EMBEDDING}
+
+
+@pytest.mark.slow
+def test_a_pooled_module_exports_to_onnx_with_the_embedding_alone(
+    minilm: Model, tmp_path: Path
+) -> None:
+    """The GPU's ONNX Runtime candidates (`ort-cuda-fp16`): pooled, exported with the pooled
+    module's own output, then fp16; checked on the CPU provider."""
+    ctx = PassContext(model=minilm, workdir=tmp_path)
+    artifact = apply_steps(minilm.original(), (PoolInModel(), Float16()), ctx)
+    assert (artifact.format, artifact.spec.outputs) == ("onnx", (EMBEDDING,))
+    batches = minilm.family.verification_batches()
+    session = open_session("onnxruntime", artifact)
+    assert set(session.run(batches[0])) == {EMBEDDING}
+    quality = fidelity(minilm, session, batches, reference_outputs(minilm, batches))
+    assert quality.embedding is not None
+    assert quality.embedding.cosine_min > 0.999
 
 
 def test_only_sentence_encoders_pool_in_the_model(mlp: Model, tmp_path: Path) -> None:

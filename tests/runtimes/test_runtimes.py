@@ -18,8 +18,9 @@ import pytest
 import torch
 from torch import nn
 
+import mahir.runtimes
 from mahir.errors import BadInput, RuntimeFailure, Unsupported
-from mahir.runtimes import RUNTIMES, get_runtime, open_session
+from mahir.runtimes import RUNTIMES, available_providers, get_runtime, open_session
 from mahir.types import (
     CPU,
     Artifact,
@@ -191,7 +192,13 @@ def test_torch_sets_its_process_wide_threads(built: Built) -> None:
 
 
 def test_the_registry_lists_every_runtime_and_its_formats() -> None:
-    assert list(RUNTIMES) == ["torch", "torch-compile", "onnxruntime", "openvino"]
+    assert list(RUNTIMES) == [
+        "torch",
+        "torch-compile",
+        "onnxruntime",
+        "onnxruntime-tensorrt",
+        "openvino",
+    ]
     assert get_runtime("openvino").formats == ("openvino", "onnx")
     assert all(runtime.summary for runtime in RUNTIMES.values())
 
@@ -217,17 +224,87 @@ def test_a_format_the_runtime_cannot_open(built: Built, runtime: str, fmt: str) 
 
 
 @pytest.mark.parametrize(
-    ("runtime", "fmt"), [(r, f) for r, f in RUNTIME_FORMATS if not r.startswith("torch")]
+    ("runtime", "fmt"), [(r, f) for r, f in RUNTIME_FORMATS if r == "openvino"]
 )
 def test_a_device_the_runtime_cannot_run_on_is_refused(
     built: Built, runtime: str, fmt: str
 ) -> None:
-    """Asked for a GPU, a CPU-only runtime says so in one line, naming the one that runs
-    there, before it loads."""
+    """Asked for a GPU, a CPU-only runtime says so in one line, naming those that run there
+    on this machine, before it loads."""
     with pytest.raises(
-        Unsupported, match=rf"^{runtime} runs on cpu only; for cuda:0 choose torch, torch-compile$"
+        Unsupported,
+        match=rf"^{runtime} runs on cpu only; for cuda:0 choose torch, torch-compile(, onnx.*)?$",
     ):
         open_session(runtime, built.artifacts[fmt], RuntimeOptions(device=Device.parse("cuda")))
+    with pytest.raises(Unsupported, match=r"^onnxruntime-tensorrt runs on cuda only; for cpu "):
+        open_session("onnxruntime-tensorrt", built.artifacts["onnx"], ONE_THREAD)
+
+
+@pytest.mark.skipif(
+    "CUDAExecutionProvider" in available_providers(), reason="onnxruntime-gpu is installed"
+)
+@pytest.mark.parametrize("runtime", ["onnxruntime", "onnxruntime-tensorrt"])
+def test_onnxruntime_on_a_gpu_without_its_provider_is_refused_in_one_line(
+    built: Built, runtime: str
+) -> None:
+    """The CPU wheel (here, and on the GPU machine mahir is measured on) has no CUDA provider:
+    one line with the fix, before anything loads."""
+    gpu = RuntimeOptions(device=Device.parse("cuda:1"))
+    with pytest.raises(Unsupported) as refused:
+        open_session(runtime, built.artifacts["onnx"], gpu)
+    assert str(refused.value) == (
+        "onnxruntime here has no CUDA provider: pip install onnxruntime-gpu (in place of "
+        "onnxruntime)"
+    )
+    assert "onnxruntime here has no CUDA provider" in str(RUNTIMES[runtime].unavailable(gpu.device))
+    assert RUNTIMES[runtime].unavailable(CPU) is None
+
+
+def test_tensorrt_needs_its_own_provider_beside_cuda(
+    built: Built, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cuda_only = ("CUDAExecutionProvider", "CPUExecutionProvider")
+    monkeypatch.setattr(mahir.runtimes, "available_providers", lambda: cuda_only)
+    gpu = Device.parse("cuda")
+    assert RUNTIMES["onnxruntime"].unavailable(gpu) is None
+    with pytest.raises(Unsupported, match=r"^onnxruntime here has no TensorRT provider: pip "):
+        open_session("onnxruntime-tensorrt", built.artifacts["onnx"], RuntimeOptions(device=gpu))
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider':UserWarning")
+def test_a_gpu_provider_that_did_not_load_is_refused_not_timed_as_a_gpu(
+    built: Built, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ONNX Runtime drops a provider it cannot load and runs on the CPU: the real CPU wheel,
+    told it has a CUDA provider, shows that fallback, and the session is refused."""
+    monkeypatch.setattr(
+        mahir.runtimes,
+        "available_providers",
+        lambda: ("CUDAExecutionProvider", "CPUExecutionProvider"),
+    )
+    with pytest.raises(
+        RuntimeFailure,
+        match=r"could not load its CUDAExecutionProvider on cuda:0 \(it fell back to CPUExec",
+    ):
+        open_session(
+            "onnxruntime", built.artifacts["onnx"], RuntimeOptions(device=Device.parse("cuda"))
+        )
+
+
+def test_onnxruntime_providers_by_device() -> None:
+    from mahir.runtimes.onnxruntime import _providers
+
+    assert _providers(CPU, tensorrt=False) == [("CPUExecutionProvider", {})]
+    gpu1 = {"device_id": 1}
+    assert _providers(Device.parse("cuda:1"), tensorrt=False) == [
+        ("CUDAExecutionProvider", gpu1),
+        ("CPUExecutionProvider", {}),
+    ]
+    assert _providers(Device.parse("cuda:1"), tensorrt=True) == [
+        ("TensorrtExecutionProvider", {**gpu1, "trt_fp16_enable": True}),
+        ("CUDAExecutionProvider", gpu1),
+        ("CPUExecutionProvider", {}),
+    ]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")

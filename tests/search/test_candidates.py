@@ -4,11 +4,13 @@ from pathlib import Path
 
 import pytest
 
+from mahir import runtimes
 from mahir.errors import BadInput
 from mahir.hardware import Gpu, Machine
 from mahir.model import Model, load_model
 from mahir.passes.packing import PackSequences
 from mahir.passes.pooling import PoolInModel
+from mahir.passes.precision import Float16
 from mahir.search.candidates import propose
 from mahir.types import Device
 
@@ -71,7 +73,10 @@ T4 = Machine("Intel Xeon", 4, 8, ("avx2",), 32.0, (Gpu("Tesla T4", (7, 5), 15.0)
 CUDA = Device.parse("cuda")
 
 
-def test_a_gpu_gets_its_own_candidates_against_eager_fp32_on_the_same_gpu(minilm: Model) -> None:
+def test_a_gpu_gets_its_own_candidates_against_eager_fp32_on_the_same_gpu(
+    minilm: Model, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runtimes, "available_providers", lambda: CPU_WHEEL)
     proposed, skipped = propose(minilm, H200, "throughput", device=CUDA)
     first = proposed[0]
     assert (first.id, first.recipe.runtime, first.recipe.steps) == ("torch", "torch", ())
@@ -82,8 +87,52 @@ def test_a_gpu_gets_its_own_candidates_against_eager_fp32_on_the_same_gpu(minilm
     assert not any(c.recipe.runtime in ("onnxruntime", "openvino") for c in proposed)
     pooled_or_packed = (PoolInModel, PackSequences)  # an encoder: only the embedding leaves
     assert all(isinstance(c.recipe.steps[-1], pooled_or_packed) for c in proposed[1:])
-    assert skipped == []
+    assert [c.id for c, _ in skipped] == ["ort-cuda-fp16", "ort-tensorrt-fp16"]  # CPU wheel
     assert "NVIDIA H200" in H200.summary()
+
+
+CPU_WHEEL = ("AzureExecutionProvider", "CPUExecutionProvider")
+GPU_WHEEL = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def test_onnxruntime_gpu_candidates_where_its_providers_are(
+    minilm: Model, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With onnxruntime-gpu: the CUDA provider on an fp16 graph and TensorRT on the fp32 one,
+    both pooled inside and on the device asked for, after PyTorch's."""
+    monkeypatch.setattr(runtimes, "available_providers", lambda: GPU_WHEEL)
+    gpu1 = Device.parse("cuda:1")
+    two = Machine("Intel Xeon", 16, 32, ("avx2",), 128.0, H200.gpus * 2)
+    proposed, skipped = propose(minilm, two, "latency", device=gpu1)
+    assert skipped == []
+    ids = [c.id for c in proposed]
+    assert ids[-2:] == ["ort-cuda-fp16", "ort-tensorrt-fp16"]
+    cuda, tensorrt = (c.recipe for c in proposed[-2:])
+    assert (cuda.runtime, tensorrt.runtime) == ("onnxruntime", "onnxruntime-tensorrt")
+    assert [type(s) for s in cuda.steps] == [PoolInModel, Float16]
+    assert [type(s) for s in tensorrt.steps] == [PoolInModel]
+    assert cuda.options.device == tensorrt.options.device == gpu1
+    # CUDA alone: TensorRT is left out, saying which provider is missing.
+    monkeypatch.setattr(runtimes, "available_providers", lambda: GPU_WHEEL[1:])
+    proposed, skipped = propose(minilm, H200, "latency", device=CUDA)
+    assert "ort-cuda-fp16" in {c.id for c in proposed}
+    ((left_out, why),) = skipped
+    assert left_out.id == "ort-tensorrt-fp16"
+    assert why.startswith("onnxruntime here has no TensorRT provider: pip install onnxruntime-gpu")
+
+
+@pytest.mark.skipif(
+    "CUDAExecutionProvider" in runtimes.available_providers(), reason="onnxruntime-gpu here"
+)
+def test_onnxruntime_gpu_candidates_are_left_out_with_the_reason_here(mlp: Model) -> None:
+    """The real onnxruntime here is the CPU wheel, as on the GPU machine mahir is measured on:
+    its GPU candidates are listed as left out, with the fix."""
+    proposed, skipped = propose(mlp, H200, "latency", device=CUDA)
+    assert not any(c.recipe.runtime.startswith("onnxruntime") for c in proposed)
+    reasons = {c.id: why for c, why in skipped}
+    for cid in ("ort-cuda-fp16", "ort-tensorrt-fp16"):
+        assert reasons[cid].startswith("onnxruntime here has no CUDA provider: pip install ")
+    assert "torch-tensorrt" not in reasons  # no runtime for it: not a candidate at all
 
 
 def test_only_a_sentence_encoder_pools_or_packs_in_the_model_on_a_gpu(mlp: Model) -> None:

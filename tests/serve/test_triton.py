@@ -22,20 +22,26 @@ from tritonclient.grpc import model_config_pb2 as pb
 
 from mahir.model import Model
 from mahir.outdir import open_output_dir
+from mahir.passes.quantize import DynamicInt8
 from mahir.quality import fidelity
 from mahir.recipe import Recipe
 from mahir.runtimes import open_session, reference_outputs
 from mahir.search.apply import Applied, apply_recipe, write_output_dir
+from mahir.serve.triton import cpu_int8_ops
 from mahir.types import Artifact, Outputs
 from mahir.workload import Batch
 from tests.helpers import cli, mahir
 
 TYPES = {"int64": "TYPE_INT64", "int32": "TYPE_INT32", "float32": "TYPE_FP32"}
+INT8 = DynamicInt8(per_channel=True)
 
 
-def write_dir(model: Model, runtime: str, out: Path, artifact: Artifact | None = None) -> Path:
-    """An output directory of `model` on `runtime`: built by apply, or around `artifact`."""
-    recipe = Recipe((), runtime)
+def write_dir(
+    model: Model, runtime: str, out: Path, artifact: Artifact | None = None, steps: tuple = ()
+) -> Path:
+    """An output directory of `model` on `runtime`: built by apply (with `steps`), or around
+    `artifact`."""
+    recipe = Recipe(steps, runtime)
     if artifact is None:
         applied = apply_recipe(model, recipe, out.parent / "work", calibration=(), evaluation=())
     else:
@@ -73,6 +79,7 @@ def dirs(
         "mlp-ir": (mlp, write_dir(mlp, "openvino", root / "d" / "mlp-ir", ir_of(mlp, root / "e"))),
         "minilm-ir": (minilm, write_dir(minilm, "openvino", root / "f" / "minilm-ir", minilm_ir)),
         "mlp-torch": (mlp, write_dir(mlp, "torch", root / "g" / "mlp-torch")),
+        "mlp-int8": (mlp, write_dir(mlp, "onnxruntime", root / "h" / "mlp", steps=(INT8,))),
     }
 
 
@@ -189,10 +196,63 @@ def test_tuner_batching_instances_gpu_and_name(
     assert config.dynamic_batching.max_queue_delay_microseconds == 2500
     ((group,),) = [config.instance_group]
     assert (group.count, group.kind) == (3, pb.ModelInstanceGroup.KIND_GPU)
+    assert list(group.gpus) == []  # every GPU Triton sees
+    assert not config.HasField("optimization")  # the CUDA provider alone
     assert (
         json.loads((repo / "tuned_mlp" / "mahir.json").read_text())["batching"]["max_batch_size"]
         == 8
     )
+
+
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_gpu_instances_on_named_gpus_with_tensorrt(
+    dirs: dict[str, tuple[Model, Path]], tmp_path: Path, precision: str
+) -> None:
+    """`--gpu-index` pins the instances (count on each GPU named), `--tensorrt` adds ONNX
+    Runtime's TensorRT accelerator; batching, tensors and the fp32 model stay as on the CPU."""
+    model, out = dirs["minilm-onnx"]
+    gpus = ["--gpu", "--gpu-index", "1", "--gpu-index", "0", "--instances", "2"]
+    done = cli("export", str(out), "--triton", str(tmp_path), *gpus, "--tensorrt", precision)
+    assert done.returncode == 0, done.stderr
+    folder = tmp_path / "all-MiniLM-L6-v2"
+    config = parse(folder)
+    ((group,),) = [config.instance_group]
+    assert (group.count, group.kind, list(group.gpus)) == (
+        2,
+        pb.ModelInstanceGroup.KIND_GPU,
+        [1, 0],
+    )
+    ((accelerator,),) = [config.optimization.execution_accelerators.gpu_execution_accelerator]
+    assert accelerator.name == "tensorrt"
+    assert dict(accelerator.parameters) == {"precision_mode": precision.upper()}
+    assert not config.optimization.execution_accelerators.cpu_execution_accelerator
+    assert config.platform == "onnxruntime_onnx"
+    assert list(config.dynamic_batching.preferred_batch_size) == [32]
+    assert [i.name for i in config.input] == [t.name for t in model.spec.inputs]
+    assert cpu_int8_ops(folder / "1" / "model.onnx") == []  # the float graph, as on the CPU
+    assert (folder / "1" / "model.onnx").read_bytes() == (out / "model" / "model.onnx").read_bytes()
+
+
+def test_an_int8_onnx_for_cpus_is_refused_on_gpus_and_nothing_is_lost(
+    dirs: dict[str, tuple[Model, Path]], tmp_path: Path
+) -> None:
+    """int8 quantized for CPUs runs slower on a GPU than fp32: one line with the fix, before
+    anything is written; the same directory exports to CPU instances as before."""
+    out = dirs["mlp-int8"][1]
+    assert "MatMulInteger" in cpu_int8_ops(out / "model" / "model.onnx")
+    repo = tmp_path / "repo"
+    assert cli("export", str(out), "--triton", str(repo)).returncode == 0  # CPUs: fine
+    before = {p: p.read_bytes() for p in (repo / "mlp").rglob("*") if p.is_file()}
+    for args in (["--triton", str(repo)], ["--kserve", "--storage-uri", "s3://b/r"]):
+        done = cli("export", str(out), *args, "--gpu")
+        assert done.returncode == 2
+        (line,) = done.stderr.strip().splitlines()
+        assert "quantized to int8 for CPUs (" in line
+        assert "drop --gpu" in line
+        assert str(out / "recipe.yaml") in line
+        assert done.stdout == ""
+    assert {p: p.read_bytes() for p in (repo / "mlp").rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in repo.iterdir()) == ["mlp"]
 
 
 def test_kserve_manifest_to_stdout_and_to_a_file(
@@ -222,6 +282,11 @@ def test_kserve_manifest_to_stdout_and_to_a_file(
     on_gpu = yaml.safe_load(file.read_text())["spec"]["predictor"]["model"]
     assert on_gpu["storageUri"] == "pvc://claim/repo"
     assert on_gpu["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    # A pod numbers its GPUs from 0: for instances on GPU 2, it asks for three.
+    done = cli("export", str(out), *args, "--gpu-index", "2")
+    assert done.returncode == 0, done.stderr
+    resources = yaml.safe_load(file.read_text())["spec"]["predictor"]["model"]["resources"]
+    assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == "3"
 
 
 @pytest.mark.parametrize(
@@ -234,6 +299,12 @@ def test_kserve_manifest_to_stdout_and_to_a_file(
         (["--kserve", "--storage-uri", "s3://b/r", "--instances", "0"], "--instances"),
         (["--triton", "{repo}", "--name", "a b"], "no Triton model name"),
         (["--triton", "{repo}", "--out", "{repo}.yaml"], "add --kserve"),
+        (["--triton", "{repo}", "--gpu-index", "0"], "add --gpu"),
+        (["--triton", "{repo}", "--tensorrt", "fp16"], "add --gpu"),
+        (["--kserve", "--storage-uri", "s3://b/r", "--gpu", "--tensorrt", "fp16"], "add --triton"),
+        (["--triton", "{repo}", "--gpu", "--tensorrt", "int8"], "give fp16 or fp32"),
+        (["--triton", "{repo}", "--gpu", "--gpu-index", "-1"], "no GPU index"),
+        (["--triton", "{repo}", "--gpu", "--gpu-index", "0", "--gpu-index", "0"], "given twice"),
     ],
 )
 def test_bad_options_get_one_line_and_write_nothing(

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from mahir.cli.common import console, errors, guard
 from mahir.errors import BadInput
+
+if TYPE_CHECKING:
+    from mahir.serve.triton import GpuPlacement
 
 
 def export(
@@ -36,6 +39,23 @@ def export(
     gpu: Annotated[
         bool, typer.Option("--gpu", help="Run the instances on GPUs (KIND_GPU).")
     ] = False,
+    gpu_index: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--gpu-index",
+            help="With --gpu: a GPU to place instances on (--instances on each); repeat. "
+            "Default: every GPU Triton sees.",
+            show_default=False,
+        ),
+    ] = None,
+    tensorrt: Annotated[
+        str | None,
+        typer.Option(
+            "--tensorrt",
+            help="With --gpu: ONNX Runtime hands the graph to TensorRT, fp16 or fp32.",
+            show_default=False,
+        ),
+    ] = None,
     storage_uri: Annotated[
         str | None,
         typer.Option(
@@ -60,11 +80,28 @@ def export(
             kserve,
             name=name,
             instances=instances,
-            gpu=gpu,
+            gpu=_placement(gpu, tuple(gpu_index or ()), tensorrt, triton=triton is not None),
             storage_uri=storage_uri,
             out=out,
         ),
     )
+
+
+def _placement(
+    gpu: bool, indices: tuple[int, ...], tensorrt: str | None, *, triton: bool
+) -> GpuPlacement | None:
+    """The GPU settings as one value, or one line saying which flag is missing."""
+    from mahir.serve.triton import GpuPlacement
+
+    if indices and not gpu:
+        raise BadInput(f"--gpu-index {indices[0]} places instances on GPUs: add --gpu")
+    if tensorrt is not None and not gpu:
+        raise BadInput("--tensorrt runs the model on GPUs: add --gpu")
+    if tensorrt is not None and not triton:
+        raise BadInput("--tensorrt is a setting of the Triton model: add --triton REPO_DIR")
+    if not gpu:
+        return None
+    return GpuPlacement(indices, tensorrt)  # type: ignore[arg-type]  # checked in __post_init__
 
 
 def _run_export(
@@ -74,7 +111,7 @@ def _run_export(
     *,
     name: str | None,
     instances: int,
-    gpu: bool,
+    gpu: GpuPlacement | None,
     storage_uri: str | None,
     out: Path | None,
 ) -> None:
@@ -112,7 +149,12 @@ def _run_export(
 
 
 def _service(
-    source: Path, manifest: dict[str, Any], name: str, uri: str | None, instances: int, gpu: bool
+    source: Path,
+    manifest: dict[str, Any],
+    name: str,
+    uri: str | None,
+    instances: int,
+    gpu: GpuPlacement | None,
 ) -> str:
     """The KServe InferenceService, as YAML, for a repository at `uri`."""
     from mahir.outdir import read_artifact
@@ -125,5 +167,7 @@ def _service(
         )
     size = sum(p.stat().st_size for p in read_artifact(source, manifest).files())
     return ks.to_yaml(
-        ks.inference_service(name, uri, model_bytes=size, instances=instances, gpu=gpu)
+        ks.inference_service(
+            name, uri, model_bytes=size, instances=instances, gpus=gpu.devices if gpu else 0
+        )
     )

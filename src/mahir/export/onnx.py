@@ -66,7 +66,7 @@ def export_onnx(
                     args,
                     None,
                     input_names=list(names),
-                    output_names=list(model.spec.outputs),
+                    output_names=list(source.spec.outputs),
                     dynamic_shapes=dynamic_shapes,
                     opset_version=opset,
                     dynamo=True,
@@ -80,9 +80,10 @@ def export_onnx(
         _check_dynamic_axes(model, draft)
         # torch.onnx.export restores training flags it touched; answers must come from eval mode.
         module.eval()
-        artifact = Artifact("onnx", model.spec, path=draft)
+        # The source's outputs, which a pass may have changed (a pooled module's embedding).
+        artifact = Artifact("onnx", source.spec, path=draft)
         verify(model, artifact, "onnxruntime", what="ONNX export", reference=source)
-    return Artifact("onnx", model.spec, path=path, meta=source.meta)
+    return Artifact("onnx", source.spec, path=path, meta=source.meta)
 
 
 @contextlib.contextmanager

@@ -6,7 +6,9 @@ on (`open_session` refuses others before the framework is imported). The runtime
 their framework at the top, so they are imported only when a session is opened: listing runtimes
 costs nothing. `inputs_fit` and `input_error` are shared by the runtime modules: after a runtime
 raised, they tell the caller's mistake (BadInput naming the expected inputs) from the runtime's
-own failure. A runtime knows nothing of passes, search or serving.
+own failure. A runtime that needs ONNX Runtime providers on a GPU names them (`providers`):
+`unavailable` reads this machine's build before a session opens, and search and bench leave it
+out with that reason. A runtime knows nothing of passes, search or serving.
 """
 
 from __future__ import annotations
@@ -56,10 +58,40 @@ class Runtime:
     machine without OpenVINO), and then the runtime is left out, not crashed into."""
     concurrent: bool = False
     """Whether one session runs batches from several threads at once (a server's workers)."""
+    providers: tuple[str, ...] = ()
+    """ONNX Runtime execution providers it needs on a CUDA GPU: the CPU wheel has none of them,
+    and then it is left out there with the reason (`unavailable`), not crashed into."""
 
     def missing(self) -> str | None:
         """The package to install before this runtime can run here, or None."""
         return None if importlib.util.find_spec(self.package) else self.package
+
+    def unavailable(self, device: Device) -> str | None:
+        """Why it cannot run on `device` on this machine although its package is installed (on a
+        GPU, an ONNX Runtime provider this build lacks), in one line with the fix; else None."""
+        if device.kind != "cuda" or not self.providers:
+            return None
+        have = available_providers()
+        lacking = [p for p in self.providers if p not in have]
+        return _NO_PROVIDER[lacking[0]] if lacking else None
+
+
+_NO_PROVIDER = {
+    "CUDAExecutionProvider": "onnxruntime here has no CUDA provider: pip install onnxruntime-gpu "
+    "(in place of onnxruntime)",
+    "TensorrtExecutionProvider": "onnxruntime here has no TensorRT provider: pip install "
+    "onnxruntime-gpu (in place of onnxruntime) and TensorRT",
+}
+
+
+def available_providers() -> tuple[str, ...]:
+    """The execution providers this machine's onnxruntime build has; none without onnxruntime.
+    Read when asked, so that listing runtimes imports nothing."""
+    if importlib.util.find_spec("onnxruntime") is None:
+        return ()
+    import onnxruntime
+
+    return tuple(onnxruntime.get_available_providers())
 
 
 def _torch_eager(artifact: Artifact, options: RuntimeOptions) -> Session:
@@ -78,6 +110,12 @@ def _onnxruntime(artifact: Artifact, options: RuntimeOptions) -> Session:
     from mahir.runtimes import onnxruntime
 
     return onnxruntime.open_session(artifact, options)
+
+
+def _onnxruntime_tensorrt(artifact: Artifact, options: RuntimeOptions) -> Session:
+    from mahir.runtimes import onnxruntime
+
+    return onnxruntime.open_session(artifact, options, tensorrt=True)
 
 
 def _openvino(artifact: Artifact, options: RuntimeOptions) -> Session:
@@ -105,9 +143,21 @@ RUNTIMES: dict[str, Runtime] = {
         "onnxruntime",
         ("onnx",),
         _onnxruntime,
-        "ONNX Runtime, CPU provider",
+        "ONNX Runtime, CPU provider; on a CUDA GPU its CUDA provider (onnxruntime-gpu)",
+        devices=("cpu", "cuda"),
         package="onnxruntime",
         concurrent=True,  # InferenceSession.run is thread-safe
+        providers=("CUDAExecutionProvider",),
+    ),
+    "onnxruntime-tensorrt": Runtime(
+        "onnxruntime-tensorrt",
+        ("onnx",),
+        _onnxruntime_tensorrt,
+        "ONNX Runtime's TensorRT provider, fp16 kernels allowed, CUDA for the rest; CUDA GPUs",
+        devices=("cuda",),
+        package="onnxruntime",
+        concurrent=True,
+        providers=("CUDAExecutionProvider", "TensorrtExecutionProvider"),
     ),
     "openvino": Runtime(
         "openvino",
@@ -147,12 +197,20 @@ def open_session(runtime: str, artifact: Artifact, options: RuntimeOptions = _DE
         raise Unsupported(
             f"{runtime} needs {missing}, which is not installed: pip install {missing}"
         )
+    why = chosen.unavailable(options.device)
+    if why:
+        raise Unsupported(why)
     return chosen.open(artifact, options)
 
 
 def _elsewhere(device: Device) -> str:
-    """Where to turn for `device`: the runtimes that run there, or that none does yet."""
-    able = [r.name for r in RUNTIMES.values() if device.kind in r.devices]
+    """Where to turn for `device`: the runtimes that run there on this machine, or that none
+    does yet."""
+    able = [
+        r.name
+        for r in RUNTIMES.values()
+        if device.kind in r.devices and not r.missing() and not r.unavailable(device)
+    ]
     if able:
         return f"for {device} choose {', '.join(able)}"
     return f"no runtime runs on {device.kind} yet: open it on cpu"

@@ -1,8 +1,14 @@
-"""ONNX Runtime on the CPU. Threads are set explicitly (its default is every logical core, which
-oversubscribes a shared machine); inter-op parallelism is off and execution sequential because
-these graphs are one chain of ops; every graph optimization is on. `run` costs next to nothing
-over calling ONNX Runtime directly: all it needs is looked up at open time, inputs are cast only
-when their dtype differs from the graph's, and errors are sorted out only after one happened.
+"""ONNX Runtime on the CPU or a CUDA GPU. Threads are set explicitly (its default is every logical
+core, which oversubscribes a shared machine); inter-op parallelism is off and execution
+sequential because these graphs are one chain of ops; every graph optimization is on. `run`
+costs next to nothing over calling ONNX Runtime directly: all it needs is looked up at open time,
+inputs are cast only when their dtype differs from the graph's, and errors are sorted out only
+after one happened.
+
+On `cuda:N` the providers are [TensorRT (when asked, fp16 kernels allowed), CUDA, CPU] on GPU N,
+the CPU taking only the ops the others lack. ONNX Runtime drops a GPU provider that fails to load
+(a missing CUDA or TensorRT library) with a warning and runs on what is left, so a session whose
+first provider did not load is refused: a CPU timed as a GPU would be a wrong number.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 from mahir.errors import BadInput, RuntimeFailure, first_line
 from mahir.hardware import physical_cores
 from mahir.runtimes import input_error, inputs_fit
-from mahir.types import CPU, Artifact, Inputs, Outputs, RuntimeOptions
+from mahir.types import Artifact, Device, Inputs, Outputs, RuntimeOptions
 
 # What ONNX Runtime raises for a file that is not a usable model.
 _NOT_A_MODEL = (
@@ -34,10 +40,15 @@ _NUMPY_NAMES = frozenset(
 
 
 class OnnxRuntimeSession:
-    runtime = "onnxruntime"
-    device = CPU
-
-    def __init__(self, session: ort.InferenceSession, outputs: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        outputs: tuple[str, ...],
+        device: Device,
+        runtime: str = "onnxruntime",
+    ) -> None:
+        self.runtime = runtime
+        self.device = device
         self._session = session
         self._outputs = list(outputs)
         declared = session.get_inputs()
@@ -68,13 +79,18 @@ class OnnxRuntimeSession:
             "execution_mode": settings.execution_mode.name.removeprefix("ORT_").lower(),
             "graph_optimization": settings.graph_optimization_level.name.removeprefix("ORT_"),
             "providers": self._session.get_providers(),
+            "device": str(self.device),
             "version": ort.__version__,
         }
 
 
-def open_session(artifact: Artifact, options: RuntimeOptions) -> OnnxRuntimeSession:
-    """Open the ONNX file on the CPU provider with explicit threads and every optimization."""
+def open_session(
+    artifact: Artifact, options: RuntimeOptions, *, tensorrt: bool = False
+) -> OnnxRuntimeSession:
+    """Open the ONNX file with explicit threads and every optimization: on the CPU provider, or
+    on a CUDA device its providers (TensorRT first when `tensorrt`)."""
     path = _model_path(artifact)
+    providers = _providers(options.device, tensorrt=tensorrt)
     settings = ort.SessionOptions()
     settings.intra_op_num_threads = options.threads or physical_cores()
     settings.inter_op_num_threads = 1
@@ -82,19 +98,40 @@ def open_session(artifact: Artifact, options: RuntimeOptions) -> OnnxRuntimeSess
     settings.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     settings.log_severity_level = 3  # errors only: warnings about unused initializers are noise
     try:
-        session = ort.InferenceSession(str(path), settings, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), settings, providers=providers)
     except _NOT_A_MODEL as err:
         reason = first_line(err)
         raise BadInput(f"{path} is not a valid ONNX model: {reason}; re-export it") from err
     except Exception as err:  # Fail, NotImplemented (an op it lacks), ...
         raise RuntimeFailure(f"ONNX Runtime cannot open {path}: {first_line(err)}") from err
+    first = providers[0][0]
+    if first not in session.get_providers():
+        libraries = "TensorRT" if tensorrt else "CUDA and cuDNN"
+        raise RuntimeFailure(
+            f"ONNX Runtime {ort.__version__} could not load its {first} on {options.device} (it "
+            f"fell back to {', '.join(session.get_providers())}): put the {libraries} libraries "
+            "this onnxruntime-gpu was built for on the library path"
+        )
     graph_outputs = [o.name for o in session.get_outputs()]
     missing = [name for name in artifact.spec.outputs if name not in graph_outputs]
     if missing:
         raise BadInput(
             f"{path} has no outputs named {missing} (it has {graph_outputs}); re-export it"
         )
-    return OnnxRuntimeSession(session, artifact.spec.outputs)
+    runtime = "onnxruntime-tensorrt" if tensorrt else "onnxruntime"
+    return OnnxRuntimeSession(session, artifact.spec.outputs, options.device, runtime)
+
+
+def _providers(device: Device, *, tensorrt: bool) -> list[tuple[str, dict[str, Any]]]:
+    """The providers in ONNX Runtime's order of preference, each with its options."""
+    cpu: tuple[str, dict[str, Any]] = ("CPUExecutionProvider", {})
+    if device.kind == "cpu":
+        return [cpu]
+    on = {"device_id": device.index}
+    cuda = ("CUDAExecutionProvider", on)
+    if not tensorrt:
+        return [cuda, cpu]
+    return [("TensorrtExecutionProvider", {**on, "trt_fp16_enable": True}), cuda, cpu]
 
 
 def _model_path(artifact: Artifact) -> Path:

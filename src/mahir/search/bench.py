@@ -197,7 +197,8 @@ def runnable_runtimes(
 ) -> tuple[str, ...]:
     """The runtimes to measure: those asked for, each refused with the reason if no conversion
     leads from this model's source to what it opens, it does not run on `device`, or its package
-    is not installed; none asked: the defaults that can."""
+    (or, on a GPU, its ONNX Runtime provider) is not installed; none asked: the defaults that
+    can."""
     missing = {name: package for name, r in RUNTIMES.items() if (package := r.missing())}
     absent = [
         f"{name} needs {missing[name]} (pip install {missing[name]})"
@@ -210,15 +211,21 @@ def runnable_runtimes(
     convertible = [
         name for name, r in RUNTIMES.items() if reachable(source, r.formats) and name not in missing
     ]
-    able = [name for name in convertible if device.kind in RUNTIMES[name].devices]
+    there = [name for name in convertible if device.kind in RUNTIMES[name].devices]
+    lacking = {name: why for name in there if (why := RUNTIMES[name].unavailable(device))}
+    able = [name for name in there if name not in lacking]
     unconvertible = sorted(set(asked) - set(convertible))
     if unconvertible:
         raise BadInput(
             f"{', '.join(unconvertible)} run PyTorch modules, and {model.name} is an ONNX "
             f"file: choose from {', '.join(able)}"
         )
+    refused = sorted({lacking[name] for name in asked if name in lacking})
+    if refused:
+        raise BadInput("; ".join(refused))
     if not able:
-        raise BadInput(f"no runtime runs {model.name} on {device} yet: use --device cpu")
+        why = f" here ({'; '.join(sorted(set(lacking.values())))})" if lacking else " yet"
+        raise BadInput(f"no runtime runs {model.name} on {device}{why}: use --device cpu")
     elsewhere = sorted(set(asked) - set(able))
     if elsewhere:
         raise BadInput(

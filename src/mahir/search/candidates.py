@@ -27,7 +27,7 @@ from mahir.passes.quantize import DynamicInt8, StaticInt8
 from mahir.passes.torchao import TorchaoInt8
 from mahir.recipe import Recipe
 from mahir.runtimes import reference_runtime
-from mahir.search.cuda import Entry, cuda_baseline, cuda_entries
+from mahir.search.cuda import Entry, cuda_baseline, cuda_entries, onnxruntime_entries
 from mahir.types import CPU, Device, OpenVinoOptions, RuntimeOptions
 
 Objective = Literal["latency", "throughput"]
@@ -72,7 +72,8 @@ def propose(
     source) is not proposed."""
     if device.kind == "cuda":
         first = Candidate(*cuda_baseline(model, device))
-        return _split(first, cuda_entries(model, machine, device))
+        entries = cuda_entries(model, machine, device) + onnxruntime_entries(model, device)
+        return _split(first, entries)
     return _split(baseline(model), _cpu_entries(model, machine, objective, max_drop))
 
 

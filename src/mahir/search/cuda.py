@@ -23,9 +23,10 @@ from mahir.model import Model
 from mahir.passes.float8 import FP8_COMPUTE_CAPABILITY, TorchaoFloat8
 from mahir.passes.packing import PackSequences
 from mahir.passes.pooling import PoolInModel
-from mahir.passes.precision import TorchLowPrecision
+from mahir.passes.precision import Float16, TorchLowPrecision
 from mahir.passes.torchao import INSTALL
 from mahir.recipe import Recipe
+from mahir.runtimes import get_runtime
 from mahir.types import Device, RuntimeOptions
 
 Entry = tuple[str, str, Recipe, str | None]
@@ -114,3 +115,34 @@ def _no_torchao() -> str | None:
     if importlib.util.find_spec("torchao") is None:
         return f"fp8 needs torchao: {INSTALL}"
     return None
+
+
+def onnxruntime_entries(model: Model, device: Device) -> list[Entry]:
+    """ONNX Runtime's GPU providers, after PyTorch's candidates: CUDA on an fp16 graph, and
+    TensorRT (fp16 kernels allowed) on the fp32 one, pooled inside like the rest. Each is left
+    out, with the reason, where this machine's onnxruntime lacks the provider (the CPU wheel).
+    torch-tensorrt is not here: mahir has no runtime for it yet."""
+    on = _on(device)
+    pooled: tuple[Any, ...] = (PoolInModel(),) if model.family.pools else ()
+    suffix = ", pooled on the GPU" if pooled else ""
+    cuda, tensorrt = "onnxruntime", "onnxruntime-tensorrt"
+    return [
+        (
+            "ort-cuda-fp16",
+            f"ONNX Runtime, CUDA provider, fp16 graph{suffix}",
+            Recipe((*pooled, Float16()), cuda, on),
+            _lacks(cuda, device),
+        ),
+        (
+            "ort-tensorrt-fp16",
+            f"ONNX Runtime, TensorRT provider, fp16 kernels allowed{suffix}",
+            Recipe(pooled, tensorrt, on),
+            _lacks(tensorrt, device),
+        ),
+    ]
+
+
+def _lacks(runtime: str, device: Device) -> str | None:
+    chosen = get_runtime(runtime)
+    missing = chosen.missing()
+    return f"needs {missing}: pip install {missing}" if missing else chosen.unavailable(device)

@@ -21,9 +21,10 @@ _MIB = 2**20
 
 
 def inference_service(
-    name: str, storage_uri: str, *, model_bytes: int, instances: int = 1, gpu: bool = False
+    name: str, storage_uri: str, *, model_bytes: int, instances: int = 1, gpus: int = 0
 ) -> dict[str, Any]:
-    """The InferenceService for a repository at `storage_uri` (s3://, gs://, pvc://, https://)."""
+    """The InferenceService for a repository at `storage_uri` (s3://, gs://, pvc://, https://);
+    `gpus`: the GPUs its pod asks for (0: none)."""
     if not re.match(r"[a-z][a-z0-9+.-]*://\S+$", storage_uri):
         raise BadInput(
             f"--storage-uri {storage_uri!r} is no URI: give where the Triton repository will be, "
@@ -41,23 +42,24 @@ def inference_service(
                     "modelFormat": {"name": "triton"},
                     "protocolVersion": "v2",
                     "storageUri": storage_uri,
-                    "resources": resources(model_bytes, instances=instances, gpu=gpu),
+                    "resources": resources(model_bytes, instances=instances, gpus=gpus),
                 }
             }
         },
     }
 
 
-def resources(model_bytes: int, *, instances: int = 1, gpu: bool = False) -> dict[str, Any]:
+def resources(model_bytes: int, *, instances: int = 1, gpus: int = 0) -> dict[str, Any]:
     """CPU and memory for Triton with `instances` copies of a model of `model_bytes`: 1 GiB for
     the server plus three times the weights per instance (weights, runtime copies, activations),
-    limits at twice the requests so a burst does not get the pod killed."""
+    limits at twice the requests so a burst does not get the pod killed; `gpus` NVIDIA GPUs
+    (requests and limits alike, as Kubernetes wants for extended resources)."""
     memory_mib = 1024 + 3 * instances * model_bytes / _MIB
     memory_mib = 256 * math.ceil(memory_mib / 256)
     requests: dict[str, str] = {"cpu": str(instances), "memory": f"{memory_mib}Mi"}
     limits: dict[str, str] = {"cpu": str(2 * instances), "memory": f"{2 * memory_mib}Mi"}
-    if gpu:
-        requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = "1"
+    if gpus:
+        requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(gpus)
     return {"requests": requests, "limits": limits}
 
 

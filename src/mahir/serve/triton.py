@@ -12,6 +12,11 @@ it: a config that says -1 where the graph has a fixed size fails to load. Triton
 not text or images: for a text model tokenization and pooling stay with the client (mahir.json
 has both), for an image model decoding and the image processor (mahir.json has the labels).
 
+On GPUs (`GpuPlacement`) the instances are KIND_GPU, on the GPUs named (else on every GPU
+Triton sees), and ONNX Runtime may hand the graph to TensorRT (`gpu_execution_accelerator`) at
+fp16 or fp32. The ONNX must be a float one: an int8 graph quantized for CPUs (integer MatMuls,
+QDQ pairs) runs slower on a GPU than fp32, so it is refused before anything is written.
+
 The batching settings are the batching tuner's (`batching` in mahir.json) when it ran, else
 `DEFAULT_MAX_BATCH` and `DEFAULT_DELAY_US`. Opens artifacts read-only with onnx/openvino; never
 imports passes or search.
@@ -24,7 +29,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -74,9 +79,48 @@ class Batching:
     delay_us: int
 
 
-def check_exportable(manifest: dict[str, Any], out: Path, *, gpu: bool = False) -> str:
+_CPU_INT8_OPS = frozenset(
+    "DynamicQuantizeLinear MatMulInteger ConvInteger QuantizeLinear DequantizeLinear QGemm "
+    "QAttention DynamicQuantizeMatMul MatMulIntegerToFloat".split()
+)
+"""What ONNX Runtime's int8 quantizers leave in a graph (dynamic and QDQ alike), besides the
+QLinear* ops: kernels written for CPUs' int8 instructions."""
+
+
+@dataclass(frozen=True, slots=True)
+class GpuPlacement:
+    """Triton instances on GPUs (KIND_GPU): `count` instances on each GPU of `gpus`, or on every
+    GPU Triton sees when empty; `tensorrt`, the precision ONNX Runtime's TensorRT accelerator
+    builds its engines in (None: the CUDA provider alone)."""
+
+    gpus: tuple[int, ...] = ()
+    """CUDA indices as the server numbers them (in a Kubernetes pod: from 0)."""
+    tensorrt: Literal["fp16", "fp32"] | None = None
+    """TensorRT's precision_mode; fp16 lets TensorRT pick fp16 kernels where they are faster."""
+
+    def __post_init__(self) -> None:
+        for index in self.gpus:
+            if index < 0:
+                raise BadInput(f"--gpu-index {index} is no GPU index: give 0, 1, ...")
+            if self.gpus.count(index) > 1:
+                raise BadInput(f"--gpu-index {index} is given twice: name each GPU once")
+        if self.tensorrt not in (None, "fp16", "fp32"):
+            raise BadInput(
+                f"--tensorrt {self.tensorrt!r} is no TensorRT precision: give fp16 or fp32"
+            )
+
+    @property
+    def devices(self) -> int:
+        """GPUs a machine (a pod) needs for every named index to exist there."""
+        return max(self.gpus) + 1 if self.gpus else 1
+
+
+def check_exportable(
+    manifest: dict[str, Any], out: Path, *, gpu: GpuPlacement | None = None
+) -> str:
     """The artifact's format, or Unsupported for one Triton has no mahir backend for (or, on
-    GPUs, OpenVINO IR: that backend runs KIND_CPU instances only)."""
+    GPUs, OpenVINO IR: that backend runs KIND_CPU instances only; and an int8 ONNX quantized
+    for CPUs)."""
     fmt = str(manifest.get("format"))
     spec = manifest.get("spec")
     if "model_file" not in manifest or not isinstance(spec, dict) or not spec.get("inputs"):
@@ -87,12 +131,29 @@ def check_exportable(manifest: dict[str, Any], out: Path, *, gpu: bool = False) 
             "optimize with --only an onnxruntime/openvino candidate, or mahir apply a recipe with "
             "runtime onnxruntime or openvino"
         )
-    if gpu and fmt == "openvino":
+    if gpu is not None and fmt == "openvino":
         raise Unsupported(
             f"{out} holds OpenVINO IR, and Triton's OpenVINO backend runs on CPUs only (KIND_CPU): "
             "drop --gpu, or export an ONNX artifact (mahir apply a recipe with runtime onnxruntime)"
         )
+    if gpu is not None and fmt == "onnx":
+        int8 = cpu_int8_ops(_model_file(out, manifest))
+        if int8:
+            raise Unsupported(
+                f"{out} holds an ONNX model quantized to int8 for CPUs ({', '.join(int8[:3])}), "
+                "which a GPU runs slower than fp32: drop --gpu, or export a float one (mahir "
+                f"apply {out / 'recipe.yaml'} with its int8 steps deleted, runtime onnxruntime)"
+            )
     return fmt
+
+
+def cpu_int8_ops(model_file: Path) -> list[str]:
+    """The int8 op types in an ONNX graph (subgraphs aside), sorted; empty for a float graph."""
+    import onnx
+
+    graph = onnx.load(str(model_file), load_external_data=False).graph
+    found = {n.op_type for n in graph.node}
+    return sorted(op for op in found if op in _CPU_INT8_OPS or op.startswith("QLinear"))
 
 
 def default_name(manifest: dict[str, Any], out: Path) -> str:
@@ -102,10 +163,16 @@ def default_name(manifest: dict[str, Any], out: Path) -> str:
 
 
 def write_triton_repo(
-    out: Path, repo: Path, *, name: str | None = None, instances: int = 1, gpu: bool = False
+    out: Path,
+    repo: Path,
+    *,
+    name: str | None = None,
+    instances: int = 1,
+    gpu: GpuPlacement | None = None,
 ) -> Path:
     """Add `out`'s model to the repository at `repo` as `repo/<name>`, atomically; returns that
-    folder. Replaces only a model folder mahir wrote, in a folder that is a Triton repository."""
+    folder. Replaces only a model folder mahir wrote, in a folder that is a Triton repository.
+    `gpu`: instances on GPUs; None: on CPUs."""
     manifest = read_manifest(out)
     fmt = check_exportable(manifest, out, gpu=gpu)
     name = name or default_name(manifest, out)
@@ -114,7 +181,7 @@ def write_triton_repo(
     if instances < 1:
         raise BadInput(f"--instances must be at least 1, got {instances}")
     _check_repo(repo, name)
-    model_file = out / manifest["model_file"]
+    model_file = _model_file(out, manifest)
     text = config_text(
         manifest, read_tensors(fmt, model_file), name=name, instances=instances, gpu=gpu
     )
@@ -144,7 +211,7 @@ def config_text(
     *,
     name: str,
     instances: int = 1,
-    gpu: bool = False,
+    gpu: GpuPlacement | None = None,
 ) -> str:
     """config.pbtxt for the manifest's model: the ModelConfig message in protobuf text form."""
     from google.protobuf import text_format
@@ -170,8 +237,14 @@ def config_text(
     if batching.max_batch_size:
         config.dynamic_batching.preferred_batch_size.append(batching.max_batch_size)
         config.dynamic_batching.max_queue_delay_microseconds = batching.delay_us
-    kind = pb.ModelInstanceGroup.KIND_GPU if gpu else pb.ModelInstanceGroup.KIND_CPU
-    config.instance_group.add(count=instances, kind=kind)
+    if gpu is None:
+        config.instance_group.add(count=instances, kind=pb.ModelInstanceGroup.KIND_CPU)
+    else:
+        kind = pb.ModelInstanceGroup.KIND_GPU
+        config.instance_group.add(count=instances, kind=kind, gpus=gpu.gpus)
+    if gpu is not None and gpu.tensorrt:
+        accelerators = config.optimization.execution_accelerators.gpu_execution_accelerator
+        accelerators.add(name="tensorrt").parameters["precision_mode"] = gpu.tensorrt.upper()
     for key, value in _parameters(fmt, manifest, batching).items():
         config.parameters[key].string_value = value
     if fmt == "openvino":
@@ -194,6 +267,13 @@ def read_batching(manifest: dict[str, Any]) -> Batching:
     if size < 1 or delay_ms < 0:
         raise BadInput(f"mahir.json batching {tuned!r} is out of range: tune again")
     return Batching(size, round(delay_ms * 1000))
+
+
+def _model_file(out: Path, manifest: dict[str, Any]) -> Path:
+    model_file = out / str(manifest["model_file"])
+    if not model_file.is_file():
+        raise BadInput(f"{model_file} is missing: write the output directory again")
+    return model_file
 
 
 def read_tensors(fmt: str, model_file: Path) -> dict[str, Tensor]:
