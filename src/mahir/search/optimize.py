@@ -32,7 +32,7 @@ from mahir.hardware import Machine, detect
 from mahir.measure import load_summary
 from mahir.model import Model, load_model
 from mahir.passes import PassContext
-from mahir.peaks import Peaks, device_name, device_peaks
+from mahir.peaks import Peaks, device_name, device_peaks, rate
 from mahir.report.schema import (
     BudgetRecord,
     CandidateRecord,
@@ -321,6 +321,8 @@ def optimize(
     inputs = gather(model, config)
     workload, evidence = inputs.workload, inputs.evidence
     cost = model_cost(model, workload.batches)
+    counted = ", ".join(f"batch {n}: {rate(f)}FLOP" for n, f in cost.flops_per_batch.items())
+    on_event(baseline, f"FLOPs per forward: {counted or cost.note}")
     ctx = PassContext(model=model, workdir=workdir, calibration=inputs.calibration, machine=machine)
     builder = ArtifactBuilder(ctx)
     build_deadline = None
