@@ -20,6 +20,18 @@ TESTS = Path(__file__).parent
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def peaks_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Measured peaks (`mahir.peaks`) cached for the session in its own folder, never in the
+    user's: measured once, by whichever test first needs them (CLI processes inherit it)."""
+    from mahir.peaks import CACHE_ENV
+
+    folder = tmp_path_factory.mktemp("mahir-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CACHE_ENV, str(folder))
+        yield folder
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """`gpu` tests run where torch sees a CUDA GPU and are skipped, saying so, elsewhere."""
     import torch

@@ -3,6 +3,7 @@
 
 Never assume a feature: CI and development machines change CPU between runs (AMD Zen 4 without
 AMX one day, Intel Xeon with AMX the next). Every recorded number carries `Machine.summary()`.
+What the machine can do, measured (matmul peaks per dtype), is `peaks.py`'s.
 """
 
 from __future__ import annotations

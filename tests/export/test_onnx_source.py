@@ -53,7 +53,12 @@ def test_optimize_an_onnx_file_names_its_baseline(mlp_onnx: Model, tmp_path: Pat
     assert by_id["onnxruntime"].speedup == pytest.approx(1.0)
     assert by_id["torch"].status == "skipped"
     assert result.best is not None
+    assert report.cost is not None
+    assert report.cost.flops_per_batch == {}
+    assert (report.cost.note or "").startswith("not counted: an ONNX source")
+    assert all(not c.utilization for c in report.candidates)
     html = render_html(report)
+    assert "not counted: an ONNX source" in html
     assert "speedup over ONNX Runtime fp32" in html
     assert "over PyTorch eager" not in html
 

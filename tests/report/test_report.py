@@ -294,6 +294,58 @@ def test_throughput_objective_judges_the_best_batch(report: dict[str, Any]) -> N
     assert "(batch 32)" in render_html(Report.from_dict(report))
 
 
+def _with_peaks(report: dict[str, Any]) -> dict[str, Any]:
+    """The example as a run with peaks writes it: the device, its peaks, the model's FLOPs."""
+    report["device"] = {
+        "device": "cpu",
+        "name": "AMD EPYC 9R14 96-Core Processor",
+        "method": "torch 2.13.0 square matmuls, 2 threads, best of 5, by the host clock",
+        "peaks": [
+            {"dtype": "fp32", "flops_per_s": 118e9, "size": 512, "measured": "2026-11-25T09:00"},
+            {"dtype": "bf16", "flops_per_s": 390e9, "size": 512, "measured": "2026-11-25T09:00"},
+        ],
+    }
+    report["cost"] = {"flops_per_batch": {"1": 1.7e8}, "method": "torch FlopCounterMode"}
+    for cid, precision, peak in (("ov-bf16", "bf16", 390e9), ("ov-nncf-int8", "int8", 390e9)):
+        seconds = _by_id(report, cid)["perf"]["1"]["p50_ms"] / 1e3
+        note = (
+            "int8 against the best float peak (bf16): none measured"
+            if precision == "int8"
+            else None
+        )
+        _by_id(report, cid)["utilization"] = {
+            "1": {"flops_per_s": 1.7e8 / seconds, "precision": precision, "peak": "bf16",
+                  "fraction": 1.7e8 / seconds / peak, "note": note}
+        }  # fmt: skip
+    return report
+
+
+def test_the_page_names_the_device_its_measured_peaks_and_each_share(
+    report: dict[str, Any],
+) -> None:
+    page = render_html(Report.from_dict(_with_peaks(report)))
+    assert "<dt>Measured peak</dt><dd>fp32 118 GFLOP/s, bf16 390 GFLOP/s (torch 2.13.0" in page
+    assert "<dt>Timed on</dt><dd>cpu (AMD EPYC 9R14 96-Core Processor)</dd>" in page
+    assert "batch 1: 170 MFLOP (torch FlopCounterMode)" in page
+    assert "Of peak</th>" in page
+    assert ">9.5%<small>of bf16</small>" in page  # 0.17 GFLOP in 4.6 ms of 390 GFLOP/s
+    assert ">12%<small>of bf16*</small>" in page  # int8, against the best float peak
+    assert "computing in int8; int8 against the best float peak (bf16)" in page
+    assert "datasheet" not in page
+
+
+def test_a_report_without_peaks_leaves_the_column_empty(report: dict[str, Any]) -> None:
+    page = render_html(Report.from_dict(report))
+    assert "Measured peak" not in page
+    assert "Of peak</th>" in page
+    report = _with_peaks(report)
+    report["cost"] = {"note": "not counted: an ONNX source has no torch module to count FLOPs on"}
+    for c in report["candidates"]:
+        c.pop("utilization", None)
+    page = render_html(Report.from_dict(report))
+    assert "<dt>FLOPs</dt><dd>not counted: an ONNX source" in page
+
+
 def test_write_html_replaces_atomically(report: dict[str, Any], tmp_path: Path) -> None:
     target = tmp_path / "report.html"
     target.write_text("old")

@@ -17,6 +17,8 @@ from mahir.errors import BadInput
 from mahir.model import Model
 from mahir.passes import STEP_TYPES
 from mahir.recipe import ModelSource, load_recipe
+from mahir.report.html import render_html
+from mahir.report.schema import report_json
 from mahir.search.budget import FidelityBudget
 from mahir.search.optimize import OptimizeConfig, OptimizeResult, cache_path, optimize
 
@@ -58,6 +60,29 @@ def test_the_winner_is_the_fastest_of_those_timed_longest(result: OptimizeResult
     finalists = [o for o in result.candidates if o.rounds == result.best.rounds and o.perf]
     best_speedup = result.best.speedup("latency")
     assert best_speedup == max(o.speedup("latency") or 0.0 for o in finalists)
+
+
+def test_the_report_names_the_device_its_peak_and_each_candidate_s_share_of_it(
+    result: OptimizeResult,
+) -> None:
+    report = json.loads(report_json(result.report()))
+    device = report["device"]
+    assert device["device"] == "cpu"
+    assert device["name"] == result.machine.cpu
+    assert device["peaks"][0]["dtype"] == "fp32"
+    assert device["peaks"][0]["flops_per_s"] > 0
+    per_row = 2 * (32 * 64 + 64 * 64 + 64 * 10)  # tests/models.py's MLP
+    assert report["cost"]["flops_per_batch"] == {"1": per_row, "4": 4 * per_row}
+    timed = [c for c in report["candidates"] if c["perf"]]
+    assert {c["id"] for c in timed} >= {"torch", *ONLY}
+    for candidate in timed:
+        assert candidate["utilization"].keys() == candidate["perf"].keys()
+        for size, used in candidate["utilization"].items():
+            assert used["precision"] == used["peak"] == "fp32"
+            assert 0 < used["fraction"] < 1
+            seconds = candidate["perf"][size]["p50_ms"] / 1e3
+            assert used["flops_per_s"] == pytest.approx(int(size) * per_row / seconds)
+    assert "Of peak</th>" in render_html(result.report())
 
 
 def test_save_writes_a_directory_that_loads_and_replays(

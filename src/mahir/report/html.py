@@ -24,7 +24,7 @@ import yaml
 from mahir.files import write_text_atomically
 from mahir.report import plots as look
 from mahir.report.schema import CandidateRecord as Candidate
-from mahir.report.schema import PerfRecord, QualityRecord, Report
+from mahir.report.schema import PerfRecord, QualityRecord, Report, UtilizationRecord
 from mahir.report.verdicts import (
     View,
     budget_line,
@@ -187,12 +187,13 @@ def _table(v: View) -> str:
     throughput = v.objective == "throughput"
     quality = ("Metric", "Drop") if v.fidelity == "metric" else ("Cos mean", "Cos worst")
     heads = ("Candidate", "Status", *(("Batch",) if throughput else ()), "p50 ms", "p90 ms",
-             "p99 ms", "Samples/s", "Speedup", *quality, "Size MB", "Rounds")  # fmt: skip
+             "p99 ms", "Samples/s", "Of peak", "Speedup", *quality, "Size MB",
+             "Rounds")  # fmt: skip
     head = "".join(f"<th>{h}</th>" for h in heads)
     rows = "".join(_table_row(v, c) for c in _order(v))
     note = (
         "Timings at the batch the objective judges; ~ marks noisy timing (jitter over 10%). "
-        "Hover a status for its reason."
+        "Hover a status for its reason. " + _peak_note(v)
     )
     return (
         f'<section><h2>Candidates</h2><div class="scroll"><table><thead><tr>{head}</tr></thead>'
@@ -207,22 +208,58 @@ def _table_row(v: View, c: Candidate) -> str:
     q = c.quality or QualityRecord()
     metric = v.fidelity == "metric"
     fid: Callable[[Any], str] = (lambda x: f"{x:.4g}") if metric else look.cos
-    cells: list[tuple[Any, Callable[[Any], str]]] = [
+    timing: list[tuple[Any, Callable[[Any], str]]] = [
         *(((size, str),) if v.objective == "throughput" else ()),
         (p and p.p50_ms, lambda x: ("~" if p and p.noisy else "") + look.ms(x)),
         (p and p.p90_ms, look.ms), (p and p.p99_ms, look.ms), (p and p.throughput, look.rate),
+    ]  # fmt: skip
+    rest: list[tuple[Any, Callable[[Any], str]]] = [
         (c.speedup, look.times),
         (q.get("metric" if metric else "cosine_mean"), fid),
         (q.get("metric_drop" if metric else "cosine_min"), fid),
         (c.size_mb, lambda x: f"{x:.1f}"), (c.rounds, str),
     ]  # fmt: skip
-    numbers = "".join(
-        f'<td class="n">{"&ndash;" if x is None else _e(f(x))}</td>' for x, f in cells
-    )
+    used = None if size is None else c.utilization.get(size)
     return (
         f'<tr class="{role}"><td><b>{_e(c.label)}</b><small>{_e(_where(c))} '
         f'&middot; {_e(c.id)}</small></td><td><span class="pill" style="--c:{colour}" '
-        f'title="{_e(c.reason or words)}">{words}</span></td>{numbers}</tr>'
+        f'title="{_e(c.reason or words)}">{words}</span></td>{_numbers(timing)}'
+        f"{_of_peak(used)}{_numbers(rest)}</tr>"
+    )
+
+
+def _numbers(cells: list[tuple[Any, Callable[[Any], str]]]) -> str:
+    return "".join(f'<td class="n">{"&ndash;" if x is None else _e(f(x))}</td>' for x, f in cells)
+
+
+def _of_peak(used: UtilizationRecord | None) -> str:
+    """The share of the measured peak, the peak's dtype under it; hover: FLOP/s achieved."""
+    if used is None:
+        return '<td class="n">&ndash;</td>'
+    unit = "OP" if used.peak == "int8" else "FLOP"
+    title = f"{look.per_s(used.flops_per_s, unit)} achieved, computing in {used.precision}"
+    title += f"; {used.note}" if used.note else ""
+    if used.fraction is None:
+        return f'<td class="n" title="{_e(title)}">{_e(look.per_s(used.flops_per_s, unit))}</td>'
+    mark = "*" if used.note else ""
+    return (
+        f'<td class="n" title="{_e(title)}">{_e(look.share(used.fraction))}'
+        f"<small>of {_e(used.peak)}{mark}</small></td>"
+    )
+
+
+def _peak_note(v: View) -> str:
+    """What "of peak" divides by, or why the column is empty."""
+    cost, device = v.report.cost, v.report.device
+    if cost is None or device is None:
+        return ""
+    if cost.note:
+        return f"Of peak: {_e(cost.note)}."
+    return (
+        "Of peak: the model's FLOPs per batch (as counted for the original) over the median batch "
+        f"latency, as a share of the peak measured on {_e(device.name)} in the precision the "
+        "candidate computes in; * marks a share of another precision's peak (hover for why). "
+        "A pruned candidate does fewer FLOPs than counted."
     )
 
 
@@ -269,6 +306,7 @@ def _context(v: View) -> str:
         "Memory": f"{m.get('memory_gb') or 0:.1f} GiB",
         "GPU": ", ".join(gpus) or "none",
         "ISA": m.get("isa") or "no AVX2",
+        **_device_facts(v),
     }
     facts = {
         "Model": f"{model.get('name', '?')} ({model.get('source', '?')})",
@@ -279,11 +317,44 @@ def _context(v: View) -> str:
         "Batch sizes": ", ".join(map(str, w.get("batch_sizes", v.report.batch_sizes))),
         "Tokens": f"{tokens['min']} to {tokens['max']}, median {tokens['median']:g}"
         if tokens else "not text",
+        **_cost_facts(v),
     }  # fmt: skip
     return (
         f'<section class="cols"><div><h2>Machine</h2>{look.facts(machine)}</div><div><h2>Model '
         f"and workload</h2>{look.facts(facts)}</div></section>"
     )
+
+
+def _device_facts(v: View) -> dict[str, str]:
+    """The device the candidates ran on and its peaks, measured here (no datasheet numbers)."""
+    device = v.report.device
+    if device is None:
+        return {}
+    peaks = ", ".join(
+        f"{p.dtype} {look.per_s(p.flops_per_s, 'OP' if p.dtype == 'int8' else 'FLOP')}"
+        + (" (busy machine: likely low)" if p.busy else "")
+        for p in device.peaks
+    )
+    when = sorted({p.measured[:10] for p in device.peaks if p.measured})
+    how = f"{device.method}; " if device.method else ""
+    how += f"measured {', '.join(when)}" if when else ""
+    return {
+        "Timed on": f"{device.device} ({device.name})",
+        "Measured peak": f"{peaks} ({how})" if peaks else "not measured",
+    }
+
+
+def _cost_facts(v: View) -> dict[str, str]:
+    cost = v.report.cost
+    if cost is None:
+        return {}
+    if not cost.flops_per_batch:
+        return {"FLOPs": cost.note or "not counted"}
+    per_batch = ", ".join(
+        f"batch {size}: {look.per_s(f).removesuffix('/s')}"
+        for size, f in sorted(cost.flops_per_batch.items())
+    )
+    return {"FLOPs per forward": f"{per_batch} ({cost.method})"}
 
 
 def _recipe(v: View) -> str:

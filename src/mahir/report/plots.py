@@ -83,6 +83,20 @@ def rate(x: float) -> str:
     return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
 
 
+def per_s(x: float, unit: str = "FLOP") -> str:
+    """A rate in SI prefixes, three digits: 149 GFLOP/s, 790 TFLOP/s."""
+    for prefix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if x >= scale:
+            return f"{x / scale:.3g} {prefix}{unit}/s"
+    return f"{x:.3g} {unit}/s"
+
+
+def share(x: float) -> str:
+    """A fraction as a percentage to two significant digits: 49%, 2.3%, 0.041%."""
+    percent = 100 * x
+    return f"{percent:.0f}%" if percent >= 10 else f"{percent:.2g}%"
+
+
 def times(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2f}x"
 
@@ -364,9 +378,9 @@ ul.why{list-style:none;padding:0;margin:0}ul.why li{padding:6px 0 6px 22px;posit
 background:var(--c)}
 .scroll{overflow-x:auto}table{border-collapse:collapse;width:100%;font-size:13px}
 th{text-align:left;color:var(--muted);font-weight:600;border-bottom:2px solid var(--line);
-padding:6px 7px;white-space:nowrap}td{padding:6px 7px;border-bottom:1px solid var(--line);
+padding:6px 5px;white-space:nowrap}td{padding:6px 5px;border-bottom:1px solid var(--line);
 vertical-align:top}td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-tr.winner td{background:#e7f5ff}td:first-child{min-width:220px}
+tr.winner td{background:#e7f5ff}td:first-child{min-width:200px}
 td small{display:block;color:var(--muted);font-size:12px}
 .pill{display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;white-space:nowrap;
 color:#fff;background:var(--c);cursor:help}

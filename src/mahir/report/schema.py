@@ -74,6 +74,25 @@ class QualityRecord:
 
 
 @dataclass(kw_only=True, slots=True)
+class UtilizationRecord:
+    """What a candidate got out of the device at one batch size (`search/utilization.py`)."""
+
+    flops_per_s: float
+    """Achieved: the original model's FLOPs per batch over the median batch latency."""
+    precision: str = "fp32"
+    """What the candidate computes in: fp32, bf16, fp16 or int8."""
+    peak: str | None = None
+    """The dtype of the measured peak it is a fraction of: its own precision's where one was
+    measured, else the best float peak (then `note` says so)."""
+    fraction: float | None = None
+    note: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> UtilizationRecord:
+        return _known(cls, data)
+
+
+@dataclass(kw_only=True, slots=True)
 class CandidateRecord:
     """One candidate: its recipe, what became of it and why, its numbers."""
 
@@ -103,6 +122,9 @@ class CandidateRecord:
     rounds: int = 0
     speedups: list[float] = field(default_factory=list)
     cached: bool = False
+    utilization: dict[int, UtilizationRecord] = field(default_factory=dict)
+    """Achieved FLOP/s and share of the measured peak per timed batch size; empty where the
+    FLOPs were not counted (an ONNX source) or nothing was timed."""
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CandidateRecord:
@@ -113,12 +135,16 @@ class CandidateRecord:
             quality=None if quality is None else QualityRecord.from_dict(quality),
             perf=_perfs_from(data.get("perf")),
             baseline_perf=_perfs_from(data.get("baseline_perf")),
+            utilization={
+                int(size): UtilizationRecord.from_dict(u)
+                for size, u in (data.get("utilization") or {}).items()
+            },
         )
 
     def to_dict(self) -> dict[str, Any]:
         record = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         record["quality"] = None if self.quality is None else dataclasses.asdict(self.quality)
-        for key in ("perf", "baseline_perf"):
+        for key in ("perf", "baseline_perf", "utilization"):
             record[key] = {str(size): dataclasses.asdict(p) for size, p in record[key].items()}
         return record
 
@@ -145,6 +171,59 @@ class BudgetRecord:
 
 
 @dataclass(kw_only=True, slots=True)
+class PeakRecord:
+    """One measured matmul peak (`peaks.Peak`): FLOP/s, or int8 operations/s for int8."""
+
+    dtype: str
+    flops_per_s: float
+    size: int = 0
+    """n of the n x n x n matmul that reached it."""
+    measured: str = ""
+    cached: bool = False
+    """Measured by an earlier run on this machine, read from the user's cache."""
+    other_load: float = 0.0
+    """Cores other processes kept busy while it was measured."""
+    busy: bool = False
+    """Too busy to trust (`measure.BUSY_CORES`): likely low, so it was not cached."""
+
+
+@dataclass(kw_only=True, slots=True)
+class DeviceRecord:
+    """The device the candidates were timed on and its peaks, measured on this machine: never
+    a datasheet's numbers."""
+
+    device: str = "cpu"
+    """"cpu" or "cuda:N"."""
+    name: str = ""
+    """The CPU model or the GPU's name."""
+    method: str | None = None
+    peaks: list[PeakRecord] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DeviceRecord:
+        peaks = [_known(PeakRecord, p) for p in data.get("peaks") or ()]
+        return _known(cls, data, peaks=peaks)
+
+    def peak(self, dtype: str | None) -> PeakRecord | None:
+        return next((p for p in self.peaks if p.dtype == dtype), None)
+
+
+@dataclass(kw_only=True, slots=True)
+class CostRecord:
+    """FLOPs of one forward of the original model per batch size (`flops.Cost`)."""
+
+    flops_per_batch: dict[int, float] = field(default_factory=dict)
+    method: str | None = None
+    note: str | None = None
+    """Why they were not counted (an ONNX source), when they were not."""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CostRecord:
+        flops = {int(size): float(f) for size, f in (data.get("flops_per_batch") or {}).items()}
+        return _known(cls, data, flops_per_batch=flops)
+
+
+@dataclass(kw_only=True, slots=True)
 class Report:
     """A whole run. Machine, model, workload and load are as their own rooms describe them."""
 
@@ -163,15 +242,21 @@ class Report:
     elapsed_s: float | None = None
     baseline: str | None = None
     best: str | None = None
+    device: DeviceRecord | None = None
+    """Where the candidates ran and its measured peaks; None in reports from before peaks."""
+    cost: CostRecord | None = None
     candidates: list[CandidateRecord] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Report:
+        device, cost = data.get("device"), data.get("cost")
         return _known(
             cls,
             data,
             budget=_known(BudgetRecord, data.get("budget") or {}),
             machine_load=data.get("machine_load") or {},
+            device=None if device is None else DeviceRecord.from_dict(device),
+            cost=None if cost is None else CostRecord.from_dict(cost),
             candidates=[CandidateRecord.from_dict(c) for c in data.get("candidates", ())],
         )
 
@@ -182,6 +267,8 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         record = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         record["budget"] = self.budget.to_dict()
+        for key in ("device", "cost"):
+            record[key] = None if record[key] is None else dataclasses.asdict(record[key])
         record["candidates"] = [c.to_dict() for c in self.candidates]
         return record
 

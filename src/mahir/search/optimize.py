@@ -10,6 +10,7 @@ beside bench and apply, above search; the CLI and `mahir.search.optimize` call i
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import math
@@ -26,11 +27,21 @@ from rich.table import Table
 from mahir.errors import BadInput, MahirError, first_line
 from mahir.evidence import gather
 from mahir.families import refuse_text_options
+from mahir.flops import Cost, model_cost
 from mahir.hardware import Machine, detect
 from mahir.measure import load_summary
 from mahir.model import Model, load_model
 from mahir.passes import PassContext
-from mahir.report.schema import BudgetRecord, Report, report_json
+from mahir.peaks import Peaks, device_name, device_peaks, rate
+from mahir.report.schema import (
+    BudgetRecord,
+    CandidateRecord,
+    CostRecord,
+    DeviceRecord,
+    PeakRecord,
+    Report,
+    report_json,
+)
 from mahir.runtimes import get_runtime
 from mahir.search.bench import model_summary
 from mahir.search.budget import FidelityBudget, MetricBudget, quality_kind
@@ -44,6 +55,7 @@ from mahir.search.halving import (
     comparable_speedup,
 )
 from mahir.search.records import OutcomeCache, outcome_record
+from mahir.search.utilization import utilization
 from mahir.types import CPU, Artifact, Device
 from mahir.workload import Workload
 
@@ -125,6 +137,10 @@ class OptimizeResult:
     artifact: Artifact | None
     complete: bool
     elapsed_s: float
+    peaks: Peaks | None = None
+    """The measured matmul peaks of the device the candidates ran on (`peaks.py`)."""
+    cost: Cost | None = None
+    """FLOPs of one forward per batch size (`flops.py`)."""
     date: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat())
 
     def report(self) -> Report:
@@ -163,7 +179,25 @@ class OptimizeResult:
             elapsed_s=self.elapsed_s,
             baseline=self.candidates[0].candidate.id,
             best=None if self.best is None else self.best.candidate.id,
-            candidates=[outcome_record(o, objective, self.best) for o in self.candidates],
+            device=self._device(),
+            cost=None if self.cost is None else CostRecord(**dataclasses.asdict(self.cost)),
+            candidates=[self._record(o) for o in self.candidates],
+        )
+
+    def _record(self, outcome: Outcome) -> CandidateRecord:
+        record = outcome_record(outcome, self.config.objective, self.best)
+        record.utilization = utilization(outcome, self.cost, self.peaks)
+        return record
+
+    def _device(self) -> DeviceRecord:
+        device, peaks = self.config.device, self.peaks
+        if peaks is None:
+            return DeviceRecord(device=str(device), name=device_name(self.machine, device))
+        return DeviceRecord(
+            device=peaks.device,
+            name=peaks.name,
+            method=peaks.method(),
+            peaks=[PeakRecord(**dataclasses.asdict(p), busy=p.busy) for p in peaks.peaks],
         )
 
     def machine_load(self) -> dict[str, Any]:
@@ -282,8 +316,13 @@ def optimize(
     baseline = proposed[0].id
     on_event(baseline, f"machine: {machine.summary()}")
     proposed = _only(proposed, config.only)  # a typo fails before any work
+    peaks = device_peaks(machine, config.device)  # before anything else keeps the device busy
+    on_event(baseline, f"measured peak: {peaks.summary()}")
     inputs = gather(model, config)
     workload, evidence = inputs.workload, inputs.evidence
+    cost = model_cost(model, workload.batches)
+    counted = ", ".join(f"batch {n}: {rate(f)}FLOP" for n, f in cost.flops_per_batch.items())
+    on_event(baseline, f"FLOPs per forward: {counted or cost.note}")
     ctx = PassContext(model=model, workdir=workdir, calibration=inputs.calibration, machine=machine)
     builder = ArtifactBuilder(ctx)
     build_deadline = None
@@ -325,6 +364,8 @@ def optimize(
         artifact,
         searched.complete,
         elapsed_s=time.monotonic() - started,
+        peaks=peaks,
+        cost=cost,
     )
 
 
