@@ -134,7 +134,7 @@ def test_a_dtype_torch_refuses_is_left_out(tmp_path: Path) -> None:
 def test_what_is_measured_follows_the_device() -> None:
     assert dtypes_for(ZEN4, CPU) == ("fp32", "bf16", "int8")
     assert dtypes_for(OLD, CPU) == ("fp32",)
-    assert dtypes_for(H200, Device("cuda")) == ("fp32", "bf16", "fp16", "int8")
+    assert dtypes_for(H200, Device("cuda")) == ("fp32", "bf16", "fp16", "int8", "fp8")
     assert dtypes_for(T4, Device("cuda")) == ("fp32", "fp16", "int8")
 
 

@@ -29,6 +29,7 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -134,8 +135,11 @@ def dtypes_for(machine: Machine, device: Device) -> tuple[str, ...]:
     """What is worth measuring on `device`: the precisions its candidates compute in."""
     if device.kind == "cuda":
         gpus = machine.gpus
-        old = device.index < len(gpus) and gpus[device.index].compute_capability < (8, 0)
-        return ("fp32", "fp16", "int8") if old else ("fp32", "bf16", "fp16", "int8")
+        capability = gpus[device.index].compute_capability if device.index < len(gpus) else (0, 0)
+        if capability < (8, 0):
+            return ("fp32", "fp16", "int8")
+        fp8 = ("fp8",) if capability >= (8, 9) else ()  # Ada and Hopper
+        return ("fp32", "bf16", "fp16", "int8", *fp8)
     bf16 = machine.has("avx512_bf16") or machine.has("amx_bf16")
     return ("fp32", *(("bf16",) if bf16 else ()), *(("int8",) if machine.int8_dot_product else ()))
 
@@ -233,6 +237,12 @@ def measure_matmul(
                     torch.randint(-64, 64, (n, n), dtype=torch.int8, device=where) for _ in "ab"
                 )
                 matmul: Callable[[Any, Any], Any] = torch._int_mm
+            elif dtype == "fp8":  # e4m3 x e4m3 (the second column-major), as torchao calls it
+                a, b = (torch.randn(n, n, device=where).to(torch.float8_e4m3fn) for _ in "ab")
+                b, one = b.t(), torch.ones((), device=where)
+                matmul = partial(
+                    torch._scaled_mm, scale_a=one, scale_b=one, out_dtype=torch.bfloat16
+                )
             else:
                 kind = getattr(torch, _TORCH[dtype])
                 a, b = (torch.randn(n, n, dtype=kind, device=where) for _ in "ab")

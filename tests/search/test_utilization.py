@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mahir.flops import Cost
+from mahir.passes.float8 import TorchaoFloat8
 from mahir.passes.nncf import NncfInt8
 from mahir.passes.precision import TorchLowPrecision
 from mahir.passes.quantize import DynamicInt8
@@ -32,6 +33,7 @@ PEAKS = Peaks(
         (Recipe((TorchaoInt8(weight_only=True),), "torch-compile"), {}, "fp32"),
         (Recipe((TorchLowPrecision("float16"),), "torch"), {"precision": "f16"}, "fp16"),
         (Recipe((TorchLowPrecision("bfloat16"),), "torch-compile"), {}, "bf16"),
+        (Recipe((TorchLowPrecision("bfloat16"), TorchaoFloat8()), "torch-compile"), {}, "fp8"),
     ],
 )
 def test_precision_of(recipe: Recipe, settings: dict[str, str], precision: str) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 from mahir.flops import Cost
 from mahir.passes.fallback import AccuracyAwareInt8
+from mahir.passes.float8 import TorchaoFloat8
 from mahir.passes.nncf import NncfAccuracyControl, NncfInt8
 from mahir.passes.precision import Float16, TorchLowPrecision
 from mahir.passes.quantize import DynamicInt8, StaticInt8
@@ -44,11 +45,13 @@ dtype) -> mahir's: OpenVINO picks bf16 by itself on CPUs with bf16 instructions.
 
 
 def precision_of(recipe: Recipe, settings: Mapping[str, Any]) -> str:
-    """What a candidate's matmuls compute in: int8 after a quantizing step, the dtype a
+    """What a candidate's matmuls compute in: int8 (fp8) after a quantizing step, the dtype a
     precision step chose, else what its session reported, else fp32."""
     for step in recipe.steps:
         if isinstance(step, INT8_STEPS) and not getattr(step, "weight_only", False):
             return "int8"
+        if isinstance(step, TorchaoFloat8):
+            return "fp8"
     for step in reversed(recipe.steps):
         if isinstance(step, Float16):
             return "fp16"
