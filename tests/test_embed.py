@@ -1,0 +1,77 @@
+"""mahir.embed: every text's embedding in the caller's order, the next batches tokenized while
+the current one runs, and a session that answers no embedding refused in one line."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from mahir.embed import embed
+from mahir.errors import BadInput
+from mahir.pooling import EMBEDDING
+from mahir.types import CPU, Inputs, Outputs
+
+
+def encode(texts: Sequence[str]) -> Inputs:
+    """Each text's length and first letter as its 'tokens'."""
+    return {"x": np.array([[len(t), ord(t[0])] for t in texts], np.float32)}
+
+
+class Doubling:
+    """A session whose embedding is its input doubled; records the batch sizes it ran."""
+
+    runtime = "fake"
+    device = CPU
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def run(self, inputs: Inputs) -> Outputs:
+        self.sizes.append(len(inputs["x"]))
+        return {EMBEDDING: inputs["x"] * 2}
+
+    def describe(self) -> dict[str, str]:
+        return {}
+
+
+def test_every_text_gets_its_own_embedding_in_order() -> None:
+    texts = [w * (i % 7 + 1) for i, w in enumerate("abcdefghijklmnopqrstuvwxyz")]
+    session = Doubling()
+    got = embed(texts, session, encode, batch_size=4)
+    np.testing.assert_array_equal(got, encode(texts)["x"] * 2)
+    assert session.sizes == [4, 4, 4, 4, 4, 4, 2]
+    assert embed([], session, encode).shape[0] == 0
+
+
+def test_the_next_batch_is_tokenized_while_the_current_one_runs() -> None:
+    second_started = threading.Event()
+    calls: list[int] = []
+
+    def watched(texts: Sequence[str]) -> Inputs:
+        calls.append(len(texts))
+        if len(calls) == 2:
+            second_started.set()
+        return encode(texts)
+
+    class Waiting(Doubling):
+        def run(self, inputs: Inputs) -> Outputs:
+            if not self.sizes:  # the first batch holds on until the second is being tokenized
+                assert second_started.wait(timeout=30)
+            return super().run(inputs)
+
+    texts = [f"text {i}" for i in range(10)]
+    np.testing.assert_array_equal(embed(texts, Waiting(), watched, batch_size=3)[:, 0], 12)
+
+
+def test_a_session_without_an_embedding_is_refused_in_one_line() -> None:
+    class Tokens(Doubling):
+        def run(self, inputs: Inputs) -> Outputs:
+            return {"last_hidden_state": inputs["x"]}
+
+    with pytest.raises(BadInput, match="not sentence_embedding: embed a directory"):
+        embed(["a", "b"], Tokens(), encode)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        embed(["a"], Doubling(), encode, batch_size=0)
