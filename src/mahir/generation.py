@@ -1,0 +1,93 @@
+"""The contract between decoder LLM engines and everything above them: a `Generator`.
+
+An encoder answers in one forward pass (`Session`); a decoder answers by generating. A prefill
+runs the prompt and fills the KV cache, then each decode step reads the whole cache to make one
+token, greedy or sampled, until a stop token or `max_new_tokens`. What users feel is split the
+same way: time to first token (prefill) and time per output token (decode), so a generator
+streams its tokens one by one and the caller's clock reads each.
+
+Engines (PyTorch, OpenVINO GenAI, llama.cpp, vLLM) implement `Generator` on token ids: the
+family (`families/decoder.py`) owns the tokenizer, the chat template and the prompts. Fidelity
+needs the distribution, not only the argmax, so every engine also answers `logprobs`: the
+teacher-forced next-token log-probabilities over a whole sequence, from which `quality` reads
+top-1 agreement, KL divergence and perplexity against the fp32 reference. Nothing here imports
+a framework; `choose` picks a token from logits in numpy for engines that hand out logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from mahir.types import Device
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """How tokens are chosen and when generation stops."""
+
+    max_new_tokens: int = 64
+    """New tokens at most (the prompt not counted)."""
+    temperature: float = 0.0
+    """0: greedy (argmax, deterministic); above 0: sample from softmax(logits / temperature)."""
+    top_p: float = 1.0
+    """Sample only from the smallest set of tokens whose probabilities add up to top_p."""
+    seed: int | None = None
+    """Seed of a sampled generation: the same seed, prompt and engine give the same tokens."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Tokens that end the generation (the model's end-of-turn and end-of-text); the stop token
+    itself is yielded last."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class Generator(Protocol):
+    """One decoder LLM on one engine and device."""
+
+    engine: str
+    device: Device
+    context_length: int
+    """Prompt plus new tokens at most."""
+
+    def stream(self, prompt: Sequence[int], sampling: Sampling) -> Iterator[int]:
+        """Prefill `prompt` (token ids), then yield each new token as soon as it is chosen."""
+        ...
+
+    def logprobs(self, tokens: Sequence[int]) -> np.ndarray:
+        """(len(tokens), vocab) float32: log-probabilities of the token after each position,
+        teacher-forced over `tokens` (one prefill, no sampling)."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """The settings in effect (precision, threads, KV cache, version), for reports."""
+        ...
+
+
+def choose(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
+    """The next token from one row of logits: argmax when greedy, else a top-p sample at the
+    sampling temperature (ties in argmax go to the lowest id, as torch.argmax does)."""
+    if sampling.greedy:
+        return int(np.argmax(logits))
+    scaled = logits.astype(np.float64) / sampling.temperature
+    probs = np.exp(scaled - scaled.max())
+    probs /= probs.sum()
+    if sampling.top_p < 1:
+        order = np.argsort(-probs, kind="stable")
+        keep = np.cumsum(probs[order]) - probs[order] < sampling.top_p  # at least the first
+        kept = np.zeros_like(probs)
+        kept[order[keep]] = probs[order[keep]]
+        probs = kept / kept.sum()
+    return int(rng.choice(len(probs), p=probs))
