@@ -16,16 +16,17 @@ costs nothing at low load (a closed loop of one client never waits).
 Inference runs on worker threads, off the event loop, while the next batch gathers: one by
 default; `workers` batches at once where the session runs several (OpenVINO streams). A batch's
 arrays are merged (padded, stacked) and split on threads too, never on the event loop. While
-every worker is busy and the queue already holds a full batch, that next batch is taken ahead
-and merged on a thread of its own, so it starts the moment a worker frees (on a GPU, the host's
-work overlaps the device's); a batch that could still grow is taken only when a worker frees,
-so taking ahead never shrinks batches, nor adds a batch's time to a request's wait. The
-queue is bounded in items, not requests: a request is admitted whole or not at all, and one that
-does not fit now is refused at once (`Overloaded`), never queued into a timeout; one that could
-never fit (more items than the queue holds, or a part with more rows than a batch) is refused as
-`TooLarge`. A request whose client went away or whose deadline passed before its batch started
-is dropped unrun (from a batch taken ahead too: it is merged again without it), and so are the
-other parts of a request once one part failed.
+every worker is busy and the next batch is full (no waiting request could still join it), it is
+taken ahead and merged on a thread of its own, so it starts the moment a worker frees, before
+the finished batch's answers go out (on a GPU, the host's work overlaps the device's); a batch
+that could still grow is taken only when a worker frees, so taking ahead never shrinks a batch
+(a later request could not have joined it anyway). The queue is bounded in items, not
+requests: a request is admitted whole or not at all, and one that does not fit now is refused
+at once (`Overloaded`), never queued into a timeout; one that could never fit (more items than
+the queue holds, or a part with more rows than a batch) is refused as `TooLarge`. A request
+whose client went away or whose deadline passed before its batch started is dropped unrun
+(from a batch taken ahead too: it is merged again without it), and so are the other parts of a
+request once one part failed.
 A failed batch fails only the request that caused it: its requests are run again one by one.
 After any failure the session is probed with known-good inputs before it serves again; while
 the probe fails the batcher is not `healthy` and refuses batches (`Unavailable`).
@@ -333,8 +334,8 @@ class Batcher:
             return []
         oldest = live[0]
         peers = [r for r in live[1:] if r.shape_key == oldest.shape_key]
-        if self.config.group_by_length:
-            peers.sort(key=lambda r: (abs(r.length - oldest.length), r.arrived))
+        if self.config.group_by_length:  # a stable sort: equally close ones by arrival
+            peers.sort(key=lambda r: abs(r.length - oldest.length))
         batch, items, longest = [oldest], oldest.items, oldest.length
         real = oldest.items * oldest.length
         for request in peers:
