@@ -42,9 +42,10 @@ _NUMPY = orjson.OPT_SERIALIZE_NUMPY
 _NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's, as sentence-transformers uses
 INLINE_CHARACTERS = 2_000
 """Characters (or token ids) a request may hold and still be tokenized on the event loop: about
-a millisecond's work on the development CPU. More goes to the tokenizer's thread: 1,024
-sentences took 87 ms to tokenize, all of it a stall of the event loop (every other request, and
-the batcher's next batch, waited); on the thread the loop's longest stall was 1.2 ms."""
+a millisecond's work on the development CPU, less than a thread's round trip costs. More goes
+to the tokenizer's thread: 1,024 sentences took 87 ms to tokenize, all of it a stall of the
+event loop (every other request, and the batcher's next batch, waited); from the thread the
+loop's longest stall was 1.2 ms, 6 ms on a busy machine (benchmarks/tokenize_stall.py)."""
 
 
 @dataclass(frozen=True, slots=True)
