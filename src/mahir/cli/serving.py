@@ -33,7 +33,10 @@ def serve(
             help="Items per batch at most \\[default: tuned, else 32].", show_default=False
         ),
     ] = None,
-    max_batch_tokens: Annotated[int, typer.Option(help="Padded tokens per batch at most.")] = 8192,
+    max_batch_tokens: Annotated[
+        int,
+        typer.Option(help="Padded tokens per batch at most (real ones for a packed session)."),
+    ] = 8192,
     max_delay_ms: Annotated[
         float | None,
         typer.Option(

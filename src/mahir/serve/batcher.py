@@ -7,40 +7,52 @@ receives equals what it would get alone, within the artifact's fidelity (padding
 masked, so they change nothing). A batch always holds the oldest waiting request, so nothing
 starves; the rest of the batch is filled with the requests closest to it in length, so a batch
 holds similar lengths and little padding, up to `max_batch_size` items, `max_batch_tokens`
-padded tokens and `max_padding` wasted tokens per real one. A batch starts when it is full or
+padded tokens and `max_padding` wasted tokens per real one (for a session that runs batches
+without padding, `packed`, real tokens and no padding limit). A batch starts when it is full or
 when its oldest request has waited `max_delay_ms` (default 0: as soon as the worker is free).
 Waiting pays only while company comes: once a wait ended with its request still alone, lone
 requests start at once, until two or more are seen waiting together again; so a tuned delay
 costs nothing at low load (a closed loop of one client never waits).
 Inference runs on worker threads, off the event loop, while the next batch gathers: one by
-default; `workers` batches at once where the session runs several (OpenVINO streams). The
-queue is bounded in items, not requests: a request is admitted whole or not at all, and one that
-does not fit now is refused at once (`Overloaded`), never queued into a timeout; one that could
-never fit (more items than the queue holds, or a part with more rows than a batch) is refused as
-`TooLarge`. A request whose client went away or whose deadline passed before its batch started
-is dropped unrun, and so are the other parts of a request once one part failed.
+default; `workers` batches at once where the session runs several (OpenVINO streams). A batch's
+arrays are merged (padded, stacked) and split on threads too, never on the event loop. While
+every worker is busy and the next batch is full (no waiting request could still join it), it is
+taken ahead and merged on a thread of its own, so it starts the moment a worker frees, before
+the finished batch's answers go out (on a GPU, the host's work overlaps the device's); a batch
+that could still grow is taken only when a worker frees, so taking ahead never shrinks a batch
+(a later request could not have joined it anyway). The queue is bounded in items, not
+requests: a request is admitted whole or not at all, and one that does not fit now is refused
+at once (`Overloaded`), never queued into a timeout; one that could never fit (more items than
+the queue holds, or a part with more rows than a batch) is refused as `TooLarge`. A request
+whose client went away or whose deadline passed before its batch started is dropped unrun
+(from a batch taken ahead too: it is merged again without it), and so are the other parts of a
+request once one part failed.
 A failed batch fails only the request that caused it: its requests are run again one by one.
 After any failure the session is probed with known-good inputs before it serves again; while
 the probe fails the batcher is not `healthy` and refuses batches (`Unavailable`).
 
-Knows only `Session` and numpy arrays: nothing of HTTP.
+Knows only `Session` and numpy arrays (`merging.py` does the array work): nothing of HTTP.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
 from mahir.errors import DeadlineExceeded, Overloaded, TooLarge, Unavailable
+from mahir.serve.merging import merge, shape_key, split
 from mahir.types import Outputs, Session
 
 Inputs = dict[str, np.ndarray]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,17 +60,20 @@ class BatcherConfig:
     max_batch_size: int = 32
     """Items (rows) per batch at most."""
     max_batch_tokens: int = 8192
-    """Padded tokens per batch at most (items x longest length), for text models."""
+    """Tokens per batch at most, for text models: padded tokens (items x longest length); for
+    a session that runs batches without padding (`packed = True` on the session), real tokens
+    (the sum of the items' lengths)."""
     max_delay_ms: float = 0.0
     """How long the oldest request may wait for others to join its batch. 0: start as soon as
     the worker is free; requests that arrive while a batch runs form the next one, so batches
     grow with load and a lone request waits for nobody."""
     max_padding: float = 0.5
     """Padded tokens a batch may compute beyond its real ones, as a share of them: a request
-    that would push the batch past it waits for the next batch, among closer lengths."""
+    that would push the batch past it waits for the next batch, among closer lengths. No limit
+    for a `packed` session: padding costs it nothing."""
     max_queue: int = 1024
-    """Items waiting at most: a request that would pass it is refused (retry later), one that
-    holds more items on its own is too large."""
+    """Items waiting at most (a batch taken ahead still waits): a request that would pass it is
+    refused (retry later), one that holds more items on its own is too large."""
     timeout_ms: float = 30_000.0
     """A request not started within this is answered with DeadlineExceeded."""
     group_by_length: bool = True
@@ -88,6 +103,15 @@ class _Request:
     deadline: float
 
 
+@dataclass(frozen=True, slots=True)
+class _Ahead:
+    """The next batch, taken while every worker was busy, its inputs merging on a thread."""
+
+    batch: list[_Request]
+    merged: Future[Inputs]
+    items: int
+
+
 @dataclass
 class BatchObserver:
     """Hooks for metrics: each is called with plain numbers, on the event loop."""
@@ -100,6 +124,9 @@ class BatchObserver:
 @dataclass
 class Batcher:
     session: Session
+    """A session that declares `packed = True` runs a batch without its padding (it is sent the
+    padded arrays and their attention mask, and drops the padding itself): its batches are
+    budgeted in real tokens."""
     config: BatcherConfig = field(default_factory=BatcherConfig)
     sequence_inputs: frozenset[str] = frozenset()
     """Inputs whose axis 1 is the sequence: padded with 0 (the attention mask hides it)."""
@@ -112,23 +139,35 @@ class Batcher:
 
     def __post_init__(self) -> None:
         self._waiting: list[_Request] = []
-        self._waiting_items = 0
+        self._waiting_items = self._waiting_tokens = 0
+        self._ahead: _Ahead | None = None
+        self._retry_ahead = (0, 0)
+        """Waiting items or tokens at which a batch is looked for ahead again."""
         self.healthy = True
         """False while the session fails its probe after an error: readiness says so."""
         self._wakeup = asyncio.Event()
+        """Set when a request arrives and when a worker frees."""
         workers = self.config.workers
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mahir-infer")
-        self._free = asyncio.Semaphore(workers)
+        self._preparer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mahir-prepare")
+        self._busy = 0
         self._running: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._alone = False
         """The last wait for company ended with its request alone: lone ones start at once."""
+        self._packed = bool(getattr(self.session, "packed", False))
 
     @property
     def depth(self) -> int:
-        """Items waiting."""
-        return self._waiting_items
+        """Items admitted and not started: waiting, or in the batch taken ahead."""
+        return self._waiting_items + (self._ahead.items if self._ahead is not None else 0)
+
+    @property
+    def prepared(self) -> int:
+        """Items in a batch taken ahead and merged, waiting only for a worker (0: none)."""
+        ahead = self._ahead
+        return ahead.items if ahead is not None and ahead.merged.done() else 0
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -142,6 +181,7 @@ class Batcher:
         if self._running:
             await asyncio.gather(*self._running)
         self._executor.shutdown(wait=True)
+        self._preparer.shutdown(wait=True)
 
     async def submit(self, inputs: Inputs) -> Outputs:
         """Queue one request (any number of rows) and wait for its own outputs."""
@@ -158,8 +198,10 @@ class Batcher:
         self._admit(requests)
         self._waiting.extend(requests)
         self._waiting_items += sum(r.items for r in requests)
-        self.observer.queued(self._waiting_items)
-        self._wakeup.set()
+        self._waiting_tokens += sum(r.items * r.length for r in requests)
+        self.observer.queued(self.depth)
+        if self._busy < self.config.workers or (self._full() and self._may_take_ahead()):
+            self._wakeup.set()  # the loop can act on it: start a batch, or take one ahead
         try:
             if len(requests) == 1:  # the common case, without gather's wrapper
                 return [await requests[0].future]
@@ -177,7 +219,7 @@ class Batcher:
             inputs=inputs,
             items=int(first.shape[0]),
             length=int(length),
-            shape_key=_shape_key(inputs, self.sequence_inputs),
+            shape_key=shape_key(inputs, self.sequence_inputs),
             arrived=now,
             future=loop.create_future(),
             deadline=deadline,
@@ -197,125 +239,219 @@ class Batcher:
             raise TooLarge(f"{items} items in one request; at most {limit}: split the request")
         if self._closing:
             raise Overloaded("the server is shutting down: retry on another replica")
-        if self._waiting_items + items > limit:
+        if self.depth + items > limit:
             raise Overloaded(
-                f"{self._waiting_items} items waiting, {items} more would pass the limit of "
+                f"{self.depth} items waiting, {items} more would pass the limit of "
                 f"{limit}: retry shortly"
             )
 
     async def _run(self) -> None:
-        while self._waiting or not self._closing:
+        while self._waiting or self._ahead is not None or not self._closing:
+            free = self._busy < self.config.workers
+            if free and self._ahead is not None:
+                self._start_ahead()
+                continue
             if not self._waiting:
-                self._wakeup.clear()
-                await self._wakeup.wait()
+                await self._sleep()
                 continue
             oldest = self._waiting[0]
             delay = oldest.arrived + self.config.max_delay_ms / 1000 - self.clock()
-            full = self._waiting_items >= self.config.max_batch_size
+            full = self._full()
             lone = len(self._waiting) == 1
             if not lone:
                 self._alone = False
             if delay > 0 and not full and not self._closing and not (lone and self._alone):
-                self._wakeup.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), timeout=delay)
+                await self._sleep(delay)
+                continue
+            if not free:  # every worker busy: take the next batch now only if it is full
+                batch = self._take_batch(ahead=True) if full and self._may_take_ahead() else []
+                if batch:
+                    merged = self._preparer.submit(merge, batch, self.sequence_inputs)
+                    self._ahead = _Ahead(batch, merged, sum(r.items for r in batch))
+                    self.observer.queued(self.depth)
+                else:
+                    await self._sleep()  # until a worker frees or more requests arrive
                 continue
             if self.config.max_delay_ms > 0 and lone:
                 self._alone = True
-            await self._free.acquire()  # a worker is free: the batch is taken now, not before
             batch = self._take_batch()
-            if not batch:
-                self._free.release()
+            if batch:
+                self._start(batch, None)
+
+    async def _sleep(self, timeout: float | None = None) -> None:
+        """Until a request arrives or a worker frees, or `timeout` seconds pass."""
+        self._wakeup.clear()
+        if timeout is None:
+            await self._wakeup.wait()
+            return
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._wakeup.wait(), timeout=timeout)
+
+    def _full(self) -> bool:
+        """The queue holds at least a batch: waiting longer could not add to the next one."""
+        config = self.config
+        return (
+            self._waiting_items >= config.max_batch_size
+            or self._waiting_tokens >= config.max_batch_tokens
+        )
+
+    def _start(self, batch: list[_Request], merged: Future[Inputs] | None) -> None:
+        self._busy += 1
+        task = asyncio.get_running_loop().create_task(self._execute(batch, merged))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    def _start_ahead(self) -> None:
+        """The batch taken ahead holds the oldest requests: it goes first."""
+        if self._ahead is not None:
+            ahead, self._ahead = self._ahead, None
+            self._start(ahead.batch, ahead.merged)
+            self.observer.queued(self.depth)
+
+    def _free_worker(self) -> None:
+        """A worker is done with its batch: the batch taken ahead starts on it at once, before
+        the finished batch's answers wake their clients (the device would otherwise wait for
+        the event loop to get through them)."""
+        self._busy -= 1
+        self._start_ahead()
+        self._wakeup.set()
+
+    def _may_take_ahead(self) -> bool:
+        """No batch is taken ahead yet, and enough arrived since one was found short to fill it."""
+        items, tokens = self._retry_ahead
+        return self._ahead is None and (
+            self._waiting_items >= items or self._waiting_tokens >= tokens
+        )
+
+    def _take_batch(self, *, ahead: bool = False) -> list[_Request]:
+        """The oldest live request plus the closest in length that fit; drops dead ones.
+        `ahead`: only a full batch, one no request could still join (one that could is taken
+        when a worker frees, from more requests); a batch found short is looked for again once
+        as many items or tokens arrived as it lacked, so a busy queue is not sorted per arrival."""
+        live = self._live(self._waiting, self.clock())
+        self._set_waiting(live)
+        if not live:
+            return []
+        oldest = live[0]
+        peers = [r for r in live[1:] if r.shape_key == oldest.shape_key]
+        if self.config.group_by_length:  # a stable sort: equally close ones by arrival
+            peers.sort(key=lambda r: abs(r.length - oldest.length))
+        batch, items, longest = [oldest], oldest.items, oldest.length
+        real = oldest.items * oldest.length
+        for request in peers:
+            if self._full_batch(items, longest, real):  # none of the rest could join
+                break
+            new_items, new_longest = items + request.items, max(longest, request.length)
+            new_real = real + request.items * request.length
+            if new_items > self.config.max_batch_size:
                 continue
-            task = asyncio.get_running_loop().create_task(self._execute(batch))
-            self._running.add(task)
-            task.add_done_callback(self._finished)
+            if self._tokens(new_items, new_longest, new_real) > self.config.max_batch_tokens:
+                continue
+            wasted = new_items * new_longest > new_real * (1 + self.config.max_padding)
+            if wasted and not self._packed:
+                continue
+            batch.append(request)
+            items, longest, real = new_items, new_longest, new_real
+        if ahead and not self._full_batch(items, longest, real):
+            lacking = self.config.max_batch_size - items
+            room = self.config.max_batch_tokens - self._tokens(items, longest, real)
+            self._retry_ahead = (self._waiting_items + lacking, self._waiting_tokens + room)
+            return []
+        self._retry_ahead = (0, 0)
+        taken = {id(r) for r in batch}
+        self._set_waiting([r for r in live if id(r) not in taken])
+        return batch
 
-    def _finished(self, task: asyncio.Task[None]) -> None:
-        self._running.discard(task)
-        self._free.release()
+    def _full_batch(self, items: int, longest: int, real: int) -> bool:
+        """No request could join: the rows are taken, or even one of the batch's longest
+        length (one token, packed) would pass the token budget."""
+        least = 1 if self._packed else longest
+        return (
+            items >= self.config.max_batch_size
+            or self._tokens(items + 1, longest, real + least) > self.config.max_batch_tokens
+        )
 
-    def _take_batch(self) -> list[_Request]:
-        """The oldest live request plus the closest in length that fit; drops dead ones."""
-        now = self.clock()
+    def _tokens(self, items: int, longest: int, real: int) -> int:
+        """The tokens a batch costs the session: real ones if it packs, else padded ones."""
+        return real if self._packed else items * longest
+
+    def _live(self, requests: Sequence[_Request], now: float) -> list[_Request]:
+        """The requests still to run: drops those whose client went away, fails late ones."""
         live = []
-        for request in self._waiting:
+        for request in requests:
             if request.future.done():  # the client went away
                 continue
             if now > request.deadline:
                 request.future.set_exception(DeadlineExceeded("waited past its timeout"))
                 continue
             live.append(request)
-        self._set_waiting(live)
-        if not live:
-            return []
-        oldest = live[0]
-        peers = [r for r in live[1:] if r.shape_key == oldest.shape_key]
-        if self.config.group_by_length:
-            peers.sort(key=lambda r: (abs(r.length - oldest.length), r.arrived))
-        batch, items, longest = [oldest], oldest.items, oldest.length
-        real = oldest.items * oldest.length
-        for request in peers:
-            new_items, new_longest = items + request.items, max(longest, request.length)
-            new_real = real + request.items * request.length
-            if new_items > self.config.max_batch_size:
-                continue
-            if new_items * new_longest > self.config.max_batch_tokens:
-                continue
-            if new_items * new_longest > new_real * (1 + self.config.max_padding):
-                continue
-            batch.append(request)
-            items, longest, real = new_items, new_longest, new_real
-        taken = {id(r) for r in batch}
-        self._set_waiting([r for r in live if id(r) not in taken])
-        return batch
+        return live
 
     def _set_waiting(self, waiting: list[_Request]) -> None:
         self._waiting = waiting
         self._waiting_items = sum(r.items for r in waiting)
-        self.observer.queued(self._waiting_items)
+        self._waiting_tokens = sum(r.items * r.length for r in waiting)
+        self.observer.queued(self.depth)
 
-    async def _execute(self, batch: list[_Request]) -> None:
+    async def _execute(self, batch: list[_Request], merged: Future[Inputs] | None) -> None:
         started = self.clock()
+        if merged is not None:  # taken ahead: who left or ran out of time since is dropped now
+            live = self._live(batch, started)
+            if len(live) < len(batch):
+                batch, merged = live, None  # merged again, without them
         for request in batch:
             self.observer.waited(started - request.arrived)
-        await self._answer(batch, started)
+        try:
+            answers = await self._outputs(batch, started, merged) if batch else []
+        finally:
+            self._free_worker()
+        for request, part in answers:
+            if not request.future.done():
+                request.future.set_result(part)
 
-    async def _answer(self, batch: list[_Request], started: float) -> None:
+    async def _outputs(
+        self, batch: list[_Request], started: float, merged: Future[Inputs] | None = None
+    ) -> list[tuple[_Request, Outputs]]:
+        """Each request's own outputs, from one run of the batch; if it fails, from each run
+        again alone, so only the request that caused it fails (its future gets the error)."""
         if not self.healthy and not await self._probe():
             for request in batch:
                 _fail(request, Unavailable("the model failed its health check: retry shortly"))
-            return
-        merged, longest = _merge(batch, self.sequence_inputs)
+            return []
         try:
-            outputs = await self._infer(merged)
-            parts = _split(outputs, batch, self.token_outputs)
+            parts = await self._on_worker(functools.partial(self._run_batch, batch, merged))
         except Exception as err:  # one request's inputs, or the runtime: find out which
             alone = len(batch) == 1
             if alone:  # the culprit: it fails
                 _fail(batch[0], err)
             await self._probe()
-            if not alone:  # each again on its own, so only the culprit fails
-                for request in batch:
-                    if not request.future.done():
-                        await self._answer([request], self.clock())
-            return
+            if alone:
+                return []
+            answers = []
+            for request in batch:  # each again on its own, so only the culprit fails
+                if not request.future.done():
+                    answers += await self._outputs([request], self.clock())
+            return answers
         items = sum(r.items for r in batch)
-        self.observer.batch(items, items * longest, self.clock() - started)
-        for request, part in zip(batch, parts, strict=True):
-            if not request.future.done():
-                request.future.set_result(part)
+        longest, real = max(r.length for r in batch), sum(r.items * r.length for r in batch)
+        self.observer.batch(items, self._tokens(items, longest, real), self.clock() - started)
+        return list(zip(batch, parts, strict=True))
 
-    async def _infer(self, inputs: Inputs) -> Outputs:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.session.run, inputs)
+    def _run_batch(self, batch: list[_Request], merged: Future[Inputs] | None) -> list[Outputs]:
+        """On a worker thread: the batch's inputs (merged ahead, or now), one run, each
+        request's own rows."""
+        inputs = merge(batch, self.sequence_inputs) if merged is None else merged.result()
+        return split(self.session.run(inputs), batch, self.token_outputs)
+
+    async def _on_worker(self, call: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
     async def _probe(self) -> bool:
         """Whether the session answers the probe: a session that raised must be known good
         again before it serves (a runtime can stay broken after one bad input)."""
         if self.probe is not None:
             try:
-                await self._infer(self.probe)
+                await self._on_worker(functools.partial(self.session.run, self.probe))
             except Exception:  # any failure means the same: not healthy
                 self.healthy = False
                 return False
@@ -326,55 +462,3 @@ class Batcher:
 def _fail(request: _Request, err: BaseException) -> None:
     if not request.future.done():
         request.future.set_exception(err)
-
-
-def _shape_key(inputs: Inputs, sequence_inputs: frozenset[str]) -> tuple[object, ...]:
-    return tuple(
-        (name, a.dtype.str, a.shape[2:] if name in sequence_inputs else a.shape[1:])
-        for name, a in sorted(inputs.items())
-    )
-
-
-def _merge(batch: Sequence[_Request], sequence_inputs: frozenset[str]) -> tuple[Inputs, int]:
-    """One input dict for the whole batch, sequence inputs zero-padded to the longest."""
-    longest = max(r.length for r in batch)
-    merged = {}
-    for name in batch[0].inputs:
-        parts = [r.inputs[name] for r in batch]
-        if name in sequence_inputs:
-            merged[name] = _stack_padded(parts, longest)
-        else:
-            merged[name] = parts[0] if len(parts) == 1 else np.concatenate(parts)
-    return merged, longest
-
-
-def _stack_padded(parts: Sequence[np.ndarray], length: int) -> np.ndarray:
-    """The parts one after another along axis 0, each zero-padded on axis 1 to `length`: one
-    allocation and a copy per part (np.pad per part then concatenate was 8% of the event
-    loop's time at concurrency 32)."""
-    if len(parts) == 1 and parts[0].shape[1] == length:
-        return parts[0]
-    first = parts[0]
-    out = np.zeros((sum(len(p) for p in parts), length, *first.shape[2:]), first.dtype)
-    row = 0
-    for part in parts:
-        out[row : row + len(part), : part.shape[1]] = part
-        row += len(part)
-    return out
-
-
-def _split(
-    outputs: Outputs, batch: Sequence[_Request], token_outputs: frozenset[str]
-) -> list[Outputs]:
-    counts = [r.items for r in batch]
-    if sum(counts) != len(next(iter(outputs.values()))):
-        raise ValueError("the batch's outputs have a different number of rows than its inputs")
-    parts, start = [], 0
-    for request, count in zip(batch, counts, strict=True):
-        part = {}
-        for name, array in outputs.items():
-            rows = array[start : start + count]
-            part[name] = rows[:, : request.length] if name in token_outputs else rows
-        parts.append(part)
-        start += count
-    return parts

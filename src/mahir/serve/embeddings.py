@@ -11,13 +11,19 @@ longer than the model's max length are cut (`usage.prompt_tokens` counts the tok
 the request sends `"truncate": false` or the server runs with `--no-truncate`: then they are
 refused. Each input is batched on its own, with others of its length. Errors take OpenAI's
 shape, `{"error": {"message", "type", "param", "code"}}`; the server maps them to HTTP statuses.
+A small request is tokenized on the event loop (a thread's round trip would cost more than the
+work); a larger one on a thread of its own, so it never stalls the other requests or the
+batcher (`INLINE_CHARACTERS`).
 Knows the batcher, the output directory and pooling; nothing of HTTP.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +40,12 @@ from mahir.serve.validate import InputRules
 TokenIds = tuple[int, ...]
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY
 _NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's, as sentence-transformers uses
+INLINE_CHARACTERS = 2_000
+"""Characters (or token ids) a request may hold and still be tokenized on the event loop: about
+a millisecond's work on the development CPU, less than a thread's round trip costs. More goes
+to the tokenizer's thread: 1,024 sentences took 87 ms to tokenize, all of it a stall of the
+event loop (every other request, and the batcher's next batch, waited); from the thread the
+loop's longest stall was 1.2 ms, 6 ms on a busy machine (benchmarks/tokenize_stall.py)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +134,15 @@ class Embedder:
         self.tokenizer = text.tokenizer
         self.encode = TextEncoder(text.tokenizer, text.spec, text.max_length)
         self.native, self.sizes, self.truncate = native, frozenset(dimensions), truncate
+        self._tokenizing = threading.Lock()
+        """One tokenization at a time: transformers sets truncation on the shared Rust tokenizer
+        per call, and a call while another thread encodes fails ("Already borrowed",
+        huggingface/tokenizers#537)."""
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mahir-tokenize")
+
+    def close(self) -> None:
+        """Let the tokenizer's thread go, once no request is being served."""
+        self._thread.shutdown(wait=True)
 
     def check(self, request: EmbeddingRequest) -> None:
         """What can be refused before any work: the size asked for, the number of inputs."""
@@ -139,7 +160,7 @@ class Embedder:
         """One vector per input, in order, and the tokens the model read for them."""
         self.check(request)
         truncate = self.truncate if request.truncate is None else request.truncate
-        parts = [self._encode(i, item, truncate) for i, item in enumerate(request.inputs)]
+        parts = await self._encode_all(request.inputs, truncate)
         outputs = await self.batcher.submit_many(parts)
         name = self.opened.spec.outputs[0]
         vectors = []
@@ -150,6 +171,31 @@ class Embedder:
                 vector = pool(out[name], part["attention_mask"], self.pooling)[0]
             vectors.append(self._sized(vector, request.dimensions))
         return vectors, sum(int(part["attention_mask"].sum()) for part in parts)
+
+    async def _encode_all(
+        self, inputs: Sequence[str | TokenIds], truncate: bool
+    ) -> list[dict[str, np.ndarray]]:
+        """Each input's model inputs: a small request's on the event loop unless the tokenizer
+        is busy, any other on the tokenizer's thread."""
+        small = sum(len(item) for item in inputs) <= INLINE_CHARACTERS
+        if small and self._tokenizing.acquire(blocking=False):
+            try:
+                return self._encode_each(inputs, truncate)
+            finally:
+                self._tokenizing.release()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._thread, self._encode_locked, inputs, truncate)
+
+    def _encode_locked(
+        self, inputs: Sequence[str | TokenIds], truncate: bool
+    ) -> list[dict[str, np.ndarray]]:
+        with self._tokenizing:
+            return self._encode_each(inputs, truncate)
+
+    def _encode_each(
+        self, inputs: Sequence[str | TokenIds], truncate: bool
+    ) -> list[dict[str, np.ndarray]]:
+        return [self._encode(i, item, truncate) for i, item in enumerate(inputs)]
 
     def _encode(self, index: int, item: str | TokenIds, truncate: bool) -> dict[str, np.ndarray]:
         if isinstance(item, str):

@@ -39,7 +39,7 @@ class ServerMetrics:
         )
         self.batch_tokens = Histogram(
             "mahir_batch_padded_tokens",
-            "Padded tokens per batch (items x longest).",
+            "Tokens computed per batch: items x longest (the real ones for a packed session).",
             buckets=tuple(64 * 2**i for i in range(10)),
             registry=r,
         )

@@ -93,3 +93,5 @@ class ServedModel:
         """Answer not ready, then run every admitted request and stop."""
         self.started = False
         await self.batcher.stop()
+        if self.embedder is not None:
+            self.embedder.close()
