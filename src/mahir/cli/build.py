@@ -102,7 +102,7 @@ def _run_bench(
     with progress_bar() as progress:
         step = progress.add_task("loading the model", total=None)
         timing = progress.add_task("timing", total=1.0, visible=False)
-        model = load_with_logits(source, logits)
+        model = load_with_logits(source, logits, "mahir bench")
 
         def on_step(text: str) -> None:
             progress.update(step, description=text)
@@ -144,7 +144,7 @@ def apply(
 
 
 def _run_apply(recipe_path: Path, source: str | None, out: Path, data: Path | None) -> None:
-    from mahir.model import load_model
+    from mahir.model import load_model, one_forward
     from mahir.passes import STEP_TYPES
     from mahir.recipe import load_recipe
     from mahir.runtimes import get_runtime
@@ -164,7 +164,7 @@ def _run_apply(recipe_path: Path, source: str | None, out: Path, data: Path | No
         source = replay_source(recipe, recipe_path)
     with progress_bar() as progress:
         progress.add_task("loading the model", total=None)
-        model = load_model(source)
+        model = one_forward(load_model(source), "mahir apply")
         progress.add_task(f"applying {len(recipe.steps)} steps", total=None)
         with tempfile.TemporaryDirectory(prefix="mahir-apply-") as tmp:
             applied = apply_on_workload(model, recipe, Path(tmp), sentences=sentences)
@@ -275,7 +275,8 @@ def _run_optimize(
     def on_event(candidate: str, text: str) -> None:
         errors.print(f"[dim]{candidate:>24}[/dim]  {text}", highlight=False, soft_wrap=True)
 
-    model = load_with_logits(source, logits)  # optimize() refuses what it cannot use at once
+    # optimize() refuses what it cannot use at once
+    model = load_with_logits(source, logits, "mahir optimize")
     budget = config.time_budget_s
     deadline = None if budget is None else time.monotonic() + budget
     with tempfile.TemporaryDirectory(prefix="mahir-optimize-") as tmp:
