@@ -133,3 +133,19 @@ def test_held_out_passages_are_distinct_and_cut_to_length(tiny_llm: LanguageMode
     assert len({tuple(p) for p in passages}) == 8
     assert all(len(p) == 64 for p in passages)
 
+
+@pytest.mark.slow
+def test_the_default_llm_answers_a_question(smollm2: LanguageModel) -> None:
+    """SmolLM2-135M-Instruct from its Q4_1 GGUF, dequantized to fp32, on PyTorch eager."""
+    from mahir.runtimes.engines import open_engine
+    from mahir.types import RuntimeOptions
+
+    assert type(smollm2.module).__name__ == "LlamaForCausalLM"
+    assert 134e6 < smollm2.parameters < 135e6
+    assert smollm2.module.hf_quantizer is None  # the GGUF mark is dropped: weights are fp32
+    family = smollm2.family
+    generator = open_engine("torch", smollm2.original(), RuntimeOptions())
+    prompt = family.prompt_ids("What is the capital of France?")
+    reply = list(generator.stream(prompt, family.sampling(max_new_tokens=16)))
+    assert "Paris" in family.decode(reply)
+    assert reply[-1] in family.stop_token_ids  # it ended its turn before 16 tokens
