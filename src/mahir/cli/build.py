@@ -38,7 +38,8 @@ def bench(
             "--runtime",
             "-r",
             help="Runtime to measure; repeat for several \\[default: torch, onnxruntime, "
-            "openvino: those that can run the model].",
+            "openvino: those that can run the model]. LLMs: torch, torch-bf16, torch-int8, "
+            "torch-compile, torch-compile-bf16, torch-compile-int8.",
         ),
     ] = None,
     batch_size: Annotated[
@@ -48,15 +49,29 @@ def bench(
         Path | None, typer.Option("--json", help="Write the results (and the workload) here.")
     ] = None,
     data: Annotated[
-        Path | None, typer.Option("--data", help="Sentences, one per line (text models).")
+        Path | None,
+        typer.Option(
+            "--data",
+            help="Sentences, one per line (text models); LLMs: prompts, one per line (.txt) or "
+            'as {"prompt"|"messages", "max_new_tokens"} objects (.jsonl).',
+        ),
     ] = None,
     tokens: Annotated[
         str | None,
-        typer.Option("--tokens", help="Generated sentences' token counts, MIN-MAX (e.g. 64-128)."),
+        typer.Option(
+            "--tokens",
+            help="Generated sentences' token counts, MIN-MAX (e.g. 64-128); LLMs: generated "
+            "prompts' \\[default: 32-1024].",
+        ),
     ] = None,
     seconds: Annotated[
-        float, typer.Option("--seconds", help="Timed seconds per runtime and batch size.")
-    ] = 2.0,
+        float | None,
+        typer.Option(
+            "--seconds",
+            help="Timed seconds per runtime and batch size \\[default: 2; LLMs: one pass over "
+            "the prompts].",
+        ),
+    ] = None,
     threads: Annotated[
         int | None, typer.Option("--threads", help="Threads per runtime (default: cores).")
     ] = None,
@@ -65,9 +80,51 @@ def bench(
         Path | None,
         typer.Option("--workdir", help="Keep exported artifacts here (default: a temp folder)."),
     ] = None,
+    llm: Annotated[
+        bool,
+        typer.Option(
+            "--llm",
+            help="A decoder LLM (default: the bundled SmolLM2-135M-Instruct): time to first "
+            "token, decode latency and tokens/s at batch 1, fidelity, per engine. A .gguf file "
+            "or a causal-LM folder is one by itself.",
+        ),
+    ] = False,
+    prompts: Annotated[
+        int | None, typer.Option("--prompts", help="LLMs: generated prompts \\[default: 8].")
+    ] = None,
+    new_tokens: Annotated[
+        str | None,
+        typer.Option(
+            "--new-tokens", help="LLMs: new tokens per prompt, MIN-MAX \\[default: 64-256]."
+        ),
+    ] = None,
 ) -> None:
     """Measure the model on each runtime and batch size: latency, throughput, fidelity."""
+    from mahir.cli.llm import is_llm, run_llm_bench
     from mahir.search.bench import BenchConfig
+
+    if is_llm(model, llm):
+        asked = {"--logits": logits, "--batch-size": batch_size, "--workdir": workdir}
+        guard(
+            ctx,
+            lambda: run_llm_bench(
+                model,
+                asked,
+                runtime or [],
+                json_path,
+                data=data,
+                tokens=tokens,
+                new_tokens=new_tokens,
+                prompts=prompts,
+                seconds=seconds,
+                threads=threads,
+                device=device,
+            ),
+        )
+        return
+    if prompts is not None or new_tokens is not None:
+        flag = "--prompts" if prompts is not None else "--new-tokens"
+        guard(ctx, lambda: _refuse(f"{flag} is for LLMs: add --llm, or give a .gguf file"))
 
     def configure() -> BenchConfig:
         from mahir.measure import MeasureConfig
@@ -78,7 +135,7 @@ def bench(
             return BenchConfig(
                 runtimes=tuple(runtime or ()),
                 batch_sizes=tuple(batch_size or (1, 32)),
-                measure=MeasureConfig(min_time_s=seconds),
+                measure=MeasureConfig(min_time_s=2.0 if seconds is None else seconds),
                 options=RuntimeOptions(threads=threads, device=Device.parse(device)),
                 sentences=tuple(read_sentences(data)) if data else (),
                 token_range=parse_range(tokens) if tokens else None,
@@ -88,6 +145,10 @@ def bench(
 
     config = guard(ctx, configure)
     guard(ctx, lambda: _run_bench(model, logits, config, json_path, workdir))
+
+
+def _refuse(message: str) -> None:
+    raise BadInput(message)
 
 
 def _run_bench(
