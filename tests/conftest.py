@@ -6,10 +6,12 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 from subprocess import CompletedProcess
+from typing import Any
 
 import numpy as np
 import pytest
 
+from mahir.families.decoder import LanguageModel
 from mahir.model import Model, load_model, with_logits
 from mahir.types import Artifact
 
@@ -42,6 +44,44 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def llm_tokenizer() -> Any:
+    """The default LLM's tokenizer (byte-level BPE, ChatML template), read from its GGUF once
+    per session: the tiny decoders' tokenizer too."""
+    import transformers
+
+    from mahir.families.decoder import default_llm_path
+    from mahir.silence import quiet_transformers
+
+    path = default_llm_path()
+    with quiet_transformers():
+        return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+@pytest.fixture(scope="session")
+def decoder_folders(
+    tmp_path_factory: pytest.TempPathFactory, llm_tokenizer: Any
+) -> dict[str, Path]:
+    """Tiny random-weight causal LMs (`tests.models.DECODERS`) as Hugging Face folders."""
+    from tests.models import DECODERS, decoder_folder
+
+    root = tmp_path_factory.mktemp("decoders")
+    return {arch: decoder_folder(root / arch, arch, llm_tokenizer) for arch in DECODERS}
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(decoder_folders: dict[str, Path]) -> LanguageModel:
+    """The tiny Llama, loaded."""
+    return load_model(decoder_folders["llama"], llm=True)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> LanguageModel:
+    """The default LLM (SmolLM2-135M-Instruct from its Q4_1 GGUF, fp32): about a minute to read
+    on 2 cores, so only slow tests ask for it."""
+    return load_model(llm=True)
 
 
 @pytest.fixture(scope="session")

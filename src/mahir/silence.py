@@ -27,3 +27,25 @@ def silenced(loggers: Sequence[str] = ("",), *, ignore_warnings: bool = False) -
     finally:
         for logger, level in zip(targets, levels, strict=True):
             logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def quiet_transformers(*, progress: bool = False) -> Iterator[None]:
+    """No weight-loading progress bar or import noise from transformers in our output; restored
+    afterwards. `progress=False` also swallows what tqdm writes to stderr: the GGUF loader draws
+    its own bar ("Converting and de-quantizing GGUF tensors"), which transformers' switch does
+    not reach."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    try:
+        # transformers imports torchao when it is installed, which logs the GPU kernels it
+        # cannot load on this machine and torch's pytree deprecations: noise for our users.
+        with silenced(("torchao", "torch.utils._pytree")), contextlib.ExitStack() as stack:
+            if not progress:
+                stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
+            yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]

@@ -109,8 +109,7 @@ class Artifact:
     def size_mb(self) -> float:
         """Bytes on disk of the artifact's files, or of a torch module's parameters and buffers."""
         if self.module is not None:
-            tensors = [*self.module.parameters(), *self.module.buffers()]
-            return float(sum(t.numel() * t.element_size() for t in tensors)) / 2**20
+            return module_mb(self.module)
         return sum(p.stat().st_size for p in self.files()) / 2**20
 
     def derive(
@@ -129,6 +128,22 @@ class Artifact:
         return Artifact(
             format or self.format, spec or self.spec, path=path, module=module, meta=meta
         )
+
+
+def module_mb(module: Any) -> float:
+    """MiB of a torch module's parameters and buffers, as stored."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return float(sum(_tensor_bytes(t) for t in tensors)) / 2**20
+
+
+def _tensor_bytes(tensor: Any) -> int:
+    """Bytes a tensor holds. A tensor subclass (torchao's int8 weights) reports the dtype it
+    computes in, not what it stores: its inner tensors are counted instead."""
+    flatten = getattr(tensor, "__tensor_flatten__", None)
+    if flatten is not None:
+        names, _ = flatten()
+        return sum(_tensor_bytes(getattr(tensor, name)) for name in names)
+    return int(tensor.numel() * tensor.element_size())
 
 
 class Session(Protocol):

@@ -38,7 +38,8 @@ def bench(
             "--runtime",
             "-r",
             help="Runtime to measure; repeat for several \\[default: torch, onnxruntime, "
-            "openvino: those that can run the model].",
+            "openvino: those that can run the model]. LLMs: torch, torch-bf16, torch-int8, "
+            "torch-compile, torch-compile-bf16, torch-compile-int8.",
         ),
     ] = None,
     batch_size: Annotated[
@@ -48,15 +49,29 @@ def bench(
         Path | None, typer.Option("--json", help="Write the results (and the workload) here.")
     ] = None,
     data: Annotated[
-        Path | None, typer.Option("--data", help="Sentences, one per line (text models).")
+        Path | None,
+        typer.Option(
+            "--data",
+            help="Sentences, one per line (text models); LLMs: prompts, one per line (.txt) or "
+            'as {"prompt"|"messages", "max_new_tokens"} objects (.jsonl).',
+        ),
     ] = None,
     tokens: Annotated[
         str | None,
-        typer.Option("--tokens", help="Generated sentences' token counts, MIN-MAX (e.g. 64-128)."),
+        typer.Option(
+            "--tokens",
+            help="Generated sentences' token counts, MIN-MAX (e.g. 64-128); LLMs: generated "
+            "prompts' \\[default: 32-1024].",
+        ),
     ] = None,
     seconds: Annotated[
-        float, typer.Option("--seconds", help="Timed seconds per runtime and batch size.")
-    ] = 2.0,
+        float | None,
+        typer.Option(
+            "--seconds",
+            help="Timed seconds per runtime and batch size \\[default: 2; LLMs: one pass over "
+            "the prompts].",
+        ),
+    ] = None,
     threads: Annotated[
         int | None, typer.Option("--threads", help="Threads per runtime (default: cores).")
     ] = None,
@@ -65,9 +80,51 @@ def bench(
         Path | None,
         typer.Option("--workdir", help="Keep exported artifacts here (default: a temp folder)."),
     ] = None,
+    llm: Annotated[
+        bool,
+        typer.Option(
+            "--llm",
+            help="A decoder LLM (default: the bundled SmolLM2-135M-Instruct): time to first "
+            "token, decode latency and tokens/s at batch 1, fidelity, per engine. A .gguf file "
+            "or a causal-LM folder is one by itself.",
+        ),
+    ] = False,
+    prompts: Annotated[
+        int | None, typer.Option("--prompts", help="LLMs: generated prompts \\[default: 8].")
+    ] = None,
+    new_tokens: Annotated[
+        str | None,
+        typer.Option(
+            "--new-tokens", help="LLMs: new tokens per prompt, MIN-MAX \\[default: 64-256]."
+        ),
+    ] = None,
 ) -> None:
     """Measure the model on each runtime and batch size: latency, throughput, fidelity."""
+    from mahir.cli.llm import is_llm, run_llm_bench
     from mahir.search.bench import BenchConfig
+
+    if is_llm(model, llm):
+        asked = {"--logits": logits, "--batch-size": batch_size, "--workdir": workdir}
+        guard(
+            ctx,
+            lambda: run_llm_bench(
+                model,
+                asked,
+                runtime or [],
+                json_path,
+                data=data,
+                tokens=tokens,
+                new_tokens=new_tokens,
+                prompts=prompts,
+                seconds=seconds,
+                threads=threads,
+                device=device,
+            ),
+        )
+        return
+    if prompts is not None or new_tokens is not None:
+        flag = "--prompts" if prompts is not None else "--new-tokens"
+        guard(ctx, lambda: _refuse(f"{flag} is for LLMs: add --llm, or give a .gguf file"))
 
     def configure() -> BenchConfig:
         from mahir.measure import MeasureConfig
@@ -78,7 +135,7 @@ def bench(
             return BenchConfig(
                 runtimes=tuple(runtime or ()),
                 batch_sizes=tuple(batch_size or (1, 32)),
-                measure=MeasureConfig(min_time_s=seconds),
+                measure=MeasureConfig(min_time_s=2.0 if seconds is None else seconds),
                 options=RuntimeOptions(threads=threads, device=Device.parse(device)),
                 sentences=tuple(read_sentences(data)) if data else (),
                 token_range=parse_range(tokens) if tokens else None,
@@ -88,6 +145,10 @@ def bench(
 
     config = guard(ctx, configure)
     guard(ctx, lambda: _run_bench(model, logits, config, json_path, workdir))
+
+
+def _refuse(message: str) -> None:
+    raise BadInput(message)
 
 
 def _run_bench(
@@ -102,7 +163,7 @@ def _run_bench(
     with progress_bar() as progress:
         step = progress.add_task("loading the model", total=None)
         timing = progress.add_task("timing", total=1.0, visible=False)
-        model = load_with_logits(source, logits)
+        model = load_with_logits(source, logits, "mahir bench")
 
         def on_step(text: str) -> None:
             progress.update(step, description=text)
@@ -144,7 +205,7 @@ def apply(
 
 
 def _run_apply(recipe_path: Path, source: str | None, out: Path, data: Path | None) -> None:
-    from mahir.model import load_model
+    from mahir.model import load_model, one_forward
     from mahir.passes import STEP_TYPES
     from mahir.recipe import load_recipe
     from mahir.runtimes import get_runtime
@@ -164,7 +225,7 @@ def _run_apply(recipe_path: Path, source: str | None, out: Path, data: Path | No
         source = replay_source(recipe, recipe_path)
     with progress_bar() as progress:
         progress.add_task("loading the model", total=None)
-        model = load_model(source)
+        model = one_forward(load_model(source), "mahir apply")
         progress.add_task(f"applying {len(recipe.steps)} steps", total=None)
         with tempfile.TemporaryDirectory(prefix="mahir-apply-") as tmp:
             applied = apply_on_workload(model, recipe, Path(tmp), sentences=sentences)
@@ -275,7 +336,8 @@ def _run_optimize(
     def on_event(candidate: str, text: str) -> None:
         errors.print(f"[dim]{candidate:>24}[/dim]  {text}", highlight=False, soft_wrap=True)
 
-    model = load_with_logits(source, logits)  # optimize() refuses what it cannot use at once
+    # optimize() refuses what it cannot use at once
+    model = load_with_logits(source, logits, "mahir optimize")
     budget = config.time_budget_s
     deadline = None if budget is None else time.monotonic() + budget
     with tempfile.TemporaryDirectory(prefix="mahir-optimize-") as tmp:

@@ -24,8 +24,8 @@ T = TypeVar("T")
 ModelArg = Annotated[
     str | None,
     typer.Argument(
-        help="A Hugging Face model folder, an .onnx file, or path/to/file.py:factory "
-        "(default: the bundled all-MiniLM-L6-v2).",
+        help="A Hugging Face model folder, an .onnx file, a .gguf file (an LLM), or "
+        "path/to/file.py:factory (default: the bundled all-MiniLM-L6-v2).",
         show_default=False,
     ),
 ]
@@ -45,11 +45,11 @@ DeviceOption = Annotated[
 ]
 
 
-def load_with_logits(source: str | None, logits: list[str] | None) -> Any:
+def load_with_logits(source: str | None, logits: list[str] | None, command: str) -> Any:
     """The model `source` names, with the outputs `--logits` names judged as class scores."""
-    from mahir.model import load_model, with_logits
+    from mahir.model import load_model, one_forward, with_logits
 
-    model = load_model(source)
+    model = one_forward(load_model(source), command)
     return with_logits(model, logits) if logits else model
 
 
@@ -64,11 +64,11 @@ def progress_bar() -> Progress:
     )
 
 
-def parse_range(text: str) -> tuple[int, int]:
+def parse_range(text: str, option: str = "--tokens") -> tuple[int, int]:
     """'64-128' -> (64, 128)."""
     match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", text)
     if not match:
-        raise BadInput(f"--tokens takes MIN-MAX such as 64-128, got {text!r}")
+        raise BadInput(f"{option} takes MIN-MAX such as 64-128, got {text!r}")
     return int(match[1]), int(match[2])
 
 

@@ -268,11 +268,11 @@ def _announce(name: str, config: Any) -> None:
 
 def _write_plain(source: str | None, out: Path) -> None:
     """A model that is no output directory yet: its fp32 ONNX export, checked, as one."""
-    from mahir.model import load_model
+    from mahir.model import load_model, one_forward
     from mahir.recipe import Recipe
     from mahir.search.apply import apply_recipe, write_output_dir
 
-    model = load_model(source)
+    model = one_forward(load_model(source), "mahir serve")
     applied = apply_recipe(
         model, Recipe((), "onnxruntime"), out.parent / "work", calibration=(), evaluation=()
     )

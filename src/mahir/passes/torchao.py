@@ -88,6 +88,16 @@ class Pt2eInt8:
 
 
 def torchao_int8(artifact: Artifact, config: TorchaoInt8, ctx: PassContext) -> Artifact:
+    reduce_range = not config.weight_only and choose_reduce_range(config.reduce_range, True, ctx)
+    return quantize_linears(artifact, config, reduce_range=reduce_range, name=ctx.model.name)
+
+
+def quantize_linears(
+    artifact: Artifact, config: TorchaoInt8, *, reduce_range: bool = False, name: str = "the model"
+) -> Artifact:
+    """`TorchaoInt8` on a copy of any torch module's nn.Linear layers, without a pass context:
+    what a decoder LLM's artifact takes (weight-only int8 needs no calibration and no CPU
+    check). `reduce_range` is `torchao_int8`'s choice, for dynamic activations only."""
     import_torchao()
     import torch
     from torchao.quantization import (
@@ -99,8 +109,7 @@ def torchao_int8(artifact: Artifact, config: TorchaoInt8, ctx: PassContext) -> A
     module = _copy(artifact)
     linears = sum(isinstance(m, torch.nn.Linear) for m in module.modules())
     if linears == 0:
-        raise Unsupported(f"{ctx.model.name} has no nn.Linear layer for torchao int8 to quantize")
-    reduce_range = not config.weight_only and choose_reduce_range(config.reduce_range, True, ctx)
+        raise Unsupported(f"{name} has no nn.Linear layer for torchao int8 to quantize")
     recipe: Any = (
         Int8WeightOnlyConfig(set_inductor_config=False)
         if config.weight_only

@@ -30,7 +30,7 @@ from mahir.families import refuse_text_options
 from mahir.flops import Cost, model_cost
 from mahir.hardware import Machine, detect
 from mahir.measure import load_summary
-from mahir.model import Model, load_model
+from mahir.model import Model, load_model, one_forward
 from mahir.passes import PassContext
 from mahir.peaks import Peaks, device_name, device_peaks, rate
 from mahir.report.schema import (
@@ -303,7 +303,7 @@ def optimize(
     stage completes (checked, timed; a checked candidate's files kept beside until the run
     completes); `resume` reuses them (records.py says how)."""
     if not isinstance(model, Model):
-        model = load_model(model)
+        model = one_forward(load_model(model), "optimize")
     config.check_model(model)
     workdir = Path(workdir or tempfile.mkdtemp(prefix="mahir-optimize-"))
     started = time.monotonic()

@@ -1,0 +1,99 @@
+"""The LLM engines mahir can run a decoder on, each behind the one `Generator` interface.
+
+`ENGINES` is written out by hand, as `RUNTIMES` is for one-forward sessions: to add an engine,
+add a module with a function that opens an artifact as a `Generator` and one entry here. An
+engine is opened with the `RuntimeOptions` every runtime takes (threads, device). Engine modules
+import their framework at the top, so they are imported only when a generator opens.
+
+Now: PyTorch, eager or with a static KV cache and a compiled decode step, in fp32 or bf16
+(`runtimes/torch_generator.py`). OpenVINO GenAI, llama.cpp and vLLM come next (issue 16); each
+will be a `Generator` here, measured beside these by `mahir bench --llm`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from mahir.errors import BadInput, Unsupported
+from mahir.generation import Generator
+from mahir.types import Artifact, RuntimeOptions
+
+REFERENCE_ENGINE = "torch"
+"""The engine whose answers on the fp32 original are the reference: PyTorch eager, fp32."""
+
+
+@dataclass(frozen=True, slots=True)
+class Engine:
+    """An engine's name, how to open an artifact on it, and where it runs."""
+
+    name: str
+    open: Callable[[Artifact, RuntimeOptions], Generator]
+    summary: str
+    """One line for `--help` and reports."""
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    package: str = "torch"
+    """The package it imports (module and pip name alike)."""
+
+    def missing(self) -> str | None:
+        """The package to install before this engine can run here, or None."""
+        return None if importlib.util.find_spec(self.package) else self.package
+
+
+def _torch(
+    name: str, precision: Literal["fp32", "bf16"], compile: bool
+) -> Callable[[Artifact, RuntimeOptions], Generator]:
+    def open_torch(artifact: Artifact, options: RuntimeOptions) -> Generator:
+        from mahir.runtimes.torch_generator import TorchEngineOptions, open_generator
+
+        settings = TorchEngineOptions(
+            precision=precision, compile=compile, threads=options.threads, device=options.device
+        )
+        return open_generator(artifact, settings, engine=name)
+
+    return open_torch
+
+
+ENGINES: dict[str, Engine] = {
+    "torch": Engine(
+        "torch",
+        _torch("torch", "fp32", False),
+        "PyTorch eager, fp32, dynamic KV cache (the reference)",
+    ),
+    "torch-bf16": Engine(
+        "torch-bf16",
+        _torch("torch-bf16", "bf16", False),
+        "PyTorch eager, bf16 (CPUs with avx512_bf16 or AMX)",
+    ),
+    "torch-compile": Engine(
+        "torch-compile",
+        _torch("torch-compile", "fp32", True),
+        "PyTorch, static KV cache, decode step compiled by torch.compile, fp32",
+    ),
+    "torch-compile-bf16": Engine(
+        "torch-compile-bf16",
+        _torch("torch-compile-bf16", "bf16", True),
+        "PyTorch, static KV cache, decode step compiled by torch.compile, bf16",
+    ),
+}
+
+
+def get_engine(name: str) -> Engine:
+    """The engine called `name`; an unknown name gets one line listing the known ones."""
+    try:
+        return ENGINES[name]
+    except KeyError:
+        raise BadInput(f"unknown LLM engine {name!r}: choose from {', '.join(ENGINES)}") from None
+
+
+def open_engine(name: str, artifact: Artifact, options: RuntimeOptions) -> Generator:
+    """Open `artifact` on the named engine, refusing a device or package it lacks."""
+    engine = get_engine(name)
+    if options.device.kind not in engine.devices:
+        raise Unsupported(f"{name} runs on {' or '.join(engine.devices)} only")
+    missing = engine.missing()
+    if missing:
+        raise Unsupported(f"{name} needs {missing}, which is not installed: pip install {missing}")
+    return engine.open(artifact, options)

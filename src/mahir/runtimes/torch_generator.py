@@ -1,0 +1,224 @@
+"""PyTorch as an LLM engine: a transformers causal LM driven token by token with its KV cache.
+
+The one invariant: `prefill` runs the whole prompt in one forward, which fills the cache and keeps
+only the last position's logits; then each `decode_one_token` feeds the token just chosen at the
+next position and reads everything the cache holds. So time to first token grows with the
+prompt, and time per token with the weights read once per step (plus the cache). Two caches:
+- dynamic (`DynamicCache`): grows by concatenation, any length; shapes change every step, so
+  the step runs eager;
+- static (`StaticCache`): preallocated to `max_cache_len` tokens and written in place, so the
+  decode step has one shape and `torch.compile` (inductor) compiles it once, when the generator
+  opens (minutes on 2 cores). Attention then reads all `max_cache_len` rows every step, the
+  empty ones masked: size it to the work, not to the model's context.
+bf16 halves the bytes read per token, and only pays on CPUs that compute in it (avx512_bf16 or
+AMX); elsewhere it is emulated and slower than fp32, so it is refused there with the reason.
+`logprobs` is one eager forward over the whole sequence with the engine's weights and precision;
+the compiled decode step is checked by greedy continuations (`mahir.generation_quality`).
+
+Tokens are chosen by `generation.choose` (greedy in torch, without copying the logits out).
+Torch's thread count is process-wide: opening a generator sets it. A runtime knows nothing of
+passes, search or serving.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from mahir.errors import BadInput, Unsupported
+from mahir.generation import Sampling, choose
+from mahir.hardware import Machine, detect, physical_cores
+from mahir.types import CPU, Artifact, Device, module_mb
+
+BF16_ISA = ("avx512_bf16", "amx_bf16")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TorchEngineOptions:
+    """How the PyTorch engine runs a causal LM."""
+
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Weights, activations and KV cache in this dtype (logits are read in fp32)."""
+    compile: bool = False
+    """Static KV cache and a decode step compiled by torch.compile when the generator opens."""
+    max_cache_len: int = 2048
+    """Tokens the static cache holds (prompt plus new, at most); the dynamic cache ignores it."""
+    threads: int | None = None
+    """Torch's intra-op threads; default: the machine's physical cores."""
+    device: Device = CPU
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision is fp32 or bf16, got {self.precision!r}")
+        if self.max_cache_len < 2:
+            raise ValueError(f"max_cache_len must be >= 2, got {self.max_cache_len}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+
+
+class TorchGenerator:
+    """`Generator` over a transformers causal LM (`generation.Generator`)."""
+
+    def __init__(self, module: Any, options: TorchEngineOptions, *, engine: str) -> None:
+        self.engine = engine
+        self.device = options.device
+        self._options = options
+        self._module = module
+        self._where = torch.device("cpu" if options.device.kind == "cpu" else str(options.device))
+        self._cache_arg = "cache" if _takes(module, "cache") else "past_key_values"
+        self._keep_last = _takes(module, "logits_to_keep")
+        positions = _positions(module.config)
+        self.context_length = (
+            min(positions, options.max_cache_len) if options.compile else positions
+        )
+        self._vocab = int(module.config.vocab_size)
+        self._static: Any = None
+        self._step = self._eager_step
+        self.compile_s: float | None = None
+        if options.compile:
+            from transformers import StaticCache
+
+            self._static = StaticCache(config=module.config, max_cache_len=self.context_length)
+            self._step = torch.compile(self._eager_step, fullgraph=True, dynamic=False)
+            started = time.perf_counter()
+            list(self.stream([0], Sampling(max_new_tokens=3)))  # compiles here, not when timed
+            self.compile_s = time.perf_counter() - started
+
+    def stream(self, prompt: Sequence[int], sampling: Sampling) -> Iterator[int]:
+        self._check(prompt, sampling.max_new_tokens)  # at the call, not at the first token
+        return self._generate(prompt, sampling)
+
+    def _generate(self, prompt: Sequence[int], sampling: Sampling) -> Iterator[int]:
+        rng = np.random.default_rng(sampling.seed)
+        stops = frozenset(sampling.stop_token_ids)
+        cache = self._new_cache()
+        logits = self._prefill(prompt, cache)
+        position = len(prompt)
+        for count in range(1, sampling.max_new_tokens + 1):
+            token = self._choose(logits, sampling, rng)
+            yield token
+            if token in stops or count == sampling.max_new_tokens:
+                return
+            logits = self._decode_one_token(token, position, cache)
+            position += 1
+
+    def logprobs(self, tokens: Sequence[int]) -> np.ndarray:
+        self._check(tokens, 0)
+        with torch.inference_mode():
+            ids = torch.tensor([list(tokens)], device=self._where)
+            logits = self._module(input_ids=ids, use_cache=False).logits[0]
+            return torch.log_softmax(logits.float(), dim=-1).cpu().numpy()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "engine": self.engine,
+            "precision": self._options.precision,
+            "kv_cache": "static" if self._options.compile else "dynamic",
+            "max_cache_len": self.context_length if self._options.compile else None,
+            "compiled": self._options.compile,
+            "compile_s": self.compile_s,
+            "weights_mb": module_mb(self._module),
+            "threads": torch.get_num_threads(),
+            "device": str(self.device),
+            "torch": torch.__version__,
+        }
+
+    def _new_cache(self) -> Any:
+        if self._static is not None:
+            with torch.inference_mode():  # its tensors were made in inference mode
+                self._static.reset()
+            return self._static
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self._module.config)
+
+    def _prefill(self, prompt: Sequence[int], cache: Any) -> torch.Tensor:
+        ids = torch.tensor([list(prompt)], device=self._where)
+        extra: dict[str, Any] = {"logits_to_keep": 1} if self._keep_last else {}
+        if self._static is not None:
+            extra["cache_position"] = torch.arange(len(prompt), device=self._where)
+        with torch.inference_mode():
+            return self._forward(ids, cache, **extra)[0, -1]
+
+    def _decode_one_token(self, token: int, position: int, cache: Any) -> torch.Tensor:
+        ids = torch.tensor([[token]], device=self._where)
+        with torch.inference_mode():
+            if self._static is None:  # the dynamic cache knows its own length
+                return self._forward(ids, cache)[0, -1]
+            return self._step(ids, torch.tensor([position], device=self._where))[0]
+
+    def _eager_step(self, ids: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """One decode step on the static cache: what torch.compile compiles."""
+        return self._forward(ids, self._static, cache_position=position)[:, -1]
+
+    def _forward(self, ids: torch.Tensor, cache: Any, **extra: Any) -> torch.Tensor:
+        out = self._module(input_ids=ids, use_cache=True, **{self._cache_arg: cache}, **extra)
+        logits: torch.Tensor = out.logits
+        return logits
+
+    def _choose(self, logits: torch.Tensor, sampling: Sampling, rng: np.random.Generator) -> int:
+        if sampling.greedy:
+            return int(torch.argmax(logits))
+        return choose(logits.float().cpu().numpy(), sampling, rng)
+
+    def _check(self, tokens: Sequence[int], new: int) -> None:
+        if not tokens:
+            raise BadInput("the prompt is empty: give at least one token")
+        if min(tokens) < 0 or max(tokens) >= self._vocab:
+            raise BadInput(
+                f"token ids must be in [0, {self._vocab}), got {min(tokens)}..{max(tokens)}"
+            )
+        if len(tokens) + new > self.context_length:
+            raise BadInput(
+                f"{len(tokens)} tokens plus {new} new ones exceed the {self.engine} engine's "
+                f"context of {self.context_length} tokens: shorten the prompt or ask fewer"
+            )
+
+
+def open_generator(
+    artifact: Artifact,
+    options: TorchEngineOptions = TorchEngineOptions(),
+    *,
+    engine: str = "torch",
+    machine: Machine | None = None,
+) -> TorchGenerator:
+    """`artifact` (a live transformers causal LM) as a `TorchGenerator`: converted to bf16 or
+    moved to a GPU on a copy (the artifact's module stays the fp32 CPU reference)."""
+    module = artifact.module
+    if artifact.format != "torch" or module is None or not hasattr(module, "config"):
+        raise Unsupported(f"the {engine} engine runs a live transformers causal LM")
+    if options.precision == "bf16" and options.device.kind == "cpu":
+        machine = machine or detect(gpus=False)
+        if not any(machine.has(flag) for flag in BF16_ISA):
+            raise Unsupported(
+                f"{engine}: bf16 on this CPU ({machine.cpu}: no avx512_bf16 or AMX) is emulated "
+                "and slower than fp32: use fp32 or int8 weights"
+            )
+    if options.device.kind == "cuda" and not torch.cuda.is_available():
+        raise Unsupported(f"{engine}: torch sees no CUDA GPU here: use --device cpu")
+    torch.set_num_threads(options.threads or physical_cores())
+    dtype = torch.bfloat16 if options.precision == "bf16" else torch.float32
+    if dtype != torch.float32 or options.device.kind != "cpu":
+        module = copy.deepcopy(module).to(device=str(options.device), dtype=dtype)
+    return TorchGenerator(module.eval(), options, engine=engine)
+
+
+def _takes(module: Any, name: str) -> bool:
+    """Whether the model's forward takes keyword `name`: transformers renames arguments between
+    releases (`past_key_values` became `cache`), and the old name warns."""
+    return name in inspect.signature(module.forward).parameters
+
+
+def _positions(config: Any) -> int:
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise Unsupported("the model's config gives no context length (max_position_embeddings)")

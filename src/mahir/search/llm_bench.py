@@ -1,0 +1,409 @@
+"""`mahir bench --llm`: one decoder LLM on several engines, measured in one run, at batch 1.
+
+The order of work is the encoder bench's: one prompt workload for every engine; the reference
+(PyTorch eager fp32 on the original) answers the held-out inputs once; each engine is opened
+(the memory it adds, its compile time), judged against the reference (`generation_quality`),
+then timed interleaved: for each prompt every engine generates in turn, the order rotating, so
+machine drift hits all alike. A generation is streamed and the clock read at each token: time
+to first token is the prefill plus the first choice, decode latency the gap between tokens.
+While timed, stop tokens are ignored, so every engine generates exactly each prompt's
+max_new_tokens (as vLLM's benchmarks do with ignore_eos). Output tokens/s is tokens over the
+wall time of whole generations, prefill included; "GB/s" is the weights read once per decoded
+token, the number that bounds batch-1 decoding (gpt-fast's "bandwidth achieved").
+
+A row is a variant: an engine (`runtimes/engines.py`), over the original weights or torchao's
+int8 weight-only copy (`passes/torchao.py`). Other engines slot in as `Generator`s through
+`ENGINES`. Concurrency (8, 16 requests at once) comes with engines that batch them (issue 16).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.table import Table
+
+from mahir.errors import BadInput, Unsupported
+from mahir.families.decoder import LanguageModel
+from mahir.families.prompts import (
+    NEW_TOKENS,
+    PROMPT_TOKENS,
+    Prompt,
+    PromptWorkload,
+    generate_prompts,
+    read_prompts,
+)
+from mahir.generation import Generator, Sampling
+from mahir.generation_quality import (
+    GenerationBudget,
+    GenerationQuality,
+    Judging,
+    held_out_inputs,
+    judge,
+    reference_answers,
+)
+from mahir.hardware import Machine, detect
+from mahir.measure import BUSY_CORES, MachineLoad, memory_added
+from mahir.passes.torchao import TorchaoInt8, quantize_linears
+from mahir.runtimes.engines import REFERENCE_ENGINE, get_engine, open_engine
+from mahir.types import Artifact, RuntimeOptions
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    """What a row runs: an engine, on the original weights or on int8 weight-only ones."""
+
+    engine: str
+    int8_weights: bool = False
+
+
+VARIANTS: dict[str, Variant] = {
+    "torch": Variant("torch"),
+    "torch-bf16": Variant("torch-bf16"),
+    "torch-int8": Variant("torch", int8_weights=True),
+    "torch-compile": Variant("torch-compile"),
+    "torch-compile-bf16": Variant("torch-compile-bf16"),
+    "torch-compile-int8": Variant("torch-compile", int8_weights=True),
+}
+DEFAULT_VARIANTS = ("torch", "torch-bf16", "torch-int8", "torch-compile")
+"""Measured when none is asked for (those the machine can run): each compiled variant costs
+minutes of compiling on 2 cores before it is timed."""
+
+
+@dataclass(frozen=True, slots=True)
+class LlmBenchConfig:
+    """What `benchmark_llm` measures, on which prompts."""
+
+    variants: tuple[str, ...] = ()
+    """Names from `VARIANTS`; empty: `DEFAULT_VARIANTS` that this machine can run."""
+    prompts: int = 8
+    prompt_tokens: tuple[int, int] = PROMPT_TOKENS
+    new_tokens: tuple[int, int] = NEW_TOKENS
+    prompts_file: Path | None = None
+    """The user's prompts (.txt lines or .jsonl); generated ones when None."""
+    min_time_s: float = 0.0
+    """Prompts are cycled until each variant has generated this long (one pass at least)."""
+    options: RuntimeOptions = field(default_factory=RuntimeOptions)
+    judging: Judging = field(default_factory=Judging)
+    budget: GenerationBudget = field(default_factory=GenerationBudget)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = [name for name in self.variants if name not in VARIANTS]
+        if unknown:
+            raise BadInput(f"unknown LLM engine {unknown[0]!r}: choose from {', '.join(VARIANTS)}")
+        if self.min_time_s < 0:
+            raise BadInput(f"--seconds must be >= 0, got {self.min_time_s}")
+
+
+@dataclass(frozen=True, slots=True)
+class LlmBenchRow:
+    """One variant: its timings at batch 1, its fidelity, and what it ran with."""
+
+    name: str
+    ttft_ms: tuple[float, ...]
+    """One per generation: prefill plus the first token."""
+    decode_ms: tuple[float, ...]
+    """One per token after the first."""
+    tokens: int
+    seconds: float
+    """Wall time of the timed generations, prefills included."""
+    quality: GenerationQuality
+    failures: tuple[str, ...]
+    """How the variant misses the budget; empty when it is met."""
+    settings: dict[str, Any]
+    memory_mb: float
+    size_mb: float
+    open_s: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+    def ms(self, which: str, percentile: float) -> float:
+        values = self.ttft_ms if which == "ttft" else self.decode_ms
+        return float(np.percentile(values, percentile)) if values else float("nan")
+
+    @property
+    def bandwidth_gb_s(self) -> float:
+        """Weight bytes read per decoded token over the median decode latency."""
+        return self.size_mb * 2**20 / 1e9 / (self.ms("decode", 50) / 1e3)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "engine": self.name,
+            "ttft_ms": {"p50": self.ms("ttft", 50), "p90": self.ms("ttft", 90)},
+            "decode_ms": {"p50": self.ms("decode", 50), "p90": self.ms("decode", 90)},
+            "decode_tokens_per_s": 1e3 / self.ms("decode", 50),
+            "output_tokens_per_s": self.tokens_per_s,
+            "tokens": self.tokens,
+            "generations": len(self.ttft_ms),
+            "bandwidth_gb_s": self.bandwidth_gb_s,
+            "memory_mb": self.memory_mb,
+            "size_mb": self.size_mb,
+            "open_s": self.open_s,
+            "settings": self.settings,
+            "quality": self.quality.to_dict(),
+            "within_budget": not self.failures,
+            "budget_failures": list(self.failures),
+        }
+
+
+@dataclass
+class LlmBenchResult:
+    """Every row of one run, with the machine, model and prompts that produced them."""
+
+    machine: Machine
+    model: LanguageModel
+    workload: PromptWorkload
+    rows: list[LlmBenchRow]
+    budget: GenerationBudget
+    other_load: float
+    """Cores other processes kept busy while timing (`measure.MachineLoad`)."""
+    skipped: dict[str, str] = field(default_factory=dict)
+    """Default variants this machine cannot run, with the reason."""
+    date: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat())
+
+    def speedup(self, row: LlmBenchRow) -> float | None:
+        """The reference's median decode latency over this row's."""
+        base = next((r for r in self.rows if r.name == REFERENCE_ENGINE), None)
+        return None if base is None else base.ms("decode", 50) / row.ms("decode", 50)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "date": self.date,
+            "machine": self.machine.to_dict(),
+            "model": self.model.summary(),
+            "workload": self.workload.describe(),
+            "batch_size": 1,
+            "budget": {"min_top1": self.budget.min_top1, "max_kl": self.budget.max_kl},
+            "machine_load": {"other_cores": self.other_load, "busy": self._busy},
+            "skipped": self.skipped,
+            "results": [{**r.to_json(), "speedup": self.speedup(r)} for r in self.rows],
+        }
+
+    @property
+    def _busy(self) -> bool:
+        return self.other_load > BUSY_CORES
+
+    def __rich__(self) -> Table:
+        table = Table(
+            title=f"{self.model.name} on {self.machine.summary()}, batch 1", caption=self._caption()
+        )
+        table.add_column("engine", no_wrap=True)
+        columns = (
+            "TTFT", "ms/tok", "p90", "tok/s", "speedup", "GB/s", "MB", "mem", "top-1", "KL",
+            "ppl", "greedy", "budget",
+        )  # fmt: skip
+        for column in columns:
+            table.add_column(column, justify="right", no_wrap=True)
+        for row in self.rows:
+            quality, speedup = row.quality, self.speedup(row)
+            table.add_row(
+                row.name,
+                f"{row.ms('ttft', 50):.0f}",
+                f"{row.ms('decode', 50):.1f}",
+                f"{row.ms('decode', 90):.1f}",
+                f"{row.tokens_per_s:.1f}",
+                "" if speedup is None else f"{speedup:.2f}x",
+                f"{row.bandwidth_gb_s:.2g}",
+                f"{row.size_mb:.0f}",
+                f"{row.memory_mb:.0f}",
+                f"{quality.top1_agreement:.3f}",
+                f"{quality.kl_mean:.4f}",
+                f"{quality.perplexity:.4g}",
+                f"{quality.greedy_agreement:.0%}",
+                "ok" if not row.failures else "[red]miss[/red]",
+            )
+        return table
+
+    def _caption(self) -> str:
+        described = self.workload.describe()
+        prompt, new = described["prompt_tokens"], described["new_tokens"]
+        quality = self.rows[0].quality if self.rows else None
+        lines = [
+            f"{described['prompts']} prompts ({described['origin']}) of {prompt['min']}-"
+            f"{prompt['max']} tokens (median {prompt['median']:.0f}), {new['min']}-{new['max']} "
+            "new tokens each, greedy, stop tokens ignored while timed",
+            "TTFT: p50 ms to the first token; ms/tok, p90: decode ms per token; tok/s: output "
+            f"tokens over whole generations; speedup: decode p50 vs {REFERENCE_ENGINE}; GB/s: "
+            "weights read per decoded token; MB: weights",
+        ]
+        if quality is not None:
+            lines.append(
+                f"top-1, KL (nats), ppl: teacher-forced on {quality.positions} held-out tokens vs "
+                f"the fp32 reference (its ppl {quality.reference_perplexity:.2f}); greedy: share "
+                f"of {quality.greedy_tokens}-token continuations agreeing before the first "
+                f"divergence; budget: top-1 >= {self.budget.min_top1}, KL <= "
+                f"{self.budget.max_kl}"
+            )
+        lines.append(
+            "mem: MB of resident memory added when opened and run; torch runs the reference's "
+            "own weights, so its figure leaves them out"
+        )
+        lines += [f"{name}: left out, {why}" for name, why in self.skipped.items()]
+        if self._busy:
+            lines.append(
+                f"[bold red]the machine was busy: other processes kept {self.other_load:.2f} "
+                "cores busy while timing; PyTorch's threads stall first[/bold red]"
+            )
+        return "\n".join(lines)
+
+
+def prompt_workload(model: LanguageModel, config: LlmBenchConfig) -> PromptWorkload:
+    if config.prompts_file is not None:
+        return read_prompts(
+            model.family, config.prompts_file, new_tokens=config.new_tokens, seed=config.seed
+        )
+    return generate_prompts(
+        model.family,
+        config.prompts,
+        prompt_tokens=config.prompt_tokens,
+        new_tokens=config.new_tokens,
+        seed=config.seed,
+    )
+
+
+def benchmark_llm(
+    model: LanguageModel,
+    config: LlmBenchConfig,
+    *,
+    on_step: Callable[[str], None] = lambda _: None,
+    on_measure: Callable[[str, float], None] | None = None,
+) -> LlmBenchResult:
+    """Open each variant, judge it against the fp32 reference, time them interleaved."""
+    on_step("reading the machine")
+    machine = detect(gpus=config.options.device.kind == "cuda")
+    names, skipped = _runnable(config, machine)
+    workload = prompt_workload(model, config)
+    on_step("the reference's answers on held-out text")
+    original = model.original()
+    reference = open_engine(REFERENCE_ENGINE, original, config.options)
+    sequences, openings = held_out_inputs(model.family, config.judging)
+    answers = reference_answers(reference, sequences, openings, config.judging.greedy_tokens)
+    longest = max(workload.prompts, key=lambda p: len(p.ids))
+    opened: dict[str, tuple[Generator, float, float, float]] = {}
+    for name in names:
+        on_step(f"opening {name}")
+        started = time.perf_counter()
+        with memory_added(config.options.device) as added:
+            generator, size_mb = _open(name, original, config.options, model.name, reference)
+            _generate(generator, Prompt(longest.ids, 2))
+        opened[name] = (generator, added[0], size_mb, time.perf_counter() - started)
+    qualities = {}
+    for name, (generator, *_) in opened.items():
+        on_step(f"judging {name} against the reference")
+        qualities[name] = judge(generator, answers)
+    on_step("timing")
+    load = MachineLoad()
+    timings = _time({n: g for n, (g, *_) in opened.items()}, workload, config, on_measure)
+    rows = [
+        LlmBenchRow(
+            name=name,
+            **timings[name],
+            quality=qualities[name],
+            failures=tuple(config.budget.failures(qualities[name])),
+            settings={**generator.describe(), "int8_weights": VARIANTS[name].int8_weights},
+            memory_mb=memory,
+            size_mb=size,
+            open_s=open_s,
+        )
+        for name, (generator, memory, size, open_s) in opened.items()
+    ]
+    return LlmBenchResult(
+        machine, model, workload, rows, config.budget, load.other_cores(), skipped
+    )
+
+
+def _runnable(config: LlmBenchConfig, machine: Machine) -> tuple[list[str], dict[str, str]]:
+    """The variants to time: those asked (each refused in one line if it cannot run here), or
+    the defaults this machine can run, with the reasons for the rest."""
+    asked = config.variants or DEFAULT_VARIANTS
+    reasons = {name: why for name in asked if (why := _cannot(name, config, machine))}
+    if config.variants and reasons:
+        raise BadInput("; ".join(reasons.values()))
+    return [name for name in asked if name not in reasons], reasons
+
+
+def _cannot(name: str, config: LlmBenchConfig, machine: Machine) -> str | None:
+    engine = get_engine(VARIANTS[name].engine)
+    device = config.options.device
+    if device.kind not in engine.devices:
+        return f"{name} runs on {' or '.join(engine.devices)} only"
+    if engine.missing():
+        return f"{name} needs {engine.missing()} (pip install {engine.missing()})"
+    bf16 = any(machine.has(flag) for flag in ("avx512_bf16", "amx_bf16"))
+    if "bf16" in name and device.kind == "cpu" and not bf16:
+        return f"{name}: bf16 on this CPU (no avx512_bf16 or AMX) is emulated, slower than fp32"
+    return None
+
+
+def _open(
+    name: str, original: Artifact, options: RuntimeOptions, label: str, reference: Generator
+) -> tuple[Generator, float]:
+    """The variant's generator (the reference itself for the reference engine) and the MiB of
+    the weights it runs, as the engine reports them."""
+    variant = VARIANTS[name]
+    artifact = original
+    if variant.int8_weights:
+        artifact = quantize_linears(original, TorchaoInt8(weight_only=True), name=label)
+    if name == REFERENCE_ENGINE:
+        generator = reference
+    else:
+        try:
+            generator = open_engine(variant.engine, artifact, options)
+        except Unsupported as err:
+            raise BadInput(f"{name}: {err}") from err
+    return generator, float(generator.describe().get("weights_mb") or artifact.size_mb())
+
+
+def _generate(generator: Generator, prompt: Prompt) -> list[float]:
+    """Generate `prompt`'s max_new_tokens, stop tokens ignored; the host clock at each token,
+    the start first."""
+    stamps = [time.perf_counter()]
+    for _ in generator.stream(prompt.ids, Sampling(max_new_tokens=prompt.max_new_tokens)):
+        stamps.append(time.perf_counter())
+    return stamps
+
+
+def _time(
+    generators: dict[str, Generator],
+    workload: PromptWorkload,
+    config: LlmBenchConfig,
+    on_measure: Callable[[str, float], None] | None,
+) -> dict[str, dict[str, Any]]:
+    """Each prompt by every generator in turn (rotating who goes first), the prompts cycled
+    until each generator has had `min_time_s` and every prompt has run once."""
+    names = list(generators)
+    stamps: dict[str, list[list[float]]] = {name: [] for name in names}
+    spent = dict.fromkeys(names, 0.0)
+    prompts = workload.prompts
+    i = 0
+    while i < len(prompts) or min(spent.values()) < config.min_time_s:
+        prompt = prompts[i % len(prompts)]
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            run = _generate(generators[name], prompt)
+            stamps[name].append(run)
+            spent[name] += run[-1] - run[0]
+            if on_measure is not None:
+                done = min(1.0, (i + 1) / len(prompts))
+                if config.min_time_s > 0:
+                    done = min(done, spent[name] / config.min_time_s)
+                on_measure(name, done)
+        i += 1
+    return {name: _timings(runs) for name, runs in stamps.items()}
+
+
+def _timings(runs: list[list[float]]) -> dict[str, Any]:
+    gaps = [np.diff(run) * 1e3 for run in runs]
+    return {
+        "ttft_ms": tuple(float(g[0]) for g in gaps),
+        "decode_ms": tuple(float(x) for g in gaps for x in g[1:]),
+        "tokens": sum(len(g) for g in gaps),
+        "seconds": sum(run[-1] - run[0] for run in runs),
+    }

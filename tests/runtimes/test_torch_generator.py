@@ -1,0 +1,156 @@
+"""The PyTorch LLM engine: greedy generation equals transformers' own `generate`, token for token,
+on several architectures; stop tokens stop; a seed repeats a sample; logprobs are one forward's;
+bf16 is refused where the CPU would emulate it; the compiled static-cache variant decodes as eager
+does; torchao int8 weight-only runs on the engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mahir.errors import BadInput, Unsupported
+from mahir.families.decoder import LanguageModel
+from mahir.generation import Sampling
+from mahir.hardware import Machine, detect
+from mahir.model import load_model
+from mahir.runtimes.engines import open_engine
+from mahir.runtimes.torch_generator import TorchEngineOptions, TorchGenerator, open_generator
+from mahir.types import RuntimeOptions
+from tests.models import DECODERS
+
+ONE_THREAD = RuntimeOptions(threads=1)
+
+
+def _prompt(llm: LanguageModel) -> list[int]:
+    return llm.family.prompt_ids("What is the capital of France?")
+
+
+def _hf_greedy(llm: LanguageModel, prompt: list[int], new: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    out = llm.module.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new,
+        do_sample=False,
+        eos_token_id=None,  # as many tokens as asked, like the stream below
+        pad_token_id=2,
+    )
+    return [int(t) for t in out[0, len(prompt) :]]
+
+
+@pytest.mark.parametrize("arch", DECODERS)
+def test_greedy_equals_transformers_generate(decoder_folders: dict[str, Path], arch: str) -> None:
+    llm = load_model(decoder_folders[arch], llm=True)
+    generator = open_engine("torch", llm.original(), ONE_THREAD)
+    prompt = _prompt(llm)
+    tokens = list(generator.stream(prompt, Sampling(max_new_tokens=16)))
+    assert tokens == _hf_greedy(llm, prompt, 16)
+    assert len(set(tokens)) > 4  # a real sequence, not one token repeated
+
+
+def test_stop_tokens_stop(tiny_llm: LanguageModel) -> None:
+    generator = open_engine("torch", tiny_llm.original(), ONE_THREAD)
+    prompt = _prompt(tiny_llm)
+    free = list(generator.stream(prompt, Sampling(max_new_tokens=12)))
+    stop = free[4]
+    stopped = list(generator.stream(prompt, Sampling(12, stop_token_ids=(stop,))))
+    assert stopped == free[: free.index(stop) + 1]
+
+
+def test_a_seed_repeats_a_sample(tiny_llm: LanguageModel) -> None:
+    generator = open_engine("torch", tiny_llm.original(), ONE_THREAD)
+    prompt = _prompt(tiny_llm)
+
+    def sample(seed: int) -> list[int]:
+        return list(generator.stream(prompt, Sampling(24, temperature=1.0, seed=seed)))
+
+    assert sample(7) == sample(7)
+    assert sample(7) != sample(8)
+    assert sample(7) != list(generator.stream(prompt, Sampling(24)))
+
+
+def test_logprobs_are_one_forward(tiny_llm: LanguageModel) -> None:
+    generator = open_engine("torch", tiny_llm.original(), ONE_THREAD)
+    tokens = _prompt(tiny_llm)
+    logprobs = generator.logprobs(tokens)
+    with torch.inference_mode():
+        logits = tiny_llm.module(input_ids=torch.tensor([tokens])).logits[0]
+    expected = torch.log_softmax(logits, dim=-1).numpy()
+    assert logprobs.shape == (len(tokens), tiny_llm.family.vocab_size)
+    assert logprobs.dtype == np.float32
+    np.testing.assert_allclose(logprobs, expected, atol=1e-5)
+    # The greedy stream's first token is the argmax after the prompt.
+    first = next(iter(generator.stream(tokens, Sampling(1))))
+    assert first == int(logprobs[-1].argmax())
+
+
+@pytest.mark.parametrize(
+    ("prompt", "new", "message"),
+    [
+        ([], 4, "the prompt is empty"),
+        ([10**6], 4, "token ids must be in"),
+        ([5] * 250, 8, "exceed the torch engine's context of 256 tokens"),
+    ],
+)
+def test_bad_requests_are_refused_at_the_call(
+    tiny_llm: LanguageModel, prompt: list[int], new: int, message: str
+) -> None:
+    generator = open_engine("torch", tiny_llm.original(), ONE_THREAD)
+    with pytest.raises(BadInput, match=message):
+        generator.stream(prompt, Sampling(new))
+
+
+def test_bf16_is_refused_where_the_cpu_would_emulate_it(tiny_llm: LanguageModel) -> None:
+    plain = Machine("AVX2-only CPU", 2, 2, ("avx2",), 8.0)
+    with pytest.raises(Unsupported, match="no avx512_bf16 or AMX"):
+        open_generator(tiny_llm.original(), TorchEngineOptions(precision="bf16"), machine=plain)
+
+
+@pytest.mark.skipif(
+    not any(detect(gpus=False).has(f) for f in ("avx512_bf16", "amx_bf16")),
+    reason="bf16 is emulated on this CPU",
+)
+def test_bf16_runs_on_a_copy_and_stays_close(tiny_llm: LanguageModel) -> None:
+    generator = open_engine("torch-bf16", tiny_llm.original(), ONE_THREAD)
+    assert next(tiny_llm.module.parameters()).dtype == torch.float32  # the reference untouched
+    tokens = _prompt(tiny_llm)
+    reference = open_engine("torch", tiny_llm.original(), ONE_THREAD).logprobs(tokens)
+    probs = np.exp(generator.logprobs(tokens))
+    assert np.abs(probs - np.exp(reference)).max() < 0.05
+    assert generator.describe()["precision"] == "bf16"
+
+
+@pytest.mark.slow
+def test_the_compiled_static_cache_decodes_as_eager_does(tiny_llm: LanguageModel) -> None:
+    """torch.compile of the decode step takes 10-40 s on 2 cores, when the generator opens."""
+    compiled = open_engine("torch-compile", tiny_llm.original(), ONE_THREAD)
+    assert isinstance(compiled, TorchGenerator)
+    settings = compiled.describe()
+    assert settings["kv_cache"] == "static"
+    assert settings["compile_s"] > 0
+    eager = open_engine("torch", tiny_llm.original(), ONE_THREAD)
+    prompt = _prompt(tiny_llm)
+    for new in (16, 40):  # a second, longer request reuses the cache from position 0
+        expected = list(eager.stream(prompt, Sampling(new)))
+        assert list(compiled.stream(prompt, Sampling(new))) == expected
+
+
+def test_int8_weight_only_runs_smaller_and_close(tiny_llm: LanguageModel) -> None:
+    from mahir.passes.torchao import TorchaoInt8, quantize_linears
+
+    original = tiny_llm.original()
+    int8 = quantize_linears(original, TorchaoInt8(weight_only=True), name=tiny_llm.name)
+    # The tied embedding stays fp32 beside an int8 copy of the output layer, so the tiny model,
+    # all embedding, grows; the linear layers (the output layer among them) shrink about 4x.
+    embedding = tiny_llm.module.model.embed_tokens.weight.numel() * 4 / 2**20
+    assert int8.size_mb() - embedding < original.size_mb() / 3
+    generator = open_engine("torch", int8, ONE_THREAD)
+    tokens = _prompt(tiny_llm)
+    reference = open_engine("torch", original, ONE_THREAD).logprobs(tokens)
+    got = generator.logprobs(tokens)
+    agreement = (got.argmax(axis=1) == reference.argmax(axis=1)).mean()
+    assert agreement > 0.9
+    assert len(list(generator.stream(tokens, Sampling(8)))) == 8

@@ -1,0 +1,61 @@
+"""`mahir bench --llm` on a tiny random-weight Llama: the table printed, the JSON written with
+timings and fidelity per engine, and what only encoders take refused in one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mahir.model import default_model_folder
+from tests.helpers import cli
+
+SMALL = ("--tokens", "48-96", "--new-tokens", "4-8", "--prompts", "2", "--threads", "1")
+
+
+def test_bench_llm_prints_the_table_and_writes_the_json(
+    decoder_folders: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "bench.json"
+    folder = str(decoder_folders["llama"])
+    found = cli("bench", folder, "-r", "torch", "-r", "torch-int8", *SMALL, "--json", str(out))
+    assert found.returncode == 0, found.stderr
+    for text in ("batch 1", "TTFT", "ms/tok", "torch-int8", "KL", "greedy", "budget"):
+        assert text in found.stdout
+    data = json.loads(out.read_text())
+    assert data["batch_size"] == 1
+    assert data["model"]["family"] == "decoder"
+    assert data["workload"]["prompts"] == 2
+    rows = {row["engine"]: row for row in data["results"]}
+    assert list(rows) == ["torch", "torch-int8"]
+    reference = rows["torch"]
+    assert reference["quality"]["top1_agreement"] == 1.0
+    assert reference["quality"]["kl_mean"] == 0.0
+    assert reference["within_budget"]
+    assert reference["speedup"] == 1.0
+    assert rows["torch-int8"]["settings"]["int8_weights"]
+    for row in rows.values():
+        assert row["generations"] == 2
+        assert 8 <= row["tokens"] <= 16  # each prompt's new tokens, stop tokens ignored
+        assert row["decode_ms"]["p50"] > 0
+        assert row["ttft_ms"]["p50"] > 0
+        assert row["output_tokens_per_s"] > 0
+        assert row["size_mb"] > 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--prompts", "3"), "--prompts is for LLMs: add --llm"),
+        ((str(default_model_folder()), "--llm"), "is not a decoder LLM"),
+        (("--llm", "-r", "vllm"), "unknown LLM engine 'vllm'"),
+        (("--llm", "-b", "8"), "--batch-size are not for LLMs"),
+        (("--llm", "--data", "p.txt", "--tokens", "8-16"), "--data gives the prompts"),
+    ],
+)
+def test_what_llms_do_not_take_is_refused_in_one_line(args: tuple[str, ...], message: str) -> None:
+    found = cli("bench", *args)
+    assert found.returncode == 2, found.stderr
+    assert message in found.stderr
+    assert len(found.stderr.strip().splitlines()) == 1
