@@ -100,7 +100,7 @@ def test_judge_compares_both_views_and_the_budget_names_what_it_misses() -> None
     assert worse.greedy_agreement == 0.5
     failures = GenerationBudget().failures(worse)
     assert len(failures) == 2
-    assert failures[0].startswith("top-1 agreement 0.667 < 0.95")
+    assert failures[0].startswith("top-1 agreement 0.667 < 0.93")
     assert failures[1].startswith("mean KL 0.1462 > 0.02")
     assert worse.to_dict()["greedy_agreement"] == 0.5
 

@@ -11,15 +11,27 @@ Two views, both on text that no prompt workload or calibration uses (`data/llm_h
   sees, and the only view that runs the engine's own decode path (its KV cache, its compiled
   step).
 
-The budget (`GenerationBudget`) is top-1 agreement >= 0.95 and mean KL <= 0.02, in nats. On the
-default model (SmolLM2-135M-Instruct, fp32 reference from its Q4_1 GGUF; 8 passages x 128
-tokens; `benchmarks/llm_budget.py`, AMD EPYC Zen 4): bf16 and int8 weight-only sit far inside
-it (top-1 0.98-0.99, KL 0.003-0.008), int4 in groups of 32 near the edge (0.92, 0.04: a model
-that still answers, less reliably), while weights perturbed by 10% noise (0.74, 0.46) and int4
-per channel without groups (0.52, 1.3) fail by a factor: the gap between usable and broken is
-wide, and the defaults sit where a weight-only int8 of any size passes with room and
-ungrouped 4-bit rounding never does. Greedy agreement is reported, not budgeted: a single
-near-tie flips a continuation without any loss of quality.
+The budget (`GenerationBudget`): mean KL <= 0.02 nats and top-1 agreement >= 0.93, chosen by
+measuring what separates usable from broken on the default model (SmolLM2-135M-Instruct, fp32
+reference from its Q4_1 GGUF; 8 passages x 128 tokens = 1,016 positions; `benchmarks/llm_budget.py`
+on an AMD EPYC Zen 4, recorded in `benchmarks/README.md`):
+
+    variant                          top-1   mean KL   perplexity (reference 19.02)
+    bf16                             0.965   0.0014    19.05
+    int8 weight-only (torchao)       0.955   0.0049    19.25
+    int8 round-to-nearest per row    0.958   0.0045    19.22
+    noise of 2% of each weight's std 0.908   0.0224    19.50   marginal
+    noise of 5%                      0.770   0.150     22.39   broken
+    int4 round-to-nearest, groups 32 0.630   0.465     28.41   broken
+    int4 per row, no groups          0.366   1.281     60.93   broken
+
+KL is the sharp measure: usable variants sit 4x under 0.02, broken ones 7-64x over it, and the
+marginal one (perplexity +2.5%) just over. Top-1 is blunt on a small model: its next-token
+distributions on prose are flat (perplexity 19), so near-ties flip even in bf16 (0.965), and
+1,016 positions carry a sampling error of about 0.007. The 0.95 first proposed would pass int8
+by 0.005, less than one sampling error; 0.93 keeps every usable variant 3-5 errors clear and
+still fails the marginal and broken ones. Greedy agreement is reported, not budgeted: one
+near-tie changes every token after it (bf16 keeps 54% of 32-token continuations, int8 44-68%).
 
 Imports numpy, the standard library and mahir.generation: engines arrive as `Generator`s.
 """
@@ -84,7 +96,7 @@ class GenerationQuality:
 class GenerationBudget:
     """What a candidate must keep (see the module's docstring for how the defaults were chosen)."""
 
-    min_top1: float = 0.95
+    min_top1: float = 0.93
     max_kl: float = 0.02
 
     def failures(self, quality: GenerationQuality) -> list[str]:
