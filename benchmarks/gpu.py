@@ -161,10 +161,12 @@ def variable_length(
     sessions: dict[str, Any],
     rows: list[dict[str, Any]],
     name: str,
+    embed_workers: tuple[int, ...],
 ) -> None:
     """4,096 generated sentences, text to embeddings: each mahir session through `mahir.embed`
-    (tokenizing ahead on a thread while the GPU runs), against sentence-transformers' `encode`;
-    each mahir variant's cosine to the fp32 original's embeddings on the same GPU."""
+    (tokenizing ahead on `embed_workers` threads while the GPU runs), against
+    sentence-transformers' `encode`; each mahir variant's cosine to the fp32 original's
+    embeddings on the same GPU; and the host side alone (tokenizing, no model)."""
     from sentence_transformers import SentenceTransformer
 
     sentences = model.family.generate(4096, np.random.default_rng(0))  # type: ignore[attr-defined]
@@ -177,9 +179,15 @@ def variable_length(
             sentences, batch_size=256, convert_to_numpy=True
         )
     }
-    for label, session in sessions.items():
-        if "fp8" not in label:
-            calls[label] = lambda s=session: embed(sentences, s, encode)
+    for workers in embed_workers:
+        calls[f"tokenize only ({workers} workers)"] = lambda w=workers: embed(
+            sentences, Tokenized(), encode, workers=w
+        )
+        for label, session in sessions.items():
+            if "fp8" not in label:
+                calls[_label(label, workers)] = lambda s=session, w=workers: embed(
+                    sentences, s, encode, workers=w
+                )
     times = timed(calls, 3, 1)
     for variant, seconds in times.items():
         median = float(np.median(seconds))
@@ -191,13 +199,31 @@ def variable_length(
             "items_per_s": len(sentences) / median,
             "calls": len(seconds),
         }
-        if variant in sessions:  # fidelity on the workload, against fp32
-            got = embed(sentences, sessions[variant], encode)
+        session = next((s for k, s in sessions.items() if variant.startswith(k + " (")), None)
+        if session is not None:  # fidelity on the workload, against fp32
+            got = embed(sentences, session, encode)
             cosine = (
                 np.sum(got * want, 1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
             )
             row |= {"cosine_mean": float(cosine.mean()), "cosine_min": float(cosine.min())}
         rows.append(row)
+
+
+def _label(session: str, workers: int) -> str:
+    return f"{session} ({workers} tokenizing worker{'s' if workers > 1 else ''})"
+
+
+class Tokenized:
+    """A session that computes nothing: `embed` through it times the host side alone."""
+
+    runtime = "none"
+    device = GPU
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {EMBEDDING: np.zeros((len(inputs["input_ids"]), 1), np.float32)}
+
+    def describe(self) -> dict[str, Any]:
+        return {}
 
 
 def pool_in_model(model: Model) -> Artifact:
@@ -226,6 +252,7 @@ def main() -> None:
     parser.add_argument("--no-compile-anchors", action="store_true")
     parser.add_argument("--models", nargs="*", default=list(gpu_sessions.SHAPES))
     parser.add_argument("--fixed-only", action="store_true", help="skip the variable-length run")
+    parser.add_argument("--embed-workers", type=int, nargs="+", default=[1, 4])
     args = parser.parse_args()
     rows: list[dict[str, Any]] = []
     for name in args.models:
@@ -238,7 +265,7 @@ def main() -> None:
             sessions = mahir_sessions(model, Path(tmp) / "work")
             fixed_shapes(variants(bert, sessions, not args.no_compile_anchors), rows, name)
             if not args.fixed_only:
-                variable_length(model, folder, sessions, rows, name)
+                variable_length(model, folder, sessions, rows, name, tuple(args.embed_workers))
         for row in rows:
             if row["model"] == name:
                 print(json.dumps(row), flush=True)

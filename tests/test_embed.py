@@ -66,6 +66,21 @@ def test_the_next_batch_is_tokenized_while_the_current_one_runs() -> None:
     np.testing.assert_array_equal(embed(texts, Waiting(), watched, batch_size=3)[:, 0], 12)
 
 
+def test_several_workers_tokenize_batches_at_once_and_keep_the_order() -> None:
+    both_tokenizing = threading.Barrier(2, timeout=30)  # broken if one worker waits alone
+
+    def meeting(texts: Sequence[str]) -> Inputs:
+        if len(texts) == 3:  # the two full batches meet; the last, short one goes alone
+            both_tokenizing.wait()
+        return encode(texts)
+
+    texts = [f"{'x' * i} {i}" for i in range(8)]
+    got = embed(texts, Doubling(), meeting, batch_size=3, workers=2)
+    np.testing.assert_array_equal(got, encode(texts)["x"] * 2)
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        embed(texts, Doubling(), encode, workers=0)
+
+
 def test_a_session_without_an_embedding_is_refused_in_one_line() -> None:
     class Tokens(Doubling):
         def run(self, inputs: Inputs) -> Outputs:

@@ -3,7 +3,10 @@
 On a GPU, a batch of 256 short sentences runs in a millisecond or two, about what tokenizing it
 takes; run one after the other, the device idles half the time. Here the next batches are
 tokenized on a worker thread (the Rust tokenizer releases the GIL and fans out over the cores)
-while the current one runs. Sentences go in order of length, so that a padded batch holds
+while the current one runs; with several workers, several batches at once, which pays where the
+Rust tokenizer's own fan-out over a batch leaves cores idle (short sentences, many cores) and
+where turning its encodings into arrays (Python, under the GIL) is the bound. Sentences go in
+order of length, so that a padded batch holds
 similar lengths (a packed session computes no padding either way), and the embeddings come
 back in the caller's order.
 """
@@ -20,7 +23,7 @@ from mahir.pooling import EMBEDDING
 from mahir.types import Inputs, Session
 
 AHEAD = 2
-"""Batches tokenized ahead of the one running."""
+"""Batches tokenized ahead of the one running, per worker."""
 
 
 def embed(
@@ -29,16 +32,20 @@ def embed(
     encode: Callable[[Sequence[str]], Inputs],
     *,
     batch_size: int = 256,
+    workers: int = 1,
 ) -> np.ndarray:
     """The sentence embedding of every text, in order: `encode` tokenizes a list of texts
-    for `session` (e.g. a `TextEncoder`), whose output "sentence_embedding" is kept."""
+    for `session` (e.g. a `TextEncoder`) on `workers` threads, and the session's output
+    "sentence_embedding" is kept."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     order = np.argsort([len(t) for t in texts], kind="stable")
     parts = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     results: list[np.ndarray] = []
-    with ThreadPoolExecutor(1, thread_name_prefix="mahir-tokenize") as pool:
-        for batch in _ahead(pool, encode, texts, parts):
+    with ThreadPoolExecutor(workers, thread_name_prefix="mahir-tokenize") as pool:
+        for batch in _ahead(pool, encode, texts, parts, AHEAD * workers):
             outputs = session.run(batch)
             if EMBEDDING not in outputs:
                 raise BadInput(
@@ -58,13 +65,14 @@ def _ahead(
     encode: Callable[[Sequence[str]], Inputs],
     texts: Sequence[str],
     parts: list[np.ndarray],
+    ahead: int,
 ) -> Iterator[Inputs]:
-    """The tokenized batches in turn, each submitted AHEAD batches before it is needed."""
+    """The tokenized batches in turn, each submitted `ahead` batches before it is needed."""
     pending: list[Future[Inputs]] = []
-    for part in parts[:AHEAD]:
+    for part in parts[:ahead]:
         pending.append(pool.submit(encode, [texts[i] for i in part]))
     for index in range(len(parts)):
-        following = index + AHEAD
+        following = index + ahead
         if following < len(parts):
             pending.append(pool.submit(encode, [texts[i] for i in parts[following]]))
         yield pending[index].result()
