@@ -180,12 +180,13 @@ def variable_length(
         )
     }
     for workers in embed_workers:
-        calls[f"tokenize only ({workers} workers)"] = lambda w=workers: embed(
+        how = f"{workers} tokenizing thread{'s' if workers > 1 else ''}"
+        calls[f"tokenize only ({how})"] = lambda w=workers: embed(
             sentences, Tokenized(), encode, workers=w
         )
         for label, session in sessions.items():
             if "fp8" not in label:
-                calls[_label(label, workers)] = lambda s=session, w=workers: embed(
+                calls[f"{label} ({how})"] = lambda s=session, w=workers: embed(
                     sentences, s, encode, workers=w
                 )
     times = timed(calls, 3, 1)
@@ -207,10 +208,6 @@ def variable_length(
             )
             row |= {"cosine_mean": float(cosine.mean()), "cosine_min": float(cosine.min())}
         rows.append(row)
-
-
-def _label(session: str, workers: int) -> str:
-    return f"{session} ({workers} tokenizing worker{'s' if workers > 1 else ''})"
 
 
 class Tokenized:
@@ -252,7 +249,8 @@ def main() -> None:
     parser.add_argument("--no-compile-anchors", action="store_true")
     parser.add_argument("--models", nargs="*", default=list(gpu_sessions.SHAPES))
     parser.add_argument("--fixed-only", action="store_true", help="skip the variable-length run")
-    parser.add_argument("--embed-workers", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--variable-only", action="store_true", help="skip the fixed shapes")
+    parser.add_argument("--embed-workers", type=int, nargs="+", default=[1])
     args = parser.parse_args()
     rows: list[dict[str, Any]] = []
     for name in args.models:
@@ -263,7 +261,8 @@ def main() -> None:
             folder = sentence_encoder_folder(bert, args.tokenizer, Path(tmp) / name)
             model = load_model(folder)
             sessions = mahir_sessions(model, Path(tmp) / "work")
-            fixed_shapes(variants(bert, sessions, not args.no_compile_anchors), rows, name)
+            if not args.variable_only:
+                fixed_shapes(variants(bert, sessions, not args.no_compile_anchors), rows, name)
             if not args.fixed_only:
                 variable_length(model, folder, sessions, rows, name, tuple(args.embed_workers))
         for row in rows:
