@@ -29,6 +29,7 @@ import numpy as np
 from mahir.errors import ExportMismatch, Unsupported
 from mahir.families.decoder import DECODER_SPEC, LanguageModel
 from mahir.files import staged
+from mahir.generation_quality import teacher_forced
 from mahir.peaks import cache_dir
 from mahir.recipe import content_hash
 from mahir.types import Artifact, RuntimeOptions
@@ -37,8 +38,8 @@ WRITER_VERSION = 1
 """Part of every cached file's key: bump it when what the writer puts in a file changes."""
 WRITABLE = ("LlamaForCausalLM",)
 MAX_KL = 1e-3
-"""Mean KL(reference || llama.cpp) an f32 file may show on the check: what llama.cpp's f16 KV
-cache costs is ~1e-6 on the default model; a wrong permutation or name costs nats."""
+"""Mean KL(reference || llama.cpp) an f32 file may show on the check: llama.cpp's f16 KV cache
+costs ~1e-5; a wrong permutation or name costs nats. Top-1 is not checked: near-ties flip."""
 
 
 def source_gguf(llm: LanguageModel) -> Artifact:
@@ -196,7 +197,7 @@ def unwritable(llm: LanguageModel) -> str | None:
 
 def _verify(llm: LanguageModel, path: Path) -> None:
     """The written file in llama.cpp against the reference in torch, teacher-forced on held-out
-    text: the same argmax at every position and a mean KL under `MAX_KL`."""
+    text: a mean KL under `MAX_KL`."""
     from mahir.runtimes.engines import REFERENCE_ENGINE, open_engine
     from mahir.runtimes.llamacpp import LlamaCppOptions, open_generator
 
@@ -204,16 +205,13 @@ def _verify(llm: LanguageModel, path: Path) -> None:
     reference = open_engine(REFERENCE_ENGINE, llm.original(), RuntimeOptions()).logprobs(tokens)
     generator = open_generator(Artifact("gguf", DECODER_SPEC, path=path), LlamaCppOptions())
     try:
-        got = generator.logprobs(tokens)
+        forced = teacher_forced([generator.logprobs(tokens)], [reference], [tokens])
     finally:
         generator.close()
-    kl = float(np.mean(np.sum(np.exp(reference) * (reference - got), axis=-1)))
-    flips = int(np.sum(reference.argmax(-1) != got.argmax(-1)))
-    if kl > MAX_KL or flips:
+    if not forced["kl_mean"] <= MAX_KL:
         raise ExportMismatch(
             f"the f32 GGUF written for {llm.name} disagrees with the reference in llama.cpp "
-            f"(mean KL {kl:.2g} > {MAX_KL} or {flips} argmax flips in {len(tokens)} positions): "
-            "report it with the model's config.json"
+            f"(mean KL {forced['kl_mean']:.2g} > {MAX_KL}): report it with the model's config.json"
         )
 
 

@@ -41,11 +41,13 @@ from mahir.hardware import physical_cores
 from mahir.types import CPU, Artifact, Device
 
 FILE_TYPES = {
-    getattr(llama_cpp, name): name.removeprefix("LLAMA_FTYPE_").removeprefix("MOSTLY_")
+    getattr(llama_cpp, name): name.removeprefix("LLAMA_FTYPE_")
+    .removeprefix("MOSTLY_")
+    .removeprefix("ALL_")
     for name in dir(llama_cpp)
     if name.startswith("LLAMA_FTYPE_") and name != "LLAMA_FTYPE_GUESSED"
 }
-"""llama.cpp's file types by number: 0 "ALL_F32", 7 "Q8_0", 15 "Q4_K_M", ..."""
+"""llama.cpp's file types by number: 0 "F32", 7 "Q8_0", 15 "Q4_K_M", ..."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
