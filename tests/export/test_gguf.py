@@ -46,7 +46,7 @@ def test_other_architectures_are_refused_in_one_line(
     why = unwritable(qwen2)
     assert why is not None
     assert "not Qwen2ForCausalLM" in why
-    with pytest.raises(Unsupported, match="convert_hf_to_gguf.py") as raised:
+    with pytest.raises(Unsupported, match=r"convert_hf_to_gguf\.py") as raised:
         f32_gguf(qwen2, folder=tmp_path)
     assert "\n" not in str(raised.value)
     assert not list(tmp_path.iterdir())

@@ -72,7 +72,7 @@ def test_a_made_file_is_reused(tiny_gguf: Artifact, quantized: dict[str, Artifac
 def test_a_quantized_input_is_refused_in_one_line(
     quantized: dict[str, Artifact], tmp_path: Path
 ) -> None:
-    with pytest.raises(BadInput, match="cannot quantize .* to Q4_0") as raised:
+    with pytest.raises(BadInput, match=r"cannot quantize .* to Q4_0") as raised:
         quantize_gguf(quantized["Q8_0"], GgufQuantize("Q4_0"), folder=tmp_path)
     assert "\n" not in str(raised.value)
     assert not list(tmp_path.iterdir())

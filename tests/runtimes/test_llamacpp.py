@@ -102,7 +102,7 @@ def test_a_truncated_gguf_is_refused_in_one_line(tiny_gguf: Artifact, tmp_path: 
     assert tiny_gguf.path is not None
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(tiny_gguf.path.read_bytes()[: tiny_gguf.path.stat().st_size // 2])
-    with pytest.raises(BadInput, match="is not a GGUF file llama.cpp can load") as raised:
+    with pytest.raises(BadInput, match=r"is not a GGUF file llama\.cpp can load") as raised:
         open_generator(Artifact("gguf", DECODER_SPEC, path=truncated))
     assert "\n" not in str(raised.value)
     found = cli("bench", str(truncated), "-r", "llama.cpp", "--prompts", "1")

@@ -36,7 +36,7 @@ import llama_cpp
 import numpy as np
 
 from mahir.errors import BadInput, RuntimeFailure, Unsupported
-from mahir.generation import Sampling, choose
+from mahir.generation import Sampling, check_request, choose, decode_loop
 from mahir.hardware import physical_cores
 from mahir.types import CPU, Artifact, Device
 
@@ -105,20 +105,7 @@ class LlamaCppGenerator:
 
     def stream(self, prompt: Sequence[int], sampling: Sampling) -> Iterator[int]:
         self._check(prompt, sampling.max_new_tokens)  # at the call, not at the first token
-        return self._generate(prompt, sampling)
-
-    def _generate(self, prompt: Sequence[int], sampling: Sampling) -> Iterator[int]:
-        rng = np.random.default_rng(sampling.seed)
-        stops = frozenset(sampling.stop_token_ids)
-        logits = self._prefill(prompt)
-        position = len(prompt)
-        for count in range(1, sampling.max_new_tokens + 1):
-            token = choose(logits, sampling, rng)
-            yield token
-            if token in stops or count == sampling.max_new_tokens:
-                return
-            logits = self._decode_one_token(token, position)
-            position += 1
+        return decode_loop(prompt, sampling, self._prefill, self._decode_one_token, choose)
 
     def logprobs(self, tokens: Sequence[int]) -> np.ndarray:
         self._check(tokens, 0)
@@ -180,17 +167,9 @@ class LlamaCppGenerator:
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._context), True)
 
     def _check(self, tokens: Sequence[int], new: int) -> None:
-        if not tokens:
-            raise BadInput("the prompt is empty: give at least one token")
-        if min(tokens) < 0 or max(tokens) >= self._vocab:
-            raise BadInput(
-                f"token ids must be in [0, {self._vocab}), got {min(tokens)}..{max(tokens)}"
-            )
-        if len(tokens) + new > self.context_length:
-            raise BadInput(
-                f"{len(tokens)} tokens plus {new} new ones exceed the {self.engine} engine's "
-                f"context of {self.context_length} tokens: shorten the prompt or ask fewer"
-            )
+        check_request(
+            tokens, new, vocab=self._vocab, context=self.context_length, engine=self.engine
+        )
 
 
 def open_generator(
