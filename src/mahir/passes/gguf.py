@@ -28,12 +28,12 @@ from mahir.files import staged
 from mahir.hardware import physical_cores
 from mahir.peaks import cache_dir
 from mahir.recipe import content_hash
+from mahir.runtimes.engines import ENGINES
 from mahir.types import Artifact
 
 GgufType = Literal["Q8_0", "Q4_K_M", "Q4_0"]
 FILE_TYPES: dict[str, int] = {"Q8_0": 7, "Q4_K_M": 15, "Q4_0": 2}
 """llama.cpp's `llama_ftype` of each type (LLAMA_FTYPE_MOSTLY_*)."""
-LLAMACPP_INSTALL = "pip install llama-cpp-python==0.3.36 (a source build, ~6 minutes)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,10 +55,11 @@ def quantize_gguf(
     cache); an existing file of the same key is reused."""
     if artifact.format != "gguf" or artifact.path is None:
         raise Unsupported(f"llama.cpp quantizes GGUF files, not a {artifact.format} artifact")
-    try:
-        import llama_cpp
-    except ImportError as err:
-        raise Unsupported(f"quantizing a GGUF needs llama.cpp: {LLAMACPP_INSTALL}") from err
+    missing = ENGINES["llama.cpp"].missing()
+    if missing:
+        raise Unsupported(f"quantizing a GGUF needs llama.cpp: pip install {missing}")
+    import llama_cpp
+
     from mahir.runtimes.llamacpp import captured_logs, last_error
 
     key = _key(artifact, artifact.path, config, llama_cpp.__version__)
