@@ -15,7 +15,9 @@ llama.cpp computes in the weights' GGUF type (f32, Q8_0, Q4_K_M, ...) with an f1
 Threads: llama.cpp runs a graph on `threads` OpenMP threads (`GGML_OPENMP`, on in the build
 this installs). Its barriers between operations wait in OpenMP's own way: spinning while
 another process holds a core stalls every step, so on a shared machine fewer threads than cores
-can be faster (README, "Decoder LLMs", has the measurement and the choice).
+can be faster, or waiting threads must sleep (`OMP_WAIT_POLICY=PASSIVE`). torch loads the same
+libgomp first and it reads the policy once, so only the process's environment sets it: this
+module reads it for `describe` and sets nothing (README, "Decoder LLMs", has the measurement).
 
 llama.cpp logs through a callback that llama-cpp-python prints to `sys.stderr`; loading and
 quantizing capture it (`captured_logs`) and an error's last line goes into the exception, so
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -129,6 +132,7 @@ class LlamaCppGenerator:
             "parameters": llama_cpp.llama_model_n_params(self._model),
             "threads": llama_cpp.llama_n_threads(self._context),
             "openmp": b"OPENMP = 1" in llama_cpp.llama_print_system_info(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
             "device": str(self.device),
             "llama_cpp_python": llama_cpp.__version__,
             "file": self._path.name,
