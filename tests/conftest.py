@@ -78,6 +78,14 @@ def tiny_llm(decoder_folders: dict[str, Path]) -> LanguageModel:
 
 
 @pytest.fixture(scope="session")
+def tiny_gguf(tiny_llm: LanguageModel, tmp_path_factory: pytest.TempPathFactory) -> Artifact:
+    """The tiny Llama written as an f32 GGUF (checked in llama.cpp against torch on writing)."""
+    from mahir.export.gguf import f32_gguf
+
+    return f32_gguf(tiny_llm, folder=tmp_path_factory.mktemp("gguf"))
+
+
+@pytest.fixture(scope="session")
 def smollm2() -> LanguageModel:
     """The default LLM (SmolLM2-135M-Instruct from its Q4_1 GGUF, fp32): about a minute to read
     on 2 cores, so only slow tests ask for it."""
