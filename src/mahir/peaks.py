@@ -32,7 +32,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from mahir.files import CACHE_ENV, cache_dir, write_text_atomically
+from mahir.files import cache_dir, write_text_atomically
 from mahir.hardware import Machine, physical_cores
 from mahir.measure import BUSY_CORES, MachineLoad, timer_for
 from mahir.types import Device
