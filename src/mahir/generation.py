@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from mahir.errors import BadInput
 from mahir.types import Device
 
 
@@ -91,3 +92,19 @@ def choose(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> 
         kept[order[keep]] = probs[order[keep]]
         probs = kept / kept.sum()
     return int(rng.choice(len(probs), p=probs))
+
+
+def check_request(
+    tokens: Sequence[int], new: int, vocab: int, context_length: int, engine: str
+) -> None:
+    """Refuse, in one line, a prompt an engine cannot run: empty, ids outside the vocabulary,
+    or longer with `new` tokens than its context. Engines call it before any work starts."""
+    if not tokens:
+        raise BadInput("the prompt is empty: give at least one token")
+    if min(tokens) < 0 or max(tokens) >= vocab:
+        raise BadInput(f"token ids must be in [0, {vocab}), got {min(tokens)}..{max(tokens)}")
+    if len(tokens) + new > context_length:
+        raise BadInput(
+            f"{len(tokens)} tokens plus {new} new ones exceed the {engine} engine's "
+            f"context of {context_length} tokens: shorten the prompt or ask fewer"
+        )

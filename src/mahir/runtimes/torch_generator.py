@@ -32,8 +32,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from mahir.errors import BadInput, Unsupported
-from mahir.generation import Sampling, choose
+from mahir.errors import Unsupported
+from mahir.generation import Sampling, check_request, choose
 from mahir.hardware import Machine, detect, physical_cores
 from mahir.types import CPU, Artifact, Device, module_mb
 
@@ -169,17 +169,7 @@ class TorchGenerator:
         return choose(logits.float().cpu().numpy(), sampling, rng)
 
     def _check(self, tokens: Sequence[int], new: int) -> None:
-        if not tokens:
-            raise BadInput("the prompt is empty: give at least one token")
-        if min(tokens) < 0 or max(tokens) >= self._vocab:
-            raise BadInput(
-                f"token ids must be in [0, {self._vocab}), got {min(tokens)}..{max(tokens)}"
-            )
-        if len(tokens) + new > self.context_length:
-            raise BadInput(
-                f"{len(tokens)} tokens plus {new} new ones exceed the {self.engine} engine's "
-                f"context of {self.context_length} tokens: shorten the prompt or ask fewer"
-            )
+        check_request(tokens, new, self._vocab, self.context_length, self.engine)
 
 
 def open_generator(
