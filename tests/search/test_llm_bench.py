@@ -34,7 +34,7 @@ def test_bench_llm_prints_the_table_and_writes_the_json(
     assert reference["quality"]["kl_mean"] == 0.0
     assert reference["within_budget"]
     assert reference["speedup"] == 1.0
-    assert rows["torch-int8"]["settings"]["int8_weights"]
+    assert rows["torch-int8"]["settings"]["weights"] == "torchao-int8-weight-only"
     for row in rows.values():
         assert row["generations"] == 2
         assert 8 <= row["tokens"] <= 16  # each prompt's new tokens, stop tokens ignored

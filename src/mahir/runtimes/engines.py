@@ -6,8 +6,10 @@ engine is opened with the `RuntimeOptions` every runtime takes (threads, device)
 import their framework at the top, so they are imported only when a generator opens.
 
 Now: PyTorch, eager or with a static KV cache and a compiled decode step, in fp32 or bf16
-(`runtimes/torch_generator.py`). OpenVINO GenAI, llama.cpp and vLLM come next (issue 16); each
-will be a `Generator` here, measured beside these by `mahir bench --llm`.
+(`runtimes/torch_generator.py`); OpenVINO GenAI on a stateful IR (`runtimes/openvino_genai.py`;
+the IR and its weight format come from `export/openvino_llm.py`), with f32 compute and KV cache
+or with the CPU plugin's own choices. llama.cpp and vLLM come next (issue 16); each will be a
+`Generator` here, measured beside these by `mahir bench --llm`.
 """
 
 from __future__ import annotations
@@ -56,6 +58,18 @@ def _torch(
     return open_torch
 
 
+def _openvino(name: str, own_choices: bool) -> Callable[[Artifact, RuntimeOptions], Generator]:
+    def open_openvino(artifact: Artifact, options: RuntimeOptions) -> Generator:
+        from mahir.runtimes.openvino_genai import OpenVinoLlmOptions, open_generator
+
+        settings = OpenVinoLlmOptions(threads=options.threads)
+        if own_choices:
+            settings = OpenVinoLlmOptions.openvino_defaults(threads=options.threads)
+        return open_generator(artifact, settings, engine=name)
+
+    return open_openvino
+
+
 ENGINES: dict[str, Engine] = {
     "torch": Engine(
         "torch",
@@ -76,6 +90,21 @@ ENGINES: dict[str, Engine] = {
         "torch-compile-bf16",
         _torch("torch-compile-bf16", "bf16", True),
         "PyTorch, static KV cache, decode step compiled by torch.compile, bf16",
+    ),
+    "openvino": Engine(
+        "openvino",
+        _openvino("openvino", own_choices=False),
+        "OpenVINO GenAI on a stateful IR, f32 compute and KV cache, no activation quantization",
+        devices=("cpu",),
+        package="openvino_genai",
+    ),
+    "openvino-auto": Engine(
+        "openvino-auto",
+        _openvino("openvino-auto", own_choices=True),
+        "OpenVINO GenAI on a stateful IR, the CPU plugin's own precision, KV cache and "
+        "activation quantization (bf16 / u8 / groups of 32 on CPUs with bf16)",
+        devices=("cpu",),
+        package="openvino_genai",
     ),
 }
 

@@ -11,9 +11,11 @@ max_new_tokens (as vLLM's benchmarks do with ignore_eos). Output tokens/s is tok
 wall time of whole generations, prefill included; "GB/s" is the weights read once per decoded
 token, the number that bounds batch-1 decoding (gpt-fast's "bandwidth achieved").
 
-A row is a variant: an engine (`runtimes/engines.py`), over the original weights or torchao's
-int8 weight-only copy (`passes/torchao.py`). Other engines slot in as `Generator`s through
-`ENGINES`. Concurrency (8, 16 requests at once) comes with engines that batch them (issue 16).
+A row is a variant: an engine (`runtimes/engines.py`) over weights prepared for it: the
+original, torchao's int8 weight-only copy (`passes/torchao.py`), or a stateful OpenVINO IR in a
+weight format (`export/openvino_llm.py`: exported once, then cached). Other engines slot in as
+`Generator`s through `ENGINES`. Concurrency (8, 16 requests at once) comes with engines that
+batch them (issue 16).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import numpy as np
 from rich.table import Table
 
 from mahir.errors import BadInput, Unsupported
+from mahir.export.openvino_llm import LlmWeights, export_llm
 from mahir.families.decoder import LanguageModel
 from mahir.families.prompts import (
     NEW_TOKENS,
@@ -51,24 +54,38 @@ from mahir.hardware import Machine, detect
 from mahir.measure import BUSY_CORES, MachineLoad, memory_added
 from mahir.passes.torchao import TorchaoInt8, quantize_linears
 from mahir.runtimes.engines import REFERENCE_ENGINE, get_engine, open_engine
-from mahir.types import Artifact, RuntimeOptions
+from mahir.types import RuntimeOptions
 
 
 @dataclass(frozen=True, slots=True)
 class Variant:
-    """What a row runs: an engine, on the original weights or on int8 weight-only ones."""
+    """What a row runs: an engine, and the weights it opens."""
 
     engine: str
-    int8_weights: bool = False
+    weights: TorchaoInt8 | LlmWeights | None = None
+    """None: the original module; `TorchaoInt8`: its torchao copy; `LlmWeights`: an OpenVINO
+    IR exported with them."""
+
+    def describe(self) -> str:
+        if isinstance(self.weights, LlmWeights):
+            return f"openvino-ir-{self.weights.tag()}"
+        return "original" if self.weights is None else "torchao-int8-weight-only"
 
 
+TORCHAO_INT8 = TorchaoInt8(weight_only=True)
 VARIANTS: dict[str, Variant] = {
     "torch": Variant("torch"),
     "torch-bf16": Variant("torch-bf16"),
-    "torch-int8": Variant("torch", int8_weights=True),
+    "torch-int8": Variant("torch", TORCHAO_INT8),
     "torch-compile": Variant("torch-compile"),
     "torch-compile-bf16": Variant("torch-compile-bf16"),
-    "torch-compile-int8": Variant("torch-compile", int8_weights=True),
+    "torch-compile-int8": Variant("torch-compile", TORCHAO_INT8),
+    "openvino": Variant("openvino", LlmWeights(format="fp32")),
+    "openvino-int8": Variant("openvino", LlmWeights(format="int8")),
+    "openvino-int4": Variant("openvino", LlmWeights(format="int4")),
+    "openvino-int4-awq": Variant("openvino", LlmWeights(format="int4", data_aware=True)),
+    "openvino-auto": Variant("openvino-auto", LlmWeights(format="fp32")),
+    "openvino-auto-int8": Variant("openvino-auto", LlmWeights(format="int8")),
 }
 DEFAULT_VARIANTS = ("torch", "torch-bf16", "torch-int8", "torch-compile")
 """Measured when none is asked for (those the machine can run): each compiled variant costs
@@ -292,7 +309,7 @@ def benchmark_llm(
         on_step(f"opening {name}")
         started = time.perf_counter()
         with memory_added(config.options.device) as added:
-            generator, size_mb = _open(name, original, config.options, model.name, reference)
+            generator, size_mb = _open(name, model, config.options, reference, on_step)
             _generate(generator, Prompt(longest.ids, 2))
         opened[name] = (generator, added[0], size_mb, time.perf_counter() - started)
     qualities = {}
@@ -308,7 +325,7 @@ def benchmark_llm(
             **timings[name],
             quality=qualities[name],
             failures=tuple(config.budget.failures(qualities[name])),
-            settings={**generator.describe(), "int8_weights": VARIANTS[name].int8_weights},
+            settings={**generator.describe(), "weights": VARIANTS[name].describe()},
             memory_mb=memory,
             size_mb=size,
             open_s=open_s,
@@ -344,14 +361,19 @@ def _cannot(name: str, config: LlmBenchConfig, machine: Machine) -> str | None:
 
 
 def _open(
-    name: str, original: Artifact, options: RuntimeOptions, label: str, reference: Generator
+    name: str,
+    model: LanguageModel,
+    options: RuntimeOptions,
+    reference: Generator,
+    on_step: Callable[[str], None],
 ) -> tuple[Generator, float]:
     """The variant's generator (the reference itself for the reference engine) and the MiB of
     the weights it runs, as the engine reports them."""
-    variant = VARIANTS[name]
-    artifact = original
-    if variant.int8_weights:
-        artifact = quantize_linears(original, TorchaoInt8(weight_only=True), name=label)
+    variant, artifact = VARIANTS[name], model.original()
+    if isinstance(variant.weights, TorchaoInt8):
+        artifact = quantize_linears(artifact, variant.weights, name=model.name)
+    elif isinstance(variant.weights, LlmWeights):
+        artifact = export_llm(model, variant.weights, threads=options.threads, on_step=on_step)
     if name == REFERENCE_ENGINE:
         generator = reference
     else:
