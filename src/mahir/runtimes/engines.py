@@ -58,16 +58,18 @@ def _torch(
     return open_torch
 
 
-def _openvino(name: str, own_choices: bool) -> Callable[[Artifact, RuntimeOptions], Generator]:
+def _openvino(name: str, summary: str, *, own_choices: bool = False, paged: bool = False) -> Engine:
+    """An OpenVINO GenAI engine: f32 compute and KV cache unless `own_choices`."""
+
     def open_openvino(artifact: Artifact, options: RuntimeOptions) -> Generator:
         from mahir.runtimes.openvino_genai import OpenVinoLlmOptions, open_generator
 
-        settings = OpenVinoLlmOptions(threads=options.threads)
+        settings = OpenVinoLlmOptions(threads=options.threads, paged=paged)
         if own_choices:
-            settings = OpenVinoLlmOptions.openvino_defaults(threads=options.threads)
+            settings = OpenVinoLlmOptions.openvino_defaults(threads=options.threads, paged=paged)
         return open_generator(artifact, settings, engine=name)
 
-    return open_openvino
+    return Engine(name, open_openvino, summary, devices=("cpu",), package="openvino_genai")
 
 
 ENGINES: dict[str, Engine] = {
@@ -91,20 +93,20 @@ ENGINES: dict[str, Engine] = {
         _torch("torch-compile-bf16", "bf16", True),
         "PyTorch, static KV cache, decode step compiled by torch.compile, bf16",
     ),
-    "openvino": Engine(
+    "openvino": _openvino(
         "openvino",
-        _openvino("openvino", own_choices=False),
         "OpenVINO GenAI on a stateful IR, f32 compute and KV cache, no activation quantization",
-        devices=("cpu",),
-        package="openvino_genai",
     ),
-    "openvino-auto": Engine(
+    "openvino-paged": _openvino(
+        "openvino-paged",
+        "OpenVINO GenAI, paged attention under its continuous-batching scheduler, f32",
+        paged=True,
+    ),
+    "openvino-auto": _openvino(
         "openvino-auto",
-        _openvino("openvino-auto", own_choices=True),
-        "OpenVINO GenAI on a stateful IR, the CPU plugin's own precision, KV cache and "
-        "activation quantization (bf16 / u8 / groups of 32 on CPUs with bf16)",
-        devices=("cpu",),
-        package="openvino_genai",
+        "OpenVINO GenAI, the CPU plugin's own precision, KV cache and activation quantization "
+        "(bf16 / u8 / groups of 32 on CPUs with bf16)",
+        own_choices=True,
     ),
 }
 

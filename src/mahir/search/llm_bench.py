@@ -82,6 +82,7 @@ VARIANTS: dict[str, Variant] = {
     "torch-compile-int8": Variant("torch-compile", TORCHAO_INT8),
     "openvino": Variant("openvino", LlmWeights(format="fp32")),
     "openvino-int8": Variant("openvino", LlmWeights(format="int8")),
+    "openvino-int8-paged": Variant("openvino-paged", LlmWeights(format="int8")),
     "openvino-int4": Variant("openvino", LlmWeights(format="int4")),
     "openvino-int4-awq": Variant("openvino", LlmWeights(format="int4", data_aware=True)),
     "openvino-auto": Variant("openvino-auto", LlmWeights(format="fp32")),
