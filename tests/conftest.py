@@ -26,7 +26,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 def peaks_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Measured peaks (`mahir.peaks`) cached for the session in its own folder, never in the
     user's: measured once, by whichever test first needs them (CLI processes inherit it)."""
-    from mahir.peaks import CACHE_ENV
+    from mahir.files import CACHE_ENV
 
     folder = tmp_path_factory.mktemp("mahir-cache")
     with pytest.MonkeyPatch.context() as patch:

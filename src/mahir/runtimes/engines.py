@@ -7,7 +7,9 @@ import their framework at the top, so they are imported only when a generator op
 
 Now: PyTorch, eager or with a static KV cache and a compiled decode step, in fp32 or bf16
 (`runtimes/torch_generator.py`), on a live transformers model; llama.cpp on a GGUF file
-(`runtimes/llamacpp.py`). OpenVINO GenAI and vLLM come next (issue 16); each will be a
+(`runtimes/llamacpp.py`); OpenVINO GenAI on a stateful IR (`runtimes/openvino_genai.py`; the IR
+and its weight format come from `export/openvino_llm.py`), with f32 compute and KV cache or with
+the CPU plugin's own choices. vLLM comes next (issue 16); it will be a
 `Generator` here, measured beside these by `mahir bench --llm`.
 """
 
@@ -36,7 +38,7 @@ class Engine:
     """One line for `--help` and reports."""
     devices: tuple[str, ...] = ("cpu", "cuda")
     format: ArtifactFormat = "torch"
-    """The artifact it opens: a live torch module, or a GGUF file."""
+    """The artifact it opens: a live torch module, a GGUF file, or an OpenVINO IR folder."""
     package: str = "torch"
     """The module it imports."""
     install: str = ""
@@ -68,6 +70,28 @@ def _open_llamacpp(artifact: Artifact, options: RuntimeOptions) -> Generator:
     return open_generator(artifact, settings, engine="llama.cpp")
 
 
+def _openvino(name: str, summary: str, *, own_choices: bool = False, paged: bool = False) -> Engine:
+    """An OpenVINO GenAI engine: f32 compute and KV cache unless `own_choices`."""
+
+    def open_openvino(artifact: Artifact, options: RuntimeOptions) -> Generator:
+        from mahir.runtimes.openvino_genai import OpenVinoLlmOptions, open_generator
+
+        settings = OpenVinoLlmOptions(threads=options.threads, paged=paged)
+        if own_choices:
+            settings = OpenVinoLlmOptions.openvino_defaults(threads=options.threads, paged=paged)
+        return open_generator(artifact, settings, engine=name)
+
+    return Engine(
+        name,
+        open_openvino,
+        summary,
+        devices=("cpu",),
+        format="openvino",
+        package="openvino_genai",
+        install="openvino-genai",
+    )
+
+
 ENGINES: dict[str, Engine] = {
     "torch": Engine(
         "torch",
@@ -97,6 +121,21 @@ ENGINES: dict[str, Engine] = {
         format="gguf",
         package="llama_cpp",
         install="llama-cpp-python==0.3.36",
+    ),
+    "openvino": _openvino(
+        "openvino",
+        "OpenVINO GenAI on a stateful IR, f32 compute and KV cache, no activation quantization",
+    ),
+    "openvino-paged": _openvino(
+        "openvino-paged",
+        "OpenVINO GenAI, paged attention under its continuous-batching scheduler, f32",
+        paged=True,
+    ),
+    "openvino-auto": _openvino(
+        "openvino-auto",
+        "OpenVINO GenAI, the CPU plugin's own precision, KV cache and activation quantization "
+        "(bf16 / u8 / groups of 32 on CPUs with bf16)",
+        own_choices=True,
     ),
 }
 

@@ -15,8 +15,10 @@ A row is a variant: an engine (`runtimes/engines.py`) and how its weights are ma
 runs the original weights or torchao's int8 weight-only copy (`passes/torchao.py`); llama.cpp
 runs a GGUF: the source file as it is (an f32 one written from the reference for a folder,
 `export/gguf.py`), or llama.cpp's own quantizer's Q8_0, Q4_K_M or Q4_0 made from the f32 file
-(`passes/gguf.py`), cached. Other engines slot in as `Generator`s through `ENGINES`.
-Concurrency (8, 16 requests at once) comes with engines that batch them (issue 16).
+(`passes/gguf.py`), cached; OpenVINO GenAI runs a stateful IR in a weight format
+(`export/openvino_llm.py`: exported once, then cached). Other engines slot in as `Generator`s
+through `ENGINES`. Concurrency (8, 16 requests at once) comes with engines that batch them
+(issue 16).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from rich.table import Table
 
 from mahir.errors import BadInput, Unsupported
 from mahir.export.gguf import f32_gguf, source_gguf, unwritable
+from mahir.export.openvino_llm import LlmWeights, export_llm
 from mahir.families.decoder import LanguageModel
 from mahir.families.prompts import (
     NEW_TOKENS,
@@ -64,15 +67,17 @@ class Variant:
     """What a row runs: an engine, and the weights it runs in the format the engine opens."""
 
     engine: str
-    weights: TorchaoInt8 | GgufQuantize | None = None
+    weights: TorchaoInt8 | GgufQuantize | LlmWeights | None = None
     """None: the original (for a GGUF engine, the source GGUF, or an f32 one written from the
     reference); `TorchaoInt8`: torchao's int8 weight-only copy; `GgufQuantize`: llama.cpp's
-    quantizer over the f32 GGUF."""
+    quantizer over the f32 GGUF; `LlmWeights`: an OpenVINO IR exported with them."""
 
     @property
     def weights_label(self) -> str:
         if isinstance(self.weights, GgufQuantize):
             return f"GGUF {self.weights.type}"
+        if isinstance(self.weights, LlmWeights):
+            return f"OpenVINO IR {self.weights.tag()}"
         return "int8 weight-only (torchao)" if self.weights else "original"
 
 
@@ -88,6 +93,13 @@ VARIANTS: dict[str, Variant] = {
     "llama.cpp-q8_0": Variant("llama.cpp", GgufQuantize("Q8_0")),
     "llama.cpp-q4_k_m": Variant("llama.cpp", GgufQuantize("Q4_K_M")),
     "llama.cpp-q4_0": Variant("llama.cpp", GgufQuantize("Q4_0")),
+    "openvino": Variant("openvino", LlmWeights(format="fp32")),
+    "openvino-int8": Variant("openvino", LlmWeights(format="int8")),
+    "openvino-int8-paged": Variant("openvino-paged", LlmWeights(format="int8")),
+    "openvino-int4": Variant("openvino", LlmWeights(format="int4")),
+    "openvino-int4-awq": Variant("openvino", LlmWeights(format="int4", data_aware=True)),
+    "openvino-auto": Variant("openvino-auto", LlmWeights(format="fp32")),
+    "openvino-auto-int8": Variant("openvino-auto", LlmWeights(format="int8")),
 }
 DEFAULT_VARIANTS = ("torch", "torch-bf16", "torch-int8", "torch-compile", "llama.cpp")
 """Measured when none is asked for (those the machine can run): each compiled variant costs
@@ -311,7 +323,7 @@ def benchmark_llm(
         on_step(f"opening {name}")
         started = time.perf_counter()
         with memory_added(config.options.device) as added:
-            generator, size_mb = _open(name, model, config.options, reference)
+            generator, size_mb = _open(name, model, config.options, reference, on_step)
             _generate(generator, Prompt(longest.ids, 2))
         opened[name] = (generator, added[0], size_mb, time.perf_counter() - started)
     qualities = {}
@@ -370,7 +382,11 @@ def _cannot(
 
 
 def _open(
-    name: str, model: LanguageModel, options: RuntimeOptions, reference: Generator
+    name: str,
+    model: LanguageModel,
+    options: RuntimeOptions,
+    reference: Generator,
+    on_step: Callable[[str], None],
 ) -> tuple[Generator, float]:
     """The variant's generator (the reference itself for the reference engine) and the MiB of
     the weights it runs, as the engine reports them."""
@@ -378,18 +394,27 @@ def _open(
     if name == REFERENCE_ENGINE:
         return reference, module_mb(model.module)
     try:
-        artifact = _weights(variant, get_engine(variant.engine), model)
+        artifact = _weights(variant, get_engine(variant.engine), model, options, on_step)
         generator = open_engine(variant.engine, artifact, options)
     except Unsupported as err:
         raise BadInput(f"{name}: {err}") from err
     return generator, float(generator.describe().get("weights_mb") or artifact.size_mb())
 
 
-def _weights(variant: Variant, engine: Engine, model: LanguageModel) -> Artifact:
-    """The artifact the variant's engine opens, made here (GGUF files: found in the cache)."""
+def _weights(
+    variant: Variant,
+    engine: Engine,
+    model: LanguageModel,
+    options: RuntimeOptions,
+    on_step: Callable[[str], None],
+) -> Artifact:
+    """The artifact the variant's engine opens, made here (GGUF files and OpenVINO IRs: found in
+    the cache when made before)."""
     weights = variant.weights
     if isinstance(weights, GgufQuantize):
         return quantize_gguf(f32_gguf(model), weights)
+    if isinstance(weights, LlmWeights):
+        return export_llm(model, weights, threads=options.threads, on_step=on_step)
     if engine.format == "gguf":
         return source_gguf(model)
     if isinstance(weights, TorchaoInt8):
