@@ -15,13 +15,16 @@ import traceback
 from pathlib import Path
 
 import httpx
+import pytest
 
+from mahir.files import CACHE_ENV
 from mahir.model import Model
 from mahir.quality import fidelity
 from mahir.recipe import Recipe
 from mahir.runtimes import open_session, reference_outputs
 from mahir.search.apply import Applied, apply_recipe, write_output_dir
 from mahir.types import Artifact
+from mahir.venvs import EnvSpec, ensure_env, env_root
 
 
 def fp32_output_dir(
@@ -134,3 +137,15 @@ class Server:
             return self.process.wait(timeout=60)
         finally:
             self.log.close()
+
+
+def shared_env(spec: EnvSpec) -> None:
+    """`spec`'s environment in the user's cache (created there once per machine: minutes),
+    linked into this session's cache, where mahir (and its CLI processes) look for it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv(CACHE_ENV)
+        shared = ensure_env(spec, root=env_root())
+    link = env_root() / spec.key()
+    if not link.exists():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(shared.path, target_is_directory=True)

@@ -154,8 +154,9 @@ DECODERS = ("llama", "qwen2", "gpt2")
 """Architectures of the tiny causal LMs (`decoder_folder`)."""
 
 
-def decoder_folder(folder: Path, arch: str, tokenizer: Any) -> Path:
-    """A tiny causal LM of `arch` (2 layers, width 64, 256 positions) with random weights and
+def decoder_folder(folder: Path, arch: str, tokenizer: Any, *, heads: int = 4) -> Path:
+    """A tiny causal LM of `arch` (2 layers, width 64 in `heads` heads, half as many key/value
+    heads, 256 positions) with random weights and
     `tokenizer` (the default LLM's, chat template and all), as a Hugging Face folder. Weights
     are drawn wide (initializer_range 0.3): greedy choices are then far from ties and
     generations vary instead of repeating one token."""
@@ -166,7 +167,7 @@ def decoder_folder(folder: Path, arch: str, tokenizer: Any) -> Path:
     vocab = len(tokenizer)
     if arch == "gpt2":
         config: Any = transformers.GPT2Config(
-            vocab_size=vocab, n_positions=256, n_embd=64, n_layer=2, n_head=4, **ids
+            vocab_size=vocab, n_positions=256, n_embd=64, n_layer=2, n_head=heads, **ids
         )
         model: Any = transformers.GPT2LMHeadModel(config)
     else:
@@ -180,8 +181,8 @@ def decoder_folder(folder: Path, arch: str, tokenizer: Any) -> Path:
             hidden_size=64,
             intermediate_size=128,
             num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
+            num_attention_heads=heads,
+            num_key_value_heads=heads // 2,
             max_position_embeddings=256,
             tie_word_embeddings=True,
             **ids,

@@ -88,6 +88,9 @@ class Scripted:
     def describe(self) -> dict[str, Any]:
         return {}
 
+    def close(self) -> None:
+        """Nothing to release."""
+
 
 def test_judge_compares_both_views_and_the_budget_names_what_it_misses() -> None:
     rows = np.vstack([REF, REF[:1]])

@@ -55,6 +55,11 @@ def write_text_atomically(path: Path, text: str) -> None:
         draft.write_text(text, encoding="utf-8")
 
 
+def slug(name: str) -> str:
+    """`name` as a short file-name part: characters other than letters, digits, - _ . become -."""
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)[:48]
+
+
 def cache_dir() -> Path:
     """mahir's folder in the user's cache: `$MAHIR_CACHE_DIR`, else `$XDG_CACHE_HOME/mahir`,
     else `~/.cache/mahir`."""

@@ -78,6 +78,11 @@ class Generator(Protocol):
         """The settings in effect (precision, threads, KV cache, version), for reports."""
         ...
 
+    def close(self) -> None:
+        """Release now what the engine holds beyond Python objects (a worker process, native
+        memory) rather than when collected; the generator is not used after."""
+        ...
+
 
 def choose(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
     """The next token from one row of logits: argmax when greedy, else a top-p sample at the

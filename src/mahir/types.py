@@ -23,7 +23,9 @@ Outputs = dict[str, np.ndarray]
 Dim = int | str
 """A tensor dimension: a fixed size, or the name of a dynamic axis ("batch", "sequence")."""
 
-ArtifactFormat = Literal["torch", "onnx", "openvino", "gguf"]
+ArtifactFormat = Literal["torch", "onnx", "openvino", "gguf", "hf"]
+"""Where a model lives: a live torch module, an ONNX file, an OpenVINO IR, a GGUF file, or a
+Hugging Face folder ("hf", `path` the folder) for engines that load it themselves."""
 
 BATCH = "batch"
 SEQUENCE = "sequence"
@@ -96,9 +98,12 @@ class Artifact:
 
     def files(self) -> list[Path]:
         """The files on disk that make up the artifact, main file first: an ONNX model and its
-        external data, or an OpenVINO IR's .xml and .bin. None for a live torch module."""
+        external data, or an OpenVINO IR's .xml and .bin; a folder's files. None for a live
+        torch module."""
         if self.path is None:
             return []
+        if self.path.is_dir():
+            return sorted(p for p in self.path.rglob("*") if p.is_file())
         companion = (
             self.path.with_suffix(".bin")
             if self.path.suffix == ".xml"

@@ -17,7 +17,7 @@ import pytest
 from mahir.errors import BadInput, Unsupported
 from mahir.export.openvino_llm import OPTIMUM_ENV, RECORD, LlmWeights, export_llm
 from mahir.families.decoder import LanguageModel
-from mahir.files import CACHE_ENV, cache_dir
+from mahir.files import cache_dir
 from mahir.generation import Generator, Sampling
 from mahir.generation_quality import (
     GenerationBudget,
@@ -28,8 +28,7 @@ from mahir.generation_quality import (
 )
 from mahir.runtimes.engines import open_engine
 from mahir.types import Artifact, RuntimeOptions
-from mahir.venvs import ensure_env, env_root
-from tests.helpers import cli
+from tests.helpers import cli, shared_env
 
 pytestmark = pytest.mark.own_env
 ONE_THREAD = RuntimeOptions(threads=1)
@@ -37,15 +36,7 @@ ONE_THREAD = RuntimeOptions(threads=1)
 
 @pytest.fixture(scope="module")
 def optimum_env() -> None:
-    """optimum-intel's environment in the user's cache (created there if missing), linked into
-    this session's cache, where mahir (and its CLI processes) look for it."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.delenv(CACHE_ENV)
-        shared = ensure_env(OPTIMUM_ENV, root=env_root())
-    link = env_root() / OPTIMUM_ENV.key()
-    if not link.exists():
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(shared.path, target_is_directory=True)
+    shared_env(OPTIMUM_ENV)
 
 
 @pytest.fixture(scope="module")

@@ -80,7 +80,7 @@ def test_llama_cpp_refuses_what_it_cannot_write_in_one_line(
     [
         (("--prompts", "3"), "--prompts is for LLMs: add --llm"),
         ((str(default_model_folder()), "--llm"), "is not a decoder LLM"),
-        (("--llm", "-r", "vllm"), "unknown LLM engine 'vllm'"),
+        (("--llm", "-r", "tensorrt-llm"), "unknown LLM engine 'tensorrt-llm'"),
         (("--llm", "-b", "8"), "--batch-size are not for LLMs"),
         (("--llm", "--data", "p.txt", "--tokens", "8-16"), "--data gives the prompts"),
     ],

@@ -28,9 +28,8 @@ import numpy as np
 
 from mahir.errors import ExportMismatch, Unsupported
 from mahir.families.decoder import DECODER_SPEC, LanguageModel
-from mahir.files import staged
+from mahir.files import cache_dir, slug, staged
 from mahir.generation_quality import teacher_forced
-from mahir.peaks import cache_dir
 from mahir.recipe import content_hash
 from mahir.types import Artifact, RuntimeOptions
 
@@ -58,7 +57,7 @@ def f32_gguf(llm: LanguageModel, *, folder: Path | None = None) -> Artifact:
     if why:
         raise Unsupported(why)
     key = _key(Path(llm.source))
-    path = (folder or cache_dir() / "gguf") / f"{_slug(llm.name)}-{key[:16]}-f32.gguf"
+    path = (folder or cache_dir() / "gguf") / f"{slug(llm.name)}-{key[:16]}-f32.gguf"
     if not path.is_file():
         with staged(path) as draft:
             write_llama_gguf(llm, draft)
@@ -224,7 +223,3 @@ def _key(source: Path) -> str:
     version = getattr(gguf, "__version__", "")
     parts = f"{content_hash(source)}\0{WRITER_VERSION}\0{version}"
     return hashlib.sha256(parts.encode()).hexdigest()
-
-
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)[:48]

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from mahir.errors import BadInput, ExportMismatch
+from mahir.export.hf_folder import save_hf_folder
 from mahir.families.decoder import DECODER_SPEC, LanguageModel
 from mahir.families.prompts import PROMPT_TEXT
 from mahir.files import cache_dir, staged
@@ -148,7 +149,7 @@ def _key(model: LanguageModel, weights: LlmWeights) -> str:
 
 def _export(model: LanguageModel, weights: LlmWeights, out: Path, env: OwnEnv) -> None:
     with tempfile.TemporaryDirectory(prefix="mahir-llm-") as scratch:
-        source = Path(model.source) if not model.gguf else _save_folder(model, Path(scratch))
+        source = Path(model.source) if not model.gguf else save_hf_folder(model, Path(scratch))
         calibration = None
         if weights.data_aware:
             text = PROMPT_TEXT.read_text()
@@ -170,17 +171,6 @@ def _export(model: LanguageModel, weights: LlmWeights, out: Path, env: OwnEnv) -
             f"optimum-intel {OPTIMUM_INTEL} could not export {model.name} to OpenVINO "
             f"({last_line(done)}): its architecture may be one optimum-intel does not export"
         )
-
-
-def _save_folder(model: LanguageModel, folder: Path) -> Path:
-    """The fp32 reference and its tokenizer as a Hugging Face folder (a GGUF source's weights
-    are dequantized already; `load_decoder` dropped the GGUF mark save_pretrained refuses)."""
-    from mahir.silence import quiet_transformers
-
-    with quiet_transformers():
-        model.module.save_pretrained(folder)
-        model.family.tokenizer.save_pretrained(folder)
-    return folder
 
 
 def verify(

@@ -9,8 +9,8 @@ Now: PyTorch, eager or with a static KV cache and a compiled decode step, in fp3
 (`runtimes/torch_generator.py`), on a live transformers model; llama.cpp on a GGUF file
 (`runtimes/llamacpp.py`); OpenVINO GenAI on a stateful IR (`runtimes/openvino_genai.py`; the IR
 and its weight format come from `export/openvino_llm.py`), with f32 compute and KV cache or with
-the CPU plugin's own choices. vLLM comes next (issue 16); it will be a
-`Generator` here, measured beside these by `mahir bench --llm`.
+the CPU plugin's own choices; vLLM's CPU build on a Hugging Face folder
+(`runtimes/vllm_cpu.py`), in bf16 or fp32, in an environment of mahir's own.
 """
 
 from __future__ import annotations
@@ -38,15 +38,21 @@ class Engine:
     """One line for `--help` and reports."""
     devices: tuple[str, ...] = ("cpu", "cuda")
     format: ArtifactFormat = "torch"
-    """The artifact it opens: a live torch module, a GGUF file, or an OpenVINO IR folder."""
-    package: str = "torch"
-    """The module it imports."""
+    """The artifact it opens: a live torch module, a GGUF file, an OpenVINO IR folder, or a
+    Hugging Face folder."""
+    bf16: bool = False
+    """Computes in bf16: emulated, slower than fp32, on CPUs without bf16 instructions."""
+    package: str | None = "torch"
+    """The module it imports; None: it runs in an environment of mahir's own, created when it
+    first opens (`mahir.venvs`)."""
     install: str = ""
     """What to pip install for it, when that is not the module's name."""
 
     def missing(self) -> str | None:
         """What to pip install before this engine can run here, or None."""
-        return None if importlib.util.find_spec(self.package) else self.install or self.package
+        if self.package is None or importlib.util.find_spec(self.package):
+            return None
+        return self.install or self.package
 
 
 def _torch(
@@ -68,6 +74,16 @@ def _open_llamacpp(artifact: Artifact, options: RuntimeOptions) -> Generator:
 
     settings = LlamaCppOptions(threads=options.threads, device=options.device)
     return open_generator(artifact, settings, engine="llama.cpp")
+
+
+def _vllm(dtype: Literal["bf16", "fp32"]) -> Callable[[Artifact, RuntimeOptions], Generator]:
+    def open_vllm(artifact: Artifact, options: RuntimeOptions) -> Generator:
+        from mahir.runtimes.vllm_cpu import VllmOptions, open_generator
+
+        settings = VllmOptions(dtype=dtype, threads=options.threads, device=options.device)
+        return open_generator(artifact, settings, engine="vllm" if dtype == "bf16" else "vllm-fp32")
+
+    return open_vllm
 
 
 def _openvino(name: str, summary: str, *, own_choices: bool = False, paged: bool = False) -> Engine:
@@ -102,6 +118,7 @@ ENGINES: dict[str, Engine] = {
         "torch-bf16",
         _torch("torch-bf16", "bf16", False),
         "PyTorch eager, bf16 (CPUs with avx512_bf16 or AMX)",
+        bf16=True,
     ),
     "torch-compile": Engine(
         "torch-compile",
@@ -112,6 +129,7 @@ ENGINES: dict[str, Engine] = {
         "torch-compile-bf16",
         _torch("torch-compile-bf16", "bf16", True),
         "PyTorch, static KV cache, decode step compiled by torch.compile, bf16",
+        bf16=True,
     ),
     "llama.cpp": Engine(
         "llama.cpp",
@@ -136,6 +154,24 @@ ENGINES: dict[str, Engine] = {
         "OpenVINO GenAI, the CPU plugin's own precision, KV cache and activation quantization "
         "(bf16 / u8 / groups of 32 on CPUs with bf16)",
         own_choices=True,
+    ),
+    "vllm": Engine(
+        "vllm",
+        _vllm("bf16"),
+        "vLLM's CPU build, bf16 (its default), paged KV cache, continuous batching, in its own "
+        "environment",
+        devices=("cpu",),
+        format="hf",
+        package=None,
+        bf16=True,
+    ),
+    "vllm-fp32": Engine(
+        "vllm-fp32",
+        _vllm("fp32"),
+        "vLLM's CPU build in fp32, in its own environment",
+        devices=("cpu",),
+        format="hf",
+        package=None,
     ),
 }
 

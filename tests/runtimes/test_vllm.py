@@ -1,0 +1,161 @@
+"""vLLM's CPU build on a tiny random-weight Llama, in mahir's vLLM environment: fp32 greedy
+tokens and logprobs equal the PyTorch reference's; stop tokens stop, seeds repeat, an abandoned
+stream is aborted; streams from two threads run in one batch and each gets its own tokens; a
+bad request is refused before any work; a dead worker is one line, never a hang.
+
+The environment (~3.5 GB of pins) is shared with the user's mahir cache, keyed by its pins, so
+only the first run on a machine creates it (about 3 minutes on 2 cores); the engine runs eager
+(no torch.compile), so it starts in ~20 s."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from mahir.errors import BadInput, RuntimeFailure, Unsupported
+from mahir.export.hf_folder import reference_folder
+from mahir.families.decoder import LanguageModel
+from mahir.generation import Generator, Sampling
+from mahir.generation_quality import teacher_forced
+from mahir.model import load_model
+from mahir.runtimes.engines import open_engine
+from mahir.runtimes.vllm_cpu import VLLM_ENV, VllmGenerator, VllmOptions, open_generator
+from mahir.types import Artifact, Device, RuntimeOptions
+from tests.helpers import shared_env
+from tests.models import decoder_folder
+
+pytestmark = pytest.mark.own_env
+FP32_EAGER = VllmOptions(dtype="fp32", compile=False, threads=1)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory, llm_tokenizer: Any) -> LanguageModel:
+    """The tiny Llama with 2 heads of 32 dimensions: vLLM's CPU attention takes head sizes
+    from 32 up (the session's tiny Llama has 16)."""
+    root = tmp_path_factory.mktemp("vllm")
+    return load_model(decoder_folder(root / "llama", "llama", llm_tokenizer, heads=2), llm=True)
+
+
+@pytest.fixture(scope="module")
+def folder(llama: LanguageModel) -> Artifact:
+    shared_env(VLLM_ENV)
+    return reference_folder(llama)
+
+
+@pytest.fixture(scope="module")
+def vllm(folder: Artifact) -> Iterator[VllmGenerator]:
+    with open_generator(folder, FP32_EAGER, engine="vllm-fp32") as generator:
+        yield generator
+
+
+@pytest.fixture(scope="module")
+def reference(llama: LanguageModel) -> Generator:
+    return open_engine("torch", llama.original(), RuntimeOptions(threads=1))
+
+
+def _prompt(llm: LanguageModel) -> list[int]:
+    return llm.family.prompt_ids("What is the capital of France?")
+
+
+def test_fp32_greedy_and_logprobs_equal_the_torch_reference(
+    llama: LanguageModel, vllm: VllmGenerator, reference: Generator
+) -> None:
+    prompt, greedy = _prompt(llama), Sampling(max_new_tokens=16)
+    tokens = list(vllm.stream(prompt, greedy))
+    assert tokens == list(reference.stream(prompt, greedy))
+    assert len(set(tokens)) > 4  # a real sequence, not one token repeated
+    sequences = llama.family.held_out(passages=2, tokens=64)
+    mine = [vllm.logprobs(s) for s in sequences]
+    assert mine[0].shape == (len(sequences[0]), llama.family.vocab_size)  # the whole vocabulary
+    assert mine[0].dtype == np.float32
+    forced = teacher_forced(mine, [reference.logprobs(s) for s in sequences], sequences)
+    assert forced["top1_agreement"] == 1.0
+    assert forced["kl_mean"] < 1e-5
+    described = vllm.describe()
+    assert (described["precision"], described["threads"], described["compiled"]) == (
+        "fp32",
+        1,
+        False,
+    )
+    assert described["vllm"] == "0.32.0"
+
+
+def test_stop_tokens_stop_seeds_repeat_and_an_abandoned_stream_is_aborted(
+    llama: LanguageModel, vllm: VllmGenerator
+) -> None:
+    prompt = _prompt(llama)
+    free = list(vllm.stream(prompt, Sampling(max_new_tokens=12)))
+    stop = free[4]
+    assert (
+        list(vllm.stream(prompt, Sampling(12, stop_token_ids=(stop,))))
+        == free[: free.index(stop) + 1]
+    )
+
+    def sample(seed: int) -> list[int]:
+        return list(vllm.stream(prompt, Sampling(24, temperature=1.0, top_p=0.9, seed=seed)))
+
+    assert sample(7) == sample(7)
+    assert sample(7) != sample(8)
+    stream = vllm.stream(prompt, Sampling(max_new_tokens=200))
+    assert [next(stream) for _ in range(3)] == free[:3]
+    stream.close()  # aborts the request in vLLM; the engine serves the next call
+    assert list(vllm.stream(prompt, Sampling(max_new_tokens=12))) == free
+
+
+def test_streams_from_two_threads_share_the_engine_and_get_their_own_tokens(
+    llama: LanguageModel, vllm: VllmGenerator, reference: Generator
+) -> None:
+    prompts = [_prompt(llama), llama.family.held_out(passages=1, tokens=40)[0]]
+    stamps: dict[int, list[tuple[float, int]]] = {0: [], 1: []}
+    start = threading.Barrier(2)
+
+    def run(which: int) -> None:
+        start.wait()
+        for token in vllm.stream(prompts[which], Sampling(max_new_tokens=64)):
+            stamps[which].append((time.perf_counter(), token))
+
+    threads = [threading.Thread(target=run, args=(which,)) for which in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for which, prompt in enumerate(prompts):
+        mine = [token for _, token in stamps[which]]
+        assert mine == list(reference.stream(prompt, Sampling(max_new_tokens=64)))
+    first_ends = min(stamps[0][-1][0], stamps[1][-1][0])
+    assert max(stamps[0][0][0], stamps[1][0][0]) < first_ends  # both ran in one batch
+
+
+def test_a_bad_request_is_refused_before_any_work(
+    llama: LanguageModel, vllm: VllmGenerator, folder: Artifact
+) -> None:
+    with pytest.raises(BadInput, match="the prompt is empty"):
+        vllm.stream([], Sampling(8))
+    with pytest.raises(BadInput, match="exceed the vllm-fp32 engine's context of 256"):
+        vllm.stream([5] * 250, Sampling(8))
+    with pytest.raises(BadInput, match="exceed"):
+        vllm.logprobs([5] * 256)  # its last row needs one generated step
+    with pytest.raises(Unsupported, match="runs a Hugging Face model folder"):
+        open_engine("vllm", llama.original(), RuntimeOptions())
+    with pytest.raises(Unsupported, match="runs on cpu only"):
+        open_engine("vllm", folder, RuntimeOptions(device=Device.parse("cuda")))
+
+
+def test_a_dead_worker_is_one_line_and_close_leaves_nothing_running(folder: Artifact) -> None:
+    generator = open_generator(folder, FP32_EAGER, engine="vllm-fp32")
+    worker = generator._worker._process  # the test kills it as a crash would
+    os.kill(worker.pid, signal.SIGKILL)
+    with pytest.raises(RuntimeFailure, match="exited") as raised:
+        list(generator.stream([5, 6, 7], Sampling(8)))
+    assert len(str(raised.value).splitlines()) == 1
+    generator.close()
+    assert worker.poll() is not None
+    assert not Path(generator._worker.folder).exists()
