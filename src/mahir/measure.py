@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -41,7 +41,7 @@ one other busy process shows ~1."""
 
 class MachineLoad:
     """CPU time the rest of the machine used while a measurement ran: everything busy on the
-    machine minus this process's own threads, over the wall time."""
+    machine minus this process's own threads and its children's, over the wall time."""
 
     def __init__(
         self,
@@ -95,8 +95,15 @@ def _busy_seconds(times: Any) -> float:
 
 
 def _own_seconds() -> float:
-    own = psutil.Process().cpu_times()
-    return float(own.user + own.system)
+    """CPU time of this process and of its live children: an engine's worker process (vLLM's)
+    computes what is timed, so its time is not load."""
+    me = psutil.Process()
+    total = 0.0
+    for process in [me, *me.children(recursive=True)]:
+        with suppress(psutil.NoSuchProcess):  # a child that just exited
+            times = process.cpu_times()
+            total += times.user + times.system
+    return total
 
 
 class Timer(Protocol):

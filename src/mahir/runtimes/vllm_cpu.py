@@ -180,6 +180,7 @@ class VllmGenerator:
             "context": self.context_length,
             "threads": self._threads,
             "device": str(self.device),
+            "worker_memory_mb": self._worker.memory_mb(),
             **self._versions,
         }
         if self._parameters:

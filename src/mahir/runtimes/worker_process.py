@@ -31,6 +31,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, cast
 
+import psutil
+
 from mahir.errors import RuntimeFailure
 
 POLL_S = 1.0
@@ -104,9 +106,15 @@ class WorkerProcess:
         """Stop the process and remove its scratch folder (again: nothing)."""
         self._stop()
 
-    @property
-    def alive(self) -> bool:
-        return self._process.poll() is None and self._failure is None
+    def memory_mb(self) -> float:
+        """Resident memory of the process and its children, in MiB (0 once it has stopped)."""
+        total = 0
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process = psutil.Process(self._process.pid)
+            for one in [process, *process.children(recursive=True)]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    total += one.memory_info().rss
+        return total / 2**20
 
     def _await_ready(self, timeout_s: float) -> dict[str, Any]:
         try:

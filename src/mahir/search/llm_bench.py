@@ -280,8 +280,9 @@ class LlmBenchResult:
                 f"{self.budget.max_kl}"
             )
         lines.append(
-            "mem: MB of resident memory added when opened and run; torch runs the reference's "
-            "own weights, so its figure leaves them out"
+            "mem: MB of resident memory added when opened and run (with an engine's worker "
+            "process, vLLM's); torch runs the reference's own weights, so its figure leaves "
+            "them out"
         )
         lines += [f"{name}: left out, {why}" for name, why in self.skipped.items()]
         if self._busy:
@@ -333,7 +334,9 @@ def benchmark_llm(
                 generator, size_mb = _open(name, model, config.options, reference, on_step)
                 running.callback(generator.close)  # a worker process stops when the run ends
                 _generate(generator, Prompt(longest.ids, 2))
-            opened[name] = (generator, added[0], size_mb, time.perf_counter() - started)
+            # an engine in a worker process (vLLM) says what that process holds
+            memory = added[0] + generator.describe().get("worker_memory_mb", 0.0)
+            opened[name] = (generator, memory, size_mb, time.perf_counter() - started)
         qualities = {}
         for name, (generator, *_) in opened.items():
             on_step(f"judging {name} against the reference")
