@@ -46,7 +46,7 @@ def main(settings: dict[str, Any]) -> None:
     try:
         engine = start(settings)
     except Exception as err:  # reported to mahir in one line, then the process ends
-        send({"fatal": f"{type(err).__name__}: {err}"})
+        send({"fatal": one_line(err)})
         raise
     config = engine.model_config
     send(
@@ -66,7 +66,7 @@ def main(settings: dict[str, Any]) -> None:
     try:
         serve(engine, inbox, send, config.get_vocab_size())
     except Exception as err:  # the engine broke mid-step: every waiting caller learns why
-        send({"fatal": f"{type(err).__name__}: {err}"})
+        send({"fatal": one_line(err)})
         raise
 
 
@@ -124,7 +124,7 @@ def admit(engine: Any, message: dict[str, Any], logprob_files: dict[str, str], s
     try:
         engine.add_request(request, TokensPrompt(prompt_token_ids=tokens), sampling(message))
     except Exception as err:  # vLLM refused this request: its caller gets the reason
-        send({"id": request, "error": f"{type(err).__name__}: {err}"})
+        send({"id": request, "error": one_line(err)})
         return
     if message["op"] == "logprobs":
         logprob_files[request] = message["path"]
@@ -180,6 +180,12 @@ def logprob_matrix(output: Any, vocab: int) -> Any:
         rows = np.repeat(np.arange(len(starts)) + first_row, ends - starts)
         matrix[rows, np.array(flat.token_ids)] = np.array(flat.logprobs, dtype=np.float32)
     return matrix
+
+
+def one_line(err: Exception) -> str:
+    """The error's type and first line: mahir's messages are one line."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
 
 def version(package: str) -> str:

@@ -11,7 +11,8 @@ chatty library cannot fill a pipe nobody reads. `close` (also at exit, through
 `weakref.finalize`) ends its input, waits for it, then stops its process group: nothing is
 left running.
 
-Imports errors only; the process itself imports nothing of mahir.
+Imports errors and psutil (what the process holds); the process itself imports nothing of
+mahir.
 """
 
 from __future__ import annotations
@@ -92,9 +93,9 @@ class WorkerProcess:
             self._send({**message, "id": request})
             while not done:
                 answer = self._next(answers, timeout_s)
-                if "error" in answer:
+                done = bool(answer.get("done")) or "error" in answer
+                if "error" in answer:  # the process refused it: nothing to abort
                     raise RuntimeFailure(f"{self.name}: {answer['error']}")
-                done = bool(answer.get("done"))
                 yield answer
         finally:
             with self._lock:
