@@ -17,7 +17,8 @@ Fidelity: `logprobs` asks vLLM for the whole prompt distribution (`prompt_logpro
 `max_logprobs=-1`: every token of the vocabulary, not a top-k) and one generated step for the
 last position, so the judge reads the full (len, vocab) matrix vLLM computed; a matrix with a
 hole is refused, never patched. That generated step needs one position of room: a sequence
-filling the whole context is refused by `logprobs`. vLLM computes in bf16 by default on CPUs
+filling the whole context is refused by `logprobs`, and so is one whose matrix vLLM could not
+hand over in a few GB (it makes Python objects of every entry: `MAX_LOGPROB_ENTRIES`). vLLM computes in bf16 by default on CPUs
 (its own choice; `dtype="fp32"` reproduces the reference); it compiles the model with
 torch.compile while starting (about two minutes on 2 cores) unless `compile` is off. Prefix
 caching is off: a prompt seen before is prefilled again, as a timed benchmark needs.
@@ -68,6 +69,10 @@ ANSWER_S = 600.0
 """The longest wait for the next answer of a running request before the worker is declared
 stuck."""
 DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
+MAX_LOGPROB_ENTRIES = 16_000_000
+"""Positions times vocabulary that one `logprobs` call may ask: vLLM makes Python objects of
+every entry (~200 bytes each at the peak), so 16M is ~3 GB in the worker (325 positions of
+SmolLM2's 49,152 tokens; mahir's judge asks 128)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -156,6 +161,12 @@ class VllmGenerator:
 
     def logprobs(self, tokens: Sequence[int]) -> np.ndarray:
         self._check(tokens, 1)  # the last row comes from one generated step
+        if len(tokens) * self._vocab > MAX_LOGPROB_ENTRIES:
+            most = MAX_LOGPROB_ENTRIES // self._vocab
+            raise BadInput(
+                f"{self.engine}: log-probabilities of {len(tokens)} tokens over a vocabulary of "
+                f"{self._vocab} are more than vLLM can hand over at once: ask at most {most}"
+            )
         path = self._worker.folder / f"logprobs-{next(self._files)}.npy"
         request = {"op": "logprobs", "tokens": [int(t) for t in tokens], "path": str(path)}
         for _ in self._worker.request(request, timeout_s=ANSWER_S):
