@@ -41,13 +41,13 @@ one other busy process shows ~1."""
 
 class MachineLoad:
     """CPU time the rest of the machine used while a measurement ran: everything busy on the
-    machine minus this process's own threads and its children's, over the wall time."""
+    machine minus this process's own threads (`own_seconds`), over the wall time."""
 
     def __init__(
         self,
         *,
         machine_seconds: Callable[[], float] = lambda: _busy_seconds(psutil.cpu_times()),
-        own_seconds: Callable[[], float] = lambda: _own_seconds(),
+        own_seconds: Callable[[], float] = lambda: own_seconds(),
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self._machine_seconds, self._own_seconds, self._clock = machine_seconds, own_seconds, clock
@@ -94,12 +94,12 @@ def _busy_seconds(times: Any) -> float:
     )
 
 
-def _own_seconds() -> float:
-    """CPU time of this process and of its live children: an engine's worker process (vLLM's)
-    computes what is timed, so its time is not load."""
+def own_seconds(*, children: bool = False) -> float:
+    """CPU time of this process, and with `children` of its live child processes too: for a
+    measurement whose work runs in a worker process (vLLM's engine), which is not load."""
     me = psutil.Process()
     total = 0.0
-    for process in [me, *me.children(recursive=True)]:
+    for process in [me, *(me.children(recursive=True) if children else [])]:
         with suppress(psutil.NoSuchProcess):  # a child that just exited
             times = process.cpu_times()
             total += times.user + times.system

@@ -59,7 +59,7 @@ from mahir.generation_quality import (
     reference_answers,
 )
 from mahir.hardware import Machine, detect
-from mahir.measure import BUSY_CORES, MachineLoad, memory_added
+from mahir.measure import BUSY_CORES, MachineLoad, memory_added, own_seconds
 from mahir.passes.gguf import GgufQuantize, quantize_gguf
 from mahir.passes.torchao import TorchaoInt8, quantize_linears
 from mahir.runtimes.engines import REFERENCE_ENGINE, Engine, get_engine, open_engine
@@ -342,7 +342,7 @@ def benchmark_llm(
             on_step(f"judging {name} against the reference")
             qualities[name] = judge(generator, answers)
         on_step("timing")
-        load = MachineLoad()
+        load = MachineLoad(own_seconds=lambda: own_seconds(children=True))  # vLLM's worker
         timings = _time({n: g for n, (g, *_) in opened.items()}, workload, config, on_measure)
         rows = [
             LlmBenchRow(
