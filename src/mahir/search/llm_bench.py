@@ -344,6 +344,7 @@ def benchmark_llm(
         on_step("timing")
         load = MachineLoad(own_seconds=lambda: own_seconds(children=True))  # vLLM's worker
         timings = _time({n: g for n, (g, *_) in opened.items()}, workload, config, on_measure)
+        other_load = load.other_cores()  # read while the workers it counts as ours still run
         rows = [
             LlmBenchRow(
                 name=name,
@@ -357,9 +358,7 @@ def benchmark_llm(
             )
             for name, (generator, memory, size, open_s) in opened.items()
         ]
-    return LlmBenchResult(
-        machine, model, workload, rows, config.budget, load.other_cores(), skipped
-    )
+    return LlmBenchResult(machine, model, workload, rows, config.budget, other_load, skipped)
 
 
 def _runnable(
