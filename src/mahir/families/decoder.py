@@ -194,17 +194,22 @@ def load_decoder(path: Path, *, name: str | None = None) -> LanguageModel:
             "file or a Hugging Face folder of a causal LM (config.json naming *ForCausalLM)"
         )
     module.eval()
-    config = module.config
-    vocab = int(config.vocab_size)
+    family = decoder_family(module, tokenizer, path)
+    label = name or (path.stem if path.suffix == ".gguf" else path.name)
+    return LanguageModel(label, str(path), module, family, gguf=path.suffix == ".gguf")
+
+
+def decoder_family(module: Any, tokenizer: Any, path: Path) -> Decoder:
+    """The family of a causal LM and its tokenizer (read from `path`, named in errors): its
+    context length, stop tokens and vocabulary."""
+    vocab = int(module.config.vocab_size)
     if len(tokenizer) > vocab:
         raise BadInput(
             f"{path}: the tokenizer has {len(tokenizer)} tokens and the model's vocabulary "
             f"{vocab}: save the model's own tokenizer beside it"
         )
-    context = _context_length(config, tokenizer)
-    family = Decoder(tokenizer, context, _stops(module, tokenizer), vocab)
-    label = name or (path.stem if path.suffix == ".gguf" else path.name)
-    return LanguageModel(label, str(path), module, family, gguf=path.suffix == ".gguf")
+    context = _context_length(module.config, tokenizer)
+    return Decoder(tokenizer, context, _stops(module, tokenizer), vocab)
 
 
 def _read_gguf(path: Path) -> tuple[Any, Any]:

@@ -16,8 +16,9 @@ AMX); elsewhere it is emulated and slower than fp32, so it is refused there with
 the compiled decode step is checked by greedy continuations (`mahir.generation_quality`).
 
 Tokens are chosen by `generation.choose` (greedy in torch, without copying the logits out).
-Torch's thread count is process-wide: opening a generator sets it. A runtime knows nothing of
-passes, search or serving.
+Torch's thread count is process-wide: each generation and each `logprobs` sets the generator's
+own, so generators with different thread counts can take turns in one process (as a search
+timing them interleaved does). A runtime knows nothing of passes, search or serving.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class TorchGenerator:
         self.engine = engine
         self.device = options.device
         self._options = options
+        self._threads = options.threads or physical_cores()
         self._module = module
         self._where = torch.device("cpu" if options.device.kind == "cpu" else str(options.device))
         self._cache_arg = "cache" if _takes(module, "cache") else "past_key_values"
@@ -96,6 +98,7 @@ class TorchGenerator:
         return self._generate(prompt, sampling)
 
     def _generate(self, prompt: Sequence[int], sampling: Sampling) -> Iterator[int]:
+        torch.set_num_threads(self._threads)
         rng = np.random.default_rng(sampling.seed)
         stops = frozenset(sampling.stop_token_ids)
         cache = self._new_cache()
@@ -111,6 +114,7 @@ class TorchGenerator:
 
     def logprobs(self, tokens: Sequence[int]) -> np.ndarray:
         self._check(tokens, 0)
+        torch.set_num_threads(self._threads)
         with torch.inference_mode():
             ids = torch.tensor([list(tokens)], device=self._where)
             logits = self._module(input_ids=ids, use_cache=False).logits[0]
@@ -125,7 +129,7 @@ class TorchGenerator:
             "compiled": self._options.compile,
             "compile_s": self.compile_s,
             "weights_mb": module_mb(self._module),
-            "threads": torch.get_num_threads(),
+            "threads": self._threads,
             "device": str(self.device),
             "torch": torch.__version__,
         }
@@ -203,7 +207,6 @@ def open_generator(
             )
     if options.device.kind == "cuda" and not torch.cuda.is_available():
         raise Unsupported(f"{engine}: torch sees no CUDA GPU here: use --device cpu")
-    torch.set_num_threads(options.threads or physical_cores())
     dtype = torch.bfloat16 if options.precision == "bf16" else torch.float32
     if dtype != torch.float32 or options.device.kind != "cpu":
         module = copy.deepcopy(module).to(device=str(options.device), dtype=dtype)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,7 @@ from mahir.hardware import Machine, detect
 from mahir.measure import BUSY_CORES, MachineLoad, memory_added
 from mahir.passes.torchao import TorchaoInt8, quantize_linears
 from mahir.runtimes.engines import REFERENCE_ENGINE, get_engine, open_engine
-from mahir.types import Artifact, RuntimeOptions
+from mahir.types import Artifact, Device, RuntimeOptions
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,7 +301,8 @@ def benchmark_llm(
         qualities[name] = judge(generator, answers)
     on_step("timing")
     load = MachineLoad()
-    timings = _time({n: g for n, (g, *_) in opened.items()}, workload, config, on_measure)
+    generators = {n: g for n, (g, *_) in opened.items()}
+    timings = time_interleaved(generators, workload.prompts, config.min_time_s, on_measure)
     rows = [
         LlmBenchRow(
             name=name,
@@ -324,15 +325,16 @@ def _runnable(config: LlmBenchConfig, machine: Machine) -> tuple[list[str], dict
     """The variants to time: those asked (each refused in one line if it cannot run here), or
     the defaults this machine can run, with the reasons for the rest."""
     asked = config.variants or DEFAULT_VARIANTS
-    reasons = {name: why for name in asked if (why := _cannot(name, config, machine))}
+    device = config.options.device
+    reasons = {name: why for name in asked if (why := cannot_run(name, device, machine))}
     if config.variants and reasons:
         raise BadInput("; ".join(reasons.values()))
     return [name for name in asked if name not in reasons], reasons
 
 
-def _cannot(name: str, config: LlmBenchConfig, machine: Machine) -> str | None:
+def cannot_run(name: str, device: Device, machine: Machine) -> str | None:
+    """Why variant `name` cannot run on `device` of this machine, in one phrase; None if it can."""
     engine = get_engine(VARIANTS[name].engine)
-    device = config.options.device
     if device.kind not in engine.devices:
         return f"{name} runs on {' or '.join(engine.devices)} only"
     if engine.missing():
@@ -349,9 +351,7 @@ def _open(
     """The variant's generator (the reference itself for the reference engine) and the MiB of
     the weights it runs, as the engine reports them."""
     variant = VARIANTS[name]
-    artifact = original
-    if variant.int8_weights:
-        artifact = quantize_linears(original, TorchaoInt8(weight_only=True), name=label)
+    artifact = variant_artifact(variant, original, label)
     if name == REFERENCE_ENGINE:
         generator = reference
     else:
@@ -360,6 +360,13 @@ def _open(
         except Unsupported as err:
             raise BadInput(f"{name}: {err}") from err
     return generator, float(generator.describe().get("weights_mb") or artifact.size_mb())
+
+
+def variant_artifact(variant: Variant, original: Artifact, label: str) -> Artifact:
+    """What the variant's engine opens: the original, or its torchao int8 weight-only copy."""
+    if not variant.int8_weights:
+        return original
+    return quantize_linears(original, TorchaoInt8(weight_only=True), name=label)
 
 
 def _generate(generator: Generator, prompt: Prompt) -> list[float]:
@@ -371,20 +378,20 @@ def _generate(generator: Generator, prompt: Prompt) -> list[float]:
     return stamps
 
 
-def _time(
+def time_interleaved(
     generators: dict[str, Generator],
-    workload: PromptWorkload,
-    config: LlmBenchConfig,
-    on_measure: Callable[[str, float], None] | None,
+    prompts: Sequence[Prompt],
+    min_time_s: float,
+    on_measure: Callable[[str, float], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Each prompt by every generator in turn (rotating who goes first), the prompts cycled
-    until each generator has had `min_time_s` and every prompt has run once."""
+    until each generator has had `min_time_s` and every prompt has run once: ttft_ms,
+    decode_ms, tokens and seconds per generator (`LlmBenchRow`'s fields)."""
     names = list(generators)
     stamps: dict[str, list[list[float]]] = {name: [] for name in names}
     spent = dict.fromkeys(names, 0.0)
-    prompts = workload.prompts
     i = 0
-    while i < len(prompts) or min(spent.values()) < config.min_time_s:
+    while i < len(prompts) or min(spent.values()) < min_time_s:
         prompt = prompts[i % len(prompts)]
         for name in names[i % len(names) :] + names[: i % len(names)]:
             run = _generate(generators[name], prompt)
@@ -392,8 +399,8 @@ def _time(
             spent[name] += run[-1] - run[0]
             if on_measure is not None:
                 done = min(1.0, (i + 1) / len(prompts))
-                if config.min_time_s > 0:
-                    done = min(done, spent[name] / config.min_time_s)
+                if min_time_s > 0:
+                    done = min(done, spent[name] / min_time_s)
                 on_measure(name, done)
         i += 1
     return {name: _timings(runs) for name, runs in stamps.items()}
