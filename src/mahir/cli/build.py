@@ -293,8 +293,53 @@ def optimize(
         ),
     ] = True,
     device: DeviceOption = "cpu",
+    llm: Annotated[
+        bool,
+        typer.Option(
+            "--llm",
+            help="A decoder LLM (default: the bundled SmolLM2-135M-Instruct; a .gguf file or a "
+            "causal-LM folder is one by itself): engines x weights x threads, judged against "
+            "the fp32 reference, halved on decode ms/token (latency) or tokens/s (throughput); "
+            "--out defaults to mahir-llm-out.",
+        ),
+    ] = False,
+    engines: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--engines",
+            help="LLMs: a variant to try (torch, torch-bf16, torch-int8, torch-compile, ...); "
+            "repeat \\[default: every one this machine runs].",
+        ),
+    ] = None,
+    prompts: Annotated[
+        Path | None,
+        typer.Option(
+            "--prompts",
+            help="LLMs: prompts to time, one per line (.txt) or as "
+            '{"prompt"|"messages", "max_new_tokens"} objects (.jsonl) \\[default: generated].',
+        ),
+    ] = None,
 ) -> None:
     """Search techniques x runtimes x settings; keep the fastest within the quality budget."""
+    from mahir.cli.llm import is_llm, run_llm_optimize
+
+    if is_llm(model, llm):
+        encoder_only = {
+            "--logits": logits, "--batch-size": batch_size, "--metric": metric, "--data": data,
+            "--sentences": sentences, "--tokens": tokens, "--only": only, "--resume": resume,
+            "--max-drop": max_drop != 0.01,
+        }  # fmt: skip
+        llm_out = out if out != Path("mahir-out") else Path("mahir-llm-out")
+        guard(
+            ctx,
+            lambda: run_llm_optimize(
+                model, encoder_only, llm_out, objective, time_budget, engines or [], prompts, device
+            ),
+        )
+        return
+    if engines or prompts is not None:
+        flag = "--engines" if engines else "--prompts"
+        guard(ctx, lambda: _refuse(f"{flag} is for LLMs: add --llm, or give a .gguf file"))
 
     def configure() -> OptimizeConfig:
         """Everything checkable before the model loads: the config's own checks and --out."""

@@ -203,6 +203,7 @@ class LlmSearched:
     artifact: Artifact | None
     """What the winner's engine opened: the original, or its int8 weight-only copy."""
     complete: bool
+    """False when Ctrl-C ended it; a time budget that stops it is a normal end."""
     other_load: float
     """Cores other processes kept busy while timing (`measure.MachineLoad`)."""
     elapsed_s: float
@@ -261,9 +262,9 @@ class _Search:
         self.on_event(candidate.id, outcome.reason or "within the budget")
         return outcome
 
-    def halve(self, baseline: LlmOutcome, contenders: list[LlmOutcome]) -> bool:
-        """Successive halving, the baseline in every round; False when the time budget
-        stopped it before one contender was left."""
+    def halve(self, baseline: LlmOutcome, contenders: list[LlmOutcome]) -> None:
+        """Successive halving, the baseline in every round, until one contender is left or the
+        next round would end past the deadline (the first round always runs)."""
         objective = self.config.objective
         left = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
         seconds = first_rung_seconds(left, len(contenders), 1)
@@ -272,7 +273,7 @@ class _Search:
             started = time.monotonic()
             self._round(entrants, seconds)
             if len(contenders) <= 1:
-                return True
+                return
             contenders.sort(
                 key=lambda o: o.rounds[-1].value(objective), reverse=objective != "latency"
             )
@@ -281,7 +282,7 @@ class _Search:
             predicted = (time.monotonic() - started) * 2 * (len(contenders) + 1) / len(entrants)
             if self.deadline is not None and time.monotonic() + predicted > self.deadline:
                 self.on_event(baseline.candidate.id, "time budget spent: the halving stops here")
-                return False
+                return
             seconds *= 2
 
     def _round(self, entrants: Sequence[LlmOutcome], seconds: float) -> None:
@@ -352,7 +353,7 @@ def optimize_llm(
             )
         load = MachineLoad()
         contenders = [o for o in checked if o.status == "ok" and o is not baseline]
-        complete = search.halve(baseline, contenders)
+        search.halve(baseline, contenders)
     except KeyboardInterrupt:
         complete = False
         on_event(candidates[0].id, "interrupted: keeping what was measured")
