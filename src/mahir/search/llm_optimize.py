@@ -119,11 +119,13 @@ class LlmOptimizeConfig:
         if any(t < 1 for t in self.threads):
             raise BadInput(f"threads must be >= 1, got {min(self.threads)}")
 
-    def bench_config(self) -> LlmBenchConfig:
-        """The bench's config for the same prompts (`llm_bench.prompt_workload`)."""
+    def bench_config(self, context_length: int) -> LlmBenchConfig:
+        """The bench's config for the same prompts (`llm_bench.prompt_workload`), prompts
+        shortened where they and their new tokens would overflow the model's context."""
+        high = max(1, min(self.prompt_tokens[1], context_length - self.new_tokens[1]))
         return LlmBenchConfig(
             prompts=self.prompts,
-            prompt_tokens=self.prompt_tokens,
+            prompt_tokens=(min(self.prompt_tokens[0], high), high),
             new_tokens=self.new_tokens,
             prompts_file=self.prompts_file,
             seed=self.seed,
@@ -324,7 +326,7 @@ def optimize_llm(
     machine = detect(gpus=config.device.kind == "cuda")
     machine.require(config.device)
     candidates, skipped = _candidates(config, machine)
-    workload = prompt_workload(model, config.bench_config())
+    workload = prompt_workload(model, config.bench_config(model.family.context_length))
     on_event(candidates[0].id, "the reference's answers on held-out text")
     reference = open_engine(
         REFERENCE_ENGINE, model.original(), RuntimeOptions(device=config.device)

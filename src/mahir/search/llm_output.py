@@ -60,13 +60,15 @@ def verdicts(searched: LlmSearched) -> dict[str, str]:
                 f"won: {_value(o, objective)} {unit} in the final round, {speedup:.2f}x the "
                 "baseline beside it, within the budget"
             )
-        elif best is not None:
+        elif best is not None and len(best.rounds) >= len(o.rounds):
             r = len(o.rounds)
             mine, theirs = o.rounds[-1].value(objective), best.rounds[r - 1].value(objective)
             said[o.candidate.id] = (
                 f"lost in round {r}: {mine:.3g} {unit} against the winner's {theirs:.3g} in "
                 f"that round"
             )
+        else:  # no winner, or one not timed beside it (a forced one): its own numbers only
+            said[o.candidate.id] = f"timed: {_value(o, objective)} {unit}, not the winner"
     return said
 
 
