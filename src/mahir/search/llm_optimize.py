@@ -22,10 +22,10 @@ import dataclasses
 import datetime as dt
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -45,7 +45,8 @@ from mahir.generation_quality import (
 from mahir.hardware import Machine, detect, physical_cores
 from mahir.measure import MachineLoad
 from mahir.runtimes.engines import REFERENCE_ENGINE, open_engine
-from mahir.search.halving import first_rung_seconds
+from mahir.search.candidates import Objective
+from mahir.search.halving import Events, Status, first_rung_seconds
 from mahir.search.llm_bench import (
     VARIANTS,
     LlmBenchConfig,
@@ -56,11 +57,6 @@ from mahir.search.llm_bench import (
 )
 from mahir.search.optimize import TIMING_SHARE
 from mahir.types import CPU, Artifact, Device, RuntimeOptions
-
-Objective = Literal["latency", "throughput"]
-Status = Literal["ok", "rejected", "failed", "skipped"]
-Events = Callable[[str, str], None]
-"""(candidate id, what happened): progress for a terminal or a log."""
 
 
 def thread_counts(cores: int) -> tuple[int, ...]:

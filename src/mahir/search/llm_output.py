@@ -27,8 +27,9 @@ from mahir.passes.torchao import TorchaoInt8
 from mahir.recipe import ModelSource, Recipe
 from mahir.report.llm_html import render_llm_html
 from mahir.search.apply import check_output_dir
+from mahir.search.candidates import Objective
 from mahir.search.llm_bench import VARIANTS
-from mahir.search.llm_optimize import LlmOutcome, LlmSearched, Objective
+from mahir.search.llm_optimize import LlmOutcome, LlmSearched
 from mahir.types import RuntimeOptions
 
 UNITS = {"latency": "ms/token", "throughput": "tokens/s"}
