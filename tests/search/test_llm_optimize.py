@@ -17,6 +17,9 @@ from mahir.families.decoder import LanguageModel
 from mahir.generation import Generator, Sampling
 from mahir.generation_quality import GenerationBudget, Judging
 from mahir.llm_outdir import open_llm_output
+from mahir.passes import STEP_TYPES
+from mahir.passes.torchao import TorchaoInt8
+from mahir.recipe import ModelSource, load_recipe
 from mahir.runtimes.engines import open_engine
 from mahir.search.llm_bench import VARIANTS, variant_artifact
 from mahir.search.llm_optimize import LlmOptimizeConfig, LlmSearched, optimize_llm, thread_counts
@@ -105,8 +108,10 @@ def test_int8_weights_are_saved_as_int8_and_reopen_alike(
     artifact = variant_artifact(VARIANTS["torch-int8"], tiny_llm.original(), "tiny")
     forced = dataclasses.replace(searched, best=int8, artifact=artifact)
     out = save_llm_output(forced, tmp_path / "int8")
-    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
-    assert recipe["steps"][0]["_type"] == "TorchaoInt8"
+    recipe = load_recipe(out / "recipe.yaml", STEP_TYPES)  # replayable: steps, engine, source
+    assert recipe.steps == (TorchaoInt8(weight_only=True),)
+    assert recipe.runtime == "torch"
+    assert recipe.source == ModelSource.of(tiny_llm.source)
     generator, _ = open_llm_output(out)
     winner = open_engine("torch", artifact, RuntimeOptions(threads=1))
     assert generator.describe()["weights_mb"] == winner.describe()["weights_mb"]
