@@ -11,8 +11,9 @@ the report goes through `html.escape`. Imports nothing from mahir but `plots.py`
 
 from __future__ import annotations
 
+import dataclasses
 import html
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mahir.report import plots as look
@@ -144,6 +145,7 @@ def _plots(report: Record) -> str:
         )
     if not marks:
         return ""
+    marks = [dataclasses.replace(m, on_front=_on_front(m, marks)) for m in marks]
     scatter = look.scatter_svg(
         marks, throughput=True, xlabel="decode tokens/s at batch 1 (right is better)",
         ylabel="top-1 agreement with the fp32 reference (up is better)", nines=False,
@@ -153,10 +155,23 @@ def _plots(report: Record) -> str:
     return (
         "<h2>Plots</h2>"
         f"<figure><h3>Speed against fidelity</h3>{scatter}<figcaption>Candidates timed; those "
-        "that missed the budget were rejected before timing and are in the table only. Shaded: "
-        "under the top-1 budget.</figcaption></figure>"
+        "that missed the budget were rejected before timing and are in the table only. The grey "
+        "step line is the Pareto front (nothing is both faster and more faithful than a point on "
+        "it); shaded: under the top-1 budget.</figcaption></figure>"
         f"<figure><h3>Speedup over the baseline</h3>{bars}<figcaption>Each candidate's last "
         "round, against the baseline timed beside it in that round.</figcaption></figure>"
+    )
+
+
+def _on_front(mark: look.Mark, marks: Sequence[look.Mark]) -> bool:
+    """Whether no other mark is both at least as fast and at least as faithful, and better in
+    one of the two (the Pareto front the scatter draws and labels)."""
+    fidelity = mark.fidelity or 0.0
+    return not any(
+        o.speed >= mark.speed
+        and (o.fidelity or 0.0) >= fidelity
+        and (o.speed > mark.speed or (o.fidelity or 0.0) > fidelity)
+        for o in marks
     )
 
 
