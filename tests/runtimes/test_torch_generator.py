@@ -72,6 +72,19 @@ def test_a_seed_repeats_a_sample(tiny_llm: LanguageModel) -> None:
     assert sample(7) != list(generator.stream(prompt, Sampling(24)))
 
 
+def test_each_generation_runs_on_its_own_threads(tiny_llm: LanguageModel) -> None:
+    """Torch's thread count is process-wide: generators opened with different counts take
+    turns (as the LLM search times them) and each runs on its own."""
+    one = open_engine("torch", tiny_llm.original(), ONE_THREAD)
+    two = open_engine("torch", tiny_llm.original(), RuntimeOptions(threads=2))
+    prompt = _prompt(tiny_llm)
+    for generator, threads in ((one, 1), (two, 2), (one, 1)):
+        stream = generator.stream(prompt, Sampling(max_new_tokens=2))
+        next(stream)
+        assert torch.get_num_threads() == threads
+        assert generator.describe()["threads"] == threads
+
+
 def test_logprobs_are_one_forward(tiny_llm: LanguageModel) -> None:
     generator = open_engine("torch", tiny_llm.original(), ONE_THREAD)
     tokens = _prompt(tiny_llm)

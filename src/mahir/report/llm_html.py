@@ -196,3 +196,16 @@ def _context(report: Record) -> str:
             + ("" if seconds is None else f" of a {seconds:.0f} s budget"),
         }
     )
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+    from pathlib import Path
+
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python -m mahir.report.llm_html path/to/report.json")
+    source = Path(sys.argv[1])
+    target = source.with_name("report.html")
+    target.write_text(render_llm_html(json.loads(source.read_text())))
+    print(target)
