@@ -26,7 +26,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 def peaks_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Measured peaks (`mahir.peaks`) cached for the session in its own folder, never in the
     user's: measured once, by whichever test first needs them (CLI processes inherit it)."""
-    from mahir.peaks import CACHE_ENV
+    from mahir.files import CACHE_ENV
 
     folder = tmp_path_factory.mktemp("mahir-cache")
     with pytest.MonkeyPatch.context() as patch:
@@ -75,6 +75,14 @@ def decoder_folders(
 def tiny_llm(decoder_folders: dict[str, Path]) -> LanguageModel:
     """The tiny Llama, loaded."""
     return load_model(decoder_folders["llama"], llm=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_llm: LanguageModel, tmp_path_factory: pytest.TempPathFactory) -> Artifact:
+    """The tiny Llama written as an f32 GGUF (checked in llama.cpp against torch on writing)."""
+    from mahir.export.gguf import f32_gguf
+
+    return f32_gguf(tiny_llm, folder=tmp_path_factory.mktemp("gguf"))
 
 
 @pytest.fixture(scope="session")

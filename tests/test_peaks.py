@@ -8,12 +8,11 @@ from pathlib import Path
 import psutil
 import pytest
 
+from mahir.files import CACHE_ENV, cache_dir
 from mahir.hardware import Gpu, Machine
 from mahir.peaks import (
-    CACHE_ENV,
     Peak,
     Peaks,
-    cache_dir,
     device_peaks,
     dtypes_for,
     measure_matmul,

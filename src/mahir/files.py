@@ -7,16 +7,22 @@ target, and only when it ends without an error does what it wrote move into plac
 stays as it was. A folder that already exists cannot be renamed over, so it is moved aside
 into the hidden folder first and removed with it.
 
+Also where mahir keeps what it builds once per machine (`cache_dir`: measured peaks, its own
+Python environments, exported LLMs).
+
 Bottom layer: imports nothing of mahir.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+CACHE_ENV = "MAHIR_CACHE_DIR"
 
 
 @contextmanager
@@ -47,3 +53,12 @@ def _put(produced: Path, final: Path, *, aside: Path) -> None:
 def write_text_atomically(path: Path, text: str) -> None:
     with staged(path) as draft:
         draft.write_text(text, encoding="utf-8")
+
+
+def cache_dir() -> Path:
+    """mahir's folder in the user's cache: `$MAHIR_CACHE_DIR`, else `$XDG_CACHE_HOME/mahir`,
+    else `~/.cache/mahir`."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "mahir"

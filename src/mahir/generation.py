@@ -16,13 +16,16 @@ a framework; `choose` picks a token from logits in numpy for engines that hand o
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
+from mahir.errors import BadInput
 from mahir.types import Device
+
+Logits = TypeVar("Logits")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,3 +94,42 @@ def choose(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> 
         kept[order[keep]] = probs[order[keep]]
         probs = kept / kept.sum()
     return int(rng.choice(len(probs), p=probs))
+
+
+def check_request(
+    tokens: Sequence[int], new: int, *, vocab: int, context: int, engine: str
+) -> None:
+    """Refuse, before any work, what no engine can run: an empty prompt, ids outside the
+    vocabulary, more tokens than the engine's context holds."""
+    if not tokens:
+        raise BadInput("the prompt is empty: give at least one token")
+    if min(tokens) < 0 or max(tokens) >= vocab:
+        raise BadInput(f"token ids must be in [0, {vocab}), got {min(tokens)}..{max(tokens)}")
+    if len(tokens) + new > context:
+        raise BadInput(
+            f"{len(tokens)} tokens plus {new} new ones exceed the {engine} engine's context of "
+            f"{context} tokens: shorten the prompt or ask fewer"
+        )
+
+
+def decode_loop(
+    prompt: Sequence[int],
+    sampling: Sampling,
+    prefill: Callable[[Sequence[int]], Logits],
+    decode_one_token: Callable[[int, int], Logits],
+    pick: Callable[[Logits, Sampling, np.random.Generator], int],
+) -> Iterator[int]:
+    """The generation every engine runs on its own logits: prefill the prompt, then pick a
+    token, yield it, stop at a stop token or `max_new_tokens`, else decode it at the next
+    position."""
+    rng = np.random.default_rng(sampling.seed)
+    stops = frozenset(sampling.stop_token_ids)
+    logits = prefill(prompt)
+    position = len(prompt)
+    for count in range(1, sampling.max_new_tokens + 1):
+        token = pick(logits, sampling, rng)
+        yield token
+        if token in stops or count == sampling.max_new_tokens:
+            return
+        logits = decode_one_token(token, position)
+        position += 1

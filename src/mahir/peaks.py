@@ -25,7 +25,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
-import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
@@ -33,12 +32,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from mahir.files import write_text_atomically
+from mahir.files import cache_dir, write_text_atomically
 from mahir.hardware import Machine, physical_cores
 from mahir.measure import BUSY_CORES, MachineLoad, timer_for
 from mahir.types import Device
 
-CACHE_ENV = "MAHIR_CACHE_DIR"
 FLOATS = ("fp32", "bf16", "fp16")
 CPU_SIZES = (256, 512, 1024)
 CUDA_SIZES = (8192,)
@@ -142,15 +140,6 @@ def dtypes_for(machine: Machine, device: Device) -> tuple[str, ...]:
         return ("fp32", "bf16", "fp16", "int8", *fp8)
     bf16 = machine.has("avx512_bf16") or machine.has("amx_bf16")
     return ("fp32", *(("bf16",) if bf16 else ()), *(("int8",) if machine.int8_dot_product else ()))
-
-
-def cache_dir() -> Path:
-    """mahir's folder in the user's cache: `$MAHIR_CACHE_DIR`, else `$XDG_CACHE_HOME/mahir`,
-    else `~/.cache/mahir`."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "mahir"
 
 
 def device_peaks(

@@ -23,7 +23,7 @@ Outputs = dict[str, np.ndarray]
 Dim = int | str
 """A tensor dimension: a fixed size, or the name of a dynamic axis ("batch", "sequence")."""
 
-ArtifactFormat = Literal["torch", "onnx", "openvino"]
+ArtifactFormat = Literal["torch", "onnx", "openvino", "gguf"]
 
 BATCH = "batch"
 SEQUENCE = "sequence"

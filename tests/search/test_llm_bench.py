@@ -34,7 +34,8 @@ def test_bench_llm_prints_the_table_and_writes_the_json(
     assert reference["quality"]["kl_mean"] == 0.0
     assert reference["within_budget"]
     assert reference["speedup"] == 1.0
-    assert rows["torch-int8"]["settings"]["int8_weights"]
+    assert rows["torch-int8"]["settings"]["weights"] == "int8 weight-only (torchao)"
+    assert reference["settings"]["weights"] == "original"
     for row in rows.values():
         assert row["generations"] == 2
         assert 8 <= row["tokens"] <= 16  # each prompt's new tokens, stop tokens ignored
@@ -42,6 +43,36 @@ def test_bench_llm_prints_the_table_and_writes_the_json(
         assert row["ttft_ms"]["p50"] > 0
         assert row["output_tokens_per_s"] > 0
         assert row["size_mb"] > 0
+
+
+def test_bench_llm_runs_llama_cpp_on_written_and_quantized_ggufs(
+    decoder_folders: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "bench.json"
+    folder = str(decoder_folders["llama"])
+    engines = ("-r", "torch", "-r", "llama.cpp", "-r", "llama.cpp-q8_0")
+    found = cli("bench", folder, *engines, *SMALL, "--json", str(out))
+    assert found.returncode == 0, found.stderr
+    rows = {row["engine"]: row for row in json.loads(out.read_text())["results"]}
+    assert list(rows) == ["torch", "llama.cpp", "llama.cpp-q8_0"]
+    f32, q8 = rows["llama.cpp"], rows["llama.cpp-q8_0"]
+    assert (f32["settings"]["gguf_type"], q8["settings"]["gguf_type"]) == ("F32", "Q8_0")
+    assert q8["settings"]["weights"] == "GGUF Q8_0"
+    assert f32["settings"]["threads"] == 1
+    assert f32["quality"]["kl_mean"] < 1e-4  # the reference's own tensors
+    assert q8["size_mb"] < f32["size_mb"] / 2.5
+    for row in (f32, q8):
+        assert 8 <= row["tokens"] <= 16
+        assert row["decode_ms"]["p50"] > 0
+
+
+def test_llama_cpp_refuses_what_it_cannot_write_in_one_line(
+    decoder_folders: dict[str, Path],
+) -> None:
+    found = cli("bench", str(decoder_folders["gpt2"]), "-r", "llama.cpp", *SMALL)
+    assert found.returncode == 2, found.stderr
+    assert "not GPT2LMHeadModel" in found.stderr
+    assert len(found.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize(

@@ -17,12 +17,19 @@ from mahir.families.decoder import LanguageModel
 from mahir.generation import Generator, Sampling
 from mahir.generation_quality import GenerationBudget, Judging
 from mahir.llm_outdir import open_llm_output
-from mahir.passes import STEP_TYPES
+from mahir.passes.gguf import GgufQuantize
 from mahir.passes.torchao import TorchaoInt8
 from mahir.recipe import ModelSource, load_recipe
 from mahir.runtimes.engines import open_engine
-from mahir.search.llm_bench import VARIANTS, variant_artifact
-from mahir.search.llm_optimize import LlmOptimizeConfig, LlmSearched, optimize_llm, thread_counts
+from mahir.search.llm_bench import VARIANTS, WEIGHT_STEPS, variant_artifact
+from mahir.search.llm_optimize import (
+    LlmCandidate,
+    LlmOptimizeConfig,
+    LlmOutcome,
+    LlmSearched,
+    optimize_llm,
+    thread_counts,
+)
 from mahir.search.llm_output import save_llm_output
 from mahir.types import RuntimeOptions
 from tests.helpers import cli
@@ -105,10 +112,10 @@ def test_int8_weights_are_saved_as_int8_and_reopen_alike(
     """A winner with torchao int8 weights (here forced: the exact budget rejected it) is
     written as its int8 tensors, not quantized again when reopened."""
     int8 = next(o for o in searched.outcomes if o.candidate.variant == "torch-int8")
-    artifact = variant_artifact(VARIANTS["torch-int8"], tiny_llm.original(), "tiny")
+    artifact = variant_artifact(VARIANTS["torch-int8"], tiny_llm, RuntimeOptions(threads=1))
     forced = dataclasses.replace(searched, best=int8, artifact=artifact)
     out = save_llm_output(forced, tmp_path / "int8")
-    recipe = load_recipe(out / "recipe.yaml", STEP_TYPES)  # replayable: steps, engine, source
+    recipe = load_recipe(out / "recipe.yaml", WEIGHT_STEPS)  # replayable: steps, engine, source
     assert recipe.steps == (TorchaoInt8(weight_only=True),)
     assert recipe.runtime == "torch"
     assert recipe.source == ModelSource.of(tiny_llm.source)
@@ -117,6 +124,32 @@ def test_int8_weights_are_saved_as_int8_and_reopen_alike(
     assert generator.describe()["weights_mb"] == winner.describe()["weights_mb"]
     assert generator.describe()["weights_mb"] != tiny_llm.original().size_mb()
     prompt = tiny_llm.family.held_out(1, 16)[0]
+    assert _greedy(generator, prompt) == _greedy(winner, prompt)
+
+
+def test_a_llamacpp_winner_is_saved_as_its_gguf_and_reopens_alike(
+    searched: LlmSearched, tiny_llm: LanguageModel, tmp_path: Path
+) -> None:
+    """A winner on another engine's format (forced here) keeps the file the search ran, and
+    its family comes back from the config and tokenizer saved beside it."""
+    pytest.importorskip("llama_cpp")
+    options = RuntimeOptions(threads=1)
+    artifact = variant_artifact(VARIANTS["llama.cpp-q8_0"], tiny_llm, options)
+    forced = dataclasses.replace(
+        searched, best=LlmOutcome(LlmCandidate("llama.cpp-q8_0", 1), "ok"), artifact=artifact
+    )
+    out = save_llm_output(forced, tmp_path / "q8")
+    manifest = json.loads((out / "mahir.json").read_text())
+    assert (manifest["format"], manifest["engine"]) == ("gguf", "llama.cpp")
+    assert (out / manifest["model_file"]).read_bytes() == artifact.path.read_bytes()  # type: ignore[union-attr]
+    recipe = load_recipe(out / "recipe.yaml", WEIGHT_STEPS)
+    assert recipe.steps == (GgufQuantize("Q8_0"),)
+    generator, family = open_llm_output(out)
+    assert generator.describe()["gguf_type"] == "Q8_0"
+    assert family.stop_token_ids == tiny_llm.family.stop_token_ids
+    assert family.context_length == tiny_llm.family.context_length
+    prompt = tiny_llm.family.held_out(1, 16)[0]
+    winner = open_engine("llama.cpp", artifact, options)
     assert _greedy(generator, prompt) == _greedy(winner, prompt)
 
 

@@ -6,8 +6,11 @@ engine is opened with the `RuntimeOptions` every runtime takes (threads, device)
 import their framework at the top, so they are imported only when a generator opens.
 
 Now: PyTorch, eager or with a static KV cache and a compiled decode step, in fp32 or bf16
-(`runtimes/torch_generator.py`). OpenVINO GenAI, llama.cpp and vLLM come next (issue 16); each
-will be a `Generator` here, measured beside these by `mahir bench --llm`.
+(`runtimes/torch_generator.py`), on a live transformers model; llama.cpp on a GGUF file
+(`runtimes/llamacpp.py`); OpenVINO GenAI on a stateful IR (`runtimes/openvino_genai.py`; the IR
+and its weight format come from `export/openvino_llm.py`), with f32 compute and KV cache or with
+the CPU plugin's own choices. vLLM comes next (issue 16); it will be a
+`Generator` here, measured beside these by `mahir bench --llm`.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Literal
 
 from mahir.errors import BadInput, Unsupported
 from mahir.generation import Generator
-from mahir.types import Artifact, RuntimeOptions
+from mahir.types import Artifact, ArtifactFormat, RuntimeOptions
 
 REFERENCE_ENGINE = "torch"
 """The engine whose answers on the fp32 original are the reference: PyTorch eager, fp32."""
@@ -34,12 +37,16 @@ class Engine:
     summary: str
     """One line for `--help` and reports."""
     devices: tuple[str, ...] = ("cpu", "cuda")
+    format: ArtifactFormat = "torch"
+    """The artifact it opens: a live torch module, a GGUF file, or an OpenVINO IR folder."""
     package: str = "torch"
-    """The package it imports (module and pip name alike)."""
+    """The module it imports."""
+    install: str = ""
+    """What to pip install for it, when that is not the module's name."""
 
     def missing(self) -> str | None:
-        """The package to install before this engine can run here, or None."""
-        return None if importlib.util.find_spec(self.package) else self.package
+        """What to pip install before this engine can run here, or None."""
+        return None if importlib.util.find_spec(self.package) else self.install or self.package
 
 
 def _torch(
@@ -54,6 +61,35 @@ def _torch(
         return open_generator(artifact, settings, engine=name)
 
     return open_torch
+
+
+def _open_llamacpp(artifact: Artifact, options: RuntimeOptions) -> Generator:
+    from mahir.runtimes.llamacpp import LlamaCppOptions, open_generator
+
+    settings = LlamaCppOptions(threads=options.threads, device=options.device)
+    return open_generator(artifact, settings, engine="llama.cpp")
+
+
+def _openvino(name: str, summary: str, *, own_choices: bool = False, paged: bool = False) -> Engine:
+    """An OpenVINO GenAI engine: f32 compute and KV cache unless `own_choices`."""
+
+    def open_openvino(artifact: Artifact, options: RuntimeOptions) -> Generator:
+        from mahir.runtimes.openvino_genai import OpenVinoLlmOptions, open_generator
+
+        settings = OpenVinoLlmOptions(threads=options.threads, paged=paged)
+        if own_choices:
+            settings = OpenVinoLlmOptions.openvino_defaults(threads=options.threads, paged=paged)
+        return open_generator(artifact, settings, engine=name)
+
+    return Engine(
+        name,
+        open_openvino,
+        summary,
+        devices=("cpu",),
+        format="openvino",
+        package="openvino_genai",
+        install="openvino-genai",
+    )
 
 
 ENGINES: dict[str, Engine] = {
@@ -76,6 +112,30 @@ ENGINES: dict[str, Engine] = {
         "torch-compile-bf16",
         _torch("torch-compile-bf16", "bf16", True),
         "PyTorch, static KV cache, decode step compiled by torch.compile, bf16",
+    ),
+    "llama.cpp": Engine(
+        "llama.cpp",
+        _open_llamacpp,
+        "llama.cpp on a GGUF file (its weights' type: f32, Q8_0, Q4_K_M, ...), f16 KV cache",
+        devices=("cpu",),
+        format="gguf",
+        package="llama_cpp",
+        install="llama-cpp-python==0.3.36",
+    ),
+    "openvino": _openvino(
+        "openvino",
+        "OpenVINO GenAI on a stateful IR, f32 compute and KV cache, no activation quantization",
+    ),
+    "openvino-paged": _openvino(
+        "openvino-paged",
+        "OpenVINO GenAI, paged attention under its continuous-batching scheduler, f32",
+        paged=True,
+    ),
+    "openvino-auto": _openvino(
+        "openvino-auto",
+        "OpenVINO GenAI, the CPU plugin's own precision, KV cache and activation quantization "
+        "(bf16 / u8 / groups of 32 on CPUs with bf16)",
+        own_choices=True,
     ),
 }
 

@@ -33,8 +33,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from mahir.errors import BadInput, Unsupported
-from mahir.generation import Sampling, choose
+from mahir.errors import Unsupported
+from mahir.generation import Sampling, check_request, choose, decode_loop
 from mahir.hardware import Machine, detect, physical_cores
 from mahir.types import CPU, Artifact, Device, module_mb
 
@@ -95,22 +95,14 @@ class TorchGenerator:
 
     def stream(self, prompt: Sequence[int], sampling: Sampling) -> Iterator[int]:
         self._check(prompt, sampling.max_new_tokens)  # at the call, not at the first token
-        return self._generate(prompt, sampling)
-
-    def _generate(self, prompt: Sequence[int], sampling: Sampling) -> Iterator[int]:
-        torch.set_num_threads(self._threads)
-        rng = np.random.default_rng(sampling.seed)
-        stops = frozenset(sampling.stop_token_ids)
         cache = self._new_cache()
-        logits = self._prefill(prompt, cache)
-        position = len(prompt)
-        for count in range(1, sampling.max_new_tokens + 1):
-            token = self._choose(logits, sampling, rng)
-            yield token
-            if token in stops or count == sampling.max_new_tokens:
-                return
-            logits = self._decode_one_token(token, position, cache)
-            position += 1
+        return decode_loop(
+            prompt,
+            sampling,
+            lambda ids: self._prefill(ids, cache),
+            lambda token, position: self._decode_one_token(token, position, cache),
+            self._choose,
+        )
 
     def logprobs(self, tokens: Sequence[int]) -> np.ndarray:
         self._check(tokens, 0)
@@ -144,6 +136,7 @@ class TorchGenerator:
         return DynamicCache(config=self._module.config)
 
     def _prefill(self, prompt: Sequence[int], cache: Any) -> torch.Tensor:
+        torch.set_num_threads(self._threads)  # for the whole generation: it starts here
         ids = torch.tensor([list(prompt)], device=self._where)
         extra: dict[str, Any] = {"logits_to_keep": 1} if self._keep_last else {}
         if self._static is not None:
@@ -173,17 +166,9 @@ class TorchGenerator:
         return choose(logits.float().cpu().numpy(), sampling, rng)
 
     def _check(self, tokens: Sequence[int], new: int) -> None:
-        if not tokens:
-            raise BadInput("the prompt is empty: give at least one token")
-        if min(tokens) < 0 or max(tokens) >= self._vocab:
-            raise BadInput(
-                f"token ids must be in [0, {self._vocab}), got {min(tokens)}..{max(tokens)}"
-            )
-        if len(tokens) + new > self.context_length:
-            raise BadInput(
-                f"{len(tokens)} tokens plus {new} new ones exceed the {self.engine} engine's "
-                f"context of {self.context_length} tokens: shorten the prompt or ask fewer"
-            )
+        check_request(
+            tokens, new, vocab=self._vocab, context=self.context_length, engine=self.engine
+        )
 
 
 def open_generator(

@@ -11,9 +11,14 @@ max_new_tokens (as vLLM's benchmarks do with ignore_eos). Output tokens/s is tok
 wall time of whole generations, prefill included; "GB/s" is the weights read once per decoded
 token, the number that bounds batch-1 decoding (gpt-fast's "bandwidth achieved").
 
-A row is a variant: an engine (`runtimes/engines.py`), over the original weights or torchao's
-int8 weight-only copy (`passes/torchao.py`). Other engines slot in as `Generator`s through
-`ENGINES`. Concurrency (8, 16 requests at once) comes with engines that batch them (issue 16).
+A row is a variant: an engine (`runtimes/engines.py`) and how its weights are made. PyTorch
+runs the original weights or torchao's int8 weight-only copy (`passes/torchao.py`); llama.cpp
+runs a GGUF: the source file as it is (an f32 one written from the reference for a folder,
+`export/gguf.py`), or llama.cpp's own quantizer's Q8_0, Q4_K_M or Q4_0 made from the f32 file
+(`passes/gguf.py`), cached; OpenVINO GenAI runs a stateful IR in a weight format
+(`export/openvino_llm.py`: exported once, then cached). Other engines slot in as `Generator`s
+through `ENGINES`. Concurrency (8, 16 requests at once) comes with engines that batch them
+(issue 16).
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ import numpy as np
 from rich.table import Table
 
 from mahir.errors import BadInput, Unsupported
+from mahir.export.gguf import f32_gguf, source_gguf, unwritable
+from mahir.export.openvino_llm import LlmWeights, export_llm
 from mahir.families.decoder import LanguageModel
 from mahir.families.prompts import (
     NEW_TOKENS,
@@ -49,28 +56,56 @@ from mahir.generation_quality import (
 )
 from mahir.hardware import Machine, detect
 from mahir.measure import BUSY_CORES, MachineLoad, memory_added
+from mahir.passes.gguf import GgufQuantize, quantize_gguf
 from mahir.passes.torchao import TorchaoInt8, quantize_linears
 from mahir.runtimes.engines import REFERENCE_ENGINE, get_engine, open_engine
-from mahir.types import Artifact, Device, RuntimeOptions
+from mahir.types import Artifact, Device, RuntimeOptions, module_mb
 
 
 @dataclass(frozen=True, slots=True)
 class Variant:
-    """What a row runs: an engine, on the original weights or on int8 weight-only ones."""
+    """What a row runs: an engine, and the weights it runs in the format the engine opens."""
 
     engine: str
-    int8_weights: bool = False
+    weights: TorchaoInt8 | GgufQuantize | LlmWeights | None = None
+    """None: the original (for a GGUF engine, the source GGUF, or an f32 one written from the
+    reference); `TorchaoInt8`: torchao's int8 weight-only copy; `GgufQuantize`: llama.cpp's
+    quantizer over the f32 GGUF; `LlmWeights`: an OpenVINO IR exported with them."""
+
+    @property
+    def weights_label(self) -> str:
+        if isinstance(self.weights, GgufQuantize):
+            return f"GGUF {self.weights.type}"
+        if isinstance(self.weights, LlmWeights):
+            return f"OpenVINO IR {self.weights.tag()}"
+        return "int8 weight-only (torchao)" if self.weights else "original"
 
 
+INT8 = TorchaoInt8(weight_only=True)
 VARIANTS: dict[str, Variant] = {
     "torch": Variant("torch"),
     "torch-bf16": Variant("torch-bf16"),
-    "torch-int8": Variant("torch", int8_weights=True),
+    "torch-int8": Variant("torch", INT8),
     "torch-compile": Variant("torch-compile"),
     "torch-compile-bf16": Variant("torch-compile-bf16"),
-    "torch-compile-int8": Variant("torch-compile", int8_weights=True),
+    "torch-compile-int8": Variant("torch-compile", INT8),
+    "llama.cpp": Variant("llama.cpp"),
+    "llama.cpp-q8_0": Variant("llama.cpp", GgufQuantize("Q8_0")),
+    "llama.cpp-q4_k_m": Variant("llama.cpp", GgufQuantize("Q4_K_M")),
+    "llama.cpp-q4_0": Variant("llama.cpp", GgufQuantize("Q4_0")),
+    "openvino": Variant("openvino", LlmWeights(format="fp32")),
+    "openvino-int8": Variant("openvino", LlmWeights(format="int8")),
+    "openvino-int8-paged": Variant("openvino-paged", LlmWeights(format="int8")),
+    "openvino-int4": Variant("openvino", LlmWeights(format="int4")),
+    "openvino-int4-awq": Variant("openvino", LlmWeights(format="int4", data_aware=True)),
+    "openvino-auto": Variant("openvino-auto", LlmWeights(format="fp32")),
+    "openvino-auto-int8": Variant("openvino-auto", LlmWeights(format="int8")),
 }
-DEFAULT_VARIANTS = ("torch", "torch-bf16", "torch-int8", "torch-compile")
+WEIGHT_STEPS: dict[str, type[Any]] = {
+    cls.__name__: cls for cls in (TorchaoInt8, GgufQuantize, LlmWeights)
+}
+"""The allow-list an LLM recipe's steps (a variant's `weights`) are read back against."""
+DEFAULT_VARIANTS = ("torch", "torch-bf16", "torch-int8", "torch-compile", "llama.cpp")
 """Measured when none is asked for (those the machine can run): each compiled variant costs
 minutes of compiling on 2 cores before it is timed."""
 
@@ -279,7 +314,7 @@ def benchmark_llm(
     """Open each variant, judge it against the fp32 reference, time them interleaved."""
     on_step("reading the machine")
     machine = detect(gpus=config.options.device.kind == "cuda")
-    names, skipped = _runnable(config, machine)
+    names, skipped = _runnable(config, machine, model)
     workload = prompt_workload(model, config)
     on_step("the reference's answers on held-out text")
     original = model.original()
@@ -292,7 +327,7 @@ def benchmark_llm(
         on_step(f"opening {name}")
         started = time.perf_counter()
         with memory_added(config.options.device) as added:
-            generator, size_mb = _open(name, original, config.options, model.name, reference)
+            generator, size_mb = _open(name, model, config.options, reference, on_step)
             _generate(generator, Prompt(longest.ids, 2))
         opened[name] = (generator, added[0], size_mb, time.perf_counter() - started)
     qualities = {}
@@ -309,7 +344,7 @@ def benchmark_llm(
             **timings[name],
             quality=qualities[name],
             failures=tuple(config.budget.failures(qualities[name])),
-            settings={**generator.describe(), "int8_weights": VARIANTS[name].int8_weights},
+            settings={**generator.describe(), "weights": VARIANTS[name].weights_label},
             memory_mb=memory,
             size_mb=size,
             open_s=open_s,
@@ -321,20 +356,24 @@ def benchmark_llm(
     )
 
 
-def _runnable(config: LlmBenchConfig, machine: Machine) -> tuple[list[str], dict[str, str]]:
+def _runnable(
+    config: LlmBenchConfig, machine: Machine, model: LanguageModel
+) -> tuple[list[str], dict[str, str]]:
     """The variants to time: those asked (each refused in one line if it cannot run here), or
     the defaults this machine can run, with the reasons for the rest."""
     asked = config.variants or DEFAULT_VARIANTS
     device = config.options.device
-    reasons = {name: why for name in asked if (why := cannot_run(name, device, machine))}
+    reasons = {name: why for name in asked if (why := cannot_run(name, device, machine, model))}
     if config.variants and reasons:
         raise BadInput("; ".join(reasons.values()))
     return [name for name in asked if name not in reasons], reasons
 
 
-def cannot_run(name: str, device: Device, machine: Machine) -> str | None:
-    """Why variant `name` cannot run on `device` of this machine, in one phrase; None if it can."""
-    engine = get_engine(VARIANTS[name].engine)
+def cannot_run(name: str, device: Device, machine: Machine, model: LanguageModel) -> str | None:
+    """Why variant `name` cannot run `model` on `device` of this machine, in one phrase; None if
+    it can."""
+    variant = VARIANTS[name]
+    engine = get_engine(variant.engine)
     if device.kind not in engine.devices:
         return f"{name} runs on {' or '.join(engine.devices)} only"
     if engine.missing():
@@ -342,31 +381,49 @@ def cannot_run(name: str, device: Device, machine: Machine) -> str | None:
     bf16 = any(machine.has(flag) for flag in ("avx512_bf16", "amx_bf16"))
     if "bf16" in name and device.kind == "cpu" and not bf16:
         return f"{name}: bf16 on this CPU (no avx512_bf16 or AMX) is emulated, slower than fp32"
+    if engine.format == "gguf" and (variant.weights or not model.gguf):
+        return f"{name}: {why}" if (why := unwritable(model)) else None
     return None
 
 
 def _open(
-    name: str, original: Artifact, options: RuntimeOptions, label: str, reference: Generator
+    name: str,
+    model: LanguageModel,
+    options: RuntimeOptions,
+    reference: Generator,
+    on_step: Callable[[str], None],
 ) -> tuple[Generator, float]:
     """The variant's generator (the reference itself for the reference engine) and the MiB of
     the weights it runs, as the engine reports them."""
     variant = VARIANTS[name]
-    artifact = variant_artifact(variant, original, label)
     if name == REFERENCE_ENGINE:
-        generator = reference
-    else:
-        try:
-            generator = open_engine(variant.engine, artifact, options)
-        except Unsupported as err:
-            raise BadInput(f"{name}: {err}") from err
+        return reference, module_mb(model.module)
+    try:
+        artifact = variant_artifact(variant, model, options, on_step)
+        generator = open_engine(variant.engine, artifact, options)
+    except Unsupported as err:
+        raise BadInput(f"{name}: {err}") from err
     return generator, float(generator.describe().get("weights_mb") or artifact.size_mb())
 
 
-def variant_artifact(variant: Variant, original: Artifact, label: str) -> Artifact:
-    """What the variant's engine opens: the original, or its torchao int8 weight-only copy."""
-    if not variant.int8_weights:
-        return original
-    return quantize_linears(original, TorchaoInt8(weight_only=True), name=label)
+def variant_artifact(
+    variant: Variant,
+    model: LanguageModel,
+    options: RuntimeOptions,
+    on_step: Callable[[str], None] = lambda _step: None,
+) -> Artifact:
+    """The artifact the variant's engine opens, made here (GGUF files and OpenVINO IRs: found in
+    the cache when made before)."""
+    weights = variant.weights
+    if isinstance(weights, GgufQuantize):
+        return quantize_gguf(f32_gguf(model), weights)
+    if isinstance(weights, LlmWeights):
+        return export_llm(model, weights, threads=options.threads, on_step=on_step)
+    if get_engine(variant.engine).format == "gguf":
+        return source_gguf(model)
+    if isinstance(weights, TorchaoInt8):
+        return quantize_linears(model.original(), weights, name=model.name)
+    return model.original()
 
 
 def _generate(generator: Generator, prompt: Prompt) -> list[float]:

@@ -199,7 +199,8 @@ class LlmSearched:
     baseline: str
     best: LlmOutcome | None
     artifact: Artifact | None
-    """What the winner's engine opened: the original, or its int8 weight-only copy."""
+    """What the winner's engine opened: the original, its int8 weight-only copy, a GGUF file or
+    an OpenVINO IR."""
     complete: bool
     """False when Ctrl-C ended it; a time budget that stops it is a normal end."""
     other_load: float
@@ -241,11 +242,13 @@ class _Search:
         options = RuntimeOptions(threads=candidate.threads, device=self.config.device)
         try:
             variant = VARIANTS[candidate.variant]
-            artifact = variant_artifact(variant, self.model.original(), self.model.name)
+            artifact = variant_artifact(
+                variant, self.model, options, lambda step: self.on_event(candidate.id, step)
+            )
             generator = open_engine(variant.engine, artifact, options)
             quality = judge(generator, self.reference)
             outcome = LlmOutcome(candidate, "ok", quality=quality, settings=generator.describe())
-            outcome.settings["int8_weights"] = variant.int8_weights
+            outcome.settings["weights"] = variant.weights_label
             outcome.size_mb = float(outcome.settings.get("weights_mb") or artifact.size_mb())
         except Exception as err:  # a candidate that crashes fails alone; the search goes on
             outcome = LlmOutcome(
@@ -321,7 +324,7 @@ def optimize_llm(
     deadline = None if budget is None else started + budget
     machine = detect(gpus=config.device.kind == "cuda")
     machine.require(config.device)
-    candidates, skipped = _candidates(config, machine)
+    candidates, skipped = _candidates(config, machine, model)
     workload = prompt_workload(model, config.bench_config(model.family.context_length))
     on_event(candidates[0].id, "the reference's answers on held-out text")
     reference = open_engine(
@@ -376,19 +379,19 @@ def optimize_llm(
 
 
 def _candidates(
-    config: LlmOptimizeConfig, machine: Machine
+    config: LlmOptimizeConfig, machine: Machine, model: LanguageModel
 ) -> tuple[list[LlmCandidate], list[LlmOutcome]]:
     """The candidates to open, the baseline (the reference engine at the most threads) first,
     and the skipped ones: variants this machine cannot run, with the reason."""
     threads = config.threads or thread_counts(physical_cores())
     asked = config.variants or tuple(VARIANTS)
     names = [REFERENCE_ENGINE, *(n for n in asked if n != REFERENCE_ENGINE)]
-    why = cannot_run(REFERENCE_ENGINE, config.device, machine)
+    why = cannot_run(REFERENCE_ENGINE, config.device, machine, model)
     if why is not None:
         raise BadInput(f"the reference engine cannot run here: {why}")
     candidates, skipped = [], []
     for name in names:
-        why = cannot_run(name, config.device, machine)
+        why = cannot_run(name, config.device, machine, model)
         for count in sorted(threads, reverse=True):
             candidate = LlmCandidate(name, count)
             if why is None:

@@ -1,8 +1,8 @@
 """What `mahir optimize --llm` leaves behind: the output directory, the report, the table.
 
 The directory is written whole or not at all (`files.staged`, as `mahir optimize` writes
-encoders'): `model/` (what the winner's engine opens, `llm_outdir.save_llm_model`), `mahir.json`
-(engine, threads, source, fidelity, and the family's chat template and stop tokens a server
+encoders'): `model/` (what the winner's engine opens, in its format: `llm_outdir.save_llm_model`),
+`mahir.json` (engine, threads, source, fidelity, and the family's chat template and stop tokens a server
 needs), `recipe.yaml` (source path and content hash, the weight steps and the engine: a replay
 rebuilds the winner from the source), `report.json` (every candidate with its status, reason,
 fidelity and numbers per halving round, the machine, the budget) and `report.html`
@@ -20,7 +20,7 @@ from typing import Any
 from rich.table import Table
 
 from mahir.files import staged
-from mahir.llm_outdir import FORMAT, MODEL_FOLDER, WEIGHTS, save_llm_model
+from mahir.llm_outdir import MODEL_FOLDER, save_llm_model
 from mahir.measure import BUSY_CORES
 from mahir.outdir import MANIFEST
 from mahir.passes.torchao import TorchaoInt8
@@ -42,7 +42,7 @@ def winner_recipe(searched: LlmSearched) -> Recipe | None:
         return None
     candidate = searched.best.candidate
     variant = VARIANTS[candidate.variant]
-    steps = (TorchaoInt8(weight_only=True),) if variant.int8_weights else ()
+    steps = () if variant.weights is None else (variant.weights,)
     options = RuntimeOptions(threads=candidate.threads, device=searched.config.device)
     return Recipe(steps, variant.engine, options, ModelSource.of(searched.model.source))
 
@@ -110,7 +110,7 @@ def _record(o: LlmOutcome, why: str) -> dict[str, Any]:
         "id": o.candidate.id,
         "variant": o.candidate.variant,
         "engine": variant.engine,
-        "int8_weights": variant.int8_weights,
+        "weights": variant.weights_label,
         "threads": o.candidate.threads,
         "status": o.status,
         "reason": o.reason,
@@ -134,16 +134,18 @@ def save_llm_output(searched: LlmSearched, out: str | os.PathLike[str]) -> Path:
         out = out.with_name(f"{out.name}-report")
     with staged(out, folder=True) as staging:
         if best is not None and recipe is not None and searched.artifact is not None:
-            family = searched.model.family
-            save_llm_model(searched.artifact.module, family.tokenizer, staging / MODEL_FOLDER)
+            model, artifact = searched.model, searched.artifact
+            family = model.family
+            name = save_llm_model(artifact, model.module, family.tokenizer, staging / MODEL_FOLDER)
             recipe.save(staging / "recipe.yaml")
             manifest = {
                 "family": family.kind,
-                "format": FORMAT,
-                "model_file": f"{MODEL_FOLDER}/{WEIGHTS}",
+                "format": artifact.format,
+                "model_file": f"{MODEL_FOLDER}/{name}",
                 "variant": best.candidate.variant,
                 "engine": recipe.runtime,
-                "int8_weights": bool(recipe.steps),
+                "weights": VARIANTS[best.candidate.variant].weights_label,
+                "torchao": any(isinstance(step, TorchaoInt8) for step in recipe.steps),
                 "options": recipe.options.to_dict(),
                 "recipe_hash": recipe.hash(),
                 "source": {"name": searched.model.name, "source": searched.model.source},

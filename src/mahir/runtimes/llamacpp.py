@@ -1,0 +1,227 @@
+"""llama.cpp as an LLM engine: a GGUF file run through llama.cpp's C API (llama-cpp-python).
+
+The one invariant: a generation owns the context's KV cache from position 0. `prefill` clears
+the cache and decodes the whole prompt in one `llama_decode` call (llama.cpp splits it into
+micro-batches of `ubatch` tokens itself) asking logits of the last position only; each
+`decode_one_token` then feeds the token just chosen at the next position. Which positions
+return logits is a flag per token of a batch, so `logprobs` asks them for every position of its
+one batch on the same context while generation pays for one row a step; the output buffer
+grows once to the longest sequence judged.
+
+Tokens are chosen in numpy by `generation.choose` from the logits llama.cpp hands back (its own
+samplers are not used): greedy is the argmax, sampling the same seeded top-p as every engine.
+llama.cpp computes in the weights' GGUF type (f32, Q8_0, Q4_K_M, ...) with an f16 KV cache.
+
+Threads: llama.cpp runs a graph on `threads` OpenMP threads (`GGML_OPENMP`, on in the build
+this installs). Its barriers between operations wait in OpenMP's own way: spinning while
+another process holds a core stalls every step, so on a shared machine fewer threads than cores
+can be faster, or waiting threads must sleep (`OMP_WAIT_POLICY=PASSIVE`). torch loads the same
+libgomp first and it reads the policy once, so only the process's environment sets it: this
+module reads it for `describe` and sets nothing (README, "Decoder LLMs", has the measurement).
+
+llama.cpp logs through a callback that llama-cpp-python prints to `sys.stderr`; loading and
+quantizing capture it (`captured_logs`) and an error's last line goes into the exception, so
+users see one line. A runtime knows nothing of passes, search or serving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import weakref
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+import numpy as np
+
+from mahir.errors import BadInput, RuntimeFailure, Unsupported
+from mahir.generation import Sampling, check_request, choose, decode_loop
+from mahir.hardware import physical_cores
+from mahir.types import CPU, Artifact, Device
+
+FILE_TYPES = {
+    getattr(llama_cpp, name): name.removeprefix("LLAMA_FTYPE_")
+    .removeprefix("MOSTLY_")
+    .removeprefix("ALL_")
+    for name in dir(llama_cpp)
+    if name.startswith("LLAMA_FTYPE_") and name != "LLAMA_FTYPE_GUESSED"
+}
+"""llama.cpp's file types by number: 0 "F32", 7 "Q8_0", 15 "Q4_K_M", ..."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LlamaCppOptions:
+    """How llama.cpp runs a GGUF."""
+
+    threads: int | None = None
+    """Threads of prefill and decode alike; default: the machine's physical cores."""
+    context: int = 2048
+    """Tokens the KV cache holds (prompt plus new, at most; the model's own context caps it)."""
+    ubatch: int = 512
+    """Tokens a prefill computes at once (llama.cpp's n_ubatch)."""
+    device: Device = CPU
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.context < 2:
+            raise ValueError(f"context must be >= 2 tokens, got {self.context}")
+        if self.ubatch < 1:
+            raise ValueError(f"ubatch must be >= 1, got {self.ubatch}")
+
+
+class LlamaCppGenerator:
+    """`Generator` over a llama.cpp model and context (`generation.Generator`)."""
+
+    def __init__(self, path: Path, options: LlamaCppOptions, *, engine: str) -> None:
+        self.engine = engine
+        self.device = options.device
+        self._path = path
+        self._threads = options.threads or physical_cores()
+        self._model = _load(path)
+        self._vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._model))
+        self.context_length = min(options.context, llama_cpp.llama_model_n_ctx_train(self._model))
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = params.n_batch = self.context_length
+        params.n_ubatch = min(options.ubatch, self.context_length)
+        params.n_threads = params.n_threads_batch = self._threads
+        params.no_perf = True
+        with captured_logs() as logs:
+            self._context = llama_cpp.llama_init_from_model(self._model, params)
+        if not self._context:
+            llama_cpp.llama_model_free(self._model)
+            why = last_error(logs)
+            raise RuntimeFailure(f"llama.cpp cannot make a context for {path.name}: {why}")
+        self._batch = llama_cpp.llama_batch_init(self.context_length, 0, 1)
+        self._free = weakref.finalize(self, _free, self._batch, self._context, self._model)
+        size = self.context_length
+        self._tokens = np.ctypeslib.as_array(self._batch.token, shape=(size,))
+        self._positions = np.ctypeslib.as_array(self._batch.pos, shape=(size,))
+        self._wants = np.ctypeslib.as_array(self._batch.logits, shape=(size,))
+        np.ctypeslib.as_array(self._batch.n_seq_id, shape=(size,))[:] = 1
+        for i in range(size):  # every token belongs to sequence 0
+            self._batch.seq_id[i][0] = 0
+
+    def stream(self, prompt: Sequence[int], sampling: Sampling) -> Iterator[int]:
+        self._check(prompt, sampling.max_new_tokens)  # at the call, not at the first token
+        return decode_loop(prompt, sampling, self._prefill, self._decode_one_token, choose)
+
+    def logprobs(self, tokens: Sequence[int]) -> np.ndarray:
+        self._check(tokens, 0)
+        self._clear()
+        self._decode(tokens, 0, every=True)
+        pointer = llama_cpp.llama_get_logits(self._context)
+        logits = np.ctypeslib.as_array(pointer, shape=(len(tokens), self._vocab))
+        shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+        log_norm = np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+        logprobs: np.ndarray = (shifted - log_norm).astype(np.float32)
+        return logprobs
+
+    def describe(self) -> dict[str, Any]:
+        file_type = llama_cpp.llama_model_ftype(self._model)
+        return {
+            "engine": self.engine,
+            "gguf_type": FILE_TYPES.get(file_type, str(file_type)),
+            "kv_cache": "f16",
+            "context": self.context_length,
+            "weights_mb": llama_cpp.llama_model_size(self._model) / 2**20,
+            "parameters": llama_cpp.llama_model_n_params(self._model),
+            "threads": llama_cpp.llama_n_threads(self._context),
+            "openmp": b"OPENMP = 1" in llama_cpp.llama_print_system_info(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+            "device": str(self.device),
+            "llama_cpp_python": llama_cpp.__version__,
+            "file": self._path.name,
+        }
+
+    def close(self) -> None:
+        """Free the model, its context and batch now rather than when collected."""
+        self._free()
+
+    def _prefill(self, prompt: Sequence[int]) -> np.ndarray:
+        self._clear()
+        return self._decode(prompt, 0)
+
+    def _decode_one_token(self, token: int, position: int) -> np.ndarray:
+        return self._decode((token,), position)
+
+    def _decode(self, tokens: Sequence[int], start: int, *, every: bool = False) -> np.ndarray:
+        """Run `tokens` at positions from `start`; the logits of the last one (a view that the
+        next call overwrites)."""
+        count = len(tokens)
+        self._tokens[:count] = tokens
+        self._positions[:count] = np.arange(start, start + count)
+        self._wants[:count] = every
+        self._wants[count - 1] = True
+        self._batch.n_tokens = count
+        status = llama_cpp.llama_decode(self._context, self._batch)
+        if status != 0:
+            raise RuntimeFailure(
+                f"llama.cpp failed to decode {count} tokens at position {start} (status "
+                f"{status}): open the engine again"
+            )
+        pointer = llama_cpp.llama_get_logits_ith(self._context, -1)
+        return np.ctypeslib.as_array(pointer, shape=(self._vocab,))
+
+    def _clear(self) -> None:
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._context), True)
+
+    def _check(self, tokens: Sequence[int], new: int) -> None:
+        check_request(
+            tokens, new, vocab=self._vocab, context=self.context_length, engine=self.engine
+        )
+
+
+def open_generator(
+    artifact: Artifact, options: LlamaCppOptions = LlamaCppOptions(), *, engine: str = "llama.cpp"
+) -> LlamaCppGenerator:
+    """`artifact` (a GGUF file) as a `LlamaCppGenerator` on the CPU."""
+    if artifact.format != "gguf" or artifact.path is None:
+        raise Unsupported(f"the {engine} engine runs a GGUF file, not a {artifact.format} model")
+    if options.device.kind != "cpu":
+        raise Unsupported(f"{engine}: this llama.cpp build runs on the CPU only: use --device cpu")
+    return LlamaCppGenerator(artifact.path, options, engine=engine)
+
+
+@contextlib.contextmanager
+def captured_logs() -> Iterator[io.StringIO]:
+    """llama.cpp's log lines during the block, kept instead of printed: llama-cpp-python's
+    callback writes them to `sys.stderr`, which the block redirects (Python's object only; what
+    C code writes to file descriptor 2 itself still shows)."""
+    with contextlib.redirect_stderr(io.StringIO()) as logs:
+        yield logs
+
+
+def last_error(logs: io.StringIO) -> str:
+    """The last line llama.cpp logged, for an exception's message."""
+    lines = [line.strip() for line in logs.getvalue().splitlines() if line.strip()]
+    return lines[-1] if lines else "no reason logged"
+
+
+def _load(path: Path) -> Any:
+    if not path.is_file():
+        raise BadInput(f"{path} does not exist: give a .gguf file")
+    params = llama_cpp.llama_model_default_params()
+    with captured_logs() as logs:
+        model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        raise BadInput(
+            f"{path} is not a GGUF file llama.cpp can load ({last_error(logs)}): download it "
+            "again, or give its Hugging Face folder"
+        )
+    return model
+
+
+def _free(batch: Any, context: Any, model: Any) -> None:
+    with captured_logs():  # freeing a context logs its buffer sizes
+        _release(batch, context, model)
+
+
+def _release(batch: Any, context: Any, model: Any) -> None:
+    llama_cpp.llama_batch_free(batch)
+    llama_cpp.llama_free(context)
+    llama_cpp.llama_model_free(model)

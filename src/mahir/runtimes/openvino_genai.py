@@ -1,0 +1,274 @@
+"""OpenVINO GenAI as an LLM engine: a stateful OpenVINO IR (the KV cache lives inside the model
+as its state) run by `openvino_genai.LLMPipeline`, on token ids.
+
+The IR comes from `export/openvino_llm.py` (optimum-intel, with NNCF weight compression). The
+pipeline owns prefill, decode and sampling in C++; `stream` runs its `generate` on a thread and
+yields each token id its streamer receives, as it arrives (closing the stream early cancels the
+generation). mahir's family owns the tokenizer, so the pipeline is fed ids (`ov.Tensor`) and no
+tokenizer IR is needed.
+
+What decides fidelity is the runtime, not only the weights: left to itself the CPU plugin runs
+in bf16 on CPUs with bf16 instructions, keeps the KV cache in u8 and quantizes activations on
+the fly in groups of 32 (`DYNAMIC_QUANTIZATION_GROUP_SIZE`) before int8/int4 matmuls. Each is an
+option here (`OpenVinoLlmOptions`), None meaning OpenVINO's own choice; the defaults pin all
+three to f32 / off, so only the weights differ from the reference. `logprobs` cannot come from
+the pipeline (it keeps only the last position's logits), so the same IR is also compiled with
+`openvino.Core` with the same settings, on first use, and run once over the whole sequence from
+an empty state: the distribution judged is the one the timed engine computes.
+
+A runtime knows nothing of passes, search or serving.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import openvino as ov
+import openvino_genai as ov_genai
+
+from mahir.errors import BadInput, RuntimeFailure, Unsupported, first_line
+from mahir.generation import Sampling, check_request
+from mahir.hardware import physical_cores
+from mahir.types import CPU, Artifact
+
+IR_FILE = "openvino_model.xml"
+Float = Literal["f32", "bf16", "f16"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OpenVinoLlmOptions:
+    """How the CPU plugin runs the IR. None: OpenVINO's own choice on this CPU."""
+
+    precision: Float | None = "f32"
+    """INFERENCE_PRECISION_HINT: activations and matmuls (OpenVINO picks bf16 where the CPU
+    has bf16 instructions)."""
+    kv_cache_precision: Literal["f32", "bf16", "f16", "u8"] | None = "f32"
+    """KV_CACHE_PRECISION (OpenVINO's choice on a CPU: u8)."""
+    dynamic_quantization: int | None = 0
+    """DYNAMIC_QUANTIZATION_GROUP_SIZE: activations quantized to int8 in groups of this many
+    before compressed-weight matmuls; 0 off (OpenVINO's choice on a CPU: 32)."""
+    paged: bool = False
+    """Paged attention under GenAI's scheduler (`SchedulerConfig`), as continuous batching runs,
+    instead of the stateful IR's own cache."""
+    cache_gb: int = 1
+    """KV cache the paged scheduler allocates."""
+    threads: int | None = None
+    """INFERENCE_NUM_THREADS; default: the machine's physical cores."""
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("f32", "bf16", "f16", None):
+            raise ValueError(f"precision is f32, bf16, f16 or None, got {self.precision!r}")
+        if self.kv_cache_precision not in ("f32", "bf16", "f16", "u8", None):
+            raise ValueError(
+                f"kv_cache_precision is f32, bf16, f16, u8 or None, got {self.kv_cache_precision!r}"
+            )
+        if self.dynamic_quantization is not None and self.dynamic_quantization < 0:
+            raise ValueError(f"dynamic_quantization must be >= 0, got {self.dynamic_quantization}")
+        if self.cache_gb < 1:
+            raise ValueError(f"cache_gb must be >= 1, got {self.cache_gb}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+
+    @classmethod
+    def openvino_defaults(cls, **changes: Any) -> OpenVinoLlmOptions:
+        """Whatever the CPU plugin picks for this CPU: fastest, least faithful."""
+        return cls(precision=None, kv_cache_precision=None, dynamic_quantization=None, **changes)
+
+    def plugin_config(self) -> dict[str, Any]:
+        """The CPU plugin's properties these options set."""
+        config: dict[str, Any] = {"INFERENCE_NUM_THREADS": self.threads or physical_cores()}
+        settings = {
+            "INFERENCE_PRECISION_HINT": self.precision,
+            "KV_CACHE_PRECISION": self.kv_cache_precision,
+            "DYNAMIC_QUANTIZATION_GROUP_SIZE": self.dynamic_quantization,
+        }
+        return config | {key: value for key, value in settings.items() if value is not None}
+
+
+class OpenVinoGenerator:
+    """`Generator` over a stateful OpenVINO IR folder (`generation.Generator`)."""
+
+    device = CPU
+
+    def __init__(self, folder: Path, options: OpenVinoLlmOptions, *, engine: str) -> None:
+        self.engine = engine
+        self._folder = folder
+        self._options = options
+        self._config = options.plugin_config()
+        described = _config_json(folder)
+        self.context_length = _positions(described, folder)
+        self._vocab = _vocab(described, folder)
+        extra = {"scheduler_config": _scheduler(options.cache_gb)} if options.paged else {}
+        try:
+            self._pipe = ov_genai.LLMPipeline(str(folder), "CPU", **self._config, **extra)
+        except RuntimeError as err:
+            raise BadInput(f"{folder}: OpenVINO GenAI cannot open it ({first_line(err)})") from err
+        self._forward: ov.CompiledModel | None = None
+
+    def stream(self, prompt: Sequence[int], sampling: Sampling) -> Iterator[int]:
+        new = sampling.max_new_tokens
+        check_request(
+            prompt, new, vocab=self._vocab, context=self.context_length, engine=self.engine
+        )
+        return self._generate(list(prompt), sampling)
+
+    def _generate(self, prompt: list[int], sampling: Sampling) -> Iterator[int]:
+        tokens: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        cancel = threading.Event()
+        failed: list[Exception] = []
+
+        def run() -> None:
+            try:
+                ids = ov.Tensor(np.array([prompt], dtype=np.int64))
+                self._pipe.generate(ids, generation_config(sampling), _Streamer(tokens, cancel))
+            except Exception as err:  # raised again on the caller's thread, translated
+                failed.append(err)
+            finally:
+                tokens.put(None)
+
+        thread = threading.Thread(target=run, name=f"{self.engine}-generate", daemon=True)
+        thread.start()
+        try:
+            while (token := tokens.get()) is not None:
+                yield token
+        finally:
+            cancel.set()  # the consumer stopped early: the next token ends the generation
+            thread.join()
+        if failed:
+            raise RuntimeFailure(f"{self.engine}: generation failed: {first_line(failed[0])}")
+
+    def logprobs(self, tokens: Sequence[int]) -> np.ndarray:
+        check_request(tokens, 0, vocab=self._vocab, context=self.context_length, engine=self.engine)
+        request = self._forward_model().create_infer_request()
+        n = len(tokens)
+        request.reset_state()
+        outputs = request.infer(
+            {
+                "input_ids": np.array([tokens], dtype=np.int64),
+                "attention_mask": np.ones((1, n), dtype=np.int64),
+                "position_ids": np.arange(n, dtype=np.int64)[None],
+                "beam_idx": np.zeros(1, dtype=np.int32),
+            }
+        )
+        logits = np.asarray(outputs["logits"][0], dtype=np.float64)
+        shifted = logits - logits.max(axis=-1, keepdims=True)
+        logprobs: np.ndarray = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+        return logprobs.astype(np.float32)
+
+    def describe(self) -> dict[str, Any]:
+        default = ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").to_string()
+        options = self._options
+        return {
+            "engine": self.engine,
+            "precision": options.precision or f"{default} (OpenVINO's choice)",
+            "kv_cache_precision": options.kv_cache_precision or "OpenVINO's choice",
+            "dynamic_quantization": options.dynamic_quantization,
+            "kv_cache": "paged" if options.paged else "stateful",
+            "weight_format": _weight_format(self._folder),
+            "weights_mb": (self._folder / IR_FILE).with_suffix(".bin").stat().st_size / 2**20,
+            "threads": self._config["INFERENCE_NUM_THREADS"],
+            "device": str(self.device),
+            "openvino": ov.get_version(),
+            "openvino_genai": ov_genai.__version__,
+        }
+
+    def _forward_model(self) -> ov.CompiledModel:
+        """The IR compiled for whole-sequence forwards, on first use (it holds a second copy of
+        the weights, so only engines that are judged pay for it)."""
+        if self._forward is None:
+            ir = str(self._folder / IR_FILE)
+            self._forward = ov.Core().compile_model(ir, "CPU", self._config)
+        return self._forward
+
+
+class _Streamer(ov_genai.StreamerBase):  # type: ignore[misc]
+    """Hands each token id the pipeline makes to the consumer's queue; cancels when asked."""
+
+    def __init__(self, tokens: queue.SimpleQueue[int | None], cancel: threading.Event) -> None:
+        super().__init__()
+        self._tokens, self._cancel = tokens, cancel
+
+    def write(self, token: int | list[int]) -> ov_genai.StreamingStatus:
+        for t in token if isinstance(token, list) else [token]:
+            self._tokens.put(int(t))
+        if self._cancel.is_set():
+            return ov_genai.StreamingStatus.CANCEL
+        return ov_genai.StreamingStatus.RUNNING
+
+    def end(self) -> None:
+        """Nothing to flush: the generating thread marks the end itself."""
+
+
+def generation_config(sampling: Sampling) -> ov_genai.GenerationConfig:
+    """`sampling` as GenAI's config: only its stop tokens stop (the model's own eos does not,
+    as in every mahir engine); an unseeded sample draws a fresh seed."""
+    config = ov_genai.GenerationConfig()
+    config.max_new_tokens = sampling.max_new_tokens
+    config.stop_token_ids = set(sampling.stop_token_ids)
+    config.ignore_eos = not sampling.stop_token_ids  # it ignores stop_token_ids too
+    if not sampling.greedy:
+        config.do_sample = True
+        config.temperature = sampling.temperature
+        config.top_p = sampling.top_p
+        seed = sampling.seed
+        config.rng_seed = int(np.random.default_rng().integers(2**32)) if seed is None else seed
+    return config
+
+
+def open_generator(
+    artifact: Artifact, options: OpenVinoLlmOptions, *, engine: str = "openvino"
+) -> OpenVinoGenerator:
+    """`artifact` (a stateful IR from `export/openvino_llm.py`) as an `OpenVinoGenerator`."""
+    path = artifact.path
+    if artifact.format != "openvino" or path is None or path.name != IR_FILE:
+        raise Unsupported(
+            f"the {engine} engine runs a stateful OpenVINO IR of an LLM "
+            "(mahir.export.openvino_llm.export_llm makes one)"
+        )
+    if not path.is_file():
+        raise BadInput(f"{path} does not exist: export the LLM again")
+    return OpenVinoGenerator(path.parent, options, engine=engine)
+
+
+def _scheduler(cache_gb: int) -> ov_genai.SchedulerConfig:
+    config = ov_genai.SchedulerConfig()
+    config.cache_size = cache_gb
+    return config
+
+
+def _config_json(folder: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise BadInput(f"{folder} has no readable config.json: export the LLM again") from err
+    return config if isinstance(config, dict) else {}
+
+
+def _positions(config: dict[str, Any], folder: Path) -> int:
+    for key in ("max_position_embeddings", "n_positions"):
+        value = config.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise Unsupported(f"{folder}/config.json gives no context length (max_position_embeddings)")
+
+
+def _vocab(config: dict[str, Any], folder: Path) -> int:
+    vocab = config.get("vocab_size")
+    if not isinstance(vocab, int) or vocab < 1:
+        raise Unsupported(f"{folder}/config.json gives no vocab_size")
+    return vocab
+
+
+def _weight_format(folder: Path) -> str:
+    """What the export recorded (`export/openvino_llm.py` writes mahir-export.json)."""
+    try:
+        return str(json.loads((folder / "mahir-export.json").read_text())["weights"]["format"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unknown"

@@ -1,0 +1,179 @@
+"""The OpenVINO GenAI engine on a tiny random-weight Llama exported through mahir's optimum-intel
+environment: greedy output and logprobs of the fp32 IR equal the PyTorch reference's; stop
+tokens stop, seeds repeat, an abandoned stream cancels; int8 weights are judged against the
+budget; an export is cached by content; what the engine cannot run is refused in one line.
+
+The environment (~1.5 GB of pins) is shared with the user's mahir cache, keyed by its pins, so
+only the first run on a machine creates it (1-3 minutes); everything else is per session."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mahir.errors import BadInput, Unsupported
+from mahir.export.openvino_llm import OPTIMUM_ENV, RECORD, LlmWeights, export_llm
+from mahir.families.decoder import LanguageModel
+from mahir.files import CACHE_ENV, cache_dir
+from mahir.generation import Generator, Sampling
+from mahir.generation_quality import (
+    GenerationBudget,
+    held_out_inputs,
+    judge,
+    reference_answers,
+    teacher_forced,
+)
+from mahir.runtimes.engines import open_engine
+from mahir.types import Artifact, RuntimeOptions
+from mahir.venvs import ensure_env, env_root
+from tests.helpers import cli
+
+pytestmark = pytest.mark.own_env
+ONE_THREAD = RuntimeOptions(threads=1)
+
+
+@pytest.fixture(scope="module")
+def optimum_env() -> None:
+    """optimum-intel's environment in the user's cache (created there if missing), linked into
+    this session's cache, where mahir (and its CLI processes) look for it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv(CACHE_ENV)
+        shared = ensure_env(OPTIMUM_ENV, root=env_root())
+    link = env_root() / OPTIMUM_ENV.key()
+    if not link.exists():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(shared.path, target_is_directory=True)
+
+
+@pytest.fixture(scope="module")
+def exports(optimum_env: None) -> Path:
+    """Where mahir caches exports in this session: the bench's CLI process finds them too."""
+    return cache_dir() / "openvino-llm"
+
+
+@pytest.fixture(scope="module")
+def fp32_ir(tiny_llm: LanguageModel, exports: Path) -> Artifact:
+    return export_llm(tiny_llm, LlmWeights(), cache=exports, threads=1)
+
+
+@pytest.fixture(scope="module")
+def openvino(fp32_ir: Artifact) -> Generator:
+    return open_engine("openvino", fp32_ir, ONE_THREAD)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llm: LanguageModel) -> Generator:
+    return open_engine("torch", tiny_llm.original(), ONE_THREAD)
+
+
+def _prompt(llm: LanguageModel) -> list[int]:
+    return llm.family.prompt_ids("What is the capital of France?")
+
+
+def test_fp32_greedy_equals_the_torch_reference(
+    tiny_llm: LanguageModel, openvino: Generator, reference: Generator
+) -> None:
+    prompt, greedy = _prompt(tiny_llm), Sampling(max_new_tokens=16)
+    tokens = list(openvino.stream(prompt, greedy))
+    assert tokens == list(reference.stream(prompt, greedy))
+    assert len(set(tokens)) > 4  # a real sequence, not one token repeated
+
+
+def test_fp32_logprobs_agree_with_torch(
+    tiny_llm: LanguageModel, openvino: Generator, reference: Generator
+) -> None:
+    sequences = tiny_llm.family.held_out(passages=3, tokens=64)
+    mine = [openvino.logprobs(s) for s in sequences]
+    assert mine[0].shape == (len(sequences[0]), tiny_llm.family.vocab_size)
+    assert mine[0].dtype == np.float32
+    forced = teacher_forced(mine, [reference.logprobs(s) for s in sequences], sequences)
+    assert forced["top1_agreement"] == 1.0
+    assert forced["kl_mean"] < 1e-5
+    described = openvino.describe()
+    assert described["precision"] == "f32"
+    assert described["kv_cache_precision"] == "f32"
+    assert described["weight_format"] == "fp32"
+    assert described["threads"] == 1
+    assert described["weights_mb"] > 0
+
+
+def test_stop_tokens_stop_seeds_repeat_and_an_abandoned_stream_cancels(
+    tiny_llm: LanguageModel, openvino: Generator
+) -> None:
+    prompt = _prompt(tiny_llm)
+    free = list(openvino.stream(prompt, Sampling(max_new_tokens=12)))
+    stop = free[4]
+    stopped = list(openvino.stream(prompt, Sampling(12, stop_token_ids=(stop,))))
+    assert stopped == free[: free.index(stop) + 1]
+
+    def sample(seed: int) -> list[int]:
+        return list(openvino.stream(prompt, Sampling(24, temperature=1.0, seed=seed)))
+
+    assert sample(7) == sample(7)
+    assert sample(7) != sample(8)
+
+    stream = openvino.stream(prompt, Sampling(max_new_tokens=200))
+    assert [next(stream) for _ in range(3)] == free[:3]
+    stream.close()  # cancels the generation on its thread; the engine serves the next call
+    assert list(openvino.stream(prompt, Sampling(max_new_tokens=12))) == free
+
+
+def test_int8_weights_are_judged_against_the_reference(
+    tiny_llm: LanguageModel, exports: Path, reference: Generator
+) -> None:
+    artifact = export_llm(tiny_llm, LlmWeights(format="int8"), cache=exports, threads=1)
+    record = json.loads((artifact.path.parent / RECORD).read_text())  # type: ignore[union-attr]
+    assert record["weights"]["format"] == "int8"
+    generator = open_engine("openvino", artifact, ONE_THREAD)
+    sequences, prompts = held_out_inputs(tiny_llm.family)
+    quality = judge(generator, reference_answers(reference, sequences, prompts, 16))
+    assert quality.top1_agreement < 1.0 or quality.kl_mean > 0  # the weights did change
+    assert GenerationBudget(min_top1=0.8, max_kl=0.1).failures(quality) == []
+    fp32_mb = open_engine("openvino", export_llm(tiny_llm, cache=exports), ONE_THREAD)
+    assert generator.describe()["weights_mb"] < 0.6 * fp32_mb.describe()["weights_mb"]
+
+
+def test_a_second_export_is_the_cached_one(
+    tiny_llm: LanguageModel, exports: Path, fp32_ir: Artifact
+) -> None:
+    assert fp32_ir.path is not None
+    written = fp32_ir.path.stat().st_mtime_ns
+    steps: list[str] = []
+    again = export_llm(tiny_llm, LlmWeights(), cache=exports, on_step=steps.append)
+    assert again.path == fp32_ir.path
+    assert again.path.stat().st_mtime_ns == written
+    assert steps == []  # neither the environment nor the export was touched
+    assert "verification" in json.loads((again.path.parent / RECORD).read_text())
+
+
+def test_what_the_engine_cannot_run_is_refused_in_one_line(
+    tiny_llm: LanguageModel, openvino: Generator, tmp_path: Path
+) -> None:
+    with pytest.raises(Unsupported, match="runs a stateful OpenVINO IR"):
+        open_engine("openvino", tiny_llm.original(), ONE_THREAD)
+    with pytest.raises(BadInput, match="exceed the openvino engine's context of 256"):
+        openvino.stream([5] * 250, Sampling(8))
+    gone = LanguageModel("gone", str(tmp_path / "gone"), tiny_llm.module, tiny_llm.family, False)
+    with pytest.raises(BadInput, match="no longer exists") as raised:
+        export_llm(gone, cache=tmp_path)
+    assert len(str(raised.value).splitlines()) == 1
+
+
+def test_bench_llm_times_and_judges_openvino_rows(
+    decoder_folders: dict[str, Path], tmp_path: Path, optimum_env: None
+) -> None:
+    out = tmp_path / "bench.json"
+    small = ("--tokens", "48-96", "--new-tokens", "4-8", "--prompts", "2", "--threads", "1")
+    found = cli("bench", str(decoder_folders["llama"]), "-r", "torch", "-r", "openvino-int8",
+                *small, "--json", str(out))  # fmt: skip
+    assert found.returncode == 0, found.stderr
+    rows = {row["engine"]: row for row in json.loads(out.read_text())["results"]}
+    row = rows["openvino-int8"]
+    assert row["settings"]["weights"] == "openvino-ir-int8"
+    assert row["settings"]["weight_format"] == "int8"
+    assert 8 <= row["tokens"] <= 16
+    assert row["decode_ms"]["p50"] > 0
+    assert row["quality"]["top1_agreement"] > 0.8
