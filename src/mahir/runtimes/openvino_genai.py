@@ -145,9 +145,7 @@ class OpenVinoGenerator:
             raise RuntimeFailure(f"{self.engine}: generation failed: {first_line(failed[0])}")
 
     def logprobs(self, tokens: Sequence[int]) -> np.ndarray:
-        check_request(
-            tokens, 0, vocab=self._vocab, context=self.context_length, engine=self.engine
-        )
+        check_request(tokens, 0, vocab=self._vocab, context=self.context_length, engine=self.engine)
         request = self._forward_model().create_infer_request()
         n = len(tokens)
         request.reset_state()
