@@ -172,7 +172,7 @@ def test_bench_llm_times_and_judges_openvino_rows(
     assert found.returncode == 0, found.stderr
     rows = {row["engine"]: row for row in json.loads(out.read_text())["results"]}
     row = rows["openvino-int8"]
-    assert row["settings"]["weights"] == "openvino-ir-int8"
+    assert row["settings"]["weights"] == "OpenVINO IR int8"
     assert row["settings"]["weight_format"] == "int8"
     assert 8 <= row["tokens"] <= 16
     assert row["decode_ms"]["p50"] > 0

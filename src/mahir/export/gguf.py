@@ -12,7 +12,7 @@ query and key rows permuted from Hugging Face's rotate-half layout to llama.cpp'
 pairs, the byte-level BPE tokenizer with its merges, special ids and chat template. Other
 architectures are refused in one line (that converter ships with llama.cpp's sources, not in
 any installed package). Each file is checked in llama.cpp against the reference before it is
-kept, and cached by the source's content hash in the user's cache folder (`peaks.cache_dir`).
+kept, and cached by the source's content hash in the user's cache folder (`files.cache_dir`).
 
 Sits in export/, above runtimes (it runs what it wrote); knows nothing of passes or search.
 """
@@ -28,9 +28,8 @@ import numpy as np
 
 from mahir.errors import ExportMismatch, Unsupported
 from mahir.families.decoder import DECODER_SPEC, LanguageModel
-from mahir.files import staged
+from mahir.files import cache_dir, staged
 from mahir.generation_quality import teacher_forced
-from mahir.peaks import cache_dir
 from mahir.recipe import content_hash
 from mahir.types import Artifact, RuntimeOptions
 

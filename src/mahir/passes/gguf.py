@@ -24,9 +24,8 @@ from pathlib import Path
 from typing import Literal
 
 from mahir.errors import BadInput, Unsupported
-from mahir.files import staged
+from mahir.files import cache_dir, staged
 from mahir.hardware import physical_cores
-from mahir.peaks import cache_dir
 from mahir.recipe import content_hash
 from mahir.runtimes.engines import ENGINES
 from mahir.types import Artifact
