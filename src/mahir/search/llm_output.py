@@ -2,12 +2,12 @@
 
 The directory is written whole or not at all (`files.staged`, as `mahir optimize` writes
 encoders'): `model/` (what the winner's engine opens, in its format: `llm_outdir.save_llm_model`),
-`mahir.json` (engine, threads, source, fidelity, and the family's chat template and stop tokens a server
-needs), `recipe.yaml` (source path and content hash, the weight steps and the engine: a replay
-rebuilds the winner from the source), `report.json` (every candidate with its status, reason,
-fidelity and numbers per halving round, the machine, the budget) and `report.html`
-(`report/llm_html.py`). With no winner only the reports are written, and never over an earlier
-run's model: then into `<out>-report` beside it.
+`mahir.json` (format, engine, threads, source, fidelity, and the family's chat template and stop
+tokens a server needs), `recipe.yaml` (source path and content hash, the weight steps and the
+engine: a replay rebuilds the winner from the source), `report.json` (every candidate with its
+status, reason, fidelity and numbers per halving round, the machine, the budget) and
+`report.html` (`report/llm_html.py`). With no winner only the reports are written, and never
+over an earlier run's model: then into `<out>-report` beside it.
 """
 
 from __future__ import annotations
