@@ -81,21 +81,22 @@ class TorchGenerator:
             min(positions, options.max_cache_len) if options.compile else positions
         )
         self._vocab = int(module.config.vocab_size)
-        self._static: Any = None
+        self._statics: dict[int, Any] = {}
+        """Static caches by batch size (a cache's tensors take the batch of its first use)."""
         self._step = self._eager_step
         self.compile_s: float | None = None
         if options.compile:
-            from transformers import StaticCache
-
-            self._static = StaticCache(config=module.config, max_cache_len=self.context_length)
-            self._step = torch.compile(self._eager_step, fullgraph=True, dynamic=False)
+            # On a GPU the step is also captured as a CUDA graph (inductor's cudagraph trees):
+            # a decode step of a small model is hundreds of short kernels, launch-bound.
+            mode = "reduce-overhead" if options.device.kind == "cuda" else None
+            self._step = torch.compile(self._eager_step, fullgraph=True, dynamic=False, mode=mode)
             started = time.perf_counter()
             list(self.stream([0], Sampling(max_new_tokens=3)))  # compiles here, not when timed
             self.compile_s = time.perf_counter() - started
 
     def stream(self, prompt: Sequence[int], sampling: Sampling) -> Iterator[int]:
         self._check(prompt, sampling.max_new_tokens)  # at the call, not at the first token
-        cache = self._new_cache()
+        cache = self._new_cache(1)
         return decode_loop(
             prompt,
             sampling,
@@ -103,6 +104,79 @@ class TorchGenerator:
             lambda token, position: self._decode_one_token(token, position, cache),
             self._choose,
         )
+
+    def generate_batch(
+        self, prompts: Sequence[Sequence[int]], sampling: Sampling
+    ) -> list[list[int]]:
+        """Several prompts at once, left-padded into one cache (the padding masked), so each
+        weight read serves every sequence: each one's new tokens, up to and including its stop
+        token, as `stream` gives them for that prompt alone (greedily: up to the rounding a
+        batched matmul may change). Sampled rows draw from generators spawned from `seed`."""
+        for prompt in prompts:
+            self._check(prompt, sampling.max_new_tokens)
+        batch, longest = len(prompts), max(len(p) for p in prompts)
+        self._check([0] * longest, sampling.max_new_tokens)  # the padded prompt must fit too
+        torch.set_num_threads(self._threads)
+        width = self.context_length if self._compiled else longest + sampling.max_new_tokens
+        ids = torch.zeros((batch, longest), dtype=torch.long)
+        mask = torch.zeros((batch, width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, longest - len(prompt) :] = torch.tensor(list(prompt))
+            mask[row, longest - len(prompt) : longest] = 1
+        ids, mask = ids.to(self._where), mask.to(self._where)
+        positions = (mask[:, :longest].cumsum(-1) - 1).clamp(min=0)
+        cache = self._new_cache(batch)
+        extra: dict[str, Any] = {"logits_to_keep": 1} if self._keep_last else {}
+        with torch.inference_mode():
+            logits = self._forward(
+                ids,
+                cache,
+                attention_mask=mask if self._compiled else mask[:, :longest],
+                position_ids=positions,
+                cache_position=torch.arange(longest, device=self._where),
+                **extra,
+            )[:, -1]
+            seeds = np.random.SeedSequence(sampling.seed).spawn(batch)
+            rngs = [np.random.default_rng(seed) for seed in seeds]
+            return self._batched_decode(
+                logits, mask, positions[:, -1:] + 1, longest, cache, sampling, rngs
+            )
+
+    def _batched_decode(
+        self,
+        logits: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        slot: int,
+        cache: Any,
+        sampling: Sampling,
+        rngs: list[np.random.Generator],
+    ) -> list[list[int]]:
+        """Choose a token per row, stop the rows that end, feed the rest's tokens at the next
+        slot of the cache (every row writes the same slot: the padding keeps them aligned)."""
+        stops = frozenset(sampling.stop_token_ids)
+        out: list[list[int]] = [[] for _ in rngs]
+        running = set(range(len(rngs)))
+        for count in range(1, sampling.max_new_tokens + 1):
+            if sampling.greedy:
+                chosen = torch.argmax(logits, dim=-1).tolist()
+            else:
+                rows = logits.float().cpu().numpy()
+                chosen = [choose(rows[i], sampling, rng) for i, rng in enumerate(rngs)]
+            for row in list(running):
+                out[row].append(chosen[row])
+                if chosen[row] in stops:
+                    running.discard(row)
+            if not running or count == sampling.max_new_tokens:
+                return out
+            tokens = torch.tensor(chosen, device=self._where)[:, None]
+            mask[:, slot] = 1
+            seen = mask if self._compiled else mask[:, : slot + 1]  # the dynamic cache's length
+            slots = torch.tensor([slot], device=self._where)
+            logits = self._run_step(tokens, slots, cache, seen, positions)
+            positions = positions + 1
+            slot += 1
+        return out
 
     def logprobs(self, tokens: Sequence[int]) -> np.ndarray:
         self._check(tokens, 0)
@@ -126,20 +200,30 @@ class TorchGenerator:
             "torch": torch.__version__,
         }
 
-    def _new_cache(self) -> Any:
-        if self._static is not None:
-            with torch.inference_mode():  # its tensors were made in inference mode
-                self._static.reset()
-            return self._static
-        from transformers import DynamicCache
+    @property
+    def _compiled(self) -> bool:
+        return self._options.compile
 
-        return DynamicCache(config=self._module.config)
+    def _new_cache(self, batch: int) -> Any:
+        """A fresh dynamic cache, or the static cache of this batch size, reset."""
+        if not self._compiled:
+            from transformers import DynamicCache
+
+            return DynamicCache(config=self._module.config)
+        if batch not in self._statics:
+            from transformers import StaticCache
+
+            config = self._module.config
+            self._statics[batch] = StaticCache(config=config, max_cache_len=self.context_length)
+        with torch.inference_mode():  # its tensors were made in inference mode
+            self._statics[batch].reset()
+        return self._statics[batch]
 
     def _prefill(self, prompt: Sequence[int], cache: Any) -> torch.Tensor:
         torch.set_num_threads(self._threads)  # for the whole generation: it starts here
         ids = torch.tensor([list(prompt)], device=self._where)
         extra: dict[str, Any] = {"logits_to_keep": 1} if self._keep_last else {}
-        if self._static is not None:
+        if self._compiled:
             extra["cache_position"] = torch.arange(len(prompt), device=self._where)
         with torch.inference_mode():
             return self._forward(ids, cache, **extra)[0, -1]
@@ -147,13 +231,30 @@ class TorchGenerator:
     def _decode_one_token(self, token: int, position: int, cache: Any) -> torch.Tensor:
         ids = torch.tensor([[token]], device=self._where)
         with torch.inference_mode():
-            if self._static is None:  # the dynamic cache knows its own length
+            if not self._compiled:  # the dynamic cache knows its own length
                 return self._forward(ids, cache)[0, -1]
-            return self._step(ids, torch.tensor([position], device=self._where))[0]
+            return self._run_step(ids, torch.tensor([position], device=self._where), cache)[0]
 
-    def _eager_step(self, ids: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        """One decode step on the static cache: what torch.compile compiles."""
-        return self._forward(ids, self._static, cache_position=position)[:, -1]
+    def _run_step(self, *args: Any) -> torch.Tensor:
+        if self._compiled and self._options.device.kind == "cuda":
+            # A CUDA graph's outputs live in its pool until the next replay: the caller has
+            # read the last step's logits (its token is an input here), so they may go.
+            torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call]
+        logits: torch.Tensor = self._step(*args)
+        return logits
+
+    def _eager_step(
+        self,
+        ids: torch.Tensor,
+        slot: torch.Tensor,
+        cache: Any,
+        mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One decode step (what torch.compile compiles on the static cache): `ids` written at
+        cache `slot`; a batch's padding `mask` and each row's `positions` where rows differ."""
+        extra = {} if mask is None else {"attention_mask": mask, "position_ids": positions}
+        return self._forward(ids, cache, cache_position=slot, **extra)[:, -1]
 
     def _forward(self, ids: torch.Tensor, cache: Any, **extra: Any) -> torch.Tensor:
         out = self._module(input_ids=ids, use_cache=True, **{self._cache_arg: cache}, **extra)
