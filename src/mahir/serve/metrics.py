@@ -11,7 +11,9 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
-class ServerMetrics:
+class HttpMetrics:
+    """What every server counts: answers by endpoint and status, and their time."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
@@ -28,6 +30,17 @@ class ServerMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class ServerMetrics(HttpMetrics):
+    """The encoder server's: its batcher's queue, batches and inference time too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        r = self.registry
         self.queue_time = Histogram(
             "mahir_queue_seconds",
             "Time a request waited for its batch to start.",
@@ -60,6 +73,3 @@ class ServerMetrics:
         return BatchObserver(
             queued=self.queue_depth.set, batch=batch, waited=self.queue_time.observe
         )
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
