@@ -55,7 +55,10 @@ def serve(
     ] = None,
     max_queue: Annotated[
         int,
-        typer.Option(help="Waiting items at most; then 503 (a request holding more alone: 413)."),
+        typer.Option(
+            help="Waiting items at most (an LLM's: requests waiting to generate); then 503 "
+            "(a request holding more alone: 413)."
+        ),
     ] = 1024,
     workers: Annotated[
         int | None,
@@ -66,7 +69,10 @@ def serve(
         ),
     ] = None,
     timeout_ms: Annotated[
-        float, typer.Option(help="A request not started by then gets 504.")
+        float,
+        typer.Option(
+            help="A request not started by then gets 504 (an LLM's: not finished by then)."
+        ),
     ] = 30_000.0,
     max_body_mb: Annotated[float, typer.Option(help="Largest request body; then 413.")] = 8.0,
     api_key: Annotated[
@@ -126,7 +132,8 @@ def serve(
         ),
     ] = None,
 ) -> None:
-    """Serve a model over HTTP (KServe v2, OpenAI-style embeddings) with dynamic batching."""
+    """Serve a model over HTTP (KServe v2, OpenAI-style embeddings) with dynamic batching; an LLM
+    output directory (mahir optimize --llm) over OpenAI's chat and completions APIs."""
     from mahir.serve.batcher import BatcherConfig
     from mahir.serve.served import ServeConfig
     from mahir.serve.tune import TuneConfig
@@ -246,8 +253,11 @@ def _run_serve(
         _announce(opened.name, config)
         run_server(opened, config)
         return
-    # The batching (workers too) is settled first: the session is opened for it.
     manifest = read_manifest(folder)
+    if manifest.get("family") == "decoder":
+        _serve_llm(folder, manifest, config, tuning, scale)
+        return
+    # The batching (workers too) is settled first: the session is opened for it.
     if tuning is not None:
         manifest["batching"] = tune_and_record(
             folder, open_output_dir(folder), config.batcher, tuning
@@ -260,6 +270,24 @@ def _run_serve(
     from mahir.serve.ray import serve_ray
 
     serve_ray(folder, config, scale)  # every replica opens the directory itself
+
+
+def _serve_llm(
+    folder: Path, manifest: dict[str, Any], config: Any, tuning: Any, scale: Any
+) -> None:
+    """An LLM output directory (`mahir optimize --llm`) behind OpenAI's chat and completions."""
+    from mahir.llm_outdir import open_llm_output
+    from mahir.outdir import model_name
+    from mahir.serve.llm_app import run_llm_server
+
+    if tuning is not None or scale is not None:
+        raise BadInput("--tune and --ray serve encoders only for now: serve an LLM without them")
+    if config.matryoshka_dims:
+        raise BadInput("--matryoshka-dims is for sentence encoders: drop it for an LLM")
+    generator, family = open_llm_output(folder)
+    name = model_name(manifest, folder)
+    _announce(name, config)
+    run_llm_server(generator, family, name, config)
 
 
 def _announce(name: str, config: Any) -> None:

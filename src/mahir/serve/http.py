@@ -165,7 +165,7 @@ async def until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
     then drops it unrun). The runtime's own errors become RuntimeFailure here, the boundary:
     the batcher has already made sure they fail only the request that caused them."""
     task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(disconnected(request))
+    watcher = asyncio.ensure_future(disconnected(request.receive))
     try:
         done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -183,8 +183,9 @@ async def until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
         raise RuntimeFailure(f"inference failed: {first_line(err)}") from err
 
 
-async def disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
+async def disconnected(receive: Receive) -> None:
+    """Returns when the client has gone away."""
+    while (await receive())["type"] != "http.disconnect":
         pass
 
 

@@ -23,9 +23,8 @@ import asyncio
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from mahir.errors import DeadlineExceeded, Overloaded, RuntimeFailure, first_line
@@ -119,12 +118,10 @@ class Scheduler:
     def waiting(self) -> int:
         return len(self._waiting)
 
-    @asynccontextmanager
-    async def generate(
-        self, prompt: Sequence[int], sampling: Sampling
-    ) -> AsyncIterator[TokenStream]:
-        """Wait for a slot, then generate on a worker thread; leaving the block (done, failed,
-        cancelled) stops the generation at its next token and frees the slot."""
+    async def start(self, prompt: Sequence[int], sampling: Sampling) -> TokenStream:
+        """Wait for a slot, then generate on a worker thread. The caller cancels the stream
+        once done with it, whatever happened: the generation stops at its next token and the
+        slot frees when its thread has stopped."""
         arrived = time.monotonic()
         stream = TokenStream(arrived + self.config.timeout_s, arrived, self.observer)
         await self._admit(stream.deadline)
@@ -137,10 +134,7 @@ class Scheduler:
             self._executor, _generate, self.generator, prompt, sampling, stream, put
         )
         work.add_done_callback(lambda _: self._release())
-        try:
-            yield stream
-        finally:
-            stream.cancel()
+        return stream
 
     async def stop(self) -> None:
         """Refuse new requests and wait for running generations (the server has drained its
