@@ -232,3 +232,20 @@ def test_text_never_splits_a_character_and_stops_before_a_stop_string(
     out = "".join(stopping.add(t) for t in ids) + stopping.finish()
     assert out == "naïve café 日本"
     assert stopping.stopped
+
+
+def test_loadtest_reads_ttft_itl_and_tokens_from_the_stream(server: Server) -> None:
+    from mahir.cli.serving import _serves_llm
+    from mahir.serve.llm_loadtest import LlmLoad, run_llm_load
+    from mahir.serve.loadtest import LoadConfig
+
+    assert _serves_llm(server.url, None)
+    config = LoadConfig(server.url, concurrency=2, duration_s=60, max_requests=4)
+    result = asyncio.run(run_llm_load(config, LlmLoad(max_tokens=8, prompt_words=(4, 8))))
+    result.check()
+    summary = result.summary()
+    assert summary["ok"] == 4
+    assert len(result.ttft_ms) == 4
+    assert 4 <= result.output_tokens <= 32
+    assert summary["ttft_p50_ms"] > 0
+    assert summary["output_tokens_per_s"] > 0
