@@ -38,6 +38,7 @@ from mahir.serve.batcher import BatcherConfig
 from mahir.serve.embeddings import encode_embeddings, parse_embeddings
 from mahir.serve.http import (
     EXCEPTION_HANDLERS,
+    check_model,
     guarded,
     live,
     prometheus,
@@ -135,12 +136,7 @@ async def embeddings(request: Request) -> Response:
             f"{served.name} is not a sentence encoder: use /v2/models/{served.name}/infer"
         )
     parsed = parse_embeddings(read_json(await read_body(request, served.config.max_body_bytes)))
-    if parsed.model is not None and parsed.model != served.name:
-        raise NotFound(
-            f"the model {parsed.model!r} does not exist; this server serves {served.name!r}",
-            param="model",
-            code="model_not_found",
-        )
+    check_model(parsed.model, served.name)
     vectors, tokens = await until_disconnect(request, embedder.embed(parsed))
     content = encode_embeddings(parsed, vectors, tokens, served.name)
     return Response(content, media_type="application/json")

@@ -28,6 +28,7 @@ from mahir.errors import (
     HTTP_STATUS,
     ClientClosed,
     MahirError,
+    NotFound,
     RequestError,
     RuntimeFailure,
     TooLarge,
@@ -212,3 +213,13 @@ def openai_error(status: int, message: str, param: str | None, code: str | None)
     """An error body in OpenAI's shape, which its clients parse and show."""
     kind = "invalid_request_error" if status < 500 else "server_error"
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def check_model(asked: str | None, served: str) -> None:
+    """An OpenAI request's `model`, when it names one, must be the one served."""
+    if asked is not None and asked != served:
+        raise NotFound(
+            f"the model {asked!r} does not exist; this server serves {served!r}",
+            param="model",
+            code="model_not_found",
+        )

@@ -31,11 +31,12 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from mahir.errors import HTTP_STATUS, MahirError, Mismatch, NotFound, first_line, nearest
+from mahir.errors import HTTP_STATUS, MahirError, Mismatch, first_line, nearest
 from mahir.families.decoder import Decoder
 from mahir.generation import Generator, Sampling
 from mahir.serve.http import (
     EXCEPTION_HANDLERS,
+    check_model,
     disconnected,
     guarded,
     live,
@@ -152,12 +153,7 @@ async def models(request: Request) -> Response:
 async def _complete(request: Request, parse: Callable[[Any], LlmRequest]) -> Response:
     served: LlmServed = served_state(request)
     parsed = parse(read_json(await read_body(request, served.config.max_body_bytes)))
-    if parsed.model is not None and parsed.model != served.name:
-        raise NotFound(
-            f"the model {parsed.model!r} does not exist; this server serves {served.name!r}",
-            param="model",
-            code="model_not_found",
-        )
+    check_model(parsed.model, served.name)
     prompt = served.prompt_ids(parsed)
     sampling = served.sampling(parsed, prompt)
     served.metrics.prompt_tokens.inc(len(prompt))
