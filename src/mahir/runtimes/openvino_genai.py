@@ -96,6 +96,9 @@ class OpenVinoGenerator:
     """`Generator` over a stateful OpenVINO IR folder (`generation.Generator`)."""
 
     device = CPU
+    max_concurrency = 1
+    """GenAI's pipelines do not promise that `generate` may be called from several threads at
+    once (the paged one batches only requests its own `generate` was given): one at a time."""
 
     def __init__(self, folder: Path, options: OpenVinoLlmOptions, *, engine: str) -> None:
         self.engine = engine

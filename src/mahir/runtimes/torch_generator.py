@@ -67,6 +67,9 @@ class TorchEngineOptions:
 class TorchGenerator:
     """`Generator` over a transformers causal LM (`generation.Generator`)."""
 
+    max_concurrency = 1
+    """One KV cache, and torch's thread count is process-wide: one generation at a time."""
+
     def __init__(self, module: Any, options: TorchEngineOptions, *, engine: str) -> None:
         self.engine = engine
         self.device = options.device
