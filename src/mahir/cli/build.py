@@ -43,7 +43,12 @@ def bench(
         ),
     ] = None,
     batch_size: Annotated[
-        list[int] | None, typer.Option("--batch-size", "-b", help="Repeat for several.")
+        list[int] | None,
+        typer.Option(
+            "--batch-size",
+            "-b",
+            help="Repeat for several. LLMs: requests at once beyond batch 1 (e.g. -b 8 -b 16).",
+        ),
     ] = None,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Write the results (and the workload) here.")
@@ -104,7 +109,7 @@ def bench(
     from mahir.search.bench import BenchConfig
 
     if is_llm(model, llm):
-        asked = {"--logits": logits, "--batch-size": batch_size, "--workdir": workdir}
+        asked = {"--logits": logits, "--workdir": workdir}
         guard(
             ctx,
             lambda: run_llm_bench(
@@ -112,6 +117,7 @@ def bench(
                 asked,
                 runtime or [],
                 json_path,
+                at_once=[n for n in batch_size or [] if n != 1],
                 data=data,
                 tokens=tokens,
                 new_tokens=new_tokens,

@@ -29,9 +29,9 @@ def run_llm_bench(
     **options: Any,
 ) -> None:
     """Refuse what only encoders take, configure, load the LLM, measure, print."""
-    given = [flag for flag, value in encoder_only.items() if value and value != [1]]
+    given = [flag for flag, value in encoder_only.items() if value]
     if given:
-        raise BadInput(f"{' and '.join(given)} are not for LLMs (batch 1 only, for now)")
+        raise BadInput(f"{' and '.join(given)} are not for LLMs: leave them out with --llm")
     config = _configure(engines, **options)
     from mahir.model import load_model
     from mahir.search.llm_bench import benchmark_llm
@@ -58,6 +58,7 @@ def run_llm_bench(
 def _configure(
     engines: list[str],
     *,
+    at_once: list[int],
     data: Path | None,
     tokens: str | None,
     new_tokens: str | None,
@@ -80,6 +81,7 @@ def _configure(
             new_tokens=parse_range(new_tokens, "--new-tokens") if new_tokens else NEW_TOKENS,
             prompts_file=data,
             min_time_s=seconds or 0.0,
+            at_once=tuple(at_once),
             options=RuntimeOptions(threads=threads, device=Device.parse(device)),
         )
     except ValueError as err:  # the configs' own checks

@@ -24,6 +24,7 @@ through `ENGINES`. Concurrency (8, 16 requests at once) comes with engines that 
 from __future__ import annotations
 
 import datetime as dt
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich import box
 from rich.table import Table
 
 from mahir.errors import BadInput, Unsupported
@@ -123,6 +125,9 @@ class LlmBenchConfig:
     """The user's prompts (.txt lines or .jsonl); generated ones when None."""
     min_time_s: float = 0.0
     """Prompts are cycled until each variant has generated this long (one pass at least)."""
+    at_once: tuple[int, ...] = ()
+    """Requests in flight together, beyond batch 1: output tokens/s with that many prompts at
+    once (an engine with `generate_batch` runs them as one batch; others one after another)."""
     options: RuntimeOptions = field(default_factory=RuntimeOptions)
     judging: Judging = field(default_factory=Judging)
     budget: GenerationBudget = field(default_factory=GenerationBudget)
@@ -134,6 +139,34 @@ class LlmBenchConfig:
             raise BadInput(f"unknown LLM engine {unknown[0]!r}: choose from {', '.join(VARIANTS)}")
         if self.min_time_s < 0:
             raise BadInput(f"--seconds must be >= 0, got {self.min_time_s}")
+        if any(n < 2 for n in self.at_once):
+            raise BadInput(
+                f"requests at once must be >= 2 (batch 1 is always timed), got {self.at_once}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class AtOnce:
+    """Several requests in flight together: how many tokens came out in how long."""
+
+    requests: int
+    tokens: int
+    seconds: float
+    batched: bool
+    """False: the engine has no batched generation and ran them one after another."""
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "output_tokens_per_s": self.tokens_per_s,
+            "tokens": self.tokens,
+            "seconds": self.seconds,
+            "batched": self.batched,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +188,8 @@ class LlmBenchRow:
     memory_mb: float
     size_mb: float
     open_s: float
+    at_once: dict[int, AtOnce] = field(default_factory=dict)
+    """Output tokens/s with several requests in flight, by their number."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -182,6 +217,7 @@ class LlmBenchRow:
             "memory_mb": self.memory_mb,
             "size_mb": self.size_mb,
             "open_s": self.open_s,
+            "at_once": {str(n): run.to_json() for n, run in self.at_once.items()},
             "settings": self.settings,
             "quality": self.quality.to_dict(),
             "within_budget": not self.failures,
@@ -223,19 +259,29 @@ class LlmBenchResult:
         }
 
     @property
+    def _levels(self) -> list[int]:
+        """The numbers of requests at once any row was timed with."""
+        return sorted({n for row in self.rows for n in row.at_once})
+
+    @property
     def _busy(self) -> bool:
         return self.other_load > BUSY_CORES
 
     def __rich__(self) -> Table:
-        table = Table(
-            title=f"{self.model.name} on {self.machine.summary()}, batch 1", caption=self._caption()
+        table = Table(  # no vertical rules: fifteen columns fit 120 characters
+            title=f"{self.model.name} on {self.machine.summary()}, batch 1",
+            caption=self._caption(),
+            box=box.SIMPLE_HEAD,
+            padding=(0, 1, 0, 0),
+            pad_edge=False,
         )
         table.add_column("engine", no_wrap=True)
         columns = (
             "TTFT", "ms/tok", "p90", "tok/s", "speedup", "GB/s", "MB", "mem", "top-1", "KL",
             "ppl", "greedy", "budget",
         )  # fmt: skip
-        for column in columns:
+        levels = self._levels
+        for column in (*columns[:4], *(f"tok/s@{n}" for n in levels), *columns[4:]):
             table.add_column(column, justify="right", no_wrap=True)
         for row in self.rows:
             quality, speedup = row.quality, self.speedup(row)
@@ -245,6 +291,7 @@ class LlmBenchResult:
                 f"{row.ms('decode', 50):.1f}",
                 f"{row.ms('decode', 90):.1f}",
                 f"{row.tokens_per_s:.1f}",
+                *(_at_once_cell(row.at_once.get(n)) for n in levels),
                 "" if speedup is None else f"{speedup:.2f}x",
                 f"{row.bandwidth_gb_s:.2g}",
                 f"{row.size_mb:.0f}",
@@ -277,6 +324,11 @@ class LlmBenchResult:
                 f"divergence; budget: top-1 >= {self.budget.min_top1}, KL <= "
                 f"{self.budget.max_kl}"
             )
+        if self._levels:
+            lines.append(
+                "tok/s@N: output tokens/s with N requests at once, as one batch where the engine "
+                "batches them, one after another where it does not (marked 1x1)"
+            )
         lines.append(
             "mem: MB of resident memory added when opened and run; torch runs the reference's "
             "own weights, so its figure leaves them out"
@@ -288,6 +340,12 @@ class LlmBenchResult:
                 "cores busy while timing; PyTorch's threads stall first[/bold red]"
             )
         return "\n".join(lines)
+
+
+def _at_once_cell(run: AtOnce | None) -> str:
+    if run is None:
+        return ""
+    return f"{run.tokens_per_s:.0f}" + ("" if run.batched else " 1x1")
 
 
 def prompt_workload(model: LanguageModel, config: LlmBenchConfig) -> PromptWorkload:
@@ -338,6 +396,12 @@ def benchmark_llm(
     load = MachineLoad()
     generators = {n: g for n, (g, *_) in opened.items()}
     timings = time_interleaved(generators, workload.prompts, config.min_time_s, on_measure)
+    at_once: dict[str, dict[int, AtOnce]] = {name: {} for name in generators}
+    for requests in config.at_once:
+        on_step(f"timing {requests} requests at once")
+        context = model.family.context_length
+        for name, run in time_at_once(generators, workload.prompts, requests, context).items():
+            at_once[name][requests] = run
     rows = [
         LlmBenchRow(
             name=name,
@@ -348,6 +412,7 @@ def benchmark_llm(
             memory_mb=memory,
             size_mb=size,
             open_s=open_s,
+            at_once=at_once[name],
         )
         for name, (generator, memory, size, open_s) in opened.items()
     ]
@@ -461,6 +526,47 @@ def time_interleaved(
                 on_measure(name, done)
         i += 1
     return {name: _timings(runs) for name, runs in stamps.items()}
+
+
+def time_at_once(
+    generators: dict[str, Generator], prompts: Sequence[Prompt], requests: int, context: int
+) -> dict[str, AtOnce]:
+    """The prompts in groups of `requests` (cycled to fill every group), each group by every
+    generator in turn (rotating who goes first). A group's rows all generate its longest
+    `max_new_tokens` (as far as its longest prompt leaves room), stop tokens ignored, so a
+    batch and a queue do the same work."""
+    names = list(generators)
+    count = math.ceil(max(len(prompts), requests) / requests) * requests
+    cycled = [prompts[i % len(prompts)] for i in range(count)]
+    tokens, seconds = dict.fromkeys(names, 0), dict.fromkeys(names, 0.0)
+    for g, start in enumerate(range(0, count, requests)):
+        group = cycled[start : start + requests]
+        longest = max(len(p.ids) for p in group)
+        new = min(max(p.max_new_tokens for p in group), context - longest)
+        ids = [list(p.ids) for p in group]
+        for name in names[g % len(names) :] + names[: g % len(names)]:
+            started = time.perf_counter()
+            made = _generate_together(generators[name], ids, Sampling(max_new_tokens=new))
+            seconds[name] += time.perf_counter() - started
+            tokens[name] += made
+    return {
+        name: AtOnce(requests, tokens[name], seconds[name], _batch_of(generators[name]) is not None)
+        for name in names
+    }
+
+
+def _batch_of(generator: Generator) -> Callable[..., list[list[int]]] | None:
+    """The engine's batched generation (`generate_batch(prompts, sampling)`), if it has one."""
+    method = getattr(generator, "generate_batch", None)
+    return method if callable(method) else None
+
+
+def _generate_together(generator: Generator, prompts: list[list[int]], sampling: Sampling) -> int:
+    """Tokens generated for all `prompts`: in one batch where the engine has one, else in turn."""
+    batch = _batch_of(generator)
+    if batch is not None:
+        return sum(len(row) for row in batch(prompts, sampling))
+    return sum(len(list(generator.stream(p, sampling))) for p in prompts)
 
 
 def _timings(runs: list[list[float]]) -> dict[str, Any]:
