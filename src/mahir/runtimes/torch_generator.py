@@ -24,8 +24,8 @@ timing them interleaved does). A runtime knows nothing of passes, search or serv
 from __future__ import annotations
 
 import copy
-import inspect
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -36,6 +36,8 @@ import torch
 from mahir.errors import Unsupported
 from mahir.generation import Sampling, check_request, choose, decode_loop
 from mahir.hardware import Machine, detect, physical_cores
+from mahir.runtimes.torch_batching import ContinuousBatch
+from mahir.runtimes.torch_lm import CausalLM, context_of
 from mahir.types import CPU, Artifact, Device, module_mb
 
 BF16_ISA = ("avx512_bf16", "amx_bf16")
@@ -53,9 +55,15 @@ class TorchEngineOptions:
     """Tokens the static cache holds (prompt plus new, at most); the dynamic cache ignores it."""
     threads: int | None = None
     """Torch's intra-op threads; default: the machine's physical cores."""
+    slots: int = 1
+    """Sequences decoded together: above 1, concurrent `stream` calls join one batch between
+    decode steps (`torch_batching.py`), over a KV cache preallocated for `slots` sequences of
+    `max_cache_len` tokens, eager or compiled."""
     device: Device = CPU
 
     def __post_init__(self) -> None:
+        if self.slots < 1:
+            raise ValueError(f"slots must be >= 1, got {self.slots}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision is fp32 or bf16, got {self.precision!r}")
         if self.max_cache_len < 2:
@@ -67,22 +75,22 @@ class TorchEngineOptions:
 class TorchGenerator:
     """`Generator` over a transformers causal LM (`generation.Generator`)."""
 
-    max_concurrency = 1
-    """One KV cache, and torch's thread count is process-wide: one generation at a time."""
+    max_concurrency: int
+    """`slots`: one generation at a time on its own cache (torch's thread count is
+    process-wide), or that many decoded together as one batch."""
 
     def __init__(self, module: Any, options: TorchEngineOptions, *, engine: str) -> None:
         self.engine = engine
         self.device = options.device
+        self.max_concurrency = options.slots
         self._options = options
         self._threads = options.threads or physical_cores()
         self._module = module
         self._where = torch.device("cpu" if options.device.kind == "cpu" else str(options.device))
-        self._cache_arg = "cache" if _takes(module, "cache") else "past_key_values"
-        self._keep_last = _takes(module, "logits_to_keep")
-        positions = _positions(module.config)
-        self.context_length = (
-            min(positions, options.max_cache_len) if options.compile else positions
-        )
+        self._lm = CausalLM.of(module, self._where, self._threads)
+        positions = context_of(module.config)
+        preallocated = options.compile or options.slots > 1
+        self.context_length = min(positions, options.max_cache_len) if preallocated else positions
         self._vocab = int(module.config.vocab_size)
         self._pinned: torch.Tensor | None = None
         """Host memory greedy tokens are copied into, asynchronously (`_to_host`)."""
@@ -90,19 +98,33 @@ class TorchGenerator:
         """Static caches by batch size (a cache's tensors take the batch of its first use)."""
         self._step = self._eager_step
         self.compile_s: float | None = None
-        if options.compile:
-            # On a GPU the step is also captured as a CUDA graph, and its matmuls autotuned: a
-            # small model's decode step is hundreds of short kernels. SmolLM2-135M's shape on an
-            # H200, bf16: the step took 1.50 ms of GPU time as "reduce-overhead", 0.99 ms as
-            # "max-autotune" (63 s to compile instead of 38).
-            mode = "max-autotune" if options.device.kind == "cuda" else None
+        # On a GPU the step is also captured as a CUDA graph, and its matmuls autotuned: a small
+        # model's decode step is hundreds of short kernels. SmolLM2-135M's shape on an H200,
+        # bf16: the step took 1.50 ms of GPU time as "reduce-overhead", 0.99 ms as "max-autotune"
+        # (63 s to compile instead of 38).
+        mode = "max-autotune" if options.device.kind == "cuda" else None
+        self.batch: ContinuousBatch | None = None
+        """The continuous batch that runs every `stream` when `slots` > 1."""
+        if options.slots > 1:
+            self.batch = ContinuousBatch(
+                self._lm,
+                slots=options.slots,
+                length=self.context_length,
+                compiled=options.compile,
+                mode=mode,
+            )
+            weakref.finalize(self, self.batch.stop)  # its thread ends with the generator
+        elif options.compile:
             self._step = torch.compile(self._eager_step, fullgraph=True, dynamic=False, mode=mode)
+        if options.compile:
             started = time.perf_counter()
             list(self.stream([0], Sampling(max_new_tokens=3)))  # compiles here, not when timed
             self.compile_s = time.perf_counter() - started
 
     def stream(self, prompt: Sequence[int], sampling: Sampling) -> Iterator[int]:
         self._check(prompt, sampling.max_new_tokens)  # at the call, not at the first token
+        if self.batch is not None:
+            return self.batch.stream(prompt, sampling)
         cache = self._new_cache(1)
         if self._compiled and sampling.greedy:
             return self._stream_on_device(prompt, sampling, cache)
@@ -131,9 +153,12 @@ class TorchGenerator:
         """Several prompts at once, left-padded into one cache (the padding masked), so each
         weight read serves every sequence: each one's new tokens, up to and including its stop
         token, as `stream` gives them for that prompt alone (greedily: up to the rounding a
-        batched matmul may change). Sampled rows draw from generators spawned from `seed`."""
+        batched matmul may change). Sampled rows draw from generators spawned from `seed`.
+        With slots, the prompts join the continuous batch instead, `slots` at a time."""
         for prompt in prompts:
             self._check(prompt, sampling.max_new_tokens)
+        if self.batch is not None:
+            return self.batch.generate(prompts, sampling)
         batch, longest = len(prompts), max(len(p) for p in prompts)
         self._check([0] * longest, sampling.max_new_tokens)  # the padded prompt must fit too
         torch.set_num_threads(self._threads)
@@ -146,9 +171,9 @@ class TorchGenerator:
         ids, mask = ids.to(self._where), mask.to(self._where)
         positions = (mask[:, :longest].cumsum(-1) - 1).clamp(min=0)
         cache = self._new_cache(batch)
-        extra: dict[str, Any] = {"logits_to_keep": 1} if self._keep_last else {}
+        extra: dict[str, Any] = {"logits_to_keep": 1} if self._lm.keep_last else {}
         with torch.inference_mode():
-            logits = self._forward(
+            logits = self._lm.forward(
                 ids,
                 cache,
                 attention_mask=mask if self._compiled else mask[:, :longest],
@@ -254,6 +279,7 @@ class TorchGenerator:
             "kv_cache": "static" if self._options.compile else "dynamic",
             "max_cache_len": self.context_length if self._options.compile else None,
             "compiled": self._options.compile,
+            "slots": self._options.slots,
             "compile_s": self.compile_s,
             "weights_mb": module_mb(self._module),
             "threads": self._threads,
@@ -281,19 +307,17 @@ class TorchGenerator:
         return self._statics[batch]
 
     def _prefill(self, prompt: Sequence[int], cache: Any) -> torch.Tensor:
-        torch.set_num_threads(self._threads)  # for the whole generation: it starts here
-        ids = torch.tensor([list(prompt)], device=self._where)
-        extra: dict[str, Any] = {"logits_to_keep": 1} if self._keep_last else {}
-        if self._compiled:
-            extra["cache_position"] = torch.arange(len(prompt), device=self._where)
-        with torch.inference_mode():
-            return self._forward(ids, cache, **extra)[0, -1]
+        if not self._compiled:
+            return self._lm.prefill(prompt, cache)
+        return self._lm.prefill(
+            prompt, cache, cache_position=torch.arange(len(prompt), device=self._where)
+        )
 
     def _decode_one_token(self, token: int, position: int, cache: Any) -> torch.Tensor:
         ids = torch.tensor([[token]], device=self._where)
         with torch.inference_mode():
             if not self._compiled:  # the dynamic cache knows its own length
-                return self._forward(ids, cache)[0, -1]
+                return self._lm.forward(ids, cache)[0, -1]
             return self._run_step(ids, torch.tensor([position], device=self._where), cache)[0]
 
     def _run_step(self, *args: Any) -> torch.Tensor:
@@ -315,12 +339,7 @@ class TorchGenerator:
         """One decode step (what torch.compile compiles on the static cache): `ids` written at
         cache `slot`; a batch's padding `mask` and each row's `positions` where rows differ."""
         extra = {} if mask is None else {"attention_mask": mask, "position_ids": positions}
-        return self._forward(ids, cache, cache_position=slot, **extra)[:, -1]
-
-    def _forward(self, ids: torch.Tensor, cache: Any, **extra: Any) -> torch.Tensor:
-        out = self._module(input_ids=ids, use_cache=True, **{self._cache_arg: cache}, **extra)
-        logits: torch.Tensor = out.logits
-        return logits
+        return self._lm.forward(ids, cache, cache_position=slot, **extra)[:, -1]
 
     def _choose(self, logits: torch.Tensor, sampling: Sampling, rng: np.random.Generator) -> int:
         if sampling.greedy:
@@ -358,17 +377,3 @@ def open_generator(
     if dtype != torch.float32 or options.device.kind != "cpu":
         module = copy.deepcopy(module).to(device=str(options.device), dtype=dtype)
     return TorchGenerator(module.eval(), options, engine=engine)
-
-
-def _takes(module: Any, name: str) -> bool:
-    """Whether the model's forward takes keyword `name`: transformers renames arguments between
-    releases (`past_key_values` became `cache`), and the old name warns."""
-    return name in inspect.signature(module.forward).parameters
-
-
-def _positions(config: Any) -> int:
-    for key in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    raise Unsupported("the model's config gives no context length (max_position_embeddings)")
