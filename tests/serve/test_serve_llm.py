@@ -1,11 +1,15 @@
 """`mahir serve` on an LLM output directory (a tiny random Llama, PyTorch engine) as a real
 process on loopback, driven by the stock `openai` client: answers equal the generator's own,
 streams carry only their own tokens, a client that leaves frees its slot, overload is a 503,
-bad requests are 400s in OpenAI's shape, and SIGTERM lets a running stream finish."""
+bad requests are 400s in OpenAI's shape, SIGTERM lets a running stream finish, and an engine
+with slots (continuous batching, carried by `mahir.json`'s options) generates concurrent requests
+together, each answer the one the engine gives alone."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -136,7 +140,10 @@ def test_64_concurrent_streams_each_get_their_own_tokens(
 
 
 def metric(server: Server, name: str) -> float:
-    text = httpx.get(f"{server.url}/metrics").text
+    return _sample(httpx.get(f"{server.url}/metrics").text, name)
+
+
+def _sample(text: str, name: str) -> float:
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name == name:
@@ -215,6 +222,44 @@ def test_overload_is_503_never_500_and_sigterm_lets_a_stream_finish(llm_dir: Pat
             lines += list(events)
         assert lines[-2:] == ["data: [DONE]", ""] or lines[-1] == "data: [DONE]"
         assert any('"finish_reason":"length"' in line for line in lines)
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_batched_engine_generates_concurrent_requests_together(
+    llm_dir: Path, opened: tuple[Generator, Decoder], tmp_path: Path
+) -> None:
+    batched = tmp_path / "batched"
+    shutil.copytree(llm_dir, batched)
+    manifest = json.loads((batched / "mahir.json").read_text())
+    manifest["options"]["slots"] = 4
+    (batched / "mahir.json").write_text(json.dumps(manifest))
+    prompts = [f"Count to {i}" for i in range(4, 8)]
+    family = opened[1]
+    wants = [expected(opened, family.encode(p), 160)[0] for p in prompts]
+    server = Server(batched)
+    try:
+        assert metric(server, "mahir_llm_running") == 0
+        name = client(server).models.list().data[0].id
+
+        async def generate() -> tuple[list[str], float]:
+            async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
+
+                async def one(prompt: str) -> str:
+                    body = {"model": name, "prompt": prompt, "max_tokens": 160, "temperature": 0}
+                    response = await http.post("/v1/completions", json=body)
+                    return str(response.json()["choices"][0]["text"])
+
+                answers = asyncio.gather(*(one(p) for p in prompts))
+                most = 0.0
+                while not answers.done():  # polled while the four generate
+                    metrics = (await http.get("/metrics")).text
+                    most = max(most, _sample(metrics, "mahir_llm_running"))
+                return await answers, most
+
+        answers, most = asyncio.run(generate())
+        assert answers == wants
+        assert most > 1, "the requests were generated one at a time"
     finally:
         assert server.stop() == 0
 
