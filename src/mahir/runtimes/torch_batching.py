@@ -212,16 +212,20 @@ class ContinuousBatch:
         return request
 
     def _run(self) -> None:
-        with torch.inference_mode():
-            while (joining := self._work()) is not None:
-                torch.set_num_threads(self._lm.threads)  # process-wide: another may have set it
-                for request in joining:
-                    self._join(request)
-                if any(self._rows):
-                    self._decode_rows()
-        closed = RuntimeFailure("the generator was closed")
-        for request in [*self._waiting, *filter(None, self._rows)]:
-            request.tokens.put(closed)
+        try:
+            with torch.inference_mode():
+                while (joining := self._work()) is not None:
+                    torch.set_num_threads(self._lm.threads)  # process-wide: others set it too
+                    for request in joining:
+                        self._join(request)
+                    if any(self._rows):
+                        self._decode_rows()
+        finally:  # stopped, or broken: no consumer is left waiting for a token
+            with self._wake:
+                self._stopped = True
+            closed = RuntimeFailure("the generator was closed")
+            for request in [*self._waiting, *filter(None, self._rows)]:
+                request.tokens.put(closed)
 
     def _work(self) -> list[_Request] | None:
         """Wait for something to do; the requests that join now (None: stop)."""
@@ -245,13 +249,13 @@ class ContinuousBatch:
         try:
             logits = self._lm.prefill(request.prompt, alone)
             (token,) = self._choose(logits[None], [request]).tolist()
+            if request.deliver(token):
+                return
+            row = self._rows.index(None)
+            self._cache.place(row, alone)
         except Exception as err:  # the engine's: this request's stream raises it
             request.tokens.put(err)
             return
-        if request.deliver(token):
-            return
-        row = self._rows.index(None)
-        self._cache.place(row, alone)
         self._rows[row], self._positions[row] = request, len(request.prompt)
         self._ids[row, 0] = token
 

@@ -124,7 +124,7 @@ class TorchGenerator:
     def stream(self, prompt: Sequence[int], sampling: Sampling) -> Iterator[int]:
         self._check(prompt, sampling.max_new_tokens)  # at the call, not at the first token
         if self.batch is not None:
-            return self.batch.stream(prompt, sampling)
+            return self._joined(self.batch, prompt, sampling)
         cache = self._new_cache(1)
         if self._compiled and sampling.greedy:
             return self._stream_on_device(prompt, sampling, cache)
@@ -135,6 +135,12 @@ class TorchGenerator:
             lambda token, position: self._decode_one_token(token, position, cache),
             self._choose,
         )
+
+    def _joined(
+        self, batch: ContinuousBatch, prompt: Sequence[int], sampling: Sampling
+    ) -> Iterator[int]:
+        """The batch's stream, holding this generator: the batch's thread ends with it."""
+        yield from batch.stream(prompt, sampling)
 
     def _stream_on_device(
         self, prompt: Sequence[int], sampling: Sampling, cache: Any
@@ -276,8 +282,8 @@ class TorchGenerator:
         return {
             "engine": self.engine,
             "precision": self._options.precision,
-            "kv_cache": "static" if self._options.compile else "dynamic",
-            "max_cache_len": self.context_length if self._options.compile else None,
+            "kv_cache": self._kv_cache,
+            "max_cache_len": None if self._kv_cache == "dynamic" else self.context_length,
             "compiled": self._options.compile,
             "slots": self._options.slots,
             "compile_s": self.compile_s,
@@ -286,6 +292,12 @@ class TorchGenerator:
             "device": str(self.device),
             "torch": torch.__version__,
         }
+
+    @property
+    def _kv_cache(self) -> str:
+        if self.batch is not None:
+            return "slots"  # a row per sequence, preallocated
+        return "static" if self._options.compile else "dynamic"
 
     @property
     def _compiled(self) -> bool:

@@ -13,7 +13,8 @@ from the thread to the event loop by `call_soon_threadsafe` into the request's o
 the loop never blocks and each request receives exactly its own tokens.
 
 Continuous batching proper (sequences joining a running batch between decode steps) belongs in
-an engine with a preallocated KV cache; this scheduler then only sees a larger `slots`.
+an engine with a preallocated KV cache (the PyTorch engine with `slots`:
+`runtimes/torch_batching.py`); this scheduler then only sees a larger `slots`.
 Knows the `Generator` contract; nothing of HTTP or text.
 """
 
