@@ -64,6 +64,10 @@ class Generator(Protocol):
     device: Device
     context_length: int
     """Prompt plus new tokens at most."""
+    max_concurrency: int
+    """`stream` calls that may run at once, each on its own thread, and that the engine runs
+    together (a server runs this many generations and queues the rest). 1 for an engine with one
+    KV cache and no scheduler of its own."""
 
     def stream(self, prompt: Sequence[int], sampling: Sampling) -> Iterator[int]:
         """Prefill `prompt` (token ids), then yield each new token as soon as it is chosen."""

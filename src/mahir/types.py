@@ -239,10 +239,15 @@ class RuntimeOptions:
     """Where the session computes; a runtime that cannot run there refuses to open."""
     openvino: OpenVinoOptions = OpenVinoOptions()
     """OpenVINO's hint and precision."""
+    slots: int = 1
+    """LLM sequences the PyTorch engines decode together (continuous batching; a server then
+    generates that many at once); 1: one generation at a time. Other runtimes ignore it."""
 
     def __post_init__(self) -> None:
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ValueError(f"threads must be an integer >= 1, got {self.threads!r}")
+        if not isinstance(self.slots, int) or self.slots < 1:
+            raise ValueError(f"slots must be an integer >= 1, got {self.slots!r}")
         if not isinstance(self.device, Device):
             raise ValueError(f"device must be a Device (Device.parse({self.device!r})), got text")
         if not isinstance(self.openvino, OpenVinoOptions):
@@ -255,7 +260,7 @@ class RuntimeOptions:
             "device": str(self.device),
             "openvino": {"hint": self.openvino.hint, "precision": self.openvino.precision}
             | ({"streams": self.openvino.streams} if self.openvino.streams else {}),
-        }
+        } | ({"slots": self.slots} if self.slots > 1 else {})
 
     def for_workers(self, workers: int) -> RuntimeOptions:
         """These options for a session that runs `workers` batches at once: OpenVINO compiles that
@@ -280,7 +285,7 @@ class RuntimeOptions:
         for old, new in _FLAT_OPENVINO.items():
             if old in shared:
                 openvino.setdefault(new, shared.pop(old))
-        _refuse_unknown(shared, ("threads", "device", "openvino"), "runtime option")
+        _refuse_unknown(shared, ("threads", "device", "openvino", "slots"), "runtime option")
         _refuse_unknown(openvino, ("hint", "precision", "streams"), "OpenVINO option")
         device = shared.get("device", "cpu")
         if not isinstance(device, str):
@@ -290,6 +295,7 @@ class RuntimeOptions:
                 threads=shared.get("threads"),
                 device=Device.parse(device),
                 openvino=OpenVinoOptions(**openvino),
+                slots=shared.get("slots", 1),
             )
         except ValueError as err:
             raise BadInput(str(err)) from err

@@ -27,6 +27,7 @@ from mahir.generation_quality import (
     teacher_forced,
 )
 from mahir.runtimes.engines import open_engine
+from mahir.runtimes.openvino_genai import OpenVinoGenerator
 from mahir.types import Artifact, RuntimeOptions
 from tests.helpers import cli, shared_env
 
@@ -71,6 +72,18 @@ def test_fp32_greedy_equals_the_torch_reference(
     tokens = list(openvino.stream(prompt, greedy))
     assert tokens == list(reference.stream(prompt, greedy))
     assert len(set(tokens)) > 4  # a real sequence, not one token repeated
+
+
+@pytest.mark.parametrize("engine", ["openvino", "openvino-paged"])
+def test_a_padded_batch_gives_each_row_what_it_gives_alone(
+    tiny_llm: LanguageModel, fp32_ir: Artifact, engine: str
+) -> None:
+    generator = open_engine(engine, fp32_ir, ONE_THREAD)
+    prompts = [_prompt(tiny_llm), _prompt(tiny_llm)[:3], tiny_llm.family.held_out(1, 24)[0]]
+    greedy = Sampling(max_new_tokens=10)
+    alone = [list(generator.stream(p, greedy)) for p in prompts]
+    assert isinstance(generator, OpenVinoGenerator)
+    assert generator.generate_batch(prompts, greedy) == alone
 
 
 def test_fp32_logprobs_agree_with_torch(
@@ -163,7 +176,7 @@ def test_bench_llm_times_and_judges_openvino_rows(
     assert found.returncode == 0, found.stderr
     rows = {row["engine"]: row for row in json.loads(out.read_text())["results"]}
     row = rows["openvino-int8"]
-    assert row["settings"]["weights"] == "openvino-ir-int8"
+    assert row["settings"]["weights"] == "OpenVINO IR int8"
     assert row["settings"]["weight_format"] == "int8"
     assert 8 <= row["tokens"] <= 16
     assert row["decode_ms"]["p50"] > 0

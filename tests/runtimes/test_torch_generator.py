@@ -1,7 +1,8 @@
 """The PyTorch LLM engine: greedy generation equals transformers' own `generate`, token for token,
 on several architectures; stop tokens stop; a seed repeats a sample; logprobs are one forward's;
 bf16 is refused where the CPU would emulate it; the compiled static-cache variant decodes as eager
-does; torchao int8 weight-only runs on the engine."""
+does; a left-padded batch gives each row what it gives alone; torchao int8 weight-only runs on the
+engine."""
 
 from __future__ import annotations
 
@@ -72,6 +73,19 @@ def test_a_seed_repeats_a_sample(tiny_llm: LanguageModel) -> None:
     assert sample(7) != list(generator.stream(prompt, Sampling(24)))
 
 
+def test_each_generation_runs_on_its_own_threads(tiny_llm: LanguageModel) -> None:
+    """Torch's thread count is process-wide: generators opened with different counts take
+    turns (as the LLM search times them) and each runs on its own."""
+    one = open_engine("torch", tiny_llm.original(), ONE_THREAD)
+    two = open_engine("torch", tiny_llm.original(), RuntimeOptions(threads=2))
+    prompt = _prompt(tiny_llm)
+    for generator, threads in ((one, 1), (two, 2), (one, 1)):
+        stream = generator.stream(prompt, Sampling(max_new_tokens=2))
+        next(stream)
+        assert torch.get_num_threads() == threads
+        assert generator.describe()["threads"] == threads
+
+
 def test_logprobs_are_one_forward(tiny_llm: LanguageModel) -> None:
     generator = open_engine("torch", tiny_llm.original(), ONE_THREAD)
     tokens = _prompt(tiny_llm)
@@ -136,6 +150,28 @@ def test_the_compiled_static_cache_decodes_as_eager_does(tiny_llm: LanguageModel
     for new in (16, 40):  # a second, longer request reuses the cache from position 0
         expected = list(eager.stream(prompt, Sampling(new)))
         assert list(compiled.stream(prompt, Sampling(new))) == expected
+    prompts = _prompts_of_three_lengths(tiny_llm)
+    alone = [list(eager.stream(p, Sampling(12))) for p in prompts]
+    assert compiled.generate_batch(prompts, Sampling(12)) == alone  # its own static cache
+
+
+def _prompts_of_three_lengths(llm: LanguageModel) -> list[list[int]]:
+    return [_prompt(llm), _prompt(llm)[:3], llm.family.held_out(1, 24)[0]]
+
+
+def test_a_padded_batch_gives_each_row_what_it_gives_alone(tiny_llm: LanguageModel) -> None:
+    generator = open_engine("torch", tiny_llm.original(), ONE_THREAD)
+    assert isinstance(generator, TorchGenerator)
+    prompts = _prompts_of_three_lengths(tiny_llm)
+    alone = [list(generator.stream(p, Sampling(12))) for p in prompts]
+    assert len({len(p) for p in prompts}) == 3
+    assert generator.generate_batch(prompts, Sampling(12)) == alone
+    stop = alone[1][3]  # one row stops early; the others run on to their own stop or the end
+    stopping = Sampling(12, stop_token_ids=(stop,))
+    expected = [row[: row.index(stop) + 1] if stop in row else row for row in alone]
+    assert generator.generate_batch(prompts, stopping) == expected
+    with pytest.raises(BadInput, match="exceed"):
+        generator.generate_batch([[1] * 10, [1] * (generator.context_length - 4)], Sampling(8))
 
 
 def test_int8_weight_only_runs_smaller_and_close(tiny_llm: LanguageModel) -> None:

@@ -19,9 +19,10 @@ def test_bench_llm_prints_the_table_and_writes_the_json(
 ) -> None:
     out = tmp_path / "bench.json"
     folder = str(decoder_folders["llama"])
-    found = cli("bench", folder, "-r", "torch", "-r", "torch-int8", *SMALL, "--json", str(out))
+    engines = ("-r", "torch", "-r", "torch-int8")
+    found = cli("bench", folder, *engines, *SMALL, "-b", "3", "--json", str(out))
     assert found.returncode == 0, found.stderr
-    for text in ("batch 1", "TTFT", "ms/tok", "torch-int8", "KL", "greedy", "budget"):
+    for text in ("batch 1", "TTFT", "ms/tok", "tok/s@3", "torch-int8", "KL", "greedy", "budget"):
         assert text in found.stdout
     data = json.loads(out.read_text())
     assert data["batch_size"] == 1
@@ -43,6 +44,11 @@ def test_bench_llm_prints_the_table_and_writes_the_json(
         assert row["ttft_ms"]["p50"] > 0
         assert row["output_tokens_per_s"] > 0
         assert row["size_mb"] > 0
+        together = row["at_once"]["3"]
+        assert together["batched"]  # the PyTorch engine pads three prompts into one batch
+        # two prompts cycled into one group of three, each row its group's longest new tokens
+        assert 3 * 4 <= together["tokens"] <= 3 * 8
+        assert together["output_tokens_per_s"] > 0
 
 
 def test_bench_llm_runs_llama_cpp_on_written_and_quantized_ggufs(
@@ -51,10 +57,12 @@ def test_bench_llm_runs_llama_cpp_on_written_and_quantized_ggufs(
     out = tmp_path / "bench.json"
     folder = str(decoder_folders["llama"])
     engines = ("-r", "torch", "-r", "llama.cpp", "-r", "llama.cpp-q8_0")
-    found = cli("bench", folder, *engines, *SMALL, "--json", str(out))
+    found = cli("bench", folder, *engines, *SMALL, "-b", "2", "--json", str(out))
     assert found.returncode == 0, found.stderr
+    assert "1x1" in found.stdout  # llama.cpp runs two requests one after another
     rows = {row["engine"]: row for row in json.loads(out.read_text())["results"]}
     assert list(rows) == ["torch", "llama.cpp", "llama.cpp-q8_0"]
+    assert not rows["llama.cpp"]["at_once"]["2"]["batched"]
     f32, q8 = rows["llama.cpp"], rows["llama.cpp-q8_0"]
     assert (f32["settings"]["gguf_type"], q8["settings"]["gguf_type"]) == ("F32", "Q8_0")
     assert q8["settings"]["weights"] == "GGUF Q8_0"
@@ -81,7 +89,8 @@ def test_llama_cpp_refuses_what_it_cannot_write_in_one_line(
         (("--prompts", "3"), "--prompts is for LLMs: add --llm"),
         ((str(default_model_folder()), "--llm"), "is not a decoder LLM"),
         (("--llm", "-r", "tensorrt-llm"), "unknown LLM engine 'tensorrt-llm'"),
-        (("--llm", "-b", "8"), "--batch-size are not for LLMs"),
+        (("--llm", "--workdir", "w"), "--workdir are not for LLMs"),
+        (("--llm", "-b", "8", "-b", "0"), "requests at once must be >= 2"),
         (("--llm", "--data", "p.txt", "--tokens", "8-16"), "--data gives the prompts"),
     ],
 )

@@ -43,7 +43,12 @@ def bench(
         ),
     ] = None,
     batch_size: Annotated[
-        list[int] | None, typer.Option("--batch-size", "-b", help="Repeat for several.")
+        list[int] | None,
+        typer.Option(
+            "--batch-size",
+            "-b",
+            help="Repeat for several. LLMs: requests at once beyond batch 1 (e.g. -b 8 -b 16).",
+        ),
     ] = None,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Write the results (and the workload) here.")
@@ -104,7 +109,7 @@ def bench(
     from mahir.search.bench import BenchConfig
 
     if is_llm(model, llm):
-        asked = {"--logits": logits, "--batch-size": batch_size, "--workdir": workdir}
+        asked = {"--logits": logits, "--workdir": workdir}
         guard(
             ctx,
             lambda: run_llm_bench(
@@ -112,6 +117,7 @@ def bench(
                 asked,
                 runtime or [],
                 json_path,
+                at_once=[n for n in batch_size or [] if n != 1],
                 data=data,
                 tokens=tokens,
                 new_tokens=new_tokens,
@@ -293,8 +299,53 @@ def optimize(
         ),
     ] = True,
     device: DeviceOption = "cpu",
+    llm: Annotated[
+        bool,
+        typer.Option(
+            "--llm",
+            help="A decoder LLM (default: the bundled SmolLM2-135M-Instruct; a .gguf file or a "
+            "causal-LM folder is one by itself): engines x weights x threads, judged against "
+            "the fp32 reference, halved on decode ms/token (latency) or tokens/s (throughput); "
+            "--out defaults to mahir-llm-out.",
+        ),
+    ] = False,
+    engines: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--engines",
+            help="LLMs: a variant to try (torch, torch-bf16, torch-int8, torch-compile, ...); "
+            "repeat \\[default: every one this machine runs].",
+        ),
+    ] = None,
+    prompts: Annotated[
+        Path | None,
+        typer.Option(
+            "--prompts",
+            help="LLMs: prompts to time, one per line (.txt) or as "
+            '{"prompt"|"messages", "max_new_tokens"} objects (.jsonl) \\[default: generated].',
+        ),
+    ] = None,
 ) -> None:
     """Search techniques x runtimes x settings; keep the fastest within the quality budget."""
+    from mahir.cli.llm import is_llm, run_llm_optimize
+
+    if is_llm(model, llm):
+        encoder_only = {
+            "--logits": logits, "--batch-size": batch_size, "--metric": metric, "--data": data,
+            "--sentences": sentences, "--tokens": tokens, "--only": only, "--resume": resume,
+            "--max-drop": max_drop != 0.01,
+        }  # fmt: skip
+        llm_out = out if out != Path("mahir-out") else Path("mahir-llm-out")
+        guard(
+            ctx,
+            lambda: run_llm_optimize(
+                model, encoder_only, llm_out, objective, time_budget, engines or [], prompts, device
+            ),
+        )
+        return
+    if engines or prompts is not None:
+        flag = "--engines" if engines else "--prompts"
+        guard(ctx, lambda: _refuse(f"{flag} is for LLMs: add --llm, or give a .gguf file"))
 
     def configure() -> OptimizeConfig:
         """Everything checkable before the model loads: the config's own checks and --out."""

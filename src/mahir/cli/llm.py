@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mahir.cli.common import console, parse_range, progress_bar, write_json
+import typer
+
+from mahir.cli.common import console, errors, parse_range, progress_bar, write_json
 from mahir.errors import BadInput
 
 if TYPE_CHECKING:
@@ -27,9 +29,9 @@ def run_llm_bench(
     **options: Any,
 ) -> None:
     """Refuse what only encoders take, configure, load the LLM, measure, print."""
-    given = [flag for flag, value in encoder_only.items() if value and value != [1]]
+    given = [flag for flag, value in encoder_only.items() if value]
     if given:
-        raise BadInput(f"{' and '.join(given)} are not for LLMs (batch 1 only, for now)")
+        raise BadInput(f"{' and '.join(given)} are not for LLMs: leave them out with --llm")
     config = _configure(engines, **options)
     from mahir.model import load_model
     from mahir.search.llm_bench import benchmark_llm
@@ -56,6 +58,7 @@ def run_llm_bench(
 def _configure(
     engines: list[str],
     *,
+    at_once: list[int],
     data: Path | None,
     tokens: str | None,
     new_tokens: str | None,
@@ -78,7 +81,64 @@ def _configure(
             new_tokens=parse_range(new_tokens, "--new-tokens") if new_tokens else NEW_TOKENS,
             prompts_file=data,
             min_time_s=seconds or 0.0,
+            at_once=tuple(at_once),
             options=RuntimeOptions(threads=threads, device=Device.parse(device)),
         )
     except ValueError as err:  # the configs' own checks
         raise BadInput(str(err)) from err
+
+
+def run_llm_optimize(
+    source: str | None,
+    encoder_only: dict[str, Any],
+    out: Path,
+    objective: str,
+    time_budget: float | None,
+    engines: list[str],
+    prompts: Path | None,
+    device: str,
+) -> None:
+    """Refuse what only encoders take and an --out that cannot be written, before the model
+    loads; search; print the table and why each candidate won or lost; write the directory."""
+    given = [flag for flag, value in encoder_only.items() if value]
+    if given:
+        raise BadInput(f"{' and '.join(given)} are not for LLMs: leave them out with --llm")
+    from mahir.search.apply import check_output_dir
+    from mahir.search.llm_optimize import LlmOptimizeConfig, optimize_llm
+    from mahir.search.llm_output import llm_table, save_llm_output, verdicts
+    from mahir.types import Device
+
+    check_output_dir(out)
+    if prompts is not None and not prompts.is_file():
+        raise BadInput(f"--prompts {prompts} is not a file: give a .txt or .jsonl of prompts")
+    config = LlmOptimizeConfig(
+        objective=objective,  # type: ignore[arg-type]  # checked in __post_init__
+        variants=tuple(engines),
+        time_budget_s=None if time_budget is None else time_budget * 60,
+        prompts_file=prompts,
+        device=Device.parse(device),
+    )
+    from mahir.model import load_model
+
+    def on_event(candidate: str, text: str) -> None:
+        errors.print(f"[dim]{candidate:>24}[/dim]  {text}", highlight=False, soft_wrap=True)
+
+    searched = optimize_llm(load_model(source, llm=True), config, on_event=on_event)
+    console.print(llm_table(searched))
+    best = None if searched.best is None else searched.best.candidate.id
+    for candidate, why in verdicts(searched).items():
+        console.print(f"{'*' if candidate == best else '-'} {candidate}: {why}", soft_wrap=True)
+    written = save_llm_output(searched, out)
+    console.print(f"report: {written / 'report.html'}", soft_wrap=True)
+    if best is not None:
+        console.print(
+            f"use it: generator, family = mahir.llm_outdir.open_llm_output({str(written)!r})",
+            soft_wrap=True,
+            highlight=False,
+        )
+    if not searched.complete:
+        errors.print("the search was cut short: the report holds what was measured")
+        raise typer.Exit(130)
+    if best is None:
+        errors.print("no candidate met the quality budget: the report says how close each came")
+        raise typer.Exit(1)

@@ -55,7 +55,10 @@ def serve(
     ] = None,
     max_queue: Annotated[
         int,
-        typer.Option(help="Waiting items at most; then 503 (a request holding more alone: 413)."),
+        typer.Option(
+            help="Waiting items at most (an LLM's: requests waiting to generate); then 503 "
+            "(a request holding more alone: 413)."
+        ),
     ] = 1024,
     workers: Annotated[
         int | None,
@@ -66,7 +69,10 @@ def serve(
         ),
     ] = None,
     timeout_ms: Annotated[
-        float, typer.Option(help="A request not started by then gets 504.")
+        float,
+        typer.Option(
+            help="A request not started by then gets 504 (an LLM's: not finished by then)."
+        ),
     ] = 30_000.0,
     max_body_mb: Annotated[float, typer.Option(help="Largest request body; then 413.")] = 8.0,
     api_key: Annotated[
@@ -126,7 +132,8 @@ def serve(
         ),
     ] = None,
 ) -> None:
-    """Serve a model over HTTP (KServe v2, OpenAI-style embeddings) with dynamic batching."""
+    """Serve a model over HTTP (KServe v2, OpenAI-style embeddings) with dynamic batching; an LLM
+    output directory (mahir optimize --llm) over OpenAI's chat and completions APIs."""
     from mahir.serve.batcher import BatcherConfig
     from mahir.serve.served import ServeConfig
     from mahir.serve.tune import TuneConfig
@@ -246,8 +253,11 @@ def _run_serve(
         _announce(opened.name, config)
         run_server(opened, config)
         return
-    # The batching (workers too) is settled first: the session is opened for it.
     manifest = read_manifest(folder)
+    if manifest.get("family") == "decoder":
+        _serve_llm(folder, manifest, config, tuning, scale)
+        return
+    # The batching (workers too) is settled first: the session is opened for it.
     if tuning is not None:
         manifest["batching"] = tune_and_record(
             folder, open_output_dir(folder), config.batcher, tuning
@@ -260,6 +270,24 @@ def _run_serve(
     from mahir.serve.ray import serve_ray
 
     serve_ray(folder, config, scale)  # every replica opens the directory itself
+
+
+def _serve_llm(
+    folder: Path, manifest: dict[str, Any], config: Any, tuning: Any, scale: Any
+) -> None:
+    """An LLM output directory (`mahir optimize --llm`) behind OpenAI's chat and completions."""
+    from mahir.llm_outdir import open_llm_output
+    from mahir.outdir import model_name
+    from mahir.serve.llm_app import run_llm_server
+
+    if tuning is not None or scale is not None:
+        raise BadInput("--tune and --ray serve encoders only for now: serve an LLM without them")
+    if config.matryoshka_dims:
+        raise BadInput("--matryoshka-dims is for sentence encoders: drop it for an LLM")
+    generator, family = open_llm_output(folder)
+    name = model_name(manifest, folder)
+    _announce(name, config)
+    run_llm_server(generator, family, name, config)
 
 
 def _announce(name: str, config: Any) -> None:
@@ -312,9 +340,28 @@ def loadtest(
         float,
         typer.Option(help="Share of failed requests (not 200) above which the command fails."),
     ] = 0.01,
+    llm: Annotated[
+        bool,
+        typer.Option(
+            "--llm",
+            help="Streamed /v1/completions (found by itself when /v1/models reports an LLM).",
+        ),
+    ] = False,
+    max_tokens: Annotated[int, typer.Option(help="LLM: tokens asked per request.")] = 64,
+    prompt_words: Annotated[
+        str, typer.Option(help="LLM: prompt length in words, drawn uniformly from MIN-MAX.")
+    ] = "16-128",
+    prompts: Annotated[
+        Path | None,
+        typer.Option(help="LLM: prompts from this file, one a line.", show_default=False),
+    ] = None,
+    ttft_ms: Annotated[float, typer.Option(help="LLM goodput: time to first token bound.")] = 1000,
+    itl_ms: Annotated[float, typer.Option(help="LLM goodput: time per output token bound.")] = 100,
 ) -> None:
-    """Load an inference server and report throughput, p50/p90/p99 and errors by status; exit 1
-    when more than --max-error-rate of the requests failed."""
+    """Load an inference server and report throughput, p50/p90/p99 and errors by status (an
+    LLM's: time to first token, inter-token latency, tokens/s, goodput); exit 1 when more than
+    --max-error-rate of the requests failed."""
+    from mahir.serve.llm_loadtest import LlmLoad
     from mahir.serve.loadtest import LoadConfig
 
     config = guard(
@@ -332,12 +379,44 @@ def loadtest(
             max_error_rate=max_error_rate,
         ),
     )
-    guard(ctx, lambda: _run_loadtest(config, json_path))
+    load = guard(
+        ctx,
+        lambda: (
+            LlmLoad(max_tokens, _span(prompt_words), prompts, ttft_ms, itl_ms)
+            if llm or (endpoint == "embeddings" and _serves_llm(url, api_key))
+            else None
+        ),
+    )
+    guard(ctx, lambda: _run_loadtest(config, json_path, load))
 
 
-def _run_loadtest(config: Any, json_path: Path | None) -> None:
+def _span(text: str) -> tuple[int, int]:
+    """'16-128' -> (16, 128)."""
+    try:
+        low, high = (int(part) for part in text.split("-"))
+    except ValueError:
+        raise BadInput(f"--prompt-words takes MIN-MAX, e.g. 16-128, got {text!r}") from None
+    if not 1 <= low <= high:
+        raise BadInput(f"--prompt-words needs 1 <= MIN <= MAX, got {text!r}")
+    return low, high
+
+
+def _serves_llm(url: str, api_key: str | None) -> bool:
+    """Whether /v1/models reports an LLM (a context length, as mahir's and vLLM's do)."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        models = httpx.get(f"{url}/v1/models", headers=headers, timeout=10).json()
+        return any("max_model_len" in m for m in models.get("data", []))
+    except (httpx.HTTPError, ValueError, AttributeError, TypeError):
+        return False  # no such endpoint: an encoder server
+
+
+def _run_loadtest(config: Any, json_path: Path | None, load: Any = None) -> None:
     import asyncio
 
+    from mahir.serve.llm_loadtest import run_llm_load
     from mahir.serve.loadtest import run_load
 
     with progress_bar() as progress:
@@ -352,7 +431,10 @@ def _run_loadtest(config: Any, json_path: Path | None) -> None:
                 description=f"{done} requests, {len(result.latencies_ms)} ok",
             )
 
-        result = asyncio.run(run_load(config, on_progress=on_progress))
+        if load is None:
+            result = asyncio.run(run_load(config, on_progress=on_progress))
+        else:
+            result = asyncio.run(run_llm_load(config, load, on_progress=on_progress))
     console.print(result)
     if json_path is not None:
         write_json(json_path, result.summary())

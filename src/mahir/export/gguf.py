@@ -12,7 +12,7 @@ query and key rows permuted from Hugging Face's rotate-half layout to llama.cpp'
 pairs, the byte-level BPE tokenizer with its merges, special ids and chat template. Other
 architectures are refused in one line (that converter ships with llama.cpp's sources, not in
 any installed package). Each file is checked in llama.cpp against the reference before it is
-kept, and cached by the source's content hash in the user's cache folder (`peaks.cache_dir`).
+kept, and cached by the source's content hash in the user's cache folder (`files.cache_dir`).
 
 Sits in export/, above runtimes (it runs what it wrote); knows nothing of passes or search.
 """

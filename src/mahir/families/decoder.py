@@ -194,7 +194,17 @@ def load_decoder(path: Path, *, name: str | None = None) -> LanguageModel:
             "file or a Hugging Face folder of a causal LM (config.json naming *ForCausalLM)"
         )
     module.eval()
-    config = module.config
+    family = decoder_family(
+        module.config, tokenizer, path, getattr(module, "generation_config", None)
+    )
+    label = name or (path.stem if path.suffix == ".gguf" else path.name)
+    return LanguageModel(label, str(path), module, family, gguf=path.suffix == ".gguf")
+
+
+def decoder_family(config: Any, tokenizer: Any, path: Path, generation: Any = None) -> Decoder:
+    """The family of a causal LM from its config, generation config and tokenizer (read from
+    `path`, named in errors): its context length, stop tokens and vocabulary. The weights play no
+    part, so an engine's own files (a GGUF, an IR) reopen with the config beside them."""
     vocab = int(config.vocab_size)
     if len(tokenizer) > vocab:
         raise BadInput(
@@ -202,9 +212,7 @@ def load_decoder(path: Path, *, name: str | None = None) -> LanguageModel:
             f"{vocab}: save the model's own tokenizer beside it"
         )
     context = _context_length(config, tokenizer)
-    family = Decoder(tokenizer, context, _stops(module, tokenizer), vocab)
-    label = name or (path.stem if path.suffix == ".gguf" else path.name)
-    return LanguageModel(label, str(path), module, family, gguf=path.suffix == ".gguf")
+    return Decoder(tokenizer, context, _stops(config, generation, tokenizer), vocab)
 
 
 def _read_gguf(path: Path) -> tuple[Any, Any]:
@@ -276,12 +284,11 @@ def _context_length(config: Any, tokenizer: Any) -> int:
     return min(real)
 
 
-def _stops(module: Any, tokenizer: Any) -> tuple[int, ...]:
+def _stops(config: Any, generation: Any, tokenizer: Any) -> tuple[int, ...]:
     """The generation config's and the tokenizer's eos ids, plus the end-of-turn tokens the
     tokenizer has as special tokens: an instruct model ends its turn with one of them."""
     found: list[int] = []
-    generation = getattr(module, "generation_config", None)
-    for ids in (getattr(generation, "eos_token_id", None), module.config.eos_token_id):
+    for ids in (getattr(generation, "eos_token_id", None), config.eos_token_id):
         found += ids if isinstance(ids, list) else [] if ids is None else [ids]
     if tokenizer.eos_token_id is not None:
         found.append(tokenizer.eos_token_id)

@@ -6,11 +6,13 @@ engine is opened with the `RuntimeOptions` every runtime takes (threads, device)
 import their framework at the top, so they are imported only when a generator opens.
 
 Now: PyTorch, eager or with a static KV cache and a compiled decode step, in fp32 or bf16
-(`runtimes/torch_generator.py`), on a live transformers model; llama.cpp on a GGUF file
-(`runtimes/llamacpp.py`); OpenVINO GenAI on a stateful IR (`runtimes/openvino_genai.py`; the IR
-and its weight format come from `export/openvino_llm.py`), with f32 compute and KV cache or with
-the CPU plugin's own choices; vLLM's CPU build on a Hugging Face folder
-(`runtimes/vllm_cpu.py`), in bf16 or fp32, in an environment of mahir's own.
+(`runtimes/torch_generator.py`), on a live transformers model, one generation at a time or, with
+`RuntimeOptions.slots`, that many decoded together (continuous batching,
+`runtimes/torch_batching.py`); llama.cpp on a GGUF file (`runtimes/llamacpp.py`); OpenVINO GenAI
+on a stateful IR (`runtimes/openvino_genai.py`; the IR and its weight format come from
+`export/openvino_llm.py`), with f32 compute and KV cache or with the CPU plugin's own choices;
+vLLM's CPU build on a Hugging Face folder (`runtimes/vllm_cpu.py`), in bf16 or fp32, in an
+environment of mahir's own.
 """
 
 from __future__ import annotations
@@ -62,7 +64,11 @@ def _torch(
         from mahir.runtimes.torch_generator import TorchEngineOptions, open_generator
 
         settings = TorchEngineOptions(
-            precision=precision, compile=compile, threads=options.threads, device=options.device
+            precision=precision,
+            compile=compile,
+            threads=options.threads,
+            slots=options.slots,
+            device=options.device,
         )
         return open_generator(artifact, settings, engine=name)
 

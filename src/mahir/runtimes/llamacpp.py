@@ -77,6 +77,9 @@ class LlamaCppOptions:
 class LlamaCppGenerator:
     """`Generator` over a llama.cpp model and context (`generation.Generator`)."""
 
+    max_concurrency = 1
+    """One llama.cpp context, its KV cache cleared per generation: one generation at a time."""
+
     def __init__(self, path: Path, options: LlamaCppOptions, *, engine: str) -> None:
         self.engine = engine
         self.device = options.device

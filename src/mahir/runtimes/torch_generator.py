@@ -16,16 +16,17 @@ AMX); elsewhere it is emulated and slower than fp32, so it is refused there with
 the compiled decode step is checked by greedy continuations (`mahir.generation_quality`).
 
 Tokens are chosen by `generation.choose` (greedy in torch, without copying the logits out).
-Torch's thread count is process-wide: opening a generator sets it. A runtime knows nothing of
-passes, search or serving.
+Torch's thread count is process-wide: each generation and each `logprobs` sets the generator's
+own, so generators with different thread counts can take turns in one process (as a search
+timing them interleaved does). A runtime knows nothing of passes, search or serving.
 """
 
 from __future__ import annotations
 
 import copy
-import inspect
 import time
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -35,6 +36,8 @@ import torch
 from mahir.errors import Unsupported
 from mahir.generation import Sampling, check_request, choose, decode_loop
 from mahir.hardware import Machine, detect, physical_cores
+from mahir.runtimes.torch_batching import ContinuousBatch
+from mahir.runtimes.torch_lm import CausalLM, context_of
 from mahir.types import CPU, Artifact, Device, module_mb
 
 BF16_ISA = ("avx512_bf16", "amx_bf16")
@@ -52,9 +55,15 @@ class TorchEngineOptions:
     """Tokens the static cache holds (prompt plus new, at most); the dynamic cache ignores it."""
     threads: int | None = None
     """Torch's intra-op threads; default: the machine's physical cores."""
+    slots: int = 1
+    """Sequences decoded together: above 1, concurrent `stream` calls join one batch between
+    decode steps (`torch_batching.py`), over a KV cache preallocated for `slots` sequences of
+    `max_cache_len` tokens, eager or compiled."""
     device: Device = CPU
 
     def __post_init__(self) -> None:
+        if self.slots < 1:
+            raise ValueError(f"slots must be >= 1, got {self.slots}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision is fp32 or bf16, got {self.precision!r}")
         if self.max_cache_len < 2:
@@ -66,34 +75,59 @@ class TorchEngineOptions:
 class TorchGenerator:
     """`Generator` over a transformers causal LM (`generation.Generator`)."""
 
+    max_concurrency: int
+    """`slots`: one generation at a time on its own cache (torch's thread count is
+    process-wide), or that many decoded together as one batch."""
+
     def __init__(self, module: Any, options: TorchEngineOptions, *, engine: str) -> None:
         self.engine = engine
         self.device = options.device
+        self.max_concurrency = options.slots
         self._options = options
+        self._threads = options.threads or physical_cores()
         self._module = module
         self._where = torch.device("cpu" if options.device.kind == "cpu" else str(options.device))
-        self._cache_arg = "cache" if _takes(module, "cache") else "past_key_values"
-        self._keep_last = _takes(module, "logits_to_keep")
-        positions = _positions(module.config)
-        self.context_length = (
-            min(positions, options.max_cache_len) if options.compile else positions
-        )
+        self._lm = CausalLM.of(module, self._where, self._threads)
+        positions = context_of(module.config)
+        preallocated = options.compile or options.slots > 1
+        self.context_length = min(positions, options.max_cache_len) if preallocated else positions
         self._vocab = int(module.config.vocab_size)
-        self._static: Any = None
+        self._pinned: torch.Tensor | None = None
+        """Host memory greedy tokens are copied into, asynchronously (`_to_host`)."""
+        self._statics: dict[int, Any] = {}
+        """Static caches by batch size (a cache's tensors take the batch of its first use)."""
         self._step = self._eager_step
         self.compile_s: float | None = None
+        # On a GPU the step is also captured as a CUDA graph, and its matmuls autotuned: a small
+        # model's decode step is hundreds of short kernels. SmolLM2-135M's shape on an H200,
+        # bf16: the step took 1.50 ms of GPU time as "reduce-overhead", 0.99 ms as "max-autotune"
+        # (63 s to compile instead of 38).
+        mode = "max-autotune" if options.device.kind == "cuda" else None
+        self.batch: ContinuousBatch | None = None
+        """The continuous batch that runs every `stream` when `slots` > 1."""
+        if options.slots > 1:
+            self.batch = ContinuousBatch(
+                self._lm,
+                slots=options.slots,
+                length=self.context_length,
+                compiled=options.compile,
+                mode=mode,
+            )
+            weakref.finalize(self, self.batch.stop)  # its thread ends with the generator
+        elif options.compile:
+            self._step = torch.compile(self._eager_step, fullgraph=True, dynamic=False, mode=mode)
         if options.compile:
-            from transformers import StaticCache
-
-            self._static = StaticCache(config=module.config, max_cache_len=self.context_length)
-            self._step = torch.compile(self._eager_step, fullgraph=True, dynamic=False)
             started = time.perf_counter()
             list(self.stream([0], Sampling(max_new_tokens=3)))  # compiles here, not when timed
             self.compile_s = time.perf_counter() - started
 
     def stream(self, prompt: Sequence[int], sampling: Sampling) -> Iterator[int]:
         self._check(prompt, sampling.max_new_tokens)  # at the call, not at the first token
-        cache = self._new_cache()
+        if self.batch is not None:
+            return self._joined(self.batch, prompt, sampling)
+        cache = self._new_cache(1)
+        if self._compiled and sampling.greedy:
+            return self._stream_on_device(prompt, sampling, cache)
         return decode_loop(
             prompt,
             sampling,
@@ -102,8 +136,143 @@ class TorchGenerator:
             self._choose,
         )
 
+    def _joined(
+        self, batch: ContinuousBatch, prompt: Sequence[int], sampling: Sampling
+    ) -> Iterator[int]:
+        """The batch's stream, holding this generator: the batch's thread ends with it."""
+        yield from batch.stream(prompt, sampling)
+
+    def _stream_on_device(
+        self, prompt: Sequence[int], sampling: Sampling, cache: Any
+    ) -> Iterator[int]:
+        stops = frozenset(sampling.stop_token_ids)
+        logits = self._prefill(prompt, cache)[None]
+        with torch.inference_mode():
+            for (token,) in self._steps(logits, cache, len(prompt), sampling, []):
+                yield token
+                if token in stops:
+                    return
+
+    def generate_batch(
+        self, prompts: Sequence[Sequence[int]], sampling: Sampling
+    ) -> list[list[int]]:
+        """Several prompts at once, left-padded into one cache (the padding masked), so each
+        weight read serves every sequence: each one's new tokens, up to and including its stop
+        token, as `stream` gives them for that prompt alone (greedily: up to the rounding a
+        batched matmul may change). Sampled rows draw from generators spawned from `seed`.
+        With slots, the prompts join the continuous batch instead, `slots` at a time."""
+        for prompt in prompts:
+            self._check(prompt, sampling.max_new_tokens)
+        if self.batch is not None:
+            return self.batch.generate(prompts, sampling)
+        batch, longest = len(prompts), max(len(p) for p in prompts)
+        self._check([0] * longest, sampling.max_new_tokens)  # the padded prompt must fit too
+        torch.set_num_threads(self._threads)
+        width = self.context_length if self._compiled else longest + sampling.max_new_tokens
+        ids = torch.zeros((batch, longest), dtype=torch.long)
+        mask = torch.zeros((batch, width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, longest - len(prompt) :] = torch.tensor(list(prompt))
+            mask[row, longest - len(prompt) : longest] = 1
+        ids, mask = ids.to(self._where), mask.to(self._where)
+        positions = (mask[:, :longest].cumsum(-1) - 1).clamp(min=0)
+        cache = self._new_cache(batch)
+        extra: dict[str, Any] = {"logits_to_keep": 1} if self._lm.keep_last else {}
+        with torch.inference_mode():
+            logits = self._lm.forward(
+                ids,
+                cache,
+                attention_mask=mask if self._compiled else mask[:, :longest],
+                position_ids=positions,
+                cache_position=torch.arange(longest, device=self._where),
+                **extra,
+            )[:, -1]
+            seeds = np.random.SeedSequence(sampling.seed).spawn(batch)
+            rngs = [np.random.default_rng(seed) for seed in seeds]
+            return self._batched_decode(
+                logits, mask, positions[:, -1:] + 1, longest, cache, sampling, rngs
+            )
+
+    def _batched_decode(
+        self,
+        logits: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        slot: int,
+        cache: Any,
+        sampling: Sampling,
+        rngs: list[np.random.Generator],
+    ) -> list[list[int]]:
+        """Each row's tokens up to its stop token or `max_new_tokens`."""
+        stops = frozenset(sampling.stop_token_ids)
+        out: list[list[int]] = [[] for _ in rngs]
+        running = set(range(len(rngs)))
+        for chosen in self._steps(logits, cache, slot, sampling, rngs, mask, positions):
+            for row in list(running):
+                out[row].append(chosen[row])
+                if chosen[row] in stops:
+                    running.discard(row)
+            if not running:
+                break
+        return out
+
+    def _steps(
+        self,
+        logits: torch.Tensor,
+        cache: Any,
+        slot: int,
+        sampling: Sampling,
+        rngs: list[np.random.Generator],
+        mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> Iterator[list[int]]:
+        """Every row's token at each step, `max_new_tokens` steps at most (the caller stops
+        earlier by closing it). Each step feeds the tokens just chosen at the next slot of the
+        cache (every row writes the same slot: a batch's padding keeps them aligned). Greedy
+        tokens never leave the device between steps: the next step is queued before the host
+        reads this one's tokens, so on a GPU the host's work hides behind the step's."""
+        slots = torch.tensor([slot], device=self._where)
+        for count in range(1, sampling.max_new_tokens + 1):
+            if sampling.greedy:
+                tokens = torch.argmax(logits, dim=-1)
+                read = self._to_host(tokens)
+            else:
+                rows = logits.float().cpu().numpy()
+                chosen = [choose(rows[i], sampling, rng) for i, rng in enumerate(rngs)]
+                tokens = torch.tensor(chosen, device=self._where)
+            if count < sampling.max_new_tokens:
+                seen = None
+                if mask is not None:
+                    mask[:, slot + count - 1] = 1
+                    # the dynamic cache is as long as what it has seen
+                    seen = mask if self._compiled else mask[:, : slot + count]
+                logits = self._run_step(tokens[:, None], slots, cache, seen, positions)
+                slots += 1
+                if positions is not None:
+                    positions = positions + 1
+            yield read() if sampling.greedy else chosen
+
+    def _to_host(self, tokens: torch.Tensor) -> Callable[[], list[int]]:
+        """Start copying `tokens` to the host; the returned call waits for the copy alone."""
+        if self._where.type != "cuda":
+            return tokens.tolist
+        if self._pinned is None or self._pinned.numel() != tokens.numel():
+            self._pinned = torch.empty(tokens.numel(), dtype=tokens.dtype, pin_memory=True)
+        pinned = self._pinned
+        pinned.copy_(tokens, non_blocking=True)
+        copied = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        copied.record()
+
+        def read() -> list[int]:
+            copied.synchronize()
+            values: list[int] = pinned.tolist()
+            return values
+
+        return read
+
     def logprobs(self, tokens: Sequence[int]) -> np.ndarray:
         self._check(tokens, 0)
+        torch.set_num_threads(self._threads)
         with torch.inference_mode():
             ids = torch.tensor([list(tokens)], device=self._where)
             logits = self._module(input_ids=ids, use_cache=False).logits[0]
@@ -113,12 +282,13 @@ class TorchGenerator:
         return {
             "engine": self.engine,
             "precision": self._options.precision,
-            "kv_cache": "static" if self._options.compile else "dynamic",
-            "max_cache_len": self.context_length if self._options.compile else None,
+            "kv_cache": self._kv_cache,
+            "max_cache_len": None if self._kv_cache == "dynamic" else self.context_length,
             "compiled": self._options.compile,
+            "slots": self._options.slots,
             "compile_s": self.compile_s,
             "weights_mb": module_mb(self._module),
-            "threads": torch.get_num_threads(),
+            "threads": self._threads,
             "device": str(self.device),
             "torch": torch.__version__,
         }
@@ -126,38 +296,65 @@ class TorchGenerator:
     def close(self) -> None:
         """Nothing to release: the module belongs to the caller."""
 
-    def _new_cache(self) -> Any:
-        if self._static is not None:
-            with torch.inference_mode():  # its tensors were made in inference mode
-                self._static.reset()
-            return self._static
-        from transformers import DynamicCache
+    @property
+    def _kv_cache(self) -> str:
+        if self.batch is not None:
+            return "slots"  # a row per sequence, preallocated
+        return "static" if self._options.compile else "dynamic"
 
-        return DynamicCache(config=self._module.config)
+    @property
+    def _compiled(self) -> bool:
+        return self._options.compile
+
+    def _new_cache(self, batch: int) -> Any:
+        """A fresh dynamic cache, or the static cache of this batch size, reset."""
+        if not self._compiled:
+            from transformers import DynamicCache
+
+            return DynamicCache(config=self._module.config)
+        if batch not in self._statics:
+            from transformers import StaticCache
+
+            config = self._module.config
+            self._statics[batch] = StaticCache(config=config, max_cache_len=self.context_length)
+        with torch.inference_mode():  # its tensors were made in inference mode
+            self._statics[batch].reset()
+        return self._statics[batch]
 
     def _prefill(self, prompt: Sequence[int], cache: Any) -> torch.Tensor:
-        ids = torch.tensor([list(prompt)], device=self._where)
-        extra: dict[str, Any] = {"logits_to_keep": 1} if self._keep_last else {}
-        if self._static is not None:
-            extra["cache_position"] = torch.arange(len(prompt), device=self._where)
-        with torch.inference_mode():
-            return self._forward(ids, cache, **extra)[0, -1]
+        if not self._compiled:
+            return self._lm.prefill(prompt, cache)
+        return self._lm.prefill(
+            prompt, cache, cache_position=torch.arange(len(prompt), device=self._where)
+        )
 
     def _decode_one_token(self, token: int, position: int, cache: Any) -> torch.Tensor:
         ids = torch.tensor([[token]], device=self._where)
         with torch.inference_mode():
-            if self._static is None:  # the dynamic cache knows its own length
-                return self._forward(ids, cache)[0, -1]
-            return self._step(ids, torch.tensor([position], device=self._where))[0]
+            if not self._compiled:  # the dynamic cache knows its own length
+                return self._lm.forward(ids, cache)[0, -1]
+            return self._run_step(ids, torch.tensor([position], device=self._where), cache)[0]
 
-    def _eager_step(self, ids: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        """One decode step on the static cache: what torch.compile compiles."""
-        return self._forward(ids, self._static, cache_position=position)[:, -1]
-
-    def _forward(self, ids: torch.Tensor, cache: Any, **extra: Any) -> torch.Tensor:
-        out = self._module(input_ids=ids, use_cache=True, **{self._cache_arg: cache}, **extra)
-        logits: torch.Tensor = out.logits
+    def _run_step(self, *args: Any) -> torch.Tensor:
+        if self._compiled and self._options.device.kind == "cuda":
+            # A CUDA graph's outputs live in its pool until the next replay: the caller has
+            # read the last step's logits (its token is an input here), so they may go.
+            torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call]
+        logits: torch.Tensor = self._step(*args)
         return logits
+
+    def _eager_step(
+        self,
+        ids: torch.Tensor,
+        slot: torch.Tensor,
+        cache: Any,
+        mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One decode step (what torch.compile compiles on the static cache): `ids` written at
+        cache `slot`; a batch's padding `mask` and each row's `positions` where rows differ."""
+        extra = {} if mask is None else {"attention_mask": mask, "position_ids": positions}
+        return self._lm.forward(ids, cache, cache_position=slot, **extra)[:, -1]
 
     def _choose(self, logits: torch.Tensor, sampling: Sampling, rng: np.random.Generator) -> int:
         if sampling.greedy:
@@ -191,22 +388,7 @@ def open_generator(
             )
     if options.device.kind == "cuda" and not torch.cuda.is_available():
         raise Unsupported(f"{engine}: torch sees no CUDA GPU here: use --device cpu")
-    torch.set_num_threads(options.threads or physical_cores())
     dtype = torch.bfloat16 if options.precision == "bf16" else torch.float32
     if dtype != torch.float32 or options.device.kind != "cpu":
         module = copy.deepcopy(module).to(device=str(options.device), dtype=dtype)
     return TorchGenerator(module.eval(), options, engine=engine)
-
-
-def _takes(module: Any, name: str) -> bool:
-    """Whether the model's forward takes keyword `name`: transformers renames arguments between
-    releases (`past_key_values` became `cache`), and the old name warns."""
-    return name in inspect.signature(module.forward).parameters
-
-
-def _positions(config: Any) -> int:
-    for key in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    raise Unsupported("the model's config gives no context length (max_position_embeddings)")

@@ -27,13 +27,15 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich import box
 from rich.table import Table
 
 from mahir.errors import BadInput, Unsupported
@@ -62,8 +64,8 @@ from mahir.hardware import Machine, detect
 from mahir.measure import BUSY_CORES, MachineLoad, memory_added, own_seconds
 from mahir.passes.gguf import GgufQuantize, quantize_gguf
 from mahir.passes.torchao import TorchaoInt8, quantize_linears
-from mahir.runtimes.engines import REFERENCE_ENGINE, Engine, get_engine, open_engine
-from mahir.types import Artifact, RuntimeOptions, module_mb
+from mahir.runtimes.engines import REFERENCE_ENGINE, get_engine, open_engine
+from mahir.types import Artifact, Device, RuntimeOptions, module_mb
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +109,10 @@ VARIANTS: dict[str, Variant] = {
     "vllm": Variant("vllm"),
     "vllm-fp32": Variant("vllm-fp32"),
 }
+WEIGHT_STEPS: dict[str, type[Any]] = {
+    cls.__name__: cls for cls in (TorchaoInt8, GgufQuantize, LlmWeights)
+}
+"""The allow-list an LLM recipe's steps (a variant's `weights`) are read back against."""
 DEFAULT_VARIANTS = ("torch", "torch-bf16", "torch-int8", "torch-compile", "llama.cpp")
 """Measured when none is asked for (those the machine can run): each compiled variant costs
 minutes of compiling on 2 cores before it is timed."""
@@ -125,6 +131,9 @@ class LlmBenchConfig:
     """The user's prompts (.txt lines or .jsonl); generated ones when None."""
     min_time_s: float = 0.0
     """Prompts are cycled until each variant has generated this long (one pass at least)."""
+    at_once: tuple[int, ...] = ()
+    """Requests in flight together, beyond batch 1: output tokens/s with that many prompts at
+    once (an engine with `generate_batch` runs them as one batch; others one after another)."""
     options: RuntimeOptions = field(default_factory=RuntimeOptions)
     judging: Judging = field(default_factory=Judging)
     budget: GenerationBudget = field(default_factory=GenerationBudget)
@@ -136,6 +145,34 @@ class LlmBenchConfig:
             raise BadInput(f"unknown LLM engine {unknown[0]!r}: choose from {', '.join(VARIANTS)}")
         if self.min_time_s < 0:
             raise BadInput(f"--seconds must be >= 0, got {self.min_time_s}")
+        if any(n < 2 for n in self.at_once):
+            raise BadInput(
+                f"requests at once must be >= 2 (batch 1 is always timed), got {self.at_once}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class AtOnce:
+    """Several requests in flight together: how many tokens came out in how long."""
+
+    requests: int
+    tokens: int
+    seconds: float
+    batched: bool
+    """False: the engine has no batched generation and ran them one after another."""
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "output_tokens_per_s": self.tokens_per_s,
+            "tokens": self.tokens,
+            "seconds": self.seconds,
+            "batched": self.batched,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +194,8 @@ class LlmBenchRow:
     memory_mb: float
     size_mb: float
     open_s: float
+    at_once: dict[int, AtOnce] = field(default_factory=dict)
+    """Output tokens/s with several requests in flight, by their number."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -184,6 +223,7 @@ class LlmBenchRow:
             "memory_mb": self.memory_mb,
             "size_mb": self.size_mb,
             "open_s": self.open_s,
+            "at_once": {str(n): run.to_json() for n, run in self.at_once.items()},
             "settings": self.settings,
             "quality": self.quality.to_dict(),
             "within_budget": not self.failures,
@@ -225,19 +265,29 @@ class LlmBenchResult:
         }
 
     @property
+    def _levels(self) -> list[int]:
+        """The numbers of requests at once any row was timed with."""
+        return sorted({n for row in self.rows for n in row.at_once})
+
+    @property
     def _busy(self) -> bool:
         return self.other_load > BUSY_CORES
 
     def __rich__(self) -> Table:
-        table = Table(
-            title=f"{self.model.name} on {self.machine.summary()}, batch 1", caption=self._caption()
+        table = Table(  # no vertical rules: fifteen columns fit 120 characters
+            title=f"{self.model.name} on {self.machine.summary()}, batch 1",
+            caption=self._caption(),
+            box=box.SIMPLE_HEAD,
+            padding=(0, 1, 0, 0),
+            pad_edge=False,
         )
         table.add_column("engine", no_wrap=True)
         columns = (
             "TTFT", "ms/tok", "p90", "tok/s", "speedup", "GB/s", "MB", "mem", "top-1", "KL",
             "ppl", "greedy", "budget",
         )  # fmt: skip
-        for column in columns:
+        levels = self._levels
+        for column in (*columns[:4], *(f"tok/s@{n}" for n in levels), *columns[4:]):
             table.add_column(column, justify="right", no_wrap=True)
         for row in self.rows:
             quality, speedup = row.quality, self.speedup(row)
@@ -247,6 +297,7 @@ class LlmBenchResult:
                 f"{row.ms('decode', 50):.1f}",
                 f"{row.ms('decode', 90):.1f}",
                 f"{row.tokens_per_s:.1f}",
+                *(_at_once_cell(row.at_once.get(n)) for n in levels),
                 "" if speedup is None else f"{speedup:.2f}x",
                 f"{row.bandwidth_gb_s:.2g}",
                 f"{row.size_mb:.0f}",
@@ -279,6 +330,11 @@ class LlmBenchResult:
                 f"divergence; budget: top-1 >= {self.budget.min_top1}, KL <= "
                 f"{self.budget.max_kl}"
             )
+        if self._levels:
+            lines.append(
+                "tok/s@N: output tokens/s with N requests at once, as one batch where the engine "
+                "batches them, one after another where it does not (marked 1x1)"
+            )
         lines.append(
             "mem: MB of resident memory added when opened and run (with an engine's worker "
             "process, vLLM's); torch runs the reference's own weights, so its figure leaves "
@@ -291,6 +347,12 @@ class LlmBenchResult:
                 "cores busy while timing; PyTorch's threads stall first[/bold red]"
             )
         return "\n".join(lines)
+
+
+def _at_once_cell(run: AtOnce | None) -> str:
+    if run is None:
+        return ""
+    return f"{run.tokens_per_s:.0f}" + ("" if run.batched else " 1x1")
 
 
 def prompt_workload(model: LanguageModel, config: LlmBenchConfig) -> PromptWorkload:
@@ -343,7 +405,14 @@ def benchmark_llm(
             qualities[name] = judge(generator, answers)
         on_step("timing")
         load = MachineLoad(own_seconds=lambda: own_seconds(children=True))  # vLLM's worker
-        timings = _time({n: g for n, (g, *_) in opened.items()}, workload, config, on_measure)
+        generators = {n: g for n, (g, *_) in opened.items()}
+        timings = time_interleaved(generators, workload.prompts, config.min_time_s, on_measure)
+        at_once: dict[str, dict[int, AtOnce]] = {name: {} for name in generators}
+        for requests in config.at_once:
+            on_step(f"timing {requests} requests at once")
+            context = model.family.context_length
+            for name, run in time_at_once(generators, workload.prompts, requests, context).items():
+                at_once[name][requests] = run
         other_load = load.other_cores()  # read while the workers it counts as ours still run
         rows = [
             LlmBenchRow(
@@ -355,6 +424,7 @@ def benchmark_llm(
                 memory_mb=memory,
                 size_mb=size,
                 open_s=open_s,
+                at_once=at_once[name],
             )
             for name, (generator, memory, size, open_s) in opened.items()
         ]
@@ -367,18 +437,18 @@ def _runnable(
     """The variants to time: those asked (each refused in one line if it cannot run here), or
     the defaults this machine can run, with the reasons for the rest."""
     asked = config.variants or DEFAULT_VARIANTS
-    reasons = {name: why for name in asked if (why := _cannot(name, config, machine, model))}
+    device = config.options.device
+    reasons = {name: why for name in asked if (why := cannot_run(name, device, machine, model))}
     if config.variants and reasons:
         raise BadInput("; ".join(reasons.values()))
     return [name for name in asked if name not in reasons], reasons
 
 
-def _cannot(
-    name: str, config: LlmBenchConfig, machine: Machine, model: LanguageModel
-) -> str | None:
+def cannot_run(name: str, device: Device, machine: Machine, model: LanguageModel) -> str | None:
+    """Why variant `name` cannot run `model` on `device` of this machine, in one phrase; None if
+    it can."""
     variant = VARIANTS[name]
     engine = get_engine(variant.engine)
-    device = config.options.device
     if device.kind not in engine.devices:
         return f"{name} runs on {' or '.join(engine.devices)} only"
     if engine.missing():
@@ -404,19 +474,18 @@ def _open(
     if name == REFERENCE_ENGINE:
         return reference, module_mb(model.module)
     try:
-        artifact = _weights(variant, get_engine(variant.engine), model, options, on_step)
+        artifact = variant_artifact(variant, model, options, on_step)
         generator = open_engine(variant.engine, artifact, options)
     except Unsupported as err:
         raise BadInput(f"{name}: {err}") from err
     return generator, float(generator.describe().get("weights_mb") or artifact.size_mb())
 
 
-def _weights(
+def variant_artifact(
     variant: Variant,
-    engine: Engine,
     model: LanguageModel,
     options: RuntimeOptions,
-    on_step: Callable[[str], None],
+    on_step: Callable[[str], None] = lambda _step: None,
 ) -> Artifact:
     """The artifact the variant's engine opens, made here (GGUF files and OpenVINO IRs: found in
     the cache when made before)."""
@@ -425,6 +494,7 @@ def _weights(
         return quantize_gguf(f32_gguf(model), weights)
     if isinstance(weights, LlmWeights):
         return export_llm(model, weights, threads=options.threads, on_step=on_step)
+    engine = get_engine(variant.engine)
     if engine.format == "gguf":
         return source_gguf(model)
     if engine.format == "hf":
@@ -443,20 +513,20 @@ def _generate(generator: Generator, prompt: Prompt) -> list[float]:
     return stamps
 
 
-def _time(
+def time_interleaved(
     generators: dict[str, Generator],
-    workload: PromptWorkload,
-    config: LlmBenchConfig,
-    on_measure: Callable[[str, float], None] | None,
+    prompts: Sequence[Prompt],
+    min_time_s: float,
+    on_measure: Callable[[str, float], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Each prompt by every generator in turn (rotating who goes first), the prompts cycled
-    until each generator has had `min_time_s` and every prompt has run once."""
+    until each generator has had `min_time_s` and every prompt has run once: ttft_ms,
+    decode_ms, tokens and seconds per generator (`LlmBenchRow`'s fields)."""
     names = list(generators)
     stamps: dict[str, list[list[float]]] = {name: [] for name in names}
     spent = dict.fromkeys(names, 0.0)
-    prompts = workload.prompts
     i = 0
-    while i < len(prompts) or min(spent.values()) < config.min_time_s:
+    while i < len(prompts) or min(spent.values()) < min_time_s:
         prompt = prompts[i % len(prompts)]
         for name in names[i % len(names) :] + names[: i % len(names)]:
             run = _generate(generators[name], prompt)
@@ -464,11 +534,52 @@ def _time(
             spent[name] += run[-1] - run[0]
             if on_measure is not None:
                 done = min(1.0, (i + 1) / len(prompts))
-                if config.min_time_s > 0:
-                    done = min(done, spent[name] / config.min_time_s)
+                if min_time_s > 0:
+                    done = min(done, spent[name] / min_time_s)
                 on_measure(name, done)
         i += 1
     return {name: _timings(runs) for name, runs in stamps.items()}
+
+
+def time_at_once(
+    generators: dict[str, Generator], prompts: Sequence[Prompt], requests: int, context: int
+) -> dict[str, AtOnce]:
+    """The prompts in groups of `requests` (cycled to fill every group), each group by every
+    generator in turn (rotating who goes first). A group's rows all generate its longest
+    `max_new_tokens` (as far as its longest prompt leaves room), stop tokens ignored, so a
+    batch and a queue do the same work."""
+    names = list(generators)
+    count = math.ceil(max(len(prompts), requests) / requests) * requests
+    cycled = [prompts[i % len(prompts)] for i in range(count)]
+    tokens, seconds = dict.fromkeys(names, 0), dict.fromkeys(names, 0.0)
+    for g, start in enumerate(range(0, count, requests)):
+        group = cycled[start : start + requests]
+        longest = max(len(p.ids) for p in group)
+        new = min(max(p.max_new_tokens for p in group), context - longest)
+        ids = [list(p.ids) for p in group]
+        for name in names[g % len(names) :] + names[: g % len(names)]:
+            started = time.perf_counter()
+            made = _generate_together(generators[name], ids, Sampling(max_new_tokens=new))
+            seconds[name] += time.perf_counter() - started
+            tokens[name] += made
+    return {
+        name: AtOnce(requests, tokens[name], seconds[name], _batch_of(generators[name]) is not None)
+        for name in names
+    }
+
+
+def _batch_of(generator: Generator) -> Callable[..., list[list[int]]] | None:
+    """The engine's batched generation (`generate_batch(prompts, sampling)`), if it has one."""
+    method = getattr(generator, "generate_batch", None)
+    return method if callable(method) else None
+
+
+def _generate_together(generator: Generator, prompts: list[list[int]], sampling: Sampling) -> int:
+    """Tokens generated for all `prompts`: in one batch where the engine has one, else in turn."""
+    batch = _batch_of(generator)
+    if batch is not None:
+        return sum(len(row) for row in batch(prompts, sampling))
+    return sum(len(list(generator.stream(p, sampling))) for p in prompts)
 
 
 def _timings(runs: list[list[float]]) -> dict[str, Any]:

@@ -5,7 +5,8 @@ binary tensors, as `tritonclient.http` sends them), OpenAI's `POST /v1/embedding
 encoders (`embeddings.py`: the server tokenizes and pools, with the model's own pooling config),
 and Prometheus `/metrics`. A plain Starlette app: module-level handlers that read the served
 model (`served.py`) from `request.app.state`, one list of routes, and around each model endpoint
-two pure ASGI wrappers, metrics outside the API-key check. No FastAPI: its parameter
+two pure ASGI wrappers, metrics outside the API-key check (those, health, errors and uvicorn's
+start and drain are shared with the LLM server: `http.py`). No FastAPI: its parameter
 resolution cost ~30 us a request, and a model endpoint's GET took 460 us in process against
 115 us here (raw ASGI calls, a busy 2-core machine). Every request's inputs are checked
 (`validate.py`) before they may join a batch. Errors become HTTP answers in one place
@@ -22,38 +23,30 @@ Opens the output directory through `outdir.py`; never imports passes or search.
 
 from __future__ import annotations
 
-import asyncio
-import hmac
-import time
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.datastructures import Headers
-from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mahir.errors import (
-    HTTP_STATUS,
-    ClientClosed,
-    MahirError,
-    Malformed,
-    NotFound,
-    RequestError,
-    RuntimeFailure,
-    TooLarge,
-    Unauthorized,
-    first_line,
-    nearest,
-)
+from mahir.errors import Malformed, NotFound
 from mahir.outdir import OutputDir
 from mahir.serve.batcher import BatcherConfig
-from mahir.serve.embeddings import encode_embeddings, openai_error, parse_embeddings
+from mahir.serve.embeddings import encode_embeddings, parse_embeddings
+from mahir.serve.http import (
+    EXCEPTION_HANDLERS,
+    check_model,
+    guarded,
+    live,
+    prometheus,
+    read_body,
+    ready,
+    run_uvicorn,
+    until_disconnect,
+)
 from mahir.serve.images import classified
 from mahir.serve.metrics import ServerMetrics
 from mahir.serve.protocol import (
@@ -96,15 +89,6 @@ def _known(request: Request) -> ServedModel:
     return served
 
 
-async def live(request: Request) -> Response:
-    return JSONResponse({"live": True})
-
-
-async def ready(request: Request) -> Response:
-    is_ready = _served(request).ready
-    return JSONResponse({"ready": is_ready}, 200 if is_ready else 503)
-
-
 async def server_metadata(request: Request) -> Response:
     return JSONResponse({"name": "mahir", "version": "1", "extensions": ["binary_tensor_data"]})
 
@@ -126,7 +110,7 @@ async def model_config(request: Request) -> Response:
 
 async def infer(request: Request) -> Response:
     served = _known(request)
-    body = await _read_body(request, served.config.max_body_bytes)
+    body = await read_body(request, served.config.max_body_bytes)
     length = request.headers.get(HEADER_LENGTH)
     if length is not None and not length.isdigit():
         raise Malformed(f"{HEADER_LENGTH} is {length!r}: send the JSON header's length in bytes")
@@ -134,7 +118,7 @@ async def infer(request: Request) -> Response:
     header = None if length is None else int(length)
     parsed = parse_infer(body, header, served.opened.spec.inputs, decode)
     served.rules.check(parsed.inputs)
-    outputs = await _until_disconnect(request, served.batcher.submit(parsed.inputs))
+    outputs = await until_disconnect(request, served.batcher.submit(parsed.inputs))
     outputs = classified(outputs, parsed, served.images)
     content, header_length = encode_infer(served.name, parsed, outputs)
     if header_length is None:
@@ -151,166 +135,24 @@ async def embeddings(request: Request) -> Response:
         raise NotFound(
             f"{served.name} is not a sentence encoder: use /v2/models/{served.name}/infer"
         )
-    parsed = parse_embeddings(read_json(await _read_body(request, served.config.max_body_bytes)))
-    if parsed.model is not None and parsed.model != served.name:
-        raise NotFound(
-            f"the model {parsed.model!r} does not exist; this server serves {served.name!r}",
-            param="model",
-            code="model_not_found",
-        )
-    vectors, tokens = await _until_disconnect(request, embedder.embed(parsed))
+    parsed = parse_embeddings(read_json(await read_body(request, served.config.max_body_bytes)))
+    check_model(parsed.model, served.name)
+    vectors, tokens = await until_disconnect(request, embedder.embed(parsed))
     content = encode_embeddings(parsed, vectors, tokens, served.name)
     return Response(content, media_type="application/json")
-
-
-async def prometheus(request: Request) -> Response:
-    content = _served(request).metrics.render()
-    return Response(content, media_type="text/plain; version=0.0.4")
-
-
-class Metered:
-    """Counts each answer by endpoint and status, and times it (Prometheus); an exception that
-    escapes every handler counts as the 500 Starlette answers for it."""
-
-    def __init__(self, app: ASGIApp, endpoint: str) -> None:
-        self.app, self.endpoint = app, endpoint
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started, status = time.perf_counter(), 500
-
-        async def send_counted(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_counted)
-        finally:
-            metrics = scope["app"].state.served.metrics
-            metrics.requests.labels(self.endpoint, str(status)).inc()
-            metrics.latency.labels(self.endpoint).observe(time.perf_counter() - started)
-
-
-class Authorized:
-    """Passes only requests that carry the server's API key, when it has one."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        key = scope["app"].state.served.config.api_key
-        given = Headers(scope=scope).get("authorization", "")
-        if key is None or hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-            await self.app(scope, receive, send)
-            return
-        refused = Unauthorized(
-            "missing or wrong API key: send Authorization: Bearer <key>", code="invalid_api_key"
-        )
-        response = await error_answer(Request(scope), refused)
-        await response(scope, receive, send)
-
-
-def _guarded(endpoint: str) -> list[Middleware]:
-    """Around a model endpoint, outermost first: every answer counted, then the key checked."""
-    return [Middleware(Metered, endpoint=endpoint), Middleware(Authorized)]
 
 
 ROUTES = [
     Route("/v2/health/live", live),
     Route("/v2/health/ready", ready),
     Route("/v2", server_metadata),
-    Route("/v2/models/{name}", model_metadata, middleware=_guarded("metadata")),
-    Route("/v2/models/{name}/ready", model_ready, middleware=_guarded("ready")),
-    Route("/v2/models/{name}/config", model_config, middleware=_guarded("config")),
-    Route("/v2/models/{name}/infer", infer, methods=["POST"], middleware=_guarded("infer")),
-    Route("/v1/embeddings", embeddings, methods=["POST"], middleware=_guarded("embeddings")),
+    Route("/v2/models/{name}", model_metadata, middleware=guarded("metadata")),
+    Route("/v2/models/{name}/ready", model_ready, middleware=guarded("ready")),
+    Route("/v2/models/{name}/config", model_config, middleware=guarded("config")),
+    Route("/v2/models/{name}/infer", infer, methods=["POST"], middleware=guarded("infer")),
+    Route("/v1/embeddings", embeddings, methods=["POST"], middleware=guarded("embeddings")),
     Route("/metrics", prometheus),
 ]
-
-
-async def error_answer(request: Request, err: Exception) -> Response:
-    """The one place an error becomes an HTTP answer: mahir's by its nearest class in
-    `HTTP_STATUS`, Starlette's own 404 and 405 by their code, anything else a 500 (Starlette
-    then logs its traceback: a bug, since inference failures arrive as RuntimeFailure)."""
-    param = code = None
-    if isinstance(err, RequestError):
-        param, code = err.param, err.code
-    if isinstance(err, MahirError):
-        status, message, headers = nearest(err, HTTP_STATUS) or 500, str(err), None
-    elif isinstance(err, HTTPException):
-        status, message, headers = err.status_code, str(err.detail), err.headers
-    else:
-        status, message, headers = 500, f"internal error: {first_line(err)}", None
-    return _error_response(request.scope["path"], status, message, param, code, headers)
-
-
-EXCEPTION_HANDLERS = {
-    MahirError: error_answer,
-    HTTPException: error_answer,  # Starlette's own 404 and 405
-    Exception: error_answer,  # a bug: Starlette answers with this, then logs its traceback
-}
-
-
-def _error_response(
-    path: str,
-    status: int,
-    message: str,
-    param: str | None,
-    code: str | None,
-    headers: Mapping[str, str] | None,
-) -> Response:
-    """OpenAI's shape on /v1 (and its 400 for every invalid request), `{"error": message}`
-    elsewhere; a 503 says when to retry, a 401 how to authenticate."""
-    if status == 503:
-        headers = {**(headers or {}), "Retry-After": "1"}
-    if status == 401:
-        headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
-    if not path.startswith("/v1/"):
-        return JSONResponse({"error": message}, status, headers=headers)
-    if status == 422:
-        status = 400
-    return JSONResponse(openai_error(status, message, param, code), status, headers=headers)
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and int(declared) > limit:
-        raise TooLarge(f"the body is {int(declared)} bytes, the limit is {limit}")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise TooLarge(f"the body exceeds the {limit}-byte limit")
-    return bytes(body)
-
-
-async def _until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
-    """Await `work`, cancelling it if the client goes away first (its batch not yet started
-    then drops it unrun). The runtime's own errors become RuntimeFailure here, the boundary:
-    the batcher has already made sure they fail only the request that caused them."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(request))
-    try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-    if task not in done:
-        task.cancel()
-        # A gathered request that already failed would otherwise be logged as never retrieved.
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        raise ClientClosed("the client closed the connection")
-    try:
-        return task.result()
-    except MahirError:
-        raise
-    except Exception as err:
-        raise RuntimeFailure(f"inference failed: {first_line(err)}") from err
-
-
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 def _metadata(served: ServedModel) -> dict[str, Any]:
@@ -351,19 +193,5 @@ def _batching_config(name: str, batcher: BatcherConfig) -> dict[str, Any]:
 
 
 def run_server(opened: OutputDir, config: ServeConfig) -> None:
-    """Serve until SIGTERM or Ctrl-C; uvicorn drains in-flight requests before exiting.
-    uvicorn re-raises the signal after draining, to whatever handler was there before it; a
-    SIGTERM handler that does nothing makes a drained shutdown exit 0, as orchestrators expect."""
-    import signal
-
-    import uvicorn
-
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)
-
-    uvicorn.run(
-        build_app(opened, config),
-        host=config.host,
-        port=config.port,
-        log_level="warning",
-        timeout_graceful_shutdown=30,
-    )
+    """Serve until SIGTERM or Ctrl-C; in-flight requests finish first (`http.run_uvicorn`)."""
+    run_uvicorn(build_app(opened, config), config.host, config.port)

@@ -268,9 +268,3 @@ def encode_embeddings(
 
 def _base64(vector: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(vector, "<f4").tobytes()).decode("ascii")
-
-
-def openai_error(status: int, message: str, param: str | None, code: str | None) -> Any:
-    """An error body in OpenAI's shape, which its clients parse and show."""
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}

@@ -6,12 +6,15 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from mahir.serve.batcher import BatchObserver
+from mahir.serve.llm_scheduler import LlmObserver
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
-class ServerMetrics:
+class HttpMetrics:
+    """What every server counts: answers by endpoint and status, and their time."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
@@ -28,6 +31,17 @@ class ServerMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class ServerMetrics(HttpMetrics):
+    """The encoder server's: its batcher's queue, batches and inference time too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        r = self.registry
         self.queue_time = Histogram(
             "mahir_queue_seconds",
             "Time a request waited for its batch to start.",
@@ -61,5 +75,42 @@ class ServerMetrics:
             queued=self.queue_depth.set, batch=batch, waited=self.queue_time.observe
         )
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+
+class LlmMetrics(HttpMetrics):
+    """The LLM server's: what users feel (time to first token, time between tokens) and what
+    the scheduler holds (sequences generating and waiting)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        r = self.registry
+        self.first_token = Histogram(
+            "mahir_llm_time_to_first_token_seconds",
+            "Time from a request's arrival to its first token (queueing and prefill).",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inter_token = Histogram(
+            "mahir_llm_inter_token_seconds",
+            "Time between consecutive tokens of one sequence (a decode step).",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.output_tokens = Counter("mahir_llm_output_tokens", "Tokens generated.", registry=r)
+        self.prompt_tokens = Counter("mahir_llm_prompt_tokens", "Prompt tokens read.", registry=r)
+        self.running = Gauge("mahir_llm_running", "Sequences generating now.", registry=r)
+        self.waiting = Gauge("mahir_llm_waiting", "Sequences waiting for a slot.", registry=r)
+
+    def observer(self) -> LlmObserver:
+        def counts(running: int, waiting: int) -> None:
+            self.running.set(running)
+            self.waiting.set(waiting)
+
+        def first_token(seconds: float) -> None:
+            self.first_token.observe(seconds)
+            self.output_tokens.inc()
+
+        def next_token(seconds: float) -> None:
+            self.inter_token.observe(seconds)
+            self.output_tokens.inc()
+
+        return LlmObserver(counts=counts, first_token=first_token, next_token=next_token)

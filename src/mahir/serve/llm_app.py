@@ -1,0 +1,288 @@
+"""`mahir serve` for an LLM output directory: OpenAI's chat and completions APIs over the winner
+of `mahir optimize --llm`.
+
+Endpoints: `POST /v1/chat/completions` (the model's chat template), `POST /v1/completions`,
+`GET /v1/models`, health (`/v2/health/live`, `/v2/health/ready`, as the encoder server names
+them) and Prometheus `/metrics` (time to first token, between tokens, tokens, sequences running
+and waiting). A request is checked whole before any work (`openai_chat.py`; a prompt that does
+not leave room in the context for what it asks is a 400), then waits for the scheduler
+(`llm_scheduler.py`: a full queue is a 503 with Retry-After, a passed deadline a 504, or an error
+event in a stream), and its tokens become text through `llm_text.py`. `stream: true` answers as
+server-sent events ending with `data: [DONE]`. A client that goes away stops its generation at
+the next token, which frees its slot for the next request. The API key, errors, metrics
+wrappers and uvicorn's drain on SIGTERM are the encoder server's (`http.py`).
+
+Opens nothing itself (`llm_outdir.py` did); never imports passes or search.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from mahir.errors import HTTP_STATUS, MahirError, Mismatch, first_line, nearest
+from mahir.families.decoder import Decoder
+from mahir.generation import Generator, Sampling
+from mahir.serve.http import (
+    EXCEPTION_HANDLERS,
+    check_model,
+    disconnected,
+    guarded,
+    live,
+    openai_error,
+    prometheus,
+    read_body,
+    ready,
+    run_uvicorn,
+    served_state,
+    until_disconnect,
+)
+from mahir.serve.llm_scheduler import Scheduler, SchedulerConfig, TokenStream
+from mahir.serve.llm_text import TextStream
+from mahir.serve.metrics import LlmMetrics
+from mahir.serve.openai_chat import Answer, LlmRequest, parse_chat, parse_completion, usage
+from mahir.serve.protocol import read_json
+from mahir.serve.served import ServeConfig
+
+DONE = b"data: [DONE]\n\n"
+
+
+class LlmServed:
+    """The served LLM: its generator behind the scheduler, its family (tokenizer, chat
+    template, stop tokens), the server's settings and metrics: all the handlers read."""
+
+    def __init__(self, generator: Generator, family: Decoder, name: str, config: ServeConfig):
+        self.family, self.name, self.config = family, name, config
+        self.metrics = LlmMetrics()
+        self.context = min(generator.context_length, family.context_length)
+        batcher = config.batcher
+        scheduling = SchedulerConfig(batcher.max_queue, batcher.timeout_ms / 1000)
+        self.scheduler = Scheduler(generator, scheduling, self.metrics.observer())
+        self.created = int(time.time())
+        self.started = False
+
+    @property
+    def ready(self) -> bool:
+        return self.started and not self.scheduler.closing
+
+    def prompt_ids(self, request: LlmRequest) -> list[int]:
+        """The prompt as the model reads it: chat messages through its chat template."""
+        prompt, family = request.prompt, self.family
+        if isinstance(prompt, str):
+            return family.encode(prompt)
+        if request.kind == "completion":
+            ids = [int(t) for t in prompt]  # type: ignore[arg-type]
+            if min(ids) < 0 or max(ids) >= family.vocab_size:
+                raise Mismatch(f"token ids must be in [0, {family.vocab_size})", param="prompt")
+            return ids
+        if not family.chat:
+            raise Mismatch(
+                f"{self.name} has no chat template: use /v1/completions", param="messages"
+            )
+        try:
+            return family.prompt_ids(prompt)  # type: ignore[arg-type]
+        except Exception as err:  # the template's own checks (jinja2 raises its own errors)
+            raise Mismatch(
+                f"the chat template refused the messages: {first_line(err)}", param="messages"
+            ) from err
+
+    def sampling(self, request: LlmRequest, prompt: list[int]) -> Sampling:
+        """What the request asks, inside the context: refused before any work otherwise."""
+        room = self.context - len(prompt)
+        asked = request.max_tokens or room
+        if room < 1 or asked > room:
+            field = "messages" if request.kind == "chat" else "prompt"
+            raise Mismatch(
+                f"the prompt is {len(prompt)} tokens and {asked} more were asked; the model's "
+                f"context holds {self.context}: shorten the prompt or lower max_tokens",
+                param=field,
+                code="context_length_exceeded",
+            )
+        return self.family.sampling(
+            asked, temperature=request.temperature, top_p=request.top_p, seed=request.seed
+        )
+
+
+def build_llm_app(
+    generator: Generator, family: Decoder, name: str, config: ServeConfig
+) -> Starlette:
+    app = Starlette(routes=ROUTES, exception_handlers=EXCEPTION_HANDLERS, lifespan=_lifespan)
+    app.state.served = LlmServed(generator, family, name, config)
+    return app
+
+
+@asynccontextmanager
+async def _lifespan(app: Starlette) -> AsyncIterator[None]:
+    served: LlmServed = app.state.served
+    served.started = True
+    yield
+    await served.scheduler.stop()
+
+
+async def chat_completions(request: Request) -> Response:
+    return await _complete(request, parse_chat)
+
+
+async def completions(request: Request) -> Response:
+    return await _complete(request, parse_completion)
+
+
+async def models(request: Request) -> Response:
+    served: LlmServed = served_state(request)
+    model = {
+        "id": served.name,
+        "object": "model",
+        "created": served.created,
+        "owned_by": "mahir",
+        "max_model_len": served.context,
+    }
+    return _json({"object": "list", "data": [model]})
+
+
+async def _complete(request: Request, parse: Callable[[Any], LlmRequest]) -> Response:
+    served: LlmServed = served_state(request)
+    parsed = parse(read_json(await read_body(request, served.config.max_body_bytes)))
+    check_model(parsed.model, served.name)
+    prompt = served.prompt_ids(parsed)
+    sampling = served.sampling(parsed, prompt)
+    served.metrics.prompt_tokens.inc(len(prompt))
+    answer = Answer.new(parsed.kind, served.name)
+    # Admitted before the answer starts: a full queue is a 503, not an error inside a 200.
+    tokens = await until_disconnect(request, served.scheduler.start(prompt, sampling))
+    pieces = _pieces(served, parsed, prompt, sampling, tokens)
+    if parsed.stream:
+        return EventStream(_events(pieces, parsed, prompt, answer), tokens.cancel)
+    try:
+        text, finish, count = await until_disconnect(request, _whole(pieces))
+    finally:
+        tokens.cancel()
+    return _json(answer.whole(text, finish, usage(prompt, count)))
+
+
+async def _pieces(
+    served: LlmServed,
+    request: LlmRequest,
+    prompt: list[int],
+    sampling: Sampling,
+    tokens: TokenStream,
+) -> AsyncGenerator[tuple[str, str | None, int], None]:
+    """(new text, finish reason at the end else None, tokens so far), as the tokens come."""
+    text = TextStream(served.family.tokenizer, prompt, request.stop)
+    last = None
+    async for last in tokens:
+        delta = text.add(last)
+        if delta:
+            yield delta, None, tokens.count
+        if text.stopped:  # a stop string: the text ends before it
+            break
+    stopped = text.stopped or last in sampling.stop_token_ids
+    yield text.finish(), "stop" if stopped else "length", tokens.count
+
+
+async def _whole(pieces: AsyncGenerator[tuple[str, str | None, int], None]) -> tuple[str, str, int]:
+    parts, finish, count = [], "length", 0
+    async for delta, end, so_far in pieces:
+        parts.append(delta)
+        finish, count = end or finish, so_far
+    return "".join(parts), finish, count
+
+
+async def _events(
+    pieces: AsyncGenerator[tuple[str, str | None, int], None],
+    request: LlmRequest,
+    prompt: list[int],
+    answer: Answer,
+) -> AsyncGenerator[bytes, None]:
+    """The stream's events: a chat opens the assistant's turn, then text, the finish reason,
+    the usage when asked, [DONE]; an error after the start is an error event."""
+    with_usage = request.include_usage
+    try:
+        if request.kind == "chat":
+            yield _event(answer.chunk(None, None, usage=with_usage))
+        async for delta, finish, count in pieces:
+            if delta:
+                yield _event(answer.chunk(delta, None, usage=with_usage))
+            if finish is not None:
+                yield _event(answer.chunk("", finish, usage=with_usage))
+                if with_usage:
+                    yield _event(answer.usage_chunk(usage(prompt, count)))
+    except MahirError as err:
+        status = nearest(err, HTTP_STATUS) or 500
+        yield _event(openai_error(status, str(err), None, None))
+    yield DONE
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events, sent until the last one or until the client goes away: `stop` is
+    called then at once (it stops the generation at its next token), and in any case at the end."""
+
+    def __init__(self, events: AsyncGenerator[bytes, None], stop: Callable[[], None]) -> None:
+        super().__init__(
+            events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+        self._events, self._stop = events, stop
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        pump = asyncio.ensure_future(self._pump(send))
+        gone = asyncio.ensure_future(disconnected(receive))
+        try:
+            await asyncio.wait({pump, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._stop()
+            gone.cancel()
+            pump.cancel()  # a no-op once it is done
+        with contextlib.suppress(asyncio.CancelledError, OSError):  # OSError: the client left
+            await pump
+
+    async def _pump(self, send: Send) -> None:
+        start = {
+            "type": "http.response.start",
+            "status": self.status_code,
+            "headers": self.raw_headers,
+        }
+        try:
+            await send(start)
+            async for event in self._events:
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            await self._events.aclose()
+
+
+def _event(body: Any) -> bytes:
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+def _json(body: Any) -> Response:
+    return Response(orjson.dumps(body), media_type="application/json")
+
+
+ROUTES = [
+    Route("/v2/health/live", live),
+    Route("/v2/health/ready", ready),
+    Route("/v1/models", models, middleware=guarded("models")),
+    Route(
+        "/v1/chat/completions",
+        chat_completions,
+        methods=["POST"],
+        middleware=guarded("chat_completions"),
+    ),
+    Route("/v1/completions", completions, methods=["POST"], middleware=guarded("completions")),
+    Route("/metrics", prometheus),
+]
+
+
+def run_llm_server(generator: Generator, family: Decoder, name: str, config: ServeConfig) -> None:
+    """Serve until SIGTERM or Ctrl-C; running streams finish first (`http.run_uvicorn`)."""
+    run_uvicorn(build_llm_app(generator, family, name, config), config.host, config.port)

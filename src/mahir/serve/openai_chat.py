@@ -1,0 +1,227 @@
+"""OpenAI's chat and completions APIs, as the stock `openai` client speaks them: requests checked
+into one `LlmRequest`, answers and stream chunks written in OpenAI's shapes.
+
+Honoured: `messages` (string content or text parts) or `prompt` (a string, token ids, or a list
+of one of them), `max_tokens` (`max_completion_tokens` too), `temperature` and `top_p` (OpenAI's
+defaults: 1 and 1, so an unset temperature samples), `seed`, `stop` (up to 4 strings), `stream`
+and `stream_options.include_usage`. Refused with a 400 naming the field, never silently
+ignored: `n` or `best_of` above 1, `logprobs`, `echo`, `suffix`, tools. Fields OpenAI's clients
+send that change nothing here (`user`, `metadata`, penalties at 0) pass.
+
+Knows JSON shapes only; nothing of HTTP, tokenizers or engines.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from mahir.errors import Malformed
+
+Messages = list[dict[str, str]]
+MAX_STOPS = 4
+
+
+@dataclass(frozen=True, slots=True)
+class LlmRequest:
+    kind: Literal["chat", "completion"]
+    prompt: str | list[int] | Messages
+    """Chat messages (role, content), or a completion's text or token ids."""
+    max_tokens: int | None
+    """None: up to the context's end (capped by the server's default)."""
+    temperature: float
+    top_p: float
+    seed: int | None
+    stop: tuple[str, ...]
+    stream: bool
+    include_usage: bool
+    model: str | None
+
+
+def parse_chat(body: Any) -> LlmRequest:
+    """A `POST /v1/chat/completions` body."""
+    body = _object(body)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise Malformed("messages must be a non-empty list of {role, content}", param="messages")
+    for name in ("tools", "functions", "logprobs", "top_logprobs"):
+        _refuse_set(body, name)
+    return _request(body, "chat", [_message(m, i) for i, m in enumerate(messages)])
+
+
+def parse_completion(body: Any) -> LlmRequest:
+    """A `POST /v1/completions` body."""
+    body = _object(body)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]  # a batch of one
+    for name in ("logprobs", "echo", "suffix"):
+        _refuse_set(body, name)
+    if _whole(body, "best_of", 1, low=1) > 1:
+        raise Malformed("best_of above 1 is not supported: send best_of 1", param="best_of")
+    if isinstance(prompt, str) and prompt:
+        return _request(body, "completion", prompt)
+    if isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+        return _request(body, "completion", [int(t) for t in prompt])
+    raise Malformed(
+        "prompt must be a non-empty string or list of token ids (one prompt per request)",
+        param="prompt",
+    )
+
+
+def _request(body: dict[str, Any], kind: Literal["chat", "completion"], prompt: Any) -> LlmRequest:
+    if _whole(body, "n", 1, low=1) > 1:
+        raise Malformed("n above 1 is not supported: send n 1, or several requests", param="n")
+    limit = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    max_tokens = body.get(limit)
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise Malformed("stream_options must be an object", param="stream_options")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise Malformed("model must be a string", param="model")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool | None):
+        raise Malformed("stream must be true or false", param="stream")
+    return LlmRequest(
+        kind=kind,
+        prompt=prompt,
+        max_tokens=None if max_tokens is None else _whole(body, limit, 0, low=1),
+        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, open_low=True),
+        seed=None if body.get("seed") is None else _whole(body, "seed", 0, low=0),
+        stop=_stops(body.get("stop")),
+        stream=bool(stream),
+        include_usage=bool((options or {}).get("include_usage")),
+        model=model,
+    )
+
+
+def _object(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise Malformed("the body must be a JSON object")
+    return body
+
+
+def _message(message: Any, index: int) -> dict[str, str]:
+    """One chat message as the chat template takes it: role and text content."""
+    where = f"messages[{index}]"
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+        raise Malformed(f"{where} must be an object with a role", param=where)
+    content = message.get("content")
+    if isinstance(content, list):  # text parts
+        if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+            raise Malformed(f"{where}: only text content parts are supported", param=where)
+        content = "".join(str(p.get("text", "")) for p in content)
+    if not isinstance(content, str):
+        raise Malformed(f"{where}.content must be a string or text parts", param=where)
+    role = "system" if message["role"] == "developer" else message["role"]
+    return {"role": role, "content": content}
+
+
+def _stops(stop: Any) -> tuple[str, ...]:
+    stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise Malformed("stop must be a string or a list of strings", param="stop")
+    if len(stops) > MAX_STOPS:
+        raise Malformed(f"stop holds {len(stops)} strings; at most {MAX_STOPS}", param="stop")
+    return tuple(s for s in stops if s)
+
+
+def _refuse_set(body: dict[str, Any], name: str) -> None:
+    if body.get(name) not in (None, False, [], 0):
+        raise Malformed(f"{name} is not supported by this server: leave it out", param=name)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _whole(body: dict[str, Any], name: str, default: int, *, low: int) -> int:
+    value = body.get(name, default)
+    value = default if value is None else value
+    if not _is_int(value) or value < low:
+        raise Malformed(f"{name} must be an integer >= {low}, got {value!r}", param=name)
+    return int(value)
+
+
+def _number(
+    body: dict[str, Any],
+    name: str,
+    default: float,
+    low: float,
+    high: float,
+    *,
+    open_low: bool = False,
+) -> float:
+    value = body.get(name)
+    value = default if value is None else value
+    below = value <= low if open_low else value < low
+    if isinstance(value, bool) or not isinstance(value, int | float) or below or value > high:
+        side = "(" if open_low else "["
+        raise Malformed(f"{name} must be in {side}{low:g}, {high:g}], got {value!r}", param=name)
+    return float(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """How the answers to one request are written: its id, time and model, said once."""
+
+    kind: Literal["chat", "completion"]
+    model: str
+    id: str
+    created: int
+
+    @classmethod
+    def new(cls, kind: Literal["chat", "completion"], model: str) -> Answer:
+        prefix = "chatcmpl" if kind == "chat" else "cmpl"
+        return cls(kind, model, f"{prefix}-{uuid.uuid4().hex}", int(time.time()))
+
+    def whole(self, text: str, finish: str, usage: dict[str, int]) -> dict[str, Any]:
+        """A non-streamed answer."""
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+        if self.kind == "chat":
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        return self._shell("chat.completion", "text_completion", [choice], usage=usage)
+
+    def chunk(self, text: str | None, finish: str | None, *, usage: bool) -> dict[str, Any]:
+        """A stream chunk: `text` None opens a chat's assistant turn. Every chunk carries
+        `usage: null` when the client asked for the usage chunk, as OpenAI's do."""
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+        if self.kind == "chat":
+            opening = {"role": "assistant", "content": ""}
+            choice["delta"] = opening if text is None else {"content": text} if text else {}
+        else:
+            choice["text"] = text or ""
+        extra = {"usage": None} if usage else {}
+        return self._shell("chat.completion.chunk", "text_completion", [choice], **extra)
+
+    def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
+        """The last chunk before [DONE] when `stream_options.include_usage` is set."""
+        return self._shell("chat.completion.chunk", "text_completion", [], usage=usage)
+
+    def _shell(
+        self, chat: str, completion: str, choices: list[Any], **extra: Any
+    ) -> dict[str, Any]:
+        kind = chat if self.kind == "chat" else completion
+        return {
+            "id": self.id,
+            "object": kind,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            **extra,
+        }
+
+
+def usage(prompt: Sequence[int], completion: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": len(prompt),
+        "completion_tokens": completion,
+        "total_tokens": len(prompt) + completion,
+    }

@@ -1,0 +1,296 @@
+"""`mahir serve` on an LLM output directory (a tiny random Llama, PyTorch engine) as a real
+process on loopback, driven by the stock `openai` client: answers equal the generator's own,
+streams carry only their own tokens, a client that leaves frees its slot, overload is a 503,
+bad requests are 400s in OpenAI's shape, SIGTERM lets a running stream finish, and an engine
+with slots (continuous batching, carried by `mahir.json`'s options) generates concurrent requests
+together, each answer the one the engine gives alone."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from mahir.families.decoder import Decoder, LanguageModel
+from mahir.generation import Generator
+from mahir.generation_quality import Judging
+from mahir.llm_outdir import open_llm_output
+from mahir.search.llm_optimize import LlmOptimizeConfig, optimize_llm
+from mahir.search.llm_output import save_llm_output
+from mahir.serve.llm_text import TextStream
+from tests.helpers import Server
+
+CHEAP = LlmOptimizeConfig(
+    variants=("torch",),
+    threads=(1,),
+    prompts=2,
+    prompt_tokens=(8, 16),
+    new_tokens=(4, 8),
+    judging=Judging(passages=2, tokens=16, prompts=2, prompt_tokens=8, greedy_tokens=4),
+)
+
+
+@pytest.fixture(scope="module")
+def llm_dir(tiny_llm: LanguageModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_llm_output(optimize_llm(tiny_llm, CHEAP), tmp_path_factory.mktemp("llm") / "out")
+
+
+@pytest.fixture(scope="module")
+def opened(llm_dir: Path) -> tuple[Generator, Decoder]:
+    return open_llm_output(llm_dir)
+
+
+@pytest.fixture(scope="module")
+def server(llm_dir: Path) -> Iterator[Server]:
+    running = Server(llm_dir)
+    yield running
+    assert running.stop() == 0
+
+
+def client(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+
+
+def expected(opened: tuple[Generator, Decoder], prompt: list[int], new: int) -> tuple[str, int]:
+    """The generator's own greedy text and token count for `prompt`."""
+    generator, family = opened
+    tokens = list(generator.stream(prompt, family.sampling(new)))
+    return family.decode(tokens), len(tokens)
+
+
+def chat(text: str) -> list[Any]:
+    return [{"role": "user", "content": text}]
+
+
+def test_chat_and_completions_equal_the_generator(
+    server: Server, opened: tuple[Generator, Decoder]
+) -> None:
+    family = opened[1]
+    api = client(server)
+    want, count = expected(opened, family.prompt_ids(chat("Hello there")), 12)
+    answer = api.chat.completions.create(
+        model=api.models.list().data[0].id,
+        messages=chat("Hello there"),
+        max_tokens=12,
+        temperature=0,
+    )
+    assert answer.choices[0].message.content == want
+    assert answer.choices[0].finish_reason in ("stop", "length")
+    assert answer.usage is not None
+    assert answer.usage.completion_tokens == count
+    prompt_ids = family.prompt_ids(chat("Hello there"))
+    assert answer.usage.prompt_tokens == len(prompt_ids)
+    streamed = api.chat.completions.create(
+        model=answer.model,
+        messages=chat("Hello there"),
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(streamed)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == want
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == count
+    want, count = expected(opened, family.encode("Once upon a time"), 10)
+    done = api.completions.create(
+        model=answer.model, prompt="Once upon a time", max_tokens=10, temperature=0
+    )
+    assert done.choices[0].text == want
+    assert done.usage is not None
+    assert done.usage.total_tokens == count + len(family.encode("Once upon a time"))
+    pieces = api.completions.create(
+        model=answer.model, prompt="Once upon a time", max_tokens=10, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].text for c in pieces) == want
+
+
+def test_64_concurrent_streams_each_get_their_own_tokens(
+    server: Server, opened: tuple[Generator, Decoder]
+) -> None:
+    family = opened[1]
+    prompts = [f"Tell me about the number {i}" for i in range(64)]
+    wants = [expected(opened, family.prompt_ids(chat(p)), 6)[0] for p in prompts]
+    api = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+    name = client(server).models.list().data[0].id
+
+    async def one(prompt: str) -> str:
+        stream = await api.chat.completions.create(
+            model=name, messages=chat(prompt), max_tokens=6, temperature=0, stream=True
+        )
+        return "".join([c.choices[0].delta.content or "" async for c in stream])
+
+    async def all_of_them() -> list[str]:
+        async with api:
+            return await asyncio.gather(*(one(p) for p in prompts))
+
+    assert asyncio.run(all_of_them()) == wants
+    with pytest.raises(openai.NotFoundError):  # the model's name is checked
+        client(server).chat.completions.create(model="another", messages=chat("hi"))
+
+
+def metric(server: Server, name: str) -> float:
+    return _sample(httpx.get(f"{server.url}/metrics").text, name)
+
+
+def _sample(text: str, name: str) -> float:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                return float(sample.value)
+    raise KeyError(name)
+
+
+def test_a_client_that_leaves_frees_its_slot_at_the_next_token(server: Server) -> None:
+    before = metric(server, "mahir_llm_output_tokens_total")
+    body = {"prompt": "Hello", "max_tokens": 240, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body) as response:
+        assert response.status_code == 200
+        next(response.iter_lines())  # the first event: it is generating
+    # the next request runs alone: the one that left no longer holds the slot
+    api = client(server)
+    name = api.models.list().data[0].id
+    api.completions.create(model=name, prompt="Hi", max_tokens=4, temperature=0)
+    while metric(server, "mahir_llm_running") != 0:
+        pass  # polled: the last request's slot is freed just after its answer
+    generated = metric(server, "mahir_llm_output_tokens_total") - before
+    assert generated < 240, "the generation went on after its client left"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (b"{not json", None),
+        (b'{"model": "m"}', "messages"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}', "max_tokens"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "n": 2}', "n"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}', "messages"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": -1}', "temperature"),
+    ],
+)
+def test_bad_requests_are_400s_in_openais_shape(
+    server: Server, body: bytes, param: str | None
+) -> None:
+    response = httpx.post(f"{server.url}/v1/chat/completions", content=body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param
+    assert error["type"] == "invalid_request_error"
+
+
+def test_a_prompt_past_the_context_is_refused_by_the_client_too(server: Server) -> None:
+    api = client(server)
+    with pytest.raises(openai.BadRequestError, match="context holds"):
+        api.completions.create(model=api.models.list().data[0].id, prompt="word " * 300)
+
+
+def test_overload_is_503_never_500_and_sigterm_lets_a_stream_finish(llm_dir: Path) -> None:
+    server = Server(llm_dir, "--max-queue", "2")
+    try:
+        body = {"prompt": "Hello", "max_tokens": 200, "temperature": 0, "stream": True}
+
+        async def flood() -> list[int]:
+            async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
+
+                async def one() -> int:
+                    async with http.stream("POST", "/v1/completions", json=body) as response:
+                        await response.aread()
+                        if response.status_code == 503:
+                            assert response.headers["retry-after"]
+                        return response.status_code
+
+                return await asyncio.gather(*(one() for _ in range(16)))
+
+        statuses = asyncio.run(flood())
+        assert set(statuses) == {200, 503}, statuses
+        lines = []
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body) as response:
+            events = response.iter_lines()
+            lines.append(next(events))
+            server.process.send_signal(signal.SIGTERM)
+            lines += list(events)
+        assert lines[-2:] == ["data: [DONE]", ""] or lines[-1] == "data: [DONE]"
+        assert any('"finish_reason":"length"' in line for line in lines)
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_batched_engine_generates_concurrent_requests_together(
+    llm_dir: Path, opened: tuple[Generator, Decoder], tmp_path: Path
+) -> None:
+    batched = tmp_path / "batched"
+    shutil.copytree(llm_dir, batched)
+    manifest = json.loads((batched / "mahir.json").read_text())
+    manifest["options"]["slots"] = 4
+    (batched / "mahir.json").write_text(json.dumps(manifest))
+    prompts = [f"Count to {i}" for i in range(4, 8)]
+    family = opened[1]
+    wants = [expected(opened, family.encode(p), 160)[0] for p in prompts]
+    server = Server(batched)
+    try:
+        assert metric(server, "mahir_llm_running") == 0
+        name = client(server).models.list().data[0].id
+
+        async def generate() -> tuple[list[str], float]:
+            async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
+
+                async def one(prompt: str) -> str:
+                    body = {"model": name, "prompt": prompt, "max_tokens": 160, "temperature": 0}
+                    response = await http.post("/v1/completions", json=body)
+                    return str(response.json()["choices"][0]["text"])
+
+                answers = asyncio.gather(*(one(p) for p in prompts))
+                most = 0.0
+                while not answers.done():  # polled while the four generate
+                    metrics = (await http.get("/metrics")).text
+                    most = max(most, _sample(metrics, "mahir_llm_running"))
+                return await answers, most
+
+        answers, most = asyncio.run(generate())
+        assert answers == wants
+        assert most > 1, "the requests were generated one at a time"
+    finally:
+        assert server.stop() == 0
+
+
+def test_text_never_splits_a_character_and_stops_before_a_stop_string(
+    opened: tuple[Generator, Decoder],
+) -> None:
+    tokenizer = opened[1].tokenizer
+    ids = tokenizer("naïve café 日本語 done", add_special_tokens=False)["input_ids"]
+    text = TextStream(tokenizer, [])
+    pieces = [text.add(t) for t in ids] + [text.finish()]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == "naïve café 日本語 done"
+    stopping = TextStream(tokenizer, [], stops=("語 d",))
+    out = "".join(stopping.add(t) for t in ids) + stopping.finish()
+    assert out == "naïve café 日本"
+    assert stopping.stopped
+
+
+def test_loadtest_reads_ttft_itl_and_tokens_from_the_stream(server: Server) -> None:
+    from mahir.cli.serving import _serves_llm
+    from mahir.serve.llm_loadtest import LlmLoad, run_llm_load
+    from mahir.serve.loadtest import LoadConfig
+
+    assert _serves_llm(server.url, None)
+    config = LoadConfig(server.url, concurrency=2, duration_s=60, max_requests=4)
+    result = asyncio.run(run_llm_load(config, LlmLoad(max_tokens=8, prompt_words=(4, 8))))
+    result.check()
+    summary = result.summary()
+    assert summary["ok"] == 4
+    assert len(result.ttft_ms) == 4
+    assert 4 <= result.output_tokens <= 32
+    assert summary["ttft_p50_ms"] > 0
+    assert summary["output_tokens_per_s"] > 0
