@@ -269,10 +269,10 @@ def main() -> None:
             if row["model"] == name:
                 print(json.dumps(row), flush=True)
         if args.out:  # after each model: a run cut short keeps what it measured
-            args.out.write_text(json.dumps(_result(rows), indent=2) + "\n")
+            args.out.write_text(json.dumps(result(rows), indent=2) + "\n")
 
 
-def _result(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def result(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "machine": detect().summary(),
         "gpu": torch.cuda.get_device_name(0),

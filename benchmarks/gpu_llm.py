@@ -34,9 +34,9 @@ import numpy as np
 import torch
 import transformers
 
+from benchmarks import gpu
 from mahir.families.decoder import DECODER_SPEC
 from mahir.generation import Sampling
-from mahir.hardware import detect
 from mahir.runtimes.torch_generator import TorchEngineOptions, TorchGenerator, open_generator
 from mahir.types import Artifact, Device
 
@@ -212,15 +212,7 @@ def main() -> None:
 
 
 def _result(rows: list[dict[str, Any]], bandwidth: float) -> dict[str, Any]:
-    return {
-        "machine": detect().summary(),
-        "gpu": torch.cuda.get_device_name(0),
-        "copy_bandwidth_gbs": bandwidth,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "date": time.strftime("%Y-%m-%d"),
-        "rows": rows,
-    }
+    return {**gpu.result(rows), "copy_bandwidth_gbs": bandwidth}
 
 
 if __name__ == "__main__":
