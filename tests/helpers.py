@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from mahir.families.decoder import LanguageModel
 from mahir.files import CACHE_ENV
 from mahir.model import Model
 from mahir.quality import fidelity
@@ -149,3 +150,8 @@ def shared_env(spec: EnvSpec) -> None:
     if not link.exists():
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(shared.path, target_is_directory=True)
+
+
+def question_ids(llm: LanguageModel) -> list[int]:
+    """A short chat prompt every LLM engine test asks, as token ids of the model's template."""
+    return llm.family.prompt_ids("What is the capital of France?")

@@ -18,7 +18,7 @@ from mahir.generation_quality import teacher_forced
 from mahir.runtimes.engines import open_engine
 from mahir.runtimes.llamacpp import LlamaCppGenerator, LlamaCppOptions, open_generator
 from mahir.types import Artifact, RuntimeOptions
-from tests.helpers import cli
+from tests.helpers import cli, question_ids
 
 ONE_THREAD = RuntimeOptions(threads=1)
 
@@ -30,13 +30,9 @@ def engine(tiny_gguf: Artifact) -> LlamaCppGenerator:
     return generator
 
 
-def _prompt(llm: LanguageModel) -> list[int]:
-    return llm.family.prompt_ids("What is the capital of France?")
-
-
 def test_greedy_tokens_are_torch_fp32s(tiny_llm: LanguageModel, engine: LlamaCppGenerator) -> None:
     reference = open_engine("torch", tiny_llm.original(), ONE_THREAD)
-    prompt = _prompt(tiny_llm)
+    prompt = question_ids(tiny_llm)
     tokens = list(engine.stream(prompt, Sampling(max_new_tokens=24)))
     assert tokens == list(reference.stream(prompt, Sampling(max_new_tokens=24)))
     assert len(set(tokens)) > 4  # a real sequence, not one token repeated
@@ -57,7 +53,7 @@ def test_logprobs_agree_with_torch(tiny_llm: LanguageModel, engine: LlamaCppGene
 
 
 def test_sampling_settings_are_honoured(tiny_llm: LanguageModel, engine: LlamaCppGenerator) -> None:
-    prompt = _prompt(tiny_llm)
+    prompt = question_ids(tiny_llm)
 
     def sample(seed: int) -> list[int]:
         return list(engine.stream(prompt, Sampling(24, temperature=1.0, top_p=0.9, seed=seed)))

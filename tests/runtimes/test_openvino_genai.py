@@ -29,7 +29,7 @@ from mahir.generation_quality import (
 from mahir.runtimes.engines import open_engine
 from mahir.runtimes.openvino_genai import OpenVinoGenerator
 from mahir.types import Artifact, RuntimeOptions
-from tests.helpers import cli, shared_env
+from tests.helpers import cli, question_ids, shared_env
 
 pytestmark = pytest.mark.own_env
 ONE_THREAD = RuntimeOptions(threads=1)
@@ -61,14 +61,10 @@ def reference(tiny_llm: LanguageModel) -> Generator:
     return open_engine("torch", tiny_llm.original(), ONE_THREAD)
 
 
-def _prompt(llm: LanguageModel) -> list[int]:
-    return llm.family.prompt_ids("What is the capital of France?")
-
-
 def test_fp32_greedy_equals_the_torch_reference(
     tiny_llm: LanguageModel, openvino: Generator, reference: Generator
 ) -> None:
-    prompt, greedy = _prompt(tiny_llm), Sampling(max_new_tokens=16)
+    prompt, greedy = question_ids(tiny_llm), Sampling(max_new_tokens=16)
     tokens = list(openvino.stream(prompt, greedy))
     assert tokens == list(reference.stream(prompt, greedy))
     assert len(set(tokens)) > 4  # a real sequence, not one token repeated
@@ -79,7 +75,11 @@ def test_a_padded_batch_gives_each_row_what_it_gives_alone(
     tiny_llm: LanguageModel, fp32_ir: Artifact, engine: str
 ) -> None:
     generator = open_engine(engine, fp32_ir, ONE_THREAD)
-    prompts = [_prompt(tiny_llm), _prompt(tiny_llm)[:3], tiny_llm.family.held_out(1, 24)[0]]
+    prompts = [
+        question_ids(tiny_llm),
+        question_ids(tiny_llm)[:3],
+        tiny_llm.family.held_out(1, 24)[0],
+    ]
     greedy = Sampling(max_new_tokens=10)
     alone = [list(generator.stream(p, greedy)) for p in prompts]
     assert isinstance(generator, OpenVinoGenerator)
@@ -107,7 +107,7 @@ def test_fp32_logprobs_agree_with_torch(
 def test_stop_tokens_stop_seeds_repeat_and_an_abandoned_stream_cancels(
     tiny_llm: LanguageModel, openvino: Generator
 ) -> None:
-    prompt = _prompt(tiny_llm)
+    prompt = question_ids(tiny_llm)
     free = list(openvino.stream(prompt, Sampling(max_new_tokens=12)))
     stop = free[4]
     stopped = list(openvino.stream(prompt, Sampling(12, stop_token_ids=(stop,))))

@@ -20,13 +20,10 @@ from mahir.model import load_model
 from mahir.runtimes.engines import open_engine
 from mahir.runtimes.torch_generator import TorchEngineOptions, TorchGenerator, open_generator
 from mahir.types import RuntimeOptions
+from tests.helpers import question_ids
 from tests.models import DECODERS
 
 ONE_THREAD = RuntimeOptions(threads=1)
-
-
-def _prompt(llm: LanguageModel) -> list[int]:
-    return llm.family.prompt_ids("What is the capital of France?")
 
 
 def _hf_greedy(llm: LanguageModel, prompt: list[int], new: int) -> list[int]:
@@ -46,7 +43,7 @@ def _hf_greedy(llm: LanguageModel, prompt: list[int], new: int) -> list[int]:
 def test_greedy_equals_transformers_generate(decoder_folders: dict[str, Path], arch: str) -> None:
     llm = load_model(decoder_folders[arch], llm=True)
     generator = open_engine("torch", llm.original(), ONE_THREAD)
-    prompt = _prompt(llm)
+    prompt = question_ids(llm)
     tokens = list(generator.stream(prompt, Sampling(max_new_tokens=16)))
     assert tokens == _hf_greedy(llm, prompt, 16)
     assert len(set(tokens)) > 4  # a real sequence, not one token repeated
@@ -54,7 +51,7 @@ def test_greedy_equals_transformers_generate(decoder_folders: dict[str, Path], a
 
 def test_stop_tokens_stop(tiny_llm: LanguageModel) -> None:
     generator = open_engine("torch", tiny_llm.original(), ONE_THREAD)
-    prompt = _prompt(tiny_llm)
+    prompt = question_ids(tiny_llm)
     free = list(generator.stream(prompt, Sampling(max_new_tokens=12)))
     stop = free[4]
     stopped = list(generator.stream(prompt, Sampling(12, stop_token_ids=(stop,))))
@@ -63,7 +60,7 @@ def test_stop_tokens_stop(tiny_llm: LanguageModel) -> None:
 
 def test_a_seed_repeats_a_sample(tiny_llm: LanguageModel) -> None:
     generator = open_engine("torch", tiny_llm.original(), ONE_THREAD)
-    prompt = _prompt(tiny_llm)
+    prompt = question_ids(tiny_llm)
 
     def sample(seed: int) -> list[int]:
         return list(generator.stream(prompt, Sampling(24, temperature=1.0, seed=seed)))
@@ -78,7 +75,7 @@ def test_each_generation_runs_on_its_own_threads(tiny_llm: LanguageModel) -> Non
     turns (as the LLM search times them) and each runs on its own."""
     one = open_engine("torch", tiny_llm.original(), ONE_THREAD)
     two = open_engine("torch", tiny_llm.original(), RuntimeOptions(threads=2))
-    prompt = _prompt(tiny_llm)
+    prompt = question_ids(tiny_llm)
     for generator, threads in ((one, 1), (two, 2), (one, 1)):
         stream = generator.stream(prompt, Sampling(max_new_tokens=2))
         next(stream)
@@ -88,7 +85,7 @@ def test_each_generation_runs_on_its_own_threads(tiny_llm: LanguageModel) -> Non
 
 def test_logprobs_are_one_forward(tiny_llm: LanguageModel) -> None:
     generator = open_engine("torch", tiny_llm.original(), ONE_THREAD)
-    tokens = _prompt(tiny_llm)
+    tokens = question_ids(tiny_llm)
     logprobs = generator.logprobs(tokens)
     with torch.inference_mode():
         logits = tiny_llm.module(input_ids=torch.tensor([tokens])).logits[0]
@@ -130,7 +127,7 @@ def test_bf16_is_refused_where_the_cpu_would_emulate_it(tiny_llm: LanguageModel)
 def test_bf16_runs_on_a_copy_and_stays_close(tiny_llm: LanguageModel) -> None:
     generator = open_engine("torch-bf16", tiny_llm.original(), ONE_THREAD)
     assert next(tiny_llm.module.parameters()).dtype == torch.float32  # the reference untouched
-    tokens = _prompt(tiny_llm)
+    tokens = question_ids(tiny_llm)
     reference = open_engine("torch", tiny_llm.original(), ONE_THREAD).logprobs(tokens)
     probs = np.exp(generator.logprobs(tokens))
     assert np.abs(probs - np.exp(reference)).max() < 0.05
@@ -146,7 +143,7 @@ def test_the_compiled_static_cache_decodes_as_eager_does(tiny_llm: LanguageModel
     assert settings["kv_cache"] == "static"
     assert settings["compile_s"] > 0
     eager = open_engine("torch", tiny_llm.original(), ONE_THREAD)
-    prompt = _prompt(tiny_llm)
+    prompt = question_ids(tiny_llm)
     for new in (16, 40):  # a second, longer request reuses the cache from position 0
         expected = list(eager.stream(prompt, Sampling(new)))
         assert list(compiled.stream(prompt, Sampling(new))) == expected
@@ -156,7 +153,7 @@ def test_the_compiled_static_cache_decodes_as_eager_does(tiny_llm: LanguageModel
 
 
 def _prompts_of_three_lengths(llm: LanguageModel) -> list[list[int]]:
-    return [_prompt(llm), _prompt(llm)[:3], llm.family.held_out(1, 24)[0]]
+    return [question_ids(llm), question_ids(llm)[:3], llm.family.held_out(1, 24)[0]]
 
 
 def test_a_padded_batch_gives_each_row_what_it_gives_alone(tiny_llm: LanguageModel) -> None:
@@ -184,7 +181,7 @@ def test_int8_weight_only_runs_smaller_and_close(tiny_llm: LanguageModel) -> Non
     embedding = tiny_llm.module.model.embed_tokens.weight.numel() * 4 / 2**20
     assert int8.size_mb() - embedding < original.size_mb() / 3
     generator = open_engine("torch", int8, ONE_THREAD)
-    tokens = _prompt(tiny_llm)
+    tokens = question_ids(tiny_llm)
     reference = open_engine("torch", original, ONE_THREAD).logprobs(tokens)
     got = generator.logprobs(tokens)
     agreement = (got.argmax(axis=1) == reference.argmax(axis=1)).mean()

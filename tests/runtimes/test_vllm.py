@@ -29,7 +29,7 @@ from mahir.model import load_model
 from mahir.runtimes.engines import open_engine
 from mahir.runtimes.vllm_cpu import VLLM_ENV, VllmGenerator, VllmOptions, open_generator
 from mahir.types import Artifact, Device, RuntimeOptions
-from tests.helpers import shared_env
+from tests.helpers import question_ids, shared_env
 from tests.models import decoder_folder
 
 pytestmark = pytest.mark.own_env
@@ -61,14 +61,10 @@ def reference(llama: LanguageModel) -> Generator:
     return open_engine("torch", llama.original(), RuntimeOptions(threads=1))
 
 
-def _prompt(llm: LanguageModel) -> list[int]:
-    return llm.family.prompt_ids("What is the capital of France?")
-
-
 def test_fp32_greedy_and_logprobs_equal_the_torch_reference(
     llama: LanguageModel, vllm: VllmGenerator, reference: Generator
 ) -> None:
-    prompt, greedy = _prompt(llama), Sampling(max_new_tokens=16)
+    prompt, greedy = question_ids(llama), Sampling(max_new_tokens=16)
     tokens = list(vllm.stream(prompt, greedy))
     assert tokens == list(reference.stream(prompt, greedy))
     assert len(set(tokens)) > 4  # a real sequence, not one token repeated
@@ -91,7 +87,7 @@ def test_fp32_greedy_and_logprobs_equal_the_torch_reference(
 def test_stop_tokens_stop_seeds_repeat_and_an_abandoned_stream_is_aborted(
     llama: LanguageModel, vllm: VllmGenerator
 ) -> None:
-    prompt = _prompt(llama)
+    prompt = question_ids(llama)
     free = list(vllm.stream(prompt, Sampling(max_new_tokens=12)))
     stop = free[4]
     assert (
@@ -113,7 +109,7 @@ def test_stop_tokens_stop_seeds_repeat_and_an_abandoned_stream_is_aborted(
 def test_streams_from_two_threads_share_the_engine_and_get_their_own_tokens(
     llama: LanguageModel, vllm: VllmGenerator, reference: Generator
 ) -> None:
-    prompts = [_prompt(llama), llama.family.held_out(passages=1, tokens=40)[0]]
+    prompts = [question_ids(llama), llama.family.held_out(passages=1, tokens=40)[0]]
     stamps: dict[int, list[tuple[float, int]]] = {0: [], 1: []}
     start = threading.Barrier(2)
 
