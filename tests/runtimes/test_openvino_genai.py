@@ -32,6 +32,8 @@ from mahir.types import Artifact, RuntimeOptions
 from tests.helpers import cli, question_ids, shared_env
 
 pytestmark = pytest.mark.own_env
+OWN_ENVS = (OPTIMUM_ENV,)
+"""Made from the start of the run, beside other tests (`helpers.make_own_envs_early`)."""
 ONE_THREAD = RuntimeOptions(threads=1)
 
 

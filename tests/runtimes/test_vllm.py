@@ -23,16 +23,20 @@ import pytest
 from mahir.errors import BadInput, RuntimeFailure, Unsupported
 from mahir.export.hf_folder import reference_folder
 from mahir.families.decoder import LanguageModel
+from mahir.families.prompts import Prompt
 from mahir.generation import Generator, Sampling
 from mahir.generation_quality import teacher_forced
 from mahir.model import load_model
 from mahir.runtimes.engines import open_engine
 from mahir.runtimes.vllm_cpu import VLLM_ENV, VllmGenerator, VllmOptions, open_generator
+from mahir.search.llm_bench import time_at_once
 from mahir.types import Artifact, Device, RuntimeOptions
 from tests.helpers import question_ids, shared_env
 from tests.models import decoder_folder
 
 pytestmark = pytest.mark.own_env
+OWN_ENVS = (VLLM_ENV,)
+"""Made from the start of the run, beside other tests (`helpers.make_own_envs_early`)."""
 FP32_EAGER = VllmOptions(dtype="fp32", compile=False, threads=1)
 
 
@@ -128,6 +132,15 @@ def test_streams_from_two_threads_share_the_engine_and_get_their_own_tokens(
         assert mine == list(reference.stream(prompt, Sampling(max_new_tokens=64)))
     first_ends = min(stamps[0][-1][0], stamps[1][-1][0])
     assert max(stamps[0][0][0], stamps[1][0][0]) < first_ends  # both ran in one batch
+
+
+def test_the_bench_runs_requests_at_once_as_streams_vllm_batches(
+    llama: LanguageModel, vllm: VllmGenerator
+) -> None:
+    prompts = [Prompt(tuple(ids), 6) for ids in llama.family.held_out(passages=3, tokens=20)]
+    run = time_at_once({"vllm": vllm}, prompts, 3, llama.family.context_length)["vllm"]
+    assert run.how == "streams"  # three threads' streams, not one after another
+    assert run.tokens == 3 * 6
 
 
 def test_a_bad_request_is_refused_before_any_work(

@@ -27,6 +27,8 @@ users see one line. A runtime knows nothing of passes, search or serving.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import io
 import os
 import weakref
@@ -205,9 +207,30 @@ def last_error(logs: io.StringIO) -> str:
     return lines[-1] if lines else "no reason logged"
 
 
+@functools.cache
+def _load_backends() -> None:
+    """Register llama.cpp's compute backends once per process. A build that links them in has
+    its CPU backend already; one that builds them as plugins (`GGML_BACKEND_DL`, as some cached
+    or prebuilt wheels are) has none until they are loaded from the package's library folder."""
+    libraries = Path(llama_cpp.__file__).parent / "lib"
+    # The name libllama links (libggml.so.0, the shortest versioned one): opening the file by
+    # another name (libggml.so) maps a second copy, whose registry libllama never sees.
+    linked = min(libraries.glob("libggml.so.*"), key=lambda name: len(name.name), default=None)
+    ggml = ctypes.CDLL(str(linked or libraries / "libggml.so"))
+    ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
+    if ggml.ggml_backend_dev_count() == 0:
+        ggml.ggml_backend_load_all_from_path(str(libraries).encode())
+    if ggml.ggml_backend_dev_count() == 0:
+        raise RuntimeFailure(
+            "llama.cpp found no compute backend in its build: reinstall llama-cpp-python from "
+            "source (make install)"
+        )
+
+
 def _load(path: Path) -> Any:
     if not path.is_file():
         raise BadInput(f"{path} does not exist: give a .gguf file")
+    _load_backends()
     params = llama_cpp.llama_model_default_params()
     with captured_logs() as logs:
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)

@@ -30,6 +30,7 @@ import datetime as dt
 import math
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,8 +159,9 @@ class AtOnce:
     requests: int
     tokens: int
     seconds: float
-    batched: bool
-    """False: the engine has no batched generation and ran them one after another."""
+    how: str
+    """"batch": one batched generation; "streams": concurrent streams that the engine's own
+    scheduler batches; "queue": the engine runs one at a time, so they ran one after another."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -171,7 +173,7 @@ class AtOnce:
             "output_tokens_per_s": self.tokens_per_s,
             "tokens": self.tokens,
             "seconds": self.seconds,
-            "batched": self.batched,
+            "how": self.how,
         }
 
 
@@ -352,7 +354,7 @@ class LlmBenchResult:
 def _at_once_cell(run: AtOnce | None) -> str:
     if run is None:
         return ""
-    return f"{run.tokens_per_s:.0f}" + ("" if run.batched else " 1x1")
+    return f"{run.tokens_per_s:.0f}" + (" 1x1" if run.how == "queue" else "")
 
 
 def prompt_workload(model: LanguageModel, config: LlmBenchConfig) -> PromptWorkload:
@@ -563,9 +565,16 @@ def time_at_once(
             seconds[name] += time.perf_counter() - started
             tokens[name] += made
     return {
-        name: AtOnce(requests, tokens[name], seconds[name], _batch_of(generators[name]) is not None)
+        name: AtOnce(requests, tokens[name], seconds[name], _together(generators[name], requests))
         for name in names
     }
+
+
+def _together(generator: Generator, requests: int) -> str:
+    """How `generator` runs `requests` generations at once (`AtOnce.how`)."""
+    if _batch_of(generator) is not None:
+        return "batch"
+    return "streams" if generator.max_concurrency >= requests else "queue"
 
 
 def _batch_of(generator: Generator) -> Callable[..., list[list[int]]] | None:
@@ -575,10 +584,14 @@ def _batch_of(generator: Generator) -> Callable[..., list[list[int]]] | None:
 
 
 def _generate_together(generator: Generator, prompts: list[list[int]], sampling: Sampling) -> int:
-    """Tokens generated for all `prompts`: in one batch where the engine has one, else in turn."""
+    """Tokens generated for all `prompts`: in one batch where the engine has one, as concurrent
+    streams where its own scheduler batches them (vLLM), else in turn."""
     batch = _batch_of(generator)
     if batch is not None:
         return sum(len(row) for row in batch(prompts, sampling))
+    if generator.max_concurrency >= len(prompts):
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            return sum(pool.map(lambda p: len(list(generator.stream(p, sampling))), prompts))
     return sum(len(list(generator.stream(p, sampling))) for p in prompts)
 
 
