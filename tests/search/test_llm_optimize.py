@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mahir.errors import BadInput
 from mahir.families.decoder import LanguageModel
 from mahir.generation import Generator, Sampling
 from mahir.generation_quality import GenerationBudget, Judging
@@ -30,7 +31,7 @@ from mahir.search.llm_optimize import (
     optimize_llm,
     thread_counts,
 )
-from mahir.search.llm_output import save_llm_output
+from mahir.search.llm_output import llm_report, llm_table, save_llm_output
 from mahir.types import RuntimeOptions
 from tests.helpers import cli
 
@@ -151,6 +152,28 @@ def test_a_llamacpp_winner_is_saved_as_its_gguf_and_reopens_alike(
     prompt = tiny_llm.family.held_out(1, 16)[0]
     winner = open_engine("llama.cpp", artifact, options)
     assert _greedy(generator, prompt) == _greedy(winner, prompt)
+
+
+def test_throughput_at_a_concurrency_times_requests_at_once(tiny_llm: LanguageModel) -> None:
+    config = LlmOptimizeConfig(
+        objective="throughput", concurrency=2, variants=("torch", "llama.cpp"), threads=(1,),
+        **SMALL,
+    )  # type: ignore[arg-type]  # fmt: skip
+    found = optimize_llm(tiny_llm, config)
+    assert found.best is not None
+    report = llm_report(found)
+    assert report["concurrency"] == 2
+    for outcome in report["candidates"]:
+        last = outcome["rounds"][-1]
+        assert last["generations"] == 0  # whole groups of two, no per-token clock
+        assert last["tokens"] >= 2 * 4  # every group's two rows, each its new tokens
+        assert last["output_tokens_per_s"] > 0
+    assert "2 requests at once" in str(llm_table(found).title)
+
+
+def test_requests_at_once_are_for_throughput() -> None:
+    with pytest.raises(BadInput, match="for --objective throughput"):
+        LlmOptimizeConfig(concurrency=4)
 
 
 def test_the_report_is_self_contained(searched: LlmSearched, tmp_path: Path) -> None:

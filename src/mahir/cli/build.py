@@ -211,6 +211,8 @@ def apply(
 
 
 def _run_apply(recipe_path: Path, source: str | None, out: Path, data: Path | None) -> None:
+    from mahir.cli.llm import run_llm_apply
+    from mahir.families.decoder import is_decoder_source
     from mahir.model import load_model, one_forward
     from mahir.passes import STEP_TYPES
     from mahir.recipe import load_recipe
@@ -221,14 +223,26 @@ def _run_apply(recipe_path: Path, source: str | None, out: Path, data: Path | No
         replay_source,
         write_output_dir,
     )
+    from mahir.search.llm_bench import WEIGHT_STEPS
     from mahir.workload import read_sentences
 
-    recipe = load_recipe(recipe_path, STEP_TYPES)
+    recipe = load_recipe(recipe_path, {**STEP_TYPES, **WEIGHT_STEPS})
+    if source is None:
+        source = replay_source(recipe, recipe_path)
+    if source is not None and is_decoder_source(Path(source)):
+        if data is not None:
+            raise BadInput("--data calibrates encoders: leave it out for an LLM recipe")
+        run_llm_apply(recipe, source, out)
+        return
+    llm_only = [name for step in recipe.steps if (name := type(step).__name__) not in STEP_TYPES]
+    if llm_only:
+        raise BadInput(
+            f"{recipe_path}: {', '.join(llm_only)} is a step of an LLM recipe: give the LLM it "
+            f"builds from: mahir apply {recipe_path} MODEL"
+        )
     get_runtime(recipe.runtime)  # everything checkable is checked before the model loads
     check_output_dir(out)
     sentences = read_sentences(data) if data else None
-    if source is None:
-        source = replay_source(recipe, recipe_path)
     with progress_bar() as progress:
         progress.add_task("loading the model", total=None)
         model = one_forward(load_model(source), "mahir apply")
@@ -259,7 +273,8 @@ def optimize(
             "--batch-size",
             "-b",
             help="Batch sizes timed (default 1; for throughput 8 and 32 on a CPU, 64 and 256 "
-            "on a GPU). Repeat for several.",
+            "on a GPU). Repeat for several. LLMs, with --objective throughput: requests at once "
+            "(once).",
         ),
     ] = None,
     time_budget: Annotated[
@@ -331,7 +346,7 @@ def optimize(
 
     if is_llm(model, llm):
         encoder_only = {
-            "--logits": logits, "--batch-size": batch_size, "--metric": metric, "--data": data,
+            "--logits": logits, "--metric": metric, "--data": data,
             "--sentences": sentences, "--tokens": tokens, "--only": only, "--resume": resume,
             "--max-drop": max_drop != 0.01,
         }  # fmt: skip
@@ -339,7 +354,15 @@ def optimize(
         guard(
             ctx,
             lambda: run_llm_optimize(
-                model, encoder_only, llm_out, objective, time_budget, engines or [], prompts, device
+                model,
+                encoder_only,
+                llm_out,
+                objective,
+                time_budget,
+                engines or [],
+                prompts,
+                device,
+                batch_size or [],
             ),
         )
         return

@@ -11,6 +11,7 @@ from mahir.cli.common import console, errors, parse_range, progress_bar, write_j
 from mahir.errors import BadInput
 
 if TYPE_CHECKING:
+    from mahir.recipe import Recipe
     from mahir.search.llm_bench import LlmBenchConfig
 
 
@@ -97,12 +98,15 @@ def run_llm_optimize(
     engines: list[str],
     prompts: Path | None,
     device: str,
+    at_once: list[int],
 ) -> None:
     """Refuse what only encoders take and an --out that cannot be written, before the model
     loads; search; print the table and why each candidate won or lost; write the directory."""
     given = [flag for flag, value in encoder_only.items() if value]
     if given:
         raise BadInput(f"{' and '.join(given)} are not for LLMs: leave them out with --llm")
+    if len(at_once) > 1:
+        raise BadInput("an LLM search times one number of requests at once: give -b once")
     from mahir.search.apply import check_output_dir
     from mahir.search.llm_optimize import LlmOptimizeConfig, optimize_llm
     from mahir.search.llm_output import llm_table, save_llm_output, verdicts
@@ -117,6 +121,7 @@ def run_llm_optimize(
         time_budget_s=None if time_budget is None else time_budget * 60,
         prompts_file=prompts,
         device=Device.parse(device),
+        concurrency=at_once[0] if at_once else 1,
     )
     from mahir.model import load_model
 
@@ -141,4 +146,33 @@ def run_llm_optimize(
         raise typer.Exit(130)
     if best is None:
         errors.print("no candidate met the quality budget: the report says how close each came")
+        raise typer.Exit(1)
+
+
+def run_llm_apply(recipe: Recipe, source: str, out: Path) -> None:
+    """Check the recipe and --out before the model loads; rebuild, judge, write, print. Exit 1
+    when what it built misses the quality budget (the directory is written all the same, as
+    `mahir apply` writes an encoder's)."""
+    from mahir.model import load_model
+    from mahir.search.apply import check_output_dir
+    from mahir.search.llm_apply import apply_llm_recipe, recipe_variant
+    from mahir.search.llm_output import save_llm_applied
+
+    variant = recipe_variant(recipe)
+    check_output_dir(out)
+    with progress_bar() as progress:
+        step = progress.add_task("loading the model", total=None)
+        model = load_model(source, llm=True)
+        applied = apply_llm_recipe(
+            model, recipe, on_step=lambda text: progress.update(step, description=text)
+        )
+        save_llm_applied(applied, model, out)
+    q = applied.quality
+    console.print(
+        f"wrote {out} ({variant} on {recipe.runtime}); against the fp32 reference: top-1 "
+        f"{q.top1_agreement:.3f}, KL {q.kl_mean:.4f}, greedy {q.greedy_agreement:.0%}",
+        soft_wrap=True,
+    )
+    if applied.failures:
+        errors.print(f"outside the quality budget: {'; '.join(applied.failures)}")
         raise typer.Exit(1)

@@ -9,7 +9,9 @@ survivors: every survivor generates the same prompts interleaved with the baseli
 while (`llm_bench.time_interleaved`), the better half on the objective twice as long, and so on
 until one contender is left or the time budget ends. A candidate's speedup is always a ratio of
 two numbers from one round. Latency is the median decode ms per token at batch 1, throughput
-output tokens/s over whole generations (batch 1 too: concurrency comes with serving engines).
+output tokens/s over whole generations: at batch 1, or with `concurrency` requests at once (each
+engine runs them its own way: a batch, concurrent streams, or in turn), which engines that batch
+win.
 
 Candidates come from `VARIANTS` (llm_bench.py) and the reasons it gives for those this machine
 cannot run, never from names written here. Sits beside llm_bench in search; knows nothing of
@@ -52,6 +54,7 @@ from mahir.search.llm_bench import (
     LlmBenchConfig,
     cannot_run,
     prompt_workload,
+    time_at_once,
     time_interleaved,
     variant_artifact,
 )
@@ -103,10 +106,21 @@ class LlmOptimizeConfig:
     budget: GenerationBudget = field(default_factory=GenerationBudget)
     device: Device = CPU
     seed: int = 0
+    concurrency: int = 1
+    """Requests in flight together when the objective is throughput: above 1, each round times
+    output tokens/s with that many at once (`llm_bench.time_at_once`: one batch, concurrent
+    streams or one after another, as each engine can), so engines that batch can win."""
 
     def __post_init__(self) -> None:
         if self.objective not in ("latency", "throughput"):
             raise BadInput(f"--objective is latency or throughput, got {self.objective!r}")
+        if self.concurrency < 1:
+            raise BadInput(f"requests at once must be >= 1, got {self.concurrency}")
+        if self.concurrency > 1 and self.objective != "throughput":
+            raise BadInput(
+                f"{self.concurrency} requests at once are timed for --objective throughput: "
+                "add it, or leave out -b (latency is per token at batch 1)"
+            )
         unknown = [name for name in self.variants if name not in VARIANTS]
         if unknown:
             raise BadInput(f"unknown LLM engine {unknown[0]!r}: choose from {', '.join(VARIANTS)}")
@@ -161,7 +175,7 @@ class Round:
                 "p90": float(np.percentile(self.decode_ms, 90)) if self.decode_ms else None,
             },
             "ttft_ms_p50": float(np.median(self.ttft_ms)) if self.ttft_ms else None,
-            "decode_tokens_per_s": 1e3 / self.decode_p50_ms,
+            "decode_tokens_per_s": 1e3 / self.decode_p50_ms if self.decode_ms else None,
             "output_tokens_per_s": self.tokens_per_s,
             "tokens": self.tokens,
             "generations": len(self.ttft_ms),
@@ -289,7 +303,11 @@ class _Search:
     def _round(self, entrants: Sequence[LlmOutcome], seconds: float) -> None:
         ids = [o.candidate.id for o in entrants]
         self.on_event(ids[0], f"timing {len(ids)} for {seconds:.1f} s each: {', '.join(ids)}")
-        timed = time_interleaved({i: self.generators[i] for i in ids}, self.prompts, seconds)
+        generators = {i: self.generators[i] for i in ids}
+        if self.config.concurrency > 1:
+            timed = self._at_once(generators, seconds)
+        else:
+            timed = time_interleaved(generators, self.prompts, seconds)
         rounds = {
             i: Round(
                 seconds,
@@ -309,6 +327,21 @@ class _Search:
             speedup = ratio if objective == "latency" else 1 / ratio
             outcome.rounds.append(dataclasses.replace(own, speedup=speedup))
             self.on_event(outcome.candidate.id, f"{speedup:.2f}x the baseline")
+
+    def _at_once(self, generators: dict[str, Generator], seconds: float) -> dict[str, Any]:
+        """`Round` fields from passes of `time_at_once` until each generator had `seconds`: output
+        tokens and wall time only (tokens of concurrent requests have no one decode time)."""
+        tokens, wall = dict.fromkeys(generators, 0), dict.fromkeys(generators, 0.0)
+        context = self.model.family.context_length
+        while min(wall.values()) < seconds or not all(tokens.values()):
+            runs = time_at_once(generators, self.prompts, self.config.concurrency, context)
+            for name, run in runs.items():
+                tokens[name] += run.tokens
+                wall[name] += run.seconds
+        return {
+            name: {"decode_ms": (), "ttft_ms": (), "tokens": tokens[name], "seconds": wall[name]}
+            for name in generators
+        }
 
 
 def optimize_llm(

@@ -19,7 +19,9 @@ from typing import Any
 
 from rich.table import Table
 
+from mahir.families.decoder import LanguageModel
 from mahir.files import staged
+from mahir.generation_quality import GenerationQuality
 from mahir.llm_outdir import MODEL_FOLDER, save_llm_model
 from mahir.measure import BUSY_CORES
 from mahir.outdir import MANIFEST
@@ -28,9 +30,10 @@ from mahir.recipe import ModelSource, Recipe
 from mahir.report.llm_html import render_llm_html
 from mahir.search.apply import check_output_dir
 from mahir.search.candidates import Objective
+from mahir.search.llm_apply import LlmApplied
 from mahir.search.llm_bench import VARIANTS
 from mahir.search.llm_optimize import LlmOutcome, LlmSearched
-from mahir.types import RuntimeOptions
+from mahir.types import Artifact, RuntimeOptions
 
 UNITS = {"latency": "ms/token", "throughput": "tokens/s"}
 
@@ -91,6 +94,7 @@ def llm_report(searched: LlmSearched) -> dict[str, Any]:
         "model": searched.model.summary(),
         "workload": searched.workload.describe(),
         "batch_size": 1,
+        "concurrency": config.concurrency,
         "budget": {"min_top1": config.budget.min_top1, "max_kl": config.budget.max_kl},
         "judging": {
             "passages": config.judging.passages,
@@ -134,38 +138,87 @@ def save_llm_output(searched: LlmSearched, out: str | os.PathLike[str]) -> Path:
         out = out.with_name(f"{out.name}-report")
     with staged(out, folder=True) as staging:
         if best is not None and recipe is not None and searched.artifact is not None:
-            model, artifact = searched.model, searched.artifact
-            family = model.family
-            name = save_llm_model(artifact, model.module, family.tokenizer, staging / MODEL_FOLDER)
-            recipe.save(staging / "recipe.yaml")
-            manifest = {
-                "family": family.kind,
-                "format": artifact.format,
-                "model_file": f"{MODEL_FOLDER}/{name}",
-                "variant": best.candidate.variant,
-                "engine": recipe.runtime,
-                "weights": VARIANTS[best.candidate.variant].weights_label,
-                "torchao": any(isinstance(step, TorchaoInt8) for step in recipe.steps),
-                "options": recipe.options.to_dict(),
-                "recipe_hash": recipe.hash(),
-                "source": {"name": searched.model.name, "source": searched.model.source},
-                "objective": searched.config.objective,
-                "fidelity": None if best.quality is None else best.quality.to_dict(),
-                "settings": best.settings,
-                **family.summary(),
-            }
-            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+            _write_model(
+                staging,
+                searched.model,
+                searched.artifact,
+                recipe,
+                variant=best.candidate.variant,
+                quality=best.quality,
+                settings=best.settings,
+                objective=searched.config.objective,
+                concurrency=searched.config.concurrency,
+            )
         (staging / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         (staging / "report.html").write_text(render_llm_html(report))
     return out
 
 
+def save_llm_applied(
+    applied: LlmApplied, model: LanguageModel, out: str | os.PathLike[str]
+) -> Path:
+    """Write what `mahir apply` rebuilt from an LLM recipe as an output directory (the model
+    files, mahir.json, recipe.yaml: no search, so no report), atomically."""
+    out = Path(out)
+    check_output_dir(out)
+    with staged(out, folder=True) as staging:
+        _write_model(
+            staging,
+            model,
+            applied.artifact,
+            applied.recipe,
+            variant=applied.variant,
+            quality=applied.quality,
+            settings=applied.settings,
+            objective=None,
+            concurrency=None,
+        )
+    return out
+
+
+def _write_model(
+    staging: Path,
+    model: LanguageModel,
+    artifact: Artifact,
+    recipe: Recipe,
+    *,
+    variant: str,
+    quality: GenerationQuality | None,
+    settings: dict[str, Any],
+    objective: Objective | None,
+    concurrency: int | None,
+) -> None:
+    """model/, recipe.yaml and mahir.json (how `llm_outdir.open_llm_output` opens it)."""
+    family = model.family
+    name = save_llm_model(artifact, model.module, family.tokenizer, staging / MODEL_FOLDER)
+    recipe.save(staging / "recipe.yaml")
+    manifest = {
+        "family": family.kind,
+        "format": artifact.format,
+        "model_file": f"{MODEL_FOLDER}/{name}",
+        "variant": variant,
+        "engine": recipe.runtime,
+        "weights": VARIANTS[variant].weights_label,
+        "torchao": any(isinstance(step, TorchaoInt8) for step in recipe.steps),
+        "options": recipe.options.to_dict(),
+        "recipe_hash": recipe.hash(),
+        "source": {"name": model.name, "source": model.source},
+        "objective": objective,
+        "concurrency": concurrency,
+        "fidelity": None if quality is None else quality.to_dict(),
+        "settings": settings,
+        **family.summary(),
+    }
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+
+
 def llm_table(searched: LlmSearched) -> Table:
     """The terminal's table: one row per candidate, the winner starred."""
-    objective, best = searched.config.objective, searched.best
-    budget = searched.config.budget
+    config, best = searched.config, searched.best
+    objective, budget = config.objective, config.budget
     table = Table(
-        title=f"{searched.model.name} on {searched.machine.summary()}, batch 1",
+        title=f"{searched.model.name} on {searched.machine.summary()}, "
+        + ("batch 1" if config.concurrency == 1 else f"{config.concurrency} requests at once"),
         caption=f"objective: {objective} ({UNITS[objective]}); budget: top-1 >= "
         f"{budget.min_top1}, KL <= {budget.max_kl}; numbers from each candidate's last round, "
         "speedup over the baseline timed beside it",
@@ -178,7 +231,7 @@ def llm_table(searched: LlmSearched) -> Table:
         table.add_row(
             f"[bold]{o.candidate.id} *[/bold]" if o is best else o.candidate.id,
             o.status if o.status == "ok" else f"{o.status}: {o.reason}",
-            "" if last is None else f"{last.decode_p50_ms:.1f}",
+            "" if last is None or not last.decode_ms else f"{last.decode_p50_ms:.1f}",
             "" if last is None else f"{last.tokens_per_s:.1f}",
             "" if last is None else f"{last.speedup:.2f}x",
             str(len(o.rounds) or ""),
