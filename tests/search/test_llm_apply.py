@@ -33,22 +33,35 @@ def test_a_llamacpp_recipe_replays_into_a_directory_that_answers_alike(
     tiny_llm: LanguageModel, tmp_path: Path
 ) -> None:
     pytest.importorskip("llama_cpp")
-    recipe = _recipe(tiny_llm, tmp_path, (GgufQuantize("Q8_0"),), "llama.cpp")
+    recipe = _recipe(tiny_llm, tmp_path, (), "llama.cpp")  # the f32 GGUF written from the source
     out = tmp_path / "out"
     found = cli("apply", str(recipe), "--out", str(out))
     assert found.returncode == 0, found.stderr
-    assert "llama.cpp-q8_0" in found.stdout
-    assert "top-1" in found.stdout
+    assert "(llama.cpp: original weights on llama.cpp)" in found.stdout
     manifest = json.loads((out / "mahir.json").read_text())
-    assert (manifest["variant"], manifest["format"]) == ("llama.cpp-q8_0", "gguf")
-    assert manifest["fidelity"]["top1_agreement"] > 0.9
+    assert (manifest["variant"], manifest["format"]) == ("llama.cpp", "gguf")
+    assert manifest["fidelity"]["top1_agreement"] >= 0.93
     assert (out / "recipe.yaml").read_text() == recipe.read_text()
     generator, _ = open_llm_output(out)
-    built = variant_artifact(VARIANTS["llama.cpp-q8_0"], tiny_llm, ONE_THREAD)
+    built = variant_artifact(VARIANTS["llama.cpp"], tiny_llm, ONE_THREAD)
     prompt = tiny_llm.family.held_out(1, 16)[0]
     greedy = Sampling(max_new_tokens=8)
     expected = list(open_engine("llama.cpp", built, ONE_THREAD).stream(prompt, greedy))
     assert list(generator.stream(prompt, greedy)) == expected
+
+
+def test_a_replay_outside_the_budget_is_written_and_exits_1(
+    tiny_llm: LanguageModel, tmp_path: Path
+) -> None:
+    """Q8_0 of random weights, whose next-token choices are near ties, misses top-1 0.93."""
+    pytest.importorskip("llama_cpp")
+    recipe = _recipe(tiny_llm, tmp_path, (GgufQuantize("Q8_0"),), "llama.cpp")
+    found = cli("apply", str(recipe), "--out", str(tmp_path / "out"))
+    assert found.returncode == 1
+    assert "outside the quality budget: top-1 agreement" in found.stderr
+    manifest = json.loads((tmp_path / "out" / "mahir.json").read_text())
+    assert manifest["variant"] == "llama.cpp-q8_0"
+    assert manifest["fidelity"]["top1_agreement"] < 0.93
 
 
 @pytest.mark.parametrize(

@@ -156,6 +156,7 @@ def run_llm_apply(recipe: Recipe, source: str, out: Path) -> None:
     from mahir.model import load_model
     from mahir.search.apply import check_output_dir
     from mahir.search.llm_apply import apply_llm_recipe, recipe_variant
+    from mahir.search.llm_bench import VARIANTS
     from mahir.search.llm_output import save_llm_applied
 
     variant = recipe_variant(recipe)
@@ -169,7 +170,8 @@ def run_llm_apply(recipe: Recipe, source: str, out: Path) -> None:
         save_llm_applied(applied, model, out)
     q = applied.quality
     console.print(
-        f"wrote {out} ({variant} on {recipe.runtime}); against the fp32 reference: top-1 "
+        f"wrote {out} ({variant}: {VARIANTS[variant].weights_label} weights on "
+        f"{recipe.runtime}); against the fp32 reference: top-1 "
         f"{q.top1_agreement:.3f}, KL {q.kl_mean:.4f}, greedy {q.greedy_agreement:.0%}",
         soft_wrap=True,
     )
