@@ -120,7 +120,7 @@ def export_llm(
     creates optimum-intel's environment)."""
     folder = (cache or cache_dir() / "openvino-llm") / _key(model, weights)
     if not (folder / RECORD).is_file():
-        on_step("creating the optimum-intel environment (once: about 1.5 GB)")
+        on_step("the optimum-intel environment (made the first time: about 1.5 GB)")
         env = ensure_env(OPTIMUM_ENV)
         on_step(f"exporting {model.name} to OpenVINO with {weights.tag()} weights")
         with staged(folder, folder=True) as draft:
