@@ -29,7 +29,7 @@ from mahir.generation_quality import teacher_forced
 from mahir.model import load_model
 from mahir.runtimes.engines import open_engine
 from mahir.runtimes.vllm_cpu import VLLM_ENV, VllmGenerator, VllmOptions, open_generator
-from mahir.search.llm_bench import time_at_once
+from mahir.search.llm_timing import time_at_once
 from mahir.types import Artifact, Device, RuntimeOptions
 from tests.helpers import question_ids, shared_env
 from tests.models import decoder_folder

@@ -3,11 +3,10 @@
 The order of work is the encoder bench's: one prompt workload for every engine; the reference
 (PyTorch eager fp32 on the original) answers the held-out inputs once; each engine is opened
 (the memory it adds, its compile time), judged against the reference (`generation_quality`),
-then timed interleaved: for each prompt every engine generates in turn, the order rotating, so
-machine drift hits all alike. A generation is streamed and the clock read at each token: time
-to first token is the prefill plus the first choice, decode latency the gap between tokens.
-While timed, stop tokens are ignored, so every engine generates exactly each prompt's
-max_new_tokens (as vLLM's benchmarks do with ignore_eos). Output tokens/s is tokens over the
+then timed interleaved (`llm_timing.py`: every engine in turn on each prompt, the clock read at
+each streamed token, stop tokens ignored as vLLM's benchmarks do with ignore_eos): time to first
+token is the prefill plus the first choice, decode latency the gap between tokens; `-b N`
+adds N requests at once. Output tokens/s is tokens over the
 wall time of whole generations, prefill included; "GB/s" is the weights read once per decoded
 token, the number that bounds batch-1 decoding (gpt-fast's "bandwidth achieved").
 
@@ -19,18 +18,14 @@ runs a GGUF: the source file as it is (an f32 one written from the reference for
 (`export/openvino_llm.py`: exported once, then cached); vLLM runs the reference as a Hugging
 Face folder (the source folder, or a .gguf source's reference saved once, `export/hf_folder.py`).
 Other engines slot in as `Generator`s through `ENGINES`; each is closed when the run ends.
-Concurrency (8, 16 requests at once) comes with engines that batch them (issue 16): vLLM's
-generator already runs streams from several threads in one batch.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import math
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +47,7 @@ from mahir.families.prompts import (
     generate_prompts,
     read_prompts,
 )
-from mahir.generation import Generator, Sampling
+from mahir.generation import Generator
 from mahir.generation_quality import (
     GenerationBudget,
     GenerationQuality,
@@ -66,6 +61,7 @@ from mahir.measure import BUSY_CORES, MachineLoad, memory_added, own_seconds
 from mahir.passes.gguf import GgufQuantize, quantize_gguf
 from mahir.passes.torchao import TorchaoInt8, quantize_linears
 from mahir.runtimes.engines import REFERENCE_ENGINE, get_engine, open_engine
+from mahir.search.llm_timing import AtOnce, generate_timed, time_at_once, time_interleaved
 from mahir.types import Artifact, Device, RuntimeOptions, module_mb
 
 
@@ -150,31 +146,6 @@ class LlmBenchConfig:
             raise BadInput(
                 f"requests at once must be >= 2 (batch 1 is always timed), got {self.at_once}"
             )
-
-
-@dataclass(frozen=True, slots=True)
-class AtOnce:
-    """Several requests in flight together: how many tokens came out in how long."""
-
-    requests: int
-    tokens: int
-    seconds: float
-    how: str
-    """"batch": one batched generation; "streams": concurrent streams that the engine's own
-    scheduler batches; "queue": the engine runs one at a time, so they ran one after another."""
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.seconds
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "requests": self.requests,
-            "output_tokens_per_s": self.tokens_per_s,
-            "tokens": self.tokens,
-            "seconds": self.seconds,
-            "how": self.how,
-        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,7 +368,7 @@ def benchmark_llm(
             with memory_added(config.options.device) as added:
                 generator, size_mb = _open(name, model, config.options, reference, on_step)
                 running.callback(generator.close)  # a worker process stops when the run ends
-                _generate(generator, Prompt(longest.ids, 2))
+                generate_timed(generator, Prompt(longest.ids, 2))
             # an engine in a worker process (vLLM) says what that process holds
             memory = added[0] + generator.describe().get("worker_memory_mb", 0.0)
             opened[name] = (generator, memory, size_mb, time.perf_counter() - started)
@@ -504,102 +475,3 @@ def variant_artifact(
     if isinstance(weights, TorchaoInt8):
         return quantize_linears(model.original(), weights, name=model.name)
     return model.original()
-
-
-def _generate(generator: Generator, prompt: Prompt) -> list[float]:
-    """Generate `prompt`'s max_new_tokens, stop tokens ignored; the host clock at each token,
-    the start first."""
-    stamps = [time.perf_counter()]
-    for _ in generator.stream(prompt.ids, Sampling(max_new_tokens=prompt.max_new_tokens)):
-        stamps.append(time.perf_counter())
-    return stamps
-
-
-def time_interleaved(
-    generators: dict[str, Generator],
-    prompts: Sequence[Prompt],
-    min_time_s: float,
-    on_measure: Callable[[str, float], None] | None = None,
-) -> dict[str, dict[str, Any]]:
-    """Each prompt by every generator in turn (rotating who goes first), the prompts cycled
-    until each generator has had `min_time_s` and every prompt has run once: ttft_ms,
-    decode_ms, tokens and seconds per generator (`LlmBenchRow`'s fields)."""
-    names = list(generators)
-    stamps: dict[str, list[list[float]]] = {name: [] for name in names}
-    spent = dict.fromkeys(names, 0.0)
-    i = 0
-    while i < len(prompts) or min(spent.values()) < min_time_s:
-        prompt = prompts[i % len(prompts)]
-        for name in names[i % len(names) :] + names[: i % len(names)]:
-            run = _generate(generators[name], prompt)
-            stamps[name].append(run)
-            spent[name] += run[-1] - run[0]
-            if on_measure is not None:
-                done = min(1.0, (i + 1) / len(prompts))
-                if min_time_s > 0:
-                    done = min(done, spent[name] / min_time_s)
-                on_measure(name, done)
-        i += 1
-    return {name: _timings(runs) for name, runs in stamps.items()}
-
-
-def time_at_once(
-    generators: dict[str, Generator], prompts: Sequence[Prompt], requests: int, context: int
-) -> dict[str, AtOnce]:
-    """The prompts in groups of `requests` (cycled to fill every group), each group by every
-    generator in turn (rotating who goes first). A group's rows all generate its longest
-    `max_new_tokens` (as far as its longest prompt leaves room), stop tokens ignored, so a
-    batch and a queue do the same work."""
-    names = list(generators)
-    count = math.ceil(max(len(prompts), requests) / requests) * requests
-    cycled = [prompts[i % len(prompts)] for i in range(count)]
-    tokens, seconds = dict.fromkeys(names, 0), dict.fromkeys(names, 0.0)
-    for g, start in enumerate(range(0, count, requests)):
-        group = cycled[start : start + requests]
-        longest = max(len(p.ids) for p in group)
-        new = min(max(p.max_new_tokens for p in group), context - longest)
-        ids = [list(p.ids) for p in group]
-        for name in names[g % len(names) :] + names[: g % len(names)]:
-            started = time.perf_counter()
-            made = _generate_together(generators[name], ids, Sampling(max_new_tokens=new))
-            seconds[name] += time.perf_counter() - started
-            tokens[name] += made
-    return {
-        name: AtOnce(requests, tokens[name], seconds[name], _together(generators[name], requests))
-        for name in names
-    }
-
-
-def _together(generator: Generator, requests: int) -> str:
-    """How `generator` runs `requests` generations at once (`AtOnce.how`)."""
-    if _batch_of(generator) is not None:
-        return "batch"
-    return "streams" if generator.max_concurrency >= requests else "queue"
-
-
-def _batch_of(generator: Generator) -> Callable[..., list[list[int]]] | None:
-    """The engine's batched generation (`generate_batch(prompts, sampling)`), if it has one."""
-    method = getattr(generator, "generate_batch", None)
-    return method if callable(method) else None
-
-
-def _generate_together(generator: Generator, prompts: list[list[int]], sampling: Sampling) -> int:
-    """Tokens generated for all `prompts`: in one batch where the engine has one, as concurrent
-    streams where its own scheduler batches them (vLLM), else in turn."""
-    batch = _batch_of(generator)
-    if batch is not None:
-        return sum(len(row) for row in batch(prompts, sampling))
-    if generator.max_concurrency >= len(prompts):
-        with ThreadPoolExecutor(len(prompts)) as pool:
-            return sum(pool.map(lambda p: len(list(generator.stream(p, sampling))), prompts))
-    return sum(len(list(generator.stream(p, sampling))) for p in prompts)
-
-
-def _timings(runs: list[list[float]]) -> dict[str, Any]:
-    gaps = [np.diff(run) * 1e3 for run in runs]
-    return {
-        "ttft_ms": tuple(float(g[0]) for g in gaps),
-        "decode_ms": tuple(float(x) for g in gaps for x in g[1:]),
-        "tokens": sum(len(g) for g in gaps),
-        "seconds": sum(run[-1] - run[0] for run in runs),
-    }

@@ -54,10 +54,9 @@ from mahir.search.llm_bench import (
     LlmBenchConfig,
     cannot_run,
     prompt_workload,
-    time_at_once,
-    time_interleaved,
     variant_artifact,
 )
+from mahir.search.llm_timing import time_at_once, time_interleaved
 from mahir.search.optimize import TIMING_SHARE
 from mahir.types import CPU, Artifact, Device, RuntimeOptions
 
