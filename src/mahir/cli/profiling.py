@@ -58,6 +58,9 @@ def profile(
     runs: Annotated[
         int, typer.Option("--runs", help="Profiled calls; each op's time is its median.")
     ] = 20,
+    seconds: Annotated[
+        float, typer.Option("--seconds", help="Seconds timing the call with the profiler off.")
+    ] = 1.0,
     top: Annotated[int, typer.Option("--top", help="Heaviest ops shown, with advice.")] = 10,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Write the whole profile here.")
@@ -84,6 +87,7 @@ def profile(
             device=Device.parse(device),
             threads=threads,
             runs=runs,
+            seconds=seconds,
             top=top,
         )
         _check_source(model)

@@ -2,8 +2,7 @@
 latency of the same call measured apart from the profiler.
 
 An op's time is its median over the profiled runs (the first runs, which allocate and pick
-kernels, are left out), so one slow run moves nothing; OpenVINO reports means only, so there it
-is the mean. Each profiled call is also timed apart
+kernels, are left out), so one slow run moves nothing. Each profiled call is also timed apart
 from the profiler, by the device's own timer around the call (`measure.timer_for`): the sum of
 the op times over the median call (`coverage`) says how much of a call the profiler sees; the
 rest is the runtime's own work between ops (and, on a GPU, time it sat idle). Both come from
@@ -70,8 +69,7 @@ class Breakdown:
     latency: Perf
     """The same call timed by `measure.py`, the profiler off where the runtime allows."""
     call_s: float
-    """The profiled call as the device's timer saw it: the median (the mean where the op times
-    are means: OpenVINO's)."""
+    """The median profiled call, as the device's timer saw it."""
     profiled_runs: int
     settings: dict[str, Any]
     trace: list[dict[str, Any]] | None = None

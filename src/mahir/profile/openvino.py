@@ -25,7 +25,14 @@ from typing import Any
 import openvino as ov
 
 from mahir.errors import RuntimeFailure
-from mahir.profile.breakdown import WARMUP_RUNS, Breakdown, OpTime, time_latency, timed
+from mahir.profile.breakdown import (
+    WARMUP_RUNS,
+    Breakdown,
+    OpTime,
+    median_times,
+    time_latency,
+    timed,
+)
 from mahir.profile.cost import OpCost, Tensor, kind_of, op_cost
 from mahir.runtimes.openvino import open_session
 from mahir.types import Artifact, Inputs, RuntimeOptions
@@ -39,37 +46,43 @@ PRECISIONS = {"f32": "fp32", "bf16": "bf16", "f16": "fp16", "i8": "int8", "u8": 
 def profile_openvino(
     artifact: Artifact, options: RuntimeOptions, batch: Inputs, *, runs: int, seconds: float
 ) -> Breakdown:
-    """Counters over `runs` calls on `batch` (after `WARMUP_RUNS`), each call timed, and the
-    same call timed after with the counters still on (they cost a few microseconds a node).
+    """Counters of `runs` calls on `batch` (after `WARMUP_RUNS`), each call timed, and the same
+    call timed after with the counters still on (they cost a few microseconds a node).
 
     The CPU plugin reports each node's mean over every call since compiling (`PerfCount::avg`
-    in its source), in whole microseconds: the profiled calls' mean is the difference of the
-    totals before and after them (off by at most a microsecond or two a node)."""
+    in its source), in whole microseconds: a call's own time is the difference of the totals
+    before and after it (off by the mean's rounding, a few microseconds a node, as often up as
+    down), and each op's time its median over the calls, as for the other runtimes."""
     session = open_session(artifact, options, profiling=True)
     for _ in range(WARMUP_RUNS):
         session.run(batch)
-    before = _totals(session.profiling_info(), WARMUP_RUNS)
-    calls = [timed(session, batch) for _ in range(runs)]
-    infos = session.profiling_info()
-    after = _totals(infos, WARMUP_RUNS + runs)
-    if not after:
+    previous = _totals(session.profiling_info(), WARMUP_RUNS)
+    per_call: list[dict[str, float]] = []
+    calls: list[float] = []
+    for count in range(WARMUP_RUNS + 1, WARMUP_RUNS + runs + 1):
+        calls.append(timed(session, batch))
+        infos = session.profiling_info()
+        totals = _totals(infos, count)
+        per_call.append({n: max(0.0, t - previous.get(n, 0.0)) for n, t in totals.items()})
+        previous = totals
+    if not previous:
         raise RuntimeFailure("OpenVINO reported no executed nodes: nothing to break down")
     latency = time_latency(session, batch, seconds)
     costs = executed_costs(session.runtime_model(), *ir_costs(Path(str(artifact.path)), batch))
     precisions = _precisions(session.runtime_model())
+    ran = {p.node_name: p for p in infos}
     ops = tuple(
         OpTime(
-            p.node_name,
-            p.node_type,
-            max(0.0, after[p.node_name] - before.get(p.node_name, 0.0)) / runs,
-            costs.get(p.node_name),
-            p.exec_type,
-            precisions.get(p.node_name),
+            name,
+            ran[name].node_type,
+            seconds_,
+            costs.get(name),
+            ran[name].exec_type,
+            precisions.get(name),
         )
-        for p in infos
-        if p.node_name in after
+        for name, seconds_ in median_times(per_call).items()
     )
-    return Breakdown(ops, latency, statistics.mean(calls), runs, session.describe())
+    return Breakdown(ops, latency, statistics.median(calls), runs, session.describe())
 
 
 def _totals(infos: list[ov.ProfilingInfo], calls: int) -> dict[str, float]:
