@@ -45,11 +45,9 @@ _SPR = Core(
 )
 _ZEN2 = Core("Zen 2/3", {"fp32": 32}, "2 x 256-bit FMA pipes")
 _ZEN4 = Core(
-    "Zen 4",
-    {"fp32": 32, "bf16": 64, "int8": 128},
-    "2 x 256-bit FMA pipes, 512-bit instructions in two halves; AVX512-BF16, AVX-512 VNNI",
+    "Zen 4", {"fp32": 32, "bf16": 64, "int8": 128}, "2 x 256-bit FMA pipes, AVX-512 in halves"
 )
-_ZEN5 = Core("Zen 5", {"fp32": 64, "bf16": 128, "int8": 256}, "2 x 512-bit FMA pipes; BF16, VNNI")
+_ZEN5 = Core("Zen 5", {"fp32": 64, "bf16": 128, "int8": 256}, "2 x 512-bit FMA pipes")
 
 CORES: dict[tuple[str, int], tuple[tuple[range, Core], ...]] = {
     ("GenuineIntel", 6): (

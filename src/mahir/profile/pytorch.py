@@ -4,14 +4,14 @@ the shapes the profiler recorded.
 Each profiled call runs inside a `record_function` marker; the ops directly under it are the
 ops the model called (`aten::linear`, `aten::layer_norm`, `aten::scaled_dot_product_attention`),
 each timed with everything it called inside (CPU time; on a GPU the time of the CUDA kernels it
-launched), so their sum is the call's op time without counting anything twice. Their costs come
-from the input shapes and dtypes the profiler recorded, through the same counts as a graph's
-(`cost.py`); an op whose output shape the inputs do not give is not costed. On a GPU the
-breakdown adds the kernels, their count, and the host time spent launching them: a call whose
-kernels sum far below its latency is the host's (launch-bound), and the GPU idles meanwhile.
-The profile exports as a Chrome trace.
+launched), so their sum is the call's op time without counting anything twice. Their costs
+come from the input shapes, dtypes and scalar arguments the profiler recorded (`torch_ops.py`).
+On a GPU the breakdown adds the kernels, their count, and the host time spent launching them: a
+call whose kernels sum far below its latency is the host's (launch-bound), and the GPU idles
+meanwhile. The profile exports as a Chrome trace.
 
-Sits in profile/: imports torch, cost and breakdown; runs any `Session` of the torch runtime.
+Sits in profile/: imports torch, torch_ops and breakdown; runs any `Session` of the torch
+runtime.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from mahir.profile.breakdown import (
@@ -35,31 +34,11 @@ from mahir.profile.breakdown import (
     time_latency,
     timed,
 )
-from mahir.profile.cost import OpCost, Tensor, op_cost
+from mahir.profile.cost import OpCost
+from mahir.profile.torch_ops import aten_cost
 from mahir.types import Inputs, Session
 
 MARK = "mahir run "
-DTYPES = {
-    "float": ("float32", 4), "double": ("float64", 8), "c10::BFloat16": ("bfloat16", 2),
-    "c10::Half": ("float16", 2), "long int": ("int64", 8), "int": ("int32", 4),
-    "signed char": ("int8", 1), "unsigned char": ("uint8", 1), "bool": ("bool", 1),
-    "c10::Float8_e4m3fn": ("float8e4m3fn", 1),
-}  # fmt: skip
-"""The profiler's dtype names -> numpy's, and bytes per element."""
-MATMULS = {"aten::linear", "aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::baddbmm"}
-NORMS = {
-    "aten::layer_norm": "LayerNormalization", "aten::group_norm": "GroupNormalization",
-    "aten::batch_norm": "BatchNormalization", "aten::rms_norm": "RMSNormalization",
-    "aten::softmax": "Softmax", "aten::_softmax": "Softmax", "aten::log_softmax": "Softmax",
-}  # fmt: skip
-"""Ops whose output has their first input's shape, and the graph op they cost as."""
-VIEWS = {"aten::view", "aten::reshape", "aten::permute", "aten::transpose", "aten::unsqueeze"}
-VIEWS |= {"aten::squeeze", "aten::expand", "aten::select", "aten::slice", "aten::t", "aten::detach"}
-POINTWISE = frozenset(
-    """add sub mul div gelu relu silu tanh sigmoid erf pow where neg exp log sqrt rsqrt abs clamp
-    maximum minimum masked_fill eq ne lt gt le ge logical_and logical_not bitwise_and""".split()
-)
-"""aten's elementwise ops (in place too: `add_`), costed as one FLOP per output element."""
 LAUNCHES = {"cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cudaGraphLaunch"}
 
 
@@ -128,67 +107,9 @@ def _subtree(event: Any) -> Iterator[Any]:
 
 
 def _cost(name: str, event: Any) -> OpCost | None:
-    """The op's cost from its recorded inputs, as the graph op it amounts to."""
-    if event.name in VIEWS:
-        return op_cost(name, "Reshape", [], [])
-    inputs = _inputs(event)
-    tensors = [t for t in inputs if t is not None]
-    if not tensors:
-        return None
-    first = tensors[0]
-    if event.name in MATMULS:
-        return _matmul(name, event.name, inputs)
-    if event.name in NORMS:
-        return op_cost(name, NORMS[event.name], [first, *tensors[1:]], [first])
-    if event.name == "aten::scaled_dot_product_attention" and len(tensors) >= 3:
-        q, v = tensors[0], tensors[2]
-        out = Tensor((*q.shape[:-1], v.shape[-1]), q.dtype, q.itemsize)
-        return op_cost(name, "ScaledDotProductAttention", tensors[:3], [out])
-    if event.name == "aten::embedding" and len(tensors) == 2:
-        table, ids = tensors
-        return op_cost(name, "Gather", [table, ids], [_like(table, (*ids.shape, table.shape[-1]))])
-    try:
-        shape = np.broadcast_shapes(*(t.shape for t in tensors))
-    except ValueError:  # inputs that do not broadcast: an op this count does not know
-        return None
-    pointwise = event.name.removeprefix("aten::").rstrip("_") in POINTWISE
-    return op_cost(name, "Add" if pointwise else event.name, tensors, [_like(first, shape)])
-
-
-def _matmul(name: str, op: str, inputs: list[Tensor | None]) -> OpCost | None:
-    """A linear, addmm, (b)mm or matmul as a Gemm (with its bias) or a MatMul."""
-    if op == "aten::linear":
-        x, weight = inputs[0], inputs[1]
-        if x is None or weight is None:
-            return None
-        transposed = _like(weight, weight.shape[::-1])
-        out = _like(x, (*x.shape[:-1], weight.shape[0]))
-        return op_cost(name, "Gemm", [x, transposed, *inputs[2:3]], [out])
-    bias, (a, b) = (
-        (inputs[0], inputs[1:3]) if op in ("aten::addmm", "aten::baddbmm") else (None, inputs[:2])
+    return aten_cost(
+        name, event.name, event.input_shapes, event.input_dtypes, event.concrete_inputs
     )
-    if a is None or b is None or len(a.shape) < 2 or len(b.shape) < 2:
-        return None
-    batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-    out = _like(a, (*batch, a.shape[-2], b.shape[-1]))
-    return op_cost(
-        name, "Gemm" if bias is not None else "MatMul", [a, b, *([bias] if bias else [])], [out]
-    )
-
-
-def _inputs(event: Any) -> list[Tensor | None]:
-    """The op's inputs as tensors (None for a scalar, a list or an absent optional input)."""
-    found: list[Tensor | None] = []
-    for shape, dtype in zip(event.input_shapes, event.input_dtypes, strict=False):
-        known = DTYPES.get(dtype)
-        found.append(
-            None if known is None or not isinstance(shape, list) else Tensor(tuple(shape), *known)
-        )
-    return found
-
-
-def _like(tensor: Tensor, shape: tuple[int, ...]) -> Tensor:
-    return Tensor(tuple(int(d) for d in shape), tensor.dtype, tensor.itemsize)
 
 
 def _start(event: Any) -> float:
