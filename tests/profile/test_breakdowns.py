@@ -86,3 +86,21 @@ def test_torch_breaks_a_call_down_by_the_ops_the_model_called() -> None:
     assert found.trace
     assert any(event.get("name") == "aten::linear" for event in found.trace)
     assert found.gpu is None
+
+
+@pytest.mark.gpu
+def test_torch_on_a_gpu_times_kernels_and_counts_launches() -> None:
+    from mahir.profile.pytorch import profile_torch
+    from mahir.types import Device
+
+    gpu = RuntimeOptions(device=Device("cuda"))
+    session = open_session("torch", wide_mlp_torch(), gpu)
+    found = profile_torch(session, batch("input"), runs=RUNS, seconds=SECONDS)
+    assert found.gpu is not None
+    assert found.gpu.kernels >= 4  # two matmuls, the activation, the norm
+    assert 0 < found.gpu.kernel_s <= found.call_s
+    assert found.gpu.launch_s > 0
+    assert found.op_seconds == pytest.approx(found.gpu.kernel_s, rel=0.05)  # ops: their kernels
+    linears = [op for op in found.ops if op.op_type == "aten::linear"]
+    assert len(linears) == 2
+    assert all(op.seconds > 0 and op.exec_type == "cuda:0" for op in linears)

@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from torch.profiler import ProfilerActivity, profile, record_function
+from torch.profiler import DeviceType, ProfilerActivity, profile, record_function
 
 from mahir.profile.breakdown import (
     WARMUP_RUNS,
@@ -39,6 +39,7 @@ from mahir.profile.torch_ops import aten_cost
 from mahir.types import Inputs, Session
 
 MARK = "mahir run "
+CPU_EVENT = DeviceType.CPU
 LAUNCHES = {"cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cudaGraphLaunch"}
 
 
@@ -55,7 +56,10 @@ def profile_torch(session: Session, batch: Inputs, *, runs: int, seconds: float)
             with record_function(f"{MARK}{i}"):
                 calls.append(timed(session, batch))
     latency = time_latency(session, batch, seconds)
-    marks = sorted((e for e in profiler.events() if e.name.startswith(MARK)), key=_start)
+    marks = sorted(
+        (e for e in profiler.events() if e.name.startswith(MARK) and e.device_type == CPU_EVENT),
+        key=_start,
+    )  # on a GPU each marker also shows as an annotation on the GPU's timeline: not a call
     called = [sorted(mark.cpu_children, key=_start) for mark in marks]
     times = median_times([_times(ops, cuda) for ops in called])
     ops = tuple(
