@@ -23,6 +23,9 @@ from mahir.peaks import Peaks, rate
 from mahir.profile.breakdown import Breakdown, GpuTime, OpTime
 from mahir.profile.roofline import Roofline, advice, place, ridge, whole
 
+SEEN = 0.8
+"""Below this share of a call in its ops, the time between ops is worth a note."""
+
 
 @dataclass(frozen=True, slots=True)
 class TypeRow:
@@ -94,6 +97,11 @@ class Profile:
             found.append(
                 "ops above 100% of the memory bandwidth kept their operands in cache: the roof "
                 "is DRAM's, and they beat it"
+            )
+        if self.breakdown.coverage < SEEN:
+            found.append(
+                f"the profiler sees {self.breakdown.coverage:.0%} of a call: the rest goes between "
+                "ops (the runtime's dispatch, threads handing work over or waiting for a core)"
             )
         uncosted = sum(op.cost is None for op in self.breakdown.ops)
         if uncosted:
@@ -261,11 +269,21 @@ def _heavy_table(rows: list[tuple[OpTime, Roofline, str]], total_s: float) -> Ta
 
 
 def _advice_lines(texts: list[str]) -> list[str]:
-    """One line per distinct advice, led by the numbers of the ops it is for."""
+    """One line per distinct advice, led by the numbers of the ops it is for ("1-3, 5")."""
     numbers: dict[str, list[int]] = {}
     for i, text in enumerate(texts, 1):
         numbers.setdefault(text, []).append(i)
-    return [f"{', '.join(map(str, found))}: {text}" for text, found in numbers.items()]
+    return [f"{_ranges(found)}: {text}" for text, found in numbers.items()]
+
+
+def _ranges(numbers: list[int]) -> str:
+    runs: list[list[int]] = []
+    for n in numbers:
+        if runs and n == runs[-1][-1] + 1:
+            runs[-1].append(n)
+        else:
+            runs.append([n])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 2 else ", ".join(map(str, r)) for r in runs)
 
 
 def _rates(r: Roofline) -> tuple[str, str, str, str]:
