@@ -150,8 +150,9 @@ def _overhead(kind: str, gpu: bool) -> str:
         )
     if kind in ("matmul", "conv", "attention"):
         return (
-            "Far above both roofs: at this size dispatch and thread hand-offs cost more than "
-            "the math; batching more rows per call amortises them."
+            "Far above both roofs: neither the math nor the memory explains its time (thread "
+            "hand-offs, dispatch, a kernel ill-suited to this shape, a core taken by another "
+            "process); more rows per call amortise what is fixed."
         )
     return (
         "Overhead-bound small op: fusion into its neighbour removes the call (ONNX Runtime and "
