@@ -100,7 +100,7 @@ def test_torch_on_a_gpu_times_kernels_and_counts_launches() -> None:
     assert found.gpu.kernels >= 4  # two matmuls, the activation, the norm
     assert 0 < found.gpu.kernel_s <= found.call_s
     assert found.gpu.launch_s > 0
-    assert found.op_seconds == pytest.approx(found.gpu.kernel_s, rel=0.05)  # ops: their kernels
+    assert found.op_seconds == pytest.approx(found.gpu.kernel_s, rel=0.2)  # ops: their kernels
     linears = [op for op in found.ops if op.op_type == "aten::linear"]
     assert len(linears) == 2
     assert all(op.seconds > 0 and op.exec_type == "cuda:0" for op in linears)

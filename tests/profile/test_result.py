@@ -35,7 +35,7 @@ def profile(call_s: float, other_load: float = 0.0) -> Profile:
         OpTime("custom", "Custom", 0.0005, None),
     )
     latency = Perf(1, (40.0,), 40.0, 41.0, 42.0, 25.0, None, 0.01, False, other_load)
-    breakdown = Breakdown(ops, latency, call_s, 10, {"threads": 2})
+    breakdown = Breakdown(ops, latency, ((0.0265, call_s),) * 10, {"threads": 2})
     paper = PaperPeaks({"fp32": 128e9}, None, "Test: 2 cores", "memory bandwidth: unknown")
     return Profile("tiny", "onnxruntime", MACHINE, {"x": (4, 8)}, PEAKS, paper, breakdown)
 
@@ -50,7 +50,7 @@ def test_the_tables_the_whole_model_and_the_advice_grouped_by_op() -> None:
     text = render(profile(call_s=0.027))
     assert "tiny on onnxruntime, cpu: x 4x8" in text
     assert "peaks on paper: fp32 128 GFLOP/s (Test: 2 cores); memory bandwidth: unknown" in text
-    assert "ops 26.5 ms of it (98%)" in text
+    assert "calls 27 ms, ops 26.5 ms, 98% of each call seen in its ops (medians of 10)" in text
     assert "the roofs allow 20 ms of its 40 ms: 50% of the roofline, compute-bound" in text
     assert "time by op type" in text
     assert "heaviest ops" in text

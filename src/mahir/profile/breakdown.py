@@ -3,10 +3,11 @@ latency of the same call measured apart from the profiler.
 
 An op's time is its median over the profiled runs (the first runs, which allocate and pick
 kernels, are left out), so one slow run moves nothing. Each profiled call is also timed apart
-from the profiler, by the device's own timer around the call (`measure.timer_for`): the sum of
-the op times over the median call (`coverage`) says how much of a call the profiler sees; the
-rest is the runtime's own work between ops (and, on a GPU, time it sat idle). Both come from
-the same calls, so a machine that slows down meanwhile moves both alike. The latency a user
+from the profiler, by the device's own timer around the call (`measure.timer_for`): its ops'
+times over its own time say how much of that call the profiler saw, and the median over the
+calls (`coverage`) how much of a call it sees; the rest is the runtime's own work between ops
+(and, on a GPU, time it sat idle). Each call is paired with its own ops, so a call that another
+process stalled between ops moves one ratio of many, not the answer. The latency a user
 sees is timed after, by `measure.py`, on the same session and batch with the profiler off where
 the runtime allows it: the roofline divides by it.
 
@@ -68,9 +69,8 @@ class Breakdown:
     ops: tuple[OpTime, ...]
     latency: Perf
     """The same call timed by `measure.py`, the profiler off where the runtime allows."""
-    call_s: float
-    """The median profiled call, as the device's timer saw it."""
-    profiled_runs: int
+    calls: tuple[tuple[float, float], ...]
+    """Each profiled call: the seconds of its ops, and its seconds by the device's timer."""
     settings: dict[str, Any]
     trace: list[dict[str, Any]] | None = None
     """Chrome trace events, where the runtime's profiler gives them."""
@@ -82,9 +82,22 @@ class Breakdown:
         return sum(op.seconds for op in self.ops)
 
     @property
+    def call_s(self) -> float:
+        """The median profiled call, by the device's timer."""
+        return statistics.median(wall for _, wall in self.calls) if self.calls else 0.0
+
+    @property
     def coverage(self) -> float:
-        """The op times' sum over the profiled call."""
-        return self.op_seconds / self.call_s if self.call_s > 0 else 0.0
+        """The median over profiled calls of the share of each that its ops took."""
+        shares = [ops / wall for ops, wall in self.calls if wall > 0]
+        return statistics.median(shares) if shares else 0.0
+
+
+def paired(
+    runs: Sequence[Mapping[str, float]], walls: Sequence[float]
+) -> tuple[tuple[float, float], ...]:
+    """Each call's op seconds (`runs`: op name -> seconds) beside its timed seconds."""
+    return tuple((sum(run.values()), wall) for run, wall in zip(runs, walls, strict=True))
 
 
 def median_times(runs: Sequence[Mapping[str, float]]) -> dict[str, float]:

@@ -14,7 +14,6 @@ Sits in profile/: imports onnxruntime's runtime module, onnx_graph and breakdown
 from __future__ import annotations
 
 import json
-import statistics
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from mahir.profile.breakdown import (
     Breakdown,
     OpTime,
     median_times,
+    paired,
     time_latency,
     timed,
 )
@@ -60,9 +60,13 @@ def profile_onnxruntime(
     events = json.loads(session.end_profiling().read_text())
     latency = time_latency(session, batch, seconds)
     per_run = _runs(events)[WARMUP_RUNS:]
-    if not per_run:
-        raise RuntimeFailure("ONNX Runtime's profile holds no node events: nothing to break down")
-    times = median_times([{name: e["dur"] / 1e6 for name, e in run.items()} for run in per_run])
+    if not any(per_run) or len(per_run) != len(calls):
+        raise RuntimeFailure(
+            f"ONNX Runtime's profile holds {len(per_run)} runs of node events for {len(calls)} "
+            "calls: nothing to break down"
+        )
+    seconds_per_run = [{name: e["dur"] / 1e6 for name, e in run.items()} for run in per_run]
+    times = median_times(seconds_per_run)
     last = per_run[-1]
     graph = load_graph(folder / OPTIMIZED).graph
     values = _values(graph, batch, last)
@@ -79,8 +83,8 @@ def profile_onnxruntime(
         for name, seconds_ in times.items()
         if name in last
     )
-    call_s = statistics.median(calls)
-    return Breakdown(ops, latency, call_s, len(per_run), session.describe(), trace=events)
+    pairs = paired(seconds_per_run, calls)
+    return Breakdown(ops, latency, pairs, session.describe(), trace=events)
 
 
 def _runs(events: list[dict[str, Any]]) -> list[dict[str, dict[str, Any]]]:
@@ -98,7 +102,7 @@ def _runs(events: list[dict[str, Any]]) -> list[dict[str, dict[str, Any]]]:
                 or f"{args.get('op_name')}#{args.get('node_index')}"
             )
             runs[index][name] = event
-    return [run for run in runs if run]
+    return runs
 
 
 def _values(graph: Any, batch: Inputs, run: Mapping[str, dict[str, Any]]) -> dict[str, Tensor]:

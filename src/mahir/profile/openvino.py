@@ -16,7 +16,6 @@ Sits in profile/: imports openvino's runtime module, cost and breakdown.
 
 from __future__ import annotations
 
-import statistics
 from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,6 +29,7 @@ from mahir.profile.breakdown import (
     Breakdown,
     OpTime,
     median_times,
+    paired,
     time_latency,
     timed,
 )
@@ -82,7 +82,7 @@ def profile_openvino(
         )
         for name, seconds_ in median_times(per_call).items()
     )
-    return Breakdown(ops, latency, statistics.median(calls), runs, session.describe())
+    return Breakdown(ops, latency, paired(per_call, calls), session.describe())
 
 
 def _totals(infos: list[ov.ProfilingInfo], calls: int) -> dict[str, float]:

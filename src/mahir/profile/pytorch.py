@@ -31,6 +31,7 @@ from mahir.profile.breakdown import (
     GpuTime,
     OpTime,
     median_times,
+    paired,
     time_latency,
     timed,
 )
@@ -61,7 +62,8 @@ def profile_torch(session: Session, batch: Inputs, *, runs: int, seconds: float)
         key=_start,
     )  # on a GPU each marker also shows as an annotation on the GPU's timeline: not a call
     called = [sorted(mark.cpu_children, key=_start) for mark in marks]
-    times = median_times([_times(ops, cuda) for ops in called])
+    per_call = [_times(ops, cuda) for ops in called]
+    times = median_times(per_call)
     ops = tuple(
         OpTime(name, event.name, times[name], _cost(name, event), str(session.device))
         for name, event in _named(called[-1])
@@ -69,8 +71,7 @@ def profile_torch(session: Session, batch: Inputs, *, runs: int, seconds: float)
     return Breakdown(
         ops,
         latency,
-        statistics.median(calls),
-        runs,
+        paired(per_call, calls),
         session.describe(),
         trace=_trace(profiler),
         gpu=_gpu(marks) if cuda else None,

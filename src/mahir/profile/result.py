@@ -128,7 +128,7 @@ class Profile:
                 "other_load": b.latency.other_load,
             },
             "profiled": {
-                "runs": b.profiled_runs,
+                "runs": len(b.calls),
                 "call_ms": b.call_s * 1e3,
                 "op_ms": b.op_seconds * 1e3,
                 "coverage": b.coverage,
@@ -174,8 +174,8 @@ class Profile:
             f"peaks measured: {self.peaks.summary().split(': ', 1)[-1]}",
             f"peaks on paper: {_paper(self.paper)}",
             f"latency {b.latency.p50_ms:.3g} ms (p50 of {len(b.latency.latencies_ms)} calls); "
-            f"profiled calls {b.call_s * 1e3:.3g} ms, ops {b.op_seconds * 1e3:.3g} ms of it "
-            f"({b.coverage:.0%})",
+            f"profiled: calls {b.call_s * 1e3:.3g} ms, ops {b.op_seconds * 1e3:.3g} ms, "
+            f"{b.coverage:.0%} of each call seen in its ops (medians of {len(b.calls)})",
         ]
         if b.gpu is not None:
             g = b.gpu
