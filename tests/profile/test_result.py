@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 
 import pytest
 from rich.console import Console
@@ -64,6 +65,9 @@ def test_what_makes_the_numbers_doubtful_is_said() -> None:
     text = render(profile(call_s=0.1, other_load=1.0))
     assert "note: the machine was busy" in text
     assert "note: the profiler sees 26% of a call" in text  # 26.5 of 100 ms
+    stalls = profile(call_s=0.05)
+    stalls.breakdown = replace(stalls.breakdown, calls=((0.048, 0.05),) * 10)
+    assert "yet the ops' median times sum to 26.5 of its 50 ms" in render(stalls)
 
 
 def test_the_json_holds_every_op_and_the_advice_of_the_heaviest() -> None:

@@ -98,10 +98,18 @@ class Profile:
                 "ops above 100% of the memory bandwidth kept their operands in cache: the roof "
                 "is DRAM's, and they beat it"
             )
-        if self.breakdown.coverage < SEEN:
+        b = self.breakdown
+        if b.coverage < SEEN:
             found.append(
-                f"the profiler sees {self.breakdown.coverage:.0%} of a call: the rest goes between "
-                "ops (the runtime's dispatch, threads handing work over or waiting for a core)"
+                f"the profiler sees {b.coverage:.0%} of a call: the rest goes between ops (the "
+                "runtime's dispatch, threads handing work over or waiting for a core)"
+            )
+        elif b.op_seconds < SEEN * b.call_s:
+            found.append(
+                f"each call spends {b.coverage:.0%} of its time in ops, yet the ops' median times "
+                f"sum to {b.op_seconds * 1e3:.3g} of its {b.call_s * 1e3:.3g} ms: ops stall now "
+                "and then (threads waiting for a core: another process, or more threads than "
+                "free cores)"
             )
         uncosted = sum(op.cost is None for op in self.breakdown.ops)
         if uncosted:
