@@ -69,6 +69,7 @@ def test_an_output_directory_on_its_own_runtime(served_mlp_dir: Path, tmp_path: 
         (("profile", "-b", "0"), "--batch-size"),
         (("profile", "-r", "openvino", "--trace", "t.json"), "OpenVINO writes no trace"),
         (("profile", "--device", "gpu"), "unknown device 'gpu'"),
+        (("profile", "--device", "cuda:7"), "no cuda:7 here"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2_before_any_work(

@@ -77,7 +77,8 @@ def profile(
     model and its heaviest ops on the roofline of this machine's measured peaks."""
 
     def configure() -> ProfileConfig:
-        from mahir.profile.run import ProfileConfig
+        from mahir.hardware import detect
+        from mahir.profile.run import ProfileConfig, check_runtime
         from mahir.types import Device
 
         config = ProfileConfig(
@@ -91,6 +92,8 @@ def profile(
             top=top,
         )
         _check_source(model)
+        if runtime is not None or not _is_output_dir(model):  # else the directory's runtime
+            check_runtime(config.chosen_runtime(), config.device, detect())
         if trace is not None and config.chosen_runtime() == "openvino":
             raise BadInput(
                 "--trace: OpenVINO writes no trace; profile with -r onnxruntime or torch"
@@ -117,15 +120,20 @@ def _check_source(source: str | None) -> None:
         raise BadInput(f"{source} does not exist: give an output directory, a model folder or file")
 
 
+def _is_output_dir(source: str | None) -> bool:
+    from mahir.outdir import MANIFEST
+
+    return source is not None and (Path(source) / MANIFEST).is_file()
+
+
 def _run(
     source: str | None, config: ProfileConfig, json_path: Path | None, trace: Path | None
 ) -> None:
-    from mahir.outdir import MANIFEST
     from mahir.profile.run import profile_model, profile_output_dir
 
     with progress_bar() as progress, tempfile.TemporaryDirectory(prefix="mahir-profile-") as tmp:
         progress.add_task("profiling (peaks are measured once per machine)", total=None)
-        if source is not None and (Path(source) / MANIFEST).is_file():
+        if source is not None and _is_output_dir(source):
             result = profile_output_dir(source, config, tmp)
         else:
             model = load_with_logits(source, None, "mahir profile")

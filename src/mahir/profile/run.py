@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from mahir.errors import BadInput, Unsupported
+from mahir.errors import BadInput
 from mahir.export.conversions import convert, reachable
 from mahir.families import Family, open_family, refuse_text_options
 from mahir.hardware import Machine, detect
@@ -27,7 +27,7 @@ from mahir.paper_peaks import paper_peaks
 from mahir.peaks import device_bandwidth, device_peaks
 from mahir.profile.breakdown import Breakdown
 from mahir.profile.result import Profile
-from mahir.runtimes import RUNTIMES, open_session
+from mahir.runtimes import RUNTIMES, check_runnable, open_session
 from mahir.types import CPU, Artifact, Device, Inputs, RuntimeOptions
 from mahir.workload import Batch
 
@@ -77,19 +77,9 @@ class ProfileConfig:
 
 
 def check_runtime(runtime: str, device: Device, machine: Machine) -> None:
-    """Refuse, before any work, a runtime that cannot run on `device` here."""
+    """Refuse, before any work, a device this machine lacks or a runtime that cannot run there."""
     machine.require(device)
-    chosen = RUNTIMES[runtime]
-    if device.kind not in chosen.devices:
-        raise Unsupported(f"{runtime} runs on {' or '.join(chosen.devices)} only: use --device cpu")
-    missing = chosen.missing()
-    if missing:
-        raise Unsupported(
-            f"{runtime} needs {missing}, which is not installed: pip install {missing}"
-        )
-    why = chosen.unavailable(device)
-    if why:
-        raise Unsupported(why)
+    check_runnable(runtime, device)
 
 
 def profile_model(model: Model, config: ProfileConfig, workdir: str | os.PathLike[str]) -> Profile:
