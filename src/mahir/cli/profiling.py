@@ -92,9 +92,9 @@ def profile(
             top=top,
         )
         _check_source(model)
-        if runtime is not None or not _is_output_dir(model):  # else the directory's runtime
-            check_runtime(config.chosen_runtime(), config.device, detect())
-        if trace is not None and config.chosen_runtime() == "openvino":
+        chosen = config.chosen_runtime(_recorded_runtime(model))
+        check_runtime(chosen, config.device, detect())
+        if trace is not None and chosen == "openvino":
             raise BadInput(
                 "--trace: OpenVINO writes no trace; profile with -r onnxruntime or torch"
             )
@@ -124,6 +124,16 @@ def _is_output_dir(source: str | None) -> bool:
     from mahir.outdir import MANIFEST
 
     return source is not None and (Path(source) / MANIFEST).is_file()
+
+
+def _recorded_runtime(source: str | None) -> str | None:
+    """The runtime an output directory records, where mahir profile reads its profiler."""
+    from mahir.outdir import read_manifest
+    from mahir.profile.run import recorded_runtime
+
+    if source is None or not _is_output_dir(source):
+        return None
+    return recorded_runtime(read_manifest(source))
 
 
 def _run(

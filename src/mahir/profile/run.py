@@ -14,8 +14,10 @@ or search. LLMs enter here later, with a prefill and a per-token decode breakdow
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from mahir.errors import BadInput
 from mahir.export.conversions import convert, reachable
@@ -113,12 +115,12 @@ def profile_output_dir(
             f"with mahir bench --llm"
         )
     artifact = read_artifact(out, manifest)
-    recorded = str(manifest.get("runtime"))
-    runtime = config.chosen_runtime(recorded if recorded in PROFILED else None)
+    recorded = recorded_runtime(manifest)
+    runtime = config.chosen_runtime(recorded)
     if artifact.format not in RUNTIMES[runtime].formats:
         raise BadInput(
             f"{out} holds a {artifact.format} artifact, which {runtime} does not run: use "
-            f"--runtime {recorded if recorded in PROFILED else 'torch'}"
+            f"--runtime {recorded or 'torch'}"
         )
     machine = detect()
     check_runtime(runtime, config.device, machine)
@@ -135,6 +137,12 @@ def profile_output_dir(
     return _profile(
         name, runtime, artifact, options, batch, padding, machine, config, Path(workdir)
     )
+
+
+def recorded_runtime(manifest: Mapping[str, Any]) -> str | None:
+    """The runtime an output directory records, where mahir profile reads its profiler."""
+    recorded = manifest.get("runtime")
+    return recorded if isinstance(recorded, str) and recorded in PROFILED else None
 
 
 def one_batch(family: Family, name: str, config: ProfileConfig) -> tuple[Batch, float]:
