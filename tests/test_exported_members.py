@@ -13,10 +13,10 @@ def test_all_is_pinned() -> None:
         [
             "RUNTIMES", "Artifact", "BadInput", "BenchConfig", "BenchResult", "Device",
             "ExportMismatch", "MahirError", "MeasureConfig", "Model", "OpenVinoOptions",
-            "OptimizeConfig", "OptimizeResult",
+            "OptimizeConfig", "OptimizeResult", "Profile", "ProfileConfig",
             "RuntimeFailure", "RuntimeOptions", "Session",
             "Unsupported", "benchmark", "export_onnx", "export_openvino", "load", "load_model",
-            "open_session", "optimize",
+            "open_session", "optimize", "profile_model", "profile_output_dir",
         ]
     )  # fmt: skip
 

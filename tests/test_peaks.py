@@ -1,4 +1,5 @@
-"""Measured peaks: a sane number on this CPU, measured once and cached, a bad cache re-measured."""
+"""Measured peaks and memory bandwidth: sane numbers on this CPU, measured once and cached, a bad
+cache re-measured."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ import pytest
 from mahir.files import CACHE_ENV, cache_dir
 from mahir.hardware import Gpu, Machine
 from mahir.peaks import (
+    Bandwidth,
     Peak,
     Peaks,
+    device_bandwidth,
     device_peaks,
     dtypes_for,
+    measure_bandwidth,
     measure_matmul,
 )
 from mahir.types import CPU, Device
@@ -177,3 +181,35 @@ def test_the_cache_folder_is_the_user_s_unless_moved(
     assert cache_dir() == tmp_path / "xdg" / "mahir"
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert cache_dir() == Path.home() / ".cache" / "mahir"
+
+
+def test_the_bandwidth_on_this_cpu_is_between_a_floppy_and_a_gpu() -> None:
+    """STREAM's triad on 2 x 16 MiB arrays here: some GB/s on any machine mahir runs on."""
+    found = measure_bandwidth(CPU, elements=2**22, repeats=2)
+    assert 1e9 < found.bytes_per_s < 5e12
+    assert found.size == 4 * 2**22
+
+
+def test_the_bandwidth_is_measured_once_and_cached_beside_the_peaks(tmp_path: Path) -> None:
+    path, calls = tmp_path / "peaks.json", []
+
+    def measure(device: Device) -> Bandwidth:
+        calls.append(device)
+        return Bandwidth(2e10, 2**27, "2026-01-01T00:00:00+00:00")
+
+    first = device_bandwidth(ZEN4, CPU, path=path, measure=measure)
+    second = device_bandwidth(ZEN4, CPU, path=path, measure=measure)
+    assert len(calls) == 1
+    assert (first.cached, second.cached, second.bytes_per_s) == (False, True, 2e10)
+    device_peaks(ZEN4, CPU, path=path, measure=Counting())  # the matmul peaks join the file
+    assert sum("| memory |" in key for key in json.loads(path.read_text())) == 1
+    peaks = Peaks("cpu", "AMD EPYC", "2.13", 2, (Peak("fp32", 1e11, 512, ""),), second)
+    assert "memory 20 GB/s" in peaks.summary()
+
+
+def test_a_bandwidth_measured_on_a_busy_machine_is_not_cached(tmp_path: Path) -> None:
+    path = tmp_path / "peaks.json"
+    busy = Bandwidth(2e10, 2**27, "", other_load=1.0)
+    found = device_bandwidth(ZEN4, CPU, path=path, measure=lambda device: busy)
+    assert found.busy
+    assert not path.exists()

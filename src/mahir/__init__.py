@@ -5,6 +5,7 @@ result = mahir.benchmark(model, mahir.BenchConfig(batch_sizes=(1, 32)), workdir)
 session = mahir.open_session("onnxruntime", artifact)
 result = mahir.search.optimize(model, mahir.OptimizeConfig(time_budget_s=600)); result.save(out)
 session = mahir.load(out)                      # the winner, on the runtime it won on
+profile = mahir.profile_model(model, mahir.ProfileConfig(batch_size=8), workdir)  # per-op roofline
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from mahir.export.onnx import export_onnx, export_openvino
 from mahir.measure import MeasureConfig
 from mahir.model import Model, load_model
 from mahir.outdir import load_output_dir as load
+from mahir.profile.result import Profile
+from mahir.profile.run import ProfileConfig, profile_model, profile_output_dir
 from mahir.runtimes import RUNTIMES, open_session
 from mahir.search.bench import BenchConfig, BenchResult, benchmark
 from mahir.search.optimize import OptimizeConfig, OptimizeResult, optimize
@@ -35,6 +38,8 @@ __all__ = [
     "OpenVinoOptions",
     "OptimizeConfig",
     "OptimizeResult",
+    "Profile",
+    "ProfileConfig",
     "RuntimeFailure",
     "RuntimeOptions",
     "Session",
@@ -46,4 +51,6 @@ __all__ = [
     "load_model",
     "open_session",
     "optimize",
+    "profile_model",
+    "profile_output_dir",
 ]

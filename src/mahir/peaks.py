@@ -11,11 +11,17 @@ serves its run, says so, and is not cached. On a CUDA GPU: fp32 with TF32 off, f
 (compute capability 8.0 or later) and int8 at n = 8192, timed by CUDA events. Each is the best
 of a few timings: noise only ever makes a matmul slower.
 
+Beside them, the memory bandwidth (`measure_bandwidth`): STREAM's triad `a = b + s*c`
+(McCalpin, 1995) in fp32 on arrays far past the last-level cache, by torch on the same threads,
+counting 12 bytes per element as STREAM does (two reads, one write; the write-allocate read a CPU
+adds is not counted): the roof of memory-bound work (`profile/roofline.py`).
+
 Measured once per machine: peaks are kept in `peaks.json` in the user's cache folder
 (`cache_dir()`; `MAHIR_CACHE_DIR` moves it), keyed by the CPU model or GPU name, torch's
-version, the dtype and, on a CPU, the threads. The file is written whole or not at all; a file
-that cannot be read, or an entry that is not a positive number, is measured again, never
-trusted; a cache that cannot be written costs only a measurement next time.
+version, the dtype ("memory" for the bandwidth) and, on a CPU, the threads. The file is written
+whole or not at all; a file that cannot be read, or an entry that is not a positive number, is
+measured again, never trusted; a cache that cannot be written costs only a measurement next
+time.
 
 Core layer: imports hardware, measure (its timers), files and types; nothing that runs a model.
 """
@@ -40,11 +46,18 @@ from mahir.types import Device
 FLOATS = ("fp32", "bf16", "fp16")
 CPU_SIZES = (256, 512, 1024)
 CUDA_SIZES = (8192,)
+TRIAD_ELEMENTS = {"cpu": 2**25, "cuda": 2**28}
+"""fp32 elements per triad array: 128 MiB on a CPU (three arrays, several times any L3), 1 GiB on a
+GPU (twenty times an H200's L2)."""
+TRIAD_BYTES = 12
+"""Bytes STREAM counts per triad element: b and c read, a written, 4 bytes each."""
 REPEATS = 5
 """Timings per size; the best counts."""
 
 Measure = Callable[[Device, str], "Peak"]
 """(device, dtype) -> its peak, measured now."""
+MeasureBandwidth = Callable[[Device], "Bandwidth"]
+"""device -> its memory bandwidth, measured now."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +80,23 @@ class Peak:
 
 
 @dataclass(frozen=True, slots=True)
+class Bandwidth:
+    """The best memory bandwidth STREAM's triad reached on a device."""
+
+    bytes_per_s: float
+    size: int
+    """Bytes of each of the three arrays."""
+    measured: str
+    cached: bool = False
+    other_load: float = 0.0
+    """As `Peak.other_load`: above `measure.BUSY_CORES` it serves its run and is not cached."""
+
+    @property
+    def busy(self) -> bool:
+        return self.other_load > BUSY_CORES
+
+
+@dataclass(frozen=True, slots=True)
 class Peaks:
     """The measured peaks of one device, and what they were measured with."""
 
@@ -78,6 +108,8 @@ class Peaks:
     threads: int | None
     """Torch's threads while a CPU was measured; None on a GPU."""
     peaks: tuple[Peak, ...]
+    bandwidth: Bandwidth | None = None
+    """The memory roof, where it was asked for (`device_bandwidth`)."""
 
     def get(self, dtype: str) -> Peak | None:
         return next((p for p in self.peaks if p.dtype == dtype), None)
@@ -103,8 +135,13 @@ class Peaks:
             + (" (busy machine: likely low)" if p.busy else "")
             for p in self.peaks
         )
-        cached = " (cached)" if all(p.cached for p in self.peaks) else ""
-        return f"{self.device} ({self.name}): {found}{cached}"
+        memory = self.bandwidth
+        if memory is not None:
+            found += f", memory {rate(memory.bytes_per_s)}B/s" + (
+                " (busy machine: likely low)" if memory.busy else ""
+            )
+        cached = all(p.cached for p in self.peaks) and (memory is None or memory.cached)
+        return f"{self.device} ({self.name}): {found}{' (cached)' if cached else ''}"
 
     def method(self) -> str:
         threads = f", {self.threads} threads" if self.threads else ""
@@ -175,10 +212,41 @@ def device_peaks(
                     "measured": peak.measured,
                 }
         found.append(peak)
-    if fresh:  # a read-only home costs a measurement next time, which is all a cache saves
+    _save(path, stored, fresh)
+    return replace(base, peaks=tuple(found))
+
+
+def device_bandwidth(
+    machine: Machine,
+    device: Device,
+    *,
+    path: Path | None = None,
+    measure: MeasureBandwidth | None = None,
+) -> Bandwidth:
+    """The memory bandwidth of `device`: from the cache at `path` (as `device_peaks`), else
+    measured (by `measure`, default `measure_bandwidth`) and written there."""
+    import torch
+
+    path = path or cache_dir() / "peaks.json"
+    threads = physical_cores() if device.kind == "cpu" else None
+    base = Peaks(str(device), device_name(machine, device), str(torch.__version__), threads, ())
+    stored, key = _read(path), _key(base, "memory")
+    found = _entry(stored.get(key), "bytes_per_s")
+    if found is not None:
+        return Bandwidth(*found, cached=True)
+    bandwidth = (measure or measure_bandwidth)(device)
+    if not bandwidth.busy:
+        entry = {"bytes_per_s": bandwidth.bytes_per_s, "size": bandwidth.size}
+        _save(path, stored, {key: entry | {"measured": bandwidth.measured}})
+    return bandwidth
+
+
+def _save(path: Path, stored: dict[str, Any], fresh: dict[str, Any]) -> None:
+    """The cache with `fresh` entries added; a read-only home costs a measurement next time,
+    which is all a cache saves."""
+    if fresh:
         with suppress(OSError):
             write_text_atomically(path, json.dumps(stored | fresh, indent=1, sort_keys=True))
-    return replace(base, peaks=tuple(found))
 
 
 def _key(peaks: Peaks, dtype: str) -> str:
@@ -197,14 +265,20 @@ def _read(path: Path) -> dict[str, Any]:
 
 def _peak(dtype: str, entry: Any) -> Peak | None:
     """A cached peak, if the entry is a sane one."""
+    found = _entry(entry, "flops_per_s")
+    return None if found is None else Peak(dtype, *found, cached=True)
+
+
+def _entry(entry: Any, rate_field: str) -> tuple[float, int, str] | None:
+    """A cached entry's (rate, size, when measured), if it is a sane one."""
     if not isinstance(entry, dict):
         return None
-    flops, size, when = entry.get("flops_per_s"), entry.get("size"), entry.get("measured")
-    if not isinstance(flops, (int, float)) or not math.isfinite(flops) or flops <= 0:
+    value, size, when = entry.get(rate_field), entry.get("size"), entry.get("measured")
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         return None
     if not isinstance(size, int) or not isinstance(when, str):
         return None
-    return Peak(dtype, float(flops), size, when, cached=True)
+    return float(value), size, when
 
 
 def measure_matmul(
@@ -254,6 +328,32 @@ def measure_matmul(
 _TORCH = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
+def measure_bandwidth(
+    device: Device, *, elements: int | None = None, repeats: int = REPEATS
+) -> Bandwidth:
+    """The best bytes/s of STREAM's triad `a = b + 3c` on fp32 arrays of `elements` each
+    (default: the device's `TRIAD_ELEMENTS`), timed `repeats` times by the device's timer."""
+    import torch
+
+    n = elements or TRIAD_ELEMENTS[device.kind]
+    where = str(device)
+    load = MachineLoad()
+    best = 0.0
+    with _exactly(device):
+        a, b, c = (torch.full((n,), 1.0, device=where) for _ in "abc")  # touched: pages mapped
+        torch.add(b, c, alpha=3.0, out=a)  # warm-up
+        timer = timer_for(device)
+        for _ in range(repeats):
+            timer.start()
+            torch.add(b, c, alpha=3.0, out=a)
+            seconds = timer.stop()
+            if seconds > 0:
+                best = max(best, TRIAD_BYTES * n / seconds)
+    other = load.other_cores() if device.kind == "cpu" else 0.0
+    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return Bandwidth(best, 4 * n, now, other_load=other)
+
+
 @contextmanager
 def _exactly(device: Device) -> Iterator[None]:
     """Torch set as the runs use it, and put back after: on a CPU the runtimes' threads (the
@@ -276,7 +376,10 @@ if __name__ == "__main__":
     from mahir.hardware import detect
     from mahir.types import CPU
 
-    found = device_peaks(detect(), CPU)
+    machine = detect()
+    found = device_peaks(machine, CPU)
     print(f"{found.name}: {found.method()}")
     for p in found.peaks:
         print(f"  {p.dtype}: {p.flops_per_s / 1e9:,.1f} G/s at n={p.size}, measured {p.measured}")
+    memory = device_bandwidth(machine, CPU)
+    print(f"  memory: {memory.bytes_per_s / 1e9:,.1f} GB/s (triad), measured {memory.measured}")

@@ -188,19 +188,28 @@ def open_session(runtime: str, artifact: Artifact, options: RuntimeOptions = _DE
         raise Unsupported(
             f"{runtime} runs {' or '.join(chosen.formats)} artifacts, not {artifact.format}"
         )
-    if options.device.kind not in chosen.devices:
+    check_runnable(runtime, options.device)
+    return chosen.open(artifact, options)
+
+
+def check_runnable(runtime: str, device: Device) -> Runtime:
+    """The runtime called `runtime`, refusing in one line one that cannot run on `device` on
+    this machine (its device kinds, its package, its ONNX Runtime providers): callers that
+    build before they open ask first."""
+    chosen = get_runtime(runtime)
+    if device.kind not in chosen.devices:
         raise Unsupported(
-            f"{runtime} runs on {' or '.join(chosen.devices)} only; {_elsewhere(options.device)}"
+            f"{runtime} runs on {' or '.join(chosen.devices)} only; {_elsewhere(device)}"
         )
     missing = chosen.missing()
     if missing:
         raise Unsupported(
             f"{runtime} needs {missing}, which is not installed: pip install {missing}"
         )
-    why = chosen.unavailable(options.device)
+    why = chosen.unavailable(device)
     if why:
         raise Unsupported(why)
-    return chosen.open(artifact, options)
+    return chosen
 
 
 def _elsewhere(device: Device) -> str:

@@ -56,6 +56,11 @@ class OnnxRuntimeSession:
         dtypes = {i.name: _numpy_dtype(i.type) for i in declared}
         self._casts = tuple((name, d) for name, d in dtypes.items() if d is not None)
 
+    def end_profiling(self) -> Path:
+        """Stop profiling (a session opened with `profile`) and return the profile: a Chrome
+        trace, one event per node per run."""
+        return Path(self._session.end_profiling())
+
     def run(self, inputs: Inputs) -> Outputs:
         feed = inputs
         for name, dtype in self._casts:
@@ -84,11 +89,20 @@ class OnnxRuntimeSession:
         }
 
 
+OPTIMIZED = "optimized.onnx"
+"""The graph a profiled session runs, as it writes it into its profile folder."""
+
+
 def open_session(
-    artifact: Artifact, options: RuntimeOptions, *, tensorrt: bool = False
+    artifact: Artifact,
+    options: RuntimeOptions,
+    *,
+    tensorrt: bool = False,
+    profile: Path | None = None,
 ) -> OnnxRuntimeSession:
     """Open the ONNX file with explicit threads and every optimization: on the CPU provider, or
-    on a CUDA device its providers (TensorRT first when `tensorrt`)."""
+    on a CUDA device its providers (TensorRT first when `tensorrt`); with `profile`, profiling
+    into that folder."""
     path = _model_path(artifact)
     providers = _providers(options.device, tensorrt=tensorrt)
     settings = ort.SessionOptions()
@@ -97,6 +111,10 @@ def open_session(
     settings.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     settings.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     settings.log_severity_level = 3  # errors only: warnings about unused initializers are noise
+    if profile is not None:
+        settings.enable_profiling = True
+        settings.profile_file_prefix = str(profile / "onnxruntime")
+        settings.optimized_model_filepath = str(profile / OPTIMIZED)
     try:
         session = ort.InferenceSession(str(path), settings, providers=providers)
     except _NOT_A_MODEL as err:

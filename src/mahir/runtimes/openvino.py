@@ -7,6 +7,10 @@ Each calling thread gets its own infer request, so a session compiled with N str
 buffers on the next call, so results are copied out, and it keeps the last inputs, so every
 input must be given on every call. A call that raised is followed by a recovery (`_recover`)
 before `run` raises: the CPU plugin can otherwise keep failing valid inputs afterwards.
+
+Opened with `profiling=True` (for `mahir profile`), the plugin keeps per-node performance
+counters (`PERF_COUNT`): `profiling_info()` gives the calling thread's last call's, and
+`runtime_model()` the graph the plugin runs (its nodes name the IR's ops each one fused).
 """
 
 from __future__ import annotations
@@ -58,6 +62,14 @@ class OpenVINOSession:
             raise RuntimeFailure(f"OpenVINO failed: {_reason(err)}") from err
         return {name: results[port] for name, port in self._outputs}
 
+    def profiling_info(self) -> list[ov.ProfilingInfo]:
+        """Per-node counters of this thread's last call (a session opened with `profiling`)."""
+        return list(self._request().get_profiling_info())
+
+    def runtime_model(self) -> ov.Model:
+        """The graph the CPU plugin runs, at the shapes of the last call."""
+        return self._compiled.get_runtime_model()
+
     def _request(self) -> ov.InferRequest:
         """This thread's infer request, made on its first call (from the model compiled now)."""
         local = self._local
@@ -90,9 +102,11 @@ class OpenVINOSession:
         }
 
 
-def open_session(artifact: Artifact, options: RuntimeOptions) -> OpenVINOSession:
+def open_session(
+    artifact: Artifact, options: RuntimeOptions, *, profiling: bool = False
+) -> OpenVINOSession:
     """Read the IR or ONNX file and compile it for the CPU with the threads `options` ask for
-    and the hint and precision of `options.openvino`."""
+    and the hint and precision of `options.openvino`; with `profiling`, per-node counters on."""
     kind = "OpenVINO IR" if artifact.format == "openvino" else "ONNX"
     if artifact.path is None or not Path(artifact.path).is_file():
         raise BadInput(f"no {kind} file at {artifact.path}; export the model first")
@@ -105,6 +119,8 @@ def open_session(artifact: Artifact, options: RuntimeOptions) -> OpenVINOSession
         config["INFERENCE_PRECISION_HINT"] = options.openvino.precision
     if options.openvino.streams is not None:
         config["NUM_STREAMS"] = options.openvino.streams
+    if profiling:
+        config["PERF_COUNT"] = True
     core = ov.Core()
     try:
         model = core.read_model(str(path))

@@ -1,0 +1,162 @@
+"""`mahir profile`: why a model is slow, and how much faster it could get (parse, call, print)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from mahir.cli.common import (
+    DeviceOption,
+    console,
+    guard,
+    load_with_logits,
+    progress_bar,
+    write_json,
+)
+from mahir.errors import BadInput
+
+if TYPE_CHECKING:
+    from mahir.profile.run import ProfileConfig
+
+
+def profile(
+    ctx: typer.Context,
+    model: Annotated[
+        str | None,
+        typer.Argument(
+            help="An output directory of mahir optimize/apply, a Hugging Face model folder, an "
+            ".onnx file or path/to/file.py:factory (default: the bundled all-MiniLM-L6-v2).",
+            show_default=False,
+        ),
+    ] = None,
+    runtime: Annotated[
+        str | None,
+        typer.Option(
+            "--runtime",
+            "-r",
+            help="onnxruntime, openvino or torch \\[default: an output directory's own; else "
+            "onnxruntime on a CPU, torch on a GPU].",
+            show_default=False,
+        ),
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Rows per call.")] = 1,
+    sequence_length: Annotated[
+        int | None,
+        typer.Option(
+            "--sequence-length",
+            help="Text models: tokens per sentence (about) \\[default: a traffic-like length].",
+            show_default=False,
+        ),
+    ] = None,
+    device: DeviceOption = "cpu",
+    threads: Annotated[
+        int | None, typer.Option("--threads", help="Threads (default: cores).")
+    ] = None,
+    runs: Annotated[
+        int, typer.Option("--runs", help="Profiled calls; each op's time is its median.")
+    ] = 20,
+    seconds: Annotated[
+        float, typer.Option("--seconds", help="Seconds timing the call with the profiler off.")
+    ] = 1.0,
+    top: Annotated[int, typer.Option("--top", help="Heaviest ops shown, with advice.")] = 10,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write the whole profile here.")
+    ] = None,
+    trace: Annotated[
+        Path | None,
+        typer.Option(
+            "--trace",
+            help="Write the runtime's Chrome/Perfetto trace here (onnxruntime, torch).",
+        ),
+    ] = None,
+) -> None:
+    """Time every op with the runtime's own profiler, count its FLOPs and bytes, and place the
+    model and its heaviest ops on the roofline of this machine's measured peaks."""
+
+    def configure() -> ProfileConfig:
+        from mahir.hardware import detect
+        from mahir.profile.run import ProfileConfig, check_runtime
+        from mahir.types import Device
+
+        config = ProfileConfig(
+            runtime=runtime,
+            batch_size=batch_size,
+            sequence_length=sequence_length,
+            device=Device.parse(device),
+            threads=threads,
+            runs=runs,
+            seconds=seconds,
+            top=top,
+        )
+        _check_source(model)
+        chosen = config.chosen_runtime(_recorded_runtime(model))
+        check_runtime(chosen, config.device, detect())
+        if trace is not None and chosen == "openvino":
+            raise BadInput(
+                "--trace: OpenVINO writes no trace; profile with -r onnxruntime or torch"
+            )
+        return config
+
+    config = guard(ctx, configure)
+    guard(ctx, lambda: _run(model, config, json_path, trace))
+
+
+def _check_source(source: str | None) -> None:
+    """Refuse, before any work, an LLM and a path that is not there."""
+    from mahir.families.decoder import is_decoder_source
+
+    if source is None:
+        return
+    path = Path(source)
+    if is_decoder_source(path):
+        raise BadInput(
+            f"{source} is a decoder LLM: mahir profile does not profile LLMs yet (prefill and "
+            f"per-token decode come later); measure it with mahir bench --llm {source}"
+        )
+    if ":" not in source and not path.exists():
+        raise BadInput(f"{source} does not exist: give an output directory, a model folder or file")
+
+
+def _is_output_dir(source: str | None) -> bool:
+    from mahir.outdir import MANIFEST
+
+    return source is not None and (Path(source) / MANIFEST).is_file()
+
+
+def _recorded_runtime(source: str | None) -> str | None:
+    """The runtime an output directory records, where mahir profile reads its profiler."""
+    from mahir.outdir import read_manifest
+    from mahir.profile.run import recorded_runtime
+
+    if source is None or not _is_output_dir(source):
+        return None
+    return recorded_runtime(read_manifest(source))
+
+
+def _run(
+    source: str | None, config: ProfileConfig, json_path: Path | None, trace: Path | None
+) -> None:
+    from mahir.profile.run import profile_model, profile_output_dir
+
+    with progress_bar() as progress, tempfile.TemporaryDirectory(prefix="mahir-profile-") as tmp:
+        progress.add_task("profiling (peaks are measured once per machine)", total=None)
+        if source is not None and _is_output_dir(source):
+            result = profile_output_dir(source, config, tmp)
+        else:
+            model = load_with_logits(source, None, "mahir profile")
+            result = profile_model(model, config, tmp)
+    console.print(result)
+    if json_path is not None:
+        write_json(json_path, result.to_json())
+        console.print(f"profile: {json_path}", soft_wrap=True)
+    if trace is not None:
+        events = result.breakdown.trace
+        if events is None:
+            raise BadInput(f"{result.runtime} gave no trace to write")
+        write_json(trace, {"traceEvents": events, "displayTimeUnit": "ms"})
+        console.print(
+            f"trace: {trace} (open it in ui.perfetto.dev or chrome://tracing)", soft_wrap=True
+        )

@@ -1,0 +1,97 @@
+"""`mahir profile` end to end (in this process: `tests.helpers.cli`) on tiny models, and what it
+refuses in one line before any work."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import cli
+from tests.profile.graphs import wide_mlp_onnx
+
+TESTS = Path(__file__).parents[1]
+QUICK = ("--runs", "5", "--seconds", "0.2", "--threads", "1")
+
+
+def test_an_onnx_file_on_onnxruntime_with_its_profile_and_trace(tmp_path: Path) -> None:
+    model = wide_mlp_onnx(tmp_path / "wide.onnx").path
+    out, trace = tmp_path / "profile.json", tmp_path / "trace.json"
+    found = cli(
+        "profile", str(model), "-b", "16", *QUICK, "--json", str(out), "--trace", str(trace)
+    )
+    assert found.returncode == 0, found.stderr
+    for heading in ("time by op type", "heaviest ops", "of the roofline", "peaks measured"):
+        assert heading in found.stdout
+    report = json.loads(out.read_text())
+    assert (report["runtime"], report["device"]) == ("onnxruntime", "cpu")
+    assert report["inputs"] == {"x": [16, 512]}
+    assert report["peaks"]["measured"]["fp32"] > 0
+    assert report["peaks"]["bandwidth"] > 0
+    assert report["whole"]["flops"] == pytest.approx(2 * 2 * 16 * 512 * 2048, rel=0.01)
+    assert report["whole"]["bound"] in ("compute", "memory", "overhead")
+    assert report["whole"]["roofline_fraction"] > 0
+    assert report["profiled"]["op_ms"] > 0
+    assert sum(row["count"] for row in report["by_type"]) == len(report["ops"])
+    assert sum(op["advice"] is not None for op in report["ops"]) == min(10, len(report["ops"]))
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert any(e.get("cat") == "Node" for e in events)
+
+
+def test_a_torch_model_on_torch_with_its_trace(tmp_path: Path) -> None:
+    trace = tmp_path / "trace.json"
+    found = cli(
+        "profile", f"{TESTS / 'models.py'}:mlp", "-r", "torch", "-b", "8", *QUICK,
+        "--trace", str(trace),
+    )  # fmt: skip
+    assert found.returncode == 0, found.stderr
+    assert "mlp on torch, cpu: x 8x32" in found.stdout
+    assert "linear" in found.stdout
+    assert json.loads(trace.read_text())["traceEvents"]
+
+
+def test_an_output_directory_on_its_own_runtime(served_mlp_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "profile.json"
+    found = cli("profile", str(served_mlp_dir), "-b", "4", *QUICK, "--json", str(out))
+    assert found.returncode == 0, found.stderr
+    report = json.loads(out.read_text())
+    assert report["runtime"] == "onnxruntime"
+    assert report["inputs"] == {"x": [4, 32]}
+    assert report["ops"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("profile", "no/such/model.onnx"), "does not exist"),
+        (("profile", "-r", "tensorrt"), "reads the profilers of onnxruntime, openvino, torch"),
+        (("profile", "-b", "0"), "--batch-size"),
+        (("profile", "-r", "openvino", "--trace", "t.json"), "OpenVINO writes no trace"),
+        (("profile", "--device", "gpu"), "unknown device 'gpu'"),
+        (("profile", "--device", "cuda:7"), "no cuda:7 here"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2_before_any_work(
+    args: tuple[str, ...], message: str
+) -> None:
+    found = cli(*args)
+    assert found.returncode == 2, found.stderr
+    assert message in found.stderr
+    assert len(found.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("kind", ["gguf", "folder"])
+def test_an_llm_is_not_profiled_yet_and_says_where_to_go(tmp_path: Path, kind: str) -> None:
+    if kind == "gguf":
+        source = tmp_path / "model.gguf"
+        source.write_bytes(b"GGUF")
+    else:
+        source = tmp_path / "llama"
+        source.mkdir()
+        (source / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    found = cli("profile", str(source))
+    assert found.returncode == 2, found.stderr
+    assert "mahir bench --llm" in found.stderr
+    assert "not profile LLMs yet" in found.stderr
+    assert len(found.stderr.strip().splitlines()) == 1
