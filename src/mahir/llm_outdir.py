@@ -9,6 +9,7 @@ depends on its format (`ENGINE_FILES`):
   reads them back with `weights_only` (torchao registers its tensor types as safe to load).
 - llama.cpp: the GGUF file the search ran (`model.gguf`).
 - OpenVINO GenAI: the stateful IR's folder as exported and verified (`openvino/`).
+- vLLM: the reference as a Hugging Face folder (`hf/`: safetensors weights, config, tokenizer).
 `mahir.json` names the format, the engine, its threads and the family's stop tokens;
 `open_llm_output` opens all of it as the `Generator` the search timed, for a server to stream
 from.
@@ -38,6 +39,7 @@ ENGINE_FILES: dict[ArtifactFormat, str] = {
     "torch": "weights.pt",
     "gguf": "model.gguf",
     "openvino": "openvino/openvino_model.xml",
+    "hf": "hf",
 }
 """What each format's engine opens, relative to `model/` (`mahir.json`'s `model_file`)."""
 
@@ -63,6 +65,8 @@ def save_llm_model(artifact: Artifact, reference: Any, tokenizer: Any, folder: P
         raise Unsupported(f"the {artifact.format} artifact has no file to save")
     elif artifact.format == "gguf":
         shutil.copyfile(artifact.path, target)
+    elif artifact.format == "hf":  # the folder vLLM opens: weights, config and tokenizer
+        shutil.copytree(artifact.path, target)
     else:  # the IR's folder: its .xml, .bin and the config its engine reads
         shutil.copytree(artifact.path.parent, target.parent)
     return name

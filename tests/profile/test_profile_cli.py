@@ -81,17 +81,27 @@ def test_bad_input_is_one_line_and_exit_2_before_any_work(
     assert len(found.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("kind", ["gguf", "folder"])
-def test_an_llm_is_not_profiled_yet_and_says_where_to_go(tmp_path: Path, kind: str) -> None:
-    if kind == "gguf":
-        source = tmp_path / "model.gguf"
-        source.write_bytes(b"GGUF")
-    else:
-        source = tmp_path / "llama"
-        source.mkdir()
-        (source / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+def test_an_llm_is_profiled_in_its_prefill_and_a_decode_step(
+    decoder_folders: dict[str, Path], tmp_path: Path
+) -> None:
+    out, trace = tmp_path / "llm.json", tmp_path / "llm-trace.json"
+    folder = str(decoder_folders["llama"])
+    found = cli(
+        "profile", folder, "--sequence-length", "24", *QUICK, "--json", str(out), "--trace",
+        str(trace),
+    )  # fmt: skip
+    assert found.returncode == 0, found.stderr
+    assert "prefill: 1 x 24 prompt tokens" in found.stdout
+    assert "decode: one token per sequence over 24 cached" in found.stdout
+    report = json.loads(out.read_text())
+    assert report["prefill"]["inputs"] == {"input_ids": [1, 24]}
+    assert report["decode"]["inputs"] == {"input_ids": [1, 1], "kv_cache_tokens": [1, 24]}
+    assert json.loads(trace.read_text())["traceEvents"]
+
+
+def test_a_broken_gguf_is_one_line(tmp_path: Path) -> None:
+    source = tmp_path / "model.gguf"
+    source.write_bytes(b"GGUF")
     found = cli("profile", str(source))
     assert found.returncode == 2, found.stderr
-    assert "mahir bench --llm" in found.stderr
-    assert "not profile LLMs yet" in found.stderr
     assert len(found.stderr.strip().splitlines()) == 1

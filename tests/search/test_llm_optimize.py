@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from mahir.errors import BadInput
+from mahir.export.hf_folder import reference_folder
 from mahir.families.decoder import LanguageModel
 from mahir.generation import Generator, Sampling
 from mahir.generation_quality import GenerationBudget, Judging
@@ -152,6 +153,26 @@ def test_a_llamacpp_winner_is_saved_as_its_gguf_and_reopens_alike(
     prompt = tiny_llm.family.held_out(1, 16)[0]
     winner = open_engine("llama.cpp", artifact, options)
     assert _greedy(generator, prompt) == _greedy(winner, prompt)
+
+
+def test_a_vllm_winner_is_saved_as_the_folder_it_runs(
+    searched: LlmSearched, tiny_llm: LanguageModel, tmp_path: Path
+) -> None:
+    """vLLM opens a Hugging Face folder: the winner's directory holds a copy of it."""
+    artifact = reference_folder(tiny_llm)
+    forced = dataclasses.replace(
+        searched, best=LlmOutcome(LlmCandidate("vllm", 1), "ok"), artifact=artifact
+    )
+    out = save_llm_output(forced, tmp_path / "vllm")
+    manifest = json.loads((out / "mahir.json").read_text())
+    assert (manifest["format"], manifest["engine"], manifest["model_file"]) == (
+        "hf", "vllm", "model/hf",
+    )  # fmt: skip
+    copied = out / "model" / "hf"
+    assert artifact.path is not None
+    assert sorted(p.name for p in copied.iterdir()) == sorted(
+        p.name for p in artifact.path.iterdir()
+    )
 
 
 def test_throughput_at_a_concurrency_times_requests_at_once(tiny_llm: LanguageModel) -> None:

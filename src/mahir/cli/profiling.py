@@ -16,6 +16,7 @@ from mahir.cli.common import (
     progress_bar,
     write_json,
 )
+from mahir.cli.llm import is_llm
 from mahir.errors import BadInput
 
 if TYPE_CHECKING:
@@ -62,6 +63,15 @@ def profile(
         float, typer.Option("--seconds", help="Seconds timing the call with the profiler off.")
     ] = 1.0,
     top: Annotated[int, typer.Option("--top", help="Heaviest ops shown, with advice.")] = 10,
+    llm: Annotated[
+        bool,
+        typer.Option(
+            "--llm",
+            help="A decoder LLM (a .gguf file or causal-LM folder is one by itself; none given: "
+            "the bundled SmolLM2-135M-Instruct): its prefill and one decode step, profiled apart; "
+            "--sequence-length is the prompt's tokens.",
+        ),
+    ] = False,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Write the whole profile here.")
     ] = None,
@@ -91,6 +101,14 @@ def profile(
             seconds=seconds,
             top=top,
         )
+        if is_llm(model, llm):
+            if config.chosen_runtime() != "torch" and runtime is not None:
+                raise BadInput(
+                    f"an LLM is profiled on torch's forward, not {runtime}: leave -r out"
+                )
+            machine = detect(gpus=config.device.kind == "cuda")
+            machine.require(config.device)
+            return config
         _check_source(model)
         chosen = config.chosen_runtime(_recorded_runtime(model))
         check_runtime(chosen, config.device, detect())
@@ -101,21 +119,17 @@ def profile(
         return config
 
     config = guard(ctx, configure)
+    if is_llm(model, llm):
+        guard(ctx, lambda: _run_llm(model, config, json_path, trace))
+        return
     guard(ctx, lambda: _run(model, config, json_path, trace))
 
 
 def _check_source(source: str | None) -> None:
-    """Refuse, before any work, an LLM and a path that is not there."""
-    from mahir.families.decoder import is_decoder_source
-
+    """Refuse, before any work, a path that is not there."""
     if source is None:
         return
     path = Path(source)
-    if is_decoder_source(path):
-        raise BadInput(
-            f"{source} is a decoder LLM: mahir profile does not profile LLMs yet (prefill and "
-            f"per-token decode come later); measure it with mahir bench --llm {source}"
-        )
     if ":" not in source and not path.exists():
         raise BadInput(f"{source} does not exist: give an output directory, a model folder or file")
 
@@ -160,3 +174,22 @@ def _run(
         console.print(
             f"trace: {trace} (open it in ui.perfetto.dev or chrome://tracing)", soft_wrap=True
         )
+
+
+def _run_llm(
+    source: str | None, config: ProfileConfig, json_path: Path | None, trace: Path | None
+) -> None:
+    from mahir.model import load_model
+    from mahir.profile.llm import profile_llm
+
+    with progress_bar() as progress:
+        progress.add_task("profiling the prefill and a decode step", total=None)
+        result = profile_llm(load_model(source, llm=True), config)
+    console.print(result)
+    if json_path is not None:
+        write_json(json_path, result.to_json())
+        console.print(f"profile: {json_path}", soft_wrap=True)
+    if trace is not None:
+        events = [*(result.prefill.breakdown.trace or []), *(result.decode.breakdown.trace or [])]
+        write_json(trace, {"traceEvents": events, "displayTimeUnit": "ms"})
+        console.print(f"trace (prefill, then decode): {trace}", soft_wrap=True)
