@@ -9,7 +9,7 @@ prompts of 16-128 words, `--max-tokens` each): concurrency 16, then 1, the serve
 first alternating by round. vLLM serves the reference's own weights (the fp32 folder mahir
 writes from the source, `export.hf_folder`) in its default CPU precision, bf16, from mahir's
 vLLM environment (`runtimes/vllm_cpu.py` makes it), one process (`VLLM_ENABLE_V1_MULTIPROCESSING
-=0`, the faster layout on 2 cores) with the KV cache space it defaults to. What each server
+=0`, the faster layout on 2 cores) with the 1 GiB KV cache mahir's vLLM engine has. What each server
 answers greedily to the same prompts is then compared with the fp32 reference's own greedy
 tokens (tokens in agreement before the first divergence): speed only counts at equal answers.
 Results: medians over rounds, the ratios mahir/vLLM, and the other load on the machine.
@@ -35,7 +35,7 @@ from benchmarks.infinity import free_port, wait_ready
 from mahir.export.hf_folder import reference_folder
 from mahir.generation import Sampling
 from mahir.hardware import detect
-from mahir.measure import MachineLoad
+from mahir.measure import MachineLoad, own_seconds
 from mahir.model import load_model
 from mahir.runtimes.engines import REFERENCE_ENGINE, open_engine
 from mahir.runtimes.vllm_cpu import VLLM_ENV
@@ -53,7 +53,10 @@ def start_vllm(folder: Path, port: int, log: Any) -> subprocess.Popen[bytes]:
     command = [
         str(env.path / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(folder), "--served-model-name", NAME, "--dtype", "bfloat16",
-        "--host", "127.0.0.1", "--port", str(port), "--disable-log-requests",
+        "--host", "127.0.0.1", "--port", str(port),
+        # the KV cache mahir's vLLM engine gives it (`VllmOptions.kv_cache_gb`); the share of
+        # memory it may reserve lowered from 0.92, which two servers on one host cannot both take
+        "--kv-cache-memory-bytes", str(2**30), "--gpu-memory-utilization", "0.4",
     ]  # fmt: skip
     variables = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=variables)
@@ -64,8 +67,13 @@ def start_mahir(folder: Path, port: int, log: Any) -> subprocess.Popen[bytes]:
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
 
 
+def served_name(url: str) -> str:
+    """The model name a server answers to (its first in `/v1/models`)."""
+    return str(httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"])
+
+
 def load(url: str, concurrency: int, seconds: float, max_tokens: int) -> dict[str, Any]:
-    config = LoadConfig(url, concurrency=concurrency, duration_s=seconds, model=NAME)
+    config = LoadConfig(url, concurrency=concurrency, duration_s=seconds, model=served_name(url))
     return asyncio.run(run_llm_load(config, LlmLoad(max_tokens=max_tokens))).summary()
 
 
@@ -78,9 +86,15 @@ def greedy_agreement(
     for prompt, expected in zip(prompts, reference, strict=True):
         if not expected:  # the reference ends at once: nothing to agree on
             continue
-        body = {"model": NAME, "prompt": prompt, "max_tokens": len(expected), "temperature": 0}
-        text = httpx.post(f"{url}/v1/completions", json=body, timeout=600).json()
-        got = tokenizer.encode(text["choices"][0]["text"], add_special_tokens=False)
+        body = {
+            "model": served_name(url),
+            "prompt": prompt,
+            "max_tokens": len(expected),
+            "temperature": 0,
+        }
+        answer = httpx.post(f"{url}/v1/completions", json=body, timeout=600)
+        answer.raise_for_status()
+        got = tokenizer.encode(answer.json()["choices"][0]["text"], add_special_tokens=False)
         agreed = 0
         while agreed < min(len(got), len(expected)) and got[agreed] == expected[agreed]:
             agreed += 1
@@ -162,7 +176,7 @@ def main() -> None:
         wait_ready(urls["vllm"], servers["vllm"], "/health")
         wait_ready(urls["mahir"], servers["mahir"], "/v2/health/ready")
         quality = {n: greedy_agreement(u, prompts, expected, tokenizer) for n, u in urls.items()}
-        machine_load = MachineLoad()
+        machine_load = MachineLoad(own_seconds=lambda: own_seconds(children=True))  # the servers
         runs = time_rounds(urls, args.rounds, args.seconds, args.max_tokens)
         other = machine_load.other_cores()
     finally:

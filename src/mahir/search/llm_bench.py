@@ -305,8 +305,9 @@ class LlmBenchResult:
             )
         if self._levels:
             lines.append(
-                "tok/s@N: output tokens/s with N requests at once, as one batch where the engine "
-                "batches them, one after another where it does not (marked 1x1)"
+                "tok/s@N: output tokens/s with N requests at once: one batch where the engine "
+                "batches them, N concurrent streams where its scheduler does (vLLM), one after "
+                "another where neither (marked 1x1)"
             )
         lines.append(
             "mem: MB of resident memory added when opened and run (with an engine's worker "
