@@ -70,3 +70,17 @@ def test_the_profiled_cnn_s_convolutions_cost_what_flop_counter_mode_counts(cnn:
     assert convs == expected
     pools = [op for op in found.ops if op.op_type == "aten::max_pool2d"]
     assert [op.cost.kind for op in pools if op.cost] == ["reduce"]
+
+
+def test_an_op_recorded_without_dtypes_is_costed_in_the_sessions_precision() -> None:
+    """torch before 2.13 records shapes but no dtypes (the H200's torch 2.11 raised on it)."""
+    from types import SimpleNamespace
+
+    from mahir.profile.pytorch import _cost
+
+    shapes = [[4, 8], [16, 8], [16]]
+    event = SimpleNamespace(name="aten::linear", input_shapes=shapes, concrete_inputs=[""] * 3)
+    cost = _cost("linear", event, "c10::BFloat16")
+    assert cost is not None
+    assert cost.precision == "bf16"
+    assert cost.flops >= 2 * 4 * 8 * 16

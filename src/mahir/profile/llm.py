@@ -90,7 +90,8 @@ class _Phase:
 
     def describe(self) -> dict[str, Any]:
         phase = "prefill" if self._filled is None else "decode"
-        return {"phase": phase, "threads": self._lm.threads}
+        precision = "bf16" if self.device.kind == "cuda" else "fp32"  # as `_causal_lm` makes it
+        return {"phase": phase, "threads": self._lm.threads, "precision": precision}
 
 
 def _last_only(lm: CausalLM) -> dict[str, Any]:

@@ -40,6 +40,8 @@ from mahir.profile.torch_ops import aten_cost
 from mahir.types import Inputs, Session
 
 MARK = "mahir run "
+PRECISION_DTYPES = {"fp32": "float", "fp16": "c10::Half", "bf16": "c10::BFloat16"}
+"""A torch session's precision as the profiler names its dtype."""
 CPU_EVENT = DeviceType.CPU
 LAUNCHES = {"cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cudaGraphLaunch"}
 
@@ -64,8 +66,9 @@ def profile_torch(session: Session, batch: Inputs, *, runs: int, seconds: float)
     called = [sorted(mark.cpu_children, key=_start) for mark in marks]
     per_call = [_times(ops, cuda) for ops in called]
     times = median_times(per_call)
+    assumed = PRECISION_DTYPES.get(str(session.describe().get("precision")), "float")
     ops = tuple(
-        OpTime(name, event.name, times[name], _cost(name, event), str(session.device))
+        OpTime(name, event.name, times[name], _cost(name, event, assumed), str(session.device))
         for name, event in _named(called[-1])
     )
     return Breakdown(
@@ -111,10 +114,12 @@ def _subtree(event: Any) -> Iterator[Any]:
         yield from _subtree(child)
 
 
-def _cost(name: str, event: Any) -> OpCost | None:
-    return aten_cost(
-        name, event.name, event.input_shapes, event.input_dtypes, event.concrete_inputs
-    )
+def _cost(name: str, event: Any, assumed: str) -> OpCost | None:
+    """The op's cost from its recorded shapes and dtypes. torch before 2.13 records no dtypes
+    (`FunctionEvent.input_dtypes` is newer; the H200's torch 2.11 lacks it): then each input is
+    taken to be in the session's precision (`assumed`, a profiler dtype name)."""
+    dtypes = getattr(event, "input_dtypes", None) or [assumed] * len(event.input_shapes)
+    return aten_cost(name, event.name, event.input_shapes, dtypes, event.concrete_inputs)
 
 
 def _start(event: Any) -> float:
