@@ -129,10 +129,12 @@ class Decoder:
         """`Sampling` that stops at this model's end-of-text and end-of-turn tokens."""
         return Sampling(max_new_tokens, stop_token_ids=self.stop_token_ids, **settings)
 
-    def held_out(self, passages: int = 6, tokens: int = 128) -> list[list[int]]:
-        """The first `tokens` tokens of each of the first `passages` held-out passages
-        (`HELD_OUT_LLM_TEXT`), for teacher-forced fidelity and greedy-continuation prompts."""
+    def held_out(self, passages: int | None = 6, tokens: int = 128) -> list[list[int]]:
+        """The first `tokens` tokens of each of the first `passages` held-out passages (None:
+        all of them; `HELD_OUT_LLM_TEXT`), for teacher-forced fidelity and greedy-continuation
+        prompts."""
         texts = [p.strip() for p in HELD_OUT_LLM_TEXT.read_text().split("\n\n") if p.strip()]
+        passages = len(texts) if passages is None else passages
         if not 1 <= passages <= len(texts):
             raise BadInput(f"the held-out text has {len(texts)} passages, asked for {passages}")
         limit = min(tokens, self.context_length)

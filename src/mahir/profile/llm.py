@@ -26,7 +26,6 @@ import torch
 from rich.console import Group
 from rich.rule import Rule
 
-from mahir.errors import BadInput
 from mahir.families.decoder import LanguageModel
 from mahir.hardware import detect, physical_cores
 from mahir.paper_peaks import paper_peaks
@@ -149,12 +148,10 @@ def _causal_lm(model: LanguageModel, device: Device, threads: int | None) -> Cau
 
 
 def _prompts(model: LanguageModel, rows: int, tokens: int) -> np.ndarray:
-    """`rows` prompts of exactly `tokens` held-out tokens each, as (rows, tokens) ids."""
-    passages = model.family.held_out(passages=rows, tokens=tokens)
-    shortest = min(len(p) for p in passages)
-    if shortest < tokens:
-        raise BadInput(
-            f"the held-out text gives {shortest} tokens, not {tokens}: give --sequence-length "
-            f"{shortest} or less"
-        )
-    return np.array(passages, dtype=np.int64)
+    """`rows` prompts of exactly `tokens` tokens each, as (rows, tokens) ids: the held-out
+    passages one after another, cut into rows (and read again from the start if too short)."""
+    family = model.family
+    passages = family.held_out(passages=None, tokens=family.context_length)
+    stream = [token for passage in passages for token in passage]
+    repeats = -(-rows * tokens // len(stream))  # ceiling division
+    return np.array(stream * repeats, dtype=np.int64)[: rows * tokens].reshape(rows, tokens)
