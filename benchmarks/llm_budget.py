@@ -27,9 +27,8 @@ from mahir.families.decoder import LanguageModel
 from mahir.generation_quality import (
     GenerationBudget,
     Judging,
-    held_out_inputs,
+    held_out_answers,
     judge,
-    reference_answers,
 )
 from mahir.hardware import detect
 from mahir.model import load_model
@@ -102,8 +101,7 @@ def main() -> None:
     llm = load_model(args.model, llm=True)
     judging, budget, options = Judging(), GenerationBudget(), RuntimeOptions()
     reference = open_engine("torch", llm.original(), options)
-    sequences, prompts = held_out_inputs(llm.family, judging)
-    answers = reference_answers(reference, sequences, prompts, judging.greedy_tokens)
+    answers = held_out_answers(reference, llm.family, judging)
     print(
         f"{llm.name} on {detect(gpus=False).summary()}; budget: top-1 >= {budget.min_top1}, "
         f"KL <= {budget.max_kl}"

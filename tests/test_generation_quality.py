@@ -114,15 +114,14 @@ def test_on_a_real_engine_the_reference_passes_and_a_broken_copy_fails(tiny_llm:
 
     import torch
 
-    from mahir.generation_quality import Judging, held_out_inputs
+    from mahir.generation_quality import Judging, held_out_answers
     from mahir.runtimes.engines import open_engine
     from mahir.types import RuntimeOptions
 
     judging = Judging(passages=3, tokens=64, prompts=2, greedy_tokens=8)
     options = RuntimeOptions(threads=1)
     reference = open_engine("torch", tiny_llm.original(), options)
-    sequences, prompts = held_out_inputs(tiny_llm.family, judging)
-    answers = reference_answers(reference, sequences, prompts, judging.greedy_tokens)
+    answers = held_out_answers(reference, tiny_llm.family, judging)
     itself = judge(reference, answers)
     assert (itself.top1_agreement, itself.kl_mean, itself.greedy_agreement) == (1.0, 0.0, 1.0)
     assert itself.positions == 3 * 63

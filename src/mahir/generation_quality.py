@@ -119,13 +119,14 @@ class Reference:
     continuations: tuple[tuple[int, ...], ...]
 
 
-def held_out_inputs(
-    family: Decoder, judging: Judging = Judging()
-) -> tuple[list[list[int]], list[list[int]]]:
-    """The teacher-forced sequences and the greedy prompts, from the family's held-out text."""
+def held_out_answers(
+    reference: Generator, family: Decoder, judging: Judging = Judging()
+) -> Reference:
+    """The reference's answers on the family's held-out text, as `judging` asks for them: the
+    teacher-forced passages and the greedy continuations of their openings."""
     sequences = family.held_out(judging.passages, judging.tokens)
     openings = family.held_out(judging.prompts, judging.prompt_tokens)
-    return sequences, openings
+    return reference_answers(reference, sequences, openings, judging.greedy_tokens)
 
 
 def reference_answers(

@@ -15,9 +15,8 @@ from mahir.generation_quality import (
     GenerationBudget,
     GenerationQuality,
     Judging,
-    held_out_inputs,
+    held_out_answers,
     judge,
-    reference_answers,
 )
 from mahir.passes.gguf import GgufQuantize, quantize_gguf
 from mahir.runtimes.engines import open_engine
@@ -37,9 +36,8 @@ def quantized(tiny_gguf: Artifact, tmp_path_factory: pytest.TempPathFactory) -> 
 
 def _quality(llm: LanguageModel, artifact: Artifact) -> GenerationQuality:
     judging = Judging(passages=4, tokens=96, prompts=2, greedy_tokens=8)
-    sequences, openings = held_out_inputs(llm.family, judging)
     reference = open_engine("torch", llm.original(), ONE_THREAD)
-    answers = reference_answers(reference, sequences, openings, judging.greedy_tokens)
+    answers = held_out_answers(reference, llm.family, judging)
     return judge(open_engine("llama.cpp", artifact, ONE_THREAD), answers)
 
 

@@ -21,9 +21,9 @@ from mahir.files import cache_dir
 from mahir.generation import Generator, Sampling
 from mahir.generation_quality import (
     GenerationBudget,
-    held_out_inputs,
+    Judging,
+    held_out_answers,
     judge,
-    reference_answers,
     teacher_forced,
 )
 from mahir.runtimes.engines import open_engine
@@ -134,8 +134,8 @@ def test_int8_weights_are_judged_against_the_reference(
     record = json.loads((artifact.path.parent / RECORD).read_text())  # type: ignore[union-attr]
     assert record["weights"]["format"] == "int8"
     generator = open_engine("openvino", artifact, ONE_THREAD)
-    sequences, prompts = held_out_inputs(tiny_llm.family)
-    quality = judge(generator, reference_answers(reference, sequences, prompts, 16))
+    answers = held_out_answers(reference, tiny_llm.family, Judging(greedy_tokens=16))
+    quality = judge(generator, answers)
     assert quality.top1_agreement < 1.0 or quality.kl_mean > 0  # the weights did change
     assert GenerationBudget(min_top1=0.8, max_kl=0.1).failures(quality) == []
     fp32_mb = open_engine("openvino", export_llm(tiny_llm, cache=exports), ONE_THREAD)

@@ -24,9 +24,8 @@ from mahir.generation_quality import (
     GenerationBudget,
     GenerationQuality,
     Judging,
-    held_out_inputs,
+    held_out_answers,
     judge,
-    reference_answers,
 )
 from mahir.hardware import detect
 from mahir.recipe import Recipe
@@ -89,8 +88,7 @@ def apply_llm_recipe(
     artifact = variant_artifact(VARIANTS[name], model, recipe.options, on_step)
     on_step("the reference's answers on held-out text")
     reference = open_engine(REFERENCE_ENGINE, model.original(), recipe.options)
-    sequences, openings = held_out_inputs(model.family, judging)
-    answers = reference_answers(reference, sequences, openings, judging.greedy_tokens)
+    answers = held_out_answers(reference, model.family, judging)
     on_step(f"judging {name} against the reference")
     generator = open_engine(VARIANTS[name].engine, artifact, recipe.options)
     with contextlib.closing(generator):

@@ -52,9 +52,8 @@ from mahir.generation_quality import (
     GenerationBudget,
     GenerationQuality,
     Judging,
-    held_out_inputs,
+    held_out_answers,
     judge,
-    reference_answers,
 )
 from mahir.hardware import Machine, detect
 from mahir.measure import BUSY_CORES, MachineLoad, memory_added, own_seconds
@@ -358,8 +357,7 @@ def benchmark_llm(
     on_step("the reference's answers on held-out text")
     original = model.original()
     reference = open_engine(REFERENCE_ENGINE, original, config.options)
-    sequences, openings = held_out_inputs(model.family, config.judging)
-    answers = reference_answers(reference, sequences, openings, config.judging.greedy_tokens)
+    answers = held_out_answers(reference, model.family, config.judging)
     longest = max(workload.prompts, key=lambda p: len(p.ids))
     with contextlib.ExitStack() as running:
         opened: dict[str, tuple[Generator, float, float, float]] = {}

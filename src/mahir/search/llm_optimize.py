@@ -40,9 +40,8 @@ from mahir.generation_quality import (
     GenerationQuality,
     Judging,
     Reference,
-    held_out_inputs,
+    held_out_answers,
     judge,
-    reference_answers,
 )
 from mahir.hardware import Machine, detect, physical_cores
 from mahir.measure import MachineLoad
@@ -362,8 +361,7 @@ def optimize_llm(
     reference = open_engine(
         REFERENCE_ENGINE, model.original(), RuntimeOptions(device=config.device)
     )
-    sequences, openings = held_out_inputs(model.family, config.judging)
-    answers = reference_answers(reference, sequences, openings, config.judging.greedy_tokens)
+    answers = held_out_answers(reference, model.family, config.judging)
     search = _Search(
         model, config, answers, workload.prompts, deadline,
         None if budget is None else started + budget * (1 - TIMING_SHARE), on_event,
