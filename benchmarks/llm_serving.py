@@ -31,7 +31,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.infinity import free_port, wait_ready
+from benchmarks.infinity import free_port, start_mahir, wait_ready
 from mahir.export.hf_folder import reference_folder
 from mahir.generation import Sampling
 from mahir.hardware import detect
@@ -60,11 +60,6 @@ def start_vllm(folder: Path, port: int, log: Any) -> subprocess.Popen[bytes]:
     ]  # fmt: skip
     variables = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=variables)
-
-
-def start_mahir(folder: Path, port: int, log: Any) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "mahir.cli", "serve", str(folder), "--port", str(port)]
-    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
 
 
 def served_name(url: str) -> str:

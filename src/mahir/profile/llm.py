@@ -18,7 +18,7 @@ Sits in profile/: imports families (the decoder), runtimes (the forward) and the
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,11 +28,9 @@ from rich.rule import Rule
 
 from mahir.families.decoder import LanguageModel
 from mahir.hardware import detect, physical_cores
-from mahir.paper_peaks import paper_peaks
-from mahir.peaks import device_bandwidth, device_peaks
 from mahir.profile.pytorch import profile_torch
 from mahir.profile.result import Profile
-from mahir.profile.run import ProfileConfig
+from mahir.profile.run import ProfileConfig, roofs
 from mahir.runtimes.torch_lm import CausalLM
 from mahir.types import Device, Inputs, Outputs
 
@@ -105,8 +103,7 @@ def profile_llm(model: LanguageModel, config: ProfileConfig) -> LlmProfile:
 
     device, machine = config.device, detect(gpus=config.device.kind == "cuda")
     machine.require(device)
-    peaks = device_peaks(machine, device)  # before the model keeps the device busy
-    peaks = replace(peaks, bandwidth=device_bandwidth(machine, device))
+    peaks, paper = roofs(machine, device)  # before the model keeps the device busy
     lm = _causal_lm(model, device, config.threads)
     tokens = min(config.sequence_length or PROMPT_TOKENS, model.family.context_length - 1)
     prompts = _prompts(model, config.batch_size, tokens)
@@ -114,7 +111,6 @@ def profile_llm(model: LanguageModel, config: ProfileConfig) -> LlmProfile:
     with torch.inference_mode():
         lm.forward(torch.from_numpy(prompts).to(lm.where), filled, **_last_only(lm))
     step = {"input_ids": prompts[:, -1:].copy()}
-    paper = paper_peaks(machine, device)
     phases = {}
     for name, session, batch in (
         ("prefill", _Phase(lm, device), {"input_ids": prompts}),

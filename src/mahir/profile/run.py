@@ -8,7 +8,7 @@ roofline (`result.Profile`). The runtime's profiler is the source of truth for t
 it ran, at the batch's shapes, for cost.
 
 Sits in profile/: imports export, runtimes, outdir, peaks and the profile rooms; never passes
-or search. LLMs enter here later, with a prefill and a per-token decode breakdown.
+or search. LLMs are profiled in `llm.py` (a prefill and a decode step apart).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from mahir.families import Family, open_family, refuse_text_options
 from mahir.hardware import Machine, detect
 from mahir.model import Model
 from mahir.outdir import model_name, read_artifact, read_manifest
-from mahir.paper_peaks import paper_peaks
-from mahir.peaks import device_bandwidth, device_peaks
+from mahir.paper_peaks import PaperPeaks, paper_peaks
+from mahir.peaks import Peaks, device_bandwidth, device_peaks
 from mahir.profile.breakdown import Breakdown
 from mahir.profile.result import Profile
 from mahir.runtimes import RUNTIMES, check_runnable, open_session
@@ -111,8 +111,8 @@ def profile_output_dir(
     manifest = read_manifest(out)
     if manifest.get("family") == "decoder":
         raise BadInput(
-            f"{out} holds a decoder LLM: mahir profile does not profile LLMs yet; measure it "
-            f"with mahir bench --llm"
+            f"{out} holds a decoder LLM's winner: profile its source's prefill and decode "
+            f"with mahir profile --llm SOURCE, and time the winner with mahir bench --llm"
         )
     artifact = read_artifact(out, manifest)
     recorded = recorded_runtime(manifest)
@@ -174,13 +174,17 @@ def _profile(
     config: ProfileConfig,
     folder: Path,
 ) -> Profile:
-    device = options.device
-    peaks = device_peaks(machine, device)  # before the model keeps the device busy
-    peaks = replace(peaks, bandwidth=device_bandwidth(machine, device))
+    peaks, paper = roofs(machine, options.device)  # before the model keeps the device busy
     breakdown = _breakdown(runtime, artifact, options, batch, config, folder / "profile")
     shapes = {n: tuple(int(d) for d in a.shape) for n, a in batch.items()}
-    paper = paper_peaks(machine, device)
     return Profile(name, runtime, machine, shapes, peaks, paper, breakdown, padding, config.top)
+
+
+def roofs(machine: Machine, device: Device) -> tuple[Peaks, PaperPeaks]:
+    """The device's measured peaks with its memory bandwidth (cached per machine), and its
+    paper peaks."""
+    peaks = replace(device_peaks(machine, device), bandwidth=device_bandwidth(machine, device))
+    return peaks, paper_peaks(machine, device)
 
 
 def _breakdown(

@@ -97,6 +97,7 @@ def time_at_once(
     count = math.ceil(max(len(prompts), requests) / requests) * requests
     cycled = [prompts[i % len(prompts)] for i in range(count)]
     tokens, seconds = dict.fromkeys(names, 0), dict.fromkeys(names, 0.0)
+    how = dict.fromkeys(names, "")
     for g, start in enumerate(range(0, count, requests)):
         group = cycled[start : start + requests]
         longest = max(len(p.ids) for p in group)
@@ -104,38 +105,28 @@ def time_at_once(
         ids = [list(p.ids) for p in group]
         for name in names[g % len(names) :] + names[: g % len(names)]:
             started = time.perf_counter()
-            made = _generate_together(generators[name], ids, Sampling(max_new_tokens=new))
+            made, how[name] = _generate_together(
+                generators[name], ids, Sampling(max_new_tokens=new)
+            )
             seconds[name] += time.perf_counter() - started
             tokens[name] += made
-    return {
-        name: AtOnce(requests, tokens[name], seconds[name], _together(generators[name], requests))
-        for name in names
-    }
+    return {name: AtOnce(requests, tokens[name], seconds[name], how[name]) for name in names}
 
 
-def _together(generator: Generator, requests: int) -> str:
-    """How `generator` runs `requests` generations at once (`AtOnce.how`)."""
-    if _batch_of(generator) is not None:
-        return "batch"
-    return "streams" if generator.max_concurrency >= requests else "queue"
-
-
-def _batch_of(generator: Generator) -> Callable[..., list[list[int]]] | None:
-    """The engine's batched generation (`generate_batch(prompts, sampling)`), if it has one."""
-    method = getattr(generator, "generate_batch", None)
-    return method if callable(method) else None
-
-
-def _generate_together(generator: Generator, prompts: list[list[int]], sampling: Sampling) -> int:
-    """Tokens generated for all `prompts`: in one batch where the engine has one, as concurrent
-    streams where its own scheduler batches them (vLLM), else in turn."""
-    batch = _batch_of(generator)
-    if batch is not None:
-        return sum(len(row) for row in batch(prompts, sampling))
+def _generate_together(
+    generator: Generator, prompts: list[list[int]], sampling: Sampling
+) -> tuple[int, str]:
+    """Tokens generated for all `prompts`, and how (`AtOnce.how`): in one batch where the
+    engine has one, as concurrent streams where its own scheduler batches them (vLLM), else in
+    turn."""
+    batch = getattr(generator, "generate_batch", None)
+    if callable(batch):
+        return sum(len(row) for row in batch(prompts, sampling)), "batch"
     if generator.max_concurrency >= len(prompts):
         with ThreadPoolExecutor(len(prompts)) as pool:
-            return sum(pool.map(lambda p: len(list(generator.stream(p, sampling))), prompts))
-    return sum(len(list(generator.stream(p, sampling))) for p in prompts)
+            streams = pool.map(lambda p: len(list(generator.stream(p, sampling))), prompts)
+            return sum(streams), "streams"
+    return sum(len(list(generator.stream(p, sampling))) for p in prompts), "queue"
 
 
 def _timings(runs: list[list[float]]) -> dict[str, Any]:
