@@ -95,14 +95,20 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
 
-async def embed(s: aiohttp.ClientSession, expected: Expected, i: int) -> tuple[int, str]:
-    """One sentence's embedding: (status, replica that answered); a 200 must be right."""
-    body = {"input": expected.texts[i], "model": NAME}
+async def embed(
+    s: aiohttp.ClientSession, expected: Expected, first: int, count: int = 1
+) -> tuple[int, str]:
+    """Sentences first..first+count-1 in one request: (status, replica that answered); a 200
+    must be right."""
+    body = {"input": expected.texts[first : first + count], "model": NAME}
     async with s.post("/v1/embeddings", json=body) as response:
         status, replica = response.status, response.headers.get("x-mahir-replica", "")
         if status == 200:
-            got = np.array((await response.json())["data"][0]["embedding"], np.float32)
-            assert cosine(got, expected.embeddings[i]) > 0.9999, expected.texts[i]
+            data = (await response.json())["data"]
+            assert len(data) == count
+            for i, item in enumerate(data, start=first):
+                got = np.array(item["embedding"], np.float32)
+                assert cosine(got, expected.embeddings[i]) > 0.9999, expected.texts[i]
         return status, replica
 
 
@@ -149,7 +155,8 @@ def test_two_local_replicas_share_concurrent_load_and_shut_down_clean(
     served_dir: Path, expected: Expected
 ) -> None:
     # 200 requests at once are more than one replica takes (2 x 32), so both must answer; a
-    # long batching delay keeps the last eight (under a batch) waiting, in flight at SIGTERM.
+    # long batching delay keeps the last eight sentences (under a batch) waiting, in flight at
+    # SIGTERM.
     args = ("--ray", "--replicas", "2", "--max-delay-ms", "5000")
     server = Server(served_dir, *args)
     try:
@@ -170,15 +177,19 @@ def test_two_local_replicas_share_concurrent_load_and_shut_down_clean(
 
 
 async def terminate_while_waiting(server: Server, expected: Expected) -> list[tuple[int, str]]:
-    """Eight requests, SIGTERM once all wait in the replicas' queues, then their answers."""
+    """Two requests of four sentences each, SIGTERM once all eight wait in the replicas'
+    queues, then their answers. Four parts at once always wait for company: a lone sentence
+    may start at once (the batcher stops delaying lone requests at low load), so sentences
+    sent one per request could be answered before any was seen waiting."""
     async with client(server.url) as s:
-        pending = [asyncio.create_task(embed(s, expected, i)) for i in range(8)]
+        pending = [asyncio.create_task(embed(s, expected, i, 4)) for i in (0, 4)]
         depths: dict[str, float] = {}  # the last queue depth each replica reported
         deadline = time.monotonic() + 60
-        while sum(depths.values()) < len(pending):
+        while sum(depths.values()) < 8:
             assert time.monotonic() < deadline, f"queue depths {depths}, never all 8 waiting"
+            assert not any(p.done() for p in pending), "answered before all 8 were seen waiting"
             # Ray routes each scrape to the replica with fewer requests in flight: a burst
-            # of them reaches both, however the eight were spread.
+            # of them reaches both, however the two requests were spread.
             for replica, depth in await asyncio.gather(*(queue_depth(s) for _ in range(10))):
                 depths[replica] = depth
         server.process.send_signal(signal.SIGTERM)
