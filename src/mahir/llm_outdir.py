@@ -20,6 +20,7 @@ the optimizer (int8 weights are read as saved, not quantized again).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import shutil
@@ -30,7 +31,7 @@ from mahir.errors import BadInput, Unsupported, first_line
 from mahir.families.decoder import DECODER_SPEC, Decoder, decoder_family
 from mahir.generation import Generator
 from mahir.outdir import MANIFEST, read_manifest
-from mahir.runtimes.engines import open_engine
+from mahir.runtimes.engines import get_engine, open_engine
 from mahir.silence import quiet_transformers
 from mahir.types import Artifact, ArtifactFormat, RuntimeOptions
 
@@ -72,9 +73,12 @@ def save_llm_model(artifact: Artifact, reference: Any, tokenizer: Any, folder: P
     return name
 
 
-def open_llm_output(out: str | os.PathLike[str]) -> tuple[Generator, Decoder]:
+def open_llm_output(
+    out: str | os.PathLike[str], *, slots: int | None = None
+) -> tuple[Generator, Decoder]:
     """The winner of `mahir optimize --llm` in `out`, on the engine and threads it won with,
-    and its family (tokenizer, chat template, stop tokens)."""
+    and its family (tokenizer, chat template, stop tokens). `slots`: decode that many requests
+    together instead of the number recorded (an engine mahir batches by slots only)."""
     out = Path(out)
     manifest = read_manifest(out)
     try:
@@ -90,6 +94,13 @@ def open_llm_output(out: str | os.PathLike[str]) -> tuple[Generator, Decoder]:
             f"{out / MANIFEST} is not an LLM output directory mahir can open ({err}): write it "
             "again with mahir optimize --llm"
         ) from err
+    if slots is not None:
+        if not get_engine(engine).slotted:
+            raise BadInput(
+                f"--slots sizes mahir's own continuous batch; the {engine} engine schedules "
+                "requests itself: drop --slots"
+            )
+        options = dataclasses.replace(options, slots=slots)
     folder = out / MODEL_FOLDER
     config, generation, tokenizer = _read_config(folder)
     family = decoder_family(config, tokenizer, out, generation)

@@ -32,7 +32,7 @@ from mahir.search.llm_optimize import (
     optimize_llm,
     thread_counts,
 )
-from mahir.search.llm_output import llm_report, llm_table, save_llm_output
+from mahir.search.llm_output import llm_report, llm_table, save_llm_output, winner_recipe
 from mahir.types import RuntimeOptions
 from tests.helpers import cli
 
@@ -189,7 +189,12 @@ def test_throughput_at_a_concurrency_times_requests_at_once(tiny_llm: LanguageMo
         assert last["generations"] == 0  # whole groups of two, no per-token clock
         assert last["tokens"] >= 2 * 4  # every group's two rows, each its new tokens
         assert last["output_tokens_per_s"] > 0
+        # both engines batch by slots: each ran the two as a continuous batch of two
+        assert outcome["settings"]["slots"] == 2, outcome["variant"]
     assert "2 requests at once" in str(llm_table(found).title)
+    recipe = winner_recipe(found)
+    assert recipe is not None
+    assert recipe.options.slots == 2  # what `mahir serve` opens the winner with
 
 
 def test_requests_at_once_are_for_throughput() -> None:

@@ -20,6 +20,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from mahir.errors import BadInput
 from mahir.families.decoder import Decoder, LanguageModel
 from mahir.generation import Generator
 from mahir.generation_quality import Judging
@@ -27,7 +28,7 @@ from mahir.llm_outdir import open_llm_output
 from mahir.search.llm_optimize import LlmOptimizeConfig, optimize_llm
 from mahir.search.llm_output import save_llm_output
 from mahir.serve.llm_text import TextStream
-from tests.helpers import Server
+from tests.helpers import Server, cli
 
 CHEAP = LlmOptimizeConfig(
     variants=("torch",),
@@ -227,17 +228,12 @@ def test_overload_is_503_never_500_and_sigterm_lets_a_stream_finish(llm_dir: Pat
 
 
 def test_a_batched_engine_generates_concurrent_requests_together(
-    llm_dir: Path, opened: tuple[Generator, Decoder], tmp_path: Path
+    llm_dir: Path, opened: tuple[Generator, Decoder]
 ) -> None:
-    batched = tmp_path / "batched"
-    shutil.copytree(llm_dir, batched)
-    manifest = json.loads((batched / "mahir.json").read_text())
-    manifest["options"]["slots"] = 4
-    (batched / "mahir.json").write_text(json.dumps(manifest))
     prompts = [f"Count to {i}" for i in range(4, 8)]
     family = opened[1]
     wants = [expected(opened, family.encode(p), 160)[0] for p in prompts]
-    server = Server(batched)
+    server = Server(llm_dir, "--slots", "4")  # the torch engine's continuous batch
     try:
         assert metric(server, "mahir_llm_running") == 0
         name = client(server).models.list().data[0].id
@@ -262,6 +258,19 @@ def test_a_batched_engine_generates_concurrent_requests_together(
         assert most > 1, "the requests were generated one at a time"
     finally:
         assert server.stop() == 0
+
+
+def test_slots_are_refused_where_mahir_does_not_batch(llm_dir: Path, tmp_path: Path) -> None:
+    scheduled = tmp_path / "scheduled"
+    shutil.copytree(llm_dir, scheduled)
+    manifest = json.loads((scheduled / "mahir.json").read_text())
+    manifest["engine"] = "vllm"  # an engine with a scheduler of its own
+    (scheduled / "mahir.json").write_text(json.dumps(manifest))
+    with pytest.raises(BadInput, match="schedules requests itself"):
+        open_llm_output(scheduled, slots=4)
+    done = cli("serve", str(llm_dir.parent / "nothing-here"), "--slots", "4")
+    assert done.returncode == 2, done.stderr
+    assert "LLM output directory" in done.stderr
 
 
 def test_text_never_splits_a_character_and_stops_before_a_stop_string(

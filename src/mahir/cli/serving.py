@@ -75,6 +75,15 @@ def serve(
         ),
     ] = 30_000.0,
     max_body_mb: Annotated[float, typer.Option(help="Largest request body; then 413.")] = 8.0,
+    slots: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="An LLM's requests decoded together in mahir's continuous batch (PyTorch "
+            "eager, llama.cpp) \\[default: what mahir optimize recorded, else 1].",
+            show_default=False,
+        ),
+    ] = None,
     api_key: Annotated[
         str | None,
         typer.Option(
@@ -180,7 +189,7 @@ def serve(
 
     config, tuning = guard(ctx, configure)
     scale = guard(ctx, lambda: _ray_config(ray, replicas, autoscale, address))
-    guard(ctx, lambda: _run_serve(source, config, set(explicit), tuning, scale))
+    guard(ctx, lambda: _run_serve(source, config, set(explicit), tuning, scale, slots))
 
 
 def _check_port(host: str, port: int) -> None:
@@ -228,13 +237,25 @@ def _ray_config(ray: bool, replicas: int | None, autoscale: str | None, address:
 
 
 def _run_serve(
-    source: str | None, config: Any, explicit: set[str], tuning: Any, scale: Any = None
+    source: str | None,
+    config: Any,
+    explicit: set[str],
+    tuning: Any,
+    scale: Any = None,
+    slots: int | None = None,
 ) -> None:
     from mahir.cli.tuning import recorded_batching, tune_and_record
     from mahir.outdir import MANIFEST, model_name, open_output_dir, read_manifest
     from mahir.serve.app import run_server
 
     folder = Path(source) if source else None
+    manifest = read_manifest(folder) if folder and (folder / MANIFEST).is_file() else {}
+    if manifest.get("family") == "decoder":
+        assert folder is not None
+        _serve_llm(folder, manifest, config, tuning, scale, slots)
+        return
+    if slots is not None:
+        raise BadInput("--slots is for an LLM output directory (mahir optimize --llm): drop it")
     if folder is None or not (folder / MANIFEST).is_file():
         if scale is not None:
             raise BadInput(
@@ -253,10 +274,6 @@ def _run_serve(
         _announce(opened.name, config)
         run_server(opened, config)
         return
-    manifest = read_manifest(folder)
-    if manifest.get("family") == "decoder":
-        _serve_llm(folder, manifest, config, tuning, scale)
-        return
     # The batching (workers too) is settled first: the session is opened for it.
     if tuning is not None:
         manifest["batching"] = tune_and_record(
@@ -273,7 +290,7 @@ def _run_serve(
 
 
 def _serve_llm(
-    folder: Path, manifest: dict[str, Any], config: Any, tuning: Any, scale: Any
+    folder: Path, manifest: dict[str, Any], config: Any, tuning: Any, scale: Any, slots: int | None
 ) -> None:
     """An LLM output directory (`mahir optimize --llm`) behind OpenAI's chat and completions."""
     from mahir.llm_outdir import open_llm_output
@@ -284,7 +301,7 @@ def _serve_llm(
         raise BadInput("--tune and --ray serve encoders only for now: serve an LLM without them")
     if config.matryoshka_dims:
         raise BadInput("--matryoshka-dims is for sentence encoders: drop it for an LLM")
-    generator, family = open_llm_output(folder)
+    generator, family = open_llm_output(folder, slots=slots)
     name = model_name(manifest, folder)
     _announce(name, config)
     run_llm_server(generator, family, name, config)

@@ -43,6 +43,7 @@ import numpy as np
 from mahir.errors import BadInput, RuntimeFailure, Unsupported
 from mahir.generation import Sampling, check_request, choose, decode_loop
 from mahir.hardware import physical_cores
+from mahir.runtimes.llamacpp_batching import LlamaCppBatch
 from mahir.types import CPU, Artifact, Device
 
 FILE_TYPES = {
@@ -65,6 +66,12 @@ class LlamaCppOptions:
     """Tokens the KV cache holds (prompt plus new, at most; the model's own context caps it)."""
     ubatch: int = 512
     """Tokens a prefill computes at once (llama.cpp's n_ubatch)."""
+    slots: int = 1
+    """Sequences decoded together (continuous batching, `llamacpp_batching.py`), each with a
+    KV cache of `context` positions; 1: one generation at a time."""
+    step_tokens: int = 256
+    """With slots: the tokens one batched step feeds at most, decode tokens and prompt chunks
+    together (at least `slots`)."""
     device: Device = CPU
 
     def __post_init__(self) -> None:
@@ -74,45 +81,82 @@ class LlamaCppOptions:
             raise ValueError(f"context must be >= 2 tokens, got {self.context}")
         if self.ubatch < 1:
             raise ValueError(f"ubatch must be >= 1, got {self.ubatch}")
+        if self.slots < 1 or self.step_tokens < self.slots:
+            raise ValueError(
+                f"slots must be >= 1 and step_tokens >= slots, got {self.slots}, {self.step_tokens}"
+            )
 
 
 class LlamaCppGenerator:
     """`Generator` over a llama.cpp model and context (`generation.Generator`)."""
 
-    max_concurrency = 1
-    """One llama.cpp context, its KV cache cleared per generation: one generation at a time."""
+    max_concurrency: int
+    """`slots`: one generation at a time on one context whose KV cache each generation clears,
+    or that many decoded together in a context of that many sequences."""
 
     def __init__(self, path: Path, options: LlamaCppOptions, *, engine: str) -> None:
         self.engine = engine
         self.device = options.device
+        self.max_concurrency = options.slots
         self._path = path
         self._threads = options.threads or physical_cores()
-        self._model = _load(path)
-        self._vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._model))
-        self.context_length = min(options.context, llama_cpp.llama_model_n_ctx_train(self._model))
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx = params.n_batch = self.context_length
-        params.n_ubatch = min(options.ubatch, self.context_length)
-        params.n_threads = params.n_threads_batch = self._threads
-        params.no_perf = True
-        with captured_logs() as logs:
-            self._context = llama_cpp.llama_init_from_model(self._model, params)
-        if not self._context:
-            llama_cpp.llama_model_free(self._model)
-            why = last_error(logs)
-            raise RuntimeFailure(f"llama.cpp cannot make a context for {path.name}: {why}")
-        self._batch = llama_cpp.llama_batch_init(self.context_length, 0, 1)
-        self._free = weakref.finalize(self, _free, self._batch, self._context, self._model)
+        self._native = _Native(_load(path))
+        self._free = weakref.finalize(self, self._native.release)
+        try:
+            self._open(options)
+        except BaseException:
+            self._free()
+            raise
+
+    def _open(self, options: LlamaCppOptions) -> None:
+        native, model = self._native, self._native.model
+        self._vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
+        self.context_length = min(options.context, llama_cpp.llama_model_n_ctx_train(model))
         size = self.context_length
+        native.context = self._new_context(size, size, min(options.ubatch, size))
+        native.batch = self._batch = llama_cpp.llama_batch_init(size, 0, 1)
+        self._context = native.context
         self._tokens = np.ctypeslib.as_array(self._batch.token, shape=(size,))
         self._positions = np.ctypeslib.as_array(self._batch.pos, shape=(size,))
         self._wants = np.ctypeslib.as_array(self._batch.logits, shape=(size,))
         np.ctypeslib.as_array(self._batch.n_seq_id, shape=(size,))[:] = 1
         for i in range(size):  # every token belongs to sequence 0
             self._batch.seq_id[i][0] = 0
+        self.batch: LlamaCppBatch | None = None
+        """The continuous batch that runs every `stream` when `slots` > 1 (`_context` then
+        serves `logprobs` only)."""
+        if options.slots > 1:
+            step = options.step_tokens
+            context = self._new_context(size * options.slots, step, step, options.slots)
+            native.batched_context = context
+            native.batched_batch = llama_cpp.llama_batch_init(step, 0, 1)
+            self.batch = native.batched = LlamaCppBatch(
+                context,
+                native.batched_batch,
+                slots=options.slots,
+                step_tokens=step,
+                vocab=self._vocab,
+            )
+
+    def _new_context(self, positions: int, batch: int, ubatch: int, sequences: int = 1) -> Any:
+        """A context of `positions` KV cells in all (split evenly among `sequences`, each
+        attending to its own cells), decoding up to `batch` tokens per call."""
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx, params.n_batch, params.n_ubatch = positions, batch, ubatch
+        params.n_seq_max, params.kv_unified = sequences, False
+        params.n_threads = params.n_threads_batch = self._threads
+        params.no_perf = True
+        with captured_logs() as logs:
+            context = llama_cpp.llama_init_from_model(self._native.model, params)
+        if not context:
+            why = last_error(logs)
+            raise RuntimeFailure(f"llama.cpp cannot make a context for {self._path.name}: {why}")
+        return context
 
     def stream(self, prompt: Sequence[int], sampling: Sampling) -> Iterator[int]:
         self._check(prompt, sampling.max_new_tokens)  # at the call, not at the first token
+        if self.batch is not None:
+            return self.batch.stream(prompt, sampling)
         return decode_loop(prompt, sampling, self._prefill, self._decode_one_token, choose)
 
     def logprobs(self, tokens: Sequence[int]) -> np.ndarray:
@@ -127,14 +171,15 @@ class LlamaCppGenerator:
         return logprobs
 
     def describe(self) -> dict[str, Any]:
-        file_type = llama_cpp.llama_model_ftype(self._model)
+        file_type = llama_cpp.llama_model_ftype(self._native.model)
         return {
             "engine": self.engine,
             "gguf_type": FILE_TYPES.get(file_type, str(file_type)),
             "kv_cache": "f16",
             "context": self.context_length,
-            "weights_mb": llama_cpp.llama_model_size(self._model) / 2**20,
-            "parameters": llama_cpp.llama_model_n_params(self._model),
+            "slots": self.max_concurrency,
+            "weights_mb": llama_cpp.llama_model_size(self._native.model) / 2**20,
+            "parameters": llama_cpp.llama_model_n_params(self._native.model),
             "threads": llama_cpp.llama_n_threads(self._context),
             "openmp": b"OPENMP = 1" in llama_cpp.llama_print_system_info(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
@@ -242,12 +287,25 @@ def _load(path: Path) -> Any:
     return model
 
 
-def _free(batch: Any, context: Any, model: Any) -> None:
-    with captured_logs():  # freeing a context logs its buffer sizes
-        _release(batch, context, model)
+@dataclass
+class _Native:
+    """What llama.cpp allocated for one generator, freed in reverse order (`release`, once)."""
 
+    model: Any
+    context: Any = None
+    batch: Any = None
+    batched_context: Any = None
+    batched_batch: Any = None
+    batched: LlamaCppBatch | None = None
 
-def _release(batch: Any, context: Any, model: Any) -> None:
-    llama_cpp.llama_batch_free(batch)
-    llama_cpp.llama_free(context)
-    llama_cpp.llama_model_free(model)
+    def release(self) -> None:
+        with captured_logs():  # freeing a context logs its buffer sizes
+            if self.batched is not None:  # its thread out of llama.cpp before its context goes
+                self.batched.stop_and_wait()
+            for batch in (self.batched_batch, self.batch):
+                if batch is not None:
+                    llama_cpp.llama_batch_free(batch)
+            for context in (self.batched_context, self.context):
+                if context:
+                    llama_cpp.llama_free(context)
+            llama_cpp.llama_model_free(self.model)

@@ -28,57 +28,25 @@ its own. Imports torch and transformers; knows nothing of serving.
 
 from __future__ import annotations
 
-import queue
-import threading
-from collections import deque
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from transformers import Cache, DynamicCache, DynamicLayer, StaticLayer
 
-from mahir.errors import RuntimeFailure, Unsupported, first_line
-from mahir.generation import Sampling, choose
+from mahir.errors import RuntimeFailure, Unsupported
+from mahir.generation import choose
+from mahir.runtimes.continuous import BatchLoop, Request
 from mahir.runtimes.torch_lm import CausalLM
-
-Item = int | BaseException | None
-"""What reaches a consumer: a token, the engine's error, or None at the end."""
 
 
 @dataclass(eq=False)
-class _Request:
-    prompt: list[int]
-    sampling: Sampling
-    rng: np.random.Generator
-    tokens: queue.SimpleQueue[Item] = field(default_factory=queue.SimpleQueue)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    count: int = 0
-
-    def deliver(self, token: int) -> bool:
-        """Hand `token` to the consumer; whether the sequence has ended."""
-        self.tokens.put(token)
-        self.count += 1
-        done = (
-            token in self.sampling.stop_token_ids
-            or self.count == self.sampling.max_new_tokens
-            or self.cancelled.is_set()
-        )
-        if done:
-            self.tokens.put(None)
-        return done
-
-
-@dataclass
-class BatchStats:
-    """What the batch has decoded so far (a physical number beside its tokens/s)."""
-
-    steps: int = 0
-    rows: int = 0
-    """Sequences decoded, summed over steps: `rows / steps` is the mean batch."""
-    most: int = 0
-    """The most sequences one step decoded."""
+class _Row:
+    request: Request
+    position: int
+    """Where the row writes its next token's keys and values."""
 
 
 class SlotCache(Cache):
@@ -148,146 +116,74 @@ def attention_layers(config: Any) -> int:
     return len(layers)
 
 
-class ContinuousBatch:
+class ContinuousBatch(BatchLoop[_Row]):
     """An engine thread decoding up to `slots` sequences together (see the module's note)."""
 
     def __init__(
         self, lm: CausalLM, *, slots: int, length: int, compiled: bool, mode: str | None = None
     ) -> None:
+        super().__init__(slots, "mahir-batch")
         layers = attention_layers(lm.module.config)
-        self._lm, self._slots, self._compiled = lm, slots, compiled
-        self._rows: list[_Request | None] = [None] * slots
-        self._positions = [0] * slots
-        """Where each row writes next (free rows: 0, attending to that one position)."""
+        self._lm, self._compiled = lm, compiled
         self._cache = SlotCache(layers, slots, length, lm.where)
         self._ids = torch.zeros((slots, 1), dtype=torch.long, device=lm.where)
         """Each row's last token: the next step's input."""
-        self._waiting: deque[_Request] = deque()
-        self._wake = threading.Condition()
-        self._stopped = False
-        self.stats = BatchStats()
         self._step = self._decode
         if compiled:
             self._step = torch.compile(self._decode, fullgraph=True, dynamic=False, mode=mode)
-        self._thread = threading.Thread(target=self._run, name="mahir-batch", daemon=True)
-        self._thread.start()
+        self._start()
 
-    def stream(self, prompt: Sequence[int], sampling: Sampling) -> Iterator[int]:
-        """`prompt`'s tokens as they are chosen; joins the batch at the first `next`, and
-        closing the iterator frees its row at the next step."""
-        request = self._submit(prompt, sampling, np.random.default_rng(sampling.seed))
-        try:
-            yield from _received(request)
-        finally:
-            request.cancelled.set()
+    def request_of(self, row: _Row) -> Request:
+        return row.request
 
-    def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling) -> list[list[int]]:
-        """All prompts at once, each with a generator spawned from `sampling.seed`."""
-        seeds = np.random.SeedSequence(sampling.seed).spawn(len(prompts))
-        requests = [
-            self._submit(p, sampling, np.random.default_rng(s))
-            for p, s in zip(prompts, seeds, strict=True)
-        ]
-        try:
-            return [list(_received(request)) for request in requests]
-        finally:
-            for request in requests:
-                request.cancelled.set()
+    def engine_scope(self) -> contextlib.AbstractContextManager[object]:
+        return torch.inference_mode()
 
-    def stop(self) -> None:
-        """End the engine thread; what is running or waiting fails."""
-        with self._wake:
-            self._stopped = True
-            self._wake.notify()
-
-    def _submit(
-        self, prompt: Sequence[int], sampling: Sampling, rng: np.random.Generator
-    ) -> _Request:
-        request = _Request(list(prompt), sampling, rng)
-        with self._wake:
-            if self._stopped:
-                raise RuntimeFailure("the generator was closed: open it again")
-            self._waiting.append(request)
-            self._wake.notify()
-        return request
-
-    def _run(self) -> None:
-        try:
-            with torch.inference_mode():
-                while (joining := self._work()) is not None:
-                    torch.set_num_threads(self._lm.threads)  # process-wide: others set it too
-                    for request in joining:
-                        self._join(request)
-                    if any(self._rows):
-                        self._decode_rows()
-        finally:  # stopped, or broken: no consumer is left waiting for a token
-            with self._wake:
-                self._stopped = True
-            closed = RuntimeFailure("the generator was closed")
-            for request in [*self._waiting, *filter(None, self._rows)]:
-                request.tokens.put(closed)
-
-    def _work(self) -> list[_Request] | None:
-        """Wait for something to do; the requests that join now (None: stop)."""
-        for row, request in enumerate(self._rows):
-            if request is not None and request.cancelled.is_set():
-                self._free(row)
-        with self._wake:
-            while not (self._stopped or self._waiting or any(self._rows)):
-                self._wake.wait()
-            if self._stopped:
-                return None
-            joining = min(self._rows.count(None), len(self._waiting))
-            return [self._waiting.popleft() for _ in range(joining)]
-
-    def _join(self, request: _Request) -> None:
-        """Prefill alone, deliver the first token, and take a row unless that was the last."""
-        if request.cancelled.is_set():
-            request.tokens.put(None)
-            return
+    def join(self, request: Request, index: int) -> _Row | None:
+        """Prefill alone, deliver the first token, and take the row unless that was the last."""
         alone = DynamicCache(config=self._lm.module.config)
-        try:
-            logits = self._lm.prefill(request.prompt, alone)
-            (token,) = self._choose(logits[None], [request]).tolist()
-            if request.deliver(token):
-                return
-            row = self._rows.index(None)
-            self._cache.place(row, alone)
-        except Exception as err:  # the engine's: this request's stream raises it
-            request.tokens.put(err)
-            return
-        self._rows[row], self._positions[row] = request, len(request.prompt)
-        self._ids[row, 0] = token
+        torch.set_num_threads(self._lm.threads)  # process-wide: others set it too
+        logits = self._lm.prefill(request.prompt, alone)
+        (token,) = self._choose(logits[None], [request]).tolist()
+        if request.deliver(token):
+            return None
+        self._cache.place(index, alone)
+        self._ids[index, 0] = token
+        return _Row(request, len(request.prompt))
 
-    def _decode_rows(self) -> None:
+    def release(self, index: int) -> None:
+        """Nothing to drop: a joiner's prefill overwrites the row's positions it uses."""
+
+    def step(self) -> None:
         """One step for every row in use; each row's token delivered, ended rows freed."""
         cache = self._cache
-        used = [row for row, request in enumerate(self._rows) if request is not None]
-        rows = self._slots if self._compiled else used[-1] + 1
-        cache.at.copy_(torch.tensor(self._positions, device=cache.at.device))
+        used = self.used()
+        rows = self.slots if self._compiled else used[-1] + 1
+        positions = [row.position if row is not None else 0 for row in self.rows]
+        cache.at.copy_(torch.tensor(positions, device=cache.at.device))
         if not self._compiled:
-            cache.width = max(self._positions[row] for row in used) + 1
+            cache.width = max(positions[index] for index in used) + 1
+        torch.set_num_threads(self._lm.threads)
         try:
             if self._compiled and self._lm.where.type == "cuda":
                 # A CUDA graph's outputs live until the next replay: the last step's logits
                 # have been read (their tokens are this step's input).
                 torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call]
             logits = self._step(self._ids[:rows], cache)
-            tokens = self._choose(logits, self._rows[:rows])
+            requests = [row.request if row is not None else None for row in self.rows[:rows]]
+            tokens = self._choose(logits, requests)
             self._ids[:rows, 0] = tokens
             chosen = tokens.tolist()
         except Exception as err:  # the engine's: every stream in the batch raises it
-            for row in used:
-                self._rows[row].tokens.put(err)  # type: ignore[union-attr]
-                self._free(row)
+            self.fail(used, err)
             return
-        self.stats.steps += 1
-        self.stats.rows += len(used)
-        self.stats.most = max(self.stats.most, len(used))
-        for row in used:
-            self._positions[row] += 1
-            if self._rows[row].deliver(chosen[row]):  # type: ignore[union-attr]
-                self._free(row)
+        self.stats.count(len(used))
+        for index in used:
+            row = self.rows[index]
+            assert row is not None
+            row.position += 1
+            if row.request.deliver(chosen[index]):
+                self.free(index)
 
     def _decode(self, ids: torch.Tensor, cache: SlotCache) -> torch.Tensor:
         """The decode step (what torch.compile compiles): (rows, vocab) logits."""
@@ -296,7 +192,7 @@ class ContinuousBatch:
         positions = cache.at[:rows, None]
         return self._lm.forward(ids, cache, attention_mask=mask, position_ids=positions)[:, -1]
 
-    def _choose(self, logits: torch.Tensor, requests: Sequence[_Request | None]) -> torch.Tensor:
+    def _choose(self, logits: torch.Tensor, requests: Sequence[Request | None]) -> torch.Tensor:
         """Each row's next token: argmax on the device, then the sampled rows' own draws."""
         tokens = torch.argmax(logits, dim=-1)
         for row, request in enumerate(requests):
@@ -304,16 +200,6 @@ class ContinuousBatch:
                 row_logits = logits[row].float().cpu().numpy()
                 tokens[row] = choose(row_logits, request.sampling, request.rng)
         return tokens
-
-    def _free(self, row: int) -> None:
-        self._rows[row], self._positions[row] = None, 0
-
-
-def _received(request: _Request) -> Iterator[int]:
-    while (item := request.tokens.get()) is not None:
-        if isinstance(item, BaseException):
-            raise RuntimeFailure(f"the batched generation failed: {first_line(item)}") from item
-        yield item
 
 
 def _tensors(layer: Any) -> tuple[torch.Tensor, torch.Tensor]:

@@ -129,7 +129,7 @@ class LlmBenchConfig:
     """Prompts are cycled until each variant has generated this long (one pass at least)."""
     at_once: tuple[int, ...] = ()
     """Requests in flight together, beyond batch 1: output tokens/s with that many prompts at
-    once (an engine with `generate_batch` runs them as one batch; others one after another)."""
+    once, each engine serving them its way (`_serving`, `llm_timing.time_at_once`)."""
     options: RuntimeOptions = field(default_factory=RuntimeOptions)
     judging: Judging = field(default_factory=Judging)
     budget: GenerationBudget = field(default_factory=GenerationBudget)
@@ -304,9 +304,10 @@ class LlmBenchResult:
             )
         if self._levels:
             lines.append(
-                "tok/s@N: output tokens/s with N requests at once: one batch where the engine "
-                "batches them, N concurrent streams where its scheduler does (vLLM), one after "
-                "another where neither (marked 1x1)"
+                "tok/s@N: output tokens/s with N requests at once, as each engine serves them: "
+                "a continuous batch, mahir's of N slots (PyTorch eager, llama.cpp) or the "
+                "engine's own (vLLM, OpenVINO GenAI paged); one padded batch (compiled PyTorch, "
+                "OpenVINO GenAI stateful); or one after another (marked 1x1)"
             )
         lines.append(
             "mem: MB of resident memory added when opened and run (with an engine's worker "
@@ -383,8 +384,13 @@ def benchmark_llm(
         for requests in config.at_once:
             on_step(f"timing {requests} requests at once")
             context = model.family.context_length
-            for name, run in time_at_once(generators, workload.prompts, requests, context).items():
-                at_once[name][requests] = run
+            with contextlib.ExitStack() as slotted:
+                serving = {
+                    name: _serving(name, generator, requests, model, config.options, slotted)
+                    for name, generator in generators.items()
+                }
+                for name, run in time_at_once(serving, workload.prompts, requests, context).items():
+                    at_once[name][requests] = run
         other_load = load.other_cores()  # read while the workers it counts as ours still run
         rows = [
             LlmBenchRow(
@@ -451,6 +457,27 @@ def _open(
     except Unsupported as err:
         raise BadInput(f"{name}: {err}") from err
     return generator, float(generator.describe().get("weights_mb") or artifact.size_mb())
+
+
+def _serving(
+    name: str,
+    generator: Generator,
+    requests: int,
+    model: LanguageModel,
+    options: RuntimeOptions,
+    stack: contextlib.ExitStack,
+) -> Generator:
+    """The generator that serves `requests` at once as the variant would be served: the one
+    timed at batch 1, or, for an engine that batches by slots, one opened with that many (closed
+    when `stack` closes)."""
+    variant = VARIANTS[name]
+    engine = get_engine(variant.engine)
+    if not engine.slotted:
+        return generator
+    artifact = variant_artifact(variant, model, options)  # made already: from the cache
+    slotted = open_engine(variant.engine, artifact, engine.options_for(options, requests))
+    stack.callback(slotted.close)
+    return slotted
 
 
 def variant_artifact(

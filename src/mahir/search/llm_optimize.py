@@ -45,7 +45,7 @@ from mahir.generation_quality import (
 )
 from mahir.hardware import Machine, detect, physical_cores
 from mahir.measure import MachineLoad
-from mahir.runtimes.engines import REFERENCE_ENGINE, open_engine
+from mahir.runtimes.engines import REFERENCE_ENGINE, get_engine, open_engine
 from mahir.search.candidates import Objective
 from mahir.search.halving import Events, Status, first_rung_seconds
 from mahir.search.llm_bench import (
@@ -81,6 +81,12 @@ class LlmCandidate:
     @property
     def id(self) -> str:
         return f"{self.variant}/{self.threads}t"
+
+    def options(self, config: LlmOptimizeConfig) -> RuntimeOptions:
+        """What its engine opens with: its threads, and for `config.concurrency` requests at
+        once as many slots where the engine batches by slots (`Engine.options_for`)."""
+        plain = RuntimeOptions(threads=self.threads, device=config.device)
+        return get_engine(VARIANTS[self.variant].engine).options_for(plain, config.concurrency)
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,7 +257,7 @@ class _Search:
         """Open the candidate and judge it; keep its generator open when it meets the budget."""
         started = time.monotonic()
         self.on_event(candidate.id, "opening and judging against the reference")
-        options = RuntimeOptions(threads=candidate.threads, device=self.config.device)
+        options = candidate.options(self.config)
         try:
             variant = VARIANTS[candidate.variant]
             artifact = variant_artifact(

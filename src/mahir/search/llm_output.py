@@ -33,7 +33,7 @@ from mahir.search.candidates import Objective
 from mahir.search.llm_apply import LlmApplied
 from mahir.search.llm_bench import VARIANTS
 from mahir.search.llm_optimize import LlmOutcome, LlmSearched
-from mahir.types import Artifact, RuntimeOptions
+from mahir.types import Artifact
 
 UNITS = {"latency": "ms/token", "throughput": "tokens/s"}
 
@@ -46,7 +46,7 @@ def winner_recipe(searched: LlmSearched) -> Recipe | None:
     candidate = searched.best.candidate
     variant = VARIANTS[candidate.variant]
     steps = () if variant.weights is None else (variant.weights,)
-    options = RuntimeOptions(threads=candidate.threads, device=searched.config.device)
+    options = candidate.options(searched.config)
     return Recipe(steps, variant.engine, options, ModelSource.of(searched.model.source))
 
 
