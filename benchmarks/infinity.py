@@ -107,8 +107,10 @@ def start_infinity(venv: Path, folder: Path, port: int, log: Any) -> subprocess.
     return subprocess.Popen(command, cwd=folder, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
-def start_mahir(folder: Path, port: int, log: Any) -> subprocess.Popen[bytes]:
+def start_mahir(folder: Path, port: int, log: Any, *extra: str) -> subprocess.Popen[bytes]:
+    """`mahir serve FOLDER` on `port`, with `extra` arguments."""
     command = [sys.executable, "-m", "mahir.cli", "serve", str(folder), "--port", str(port)]
+    command += extra
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
 
 

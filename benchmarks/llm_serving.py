@@ -147,6 +147,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--slots", type=int, default=None, help="passed to mahir serve (a slotted engine's batch)"
+    )
     args = parser.parse_args()
 
     manifest = json.loads((args.folder / "mahir.json").read_text())
@@ -165,7 +168,9 @@ def main() -> None:
     assert vllm_folder is not None  # a folder artifact always has its path
     servers = {
         "vllm": start_vllm(vllm_folder, ports["vllm"], log),
-        "mahir": start_mahir(args.folder, ports["mahir"], log),
+        "mahir": start_mahir(
+            args.folder, ports["mahir"], log, *(["--slots", str(args.slots)] if args.slots else [])
+        ),
     }
     try:
         wait_ready(urls["vllm"], servers["vllm"], "/health")
@@ -183,6 +188,7 @@ def main() -> None:
         "date": dt.date.today().isoformat(),
         "command": " ".join(["python -m benchmarks.llm_serving", *sys.argv[1:]]),
         "winner": {k: manifest[k] for k in ("variant", "engine", "options", "objective")},
+        "served_with": {"slots": args.slots} if args.slots else {},
         "other_cores_busy": other,
         "greedy_agreement_with_fp32": quality,
         "medians": medians(runs),
