@@ -7,6 +7,9 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
+import sys
+import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 
@@ -49,3 +52,23 @@ def quiet_transformers(*, progress: bool = False) -> Iterator[None]:
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
+
+
+@contextlib.contextmanager
+def native_stderr_kept() -> Iterator[None]:
+    """What native code writes to file descriptor 2 during the block (the PyTorch profiler's
+    Kineto announces each start and stop there) kept aside, and shown only if the block fails."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile("w+b") as kept:
+        os.dup2(kept.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            kept.seek(0)
+            sys.stderr.write(kept.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)

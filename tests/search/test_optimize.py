@@ -18,7 +18,7 @@ from mahir.model import Model
 from mahir.passes import STEP_TYPES
 from mahir.recipe import ModelSource, load_recipe
 from mahir.report.html import render_html
-from mahir.report.schema import report_json
+from mahir.report.schema import Report, report_json
 from mahir.search.budget import FidelityBudget
 from mahir.search.optimize import OptimizeConfig, OptimizeResult, cache_path, optimize
 
@@ -53,6 +53,32 @@ def test_the_winner_meets_the_budget_and_every_candidate_has_an_outcome(
     baseline = next(o for o in result.candidates if o.candidate.id == "torch")
     assert baseline.rounds >= result.best.rounds >= 1
     assert set(result.best.perf) == {1, 4}
+
+
+def test_the_report_puts_the_baseline_and_the_winner_on_the_roofline(
+    result: OptimizeResult,
+) -> None:
+    assert result.best is not None
+    report = Report.from_dict(json.loads(report_json(result.report())))
+    labels = [(r.label, r.candidate) for r in report.rooflines]
+    expected = [("baseline", "torch")]
+    if result.best.candidate.id != "torch":
+        expected.append(("winner", result.best.candidate.id))
+    assert labels == expected, report.roofline_note
+    per_row = 2 * (32 * 64 + 64 * 64 + 64 * 10)  # the MLP's matmuls, profiled at batch 1
+    for record in report.rooflines:
+        assert record.inputs == {"x": [1, 32]}
+        whole = record.whole
+        assert whole.flops >= per_row  # the graph's own count: matmuls, and bias adds
+        assert whole.ms > 0 and whole.bytes > 0
+        assert whole.bound in ("compute", "memory", "overhead")
+        assert 0 < (whole.roofline_fraction or 0) <= 1.5  # cache-resident operands may beat DRAM
+        assert record.ops and record.compute_peaks["fp32"] > 0
+        assert record.bandwidth and record.bandwidth > 1e8
+    page = render_html(report)
+    assert "How much is left on the table" in page
+    assert 'id="plot-roofline"' in page
+    assert "left on the table" in page
 
 
 def test_the_winner_is_the_fastest_of_those_timed_longest(result: OptimizeResult) -> None:

@@ -37,6 +37,7 @@ from mahir.profile.breakdown import (
 )
 from mahir.profile.cost import OpCost
 from mahir.profile.torch_ops import aten_cost
+from mahir.silence import native_stderr_kept
 from mahir.types import Inputs, Session
 
 MARK = "mahir run "
@@ -54,7 +55,7 @@ def profile_torch(session: Session, batch: Inputs, *, runs: int, seconds: float)
     for _ in range(WARMUP_RUNS):
         session.run(batch)
     calls = []
-    with profile(activities=activities, record_shapes=True) as profiler:
+    with native_stderr_kept(), profile(activities=activities, record_shapes=True) as profiler:
         for i in range(runs):
             with record_function(f"{MARK}{i}"):
                 calls.append(timed(session, batch))

@@ -122,8 +122,7 @@ def profile_output_dir(
             f"{out} holds a {artifact.format} artifact, which {runtime} does not run: use "
             f"--runtime {recorded or 'torch'}"
         )
-    machine = detect()
-    check_runtime(runtime, config.device, machine)
+    check_runtime(runtime, config.device, detect())  # before anything is read
     try:
         options = RuntimeOptions.from_dict(manifest.get("options"))
         family = open_family(manifest.get("family"), artifact.spec, out, manifest)
@@ -133,10 +132,25 @@ def profile_output_dir(
         ) from err
     options = replace(options, device=config.device, threads=config.threads or options.threads)
     name = model_name(manifest, out)
+    return profile_artifact(name, runtime, artifact, options, family, config, workdir)
+
+
+def profile_artifact(
+    name: str,
+    runtime: str,
+    artifact: Artifact,
+    options: RuntimeOptions,
+    family: Family,
+    config: ProfileConfig,
+    workdir: str | os.PathLike[str],
+) -> Profile:
+    """Profile one batch of an artifact already built for `runtime` (what `mahir optimize`
+    built for its baseline and winner)."""
+    machine = detect()
+    check_runtime(runtime, options.device, machine)
     batch, padding = one_batch(family, name, config)
-    return _profile(
-        name, runtime, artifact, options, batch, padding, machine, config, Path(workdir)
-    )
+    folder = Path(workdir)
+    return _profile(name, runtime, artifact, options, batch, padding, machine, config, folder)
 
 
 def recorded_runtime(manifest: Mapping[str, Any]) -> str | None:

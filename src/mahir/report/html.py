@@ -23,6 +23,7 @@ import yaml
 
 from mahir.files import write_text_atomically
 from mahir.report import plots as look
+from mahir.report.roofline_html import roofline_section
 from mahir.report.schema import CandidateRecord as Candidate
 from mahir.report.schema import PerfRecord, QualityRecord, Report, UtilizationRecord
 from mahir.report.verdicts import (
@@ -63,7 +64,10 @@ def render_html(report: Report) -> str:
     """The whole page as one string; nothing in it points outside the file."""
     v = read_view(report)
     model = report.model.get("name", "model")
-    parts = (_banner(v), _headline(v), _why(v), _table(v), _plots(v), _context(v), _recipe(v))
+    rooflines = roofline_section(report.rooflines, report.roofline_note)
+    parts = (
+        _banner(v), _headline(v), _why(v), _table(v), _plots(v), rooflines, _context(v), _recipe(v)
+    )  # fmt: skip
     return (
         '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'

@@ -71,6 +71,11 @@ FIGURES = {  # plot -> (title, caption)
     "latency": ("Latency distribution", "Per batch: box from p25 to p75, line at the median, "
                 "whiskers p1 to p99, dots beyond. A long tail costs at p99 even when the median "
                 "is low."),
+    "roofline": ("Roofline", "FLOP/s achieved against FLOPs per byte moved, both logarithmic. "
+                 "The solid roof is what the device allows at each intensity (measured bandwidth "
+                 "up the slope, the measured matmul peak of the call's precision flat); dashed: "
+                 "the other precisions' peaks. Large marks: a whole call; small: its heaviest "
+                 "ops. Hover a mark for its numbers."),
 }  # fmt: skip
 
 
@@ -114,7 +119,7 @@ def duration(seconds: float) -> str:
     return " ".join(parts) or "0 s"
 
 
-def _styled(draw: Callable[P, str]) -> Callable[P, str]:
+def styled(draw: Callable[P, str]) -> Callable[P, str]:
     """Draw with the report's rcParams, restored afterwards: no global matplotlib state changes."""
 
     @functools.wraps(draw)
@@ -167,11 +172,11 @@ def plots_html(
         ylabel = f"{metric} (up is better)" if metric else "worst-sample cosine (up is better)"
         svg = scatter_svg(scatter, throughput=throughput, xlabel=xlabel, ylabel=ylabel,
                           nines=metric is None, budget=budget)  # fmt: skip
-        figures.append(_figure(svg, "scatter"))
+        figures.append(figure(svg, "scatter"))
     if bars:
-        figures.append(_figure(speedup_svg(bars, baseline), "speedup"))
+        figures.append(figure(speedup_svg(bars, baseline), "speedup"))
     if boxes:
-        figures.append(_figure(latency_svg(boxes), "latency"))
+        figures.append(figure(latency_svg(boxes), "latency"))
     return "".join(figures)
 
 
@@ -200,12 +205,12 @@ def facts(rows: Mapping[str, str | Sequence[str]]) -> str:
     )
 
 
-def _figure(svg: str, name: str) -> str:
+def figure(svg: str, name: str) -> str:
     title, caption = FIGURES[name]
     return f"<figure><h3>{title}</h3>{svg}<figcaption>{caption}</figcaption></figure>"
 
 
-@_styled
+@styled
 def scatter_svg(
     marks: Sequence[Mark],
     *,
@@ -216,7 +221,7 @@ def scatter_svg(
     budget: float | None,
 ) -> str:
     """Speed against fidelity, so the trade each candidate makes is visible at a glance."""
-    fig, ax = _axes(4.4)
+    fig, ax = new_axes(4.4)
     top = 1 - FLOOR if nines else math.inf
     points = [(m, m.speed, min(m.fidelity, top)) for m in marks if m.fidelity is not None]
     ys = [y for _, _, y in points] + ([budget] if budget is not None else [])
@@ -249,13 +254,13 @@ def scatter_svg(
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     _legend(ax, marks, front=bool(front), budget=budget is not None)
-    return _to_svg(fig, "scatter", [m.tooltip for m, _, _ in points])
+    return to_svg(fig, "scatter", [m.tooltip for m, _, _ in points])
 
 
-@_styled
+@styled
 def speedup_svg(marks: Sequence[Mark], baseline: str) -> str:
     """Horizontal speedup bars in the given order, top down, with the baseline's 1.0 dashed."""
-    fig, ax = _axes(0.9 + 0.34 * len(marks))
+    fig, ax = new_axes(0.9 + 0.34 * len(marks))
     values = [m.speedup or 0.0 for m in marks]
     ypos = np.arange(len(marks))[::-1]
     bars = ax.barh(ypos, values, color=[ROLES[m.role][1] for m in marks], height=0.62)
@@ -268,13 +273,13 @@ def speedup_svg(marks: Sequence[Mark], baseline: str) -> str:
     ax.set_xlim(0, max(*values, 1.0) * 1.12)
     ax.set_xlabel(f"speedup over {baseline} (dashed: 1.0)")
     ax.grid(axis="y", visible=False)
-    return _to_svg(fig, "speedup", [m.tooltip for m in marks])
+    return to_svg(fig, "speedup", [m.tooltip for m in marks])
 
 
-@_styled
+@styled
 def latency_svg(marks: Sequence[Mark]) -> str:
     """A box per candidate in the given order, top down: the tail that medians hide."""
-    fig, ax = _axes(0.9 + 0.38 * len(marks))
+    fig, ax = new_axes(0.9 + 0.38 * len(marks))
     ypos = np.arange(len(marks))[::-1] + 1
     boxes = ax.boxplot([m.samples for m in marks], positions=ypos, orientation="horizontal",
                        whis=(1, 99), patch_artist=True, widths=0.55,
@@ -291,10 +296,10 @@ def latency_svg(marks: Sequence[Mark]) -> str:
     ax.set_yticks(ypos, [_plain(m.label) for m in marks])
     ax.set_xlabel("latency per batch, ms")
     ax.grid(axis="y", visible=False)
-    return _to_svg(fig, "latency", [m.tooltip for m in marks])
+    return to_svg(fig, "latency", [m.tooltip for m in marks])
 
 
-def _axes(height_in: float) -> tuple[Figure, Axes]:
+def new_axes(height_in: float) -> tuple[Figure, Axes]:
     fig = Figure(figsize=(9.0, height_in), layout="constrained")
     FigureCanvasSVG(fig)
     return fig, fig.add_subplot()
@@ -337,7 +342,7 @@ def _plain(text: str) -> str:
     return text.replace("$", r"\$")
 
 
-def _to_svg(fig: Figure, name: str, tooltips: Sequence[str]) -> str:
+def to_svg(fig: Figure, name: str, tooltips: Sequence[str]) -> str:
     """The figure as an inline `<svg>`: ids prefixed with the plot's name (three plots share one
     page), and a `<title>` tooltip on each element drawn with gid `pt-i`, `bar-i` or `box-i`."""
     buf = io.StringIO()

@@ -209,6 +209,51 @@ class DeviceRecord:
 
 
 @dataclass(kw_only=True, slots=True)
+class RoofRecord:
+    """One op, or a whole call, against the roofs (`profile.roofline.Roofline`)."""
+
+    name: str
+    op_type: str = ""
+    ms: float
+    flops: float
+    bytes: float
+    peak: str | None = None
+    """The dtype whose measured peak is its compute roof."""
+    roofline_fraction: float | None = None
+    """The least time the roofs allow over the time taken."""
+    intensity: float | None = None
+    bound: str = "unknown"
+    advice: str | None = None
+
+
+@dataclass(kw_only=True, slots=True)
+class RooflineRecord:
+    """`mahir profile` of one candidate (the baseline or the winner) on one batch: the whole
+    call and its heaviest ops against the device's measured roofs."""
+
+    label: str
+    candidate: str
+    runtime: str
+    inputs: dict[str, list[int]] = field(default_factory=dict)
+    whole: RoofRecord
+    ops: list[RoofRecord] = field(default_factory=list)
+    compute_peaks: dict[str, float] = field(default_factory=dict)
+    """Measured FLOP/s (int8: operations/s) by dtype."""
+    bandwidth: float | None = None
+    """Measured bytes/s (STREAM triad)."""
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RooflineRecord:
+        return _known(
+            cls,
+            data,
+            whole=_known(RoofRecord, data["whole"]),
+            ops=[_known(RoofRecord, op) for op in data.get("ops") or ()],
+        )
+
+
+@dataclass(kw_only=True, slots=True)
 class CostRecord:
     """FLOPs of one forward of the original model per batch size (`flops.Cost`)."""
 
@@ -246,6 +291,11 @@ class Report:
     """Where the candidates ran and its measured peaks; None in reports from before peaks."""
     cost: CostRecord | None = None
     candidates: list[CandidateRecord] = field(default_factory=list)
+    rooflines: list[RooflineRecord] = field(default_factory=list)
+    """The baseline and the winner profiled on one batch (`search/rooflines.py`); empty in
+    reports from before, with no winner, or where neither could be profiled."""
+    roofline_note: str | None = None
+    """Why a roofline is missing, when one is."""
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Report:
@@ -258,6 +308,7 @@ class Report:
             device=None if device is None else DeviceRecord.from_dict(device),
             cost=None if cost is None else CostRecord.from_dict(cost),
             candidates=[CandidateRecord.from_dict(c) for c in data.get("candidates", ())],
+            rooflines=[RooflineRecord.from_dict(r) for r in data.get("rooflines") or ()],
         )
 
     @classmethod
@@ -270,6 +321,7 @@ class Report:
         for key in ("device", "cost"):
             record[key] = None if record[key] is None else dataclasses.asdict(record[key])
         record["candidates"] = [c.to_dict() for c in self.candidates]
+        record["rooflines"] = [dataclasses.asdict(r) for r in self.rooflines]
         return record
 
 

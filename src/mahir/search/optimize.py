@@ -40,6 +40,7 @@ from mahir.report.schema import (
     DeviceRecord,
     PeakRecord,
     Report,
+    RooflineRecord,
     report_json,
 )
 from mahir.runtimes import get_runtime
@@ -55,6 +56,7 @@ from mahir.search.halving import (
     comparable_speedup,
 )
 from mahir.search.records import OutcomeCache, outcome_record
+from mahir.search.rooflines import End, profile_ends
 from mahir.search.utilization import utilization
 from mahir.types import CPU, Artifact, Device
 from mahir.workload import Workload
@@ -141,6 +143,10 @@ class OptimizeResult:
     """The measured matmul peaks of the device the candidates ran on (`peaks.py`)."""
     cost: Cost | None = None
     """FLOPs of one forward per batch size (`flops.py`)."""
+    rooflines: list[RooflineRecord] = field(default_factory=list)
+    """The baseline and the winner profiled on one batch (`rooflines.py`)."""
+    roofline_note: str | None = None
+    """Why a roofline is missing, when one is."""
     date: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat())
 
     def report(self) -> Report:
@@ -179,6 +185,8 @@ class OptimizeResult:
             elapsed_s=self.elapsed_s,
             baseline=self.candidates[0].candidate.id,
             best=None if self.best is None else self.best.candidate.id,
+            rooflines=self.rooflines,
+            roofline_note=self.roofline_note,
             device=self._device(),
             cost=None if self.cost is None else CostRecord(**dataclasses.asdict(self.cost)),
             candidates=[self._record(o) for o in self.candidates],
@@ -351,8 +359,11 @@ def optimize(
         if searched.complete:  # every checked candidate was timed: its kept files can go
             cache.drop_artifacts()
     best, artifact = searched.best, None
+    rooflines: tuple[list[RooflineRecord], str | None] = ([], None)
     if best is not None:
         artifact = search.artifacts.get(best.candidate.id) or _rebuild(builder, best.candidate)
+        first = searched.outcomes[0].candidate  # the baseline is always proposed first
+        rooflines = _rooflines(model, config, search, builder, first, best, artifact, workdir)
     return OptimizeResult(
         model,
         machine,
@@ -366,6 +377,8 @@ def optimize(
         elapsed_s=time.monotonic() - started,
         peaks=peaks,
         cost=cost,
+        rooflines=rooflines[0],
+        roofline_note=rooflines[1],
     )
 
 
@@ -460,6 +473,28 @@ def _reopen(
     else:
         artifact = cache.kept_artifact(candidate, model.spec, into)
     return None if artifact is None else (earlier, artifact)
+
+
+def _rooflines(
+    model: Model,
+    config: OptimizeConfig,
+    search: Search,
+    builder: ArtifactBuilder,
+    first: Candidate,
+    best: Outcome,
+    artifact: Artifact,
+    workdir: Path,
+) -> tuple[list[RooflineRecord], str | None]:
+    """The baseline (`first`) and the winner profiled at the batch size the objective judges."""
+    ends: list[End] = [("baseline", first, lambda: _built(search, builder, first))]
+    if best.candidate.id != first.id:
+        ends.append(("winner", best.candidate, lambda: artifact))
+    size = min(config.sizes) if config.objective == "latency" else max(config.sizes)
+    return profile_ends(ends, model.family, model.name, size, config.device, workdir)
+
+
+def _built(search: Search, builder: ArtifactBuilder, candidate: Candidate) -> Artifact:
+    return search.artifacts.get(candidate.id) or _rebuild(builder, candidate)
 
 
 def _rebuild(builder: ArtifactBuilder, candidate: Candidate) -> Artifact:
