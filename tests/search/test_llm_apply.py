@@ -16,7 +16,7 @@ from mahir.passes.gguf import GgufQuantize
 from mahir.passes.torchao import TorchaoInt8
 from mahir.recipe import ModelSource, Recipe
 from mahir.runtimes.engines import open_engine
-from mahir.search.llm_bench import VARIANTS, variant_artifact
+from mahir.search.llm_variants import VARIANTS, variant_artifact
 from mahir.types import RuntimeOptions
 from tests.helpers import cli
 

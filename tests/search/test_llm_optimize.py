@@ -23,7 +23,6 @@ from mahir.passes.gguf import GgufQuantize
 from mahir.passes.torchao import TorchaoInt8
 from mahir.recipe import ModelSource, load_recipe
 from mahir.runtimes.engines import open_engine
-from mahir.search.llm_bench import VARIANTS, WEIGHT_STEPS, variant_artifact
 from mahir.search.llm_optimize import (
     LlmCandidate,
     LlmOptimizeConfig,
@@ -33,6 +32,7 @@ from mahir.search.llm_optimize import (
     thread_counts,
 )
 from mahir.search.llm_output import llm_report, llm_table, save_llm_output, winner_recipe
+from mahir.search.llm_variants import VARIANTS, WEIGHT_STEPS, variant_artifact
 from mahir.types import RuntimeOptions
 from tests.helpers import cli
 

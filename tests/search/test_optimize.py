@@ -70,11 +70,14 @@ def test_the_report_puts_the_baseline_and_the_winner_on_the_roofline(
         assert record.inputs == {"x": [1, 32]}
         whole = record.whole
         assert whole.flops >= per_row  # the graph's own count: matmuls, and bias adds
-        assert whole.ms > 0 and whole.bytes > 0
+        assert whole.ms > 0
+        assert whole.bytes > 0
         assert whole.bound in ("compute", "memory", "overhead")
         assert 0 < (whole.roofline_fraction or 0) <= 1.5  # cache-resident operands may beat DRAM
-        assert record.ops and record.compute_peaks["fp32"] > 0
-        assert record.bandwidth and record.bandwidth > 1e8
+        assert record.ops
+        assert record.compute_peaks["fp32"] > 0
+        assert record.bandwidth
+        assert record.bandwidth > 1e8
     page = render_html(report)
     assert "How much is left on the table" in page
     assert 'id="plot-roofline"' in page

@@ -223,7 +223,7 @@ def _run_apply(recipe_path: Path, source: str | None, out: Path, data: Path | No
         replay_source,
         write_output_dir,
     )
-    from mahir.search.llm_bench import WEIGHT_STEPS
+    from mahir.search.llm_variants import WEIGHT_STEPS
     from mahir.workload import read_sentences
 
     recipe = load_recipe(recipe_path, {**STEP_TYPES, **WEIGHT_STEPS})

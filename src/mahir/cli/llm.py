@@ -156,8 +156,8 @@ def run_llm_apply(recipe: Recipe, source: str, out: Path) -> None:
     from mahir.model import load_model
     from mahir.search.apply import check_output_dir
     from mahir.search.llm_apply import apply_llm_recipe, recipe_variant
-    from mahir.search.llm_bench import VARIANTS
     from mahir.search.llm_output import save_llm_applied
+    from mahir.search.llm_variants import VARIANTS
 
     variant = recipe_variant(recipe)
     check_output_dir(out)

@@ -30,7 +30,7 @@ from mahir.generation_quality import (
 from mahir.hardware import detect
 from mahir.recipe import Recipe
 from mahir.runtimes.engines import REFERENCE_ENGINE, open_engine
-from mahir.search.llm_bench import VARIANTS, Variant, cannot_run, variant_artifact
+from mahir.search.llm_variants import VARIANTS, Variant, cannot_run, variant_artifact
 from mahir.types import Artifact
 
 BUDGET, JUDGING = GenerationBudget(), Judging()

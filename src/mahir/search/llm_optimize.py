@@ -13,7 +13,7 @@ output tokens/s over whole generations: at batch 1, or with `concurrency` reques
 engine runs them its own way: a batch, concurrent streams, or in turn), which engines that batch
 win.
 
-Candidates come from `VARIANTS` (llm_bench.py) and the reasons it gives for those this machine
+Candidates come from `VARIANTS` (llm_variants.py) and the reasons it gives for those this machine
 cannot run, never from names written here. Sits beside llm_bench in search; knows nothing of
 files or the terminal beyond the result's table (`llm_output.py` writes the directory).
 """
@@ -48,14 +48,9 @@ from mahir.measure import MachineLoad
 from mahir.runtimes.engines import REFERENCE_ENGINE, get_engine, open_engine
 from mahir.search.candidates import Objective
 from mahir.search.halving import Events, Status, first_rung_seconds
-from mahir.search.llm_bench import (
-    VARIANTS,
-    LlmBenchConfig,
-    cannot_run,
-    prompt_workload,
-    variant_artifact,
-)
+from mahir.search.llm_bench import LlmBenchConfig, prompt_workload
 from mahir.search.llm_timing import time_at_once, time_interleaved
+from mahir.search.llm_variants import VARIANTS, cannot_run, variant_artifact
 from mahir.search.optimize import TIMING_SHARE
 from mahir.types import CPU, Artifact, Device, RuntimeOptions
 

@@ -31,8 +31,8 @@ from mahir.report.llm_html import render_llm_html
 from mahir.search.apply import check_output_dir
 from mahir.search.candidates import Objective
 from mahir.search.llm_apply import LlmApplied
-from mahir.search.llm_bench import VARIANTS
 from mahir.search.llm_optimize import LlmOutcome, LlmSearched
+from mahir.search.llm_variants import VARIANTS
 from mahir.types import Artifact
 
 UNITS = {"latency": "ms/token", "throughput": "tokens/s"}

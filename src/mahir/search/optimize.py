@@ -486,15 +486,12 @@ def _rooflines(
     workdir: Path,
 ) -> tuple[list[RooflineRecord], str | None]:
     """The baseline (`first`) and the winner profiled at the batch size the objective judges."""
-    ends: list[End] = [("baseline", first, lambda: _built(search, builder, first))]
+    built = search.artifacts.get(first.id)
+    ends: list[End] = [("baseline", first, lambda: built or _rebuild(builder, first))]
     if best.candidate.id != first.id:
         ends.append(("winner", best.candidate, lambda: artifact))
     size = min(config.sizes) if config.objective == "latency" else max(config.sizes)
     return profile_ends(ends, model.family, model.name, size, config.device, workdir)
-
-
-def _built(search: Search, builder: ArtifactBuilder, candidate: Candidate) -> Artifact:
-    return search.artifacts.get(candidate.id) or _rebuild(builder, candidate)
 
 
 def _rebuild(builder: ArtifactBuilder, candidate: Candidate) -> Artifact:
