@@ -216,6 +216,26 @@ def served_mlp_dir(mlp: Model, tmp_path_factory: pytest.TempPathFactory) -> Path
     return fp32_output_dir(mlp, tmp_path_factory.mktemp("served-mlp"))
 
 
+@pytest.fixture(scope="session")
+def served_llm_dir(tiny_llm: LanguageModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama's LLM output directory (`mahir optimize --llm` with the torch engine on
+    one thread, the cheapest search), served read-only."""
+    from mahir.generation_quality import Judging
+    from mahir.search.llm_optimize import LlmOptimizeConfig, optimize_llm
+    from mahir.search.llm_output import save_llm_output
+
+    cheap = LlmOptimizeConfig(
+        variants=("torch",),
+        threads=(1,),
+        prompts=2,
+        prompt_tokens=(8, 16),
+        new_tokens=(4, 8),
+        judging=Judging(passages=2, tokens=16, prompts=2, prompt_tokens=8, greedy_tokens=4),
+    )
+    out = tmp_path_factory.mktemp("llm") / "out"
+    return save_llm_output(optimize_llm(tiny_llm, cheap), out)
+
+
 @pytest.fixture(scope="module")
 def short_rungs() -> Iterator[None]:
     """The search's first timing rung capped at 0.2 s per candidate (1 s without a time budget):

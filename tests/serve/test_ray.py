@@ -1,5 +1,6 @@
-"""`mahir serve --ray` on a real Ray instance, driven over real HTTP: replicas, answers, a
-replica killed under load, shutdown."""
+"""`mahir serve --ray` on a real Ray instance, driven over real HTTP: an encoder's replicas on a
+local instance (answers, shutdown), an LLM's on a running cluster (streaming, a replica killed
+under load)."""
 
 from __future__ import annotations
 
@@ -11,18 +12,20 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import numpy as np
+import openai
 import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import mahir
+from mahir.llm_outdir import open_llm_output
 from mahir.model import Model
 from mahir.pooling import pool
 from mahir.runtimes import reference_outputs
@@ -234,16 +237,58 @@ def alive_replicas(dashboard: str) -> list[Any]:
     return list_actors(address=dashboard, filters=filters)
 
 
+@dataclass
+class Answers:
+    """Prompts to the tiny LLM and the greedy text its own engine gives each."""
+
+    prompts: list[str]
+    texts: list[str]
+
+
+@pytest.fixture(scope="module")
+def llm_answers(served_llm_dir: Path) -> Answers:
+    generator, family = open_llm_output(served_llm_dir)
+    prompts = [f"Count to {i}" for i in range(8)]
+    texts = []
+    for prompt in prompts:
+        tokens = list(generator.stream(family.encode(prompt), family.sampling(12)))
+        texts.append(family.decode(tokens))
+    return Answers(prompts, texts)
+
+
 @pytest.mark.slow
-def test_a_killed_replica_is_replaced_and_the_load_goes_on(
-    served_dir: Path, expected: Expected, ray_head: tuple[str, str]
+def test_llm_replicas_on_a_cluster_stream_and_a_killed_one_is_replaced(
+    served_llm_dir: Path, llm_answers: Answers, ray_head: tuple[str, str]
 ) -> None:
+    """An LLM's directory on an existing cluster (--address): a streamed chat crosses Ray's
+    proxy event by event; one replica killed under load is replaced and the load goes on."""
     address, dashboard = ray_head
-    server = Server(served_dir, "--ray", "--replicas", "2", "--address", address)
+    args = ("--ray", "--replicas", "2", "--address", address, "--slots", "2")
+    server = Server(served_llm_dir, *args)
     try:
         replicas = alive_replicas(dashboard)
         assert len(replicas) == 2
-        loaded, after = asyncio.run(kill_one_under_load(server.url, expected, dashboard, replicas))
+        llm = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+        name = llm.models.list().data[0].id
+        chat: list[Any] = [{"role": "user", "content": "Count to 3"}]
+        asked: dict[str, Any] = {"model": name, "messages": chat, "max_tokens": 12}
+        whole = llm.chat.completions.create(**asked, temperature=0)
+        events = llm.chat.completions.create(**asked, temperature=0, stream=True)
+        pieces = [e.choices[0].delta.content or "" for e in events if e.choices]
+        assert len(pieces) > 2  # token by token, not buffered into one
+        assert "".join(pieces) == whole.choices[0].message.content
+
+        async def complete(s: aiohttp.ClientSession, i: int) -> tuple[int, str]:
+            k = i % len(llm_answers.prompts)
+            body = {"model": name, "prompt": llm_answers.prompts[k], "max_tokens": 12}
+            async with s.post("/v1/completions", json={**body, "temperature": 0}) as response:
+                status, replica = response.status, response.headers.get("x-mahir-replica", "")
+                if status == 200:
+                    text = (await response.json())["choices"][0]["text"]
+                    assert text == llm_answers.texts[k]
+                return status, replica
+
+        loaded, after = asyncio.run(kill_one_under_load(server.url, complete, dashboard, replicas))
     finally:
         code = server.stop()
     ok = [status for status, _ in loaded].count(200)
@@ -254,7 +299,10 @@ def test_a_killed_replica_is_replaced_and_the_load_goes_on(
 
 
 async def kill_one_under_load(
-    url: str, expected: Expected, dashboard: str, replicas: list[Any]
+    url: str,
+    send: Callable[[aiohttp.ClientSession, int], Awaitable[tuple[int, str]]],
+    dashboard: str,
+    replicas: list[Any],
 ) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
     """SIGKILL one replica's process while four clients keep sending; return what the load got
     until a new replica answered, then what a batch sent after that got."""
@@ -266,7 +314,7 @@ async def kill_one_under_load(
         async def load(offset: int) -> None:
             i = offset
             while not fresh & {replica for _, replica in loaded[-20:]}:
-                loaded.append(await embed(s, expected, i % len(expected.texts)))
+                loaded.append(await send(s, i))
                 i += 4
 
         clients = [asyncio.create_task(load(k)) for k in range(4)]
@@ -280,5 +328,5 @@ async def kill_one_under_load(
             fresh = {r.name.rpartition("#")[2] for r in now if r.actor_id not in old}
             await asyncio.sleep(0.5)
         await asyncio.wait_for(asyncio.gather(*clients), 120)  # until the new one answered
-        after = await asyncio.gather(*(embed(s, expected, i) for i in range(50)))
+        after = await asyncio.gather(*(send(s, i) for i in range(24)))
     return loaded, after

@@ -21,28 +21,16 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mahir.errors import BadInput
-from mahir.families.decoder import Decoder, LanguageModel
+from mahir.families.decoder import Decoder
 from mahir.generation import Generator
-from mahir.generation_quality import Judging
 from mahir.llm_outdir import open_llm_output
-from mahir.search.llm_optimize import LlmOptimizeConfig, optimize_llm
-from mahir.search.llm_output import save_llm_output
 from mahir.serve.llm_text import TextStream
 from tests.helpers import Server, cli
 
-CHEAP = LlmOptimizeConfig(
-    variants=("torch",),
-    threads=(1,),
-    prompts=2,
-    prompt_tokens=(8, 16),
-    new_tokens=(4, 8),
-    judging=Judging(passages=2, tokens=16, prompts=2, prompt_tokens=8, greedy_tokens=4),
-)
-
 
 @pytest.fixture(scope="module")
-def llm_dir(tiny_llm: LanguageModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_llm_output(optimize_llm(tiny_llm, CHEAP), tmp_path_factory.mktemp("llm") / "out")
+def llm_dir(served_llm_dir: Path) -> Path:
+    return served_llm_dir
 
 
 @pytest.fixture(scope="module")

@@ -184,12 +184,13 @@ def serve(
             batcher=batcher,
             truncate=truncate,
             matryoshka_dims=_sizes(matryoshka_dims),
+            slots=slots,
         )
         return config, tuning
 
     config, tuning = guard(ctx, configure)
     scale = guard(ctx, lambda: _ray_config(ray, replicas, autoscale, address))
-    guard(ctx, lambda: _run_serve(source, config, set(explicit), tuning, scale, slots))
+    guard(ctx, lambda: _run_serve(source, config, set(explicit), tuning, scale))
 
 
 def _check_port(host: str, port: int) -> None:
@@ -237,12 +238,7 @@ def _ray_config(ray: bool, replicas: int | None, autoscale: str | None, address:
 
 
 def _run_serve(
-    source: str | None,
-    config: Any,
-    explicit: set[str],
-    tuning: Any,
-    scale: Any = None,
-    slots: int | None = None,
+    source: str | None, config: Any, explicit: set[str], tuning: Any, scale: Any = None
 ) -> None:
     from mahir.cli.tuning import recorded_batching, tune_and_record
     from mahir.outdir import MANIFEST, model_name, open_output_dir, read_manifest
@@ -252,9 +248,9 @@ def _run_serve(
     manifest = read_manifest(folder) if folder and (folder / MANIFEST).is_file() else {}
     if manifest.get("family") == "decoder":
         assert folder is not None
-        _serve_llm(folder, manifest, config, tuning, scale, slots)
+        _serve_llm(folder, manifest, config, tuning, scale)
         return
-    if slots is not None:
+    if config.slots is not None:
         raise BadInput("--slots is for an LLM output directory (mahir optimize --llm): drop it")
     if folder is None or not (folder / MANIFEST).is_file():
         if scale is not None:
@@ -290,18 +286,23 @@ def _run_serve(
 
 
 def _serve_llm(
-    folder: Path, manifest: dict[str, Any], config: Any, tuning: Any, scale: Any, slots: int | None
+    folder: Path, manifest: dict[str, Any], config: Any, tuning: Any, scale: Any
 ) -> None:
     """An LLM output directory (`mahir optimize --llm`) behind OpenAI's chat and completions."""
     from mahir.llm_outdir import open_llm_output
     from mahir.outdir import model_name
     from mahir.serve.llm_app import run_llm_server
 
-    if tuning is not None or scale is not None:
-        raise BadInput("--tune and --ray serve encoders only for now: serve an LLM without them")
+    if tuning is not None:
+        raise BadInput("--tune tunes an encoder's batching: serve an LLM without it")
     if config.matryoshka_dims:
         raise BadInput("--matryoshka-dims is for sentence encoders: drop it for an LLM")
-    generator, family = open_llm_output(folder, slots=slots)
+    if scale is not None:
+        from mahir.serve.ray import serve_ray
+
+        serve_ray(folder, config, scale)  # every replica opens the directory itself
+        return
+    generator, family = open_llm_output(folder, slots=config.slots)
     name = model_name(manifest, folder)
     _announce(name, config)
     run_llm_server(generator, family, name, config)

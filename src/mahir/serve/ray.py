@@ -1,15 +1,17 @@
 """`mahir serve --ray`: the same app, endpoints and batching, as Ray Serve replicas.
 
 Each replica opens the output directory itself (the folder path travels, not a session: a
-session does not pickle, and every replica needs its own runtime threads) and builds the app of
-`app.build_app` with the same `ServeConfig`, so every route, error mapping and metric is the
-single-process server's. Ray Serve's proxy spreads requests over the replicas; inside each one
-mahir's dynamic batcher forms the batches. Ray Serve (2.60, checked in its replica code) runs
-an ingress app's ASGI lifespan when a replica starts and when it stops, so the batcher starts
-and drains there, as under uvicorn, with nothing started by hand. Each response names the
-replica that answered (`x-mahir-replica`).
+session does not pickle, and every replica needs its own runtime threads) and builds the app the
+single-process server runs with the same `ServeConfig`: `app.build_app` for an encoder,
+`llm_app.build_llm_app` for an LLM's directory, so every route, error mapping and metric is the
+same. Ray Serve's proxy spreads requests over the replicas; inside each one mahir's dynamic
+batcher forms the batches, or its LLM scheduler runs the engine's slots. Ray Serve (2.60,
+checked in its replica code) runs an ingress app's ASGI lifespan when a replica starts and when
+it stops, so the batcher starts and drains there, as under uvicorn, with nothing started by
+hand. Each response names the replica that answered (`x-mahir-replica`).
 
-Opens the output directory through `outdir.py` (in the replica); never imports passes or search.
+Opens the output directory through `outdir.py` or `llm_outdir.py` (in the replica); never
+imports passes or search.
 Ray is imported inside the functions that need it: it is an optional extra (`mahir[ray]`).
 """
 
@@ -66,22 +68,33 @@ def parse_autoscale(text: str) -> tuple[int, int]:
 
 
 class MahirReplica:
-    """One replica: its own session of the output directory behind its own batcher. Ray Serve
-    calls `__serve_build_asgi_app__` after the constructor and serves what it returns."""
+    """One replica: its own session of the output directory behind its own batcher (an LLM's:
+    its own engine behind its own scheduler). Ray Serve calls `__serve_build_asgi_app__` after
+    the constructor and serves what it returns."""
 
     def __init__(self, folder: str, config: ServeConfig) -> None:
-        from mahir.outdir import open_output_dir
-
-        self._opened = open_output_dir(Path(folder), workers=config.batcher.workers)
-        self._config = config
+        self._app = _build(Path(folder), config)
 
     def __serve_build_asgi_app__(self) -> Any:
         from ray import serve
 
-        from mahir.serve.app import build_app
+        return _Tagged(self._app, serve.get_replica_context().replica_tag.encode())
 
-        app = build_app(self._opened, self._config)
-        return _Tagged(app, serve.get_replica_context().replica_tag.encode())
+
+def _build(folder: Path, config: ServeConfig) -> Any:
+    """The app `mahir serve` runs for `folder`, opened here."""
+    from mahir.outdir import model_name, open_output_dir, read_manifest
+
+    manifest = read_manifest(folder)
+    if manifest.get("family") == "decoder":
+        from mahir.llm_outdir import open_llm_output
+        from mahir.serve.llm_app import build_llm_app
+
+        generator, family = open_llm_output(folder, slots=config.slots)
+        return build_llm_app(generator, family, model_name(manifest, folder), config)
+    from mahir.serve.app import build_app
+
+    return build_app(open_output_dir(folder, workers=config.batcher.workers), config)
 
 
 class _Tagged:
@@ -101,13 +114,12 @@ class _Tagged:
         await self.app(scope, receive, tagged_send if scope["type"] == "http" else send)
 
 
-def deployment_options(config: ServeConfig, scale: RayConfig) -> dict[str, Any]:
+def deployment_options(config: ServeConfig, scale: RayConfig, batch: int) -> dict[str, Any]:
     """Ray Serve's knobs from mahir's. A replica takes two batches' worth of requests at once
-    (one running, one gathering, so batches still form); the rest wait at Ray's proxy, at most
-    `max_queue` of them (then 503, as mahir's own queue does; Ray counts requests, mahir's
-    queue items). Autoscaling aims at one full
-    batch in flight per replica."""
-    batch = config.batcher.max_batch_size
+    (`batch`: an encoder's batch size, an LLM's slots; one batch running, one gathering or
+    waiting for a free slot); the rest wait at Ray's proxy, at most `max_queue` of them (then
+    503, as mahir's own queue does; Ray counts requests, mahir's queue items). Autoscaling
+    aims at one full batch in flight per replica."""
     options: dict[str, Any] = {
         "max_ongoing_requests": 2 * batch,
         "max_queued_requests": config.batcher.max_queue,
@@ -141,9 +153,8 @@ def serve_ray(folder: Path, config: ServeConfig, scale: RayConfig) -> None:
             logging_config={"log_level": "WARNING"},
         )
         wrapped = serve.deployment(serve.ingress()(MahirReplica), name="MahirReplica")
-        app = wrapped.options(**deployment_options(config, scale)).bind(
-            str(folder.resolve()), config
-        )
+        options = deployment_options(config, scale, _per_batch(folder, config))
+        app = wrapped.options(**options).bind(str(folder.resolve()), config)
         serve.run(app, name=APP_NAME, route_prefix="/")
         threading.Event().wait()  # until a signal raises _Stopped
     except _Stopped:
@@ -154,6 +165,18 @@ def serve_ray(folder: Path, config: ServeConfig, scale: RayConfig) -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def _per_batch(folder: Path, config: ServeConfig) -> int:
+    """Requests one replica runs together: an LLM's slots (asked, else recorded), an encoder's
+    batch size."""
+    from mahir.outdir import read_manifest
+
+    manifest = read_manifest(folder)
+    if manifest.get("family") != "decoder":
+        return config.batcher.max_batch_size
+    recorded = (manifest.get("options") or {}).get("slots", 1)
+    return config.slots or int(recorded)
 
 
 def _import_ray() -> tuple[Any, Any]:

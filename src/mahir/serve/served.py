@@ -39,6 +39,9 @@ class ServeConfig:
     matryoshka_dims: tuple[int, ...] = ()
     """Shorter embedding sizes the model was trained to be cut to; /v1/embeddings honours
     `dimensions` for these and the native size only."""
+    slots: int | None = None
+    """An LLM's requests decoded together by an engine mahir batches by slots; None: what its
+    output directory records."""
 
 
 class ServedModel:
