@@ -9,6 +9,7 @@ only the first run on a machine creates it (1-3 minutes); everything else is per
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +87,37 @@ def test_a_padded_batch_gives_each_row_what_it_gives_alone(
     alone = [list(generator.stream(p, greedy)) for p in prompts]
     assert isinstance(generator, OpenVinoGenerator)
     assert generator.generate_batch(prompts, greedy) == alone
+
+
+def test_paged_slots_stream_concurrent_requests_each_as_alone(
+    tiny_llm: LanguageModel, fp32_ir: Artifact, openvino: Generator
+) -> None:
+    """With slots, the paged engine runs concurrent streams as requests of one continuous
+    batch, stepped by mahir's loop: each gets the stateful engine's tokens for it alone, a
+    closed stream's request is dropped, a seeded sample repeats."""
+    prompts = [
+        question_ids(tiny_llm),
+        question_ids(tiny_llm)[:3],
+        tiny_llm.family.held_out(1, 24)[0],
+        [7],
+    ]
+    news = [60, 40, 30, 20]
+    alone = [list(openvino.stream(p, Sampling(n))) for p, n in zip(prompts, news, strict=True)]
+    batched = open_engine("openvino-paged", fp32_ir, RuntimeOptions(threads=1, slots=4))
+    assert isinstance(batched, OpenVinoGenerator)
+    assert batched.batch is not None
+    assert batched.max_concurrency == batched.describe()["slots"] == 4
+    with ThreadPoolExecutor(4) as pool:
+        streams = pool.map(lambda i: list(batched.stream(prompts[i], Sampling(news[i]))), range(4))
+        assert list(streams) == alone
+    assert batched.batch.stats.most >= 2  # some steps ran several requests together
+    left = batched.stream(prompts[0], Sampling(200))
+    next(left)
+    left.close()  # its request is dropped at the next step; the engine serves the next call
+    assert list(batched.stream(prompts[1], Sampling(40))) == alone[1]
+    sampling = Sampling(24, temperature=1.0, seed=7)
+    assert list(batched.stream(prompts[0], sampling)) == list(batched.stream(prompts[0], sampling))
+    batched.close()
 
 
 def test_fp32_logprobs_agree_with_torch(

@@ -52,10 +52,11 @@ class Engine:
     install: str = ""
     """What to pip install for it, when that is not the module's name."""
     slotted: bool = False
-    """Runs requests at once as mahir's own continuous batch of `RuntimeOptions.slots` rows
-    (engines with a scheduler of their own, vLLM and OpenVINO GenAI, take no slots; compiled
-    PyTorch runs its batched step over every row and the whole cache, which a CPU does not
-    repay: measured 13 tokens/s at 16 slots against 149 eager, SmolLM2-135M bf16)."""
+    """Runs requests at once as a continuous batch of `RuntimeOptions.slots` rows: mahir's own
+    loop over the engine's steps (`runtimes/continuous.py`: PyTorch eager, llama.cpp, OpenVINO
+    GenAI paged). vLLM schedules concurrent streams itself and takes no slots. Compiled PyTorch
+    runs its batched step over every row and the whole cache, which a CPU does not repay
+    (measured 13 tokens/s at 16 slots against 149 eager, SmolLM2-135M bf16), so it takes none."""
 
     def options_for(self, options: RuntimeOptions, requests: int) -> RuntimeOptions:
         """`options` for serving `requests` at once: that many slots where the engine batches by
@@ -110,9 +111,12 @@ def _openvino(name: str, summary: str, *, own_choices: bool = False, paged: bool
     def open_openvino(artifact: Artifact, options: RuntimeOptions) -> Generator:
         from mahir.runtimes.openvino_genai import OpenVinoLlmOptions, open_generator
 
-        settings = OpenVinoLlmOptions(threads=options.threads, paged=paged)
+        slots = options.slots if paged else 1
+        settings = OpenVinoLlmOptions(threads=options.threads, paged=paged, slots=slots)
         if own_choices:
-            settings = OpenVinoLlmOptions.openvino_defaults(threads=options.threads, paged=paged)
+            settings = OpenVinoLlmOptions.openvino_defaults(
+                threads=options.threads, paged=paged, slots=slots
+            )
         return open_generator(artifact, settings, engine=name)
 
     return Engine(
@@ -123,6 +127,7 @@ def _openvino(name: str, summary: str, *, own_choices: bool = False, paged: bool
         format="openvino",
         package="openvino_genai",
         install="openvino-genai",
+        slotted=paged,
     )
 
 
@@ -175,6 +180,13 @@ ENGINES: dict[str, Engine] = {
         "OpenVINO GenAI, the CPU plugin's own precision, KV cache and activation quantization "
         "(bf16 / u8 / groups of 32 on CPUs with bf16)",
         own_choices=True,
+    ),
+    "openvino-auto-paged": _openvino(
+        "openvino-auto-paged",
+        "OpenVINO GenAI, the CPU plugin's own choices, paged attention under its "
+        "continuous-batching scheduler",
+        own_choices=True,
+        paged=True,
     ),
     "vllm": Engine(
         "vllm",

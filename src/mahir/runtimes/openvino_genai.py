@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import queue
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ import openvino_genai as ov_genai
 from mahir.errors import BadInput, RuntimeFailure, Unsupported, first_line
 from mahir.generation import Sampling, check_request
 from mahir.hardware import physical_cores
+from mahir.runtimes.openvino_batching import OpenVinoBatch
 from mahir.types import CPU, Artifact
 
 IR_FILE = "openvino_model.xml"
@@ -59,6 +61,10 @@ class OpenVinoLlmOptions:
     instead of the stateful IR's own cache."""
     cache_gb: int = 1
     """KV cache the paged scheduler allocates."""
+    slots: int = 1
+    """Paged only: requests run together, as a continuous batch of GenAI's
+    `ContinuousBatchingPipeline` driven step by step (`openvino_batching.py`); 1: one `generate`
+    at a time."""
     threads: int | None = None
     """INFERENCE_NUM_THREADS; default: the machine's physical cores."""
 
@@ -75,6 +81,8 @@ class OpenVinoLlmOptions:
             raise ValueError(f"cache_gb must be >= 1, got {self.cache_gb}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.slots < 1 or (self.slots > 1 and not self.paged):
+            raise ValueError(f"slots must be >= 1, and above 1 only paged, got {self.slots}")
 
     @classmethod
     def openvino_defaults(cls, **changes: Any) -> OpenVinoLlmOptions:
@@ -96,21 +104,33 @@ class OpenVinoGenerator:
     """`Generator` over a stateful OpenVINO IR folder (`generation.Generator`)."""
 
     device = CPU
-    max_concurrency = 1
-    """GenAI's pipelines do not promise that `generate` may be called from several threads at
-    once (the paged one batches only requests its own `generate` was given): one at a time."""
+    max_concurrency: int
+    """`slots`: GenAI's pipelines do not promise that `generate` may be called from several
+    threads at once (the paged one batches only requests its own `generate` was given), so one
+    at a time; or, paged with slots, that many requests of one `ContinuousBatchingPipeline`."""
 
     def __init__(self, folder: Path, options: OpenVinoLlmOptions, *, engine: str) -> None:
         self.engine = engine
+        self.max_concurrency = options.slots
         self._folder = folder
         self._options = options
         self._config = options.plugin_config()
         described = _config_json(folder)
         self.context_length = _positions(described, folder)
         self._vocab = _vocab(described, folder)
-        extra = {"scheduler_config": _scheduler(options.cache_gb)} if options.paged else {}
+        self.batch: OpenVinoBatch | None = None
+        """The continuous batch that runs every `stream` when `slots` > 1."""
         try:
-            self._pipe = ov_genai.LLMPipeline(str(folder), "CPU", **self._config, **extra)
+            if options.slots > 1:
+                scheduler = _scheduler(options.cache_gb)
+                pipeline = ov_genai.ContinuousBatchingPipeline(
+                    str(folder), scheduler, "CPU", self._config
+                )
+                self.batch = OpenVinoBatch(pipeline, generation_config, slots=options.slots)
+                weakref.finalize(self, self.batch.stop)  # its thread ends with the generator
+            else:
+                extra = {"scheduler_config": _scheduler(options.cache_gb)} if options.paged else {}
+                self._pipe = ov_genai.LLMPipeline(str(folder), "CPU", **self._config, **extra)
         except RuntimeError as err:
             raise BadInput(f"{folder}: OpenVINO GenAI cannot open it ({first_line(err)})") from err
         self._forward: ov.CompiledModel | None = None
@@ -120,6 +140,8 @@ class OpenVinoGenerator:
         check_request(
             prompt, new, vocab=self._vocab, context=self.context_length, engine=self.engine
         )
+        if self.batch is not None:
+            return self.batch.stream(prompt, sampling)
         return self._generate(list(prompt), sampling)
 
     def _generate(self, prompt: list[int], sampling: Sampling) -> Iterator[int]:
@@ -159,6 +181,8 @@ class OpenVinoGenerator:
             check_request(
                 prompt, new, vocab=self._vocab, context=self.context_length, engine=self.engine
             )
+        if self.batch is not None:
+            return self.batch.generate(prompts, sampling)
         longest = max(len(p) for p in prompts)
         ids = np.zeros((len(prompts), longest), dtype=np.int64)
         mask = np.zeros_like(ids)
@@ -199,6 +223,7 @@ class OpenVinoGenerator:
             "kv_cache_precision": options.kv_cache_precision or "OpenVINO's choice",
             "dynamic_quantization": options.dynamic_quantization,
             "kv_cache": "paged" if options.paged else "stateful",
+            "slots": options.slots,
             "weight_format": _weight_format(self._folder),
             "weights_mb": (self._folder / IR_FILE).with_suffix(".bin").stat().st_size / 2**20,
             "threads": self._config["INFERENCE_NUM_THREADS"],
@@ -208,7 +233,9 @@ class OpenVinoGenerator:
         }
 
     def close(self) -> None:
-        """Nothing to release beyond Python objects: the pipeline frees with this generator."""
+        """Stop the continuous batch's thread, if any; the pipelines free with this generator."""
+        if self.batch is not None:
+            self.batch.stop()
 
     def _forward_model(self) -> ov.CompiledModel:
         """The IR compiled for whole-sequence forwards, on first use (it holds a second copy of

@@ -65,6 +65,7 @@ VARIANTS: dict[str, Variant] = {
     "openvino-int4-awq": Variant("openvino", LlmWeights(format="int4", data_aware=True)),
     "openvino-auto": Variant("openvino-auto", LlmWeights(format="fp32")),
     "openvino-auto-int8": Variant("openvino-auto", LlmWeights(format="int8")),
+    "openvino-auto-int8-paged": Variant("openvino-auto-paged", LlmWeights(format="int8")),
     "vllm": Variant("vllm"),
     "vllm-fp32": Variant("vllm-fp32"),
 }
