@@ -154,7 +154,7 @@ def test_a_failed_save_keeps_the_reports_and_says_where(
 def test_resume_reuses_every_measurement(
     mlp: Model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = OptimizeConfig(only=("onnxruntime",))
+    config = OptimizeConfig(only=("onnxruntime",), roofline=False)
     cache = tmp_path / "cache.jsonl"
     first = optimize(mlp, config, tmp_path / "w1", cache_path=cache)
 
@@ -186,9 +186,13 @@ def test_a_user_metric_decides_instead_of_fidelity(mlp: Model, tmp_path: Path) -
     data = tmp_path / "data.npz"
     np.savez(data, x=x, reference=reference)
     only = ("onnxruntime",)
-    by_fidelity = optimize(mlp, OptimizeConfig(only=only), tmp_path / "w1")
+    by_fidelity = optimize(mlp, OptimizeConfig(only=only, roofline=False), tmp_path / "w1")
     strict = OptimizeConfig(
-        only=only, metric=f"{TESTS / 'metrics.py'}:exactness", data=data, max_drop=0.0
+        only=only,
+        metric=f"{TESTS / 'metrics.py'}:exactness",
+        data=data,
+        max_drop=0.0,
+        roofline=False,
     )
     by_metric = optimize(mlp, strict, tmp_path / "w2")
     assert by_fidelity.best is not None
@@ -212,7 +216,10 @@ def test_an_interrupted_run_leaves_a_valid_partial_report(mlp: Model, tmp_path: 
             raise KeyboardInterrupt
 
     result = optimize(
-        mlp, OptimizeConfig(only=ONLY), tmp_path / "w", on_event=interrupt_at_openvino
+        mlp,
+        OptimizeConfig(only=ONLY, roofline=False),
+        tmp_path / "w",
+        on_event=interrupt_at_openvino,
     )
     assert not result.complete
     cut = next(o for o in result.candidates if o.candidate.id == "openvino-f32")
@@ -225,7 +232,7 @@ def test_an_interrupted_run_leaves_a_valid_partial_report(mlp: Model, tmp_path: 
 
 
 def test_no_winner_never_replaces_an_earlier_model(mlp: Model, tmp_path: Path) -> None:
-    good = optimize(mlp, OptimizeConfig(only=("onnxruntime",)), tmp_path / "w1")
+    good = optimize(mlp, OptimizeConfig(only=("onnxruntime",), roofline=False), tmp_path / "w1")
     out = good.save(tmp_path / "out")
     empty = OptimizeResult(**{**good.__dict__, "best": None, "artifact": None})
     written = empty.save(out)
@@ -235,7 +242,9 @@ def test_no_winner_never_replaces_an_earlier_model(mlp: Model, tmp_path: Path) -
 
 
 def test_a_tiny_time_budget_still_times_the_baseline(mlp: Model, tmp_path: Path) -> None:
-    result = optimize(mlp, OptimizeConfig(only=ONLY, time_budget_s=1e-6), tmp_path / "w")
+    result = optimize(
+        mlp, OptimizeConfig(only=ONLY, time_budget_s=1e-6, roofline=False), tmp_path / "w"
+    )
     baseline = next(o for o in result.candidates if o.candidate.id == "torch")
     assert baseline.perf
     assert result.best is not None

@@ -21,7 +21,7 @@ from mahir.types import Artifact
 pytestmark = pytest.mark.usefixtures("short_rungs")  # what is timed matters, not how long
 # Proposed on every CPU; one ONNX file, one OpenVINO IR (.xml and .bin) to keep.
 ONLY = ("onnxruntime", "openvino-f32")
-CONFIG = OptimizeConfig(only=ONLY)
+CONFIG = OptimizeConfig(only=ONLY, roofline=False)  # what is kept matters, not the report
 
 
 def _interrupted_in_the_first_rung(
@@ -109,7 +109,7 @@ def test_a_kept_artifact_that_is_gone_is_built_and_checked_again(
 def test_a_rung_cut_between_batch_sizes_is_timed_again(
     mlp: Model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = OptimizeConfig(only=ONLY, batch_sizes=(1, 4))
+    config = OptimizeConfig(only=ONLY, batch_sizes=(1, 4), roofline=False)
     first, cache = _interrupted_in_the_first_rung(mlp, tmp_path, monkeypatch, config, sizes_timed=1)
     # batch 1 was timed, batch 4 not: a rung keeps nothing until every size is timed
     assert not any(o.perf for o in first.candidates)

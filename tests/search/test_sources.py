@@ -191,7 +191,7 @@ def test_bench_and_optimize_end_with_a_winner_on_the_right_baseline(
         assert row.quality.headline.cosine_min > 0.999, row.runtime
 
     candidate = "openvino-f32" if baseline == "onnxruntime" else "onnxruntime"
-    config = OptimizeConfig(only=(candidate,), batch_sizes=(1,), batches_per_size=2)
+    config = OptimizeConfig(only=(candidate,), batch_sizes=(1,), batches_per_size=2, roofline=False)
     result = optimize(model, config, tmp_path / "o")
     report = result.report()
     assert report.baseline == baseline

@@ -94,6 +94,9 @@ class OptimizeConfig:
     seed: int = 0
     device: Device = CPU
     """Where the candidates run: the CPU's candidates, or a CUDA GPU's (search/cuda.py)."""
+    roofline: bool = True
+    """Profile the baseline and the winner for the report's roofline (`rooflines.py`: a second
+    or two for a small model); False: the report goes without it."""
 
     def __post_init__(self) -> None:
         if self.objective not in ("latency", "throughput"):
@@ -363,7 +366,8 @@ def optimize(
     if best is not None:
         artifact = search.artifacts.get(best.candidate.id) or _rebuild(builder, best.candidate)
         first = searched.outcomes[0].candidate  # the baseline is always proposed first
-        rooflines = _rooflines(model, config, search, builder, first, best, artifact, workdir)
+        if config.roofline:
+            rooflines = _rooflines(model, config, search, builder, first, best, artifact, workdir)
     return OptimizeResult(
         model,
         machine,

@@ -30,7 +30,7 @@ End = tuple[str, Candidate, Callable[[], Artifact]]
 
 TOP_OPS = 8
 """Heaviest ops recorded per candidate (the plot's dots)."""
-RUNS, SECONDS = 10, 0.5
+RUNS, SECONDS = 5, 0.25
 """Profiled calls, and seconds timed with the profiler off: a sketch, not a benchmark."""
 
 
