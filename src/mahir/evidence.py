@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from mahir.model import Model, import_function
+from mahir.factory import import_function
+from mahir.model import Model
 from mahir.runtimes import reference_outputs, reference_session
 from mahir.search.budget import FidelityBudget, MetricBudget, metric_outputs, score
 from mahir.search.halving import Budget, Evidence

@@ -1,5 +1,6 @@
-"""Load a model source into a `Model`: a Hugging Face folder, an ONNX file, or a PyTorch factory;
-a decoder LLM (a .gguf file, a causal-LM folder) into a `LanguageModel` (`families/decoder.py`).
+"""Load a model source into a `Model`: a Hugging Face folder, an ONNX file, or a PyTorch factory
+(`factory.py`); a decoder LLM (a .gguf file, a causal-LM folder) into a `LanguageModel`
+(`families/decoder.py`).
 
 A `Model` is what every later room starts from: the fp32 original (a torch module in eval mode, or
 the ONNX file as given), its input spec with named dynamic axes, example inputs, and its family
@@ -14,13 +15,10 @@ This room imports only the bottom layer (types, errors, pooling), the families a
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.util
 import inspect
 import json
 import os
 import re
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,9 +52,10 @@ EXAMPLE_SENTENCES = (
     "mahir makes trained models fast.",
     "A second, somewhat longer example sentence, so that the batch carries some padding.",
 )
-# ModelOutput fields that are not answers: caches, optional diagnostics.
-_NOT_OUTPUTS = frozenset({"past_key_values", "hidden_states", "attentions", "cross_attentions"})
-_FACTORY = re.compile(r"^(?P<target>.+):(?P<fn>[A-Za-z_][A-Za-z0-9_]*)$")
+FACTORY_SPEC = re.compile(r"^(?P<target>.+):(?P<fn>[A-Za-z_][A-Za-z0-9_]*)$")
+"""`path/to/file.py:fn` or `package.module:fn`: a PyTorch factory (`factory.py`)."""
+NOT_OUTPUTS = frozenset({"past_key_values", "hidden_states", "attentions", "cross_attentions"})
+"""ModelOutput fields that are not answers: caches, optional diagnostics."""
 USAGE = (
     "give a Hugging Face model folder, an .onnx file, a .gguf file (an LLM), or "
     "path/to/file.py:factory"
@@ -131,8 +130,10 @@ def load_model(source: Source | None = None, *, llm: bool = False) -> Model | La
         return load_hf_folder(path)
     if path.suffix == ".onnx":
         return load_onnx(path)
-    match = _FACTORY.match(text)
+    match = FACTORY_SPEC.match(text)
     if match and not path.exists():
+        from mahir.factory import load_factory  # it builds a Model: imported when used
+
         return load_factory(match["target"], match["fn"])
     if path.exists():
         raise BadInput(f"{text} is neither a folder nor an .onnx file: {USAGE}")
@@ -200,7 +201,7 @@ def _text_model(folder: Path, name: str | None, config: Any, hf_model: Any) -> M
     input_names = [n for n in tokenizer.model_input_names if n in accepted]
     encoded = tokenizer(list(EXAMPLE_SENTENCES), padding=True, return_tensors="np")
     example = {n: encoded[n].astype(np.int64) for n in input_names}
-    skip = _NOT_OUTPUTS | ({"pooler_output"} if pooling else frozenset())
+    skip = NOT_OUTPUTS | ({"pooler_output"} if pooling else frozenset())
     raw, output_names = _answers(hf_model, example, skip)
     positions = _positions(config, tokenizer)
     spec = InputSpec(
@@ -234,7 +235,7 @@ def _text_model(folder: Path, name: str | None, config: Any, hf_model: Any) -> M
 
 def _vision_model(folder: Path, name: str | None, config: Any, hf_model: Any) -> Model:
     images = ImageInputs.read(folder, int(getattr(config, "num_channels", 3)))
-    raw, output_names = _answers(hf_model, images.example, _NOT_OUTPUTS)
+    raw, output_names = _answers(hf_model, images.example, NOT_OUTPUTS)
     spec = InputSpec(inputs=(images.input,), outputs=output_names)
     return Model(
         name=name or folder.name,
@@ -258,13 +259,13 @@ def _answers(
 
 
 def _class_scores(config: Any, raw: Any, output_names: tuple[str, ...]) -> frozenset[str]:
-    """`_logits` of a transformers model's outputs, unless its head is a regression."""
+    """`logits_of` a transformers model's outputs, unless its head is a regression."""
     if getattr(config, "problem_type", None) == "regression":
         return frozenset()
-    return _logits({n: raw[n].shape for n in output_names})
+    return logits_of({n: raw[n].shape for n in output_names})
 
 
-def _logits(shapes: dict[str, Any]) -> frozenset[str]:
+def logits_of(shapes: dict[str, Any]) -> frozenset[str]:
     """Outputs named as class scores (transformers' `logits`, `start_logits`, ...) that hold
     more than one score per item; a shape of None (an ONNX dim not fixed) counts as several."""
     return frozenset(
@@ -348,7 +349,7 @@ def load_onnx(path: Path) -> Model:
         example_inputs=example,
         family=family,
         onnx_path=path,
-        logits=_logits(output_shapes),
+        logits=logits_of(output_shapes),
         folder=folder,
     )
 
@@ -395,122 +396,3 @@ def _tokenizer_beside(folder: Path) -> Any:
 
 
 # --- PyTorch factories ----------------------------------------------------------------------
-
-
-def load_factory(target: str, fn_name: str) -> Model:
-    """`path/to/file.py:fn` or `package.module:fn`, returning (nn.Module, {name: Tensor})."""
-    source = f"{target}:{fn_name}"
-    factory = import_function(source, USAGE)
-    try:
-        returned = factory()
-    except Exception as err:  # the user's code: anything it raises is their bad input
-        raise BadInput(f"factory {source} raised {type(err).__name__}: {err}") from err
-    if not (
-        isinstance(returned, tuple)
-        and len(returned) == 2
-        and isinstance(returned[0], torch.nn.Module)
-        and isinstance(returned[1], dict)
-        and returned[1]
-        and all(isinstance(k, str) and torch.is_tensor(v) for k, v in returned[1].items())
-    ):
-        raise BadInput(
-            f"factory {source} must return (nn.Module, dict[str, Tensor]) with at least one "
-            f"input; it returned {_describe(returned)}"
-        )
-    module, tensors = returned
-    module.eval()
-    example = {k: v.detach().cpu().numpy() for k, v in tensors.items()}
-    try:
-        with torch.inference_mode():
-            raw = module(**{k: torch.from_numpy(v) for k, v in example.items()})
-    except Exception as err:  # the user's model failing on its own example inputs
-        raise BadInput(
-            f"the model from {source} raised {type(err).__name__} on its example inputs: {err}"
-        ) from err
-    output_names = _output_names(raw, source)
-    spec = InputSpec(
-        inputs=tuple(_factory_tensor_spec(k, v) for k, v in example.items()),
-        outputs=output_names,
-    )
-    return Model(
-        name=fn_name,
-        source=source,
-        spec=spec,
-        example_inputs=example,
-        family=Tensor.from_example(spec, example),
-        module=TupleOutputs(module, output_names).eval(),
-        logits=_logits(_shapes(raw, output_names)),
-    )
-
-
-def import_function(spec: str, usage: str) -> Any:
-    """The function `spec` names: `path/to/file.py:fn` or `package.module:fn`."""
-    match = _FACTORY.match(spec)
-    if match is None:
-        raise BadInput(f"{spec!r} names no function: {usage}")
-    fn = getattr(_import_target(match["target"], usage), match["fn"], None)
-    if not callable(fn):
-        raise BadInput(f"{match['target']} has no function {match['fn']}: {usage}")
-    return fn
-
-
-def _import_target(target: str, usage: str) -> Any:
-    if target.endswith(".py"):
-        path = Path(target)
-        if not path.is_file():
-            raise BadInput(f"{target} does not exist: {usage}")
-        module_name = f"mahir_factory_{abs(hash(path.resolve()))}"
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        if spec is None or spec.loader is None:
-            raise BadInput(f"{target} cannot be imported as a Python file")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module  # dataclasses and pickling look modules up here
-        try:
-            spec.loader.exec_module(module)
-        except Exception as err:  # the user's file failing to import
-            del sys.modules[module_name]
-            raise BadInput(f"importing {target} raised {type(err).__name__}: {err}") from err
-        return module
-    try:
-        return importlib.import_module(target)
-    except ImportError as err:
-        raise BadInput(f"cannot import {target} ({err}): {usage}") from err
-
-
-def _output_names(raw: Any, source: str) -> tuple[str, ...]:
-    if torch.is_tensor(raw):
-        return ("output",)
-    if isinstance(raw, dict):  # includes transformers' ModelOutput
-        names = tuple(k for k, v in raw.items() if k not in _NOT_OUTPUTS and torch.is_tensor(v))
-    elif isinstance(raw, (tuple, list)) and all(torch.is_tensor(v) for v in raw):
-        names = tuple(f"output_{i}" for i in range(len(raw)))
-    else:
-        names = ()
-    if not names:
-        raise BadInput(
-            f"the model from {source} must return a tensor, a tuple of tensors or a dict of "
-            f"tensors; it returned {_describe(raw)}"
-        )
-    return names
-
-
-def _shapes(raw: Any, names: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
-    """Each output's shape, by name, from what the model returned (see `_output_names`)."""
-    if torch.is_tensor(raw):
-        return {names[0]: tuple(raw.shape)}
-    values = [raw[name] for name in names] if isinstance(raw, dict) else list(raw)
-    return {name: tuple(value.shape) for name, value in zip(names, values, strict=True)}
-
-
-def _factory_tensor_spec(name: str, array: np.ndarray) -> TensorSpec:
-    """The first axis is the batch; token inputs also have a dynamic sequence axis."""
-    shape: list[int | str] = [BATCH, *array.shape[1:]]
-    if name in TEXT_INPUTS and array.ndim == 2:
-        shape[1] = SEQUENCE
-    return TensorSpec(name, array.dtype.name, tuple(shape))
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, tuple):
-        return f"a tuple of {len(value)} ({', '.join(type(v).__name__ for v in value)})"
-    return type(value).__name__
