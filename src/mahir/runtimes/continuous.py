@@ -20,7 +20,7 @@ import queue
 import threading
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -148,6 +148,15 @@ class BatchLoop(ABC, Generic[Row]):
 
     def used(self) -> list[int]:
         return [index for index, row in enumerate(self.rows) if row is not None]
+
+    def settle(self, indices: Sequence[int], ended: Callable[[int, Row], bool]) -> None:
+        """After a step that ran these rows: each takes what the step gave it (`ended(index,
+        row)` hands it over and says whether its sequence ended); the ended rows are freed."""
+        self.stats.count(len(indices))
+        for index in indices:
+            row = self.rows[index]
+            if row is not None and ended(index, row):
+                self.free(index)
 
     def fail(self, indices: Sequence[int], err: BaseException) -> None:
         """The engine's error: each of these rows' streams raises it, and the rows are freed."""

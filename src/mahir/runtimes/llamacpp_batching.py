@@ -80,15 +80,15 @@ class LlamaCppBatch(BatchLoop[_Row]):
             why = f"llama.cpp failed to decode a batch of {count} tokens (status {status})"
             self.fail(fed, RuntimeFailure(f"{why}: open the engine again"))
             return
-        self.stats.count(len(fed))
-        for index, at in answering:
-            row = self.rows[index]
-            assert row is not None
-            pointer = llama_cpp.llama_get_logits_ith(self.context, at)
-            logits = np.ctypeslib.as_array(pointer, shape=(self._vocab,))
-            row.last = choose(logits, row.request.sampling, row.request.rng)
-            if row.request.deliver(row.last):
-                self.free(index)
+        at = dict(answering)  # row -> the batch index of its logits
+        self.settle(fed, lambda index, row: index in at and self._next(row, at[index]))
+
+    def _next(self, row: _Row, at: int) -> bool:
+        """The row's token from the logits at batch index `at`, delivered; whether it ended."""
+        pointer = llama_cpp.llama_get_logits_ith(self.context, at)
+        logits = np.ctypeslib.as_array(pointer, shape=(self._vocab,))
+        row.last = choose(logits, row.request.sampling, row.request.rng)
+        return row.request.deliver(row.last)
 
     def stop_and_wait(self) -> None:
         """Stop the thread and wait until it has left llama.cpp: then the context may go."""

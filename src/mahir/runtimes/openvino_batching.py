@@ -71,12 +71,7 @@ class OpenVinoBatch(BatchLoop[_Row]):
         except Exception as err:  # GenAI's: every running stream raises it
             self.fail(used, err)
             return
-        self.stats.count(len(used))
-        for index in used:
-            row = self.rows[index]
-            assert row is not None
-            if self._read(row):
-                self.free(index)
+        self.settle(used, lambda _index, row: self._read(row))
 
     def _read(self, row: _Row) -> bool:
         """Hand the row its ready tokens; whether its sequence has ended."""

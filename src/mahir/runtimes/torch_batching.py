@@ -49,6 +49,11 @@ class _Row:
     position: int
     """Where the row writes its next token's keys and values."""
 
+    def advance(self, token: int) -> bool:
+        """A step wrote at `position` and chose `token`: deliver it; whether the row ended."""
+        self.position += 1
+        return self.request.deliver(token)
+
 
 class SlotCache(Cache):
     """`slots` rows of `length` positions per layer; each row written at its own position
@@ -178,13 +183,7 @@ class ContinuousBatch(BatchLoop[_Row]):
         except Exception as err:  # the engine's: every stream in the batch raises it
             self.fail(used, err)
             return
-        self.stats.count(len(used))
-        for index in used:
-            row = self.rows[index]
-            assert row is not None
-            row.position += 1
-            if row.request.deliver(chosen[index]):
-                self.free(index)
+        self.settle(used, lambda index, row: row.advance(chosen[index]))
 
     def _decode(self, ids: torch.Tensor, cache: SlotCache) -> torch.Tensor:
         """The decode step (what torch.compile compiles): (rows, vocab) logits."""
