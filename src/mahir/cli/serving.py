@@ -245,14 +245,13 @@ def _run_serve(
     from mahir.serve.app import run_server
 
     folder = Path(source) if source else None
-    manifest = read_manifest(folder) if folder and (folder / MANIFEST).is_file() else {}
-    if manifest.get("family") == "decoder":
-        assert folder is not None
+    manifest = read_manifest(folder) if folder and (folder / MANIFEST).is_file() else None
+    if folder is not None and manifest is not None and manifest.get("family") == "decoder":
         _serve_llm(folder, manifest, config, tuning, scale)
         return
     if config.slots is not None:
         raise BadInput("--slots is for an LLM output directory (mahir optimize --llm): drop it")
-    if folder is None or not (folder / MANIFEST).is_file():
+    if folder is None or manifest is None:
         if scale is not None:
             raise BadInput(
                 "--ray serves an output directory, which every replica opens (on any node): "

@@ -51,7 +51,7 @@ from mahir.measure import BUSY_CORES, MachineLoad, memory_added, own_seconds
 from mahir.runtimes.engines import REFERENCE_ENGINE, get_engine, open_engine
 from mahir.search.llm_timing import AtOnce, generate_timed, time_at_once, time_interleaved
 from mahir.search.llm_variants import DEFAULT_VARIANTS, VARIANTS, cannot_run, variant_artifact
-from mahir.types import RuntimeOptions, module_mb
+from mahir.types import Artifact, RuntimeOptions, module_mb
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,11 +302,14 @@ def benchmark_llm(
     longest = max(workload.prompts, key=lambda p: len(p.ids))
     with contextlib.ExitStack() as running:
         opened: dict[str, tuple[Generator, float, float, float]] = {}
+        artifacts: dict[str, Artifact] = {}  # what each opened: the same again with slots
         for name in names:
             on_step(f"opening {name}")
             started = time.perf_counter()
             with memory_added(config.options.device) as added:
-                generator, size_mb = _open(name, model, config.options, reference, on_step)
+                generator, artifacts[name], size_mb = _open(
+                    name, model, config.options, reference, on_step
+                )
                 running.callback(generator.close)  # a worker process stops when the run ends
                 generate_timed(generator, Prompt(longest.ids, 2))
             # an engine in a worker process (vLLM) says what that process holds
@@ -326,7 +329,9 @@ def benchmark_llm(
             context = model.family.context_length
             with contextlib.ExitStack() as slotted:
                 serving = {
-                    name: _serving(name, generator, requests, model, config.options, slotted)
+                    name: _serving(
+                        name, generator, artifacts[name], requests, config.options, slotted
+                    )
                     for name, generator in generators.items()
                 }
                 for name, run in time_at_once(serving, workload.prompts, requests, context).items():
@@ -368,36 +373,35 @@ def _open(
     options: RuntimeOptions,
     reference: Generator,
     on_step: Callable[[str], None],
-) -> tuple[Generator, float]:
-    """The variant's generator (the reference itself for the reference engine) and the MiB of
-    the weights it runs, as the engine reports them."""
+) -> tuple[Generator, Artifact, float]:
+    """The variant's generator (the reference itself for the reference engine), the artifact it
+    opened, and the MiB of the weights it runs, as the engine reports them."""
     variant = VARIANTS[name]
     if name == REFERENCE_ENGINE:
-        return reference, module_mb(model.module)
+        return reference, model.original(), module_mb(model.module)
     try:
         artifact = variant_artifact(variant, model, options, on_step)
         generator = open_engine(variant.engine, artifact, options)
     except Unsupported as err:
         raise BadInput(f"{name}: {err}") from err
-    return generator, float(generator.describe().get("weights_mb") or artifact.size_mb())
+    return generator, artifact, float(generator.describe().get("weights_mb") or artifact.size_mb())
 
 
 def _serving(
     name: str,
     generator: Generator,
+    artifact: Artifact,
     requests: int,
-    model: LanguageModel,
     options: RuntimeOptions,
     stack: contextlib.ExitStack,
 ) -> Generator:
     """The generator that serves `requests` at once as the variant would be served: the one
-    timed at batch 1, or, for an engine that batches by slots, one opened with that many (closed
-    when `stack` closes)."""
+    timed at batch 1, or, for an engine that batches by slots, one opened on the same
+    `artifact` with that many (closed when `stack` closes)."""
     variant = VARIANTS[name]
     engine = get_engine(variant.engine)
     if not engine.slotted:
         return generator
-    artifact = variant_artifact(variant, model, options)  # made already: from the cache
     slotted = open_engine(variant.engine, artifact, engine.options_for(options, requests))
     stack.callback(slotted.close)
     return slotted

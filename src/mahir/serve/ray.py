@@ -27,6 +27,7 @@ from typing import Any
 
 from mahir.errors import BadInput, Unsupported
 from mahir.serve.served import ServeConfig
+from mahir.types import RuntimeOptions
 
 APP_NAME = "mahir"
 REPLICA_HEADER = b"x-mahir-replica"
@@ -175,8 +176,7 @@ def _per_batch(folder: Path, config: ServeConfig) -> int:
     manifest = read_manifest(folder)
     if manifest.get("family") != "decoder":
         return config.batcher.max_batch_size
-    recorded = (manifest.get("options") or {}).get("slots", 1)
-    return config.slots or int(recorded)
+    return config.slots or RuntimeOptions.from_dict(manifest.get("options")).slots
 
 
 def _import_ray() -> tuple[Any, Any]:
