@@ -4,10 +4,12 @@ refuses in one line before any work."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
+from mahir.outdir import MANIFEST
 from tests.helpers import cli
 from tests.profile.graphs import wide_mlp_onnx
 
@@ -59,6 +61,24 @@ def test_an_output_directory_on_its_own_runtime(served_mlp_dir: Path, tmp_path: 
     assert report["runtime"] == "onnxruntime"
     assert report["inputs"] == {"x": [4, 32]}
     assert report["ops"]
+
+
+def test_an_output_directory_is_profiled_on_the_device_it_was_built_for(
+    served_mlp_dir: Path, tmp_path: Path
+) -> None:
+    """Without --device a directory built for a GPU is profiled there: on a machine without
+    that GPU it is refused in one line, not profiled on the CPU in its place."""
+    out = tmp_path / "gpu-out"
+    shutil.copytree(served_mlp_dir, out)
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["options"]["device"] = "cuda:7"
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    found = cli("profile", str(out), *QUICK)
+    assert found.returncode == 2, found.stderr
+    assert "no cuda:7 here" in found.stderr
+    on_cpu = cli("profile", str(out), "--device", "cpu", *QUICK)
+    assert on_cpu.returncode == 0, on_cpu.stderr
+    assert "on onnxruntime, cpu" in on_cpu.stdout
 
 
 @pytest.mark.parametrize(

@@ -42,6 +42,26 @@ def test_a_big_matmul_near_its_fp32_roof_is_compute_bound_and_told_about_int8() 
     assert "4.0x" in text
 
 
+def test_on_a_gpu_the_advice_names_fp8_not_int8() -> None:
+    gpu = Peaks(
+        "cuda:0",
+        "Test GPU",
+        "2.13",
+        None,
+        tuple(Peak(d, f, 8192, "") for d, f in [("fp16", 500e12), ("int8", 900e12), ("fp8", 1e15)]),
+        Bandwidth(4e12, 2**30, ""),
+    )
+    matmul = op("matmul", 1e12, 1e9, 2.5e-3, precision="fp16")  # 2 ms of compute in 2.5 ms
+    text = advice(matmul, place(matmul, gpu), gpu, gpu=True)
+    assert "fp8 matmuls raise the roof 2.0x" in text
+
+
+def test_an_op_that_took_no_time_has_no_fractions() -> None:
+    view = place(op("elementwise", 0.0, 1e3, 0.0), PEAKS)  # on a GPU: it launched no kernel
+    assert (view.fraction, view.flops_fraction, view.bytes_fraction) == (None, None, None)
+    assert view.bound == "unknown"
+
+
 def test_an_int8_op_is_held_to_the_int8_roof() -> None:
     matmul = op("matmul", 4e9, 1e6, 0.0125, precision="int8")
     roof = place(matmul, PEAKS)
@@ -67,7 +87,18 @@ def test_time_far_above_both_roofs_is_overhead() -> None:
     roof = place(tiny, PEAKS)
     assert roof.bound == "overhead"
     assert "fusion" in advice(tiny, roof, PEAKS, gpu=False)
-    assert "CUDA graphs" in advice(tiny, roof, PEAKS, gpu=True)
+
+
+def test_on_a_gpu_a_tiny_kernel_is_told_about_cuda_graphs_a_slow_attention_about_its_mask() -> None:
+    """A GPU op's time is its kernels': a tiny one is its launch, a long one a slow kernel."""
+    tiny = op("elementwise", 1e3, 1e3, 1e-5)
+    assert "CUDA graphs" in advice(tiny, place(tiny, PEAKS), PEAKS, gpu=True)
+    attention = op("attention", 1e6, 1e3, 1e-3)
+    roof = place(attention, PEAKS)
+    assert roof.bound == "overhead"
+    text = advice(attention, roof, PEAKS, gpu=True)
+    assert "flash kernel" in text
+    assert "CUDA graphs" not in text
 
 
 def test_padding_in_attention_is_named() -> None:

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from mahir.cli.common import (
-    DeviceOption,
     console,
     guard,
     load_with_logits,
@@ -21,6 +20,7 @@ from mahir.errors import BadInput
 
 if TYPE_CHECKING:
     from mahir.profile.run import ProfileConfig
+    from mahir.types import Device
 
 
 def profile(
@@ -52,7 +52,15 @@ def profile(
             show_default=False,
         ),
     ] = None,
-    device: DeviceOption = "cpu",
+    device: Annotated[
+        str | None,
+        typer.Option(
+            "--device",
+            help="Where the runtimes compute: cpu, cuda (GPU 0) or cuda:N \\[default: an output "
+            "directory's own, else cpu].",
+            show_default=False,
+        ),
+    ] = None,
     threads: Annotated[
         int | None, typer.Option("--threads", help="Threads (default: cores).")
     ] = None,
@@ -89,13 +97,13 @@ def profile(
     def configure() -> ProfileConfig:
         from mahir.hardware import detect
         from mahir.profile.run import ProfileConfig, check_runtime
-        from mahir.types import Device
+        from mahir.types import CPU, Device
 
         config = ProfileConfig(
             runtime=runtime,
             batch_size=batch_size,
             sequence_length=sequence_length,
-            device=Device.parse(device),
+            device=Device.parse(device) if device else _recorded_device(model) or CPU,
             threads=threads,
             runs=runs,
             seconds=seconds,
@@ -138,6 +146,16 @@ def _is_output_dir(source: str | None) -> bool:
     from mahir.outdir import MANIFEST
 
     return source is not None and (Path(source) / MANIFEST).is_file()
+
+
+def _recorded_device(source: str | None) -> Device | None:
+    """The device an output directory's winner was built for."""
+    from mahir.outdir import read_manifest
+    from mahir.profile.run import recorded_device
+
+    if source is None or not _is_output_dir(source):
+        return None
+    return recorded_device(read_manifest(source))
 
 
 def _recorded_runtime(source: str | None) -> str | None:

@@ -41,8 +41,12 @@ from mahir.silence import native_stderr_kept
 from mahir.types import Inputs, Session
 
 MARK = "mahir run "
-PRECISION_DTYPES = {"fp32": "float", "fp16": "c10::Half", "bf16": "c10::BFloat16"}
-"""A torch session's precision as the profiler names its dtype."""
+PRECISION_DTYPES = {
+    **{"fp32": "float", "f32": "float"},
+    **{"fp16": "c10::Half", "f16": "c10::Half", "bf16": "c10::BFloat16"},
+}
+"""A torch session's precision (as the encoder and LLM sessions spell it) as the profiler
+names its dtype."""
 CPU_EVENT = DeviceType.CPU
 LAUNCHES = {"cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cudaGraphLaunch"}
 
@@ -55,7 +59,10 @@ def profile_torch(session: Session, batch: Inputs, *, runs: int, seconds: float)
     for _ in range(WARMUP_RUNS):
         session.run(batch)
     calls = []
-    with native_stderr_kept(), profile(activities=activities, record_shapes=True) as profiler:
+    # One profiling cycle: acc_events changes nothing here but stops torch 2.11 from warning
+    # that events of earlier cycles are cleared (a warning pytest raises).
+    tracing = profile(activities=activities, record_shapes=True, acc_events=True)
+    with native_stderr_kept(), tracing as profiler:
         for i in range(runs):
             with record_function(f"{MARK}{i}"):
                 calls.append(timed(session, batch))

@@ -99,7 +99,13 @@ class Profile:
                 "is DRAM's, and they beat it"
             )
         b = self.breakdown
-        if b.coverage < SEEN:
+        if b.gpu is not None and b.coverage < SEEN:
+            found.append(
+                f"the GPU computes during {b.coverage:.0%} of a call: the rest it waits on the "
+                "host (launching each kernel, copying inputs and outputs); CUDA graphs "
+                "(torch-compile on a GPU) launch the whole forward at once"
+            )
+        elif b.coverage < SEEN:
             found.append(
                 f"the profiler sees {b.coverage:.0%} of a call: the rest goes between ops (the "
                 "runtime's dispatch, threads handing work over or waiting for a core)"

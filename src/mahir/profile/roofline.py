@@ -38,6 +38,8 @@ OVERHEAD_FRACTION = 0.25
 BETTER_ROOF = 1.3
 """A lower precision's peak this many times the op's own is worth naming as a way up."""
 PADDING_WORTH_NAMING = 0.1
+TINY_KERNEL_S = 20e-6
+"""A GPU op whose kernels take less than this is mostly the launch around them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,15 +69,20 @@ class Roofline:
     @property
     def fraction(self) -> float | None:
         """Of the roofline: the least time the roofs allow over the time taken."""
-        return None if self.roof_s is None or self.seconds <= 0 else self.roof_s / self.seconds
+        return self._share(self.roof_s)
 
     @property
     def flops_fraction(self) -> float | None:
-        return None if self.compute_s is None else self.compute_s / self.seconds
+        return self._share(self.compute_s)
 
     @property
     def bytes_fraction(self) -> float | None:
-        return None if self.memory_s is None else self.memory_s / self.seconds
+        return self._share(self.memory_s)
+
+    def _share(self, roof_s: float | None) -> float | None:
+        """A roof's time over the time taken; None where either is unknown (an op that ran
+        no kernel on a GPU took no time there)."""
+        return None if roof_s is None or self.seconds <= 0 else roof_s / self.seconds
 
     @property
     def intensity(self) -> float | None:
@@ -130,7 +137,7 @@ def advice(op: OpTime, roof: Roofline, peaks: Peaks, *, gpu: bool, padding: floa
     if bound == "unknown":
         return "Not on the roofline: its cost or the device's peaks are not known here."
     if bound == "overhead":
-        return _overhead(kind, gpu)
+        return _overhead(op, kind, gpu)
     padded = ""
     if kind in ("matmul", "attention", "conv") and padding >= PADDING_WORTH_NAMING:
         padded = (
@@ -139,14 +146,28 @@ def advice(op: OpTime, roof: Roofline, peaks: Peaks, *, gpu: bool, padding: floa
         )
     if bound == "memory":
         return _memory(kind) + padded + "."
-    return _compute(op.computes_in, peaks) + padded + "."
+    return _compute(op.computes_in, peaks, gpu) + padded + "."
 
 
-def _overhead(kind: str, gpu: bool) -> str:
+def _overhead(op: OpTime, kind: str, gpu: bool) -> str:
+    """On a GPU an op's time is its kernels' time, so what the roofs leave unexplained is a
+    kernel that is tiny (its launch costs more than its work) or ill-suited, not dispatch."""
+    if gpu and op.seconds < TINY_KERNEL_S:
+        return (
+            "Tiny kernels: each costs a launch the GPU waits for; CUDA graphs (torch-compile on "
+            "a GPU) launch the whole forward at once, and larger batches give each launch more "
+            "work."
+        )
+    if gpu and kind == "attention":
+        return (
+            "Its kernels run far below both roofs: a padding mask keeps PyTorch's attention off "
+            "its flash kernel; packed sequences (varlen flash attention, mahir's packed "
+            "candidates) need no mask."
+        )
     if gpu:
         return (
-            "Launch-bound: the GPU waits on the host; CUDA graphs (torch-compile on a GPU) "
-            "launch the whole forward at once, and larger batches give each launch more work."
+            "Its kernels run far below both roofs (too little work to fill the GPU, or a kernel "
+            "ill-suited to this shape): larger batches, or fusion (torch.compile), help."
         )
     if kind in ("matmul", "conv", "attention"):
         return (
@@ -174,14 +195,17 @@ def _memory(kind: str) -> str:
     )
 
 
-def _compute(precision: str, peaks: Peaks) -> str:
+def _compute(precision: str, peaks: Peaks, gpu: bool) -> str:
+    """The advice names the faster roofs mahir optimize tries on this kind of device: int8 on
+    a CPU, fp8 on a GPU, and 16-bit floats for fp32 work on either."""
     own = peaks.get(precision)
+    lower = "fp8" if gpu else "int8"
     faster = [
         p
         for p in peaks.peaks
         if own is not None
         and p.dtype != precision
-        and (p.dtype == "int8" or (p.dtype in FLOATS and precision == "fp32"))
+        and (p.dtype == lower or (p.dtype in FLOATS and precision == "fp32"))
         and p.flops_per_s > BETTER_ROOF * own.flops_per_s
     ]
     if own is None or not faster:

@@ -159,6 +159,15 @@ def recorded_runtime(manifest: Mapping[str, Any]) -> str | None:
     return recorded if isinstance(recorded, str) and recorded in PROFILED else None
 
 
+def recorded_device(manifest: Mapping[str, Any]) -> Device | None:
+    """The device an output directory's options record (None where they are unreadable:
+    `profile_output_dir` says so)."""
+    try:
+        return RuntimeOptions.from_dict(manifest.get("options")).device
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def one_batch(family: Family, name: str, config: ProfileConfig) -> tuple[Batch, float]:
     """The batch profiled, and the share of its tokens that are padding."""
     given = {"--sequence-length": config.sequence_length is not None}

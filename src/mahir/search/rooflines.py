@@ -57,10 +57,9 @@ def profile_ends(
             profile = profile_artifact(
                 model_name, runtime, artifact, options, family, config, folder
             )
+            records.append(record(profile, label, candidate.id))
         except Exception as err:  # the search's result stands without its roofline
             missing.append(f"profiling the {label} failed: {first_line(err)}")
-            continue
-        records.append(record(profile, label, candidate.id))
     return records, "; ".join(missing) or None
 
 
