@@ -104,6 +104,50 @@ def test_chat_and_completions_equal_the_generator(
     assert "".join(c.choices[0].text for c in pieces) == want
 
 
+def test_n_choices_each_carry_their_index_and_seeded_ones_their_own_seed(
+    server: Server, opened: tuple[Generator, Decoder]
+) -> None:
+    """Greedy choices are the one greedy answer n times; seeded ones sample with seed + index,
+    each the generator's own answer for that seed; a stream names each chunk's choice."""
+    generator, family = opened
+    api = client(server)
+    name = api.models.list().data[0].id
+    want, count = expected(opened, family.prompt_ids(chat("Hi")), 8)
+    greedy = api.chat.completions.create(
+        model=name, messages=chat("Hi"), max_tokens=8, temperature=0, n=3
+    )
+    assert [c.index for c in greedy.choices] == [0, 1, 2]
+    assert [c.message.content for c in greedy.choices] == [want] * 3
+    assert greedy.usage is not None
+    assert greedy.usage.completion_tokens == 3 * count
+    prompt = family.encode("Once upon a time")
+    sampled = api.completions.create(
+        model=name, prompt="Once upon a time", max_tokens=8, temperature=1, seed=5, n=2
+    )
+    for choice in sampled.choices:
+        own = family.sampling(8, temperature=1.0, top_p=1.0, seed=5 + choice.index)
+        assert choice.text == family.decode(list(generator.stream(prompt, own)))
+    events = api.chat.completions.create(
+        model=name,
+        messages=chat("Hi"),
+        max_tokens=8,
+        temperature=0,
+        n=2,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    texts, finished = ["", ""], [None, None]
+    chunks = list(events)
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            finished[choice.index] = choice.finish_reason or finished[choice.index]
+    assert texts == [want, want]
+    assert None not in finished
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 2 * count
+
+
 def test_64_concurrent_streams_each_get_their_own_tokens(
     server: Server, opened: tuple[Generator, Decoder]
 ) -> None:
@@ -162,7 +206,7 @@ def test_a_client_that_leaves_frees_its_slot_at_the_next_token(server: Server) -
         (b"{not json", None),
         (b'{"model": "m"}', "messages"),
         (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}', "max_tokens"),
-        (b'{"messages": [{"role": "user", "content": "hi"}], "n": 2}', "n"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "n": 17}', "n"),
         (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}', "messages"),
         (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": -1}', "temperature"),
     ],

@@ -7,9 +7,10 @@ them) and Prometheus `/metrics` (time to first token, between tokens, tokens, se
 and waiting). A request is checked whole before any work (`openai_chat.py`; a prompt that does
 not leave room in the context for what it asks is a 400), then waits for the scheduler
 (`llm_scheduler.py`: a full queue is a 503 with Retry-After, a passed deadline a 504, or an error
-event in a stream), and its tokens become text through `llm_text.py`. `stream: true` answers as
-server-sent events ending with `data: [DONE]`. A client that goes away stops its generation at
-the next token, which frees its slot for the next request. The API key, errors, metrics
+event in a stream), and its tokens become text through `llm_text.py`. `n` choices are `n`
+sequences of the scheduler, all admitted or none, their pieces merged as they come (each chunk
+names its choice). `stream: true` answers as server-sent events ending with `data: [DONE]`. A
+client that goes away stops its generations at the next token, which frees their slots. The API key, errors, metrics
 wrappers and uvicorn's drain on SIGTERM are the encoder server's (`http.py`).
 
 Opens nothing itself (`llm_outdir.py` did); never imports passes or search.
@@ -56,6 +57,8 @@ from mahir.serve.protocol import read_json
 from mahir.serve.served import ServeConfig
 
 DONE = b"data: [DONE]\n\n"
+Piece = tuple[str, str | None, int]
+"""Of one choice: new text, the finish reason at the end (else None), tokens so far."""
 
 
 class LlmServed:
@@ -97,8 +100,10 @@ class LlmServed:
                 f"the chat template refused the messages: {first_line(err)}", param="messages"
             ) from err
 
-    def sampling(self, request: LlmRequest, prompt: list[int]) -> Sampling:
-        """What the request asks, inside the context: refused before any work otherwise."""
+    def sampling(self, request: LlmRequest, prompt: list[int], choice: int = 0) -> Sampling:
+        """What the request asks for choice `choice`, inside the context: refused before any
+        work otherwise. A seeded request's choices sample with seeds seed, seed + 1, ...: each
+        reproducible, and no two alike."""
         room = self.context - len(prompt)
         asked = request.max_tokens or room
         if room < 1 or asked > room:
@@ -109,8 +114,9 @@ class LlmServed:
                 param=field,
                 code="context_length_exceeded",
             )
+        seed = None if request.seed is None else request.seed + choice
         return self.family.sampling(
-            asked, temperature=request.temperature, top_p=request.top_p, seed=request.seed
+            asked, temperature=request.temperature, top_p=request.top_p, seed=seed
         )
 
 
@@ -155,19 +161,45 @@ async def _complete(request: Request, parse: Callable[[Any], LlmRequest]) -> Res
     parsed = parse(read_json(await read_body(request, served.config.max_body_bytes)))
     check_model(parsed.model, served.name)
     prompt = served.prompt_ids(parsed)
-    sampling = served.sampling(parsed, prompt)
+    samplings = [served.sampling(parsed, prompt, choice) for choice in range(parsed.n)]
     served.metrics.prompt_tokens.inc(len(prompt))
     answer = Answer.new(parsed.kind, served.name)
     # Admitted before the answer starts: a full queue is a 503, not an error inside a 200.
-    tokens = await until_disconnect(request, served.scheduler.start(prompt, sampling))
-    pieces = _pieces(served, parsed, prompt, sampling, tokens)
+    streams = await until_disconnect(request, _start_all(served.scheduler, prompt, samplings))
+
+    def stop() -> None:
+        for stream in streams:
+            stream.cancel()
+
+    pieces = [
+        _pieces(served, parsed, prompt, sampling, tokens)
+        for sampling, tokens in zip(samplings, streams, strict=True)
+    ]
     if parsed.stream:
-        return EventStream(_events(pieces, parsed, prompt, answer), tokens.cancel)
+        return EventStream(_events(_merged(pieces), parsed, prompt, answer), stop)
     try:
-        text, finish, count = await until_disconnect(request, _whole(pieces))
+        choices = await until_disconnect(request, asyncio.gather(*map(_whole, pieces)))
     finally:
-        tokens.cancel()
-    return _json(answer.whole(text, finish, usage(prompt, count)))
+        stop()
+    generated = sum(count for _, _, count in choices)
+    written = [(text, finish) for text, finish, _ in choices]
+    return _json(answer.whole(written, usage(prompt, generated)))
+
+
+async def _start_all(
+    scheduler: Scheduler, prompt: list[int], samplings: list[Sampling]
+) -> list[TokenStream]:
+    """One stream per choice, all admitted or none: a refusal (or the client leaving) stops
+    the ones already started."""
+    streams: list[TokenStream] = []
+    try:
+        for sampling in samplings:
+            streams.append(await scheduler.start(prompt, sampling))
+    except BaseException:
+        for stream in streams:
+            stream.cancel()
+        raise
+    return streams
 
 
 async def _pieces(
@@ -176,8 +208,8 @@ async def _pieces(
     prompt: list[int],
     sampling: Sampling,
     tokens: TokenStream,
-) -> AsyncGenerator[tuple[str, str | None, int], None]:
-    """(new text, finish reason at the end else None, tokens so far), as the tokens come."""
+) -> AsyncGenerator[Piece, None]:
+    """One choice's pieces, as its tokens come."""
     text = TextStream(served.family.tokenizer, prompt, request.stop)
     last = None
     async for last in tokens:
@@ -190,7 +222,7 @@ async def _pieces(
     yield text.finish(), "stop" if stopped else "length", tokens.count
 
 
-async def _whole(pieces: AsyncGenerator[tuple[str, str | None, int], None]) -> tuple[str, str, int]:
+async def _whole(pieces: AsyncGenerator[Piece, None]) -> tuple[str, str, int]:
     parts, finish, count = [], "length", 0
     async for delta, end, so_far in pieces:
         parts.append(delta)
@@ -198,25 +230,60 @@ async def _whole(pieces: AsyncGenerator[tuple[str, str | None, int], None]) -> t
     return "".join(parts), finish, count
 
 
+async def _merged(
+    choices: list[AsyncGenerator[Piece, None]],
+) -> AsyncGenerator[tuple[int, Piece], None]:
+    """Every choice's pieces as they come, each with its choice's index."""
+    arrived: asyncio.Queue[tuple[int, Piece | Exception | None]] = asyncio.Queue()
+
+    async def pump(index: int, pieces: AsyncGenerator[Piece, None]) -> None:
+        try:
+            async for piece in pieces:
+                arrived.put_nowait((index, piece))
+        except Exception as err:  # raised where the pieces are read, as from one stream
+            arrived.put_nowait((index, err))
+        finally:
+            arrived.put_nowait((index, None))
+
+    pumps = [asyncio.ensure_future(pump(i, pieces)) for i, pieces in enumerate(choices)]
+    try:
+        running = len(pumps)
+        while running:
+            index, item = await arrived.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in pumps:
+            task.cancel()
+
+
 async def _events(
-    pieces: AsyncGenerator[tuple[str, str | None, int], None],
+    pieces: AsyncGenerator[tuple[int, Piece], None],
     request: LlmRequest,
     prompt: list[int],
     answer: Answer,
 ) -> AsyncGenerator[bytes, None]:
-    """The stream's events: a chat opens the assistant's turn, then text, the finish reason,
-    the usage when asked, [DONE]; an error after the start is an error event."""
+    """The stream's events: a chat opens each choice's assistant turn, then text, each
+    choice's finish reason, the usage when asked, [DONE]; an error after the start is an
+    error event."""
     with_usage = request.include_usage
+    counts = [0] * request.n
     try:
         if request.kind == "chat":
-            yield _event(answer.chunk(None, None, usage=with_usage))
-        async for delta, finish, count in pieces:
+            for index in range(request.n):
+                yield _event(answer.chunk(None, None, usage=with_usage, index=index))
+        async for index, (delta, finish, count) in pieces:
+            counts[index] = count
             if delta:
-                yield _event(answer.chunk(delta, None, usage=with_usage))
+                yield _event(answer.chunk(delta, None, usage=with_usage, index=index))
             if finish is not None:
-                yield _event(answer.chunk("", finish, usage=with_usage))
-                if with_usage:
-                    yield _event(answer.usage_chunk(usage(prompt, count)))
+                yield _event(answer.chunk("", finish, usage=with_usage, index=index))
+        if with_usage:
+            yield _event(answer.usage_chunk(usage(prompt, sum(counts))))
     except MahirError as err:
         status = nearest(err, HTTP_STATUS) or 500
         yield _event(openai_error(status, str(err), None, None))

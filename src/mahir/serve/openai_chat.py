@@ -3,10 +3,11 @@ into one `LlmRequest`, answers and stream chunks written in OpenAI's shapes.
 
 Honoured: `messages` (string content or text parts) or `prompt` (a string, token ids, or a list
 of one of them), `max_tokens` (`max_completion_tokens` too), `temperature` and `top_p` (OpenAI's
-defaults: 1 and 1, so an unset temperature samples), `seed`, `stop` (up to 4 strings), `stream`
-and `stream_options.include_usage`. Refused with a 400 naming the field, never silently
-ignored: `n` or `best_of` above 1, `logprobs`, `echo`, `suffix`, tools. Fields OpenAI's clients
-send that change nothing here (`user`, `metadata`, penalties at 0) pass.
+defaults: 1 and 1, so an unset temperature samples), `seed`, `stop` (up to 4 strings), `n`
+(choices generated from the one prompt, up to `MAX_CHOICES`), `stream` and
+`stream_options.include_usage`. Refused with a 400 naming the field, never silently ignored:
+`best_of` above 1, `logprobs`, `echo`, `suffix`, tools. Fields OpenAI's clients send that change
+nothing here (`user`, `metadata`, penalties at 0) pass.
 
 Knows JSON shapes only; nothing of HTTP, tokenizers or engines.
 """
@@ -23,6 +24,8 @@ from mahir.errors import Malformed
 
 Messages = list[dict[str, str]]
 MAX_STOPS = 4
+MAX_CHOICES = 16
+"""`n` at most: each choice is a sequence of its own in the scheduler."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +39,8 @@ class LlmRequest:
     top_p: float
     seed: int | None
     stop: tuple[str, ...]
+    n: int
+    """Choices to generate from the prompt."""
     stream: bool
     include_usage: bool
     model: str | None
@@ -73,8 +78,11 @@ def parse_completion(body: Any) -> LlmRequest:
 
 
 def _request(body: dict[str, Any], kind: Literal["chat", "completion"], prompt: Any) -> LlmRequest:
-    if _whole(body, "n", 1, low=1) > 1:
-        raise Malformed("n above 1 is not supported: send n 1, or several requests", param="n")
+    n = _whole(body, "n", 1, low=1)
+    if n > MAX_CHOICES:
+        raise Malformed(
+            f"n is at most {MAX_CHOICES} here, got {n}: send several requests", param="n"
+        )
     limit = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     max_tokens = body.get(limit)
     options = body.get("stream_options")
@@ -94,6 +102,7 @@ def _request(body: dict[str, Any], kind: Literal["chat", "completion"], prompt: 
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, open_low=True),
         seed=None if body.get("seed") is None else _whole(body, "seed", 0, low=0),
         stop=_stops(body.get("stop")),
+        n=n,
         stream=bool(stream),
         include_usage=bool((options or {}).get("include_usage")),
         model=model,
@@ -180,19 +189,24 @@ class Answer:
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         return cls(kind, model, f"{prefix}-{uuid.uuid4().hex}", int(time.time()))
 
-    def whole(self, text: str, finish: str, usage: dict[str, int]) -> dict[str, Any]:
-        """A non-streamed answer."""
-        choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
-        if self.kind == "chat":
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        return self._shell("chat.completion", "text_completion", [choice], usage=usage)
+    def whole(self, choices: Sequence[tuple[str, str]], usage: dict[str, int]) -> dict[str, Any]:
+        """A non-streamed answer: each choice's (text, finish reason), in index order."""
+        written = []
+        for index, (text, finish) in enumerate(choices):
+            choice: dict[str, Any] = {"index": index, "finish_reason": finish, "logprobs": None}
+            if self.kind == "chat":
+                choice["message"] = {"role": "assistant", "content": text}
+            else:
+                choice["text"] = text
+            written.append(choice)
+        return self._shell("chat.completion", "text_completion", written, usage=usage)
 
-    def chunk(self, text: str | None, finish: str | None, *, usage: bool) -> dict[str, Any]:
-        """A stream chunk: `text` None opens a chat's assistant turn. Every chunk carries
-        `usage: null` when the client asked for the usage chunk, as OpenAI's do."""
-        choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+    def chunk(
+        self, text: str | None, finish: str | None, *, usage: bool, index: int = 0
+    ) -> dict[str, Any]:
+        """A stream chunk of choice `index`: `text` None opens a chat's assistant turn. Every
+        chunk carries `usage: null` when the client asked for the usage chunk, as OpenAI's do."""
+        choice: dict[str, Any] = {"index": index, "finish_reason": finish, "logprobs": None}
         if self.kind == "chat":
             opening = {"role": "assistant", "content": ""}
             choice["delta"] = opening if text is None else {"content": text} if text else {}
