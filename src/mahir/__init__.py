@@ -19,7 +19,9 @@ from mahir.profile.result import Profile
 from mahir.profile.run import ProfileConfig, profile_model, profile_output_dir
 from mahir.runtimes import RUNTIMES, open_session
 from mahir.search.bench import BenchConfig, BenchResult, benchmark
-from mahir.search.optimize import OptimizeConfig, OptimizeResult, optimize
+from mahir.search.optimize import optimize
+from mahir.search.optimize_config import OptimizeConfig
+from mahir.search.optimize_result import OptimizeResult
 from mahir.types import Artifact, Device, OpenVinoOptions, RuntimeOptions, Session
 
 __version__ = "0.1.0"

@@ -22,7 +22,7 @@ from mahir.search.halving import Budget, Evidence
 from mahir.workload import Batch, Workload, split_held_out
 
 if TYPE_CHECKING:
-    from mahir.search.optimize import OptimizeConfig
+    from mahir.search.optimize_config import OptimizeConfig
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ from mahir.model import Model, load_model
 from mahir.report.html import render_html
 from mahir.search.bench import BenchConfig, benchmark
 from mahir.search.candidates import propose
-from mahir.search.optimize import OptimizeConfig, optimize
+from mahir.search.optimize import optimize
+from mahir.search.optimize_config import OptimizeConfig
 from mahir.types import Device, RuntimeOptions
 from tests.helpers import mahir
 

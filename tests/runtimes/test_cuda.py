@@ -25,7 +25,9 @@ from mahir.passes.precision import TorchLowPrecision, torch_low_precision
 from mahir.pooling import EMBEDDING
 from mahir.quality import fidelity
 from mahir.runtimes import open_session, reference_outputs
-from mahir.search.optimize import OptimizeConfig, OptimizeResult, optimize
+from mahir.search.optimize import optimize
+from mahir.search.optimize_config import OptimizeConfig
+from mahir.search.optimize_result import OptimizeResult
 from mahir.types import Device, RuntimeOptions
 from tests.helpers import Server
 

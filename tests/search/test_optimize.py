@@ -20,7 +20,9 @@ from mahir.recipe import ModelSource, load_recipe
 from mahir.report.html import render_html
 from mahir.report.schema import Report, report_json
 from mahir.search.budget import FidelityBudget
-from mahir.search.optimize import OptimizeConfig, OptimizeResult, cache_path, optimize
+from mahir.search.optimize import cache_path, optimize
+from mahir.search.optimize_config import OptimizeConfig
+from mahir.search.optimize_result import OptimizeResult
 
 pytestmark = pytest.mark.usefixtures("short_rungs")  # what is timed matters, not how long
 TESTS = Path(__file__).parents[1]

@@ -14,7 +14,9 @@ import mahir.search.halving
 from mahir.export.conversions import Conversion
 from mahir.model import Model
 from mahir.search.candidates import baseline
-from mahir.search.optimize import OptimizeConfig, OptimizeResult, optimize
+from mahir.search.optimize import optimize
+from mahir.search.optimize_config import OptimizeConfig
+from mahir.search.optimize_result import OptimizeResult
 from mahir.search.records import OutcomeCache
 from mahir.types import Artifact
 

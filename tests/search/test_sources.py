@@ -18,7 +18,8 @@ from mahir.measure import MeasureConfig
 from mahir.model import Model, default_model_folder, load_model
 from mahir.report.html import render_html
 from mahir.search.bench import BenchConfig, benchmark
-from mahir.search.optimize import OptimizeConfig, optimize
+from mahir.search.optimize import optimize
+from mahir.search.optimize_config import OptimizeConfig
 from mahir.types import Artifact
 from tests import models
 

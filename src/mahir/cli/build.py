@@ -25,7 +25,7 @@ from mahir.errors import BadInput
 
 if TYPE_CHECKING:
     from mahir.report.schema import Report
-    from mahir.search.optimize import OptimizeConfig
+    from mahir.search.optimize_config import OptimizeConfig
 
 
 def bench(
@@ -390,7 +390,7 @@ def optimize(
             device=Device.parse(device),
         )
 
-    from mahir.search.optimize import OptimizeConfig
+    from mahir.search.optimize_config import OptimizeConfig
 
     config = guard(ctx, configure)
     guard(ctx, lambda: _run_optimize(model, logits, config, out, resume, tune_serving))

@@ -16,7 +16,7 @@ from mahir.cli.common import console, errors, progress_bar
 
 if TYPE_CHECKING:
     from mahir.outdir import OutputDir
-    from mahir.search.optimize import OptimizeResult
+    from mahir.search.optimize_result import OptimizeResult
     from mahir.serve.batcher import BatcherConfig
     from mahir.serve.tune import TuneConfig
 

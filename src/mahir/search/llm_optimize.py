@@ -51,7 +51,7 @@ from mahir.search.halving import Events, Status, first_rung_seconds
 from mahir.search.llm_bench import LlmBenchConfig, prompt_workload
 from mahir.search.llm_timing import time_at_once, time_interleaved
 from mahir.search.llm_variants import VARIANTS, cannot_run, variant_artifact
-from mahir.search.optimize import TIMING_SHARE
+from mahir.search.optimize_config import TIMING_SHARE
 from mahir.types import CPU, Artifact, Device, RuntimeOptions
 
 

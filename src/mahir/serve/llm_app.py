@@ -10,8 +10,9 @@ not leave room in the context for what it asks is a 400), then waits for the sch
 event in a stream), and its tokens become text through `llm_text.py`. `n` choices are `n`
 sequences of the scheduler, all admitted or none, their pieces merged as they come (each chunk
 names its choice). `stream: true` answers as server-sent events ending with `data: [DONE]`. A
-client that goes away stops its generations at the next token, which frees their slots. The API key, errors, metrics
-wrappers and uvicorn's drain on SIGTERM are the encoder server's (`http.py`).
+client that goes away stops its generations at the next token, which frees their slots. The
+API key, errors, metrics wrappers and uvicorn's drain on SIGTERM are the encoder server's
+(`http.py`).
 
 Opens nothing itself (`llm_outdir.py` did); never imports passes or search.
 """
