@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,10 +49,9 @@ def read_manifest(out: str | os.PathLike[str]) -> dict[str, Any]:
     return manifest
 
 
-def update_manifest(out: Path, key: str, value: Any) -> None:
-    """Set one top-level key of `mahir.json`, atomically: a reader sees the old file or the new."""
-    manifest = read_manifest(out)
-    manifest[key] = value
+def update_manifest(out: Path, changes: Mapping[str, Any]) -> None:
+    """Set top-level keys of `mahir.json`, atomically: a reader sees the old file or the new."""
+    manifest = {**read_manifest(out), **changes}
     write_text_atomically(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
 

@@ -305,6 +305,56 @@ def test_slots_are_refused_where_mahir_does_not_batch(llm_dir: Path, tmp_path: P
     assert "LLM output directory" in done.stderr
 
 
+def test_tune_chooses_slots_under_the_bound_records_them_and_serves_with_them(
+    llm_dir: Path, tmp_path: Path
+) -> None:
+    folder = shutil.copytree(llm_dir, tmp_path / "out")  # the tuner writes into mahir.json
+    args = ("--tune", "--p99-ms", "10000", "--tune-seconds", "0.3", "--tune-concurrency", "4")
+    server = Server(folder, *args)
+    try:
+        manifest = json.loads((folder / "mahir.json").read_text())
+        reply = httpx.post(
+            f"{server.url}/v1/completions",
+            json={"prompt": "Once upon a time", "max_tokens": 4, "temperature": 0},
+            timeout=60,
+        )
+        running = metric(server, "mahir_llm_running")
+    finally:
+        assert server.stop() == 0
+    recorded = manifest["batching"]
+    assert recorded["slots"] in (1, 2, 4)  # the counts tried, capped at the concurrency
+    assert manifest["options"]["slots"] == recorded["slots"]  # what serve opens the engine with
+    assert recorded["itl_p99_ms"] <= recorded["itl_p99_bound_ms"] == 10000
+    assert recorded["output_tokens_per_s"] > 0
+    assert reply.status_code == 200, reply.text
+    assert running == 0
+
+
+def test_a_tune_nothing_meets_or_an_engine_without_slots_is_one_line(
+    llm_dir: Path, tmp_path: Path
+) -> None:
+    from mahir.serve.llm_tune import LlmTuneConfig, LlmTuneResult, SlotTrial
+
+    fast = SlotTrial(1, 1.0, 50, (10.0,) * 50, (20.0,))
+    busy = SlotTrial(4, 1.0, 120, (40.0,) * 120, (60.0,))
+    assert LlmTuneResult(LlmTuneConfig(50.0, 4), (fast, busy), "m").best is busy
+    assert LlmTuneResult(LlmTuneConfig(20.0, 4), (fast, busy), "m").best is fast
+    with pytest.raises(BadInput, match=r"lowest: 10\.0 ms with 1 slots"):
+        LlmTuneResult(LlmTuneConfig(5.0, 4), (fast, busy), "m").record()
+    scheduled = shutil.copytree(llm_dir, tmp_path / "scheduled")
+    manifest = json.loads((scheduled / "mahir.json").read_text())
+    (scheduled / "mahir.json").write_text(json.dumps({**manifest, "engine": "vllm"}))
+    for args, message in [
+        (("--tune", "--p99-ms", "50"), "the vllm engine schedules requests itself"),
+        (("--tune", "--p99-ms", "50", "--slots", "2"), "--tune chooses the slots"),
+    ]:
+        done = cli("serve", str(scheduled), *args)
+        assert done.returncode == 2, done.stderr
+        assert message in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+    assert json.loads((scheduled / "mahir.json").read_text())["engine"] == "vllm"  # untouched
+
+
 def test_text_never_splits_a_character_and_stops_before_a_stop_string(
     opened: tuple[Generator, Decoder],
 ) -> None:

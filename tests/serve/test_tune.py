@@ -123,7 +123,7 @@ def test_serve_tune_records_its_choice_and_serves_with_it(mlp_dir: Path, tmp_pat
 
 def test_the_command_line_overrides_what_was_recorded(mlp_dir: Path, tmp_path: Path) -> None:
     folder = shutil.copytree(mlp_dir, tmp_path / "out")
-    update_manifest(folder, "batching", {"max_batch_size": 12, "max_delay_ms": 3.0})
+    update_manifest(folder, {"batching": {"max_batch_size": 12, "max_delay_ms": 3.0}})
     server = Server(folder, "--max-batch-size", "5")
     try:
         served = httpx.get(f"{server.url}/v2/models/{read_name(folder)}/config").json()

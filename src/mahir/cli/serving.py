@@ -114,7 +114,12 @@ def serve(
         ),
     ] = False,
     p99_ms: Annotated[
-        float | None, typer.Option("--p99-ms", help="The p99 bound --tune keeps to (ms).")
+        float | None,
+        typer.Option(
+            "--p99-ms",
+            help="The p99 bound --tune keeps to (ms): an encoder's request latency, an LLM's "
+            "time between streamed tokens.",
+        ),
     ] = None,
     tune_concurrency: Annotated[int, typer.Option(help="Clients --tune loads with.")] = 32,
     tune_seconds: Annotated[
@@ -292,10 +297,14 @@ def _serve_llm(
     from mahir.outdir import model_name
     from mahir.serve.llm_app import run_llm_server
 
-    if tuning is not None:
-        raise BadInput("--tune tunes an encoder's batching: serve an LLM without it")
     if config.matryoshka_dims:
         raise BadInput("--matryoshka-dims is for sentence encoders: drop it for an LLM")
+    if tuning is not None:  # before any engine opens: it is opened with the slots chosen
+        from mahir.cli.tuning import tune_llm_and_record
+
+        if config.slots is not None:
+            raise BadInput("--tune chooses the slots: drop --slots, or --tune")
+        tune_llm_and_record(folder, tuning)
     if scale is not None:
         from mahir.serve.ray import serve_ray
 

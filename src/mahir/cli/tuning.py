@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from mahir.cli.common import console, errors, progress_bar
+from mahir.errors import BadInput
 
 if TYPE_CHECKING:
     from mahir.outdir import OutputDir
@@ -42,6 +43,31 @@ def tune_and_record(
             folder, opened, base, tuning, tuned_by=tuned_by, on_trial=on_trial
         )
     console.print(result)
+    return record
+
+
+def tune_llm_and_record(folder: Path, tuning: TuneConfig) -> dict[str, Any]:
+    """An LLM directory's slots measured under `tuning`'s bound on the p99 between tokens
+    (`serve/llm_tune.py`), with a progress bar; the table printed, the choice recorded."""
+    from mahir.serve.llm_tune import LlmTuneConfig, tune_and_record
+
+    if tuning.p99_ms is None:
+        raise BadInput("--tune needs its bound for an LLM: --p99-ms between tokens")
+    config = LlmTuneConfig(tuning.p99_ms, tuning.concurrency, tuning.seconds)
+    with progress_bar() as progress:
+        task = progress.add_task("tuning slots", total=None)
+
+        def on_trial(done: int, total: int) -> None:
+            progress.update(task, total=total, completed=done)
+
+        result, record = tune_and_record(folder, config, on_trial=on_trial)
+    console.print(result)
+    console.print(
+        f"slots for mahir serve: {record['slots']} (recorded in {folder / 'mahir.json'}; "
+        "override with mahir serve --slots N)",
+        highlight=False,
+        soft_wrap=True,
+    )
     return record
 
 

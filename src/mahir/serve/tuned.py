@@ -42,7 +42,7 @@ def tune_and_record(
         tune_batching(opened, tuning, base=base, on_trial=on_trial, sessions=sessions)
     )
     record = result.record(tuned_by)
-    update_manifest(folder, "batching", record)
+    update_manifest(folder, {"batching": record})
     return result, record
 
 
