@@ -1,8 +1,9 @@
 """Continuous batching in the PyTorch and llama.cpp engines: streams from several threads,
 joining while others are mid-generation, each get exactly the tokens the plain engine gives that
 prompt alone; a closed stream frees its row; stop tokens and `max_new_tokens` end one row while
-others go on; a seeded sample repeats; llama.cpp's long prompts are fed in chunks beside the
-others' decode tokens; torch's compiled step decodes as eager does."""
+others go on; a seeded sample repeats; long prompts are fed in chunks beside the others' decode
+tokens, so a long prompt never stalls a decoding row; torch's compiled step decodes as eager
+does."""
 
 from __future__ import annotations
 
@@ -20,7 +21,10 @@ from mahir.generation import Generator, Sampling
 from mahir.model import load_model
 from mahir.runtimes.continuous import BatchLoop
 from mahir.runtimes.engines import open_engine
-from mahir.runtimes.llamacpp import LlamaCppOptions, open_generator
+from mahir.runtimes.llamacpp import LlamaCppOptions
+from mahir.runtimes.llamacpp import open_generator as open_llamacpp
+from mahir.runtimes.torch_generator import TorchEngineOptions
+from mahir.runtimes.torch_generator import open_generator as open_torch
 from mahir.types import Artifact, RuntimeOptions
 from tests.models import DECODERS
 
@@ -109,25 +113,49 @@ def test_staggered_streams_each_get_what_they_get_alone(
     assert batched.batch.stats.most == 4  # all four were decoded in one step
 
 
-def test_llamacpp_feeds_prompts_in_chunks_beside_the_decoding_rows(
-    tiny_llm: LanguageModel, tiny_gguf: Artifact
+def _chunked(engine: Engine, slots: int, step_tokens: int) -> Batched:
+    """The engine with a continuous batch that prefills at most `step_tokens` a step."""
+    if engine.name == "llama.cpp":
+        options = LlamaCppOptions(threads=1, slots=slots, step_tokens=step_tokens)
+        return cast(Batched, open_llamacpp(engine.artifact, options))
+    settings = TorchEngineOptions(threads=1, slots=slots, step_tokens=step_tokens)
+    return cast(Batched, open_torch(engine.artifact, settings))
+
+
+def test_prompts_go_in_chunks_beside_the_decoding_rows(
+    tiny_llm: LanguageModel, engine: Engine
 ) -> None:
-    """Steps of at most 8 tokens: every prompt but the last takes several steps, each beside
-    the rows already decoding, and still each stream gets what it gets alone."""
+    """Steps of at most 8 prompt tokens: every prompt but the last takes several steps, each
+    beside the rows already decoding, and still each stream gets what it gets alone."""
     prompts = _prompts(tiny_llm)
     assert sorted(len(p) for p in prompts)[-2] > 8
     news = [200, 150, 90, 40]
-    plain = open_engine("llama.cpp", tiny_gguf, ONE_THREAD)
+    plain = engine.plain()
     alone = [list(plain.stream(p, Sampling(n))) for p, n in zip(prompts, news, strict=True)]
-    options = LlamaCppOptions(threads=1, slots=4, step_tokens=8)
-    batched = open_generator(tiny_gguf, options)
-    assert batched.batch is not None
+    batched = _chunked(engine, slots=4, step_tokens=8)
     assert batched.describe()["slots"] == batched.max_concurrency == 4
-    assert _staggered(cast(Batched, batched), prompts, news) == alone
+    assert _staggered(batched, prompts, news) == alone
     assert batched.batch.stats.most == 4
-    batched.close()  # the engine thread stops before its context is freed
+    cast(Generator, batched).close()  # the engine thread stops before its state is freed
     with pytest.raises(RuntimeFailure, match="closed"):
         list(batched.stream(prompts[0], Sampling(2)))
+
+
+def test_a_long_prompt_in_chunks_does_not_stall_a_decoding_row(tiny_llm: LanguageModel) -> None:
+    """PyTorch: a short prompt submitted first decodes its 6 tokens while a 40-token prompt
+    behind it goes in 4 tokens a step, so no step decodes both (prefilled whole between two
+    steps, the long one would have decoded beside it from the first)."""
+    long = tiny_llm.family.held_out(1, 40)[0]
+    assert len(long) >= 40
+    engine = Engine("torch", tiny_llm.original())
+    batched = _chunked(engine, slots=2, step_tokens=4)
+    answers = batched.batch.generate([[5, 6], long], Sampling(6))
+    plain = engine.plain()
+    assert answers == [list(plain.stream(p, Sampling(6))) for p in ([5, 6], long)]
+    assert batched.batch.stats.most == 1
+    whole = _chunked(engine, slots=2, step_tokens=256)
+    assert whole.batch.generate([[5, 6], long], Sampling(6)) == answers
+    assert whole.batch.stats.most == 2
 
 
 def test_more_streams_than_slots_wait_for_a_row(tiny_llm: LanguageModel, engine: Engine) -> None:

@@ -16,6 +16,7 @@ tokens) and how a step runs belong to the engine: `ContinuousBatch` in `torch_ba
 from __future__ import annotations
 
 import contextlib
+import itertools
 import queue
 import threading
 from abc import ABC, abstractmethod
@@ -43,6 +44,8 @@ class Request:
     tokens: queue.SimpleQueue[Item] = field(default_factory=queue.SimpleQueue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     count: int = 0
+    order: int = 0
+    """When it was submitted: engines that prefill in chunks feed the oldest prompt first."""
 
     def deliver(self, token: int) -> bool:
         """Hand `token` to the consumer; whether the sequence has ended."""
@@ -88,6 +91,7 @@ class BatchLoop(ABC, Generic[Row]):
         self.rows: list[Row | None] = [None] * slots
         self.stats = BatchStats()
         self._waiting: deque[Request] = deque()
+        self._submitted = itertools.count()
         self._wake = threading.Condition()
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -172,7 +176,7 @@ class BatchLoop(ABC, Generic[Row]):
     def _submit(
         self, prompt: Sequence[int], sampling: Sampling, rng: np.random.Generator
     ) -> Request:
-        request = Request(list(prompt), sampling, rng)
+        request = Request(list(prompt), sampling, rng, order=next(self._submitted))
         with self._wake:
             if self._stopped:
                 raise RuntimeFailure("the generator was closed: open it again")

@@ -36,8 +36,6 @@ class _Row:
     """Tokens of this sequence in the KV cache: the prompt's fed so far, then the generated."""
     last: int = -1
     """The token chosen last, fed at position `fed` by the next step (-1: still prefilling)."""
-    order: int = 0
-    """When the row joined: prompts are fed oldest first."""
 
 
 class LlamaCppBatch(BatchLoop[_Row]):
@@ -57,15 +55,13 @@ class LlamaCppBatch(BatchLoop[_Row]):
         self._wants = np.ctypeslib.as_array(batch.logits, shape=(step_tokens,))
         np.ctypeslib.as_array(batch.n_seq_id, shape=(step_tokens,))[:] = 1
         self._memory = llama_cpp.llama_get_memory(context)
-        self._joined = 0
         self._start()
 
     def request_of(self, row: _Row) -> Request:
         return row.request
 
     def join(self, request: Request, index: int) -> _Row:
-        self._joined += 1
-        return _Row(request, order=self._joined)
+        return _Row(request)
 
     def release(self, index: int) -> None:
         llama_cpp.llama_memory_seq_rm(self._memory, index, -1, -1)
@@ -109,7 +105,7 @@ class LlamaCppBatch(BatchLoop[_Row]):
                 answering.append((index, count))
                 row.fed += 1
                 count += 1
-        for index, row in sorted(rows, key=lambda pair: pair[1].order):
+        for index, row in sorted(rows, key=lambda pair: pair[1].request.order):
             if row.last >= 0 or count == self._step_tokens:
                 continue
             prompt = row.request.prompt

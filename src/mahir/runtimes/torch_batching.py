@@ -4,9 +4,13 @@ each sequence joining and leaving it between decode steps.
 The invariant: one engine thread owns the model and a KV cache preallocated for `slots`
 sequences of `length` tokens; row r holds one sequence's keys and values at positions 0..n-1,
 exactly where that sequence alone would hold them. Between two decode steps the thread frees the
-rows whose consumer closed its stream, then admits waiting requests into free rows: each prompt
-is prefilled alone (the forward a one-stream generation runs, so the first token is the same) and
-its keys and values are copied into its row. Then one forward decodes every row: each feeds its
+rows whose consumer closed its stream, then admits waiting requests into free rows. A joining
+prompt is prefilled alone, into a cache of its own, in chunks: each step first feeds up to
+`step_tokens` prompt tokens of the rows still prefilling (oldest row first), so a long prompt
+delays the others' next token by one chunk, not by its whole length. Once a prompt is in, its
+first token is chosen from the last chunk's logits and its keys and values are copied into its
+row; a prompt in one chunk is exactly the forward a one-stream generation runs (more chunks
+differ from it by a matmul's rounding). Then one forward decodes every decoding row: each feeds its
 last token at its own position (`position_ids`), writes its keys and values there, and attends to
 its own positions 0..n only (a 4D mask made from the positions). So each sequence computes what
 it computes alone; only a batched matmul's rounding may differ.
@@ -21,8 +25,8 @@ extension point) and keeps `StaticLayer`s as storage; only where keys and values
 
 Eager, a step runs the rows up to the highest one in use (a joiner takes the lowest free row) and
 attends as far as the longest sequence; compiled, it runs all `slots` rows over the whole cache,
-free rows masked: one shape, compiled once. Prefills run between steps, so a long prompt delays
-the others' next token by its prefill. The engine thread, the joining and leaving and each
+free rows (and rows still prefilling) masked: one shape, compiled once. The engine thread, the
+joining and leaving and each
 consumer's own queue are `continuous.BatchLoop`'s; this module fills in the join and the step.
 Imports torch and transformers; knows nothing of serving.
 """
@@ -46,8 +50,12 @@ from mahir.runtimes.torch_lm import CausalLM
 @dataclass(eq=False)
 class _Row:
     request: Request
-    position: int
+    position: int = 0
     """Where the row writes its next token's keys and values."""
+    alone: DynamicCache | None = None
+    """While the prompt is prefilled in chunks: its own cache (None once it decodes)."""
+    prefilled: int = 0
+    """Prompt tokens in `alone` so far."""
 
     def advance(self, token: int) -> bool:
         """A step wrote at `position` and chose `token`: deliver it; whether the row ended."""
@@ -126,11 +134,18 @@ class ContinuousBatch(BatchLoop[_Row]):
     """An engine thread decoding up to `slots` sequences together (see the module's note)."""
 
     def __init__(
-        self, lm: CausalLM, *, slots: int, length: int, compiled: bool, mode: str | None = None
+        self,
+        lm: CausalLM,
+        *,
+        slots: int,
+        length: int,
+        compiled: bool,
+        step_tokens: int = 256,
+        mode: str | None = None,
     ) -> None:
         super().__init__(slots, "mahir-batch")
         layers = attention_layers(lm.module.config)
-        self._lm, self._compiled = lm, compiled
+        self._lm, self._compiled, self._step_tokens = lm, compiled, step_tokens
         self._cache = SlotCache(layers, slots, length, lm.where)
         self._ids = torch.zeros((slots, 1), dtype=torch.long, device=lm.where)
         """Each row's last token: the next step's input."""
@@ -146,26 +161,23 @@ class ContinuousBatch(BatchLoop[_Row]):
         return torch.inference_mode()
 
     def join(self, request: Request, index: int) -> _Row | None:
-        """Prefill alone, deliver the first token, and take the row unless that was the last."""
-        alone = DynamicCache(config=self._lm.module.config)
-        torch.set_num_threads(self._lm.threads)  # process-wide: others set it too
-        logits = self._lm.prefill(request.prompt, alone)
-        (token,) = self._choose(logits[None], [request]).tolist()
-        if request.deliver(token):
-            return None
-        self._cache.place(index, alone)
-        self._ids[index, 0] = token
-        return _Row(request, len(request.prompt))
+        """Take the row; its prompt is prefilled in the steps that follow."""
+        return _Row(request, alone=DynamicCache(config=self._lm.module.config))
 
     def release(self, index: int) -> None:
         """Nothing to drop: a joiner's prefill overwrites the row's positions it uses."""
 
     def step(self) -> None:
-        """One step for every row in use; each row's token delivered, ended rows freed."""
+        """A chunk of the prompts still prefilling, then one decode step for every decoding
+        row; each row's token delivered, ended rows freed."""
+        self._prefill()
+        decoding = {i: r for i, r in enumerate(self.rows) if r is not None and r.alone is None}
+        if not decoding:
+            return
+        used = list(decoding)
         cache = self._cache
-        used = self.used()
         rows = self.slots if self._compiled else used[-1] + 1
-        positions = [row.position if row is not None else 0 for row in self.rows]
+        positions = [decoding[i].position if i in decoding else 0 for i in range(self.slots)]
         cache.at.copy_(torch.tensor(positions, device=cache.at.device))
         if not self._compiled:
             cache.width = max(positions[index] for index in used) + 1
@@ -176,7 +188,7 @@ class ContinuousBatch(BatchLoop[_Row]):
                 # have been read (their tokens are this step's input).
                 torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call]
             logits = self._step(self._ids[:rows], cache)
-            requests = [row.request if row is not None else None for row in self.rows[:rows]]
+            requests = [decoding[i].request if i in decoding else None for i in range(rows)]
             tokens = self._choose(logits, requests)
             self._ids[:rows, 0] = tokens
             chosen = tokens.tolist()
@@ -184,6 +196,37 @@ class ContinuousBatch(BatchLoop[_Row]):
             self.fail(used, err)
             return
         self.settle(used, lambda index, row: row.advance(chosen[index]))
+
+    def _prefill(self) -> None:
+        """Up to `step_tokens` prompt tokens of the rows still prefilling, oldest first; a row
+        whose prompt is in delivers its first token and moves into the slot cache."""
+        budget = self._step_tokens
+        prefilling = [
+            (row.request.order, index, row, row.alone)
+            for index, row in enumerate(self.rows)
+            if row is not None and row.alone is not None
+        ]
+        for _, index, row, alone in sorted(prefilling, key=lambda entry: entry[0]):
+            if budget <= 0:
+                return
+            prompt = row.request.prompt
+            chunk = prompt[row.prefilled : row.prefilled + budget]
+            try:
+                logits = self._lm.prefill(chunk, alone)
+                row.prefilled += len(chunk)
+                budget -= len(chunk)
+                if row.prefilled < len(prompt):
+                    continue
+                (token,) = self._choose(logits[None], [row.request]).tolist()
+            except Exception as err:  # the engine's: this request's stream raises it
+                self.fail([index], err)
+                continue
+            if row.request.deliver(token):
+                self.free(index)
+                continue
+            self._cache.place(index, alone)
+            self._ids[index, 0] = token
+            row.position, row.alone = len(prompt), None
 
     def _decode(self, ids: torch.Tensor, cache: SlotCache) -> torch.Tensor:
         """The decode step (what torch.compile compiles): (rows, vocab) logits."""

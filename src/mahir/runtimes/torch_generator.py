@@ -59,11 +59,15 @@ class TorchEngineOptions:
     """Sequences decoded together: above 1, concurrent `stream` calls join one batch between
     decode steps (`torch_batching.py`), over a KV cache preallocated for `slots` sequences of
     `max_cache_len` tokens, eager or compiled."""
+    step_tokens: int = 256
+    """With slots: prompt tokens prefilled per step at most (a long prompt goes in chunks)."""
     device: Device = CPU
 
     def __post_init__(self) -> None:
-        if self.slots < 1:
-            raise ValueError(f"slots must be >= 1, got {self.slots}")
+        if self.slots < 1 or self.step_tokens < 1:
+            raise ValueError(
+                f"slots and step_tokens must be >= 1, got {self.slots} and {self.step_tokens}"
+            )
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision is fp32 or bf16, got {self.precision!r}")
         if self.max_cache_len < 2:
@@ -111,6 +115,7 @@ class TorchGenerator:
                 slots=options.slots,
                 length=self.context_length,
                 compiled=options.compile,
+                step_tokens=options.step_tokens,
                 mode=mode,
             )
             weakref.finalize(self, self.batch.stop)  # its thread ends with the generator
@@ -294,7 +299,10 @@ class TorchGenerator:
         }
 
     def close(self) -> None:
-        """Nothing to release: the module belongs to the caller."""
+        """Stop the continuous batch's engine thread (its KV cache goes with it); the module
+        belongs to the caller."""
+        if self.batch is not None:
+            self.batch.stop()
 
     @property
     def _kv_cache(self) -> str:
