@@ -74,11 +74,12 @@ def save_llm_model(artifact: Artifact, reference: Any, tokenizer: Any, folder: P
 
 
 def open_llm_output(
-    out: str | os.PathLike[str], *, slots: int | None = None
+    out: str | os.PathLike[str], *, slots: int | None = None, step_tokens: int | None = None
 ) -> tuple[Generator, Decoder]:
     """The winner of `mahir optimize --llm` in `out`, on the engine and threads it won with,
     and its family (tokenizer, chat template, stop tokens). `slots`: decode that many requests
-    together instead of the number recorded (an engine mahir batches by slots only)."""
+    together instead of the number recorded, `step_tokens` feeding that many tokens a step at
+    most (an engine mahir batches by slots only)."""
     out = Path(out)
     manifest = read_manifest(out)
     try:
@@ -100,7 +101,7 @@ def open_llm_output(
                 f"--slots sizes mahir's own continuous batch; the {engine} engine schedules "
                 "requests itself: drop --slots"
             )
-        options = dataclasses.replace(options, slots=slots)
+        options = dataclasses.replace(options, slots=slots, step_tokens=step_tokens)
     folder = out / MODEL_FOLDER
     config, generation, tokenizer = _read_config(folder)
     family = decoder_family(config, tokenizer, out, generation)

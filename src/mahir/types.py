@@ -240,14 +240,22 @@ class RuntimeOptions:
     openvino: OpenVinoOptions = OpenVinoOptions()
     """OpenVINO's hint and precision."""
     slots: int = 1
-    """LLM sequences the PyTorch engines decode together (continuous batching; a server then
-    generates that many at once); 1: one generation at a time. Other runtimes ignore it."""
+    """LLM sequences the engines mahir batches by slots decode together (continuous batching; a
+    server then generates that many at once); 1: one generation at a time. Other runtimes
+    ignore it."""
+    step_tokens: int | None = None
+    """With slots: the most prompt tokens one step of the continuous batch feeds (llama.cpp
+    counts the decode tokens in it too), so a joining prompt goes in chunks; fewer keep the
+    time between tokens even, more fill the machine. None: the engine's own (256)."""
 
     def __post_init__(self) -> None:
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ValueError(f"threads must be an integer >= 1, got {self.threads!r}")
         if not isinstance(self.slots, int) or self.slots < 1:
             raise ValueError(f"slots must be an integer >= 1, got {self.slots!r}")
+        step = self.step_tokens
+        if step is not None and (not isinstance(step, int) or step < self.slots):
+            raise ValueError(f"step_tokens must be an integer >= slots, got {step!r}")
         if not isinstance(self.device, Device):
             raise ValueError(f"device must be a Device (Device.parse({self.device!r})), got text")
         if not isinstance(self.openvino, OpenVinoOptions):
@@ -255,12 +263,16 @@ class RuntimeOptions:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for recipe.yaml, mahir.json and records: the device as "cpu"/"cuda:N"."""
-        return {
-            "threads": self.threads,
-            "device": str(self.device),
-            "openvino": {"hint": self.openvino.hint, "precision": self.openvino.precision}
-            | ({"streams": self.openvino.streams} if self.openvino.streams else {}),
-        } | ({"slots": self.slots} if self.slots > 1 else {})
+        return (
+            {
+                "threads": self.threads,
+                "device": str(self.device),
+                "openvino": {"hint": self.openvino.hint, "precision": self.openvino.precision}
+                | ({"streams": self.openvino.streams} if self.openvino.streams else {}),
+            }
+            | ({"slots": self.slots} if self.slots > 1 else {})
+            | ({"step_tokens": self.step_tokens} if self.step_tokens is not None else {})
+        )
 
     def for_workers(self, workers: int) -> RuntimeOptions:
         """These options for a session that runs `workers` batches at once: OpenVINO compiles that
@@ -285,7 +297,8 @@ class RuntimeOptions:
         for old, new in _FLAT_OPENVINO.items():
             if old in shared:
                 openvino.setdefault(new, shared.pop(old))
-        _refuse_unknown(shared, ("threads", "device", "openvino", "slots"), "runtime option")
+        known = ("threads", "device", "openvino", "slots", "step_tokens")
+        _refuse_unknown(shared, known, "runtime option")
         _refuse_unknown(openvino, ("hint", "precision", "streams"), "OpenVINO option")
         device = shared.get("device", "cpu")
         if not isinstance(device, str):
@@ -296,6 +309,7 @@ class RuntimeOptions:
                 device=Device.parse(device),
                 openvino=OpenVinoOptions(**openvino),
                 slots=shared.get("slots", 1),
+                step_tokens=shared.get("step_tokens"),
             )
         except ValueError as err:
             raise BadInput(str(err)) from err

@@ -93,7 +93,7 @@ def test_paged_slots_stream_concurrent_requests_each_as_alone(
     tiny_llm: LanguageModel, fp32_ir: Artifact, openvino: Generator
 ) -> None:
     """With slots, the paged engine runs concurrent streams as requests of one continuous
-    batch, stepped by mahir's loop: each gets the stateful engine's tokens for it alone, a
+    batch, stepped by mahir's loop, prompts split into steps of 8 tokens: each gets the stateful engine's tokens for it alone, a
     closed stream's request is dropped, a seeded sample repeats."""
     prompts = [
         question_ids(tiny_llm),
@@ -103,10 +103,12 @@ def test_paged_slots_stream_concurrent_requests_each_as_alone(
     ]
     news = [60, 40, 30, 20]
     alone = [list(openvino.stream(p, Sampling(n))) for p, n in zip(prompts, news, strict=True)]
-    batched = open_engine("openvino-paged", fp32_ir, RuntimeOptions(threads=1, slots=4))
+    chunked = RuntimeOptions(threads=1, slots=4, step_tokens=8)  # the 24-token prompt in 3+
+    batched = open_engine("openvino-paged", fp32_ir, chunked)
     assert isinstance(batched, OpenVinoGenerator)
     assert batched.batch is not None
     assert batched.max_concurrency == batched.describe()["slots"] == 4
+    assert batched.describe()["step_tokens"] == 8
     with ThreadPoolExecutor(4) as pool:
         streams = pool.map(lambda i: list(batched.stream(prompts[i], Sampling(news[i]))), range(4))
         assert list(streams) == alone

@@ -323,7 +323,12 @@ def test_tune_chooses_slots_under_the_bound_records_them_and_serves_with_them(
         assert server.stop() == 0
     recorded = manifest["batching"]
     assert recorded["slots"] in (1, 2, 4)  # the counts tried, capped at the concurrency
-    assert manifest["options"]["slots"] == recorded["slots"]  # what serve opens the engine with
+    assert recorded["step_tokens"] in ((None,) if recorded["slots"] == 1 else (256, 32))
+    options = manifest["options"]  # what serve opens the engine with
+    assert (options["slots"], options.get("step_tokens")) == (
+        recorded["slots"],
+        recorded["step_tokens"],
+    )
     assert recorded["itl_p99_ms"] <= recorded["itl_p99_bound_ms"] == 10000
     assert recorded["output_tokens_per_s"] > 0
     assert reply.status_code == 200, reply.text
@@ -335,8 +340,9 @@ def test_a_tune_nothing_meets_or_an_engine_without_slots_is_one_line(
 ) -> None:
     from mahir.serve.llm_tune import LlmTuneConfig, LlmTuneResult, SlotTrial
 
-    fast = SlotTrial(1, 1.0, 50, (10.0,) * 50, (20.0,))
-    busy = SlotTrial(4, 1.0, 120, (40.0,) * 120, (60.0,))
+    fast = SlotTrial(1, None, 1.0, 50, (10.0,) * 50, (20.0,))
+    busy = SlotTrial(4, 32, 1.0, 120, (40.0,) * 120, (60.0,))
+    assert LlmTuneConfig(50.0, 4).settings() == [(1, None), (2, 256), (2, 32), (4, 256), (4, 32)]
     assert LlmTuneResult(LlmTuneConfig(50.0, 4), (fast, busy), "m").best is busy
     assert LlmTuneResult(LlmTuneConfig(20.0, 4), (fast, busy), "m").best is fast
     with pytest.raises(BadInput, match=r"lowest: 10\.0 ms with 1 slots"):

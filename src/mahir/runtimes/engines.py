@@ -22,7 +22,7 @@ import dataclasses
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from mahir.errors import BadInput, Unsupported
 from mahir.generation import Generator
@@ -82,6 +82,7 @@ def _torch(
             threads=options.threads,
             slots=options.slots,
             device=options.device,
+            **_step(options),
         )
         return open_generator(artifact, settings, engine=name)
 
@@ -91,8 +92,15 @@ def _torch(
 def _open_llamacpp(artifact: Artifact, options: RuntimeOptions) -> Generator:
     from mahir.runtimes.llamacpp import LlamaCppOptions, open_generator
 
-    settings = LlamaCppOptions(threads=options.threads, slots=options.slots, device=options.device)
+    settings = LlamaCppOptions(
+        threads=options.threads, slots=options.slots, device=options.device, **_step(options)
+    )
     return open_generator(artifact, settings, engine="llama.cpp")
+
+
+def _step(options: RuntimeOptions) -> dict[str, int]:
+    """`step_tokens` where the options set it; else the engine's own default stands."""
+    return {} if options.step_tokens is None else {"step_tokens": options.step_tokens}
 
 
 def _vllm(dtype: Literal["bf16", "fp32"]) -> Callable[[Artifact, RuntimeOptions], Generator]:
@@ -111,12 +119,11 @@ def _openvino(name: str, summary: str, *, own_choices: bool = False, paged: bool
     def open_openvino(artifact: Artifact, options: RuntimeOptions) -> Generator:
         from mahir.runtimes.openvino_genai import OpenVinoLlmOptions, open_generator
 
-        slots = options.slots if paged else 1
-        settings = OpenVinoLlmOptions(threads=options.threads, paged=paged, slots=slots)
-        if own_choices:
-            settings = OpenVinoLlmOptions.openvino_defaults(
-                threads=options.threads, paged=paged, slots=slots
-            )
+        shared: dict[str, Any] = {"threads": options.threads, "paged": paged}
+        if paged:
+            shared |= {"slots": options.slots, **_step(options)}
+        make = OpenVinoLlmOptions.openvino_defaults if own_choices else OpenVinoLlmOptions
+        settings = make(**shared)
         return open_generator(artifact, settings, engine=name)
 
     return Engine(

@@ -98,6 +98,7 @@ class LlamaCppGenerator:
         self.engine = engine
         self.device = options.device
         self.max_concurrency = options.slots
+        self._step_tokens = options.step_tokens
         self._path = path
         self._threads = options.threads or physical_cores()
         self._native = _Native(_load(path))
@@ -178,6 +179,7 @@ class LlamaCppGenerator:
             "kv_cache": "f16",
             "context": self.context_length,
             "slots": self.max_concurrency,
+            "step_tokens": self._step_tokens,
             "weights_mb": llama_cpp.llama_model_size(self._native.model) / 2**20,
             "parameters": llama_cpp.llama_model_n_params(self._native.model),
             "threads": llama_cpp.llama_n_threads(self._context),

@@ -65,6 +65,9 @@ class OpenVinoLlmOptions:
     """Paged only: requests run together, as a continuous batch of GenAI's
     `ContinuousBatchingPipeline` driven step by step (`openvino_batching.py`); 1: one `generate`
     at a time."""
+    step_tokens: int | None = None
+    """Paged only: the most tokens one scheduler step batches, decode tokens and prompt chunks
+    together (GenAI's `max_num_batched_tokens`, prompts split to fit); None: GenAI's (256)."""
     threads: int | None = None
     """INFERENCE_NUM_THREADS; default: the machine's physical cores."""
 
@@ -122,14 +125,14 @@ class OpenVinoGenerator:
         """The continuous batch that runs every `stream` when `slots` > 1."""
         try:
             if options.slots > 1:
-                scheduler = _scheduler(options.cache_gb)
+                scheduler = _scheduler(options)
                 pipeline = ov_genai.ContinuousBatchingPipeline(
                     str(folder), scheduler, "CPU", self._config
                 )
                 self.batch = OpenVinoBatch(pipeline, generation_config, slots=options.slots)
                 weakref.finalize(self, self.batch.stop)  # its thread ends with the generator
             else:
-                extra = {"scheduler_config": _scheduler(options.cache_gb)} if options.paged else {}
+                extra = {"scheduler_config": _scheduler(options)} if options.paged else {}
                 self._pipe = ov_genai.LLMPipeline(str(folder), "CPU", **self._config, **extra)
         except RuntimeError as err:
             raise BadInput(f"{folder}: OpenVINO GenAI cannot open it ({first_line(err)})") from err
@@ -224,6 +227,7 @@ class OpenVinoGenerator:
             "dynamic_quantization": options.dynamic_quantization,
             "kv_cache": "paged" if options.paged else "stateful",
             "slots": options.slots,
+            "step_tokens": options.step_tokens or "GenAI's (256)",
             "weight_format": _weight_format(self._folder),
             "weights_mb": (self._folder / IR_FILE).with_suffix(".bin").stat().st_size / 2**20,
             "threads": self._config["INFERENCE_NUM_THREADS"],
@@ -295,9 +299,11 @@ def open_generator(
     return OpenVinoGenerator(path.parent, options, engine=engine)
 
 
-def _scheduler(cache_gb: int) -> ov_genai.SchedulerConfig:
+def _scheduler(options: OpenVinoLlmOptions) -> ov_genai.SchedulerConfig:
     config = ov_genai.SchedulerConfig()
-    config.cache_size = cache_gb
+    config.cache_size = options.cache_gb
+    if options.step_tokens is not None:
+        config.max_num_batched_tokens = options.step_tokens
     return config
 
 

@@ -291,6 +291,7 @@ class TorchGenerator:
             "max_cache_len": None if self._kv_cache == "dynamic" else self.context_length,
             "compiled": self._options.compile,
             "slots": self._options.slots,
+            "step_tokens": self._options.step_tokens,
             "compile_s": self.compile_s,
             "weights_mb": module_mb(self._module),
             "threads": self._threads,

@@ -1,17 +1,19 @@
-"""The slots tuner: how many sequences an LLM's engine decodes together, chosen by measurement
-under a bound on the p99 time between streamed tokens.
+"""The slots tuner: how many sequences an LLM's engine decodes together, and how many prompt
+tokens a step feeds, chosen by measurement under a bound on the p99 time between streamed tokens.
 
 More slots put more rows in each decode step: more output tokens/s for the server, and a longer
 wait between each stream's tokens, since a step over many rows takes longer than a step over
-one. Which count is best depends on the engine, the model and the machine, so each count is
-measured: the output directory's engine opened with that many slots (`open_llm_output`), the
-same closed-loop load driven through the real `Scheduler` (`concurrency` clients, each
-streaming one generated prompt after another, stop tokens ignored so every count does the same
-work), the clock read at every token. Counts are timed one after another, each on its own
-engine (opening an engine per round would cost more than the drift it cancels), after one
-untimed request per client. The winner is the most output tokens/s whose p99 between tokens is
-within the bound; `slots` goes into `mahir.json`'s options, which `mahir serve` (and each Ray
-replica) opens the engine with, and `batching` keeps what was measured.
+one. A joining prompt goes in chunks of at most `step_tokens` beside the decoding rows: a large
+chunk fills the machine, and is a long gap for every stream in that step. Which setting is best
+depends on the engine, the model and the machine, so each is measured: the output directory's
+engine opened with it (`open_llm_output`), the same closed-loop load driven through the real
+`Scheduler` (`concurrency` clients, each streaming one generated prompt after another, stop
+tokens ignored so every setting does the same work), the clock read at every token. Settings
+are timed one after another, each on its own engine (opening an engine per round would cost
+more than the drift it cancels), after one untimed request per client. The winner is the most
+output tokens/s whose p99 between tokens is within the bound; its `slots` and `step_tokens` go
+into `mahir.json`'s options, which `mahir serve` (and each Ray replica) opens the engine with,
+and `batching` keeps what was measured.
 
 Knows the scheduler, the generator contract and the output directory; nothing of HTTP.
 """
@@ -41,6 +43,9 @@ from mahir.serve.llm_scheduler import Scheduler, SchedulerConfig
 
 SLOTS = (1, 2, 4, 8, 16, 32)
 """The counts tried, up to the load's concurrency (more slots than clients never fill)."""
+STEP_TOKENS = (256, 32)
+"""Prompt tokens a step feeds at most, tried for each count above 1: the engines' default, and
+chunks small enough that a step carrying one stays near a decode step's time."""
 WARM_TOKENS = 4
 """New tokens of each client's untimed first request."""
 
@@ -54,6 +59,7 @@ class LlmTuneConfig:
     seconds: float = 2.0
     """Timed seconds per slot count."""
     slots: tuple[int, ...] = SLOTS
+    step_tokens: tuple[int, ...] = STEP_TOKENS
     prompt_tokens: tuple[int, int] = (32, 256)
     new_tokens: tuple[int, int] = (32, 64)
 
@@ -63,14 +69,18 @@ class LlmTuneConfig:
         if self.concurrency < 1 or self.seconds <= 0:
             raise BadInput("--tune-concurrency must be >= 1 and --tune-seconds > 0")
 
-    @property
-    def counts(self) -> tuple[int, ...]:
-        return tuple(n for n in self.slots if n <= self.concurrency) or (self.concurrency,)
+    def settings(self) -> list[tuple[int, int | None]]:
+        """(slots, step_tokens) pairs tried: one slot once (it runs no batch), each larger
+        count with every chunk it can hold (llama.cpp feeds its decode tokens in the chunk)."""
+        counts = [n for n in self.slots if n <= self.concurrency] or [self.concurrency]
+        single: list[tuple[int, int | None]] = [(1, None)] if 1 in counts else []
+        return single + [(n, s) for n in counts if n > 1 for s in self.step_tokens if s >= n]
 
 
 @dataclass(frozen=True, slots=True)
 class SlotTrial:
     slots: int
+    step_tokens: int | None
     seconds: float
     tokens: int
     gaps_ms: tuple[float, ...]
@@ -114,6 +124,7 @@ class LlmTuneResult:
             )
         return {
             "slots": best.slots,
+            "step_tokens": best.step_tokens,
             "itl_p99_bound_ms": self.config.itl_p99_ms,
             "concurrency": self.config.concurrency,
             "output_tokens_per_s": round(best.tokens_per_s, 1),
@@ -128,14 +139,15 @@ class LlmTuneResult:
     def __rich__(self) -> Table:
         best = self.best
         table = Table(title=f"slots at concurrency {self.config.concurrency}")
-        columns = ("slots", "tok/s", "ITL p50 ms", "ITL p99 ms", "TTFT p50 ms", "TTFT p99 ms", "")
-        for column in columns:
+        columns = ("slots", "step tokens", "tok/s", "ITL p50 ms", "ITL p99 ms", "TTFT p50 ms")
+        for column in (*columns, "TTFT p99 ms", ""):
             table.add_column(column, justify="right")
-        for t in sorted(self.trials, key=lambda t: t.slots):
+        for t in self.trials:
             over = t.gap(99) > self.config.itl_p99_ms
             verdict = "chosen" if t is best else ("ITL p99 over" if over else "")
             table.add_row(
                 str(t.slots),
+                "" if t.step_tokens is None else str(t.step_tokens),
                 f"{t.tokens_per_s:.1f}",
                 f"{t.gap(50):.1f}",
                 f"{t.gap(99):.1f}",
@@ -153,19 +165,19 @@ def tune_slots(
     *,
     on_trial: Callable[[int, int], None] = lambda done, total: None,
 ) -> LlmTuneResult:
-    """Time every slot count on `out`'s engine under the same load (see the module note)."""
-    counts = config.counts
+    """Time every setting on `out`'s engine under the same load (see the module note)."""
+    settings = config.settings()
     trials: list[SlotTrial] = []
     prompts: list[Prompt] = []
-    for i, slots in enumerate(counts):
-        generator, family = open_llm_output(out, slots=slots)
+    for i, (slots, step) in enumerate(settings):
+        generator, family = open_llm_output(out, slots=slots, step_tokens=step)
         try:
             prompts = prompts or _prompts(family, generator.context_length, config)
             scheduler = Scheduler(generator, SchedulerConfig(config.concurrency, 3600.0))
-            trials.append(asyncio.run(_timed(scheduler, slots, prompts, config)))
+            trials.append(asyncio.run(_timed(scheduler, (slots, step), prompts, config)))
         finally:
             generator.close()
-        on_trial(i + 1, len(counts))
+        on_trial(i + 1, len(settings))
     return LlmTuneResult(config, tuple(trials), detect(gpus=False).summary())
 
 
@@ -175,8 +187,9 @@ def tune_and_record(
     *,
     on_trial: Callable[[int, int], None] = lambda done, total: None,
 ) -> tuple[LlmTuneResult, dict[str, Any]]:
-    """Tune and record the choice in `out`'s mahir.json (options.slots, and `batching`), in
-    one atomic write. An engine that schedules requests itself is refused before any work."""
+    """Tune and record the choice in `out`'s mahir.json (options' slots and step_tokens, and
+    `batching`), in one atomic write. An engine that schedules requests itself is refused
+    before any work."""
     engine = str(read_manifest(out).get("engine"))
     if not get_engine(engine).slotted:
         raise BadInput(
@@ -186,6 +199,9 @@ def tune_and_record(
     result = tune_slots(out, config, on_trial=on_trial)
     record = result.record()
     options = {**read_manifest(out).get("options", {}), "slots": record["slots"]}
+    options.pop("step_tokens", None)  # one slot runs no batch: the engine's own chunk stands
+    if record["step_tokens"] is not None:
+        options["step_tokens"] = record["step_tokens"]
     update_manifest(out, {"options": options, "batching": record})
     return result, record
 
@@ -209,7 +225,10 @@ class _Load:
 
 
 async def _timed(
-    scheduler: Scheduler, slots: int, prompts: Sequence[Prompt], config: LlmTuneConfig
+    scheduler: Scheduler,
+    setting: tuple[int, int | None],
+    prompts: Sequence[Prompt],
+    config: LlmTuneConfig,
 ) -> SlotTrial:
     """The closed loop: an untimed request per client, then `config.seconds` of requests."""
     clients = range(config.concurrency)
@@ -230,7 +249,8 @@ async def _timed(
     finally:
         await scheduler.stop()
     elapsed = time.perf_counter() - started
-    return SlotTrial(slots, elapsed, load.tokens, tuple(load.gaps_ms), tuple(load.ttft_ms))
+    slots, step = setting
+    return SlotTrial(slots, step, elapsed, load.tokens, tuple(load.gaps_ms), tuple(load.ttft_ms))
 
 
 async def _request(scheduler: Scheduler, prompt: Prompt, load: _Load | None) -> None:
