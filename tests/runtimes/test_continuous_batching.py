@@ -25,7 +25,7 @@ from mahir.runtimes.llamacpp import LlamaCppOptions
 from mahir.runtimes.llamacpp import open_generator as open_llamacpp
 from mahir.runtimes.torch_generator import TorchEngineOptions
 from mahir.runtimes.torch_generator import open_generator as open_torch
-from mahir.types import Artifact, RuntimeOptions
+from mahir.types import Artifact, Device, RuntimeOptions
 from tests.models import DECODERS
 
 ONE_THREAD = RuntimeOptions(threads=1)
@@ -234,3 +234,19 @@ def test_the_compiled_batch_decodes_as_eager_does(tiny_llm: LanguageModel) -> No
     compiled = _batched(tiny_llm, slots=3, engine="torch-compile")
     assert compiled.describe()["compile_s"] > 0
     assert _staggered(compiled, prompts, news) == alone
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_batch_decodes_as_the_cpu_engine_does(tiny_llm: LanguageModel) -> None:
+    """fp32 on a GPU, eager and compiled (the step captured as a CUDA graph), prompts in 8-token
+    chunks: each stream gets the CPU engine's greedy tokens."""
+    prompts = _prompts(tiny_llm)[:3]
+    news = [24, 16, 12]
+    cpu = open_engine("torch", tiny_llm.original(), ONE_THREAD)
+    alone = [list(cpu.stream(p, Sampling(n))) for p, n in zip(prompts, news, strict=True)]
+    gpu = RuntimeOptions(threads=1, slots=3, step_tokens=8, device=Device.parse("cuda"))
+    for name in ("torch", "torch-compile"):
+        batched = cast(Batched, open_engine(name, tiny_llm.original(), gpu))
+        assert batched.describe()["device"] == "cuda:0"
+        assert _staggered(batched, prompts, news) == alone, name
+        cast(Generator, batched).close()

@@ -93,8 +93,9 @@ def test_paged_slots_stream_concurrent_requests_each_as_alone(
     tiny_llm: LanguageModel, fp32_ir: Artifact, openvino: Generator
 ) -> None:
     """With slots, the paged engine runs concurrent streams as requests of one continuous
-    batch, stepped by mahir's loop, prompts split into steps of 8 tokens: each gets the stateful engine's tokens for it alone, a
-    closed stream's request is dropped, a seeded sample repeats."""
+    batch, stepped by mahir's loop, prompts split into steps of 8 tokens: each gets the
+    stateful engine's tokens for it alone, a closed stream's request is dropped, a seeded
+    sample repeats."""
     prompts = [
         question_ids(tiny_llm),
         question_ids(tiny_llm)[:3],
