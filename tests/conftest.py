@@ -55,12 +55,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session")
 def llm_tokenizer() -> Any:
     """The default LLM's tokenizer (byte-level BPE, ChatML template), read from its GGUF once
-    per session: the tiny decoders' tokenizer too."""
+    per session: the tiny decoders' tokenizer too. MAHIR_TEST_LLM_TOKENIZER names a folder it
+    was saved to, where the package is not installed (a GPU machine)."""
     import transformers
 
     from mahir.families.decoder import default_llm_path
     from mahir.silence import quiet_transformers
 
+    saved = os.environ.get("MAHIR_TEST_LLM_TOKENIZER")
+    if saved:
+        return transformers.AutoTokenizer.from_pretrained(saved)
     path = default_llm_path()
     with quiet_transformers():
         return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

@@ -21,8 +21,6 @@ from mahir.generation import Generator, Sampling
 from mahir.model import load_model
 from mahir.runtimes.continuous import BatchLoop
 from mahir.runtimes.engines import open_engine
-from mahir.runtimes.llamacpp import LlamaCppOptions
-from mahir.runtimes.llamacpp import open_generator as open_llamacpp
 from mahir.runtimes.torch_generator import TorchEngineOptions
 from mahir.runtimes.torch_generator import open_generator as open_torch
 from mahir.types import Artifact, Device, RuntimeOptions
@@ -115,7 +113,10 @@ def test_staggered_streams_each_get_what_they_get_alone(
 
 def _chunked(engine: Engine, slots: int, step_tokens: int) -> Batched:
     """The engine with a continuous batch that prefills at most `step_tokens` a step."""
-    if engine.name == "llama.cpp":
+    if engine.name == "llama.cpp":  # imported here: a GPU machine has no llama.cpp
+        from mahir.runtimes.llamacpp import LlamaCppOptions
+        from mahir.runtimes.llamacpp import open_generator as open_llamacpp
+
         options = LlamaCppOptions(threads=1, slots=slots, step_tokens=step_tokens)
         return cast(Batched, open_llamacpp(engine.artifact, options))
     settings = TorchEngineOptions(threads=1, slots=slots, step_tokens=step_tokens)
