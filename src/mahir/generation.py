@@ -43,10 +43,15 @@ class Sampling:
     stop_token_ids: tuple[int, ...] = ()
     """Tokens that end the generation (the model's end-of-turn and end-of-text); the stop token
     itself is yielded last."""
+    logprobs: int | None = None
+    """Yield each token as a `Token` with its log-probability and this many of the most likely
+    alternatives (0: its own only); None: plain ids. Engines with `token_logprobs` honour it."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -88,9 +93,44 @@ class Generator(Protocol):
         ...
 
 
+class Token(int):
+    """A chosen token id that also carries its log-probability under the model (before
+    temperature and top-p) and the most likely alternatives, as `Sampling.logprobs` asks:
+    everywhere else it is the int it is, so nothing between the engine and the server changes."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+    """(id, log-probability) of the most likely tokens, the most likely first."""
+
+    def __new__(cls, value: int, logprob: float, top: tuple[tuple[int, float], ...]) -> Token:
+        token = super().__new__(cls, value)
+        token.logprob, token.top = logprob, top
+        return token
+
+
+def scored(token: int, logits: np.ndarray, sampling: Sampling) -> int:
+    """`token` as a `Token` with its log-probability from `logits` where `sampling` asks for
+    them; else the id as it is."""
+    if sampling.logprobs is None:
+        return token
+    row = logits.astype(np.float64)
+    shifted = row - row.max()
+    logprobs = shifted - np.log(np.exp(shifted).sum())
+    k = min(sampling.logprobs, len(row))
+    best = np.argpartition(-logprobs, k - 1)[:k] if k else np.array([], dtype=np.int64)
+    best = best[np.argsort(-logprobs[best], kind="stable")]
+    top = tuple((int(i), float(logprobs[i])) for i in best)
+    return Token(token, float(logprobs[token]), top)
+
+
 def choose(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
     """The next token from one row of logits: argmax when greedy, else a top-p sample at the
-    sampling temperature (ties in argmax go to the lowest id, as torch.argmax does)."""
+    sampling temperature (ties in argmax go to the lowest id, as torch.argmax does); a `Token`
+    with its log-probabilities where `sampling.logprobs` asks."""
+    return scored(_chosen(logits, sampling, rng), logits, sampling)
+
+
+def _chosen(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
     if sampling.greedy:
         return int(np.argmax(logits))
     scaled = logits.astype(np.float64) / sampling.temperature

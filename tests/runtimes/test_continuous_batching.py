@@ -17,7 +17,7 @@ import pytest
 
 from mahir.errors import RuntimeFailure, Unsupported
 from mahir.families.decoder import LanguageModel
-from mahir.generation import Generator, Sampling
+from mahir.generation import Generator, Sampling, Token
 from mahir.model import load_model
 from mahir.runtimes.continuous import BatchLoop
 from mahir.runtimes.engines import open_engine
@@ -251,3 +251,23 @@ def test_on_a_gpu_the_batch_decodes_as_the_cpu_engine_does(tiny_llm: LanguageMod
         assert batched.describe()["device"] == "cuda:0"
         assert _staggered(batched, prompts, news) == alone, name
         cast(Generator, batched).close()
+
+
+def test_tokens_carry_the_log_probabilities_the_model_gives_them(
+    tiny_llm: LanguageModel, engine: Engine
+) -> None:
+    """Asked (`Sampling.logprobs`), plain and batched streams yield `Token`s: the same ids, each
+    with its teacher-forced log-probability and the most likely alternatives, best first."""
+    prompt = _prompts(tiny_llm)[0]
+    plain = engine.plain()
+    want = list(plain.stream(prompt, Sampling(12)))
+    forced = plain.logprobs([*prompt, *want])[len(prompt) - 1 : -1]
+    for generator in (plain, engine.batched(slots=2)):
+        got = list(generator.stream(prompt, Sampling(12, logprobs=3)))
+        assert got == want
+        for row, token in zip(forced, got, strict=True):
+            assert isinstance(token, Token)
+            assert token.logprob == pytest.approx(float(row[token]), abs=1e-3)
+            ids, scores = zip(*token.top, strict=True)
+            assert (ids[0], len(ids)) == (int(token), 3)  # greedy: the most likely first
+            assert list(scores) == sorted(scores, reverse=True)

@@ -218,3 +218,22 @@ def test_bench_llm_times_and_judges_openvino_rows(
     assert 8 <= row["tokens"] <= 16
     assert row["decode_ms"]["p50"] > 0
     assert row["quality"]["top1_agreement"] > 0.8
+
+
+def test_a_server_on_it_refuses_logprobs_before_any_work(
+    tiny_llm: LanguageModel, openvino: Generator
+) -> None:
+    """GenAI chooses its tokens itself and reports no log-probabilities per token: a request
+    asking for them is a 400 naming `logprobs`, the engine untouched."""
+    from mahir.errors import Mismatch
+    from mahir.serve.llm_app import LlmServed
+    from mahir.serve.openai_chat import parse_completion
+    from mahir.serve.served import ServeConfig
+
+    served = LlmServed(openvino, tiny_llm.family, "tiny", ServeConfig())
+    asked = parse_completion({"prompt": "Once", "max_tokens": 4, "logprobs": 1})
+    with pytest.raises(Mismatch, match="does not report log-probabilities") as refused:
+        served.sampling(asked, tiny_llm.family.encode("Once"))
+    assert refused.value.param == "logprobs"
+    plain = parse_completion({"prompt": "Once", "max_tokens": 4})
+    assert served.sampling(plain, tiny_llm.family.encode("Once")).logprobs is None

@@ -148,6 +148,51 @@ def test_n_choices_each_carry_their_index_and_seeded_ones_their_own_seed(
     assert chunks[-1].usage.completion_tokens == 2 * count
 
 
+def test_logprobs_come_with_each_token_in_openais_shapes(
+    server: Server, opened: tuple[Generator, Decoder]
+) -> None:
+    """Chat's `logprobs` + `top_logprobs`, completions' `logprobs`, streamed and not: each
+    generated token's text, its teacher-forced log-probability, the alternatives best first."""
+    generator, family = opened
+    api = client(server)
+    name = api.models.list().data[0].id
+    prompt = family.prompt_ids(chat("Hi"))
+    tokens = list(generator.stream(prompt, family.sampling(8)))
+    kept = [t for t in tokens if t not in family.stop_token_ids]
+    forced = generator.logprobs([*prompt, *tokens])[len(prompt) - 1 : -1]
+    answer = api.chat.completions.create(
+        model=name, messages=chat("Hi"), max_tokens=8, temperature=0, logprobs=True, top_logprobs=2
+    )
+    scored = answer.choices[0].logprobs
+    assert scored is not None
+    assert scored.content is not None
+    assert [entry.token for entry in scored.content] == [family.tokenizer.decode([t]) for t in kept]
+    for entry, token, row in zip(scored.content, kept, forced, strict=False):
+        assert entry.logprob == pytest.approx(float(row[token]), abs=1e-3)
+        best = [top.token for top in entry.top_logprobs]
+        assert (best[0], len(best)) == (entry.token, 2)  # greedy: the most likely first
+    asked: dict[str, Any] = {"model": name, "prompt": "Once upon a time", "max_tokens": 6}
+    done = api.completions.create(**asked, temperature=0, logprobs=2)
+    listed = done.choices[0].logprobs
+    assert listed is not None
+    assert listed.tokens
+    assert listed.text_offset
+    assert listed.text_offset[0] == 0
+    steps = [b - a for a, b in zip(listed.text_offset, listed.text_offset[1:], strict=False)]
+    assert steps == [len(token) for token in listed.tokens[:-1]]
+    assert all(len(top) <= 2 for top in listed.top_logprobs or [])
+    pieces = api.completions.create(**asked, temperature=0, logprobs=2, stream=True)
+    streamed = [
+        token
+        for chunk in pieces
+        if chunk.choices and chunk.choices[0].logprobs
+        for token in chunk.choices[0].logprobs.tokens or []
+    ]
+    assert streamed == listed.tokens
+    plain = api.completions.create(**asked, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
 def test_64_concurrent_streams_each_get_their_own_tokens(
     server: Server, opened: tuple[Generator, Decoder]
 ) -> None:
@@ -207,6 +252,12 @@ def test_a_client_that_leaves_frees_its_slot_at_the_next_token(server: Server) -
         (b'{"model": "m"}', "messages"),
         (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}', "max_tokens"),
         (b'{"messages": [{"role": "user", "content": "hi"}], "n": 17}', "n"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}', "top_logprobs"),
+        (
+            b'{"messages": [{"role": "user", "content": "hi"}], "logprobs": true, '
+            b'"top_logprobs": 21}',
+            "top_logprobs",
+        ),
         (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}', "messages"),
         (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": -1}', "temperature"),
     ],

@@ -90,6 +90,9 @@ class LlamaCppOptions:
 class LlamaCppGenerator:
     """`Generator` over a llama.cpp model and context (`generation.Generator`)."""
 
+    token_logprobs = True
+    """Its streams yield `Token`s with their log-probabilities where `Sampling.logprobs` asks."""
+
     max_concurrency: int
     """`slots`: one generation at a time on one context whose KV cache each generation clears,
     or that many decoded together in a context of that many sequences."""

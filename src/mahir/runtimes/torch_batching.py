@@ -189,9 +189,8 @@ class ContinuousBatch(BatchLoop[_Row]):
                 torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call]
             logits = self._step(self._ids[:rows], cache)
             requests = [decoding[i].request if i in decoding else None for i in range(rows)]
-            tokens = self._choose(logits, requests)
+            tokens, chosen = self._choose(logits, requests)
             self._ids[:rows, 0] = tokens
-            chosen = tokens.tolist()
         except Exception as err:  # the engine's: every stream in the batch raises it
             self.fail(used, err)
             return
@@ -217,7 +216,7 @@ class ContinuousBatch(BatchLoop[_Row]):
                 budget -= len(chunk)
                 if row.prefilled < len(prompt):
                     continue
-                (token,) = self._choose(logits[None], [row.request]).tolist()
+                _, (token,) = self._choose(logits[None], [row.request])
             except Exception as err:  # the engine's: this request's stream raises it
                 self.fail([index], err)
                 continue
@@ -235,14 +234,22 @@ class ContinuousBatch(BatchLoop[_Row]):
         positions = cache.at[:rows, None]
         return self._lm.forward(ids, cache, attention_mask=mask, position_ids=positions)[:, -1]
 
-    def _choose(self, logits: torch.Tensor, requests: Sequence[Request | None]) -> torch.Tensor:
-        """Each row's next token: argmax on the device, then the sampled rows' own draws."""
+    def _choose(
+        self, logits: torch.Tensor, requests: Sequence[Request | None]
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Each row's next token, on the device and on the host: argmax on the device, then
+        on the host the rows that sample or asked for log-probabilities (`Token`s)."""
         tokens = torch.argmax(logits, dim=-1)
+        chosen: list[int] = tokens.tolist()
         for row, request in enumerate(requests):
-            if request is not None and not request.sampling.greedy:
+            if request is None:
+                continue
+            sampling = request.sampling
+            if not sampling.greedy or sampling.logprobs is not None:
                 row_logits = logits[row].float().cpu().numpy()
-                tokens[row] = choose(row_logits, request.sampling, request.rng)
-        return tokens
+                chosen[row] = choose(row_logits, sampling, request.rng)
+                tokens[row] = chosen[row]
+        return tokens, chosen
 
 
 def _tensors(layer: Any) -> tuple[torch.Tensor, torch.Tensor]:

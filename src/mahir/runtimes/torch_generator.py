@@ -79,6 +79,9 @@ class TorchEngineOptions:
 class TorchGenerator:
     """`Generator` over a transformers causal LM (`generation.Generator`)."""
 
+    token_logprobs = True
+    """Its streams yield `Token`s with their log-probabilities where `Sampling.logprobs` asks."""
+
     max_concurrency: int
     """`slots`: one generation at a time on its own cache (torch's thread count is
     process-wide), or that many decoded together as one batch."""
@@ -131,7 +134,7 @@ class TorchGenerator:
         if self.batch is not None:
             return self._joined(self.batch, prompt, sampling)
         cache = self._new_cache(1)
-        if self._compiled and sampling.greedy:
+        if self._compiled and sampling.greedy and sampling.logprobs is None:
             return self._stream_on_device(prompt, sampling, cache)
         return decode_loop(
             prompt,
@@ -366,7 +369,7 @@ class TorchGenerator:
         return self._lm.forward(ids, cache, cache_position=slot, **extra)[:, -1]
 
     def _choose(self, logits: torch.Tensor, sampling: Sampling, rng: np.random.Generator) -> int:
-        if sampling.greedy:
+        if sampling.greedy and sampling.logprobs is None:
             return int(torch.argmax(logits))
         return choose(logits.float().cpu().numpy(), sampling, rng)
 

@@ -24,6 +24,7 @@ import contextlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -53,13 +54,31 @@ from mahir.serve.http import (
 from mahir.serve.llm_scheduler import Scheduler, SchedulerConfig, TokenStream
 from mahir.serve.llm_text import TextStream
 from mahir.serve.metrics import LlmMetrics
-from mahir.serve.openai_chat import Answer, LlmRequest, parse_chat, parse_completion, usage
+from mahir.serve.openai_chat import (
+    Answer,
+    LlmRequest,
+    Scored,
+    Written,
+    parse_chat,
+    parse_completion,
+    usage,
+)
 from mahir.serve.protocol import read_json
 from mahir.serve.served import ServeConfig
 
 DONE = b"data: [DONE]\n\n"
-Piece = tuple[str, str | None, int]
-"""Of one choice: new text, the finish reason at the end (else None), tokens so far."""
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """Of one choice, as its tokens come: new text and the tokens it came from (`Token`s where
+    log-probabilities were asked; stop tokens left out), the finish reason at the end (else
+    None), and the tokens generated so far."""
+
+    text: str
+    tokens: list[int]
+    finish: str | None
+    count: int
 
 
 class LlmServed:
@@ -70,6 +89,8 @@ class LlmServed:
         self.family, self.name, self.config = family, name, config
         self.metrics = LlmMetrics()
         self.context = min(generator.context_length, family.context_length)
+        self.engine = generator.engine
+        self.token_logprobs = bool(getattr(generator, "token_logprobs", False))
         batcher = config.batcher
         scheduling = SchedulerConfig(batcher.max_queue, batcher.timeout_ms / 1000)
         self.scheduler = Scheduler(generator, scheduling, self.metrics.observer())
@@ -115,10 +136,34 @@ class LlmServed:
                 param=field,
                 code="context_length_exceeded",
             )
+        if request.logprobs is not None and not self.token_logprobs:
+            raise Mismatch(
+                f"the {self.engine} engine does not report log-probabilities (PyTorch and "
+                "llama.cpp winners do): leave logprobs out",
+                param="logprobs",
+            )
         seed = None if request.seed is None else request.seed + choice
         return self.family.sampling(
-            asked, temperature=request.temperature, top_p=request.top_p, seed=seed
+            asked,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            seed=seed,
+            logprobs=request.logprobs,
         )
+
+    def scored(self, request: LlmRequest, tokens: list[int]) -> list[Scored] | None:
+        """`tokens`' log-probabilities as the answer writes them; None where not asked."""
+        if request.logprobs is None:
+            return None
+        decode = self.family.tokenizer.decode
+        return [
+            Scored(
+                decode([int(t)]),
+                float(getattr(t, "logprob", float("nan"))),
+                tuple((decode([i]), lp) for i, lp in getattr(t, "top", ())),
+            )
+            for t in tokens
+        ]
 
 
 def build_llm_app(
@@ -177,13 +222,15 @@ async def _complete(request: Request, parse: Callable[[Any], LlmRequest]) -> Res
         for sampling, tokens in zip(samplings, streams, strict=True)
     ]
     if parsed.stream:
-        return EventStream(_events(_merged(pieces), parsed, prompt, answer), stop)
+        return EventStream(_events(served, _merged(pieces), parsed, prompt, answer), stop)
     try:
         choices = await until_disconnect(request, asyncio.gather(*map(_whole, pieces)))
     finally:
         stop()
-    generated = sum(count for _, _, count in choices)
-    written = [(text, finish) for text, finish, _ in choices]
+    generated = sum(choice.count for choice in choices)
+    written = [
+        Written(c.text, c.finish or "length", served.scored(parsed, c.tokens)) for c in choices
+    ]
     return _json(answer.whole(written, usage(prompt, generated)))
 
 
@@ -212,23 +259,25 @@ async def _pieces(
 ) -> AsyncGenerator[Piece, None]:
     """One choice's pieces, as its tokens come."""
     text = TextStream(served.family.tokenizer, prompt, request.stop)
-    last = None
+    last, taken = None, []
     async for last in tokens:
+        if last not in sampling.stop_token_ids:
+            taken.append(last)
         delta = text.add(last)
         if delta:
-            yield delta, None, tokens.count
+            yield Piece(delta, taken, None, tokens.count)
+            taken = []
         if text.stopped:  # a stop string: the text ends before it
             break
     stopped = text.stopped or last in sampling.stop_token_ids
-    yield text.finish(), "stop" if stopped else "length", tokens.count
+    yield Piece(text.finish(), taken, "stop" if stopped else "length", tokens.count)
 
 
-async def _whole(pieces: AsyncGenerator[Piece, None]) -> tuple[str, str, int]:
-    parts, finish, count = [], "length", 0
-    async for delta, end, so_far in pieces:
-        parts.append(delta)
-        finish, count = end or finish, so_far
-    return "".join(parts), finish, count
+async def _whole(pieces: AsyncGenerator[Piece, None]) -> Piece:
+    """A choice's pieces as one."""
+    parts: list[Piece] = [piece async for piece in pieces]
+    tokens = [token for piece in parts for token in piece.tokens]
+    return Piece("".join(p.text for p in parts), tokens, parts[-1].finish, parts[-1].count)
 
 
 async def _merged(
@@ -263,26 +312,35 @@ async def _merged(
 
 
 async def _events(
+    served: LlmServed,
     pieces: AsyncGenerator[tuple[int, Piece], None],
     request: LlmRequest,
     prompt: list[int],
     answer: Answer,
 ) -> AsyncGenerator[bytes, None]:
-    """The stream's events: a chat opens each choice's assistant turn, then text, each
-    choice's finish reason, the usage when asked, [DONE]; an error after the start is an
-    error event."""
+    """The stream's events: a chat opens each choice's assistant turn, then text (with its
+    tokens' log-probabilities where asked), each choice's finish reason, the usage when asked,
+    [DONE]; an error after the start is an error event."""
     with_usage = request.include_usage
-    counts = [0] * request.n
+    counts, offsets = [0] * request.n, [0] * request.n
     try:
         if request.kind == "chat":
             for index in range(request.n):
                 yield _event(answer.chunk(None, None, usage=with_usage, index=index))
-        async for index, (delta, finish, count) in pieces:
-            counts[index] = count
-            if delta:
-                yield _event(answer.chunk(delta, None, usage=with_usage, index=index))
-            if finish is not None:
-                yield _event(answer.chunk("", finish, usage=with_usage, index=index))
+        async for index, piece in pieces:
+            counts[index] = piece.count
+            scored = served.scored(request, piece.tokens)
+            logprobs = answer.logprobs(scored, offsets[index]) if piece.tokens else None
+            offsets[index] += len(piece.text)
+            if piece.text:
+                yield _event(
+                    answer.chunk(piece.text, None, usage=with_usage, index=index, logprobs=logprobs)
+                )
+                logprobs = None
+            if piece.finish is not None:  # with the last tokens' scores if no text came of them
+                yield _event(
+                    answer.chunk("", piece.finish, usage=with_usage, index=index, logprobs=logprobs)
+                )
         if with_usage:
             yield _event(answer.usage_chunk(usage(prompt, sum(counts))))
     except MahirError as err:

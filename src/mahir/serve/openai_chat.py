@@ -5,8 +5,9 @@ Honoured: `messages` (string content or text parts) or `prompt` (a string, token
 of one of them), `max_tokens` (`max_completion_tokens` too), `temperature` and `top_p` (OpenAI's
 defaults: 1 and 1, so an unset temperature samples), `seed`, `stop` (up to 4 strings), `n`
 (choices generated from the one prompt, up to `MAX_CHOICES`), `stream` and
-`stream_options.include_usage`. Refused with a 400 naming the field, never silently ignored:
-`best_of` above 1, `logprobs`, `echo`, `suffix`, tools. Fields OpenAI's clients send that change
+`stream_options.include_usage`, and log-probabilities (chat: `logprobs` with `top_logprobs` up
+to 20; completions: `logprobs` up to 5). Refused with a 400 naming the field, never silently
+ignored: `best_of` above 1, `echo`, `suffix`, tools. Fields OpenAI's clients send that change
 nothing here (`user`, `metadata`, penalties at 0) pass.
 
 Knows JSON shapes only; nothing of HTTP, tokenizers or engines.
@@ -26,6 +27,8 @@ Messages = list[dict[str, str]]
 MAX_STOPS = 4
 MAX_CHOICES = 16
 """`n` at most: each choice is a sequence of its own in the scheduler."""
+MAX_TOP = {"chat": 20, "completion": 5}
+"""Alternatives per token at most, as OpenAI's APIs allow them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +44,8 @@ class LlmRequest:
     stop: tuple[str, ...]
     n: int
     """Choices to generate from the prompt."""
+    logprobs: int | None
+    """Log-probabilities asked: of each token and this many alternatives; None: not asked."""
     stream: bool
     include_usage: bool
     model: str | None
@@ -52,9 +57,16 @@ def parse_chat(body: Any) -> LlmRequest:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise Malformed("messages must be a non-empty list of {role, content}", param="messages")
-    for name in ("tools", "functions", "logprobs", "top_logprobs"):
+    for name in ("tools", "functions"):
         _refuse_set(body, name)
-    return _request(body, "chat", [_message(m, i) for i, m in enumerate(messages)])
+    wanted = body.get("logprobs")
+    if wanted not in (None, True, False):
+        raise Malformed("logprobs must be true or false", param="logprobs")
+    top = _whole(body, "top_logprobs", 0, low=0)
+    if top and not wanted:
+        raise Malformed("top_logprobs needs logprobs: true", param="top_logprobs")
+    logprobs = _top(top, "chat", "top_logprobs") if wanted else None
+    return _request(body, "chat", [_message(m, i) for i, m in enumerate(messages)], logprobs)
 
 
 def parse_completion(body: Any) -> LlmRequest:
@@ -63,21 +75,29 @@ def parse_completion(body: Any) -> LlmRequest:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]  # a batch of one
-    for name in ("logprobs", "echo", "suffix"):
+    for name in ("echo", "suffix"):
         _refuse_set(body, name)
+    logprobs = None
+    if body.get("logprobs") is not None:
+        logprobs = _top(_whole(body, "logprobs", 0, low=0), "completion", "logprobs")
     if _whole(body, "best_of", 1, low=1) > 1:
         raise Malformed("best_of above 1 is not supported: send best_of 1", param="best_of")
     if isinstance(prompt, str) and prompt:
-        return _request(body, "completion", prompt)
+        return _request(body, "completion", prompt, logprobs)
     if isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
-        return _request(body, "completion", [int(t) for t in prompt])
+        return _request(body, "completion", [int(t) for t in prompt], logprobs)
     raise Malformed(
         "prompt must be a non-empty string or list of token ids (one prompt per request)",
         param="prompt",
     )
 
 
-def _request(body: dict[str, Any], kind: Literal["chat", "completion"], prompt: Any) -> LlmRequest:
+def _request(
+    body: dict[str, Any],
+    kind: Literal["chat", "completion"],
+    prompt: Any,
+    logprobs: int | None = None,
+) -> LlmRequest:
     n = _whole(body, "n", 1, low=1)
     if n > MAX_CHOICES:
         raise Malformed(
@@ -103,10 +123,18 @@ def _request(body: dict[str, Any], kind: Literal["chat", "completion"], prompt: 
         seed=None if body.get("seed") is None else _whole(body, "seed", 0, low=0),
         stop=_stops(body.get("stop")),
         n=n,
+        logprobs=logprobs,
         stream=bool(stream),
         include_usage=bool((options or {}).get("include_usage")),
         model=model,
     )
+
+
+def _top(count: int, kind: Literal["chat", "completion"], name: str) -> int:
+    """Alternatives per token, at most what OpenAI's API of this kind allows."""
+    if count > MAX_TOP[kind]:
+        raise Malformed(f"{name} is at most {MAX_TOP[kind]}, got {count}", param=name)
+    return count
 
 
 def _object(body: Any) -> dict[str, Any]:
@@ -176,6 +204,26 @@ def _number(
 
 
 @dataclass(frozen=True, slots=True)
+class Scored:
+    """One generated token as its log-probabilities are written: its text, its log-probability,
+    and the most likely tokens' (text, log-probability)."""
+
+    text: str
+    logprob: float
+    top: tuple[tuple[str, float], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """One choice of a non-streamed answer."""
+
+    text: str
+    finish: str
+    scored: Sequence[Scored] | None = None
+    """Its tokens' log-probabilities, where asked."""
+
+
+@dataclass(frozen=True, slots=True)
 class Answer:
     """How the answers to one request are written: its id, time and model, said once."""
 
@@ -189,24 +237,31 @@ class Answer:
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         return cls(kind, model, f"{prefix}-{uuid.uuid4().hex}", int(time.time()))
 
-    def whole(self, choices: Sequence[tuple[str, str]], usage: dict[str, int]) -> dict[str, Any]:
-        """A non-streamed answer: each choice's (text, finish reason), in index order."""
+    def whole(self, choices: Sequence[Written], usage: dict[str, int]) -> dict[str, Any]:
+        """A non-streamed answer: each choice in index order."""
         written = []
-        for index, (text, finish) in enumerate(choices):
-            choice: dict[str, Any] = {"index": index, "finish_reason": finish, "logprobs": None}
+        for index, choice in enumerate(choices):
+            logprobs = self.logprobs(choice.scored, 0)
+            one: dict[str, Any] = {"index": index, "finish_reason": choice.finish}
             if self.kind == "chat":
-                choice["message"] = {"role": "assistant", "content": text}
+                one["message"] = {"role": "assistant", "content": choice.text}
             else:
-                choice["text"] = text
-            written.append(choice)
+                one["text"] = choice.text
+            written.append(one | {"logprobs": logprobs})
         return self._shell("chat.completion", "text_completion", written, usage=usage)
 
     def chunk(
-        self, text: str | None, finish: str | None, *, usage: bool, index: int = 0
+        self,
+        text: str | None,
+        finish: str | None,
+        *,
+        usage: bool,
+        index: int = 0,
+        logprobs: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """A stream chunk of choice `index`: `text` None opens a chat's assistant turn. Every
         chunk carries `usage: null` when the client asked for the usage chunk, as OpenAI's do."""
-        choice: dict[str, Any] = {"index": index, "finish_reason": finish, "logprobs": None}
+        choice: dict[str, Any] = {"index": index, "finish_reason": finish, "logprobs": logprobs}
         if self.kind == "chat":
             opening = {"role": "assistant", "content": ""}
             choice["delta"] = opening if text is None else {"content": text} if text else {}
@@ -214,6 +269,25 @@ class Answer:
             choice["text"] = text or ""
         extra = {"usage": None} if usage else {}
         return self._shell("chat.completion.chunk", "text_completion", [choice], **extra)
+
+    def logprobs(self, scored: Sequence[Scored] | None, offset: int) -> dict[str, Any] | None:
+        """Tokens' log-probabilities in this API's shape (None where not asked): chat's
+        `content` list, or completions' parallel lists with each token's offset in the text
+        (from `offset`, where the text so far ends)."""
+        if scored is None:
+            return None
+        if self.kind == "chat":
+            return {"content": [_chat_logprob(s) for s in scored], "refusal": None}
+        offsets = []
+        for s in scored:
+            offsets.append(offset)
+            offset += len(s.text)
+        return {
+            "tokens": [s.text for s in scored],
+            "token_logprobs": [s.logprob for s in scored],
+            "top_logprobs": [dict(s.top) for s in scored],
+            "text_offset": offsets,
+        }
 
     def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
         """The last chunk before [DONE] when `stream_options.include_usage` is set."""
@@ -231,6 +305,14 @@ class Answer:
             "choices": choices,
             **extra,
         }
+
+
+def _chat_logprob(scored: Scored) -> dict[str, Any]:
+    def entry(text: str, logprob: float) -> dict[str, Any]:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    top = [entry(text, logprob) for text, logprob in scored.top]
+    return entry(scored.text, scored.logprob) | {"top_logprobs": top}
 
 
 def usage(prompt: Sequence[int], completion: int) -> dict[str, int]:
