@@ -360,7 +360,7 @@ def test_tune_chooses_slots_under_the_bound_records_them_and_serves_with_them(
     llm_dir: Path, tmp_path: Path
 ) -> None:
     folder = shutil.copytree(llm_dir, tmp_path / "out")  # the tuner writes into mahir.json
-    args = ("--tune", "--p99-ms", "10000", "--tune-seconds", "0.3", "--tune-concurrency", "4")
+    args = ("--tune", "--p99-ms", "10000", "--tune-seconds", "0.3", "--tune-concurrency", "2")
     server = Server(folder, *args)
     try:
         manifest = json.loads((folder / "mahir.json").read_text())
@@ -373,7 +373,7 @@ def test_tune_chooses_slots_under_the_bound_records_them_and_serves_with_them(
     finally:
         assert server.stop() == 0
     recorded = manifest["batching"]
-    assert recorded["slots"] in (1, 2, 4)  # the counts tried, capped at the concurrency
+    assert recorded["slots"] in (1, 2)  # the counts tried, capped at the concurrency
     assert recorded["step_tokens"] in ((None,) if recorded["slots"] == 1 else (256, 32))
     options = manifest["options"]  # what serve opens the engine with
     assert (options["slots"], options.get("step_tokens")) == (
