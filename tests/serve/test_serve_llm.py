@@ -428,7 +428,7 @@ def test_text_never_splits_a_character_and_stops_before_a_stop_string(
 
 
 def test_loadtest_reads_ttft_itl_and_tokens_from_the_stream(server: Server) -> None:
-    from mahir.cli.serving import _serves_llm
+    from mahir.cli.loadtesting import _serves_llm
     from mahir.serve.llm_loadtest import LlmLoad, run_llm_load
     from mahir.serve.loadtest import LoadConfig
 

@@ -1,9 +1,9 @@
 """The `mahir` command: parses, calls the API, prints. Nothing else lives here.
 
 Each command is a plain function in the room of its kind (`build.py`: bench, apply, optimize;
-`serving.py`: serve, loadtest; `profiling.py`: profile), listed once below. Errors mahir raises
-on purpose become one line on stderr and an exit code (`errors.EXIT_CODES`); `--debug` shows the
-traceback instead.
+`serving.py`: serve; `loadtesting.py`: loadtest; `profiling.py`: profile), listed once below.
+Errors mahir raises on purpose become one line on stderr and an exit code (`errors.EXIT_CODES`);
+`--debug` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from mahir.cli import build, export, profiling, serving
+from mahir.cli import build, export, loadtesting, profiling, serving
 
 app = typer.Typer(
     help="mahir: make a trained model run faster and cheaper without changing its answers.",
@@ -26,7 +26,7 @@ for command in (
     build.optimize,
     profiling.profile,
     serving.serve,
-    serving.loadtest,
+    loadtesting.loadtest,
     export.export,
 ):
     app.command()(command)
