@@ -24,7 +24,7 @@ from mahir.errors import BadInput, RuntimeFailure, Unsupported
 from mahir.export.hf_folder import reference_folder
 from mahir.families.decoder import LanguageModel
 from mahir.families.prompts import Prompt
-from mahir.generation import Generator, Sampling
+from mahir.generation import Generator, Sampling, Token
 from mahir.generation_quality import teacher_forced
 from mahir.model import load_model
 from mahir.runtimes.engines import open_engine
@@ -168,3 +168,20 @@ def test_a_dead_worker_is_one_line_and_close_leaves_nothing_running(folder: Arti
     generator.close()
     assert worker.poll() is not None
     assert not Path(generator._worker.folder).exists()
+
+
+def test_streamed_tokens_carry_vllms_log_probabilities(
+    llama: LanguageModel, vllm: VllmGenerator, reference: Generator
+) -> None:
+    """Asked, each streamed token is a `Token` with its raw log-probability (the fp32 torch
+    reference's teacher-forced one) and vLLM's ranked alternatives, best first."""
+    prompt = question_ids(llama)
+    tokens = list(vllm.stream(prompt, Sampling(max_new_tokens=8, logprobs=2)))
+    assert tokens == list(vllm.stream(prompt, Sampling(max_new_tokens=8)))
+    forced = reference.logprobs([*prompt, *tokens])[len(prompt) - 1 : -1]
+    for token, row in zip(tokens, forced, strict=True):
+        assert isinstance(token, Token)
+        assert token.logprob == pytest.approx(float(row[token]), abs=1e-3)
+        ids, scores = zip(*token.top, strict=True)
+        assert (ids[0], len(ids)) == (int(token), 2)  # greedy: the most likely first
+        assert list(scores) == sorted(scores, reverse=True)

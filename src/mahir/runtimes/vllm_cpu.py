@@ -42,7 +42,7 @@ from typing import Any, Literal
 import numpy as np
 
 from mahir.errors import BadInput, RuntimeFailure, Unsupported
-from mahir.generation import Sampling, check_request
+from mahir.generation import Sampling, Token, check_request
 from mahir.hardware import physical_cores
 from mahir.runtimes.worker_process import WorkerProcess
 from mahir.types import CPU, Artifact, Device
@@ -111,6 +111,10 @@ class VllmGenerator:
     stream from several threads at once. Close it (or use it as a context manager) to stop the
     worker; mahir's exit stops it too."""
 
+    token_logprobs = True
+    """Its streams yield `Token`s where `Sampling.logprobs` asks (vLLM's raw log-probabilities
+    and its ranked alternatives)."""
+
     device = CPU
     max_concurrency = 32
     """Streams from threads join vLLM's running batch step by step (its scheduler's continuous
@@ -162,9 +166,16 @@ class VllmGenerator:
             "top_p": sampling.top_p,
             "seed": sampling.seed,
             "stop": list(sampling.stop_token_ids),
+            "logprobs": sampling.logprobs,
         }
         for answer in self._worker.request(request, timeout_s=ANSWER_S):
-            yield from answer["tokens"]
+            scores = answer.get("logprobs")
+            if scores is None:
+                yield from answer["tokens"]
+                continue
+            for token, (logprob, ranked) in zip(answer["tokens"], scores, strict=True):
+                top = tuple((int(i), float(lp)) for i, lp in ranked[: sampling.logprobs])
+                yield Token(token, float(logprob), top)
 
     def logprobs(self, tokens: Sequence[int]) -> np.ndarray:
         self._check(tokens, 1)  # the last row comes from one generated step

@@ -8,10 +8,11 @@ The loop is vLLM's continuous batching made visible: before each engine step eve
 that arrived joins the running batch, and each step's new tokens go out at once, tagged with
 their request's id, so requests from several callers share every step. Requests: {"op":
 "generate", "id", "prompt": [ids], "max_new_tokens", "temperature", "top_p", "seed", "stop":
-[ids]}; {"op": "logprobs", "id", "tokens": [ids], "path": file.npy}; {"op": "abort", "id"}.
-The end of input stops the engine. Answers: {"ready": {settings}} once, then {"id", "tokens":
-[new ids], "done": bool}, {"id", "done": true} once a logprobs matrix is saved at its path,
-{"id", "error": line}, or {"fatal": line} before exiting.
+[ids], "logprobs": k or null}; {"op": "logprobs", "id", "tokens": [ids], "path": file.npy};
+{"op": "abort", "id"}. The end of input stops the engine. Answers: {"ready": {settings}} once,
+then {"id", "tokens": [new ids], "done": bool} (with "logprobs": per token [its
+log-probability, [[id, log-probability] ...] by rank] where asked), {"id", "done": true} once a
+logprobs matrix is saved at its path, {"id", "error": line}, or {"fatal": line} before exiting.
 
 Logprobs are vLLM's full prompt distribution (`prompt_logprobs=-1` under `max_logprobs=-1`),
 scattered into a (len, vocab) float32 matrix: row i from prompt position i + 1, the last row
@@ -152,6 +153,7 @@ def sampling(message: dict[str, Any]) -> Any:
         ignore_eos=True,  # only the caller's stop tokens stop, as in every mahir engine
         detokenize=False,
         output_kind=RequestOutputKind.DELTA,
+        logprobs=message.get("logprobs"),  # raw: before temperature and top-p (vLLM's default)
     )
 
 
@@ -160,12 +162,23 @@ def answer(output: Any, logprob_files: dict[str, str], send: Send, vocab: int) -
     path = logprob_files.pop(request, None) if output.finished else logprob_files.get(request)
     if path is None:
         tokens = list(output.outputs[0].token_ids)
-        send({"id": request, "tokens": tokens, "done": output.finished})
+        sent: dict[str, Any] = {"id": request, "tokens": tokens, "done": output.finished}
+        scored = output.outputs[0].logprobs
+        if scored:  # asked: each new token's [its log-probability, [[id, lp], ...] by rank]
+            pairs = zip(tokens, scored, strict=True)
+            sent["logprobs"] = [token_scores(token, entry) for token, entry in pairs]
+        send(sent)
     elif output.finished:
         import numpy as np
 
         np.save(path, logprob_matrix(output, vocab))
         send({"id": request, "done": True})
+
+
+def token_scores(token: int, entry: dict[int, Any]) -> list[Any]:
+    """One generated token's log-probability and the ranked ones vLLM gave beside it."""
+    ranked = sorted((lp.rank, i, lp.logprob) for i, lp in entry.items() if lp.rank is not None)
+    return [entry[token].logprob, [[i, logprob] for _, i, logprob in ranked]]
 
 
 def logprob_matrix(output: Any, vocab: int) -> Any:

@@ -138,8 +138,8 @@ class LlmServed:
             )
         if request.logprobs is not None and not self.token_logprobs:
             raise Mismatch(
-                f"the {self.engine} engine does not report log-probabilities (PyTorch and "
-                "llama.cpp winners do): leave logprobs out",
+                f"the {self.engine} engine does not report log-probabilities (PyTorch, "
+                "llama.cpp and vLLM winners do): leave logprobs out",
                 param="logprobs",
             )
         seed = None if request.seed is None else request.seed + choice
