@@ -21,6 +21,7 @@ import pytest
 
 from mahir.families.decoder import LanguageModel
 from mahir.files import CACHE_ENV
+from mahir.generation import Generator, Token
 from mahir.model import Model
 from mahir.quality import fidelity
 from mahir.recipe import Recipe
@@ -183,3 +184,18 @@ def shared_env(spec: EnvSpec) -> None:
 def question_ids(llm: LanguageModel) -> list[int]:
     """A short chat prompt every LLM engine test asks, as token ids of the model's template."""
     return llm.family.prompt_ids("What is the capital of France?")
+
+
+def check_greedy_scores(
+    tokens: list[int], prompt: list[int], reference: Generator, alternatives: int
+) -> None:
+    """Greedy `tokens` after `prompt`, each a `Token` carrying `reference`'s teacher-forced
+    log-probability of it (within 1e-3) and `alternatives` ranked ones, best first, its own id
+    the first of them."""
+    forced = reference.logprobs([*prompt, *tokens])[len(prompt) - 1 : -1]
+    for token, row in zip(tokens, forced, strict=True):
+        assert isinstance(token, Token)
+        assert token.logprob == pytest.approx(float(row[token]), abs=1e-3)
+        ids, scores = zip(*token.top, strict=True)
+        assert (ids[0], len(ids)) == (int(token), alternatives)
+        assert list(scores) == sorted(scores, reverse=True)

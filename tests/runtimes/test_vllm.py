@@ -24,14 +24,14 @@ from mahir.errors import BadInput, RuntimeFailure, Unsupported
 from mahir.export.hf_folder import reference_folder
 from mahir.families.decoder import LanguageModel
 from mahir.families.prompts import Prompt
-from mahir.generation import Generator, Sampling, Token
+from mahir.generation import Generator, Sampling
 from mahir.generation_quality import teacher_forced
 from mahir.model import load_model
 from mahir.runtimes.engines import open_engine
 from mahir.runtimes.vllm_cpu import VLLM_ENV, VllmGenerator, VllmOptions, open_generator
 from mahir.search.llm_timing import time_at_once
 from mahir.types import Artifact, Device, RuntimeOptions
-from tests.helpers import question_ids, shared_env
+from tests.helpers import check_greedy_scores, question_ids, shared_env
 from tests.models import decoder_folder
 
 pytestmark = pytest.mark.own_env
@@ -178,10 +178,4 @@ def test_streamed_tokens_carry_vllms_log_probabilities(
     prompt = question_ids(llama)
     tokens = list(vllm.stream(prompt, Sampling(max_new_tokens=8, logprobs=2)))
     assert tokens == list(vllm.stream(prompt, Sampling(max_new_tokens=8)))
-    forced = reference.logprobs([*prompt, *tokens])[len(prompt) - 1 : -1]
-    for token, row in zip(tokens, forced, strict=True):
-        assert isinstance(token, Token)
-        assert token.logprob == pytest.approx(float(row[token]), abs=1e-3)
-        ids, scores = zip(*token.top, strict=True)
-        assert (ids[0], len(ids)) == (int(token), 2)  # greedy: the most likely first
-        assert list(scores) == sorted(scores, reverse=True)
+    check_greedy_scores(tokens, prompt, reference, alternatives=2)

@@ -25,6 +25,7 @@ from mahir.families.decoder import Decoder
 from mahir.generation import Generator
 from mahir.llm_outdir import open_llm_output
 from mahir.serve.llm_text import TextStream
+from mahir.types import RuntimeOptions
 from tests.helpers import Server, cli
 
 
@@ -375,11 +376,8 @@ def test_tune_chooses_slots_under_the_bound_records_them_and_serves_with_them(
     recorded = manifest["batching"]
     assert recorded["slots"] in (1, 2)  # the counts tried, capped at the concurrency
     assert recorded["step_tokens"] in ((None,) if recorded["slots"] == 1 else (256, 32))
-    options = manifest["options"]  # what serve opens the engine with
-    assert (options["slots"], options.get("step_tokens")) == (
-        recorded["slots"],
-        recorded["step_tokens"],
-    )
+    options = RuntimeOptions.from_dict(manifest["options"])  # what serve opens the engine with
+    assert (options.slots, options.step_tokens) == (recorded["slots"], recorded["step_tokens"])
     assert recorded["itl_p99_ms"] <= recorded["itl_p99_bound_ms"] == 10000
     assert recorded["output_tokens_per_s"] > 0
     assert reply.status_code == 200, reply.text

@@ -99,11 +99,12 @@ def profile(
         from mahir.profile.run import ProfileConfig, check_runtime
         from mahir.types import CPU, Device
 
+        recorded_runtime, recorded_device = _recorded(model)
         config = ProfileConfig(
             runtime=runtime,
             batch_size=batch_size,
             sequence_length=sequence_length,
-            device=Device.parse(device) if device else _recorded_device(model) or CPU,
+            device=Device.parse(device) if device else recorded_device or CPU,
             threads=threads,
             runs=runs,
             seconds=seconds,
@@ -118,7 +119,7 @@ def profile(
             machine.require(config.device)
             return config
         _check_source(model)
-        chosen = config.chosen_runtime(_recorded_runtime(model))
+        chosen = config.chosen_runtime(recorded_runtime)
         check_runtime(chosen, config.device, detect())
         if trace is not None and chosen == "openvino":
             raise BadInput(
@@ -148,24 +149,16 @@ def _is_output_dir(source: str | None) -> bool:
     return source is not None and (Path(source) / MANIFEST).is_file()
 
 
-def _recorded_device(source: str | None) -> Device | None:
-    """The device an output directory's winner was built for."""
+def _recorded(source: str | None) -> tuple[str | None, Device | None]:
+    """The runtime (where mahir profile reads its profiler) and the device an output
+    directory's winner was built for, from one read of its manifest; (None, None) otherwise."""
     from mahir.outdir import read_manifest
-    from mahir.profile.run import recorded_device
+    from mahir.profile.run import recorded_device, recorded_runtime
 
     if source is None or not _is_output_dir(source):
-        return None
-    return recorded_device(read_manifest(source))
-
-
-def _recorded_runtime(source: str | None) -> str | None:
-    """The runtime an output directory records, where mahir profile reads its profiler."""
-    from mahir.outdir import read_manifest
-    from mahir.profile.run import recorded_runtime
-
-    if source is None or not _is_output_dir(source):
-        return None
-    return recorded_runtime(read_manifest(source))
+        return None, None
+    manifest = read_manifest(source)
+    return recorded_runtime(manifest), recorded_device(manifest)
 
 
 def _run(

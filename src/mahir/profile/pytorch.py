@@ -42,8 +42,11 @@ from mahir.types import Inputs, Session
 
 MARK = "mahir run "
 PRECISION_DTYPES = {
-    **{"fp32": "float", "f32": "float"},
-    **{"fp16": "c10::Half", "f16": "c10::Half", "bf16": "c10::BFloat16"},
+    "fp32": "float",
+    "f32": "float",
+    "fp16": "c10::Half",
+    "f16": "c10::Half",
+    "bf16": "c10::BFloat16",
 }
 """A torch session's precision (as the encoder and LLM sessions spell it) as the profiler
 names its dtype."""

@@ -26,8 +26,8 @@ extension point) and keeps `StaticLayer`s as storage; only where keys and values
 Eager, a step runs the rows up to the highest one in use (a joiner takes the lowest free row) and
 attends as far as the longest sequence; compiled, it runs all `slots` rows over the whole cache,
 free rows (and rows still prefilling) masked: one shape, compiled once. The engine thread, the
-joining and leaving and each
-consumer's own queue are `continuous.BatchLoop`'s; this module fills in the join and the step.
+joining and leaving and each consumer's own queue are `continuous.BatchLoop`'s; this module fills
+in the join and the step.
 Imports torch and transformers; knows nothing of serving.
 """
 

@@ -34,9 +34,9 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from mahir.errors import HTTP_STATUS, MahirError, Mismatch, first_line, nearest
+from mahir.errors import HTTP_STATUS, MahirError, Mismatch, RuntimeFailure, first_line, nearest
 from mahir.families.decoder import Decoder
-from mahir.generation import Generator, Sampling
+from mahir.generation import Generator, Sampling, Token
 from mahir.serve.http import (
     EXCEPTION_HANDLERS,
     check_model,
@@ -156,14 +156,13 @@ class LlmServed:
         if request.logprobs is None:
             return None
         decode = self.family.tokenizer.decode
-        return [
-            Scored(
-                decode([int(t)]),
-                float(getattr(t, "logprob", float("nan"))),
-                tuple((decode([i]), lp) for i, lp in getattr(t, "top", ())),
-            )
-            for t in tokens
-        ]
+        written = []
+        for token in tokens:
+            if not isinstance(token, Token):  # an engine path that dropped them: never silent
+                raise RuntimeFailure(f"the {self.engine} engine gave a token without its scores")
+            top = tuple((decode([i]), logprob) for i, logprob in token.top)
+            written.append(Scored(decode([token]), token.logprob, top))
+        return written
 
 
 def build_llm_app(

@@ -21,6 +21,7 @@ Knows the scheduler, the generator contract and the output directory; nothing of
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from mahir.llm_outdir import open_llm_output
 from mahir.outdir import read_manifest, update_manifest
 from mahir.runtimes.engines import get_engine
 from mahir.serve.llm_scheduler import Scheduler, SchedulerConfig
+from mahir.types import RuntimeOptions
 
 SLOTS = (1, 2, 4, 8, 16, 32)
 """The counts tried, up to the load's concurrency (more slots than clients never fill)."""
@@ -190,19 +192,18 @@ def tune_and_record(
     """Tune and record the choice in `out`'s mahir.json (options' slots and step_tokens, and
     `batching`), in one atomic write. An engine that schedules requests itself is refused
     before any work."""
-    engine = str(read_manifest(out).get("engine"))
+    manifest = read_manifest(out)
+    engine = str(manifest.get("engine"))
     if not get_engine(engine).slotted:
         raise BadInput(
             f"--tune chooses how many slots mahir's continuous batch has; the {engine} engine "
             "schedules requests itself: serve it without --tune"
         )
+    recorded = RuntimeOptions.from_dict(manifest.get("options"))
     result = tune_slots(out, config, on_trial=on_trial)
     record = result.record()
-    options = {**read_manifest(out).get("options", {}), "slots": record["slots"]}
-    options.pop("step_tokens", None)  # one slot runs no batch: the engine's own chunk stands
-    if record["step_tokens"] is not None:
-        options["step_tokens"] = record["step_tokens"]
-    update_manifest(out, {"options": options, "batching": record})
+    chosen = dataclasses.replace(recorded, slots=record["slots"], step_tokens=record["step_tokens"])
+    update_manifest(out, {"options": chosen.to_dict(), "batching": record})
     return result, record
 
 

@@ -242,12 +242,16 @@ class Answer:
         written = []
         for index, choice in enumerate(choices):
             logprobs = self.logprobs(choice.scored, 0)
-            one: dict[str, Any] = {"index": index, "finish_reason": choice.finish}
+            one: dict[str, Any] = {
+                "index": index,
+                "finish_reason": choice.finish,
+                "logprobs": logprobs,
+            }
             if self.kind == "chat":
                 one["message"] = {"role": "assistant", "content": choice.text}
             else:
                 one["text"] = choice.text
-            written.append(one | {"logprobs": logprobs})
+            written.append(one)
         return self._shell("chat.completion", "text_completion", written, usage=usage)
 
     def chunk(
