@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -52,8 +54,6 @@ def test_user_sentences_are_used(minilm: Model, tmp_path: Path) -> None:
 
 
 def test_the_direct_text_encoder_gives_what_transformers_gives(minilm: Model) -> None:
-    encoder = TextEncoder(minilm.family.tokenizer, minilm.spec, minilm.family.max_length)
-    assert encoder.direct
     long_text = "a very long sentence about nothing in particular " * 80  # past max_length
     cases = [
         ["mahir makes trained models fast."],
@@ -62,17 +62,42 @@ def test_the_direct_text_encoder_gives_what_transformers_gives(minilm: Model) ->
         ["Ünïcödé, emoji \U0001f680 and tabs\tand   spaces", "  leading and trailing  "],
         generate_sentences(16, minilm.family.tokenizer, np.random.default_rng(3)),
     ]
-    for texts in cases:
-        expected = encode_texts(
-            minilm.family.tokenizer, minilm.spec, minilm.family.max_length, texts
-        )
-        got = encoder(texts)
-        assert sorted(got) == sorted(expected)
-        for name, array in expected.items():
-            assert got[name].dtype == array.dtype
-            np.testing.assert_array_equal(got[name], array, err_msg=f"{name} for {texts[:1]}")
+    left = copy.deepcopy(minilm.family.tokenizer)
+    left.padding_side = "left"
+    typed = _with_type_ids_of_its_own(minilm.family.tokenizer)
+    for tokenizer in (minilm.family.tokenizer, left, typed):
+        encoder = TextEncoder(tokenizer, minilm.spec, minilm.family.max_length)
+        assert encoder.direct
+        for texts in cases:
+            expected = encode_texts(tokenizer, minilm.spec, minilm.family.max_length, texts)
+            got = encoder(texts)
+            assert sorted(got) == sorted(expected)
+            for name, array in expected.items():
+                assert got[name].dtype == array.dtype
+                np.testing.assert_array_equal(got[name], array, err_msg=f"{name}: {texts[:1]}")
+    assert set(np.unique(encoder(["two words"])["token_type_ids"])) == {0, 1}
     assert encoder([long_text])["input_ids"].shape[1] == minilm.family.max_length
+    assert encoder([])["input_ids"].shape == (0, 0)
     # The encoder sets its own copy: the tokenizer the model shares is left as it was.
     TextEncoder(minilm.family.tokenizer, minilm.spec, 8)([long_text])
     shared = minilm.family.tokenizer.backend_tokenizer.encode(long_text)
     assert len(shared.ids) != 8
+
+
+def _with_type_ids_of_its_own(tokenizer: Any) -> Any:
+    """A copy of `tokenizer` whose template gives [SEP] another type id than the text, so
+    that type ids vary within a sentence."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    backend = copy.deepcopy(tokenizer.backend_tokenizer)
+    specials = [(t, tokenizer.convert_tokens_to_ids(t)) for t in ("[CLS]", "[SEP]")]
+    backend.post_processor = TemplateProcessing(
+        single="[CLS]:0 $A:0 [SEP]:1",
+        pair="[CLS]:0 $A:0 [SEP]:1 $B:1 [SEP]:1",
+        special_tokens=specials,
+    )
+    names = ["input_ids", "token_type_ids", "attention_mask"]
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="[PAD]", model_input_names=names
+    )
