@@ -224,20 +224,9 @@ def served_mlp_dir(mlp: Model, tmp_path_factory: pytest.TempPathFactory) -> Path
 def served_llm_dir(tiny_llm: LanguageModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Llama's LLM output directory (`mahir optimize --llm` with the torch engine on
     one thread, the cheapest search), served read-only."""
-    from mahir.generation_quality import Judging
-    from mahir.search.llm_optimize import LlmOptimizeConfig, optimize_llm
-    from mahir.search.llm_output import save_llm_output
+    from tests.helpers import cheapest_llm_output
 
-    cheap = LlmOptimizeConfig(
-        variants=("torch",),
-        threads=(1,),
-        prompts=2,
-        prompt_tokens=(8, 16),
-        new_tokens=(4, 8),
-        judging=Judging(passages=2, tokens=16, prompts=2, prompt_tokens=8, greedy_tokens=4),
-    )
-    out = tmp_path_factory.mktemp("llm") / "out"
-    return save_llm_output(optimize_llm(tiny_llm, cheap), out)
+    return cheapest_llm_output(tiny_llm, tmp_path_factory.mktemp("llm") / "out")
 
 
 @pytest.fixture(scope="module")

@@ -199,3 +199,21 @@ def check_greedy_scores(
         ids, scores = zip(*token.top, strict=True)
         assert (ids[0], len(ids)) == (int(token), alternatives)
         assert list(scores) == sorted(scores, reverse=True)
+
+
+def cheapest_llm_output(model: LanguageModel, out: Path) -> Path:
+    """`model`'s LLM output directory from the cheapest search (`mahir optimize --llm` with the
+    torch engine on one thread, two short prompts, judged on little text)."""
+    from mahir.generation_quality import Judging
+    from mahir.search.llm_optimize import LlmOptimizeConfig, optimize_llm
+    from mahir.search.llm_output import save_llm_output
+
+    cheap = LlmOptimizeConfig(
+        variants=("torch",),
+        threads=(1,),
+        prompts=2,
+        prompt_tokens=(8, 16),
+        new_tokens=(4, 8),
+        judging=Judging(passages=2, tokens=16, prompts=2, prompt_tokens=8, greedy_tokens=4),
+    )
+    return save_llm_output(optimize_llm(model, cheap), out)

@@ -261,6 +261,11 @@ def test_a_client_that_leaves_frees_its_slot_at_the_next_token(server: Server) -
         ),
         (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}', "messages"),
         (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": -1}', "temperature"),
+        (  # the default LLM's chat template takes no tools
+            b'{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", '
+            b'"function": {"name": "f", "parameters": {}}}]}',
+            "tools",
+        ),
     ],
 )
 def test_bad_requests_are_400s_in_openais_shape(

@@ -108,16 +108,19 @@ class Decoder:
         """Plain text as the model reads it (with a BOS where the tokenizer adds one)."""
         return list(self.tokenizer(text)["input_ids"])
 
-    def prompt_ids(self, prompt: str | Sequence[dict[str, str]]) -> list[int]:
+    def prompt_ids(
+        self, prompt: str | Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] = ()
+    ) -> list[int]:
         """A prompt as the model expects it: chat messages (or one user message) through the
-        chat template with the assistant's turn opened; plain text for a model without one."""
+        chat template, with the tools the model may call, and the assistant's turn opened; plain
+        text for a model without one."""
         if not self.chat:
             if not isinstance(prompt, str):
                 raise BadInput("chat messages need a chat template, and this model has none")
             return self.encode(prompt)
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         text = self.tokenizer.apply_chat_template(
-            list(messages), add_generation_prompt=True, tokenize=False
+            list(messages), tools=list(tools) or None, add_generation_prompt=True, tokenize=False
         )
         # The template writes the special tokens (BOS included) itself.
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])

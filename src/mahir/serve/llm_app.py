@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -65,6 +66,7 @@ from mahir.serve.openai_chat import (
 )
 from mahir.serve.protocol import read_json
 from mahir.serve.served import ServeConfig
+from mahir.serve.tool_calls import ToolCall, ToolCallReader, check_template
 
 DONE = b"data: [DONE]\n\n"
 
@@ -79,6 +81,8 @@ class Piece:
     tokens: list[int]
     finish: str | None
     count: int
+    calls: list[ToolCall] = dataclasses.field(default_factory=list)
+    """Tool calls completed by these tokens (chat with tools)."""
 
 
 class LlmServed:
@@ -115,8 +119,10 @@ class LlmServed:
             raise Mismatch(
                 f"{self.name} has no chat template: use /v1/completions", param="messages"
             )
+        if request.tools:
+            check_template(family.tokenizer, self.name)
         try:
-            return family.prompt_ids(prompt)  # type: ignore[arg-type]
+            return family.prompt_ids(prompt, request.tools)  # type: ignore[arg-type]
         except Exception as err:  # the template's own checks (jinja2 raises its own errors)
             raise Mismatch(
                 f"the chat template refused the messages: {first_line(err)}", param="messages"
@@ -228,7 +234,8 @@ async def _complete(request: Request, parse: Callable[[Any], LlmRequest]) -> Res
         stop()
     generated = sum(choice.count for choice in choices)
     written = [
-        Written(c.text, c.finish or "length", served.scored(parsed, c.tokens)) for c in choices
+        Written(c.text, c.finish or "length", served.scored(parsed, c.tokens), c.calls)
+        for c in choices
     ]
     return _json(answer.whole(written, usage(prompt, generated)))
 
@@ -256,27 +263,36 @@ async def _pieces(
     sampling: Sampling,
     tokens: TokenStream,
 ) -> AsyncGenerator[Piece, None]:
-    """One choice's pieces, as its tokens come."""
+    """One choice's pieces, as its tokens come; with tools, the calls read out of the text."""
     text = TextStream(served.family.tokenizer, prompt, request.stop)
+    reader = ToolCallReader(parallel=request.parallel_tool_calls)
+    read = reader.add if request.reads_tool_calls else lambda delta: (delta, [])
     last, taken = None, []
     async for last in tokens:
         if last not in sampling.stop_token_ids:
             taken.append(last)
-        delta = text.add(last)
-        if delta:
-            yield Piece(delta, taken, None, tokens.count)
+        delta, calls = read(text.add(last))
+        if delta or calls:
+            yield Piece(delta, taken, None, tokens.count, calls)
             taken = []
         if text.stopped:  # a stop string: the text ends before it
             break
     stopped = text.stopped or last in sampling.stop_token_ids
-    yield Piece(text.finish(), taken, "stop" if stopped else "length", tokens.count)
+    delta, calls = read(text.finish())
+    if request.reads_tool_calls:
+        rest, more = reader.finish()
+        delta, calls = delta + rest, calls + more
+    finish = "length" if not stopped else "tool_calls" if reader.calls else "stop"
+    yield Piece(delta, taken, finish, tokens.count, calls)
 
 
 async def _whole(pieces: AsyncGenerator[Piece, None]) -> Piece:
     """A choice's pieces as one."""
     parts: list[Piece] = [piece async for piece in pieces]
     tokens = [token for piece in parts for token in piece.tokens]
-    return Piece("".join(p.text for p in parts), tokens, parts[-1].finish, parts[-1].count)
+    calls = [call for piece in parts for call in piece.calls]
+    text = "".join(p.text for p in parts)
+    return Piece(text, tokens, parts[-1].finish, parts[-1].count, calls)
 
 
 async def _merged(
@@ -321,7 +337,7 @@ async def _events(
     tokens' log-probabilities where asked), each choice's finish reason, the usage when asked,
     [DONE]; an error after the start is an error event."""
     with_usage = request.include_usage
-    counts, offsets = [0] * request.n, [0] * request.n
+    counts, offsets, called = [0] * request.n, [0] * request.n, [0] * request.n
     try:
         if request.kind == "chat":
             for index in range(request.n):
@@ -334,6 +350,15 @@ async def _events(
             if piece.text:
                 yield _event(
                     answer.chunk(piece.text, None, usage=with_usage, index=index, logprobs=logprobs)
+                )
+                logprobs = None
+            if piece.calls:
+                places = enumerate(piece.calls, called[index])
+                called[index] += len(piece.calls)
+                yield _event(
+                    answer.chunk(
+                        "", None, usage=with_usage, index=index, logprobs=logprobs, calls=[*places]
+                    )
                 )
                 logprobs = None
             if piece.finish is not None:  # with the last tokens' scores if no text came of them

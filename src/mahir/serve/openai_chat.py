@@ -6,15 +6,20 @@ of one of them), `max_tokens` (`max_completion_tokens` too), `temperature` and `
 defaults: 1 and 1, so an unset temperature samples), `seed`, `stop` (up to 4 strings), `n`
 (choices generated from the one prompt, up to `MAX_CHOICES`), `stream` and
 `stream_options.include_usage`, and log-probabilities (chat: `logprobs` with `top_logprobs` up
-to 20; completions: `logprobs` up to 5). Refused with a 400 naming the field, never silently
-ignored: `best_of` above 1, `echo`, `suffix`, tools. Fields OpenAI's clients send that change
-nothing here (`user`, `metadata`, penalties at 0) pass.
+to 20; completions: `logprobs` up to 5), and on chat `tools` with `tool_choice` "auto" or
+"none" and `parallel_tool_calls`, with the assistant's `tool_calls` and "tool" messages in the
+history (`tool_calls.py` reads the calls). Refused with a 400 naming the field, never silently
+ignored: `best_of` above 1, `echo`, `suffix`, `functions`, a `tool_choice` that forces a call
+("required" or a named function: that takes constrained decoding). Fields OpenAI's clients send
+that change nothing here (`user`, `metadata`, penalties at 0) pass.
 
 Knows JSON shapes only; nothing of HTTP, tokenizers or engines.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 import uuid
 from collections.abc import Sequence
@@ -22,8 +27,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from mahir.errors import Malformed
+from mahir.serve.tool_calls import ToolCall
 
-Messages = list[dict[str, str]]
+Messages = list[dict[str, Any]]
 MAX_STOPS = 4
 MAX_CHOICES = 16
 """`n` at most: each choice is a sequence of its own in the scheduler."""
@@ -49,6 +55,16 @@ class LlmRequest:
     stream: bool
     include_usage: bool
     model: str | None
+    tools: tuple[dict[str, Any], ...] = ()
+    """Chat: the tools the model may call, as OpenAI's request gives them."""
+    tool_choice: Literal["auto", "none"] = "auto"
+    """"auto": the model's tool calls are read into `tool_calls`; "none": its text stays text."""
+    parallel_tool_calls: bool = True
+    """False: the first tool call of a choice only."""
+
+    @property
+    def reads_tool_calls(self) -> bool:
+        return bool(self.tools) and self.tool_choice == "auto"
 
 
 def parse_chat(body: Any) -> LlmRequest:
@@ -57,8 +73,7 @@ def parse_chat(body: Any) -> LlmRequest:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise Malformed("messages must be a non-empty list of {role, content}", param="messages")
-    for name in ("tools", "functions"):
-        _refuse_set(body, name)
+    _refuse_set(body, "functions")
     wanted = body.get("logprobs")
     if wanted not in (None, True, False):
         raise Malformed("logprobs must be true or false", param="logprobs")
@@ -66,7 +81,16 @@ def parse_chat(body: Any) -> LlmRequest:
     if top and not wanted:
         raise Malformed("top_logprobs needs logprobs: true", param="top_logprobs")
     logprobs = _top(top, "chat", "top_logprobs") if wanted else None
-    return _request(body, "chat", [_message(m, i) for i, m in enumerate(messages)], logprobs)
+    parsed = _request(body, "chat", [_message(m, i) for i, m in enumerate(messages)], logprobs)
+    parallel = body.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise Malformed("parallel_tool_calls must be true or false", param="parallel_tool_calls")
+    return dataclasses.replace(
+        parsed,
+        tools=_tools(body.get("tools")),
+        tool_choice=_tool_choice(body.get("tool_choice")),
+        parallel_tool_calls=parallel is not False,
+    )
 
 
 def parse_completion(body: Any) -> LlmRequest:
@@ -143,20 +167,86 @@ def _object(body: Any) -> dict[str, Any]:
     return body
 
 
-def _message(message: Any, index: int) -> dict[str, str]:
-    """One chat message as the chat template takes it: role and text content."""
+def _tools(tools: Any) -> tuple[dict[str, Any], ...]:
+    """The request's tools, each a function with a name (and a JSON-schema `parameters`)."""
+    if tools is None:
+        return ()
+    if not isinstance(tools, list):
+        raise Malformed("tools must be a list of {type: function, function}", param="tools")
+    for index, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if (
+            not isinstance(tool, dict)
+            or tool.get("type") != "function"
+            or not isinstance(function, dict)
+            or not isinstance(function.get("name"), str)
+            or not isinstance(function.get("parameters", {}), dict)
+        ):
+            raise Malformed(
+                f"tools[{index}] must be {{type: function, function: {{name, parameters}}}}",
+                param=f"tools[{index}]",
+            )
+    return tuple(tools)
+
+
+def _tool_choice(choice: Any) -> Literal["auto", "none"]:
+    if choice is None or choice == "auto":
+        return "auto"
+    if choice == "none":
+        return "none"
+    if choice == "required" or isinstance(choice, dict):
+        raise Malformed(
+            "tool_choice that forces a call (required, or a named function) needs constrained "
+            "decoding, which this server does not do: send auto",
+            param="tool_choice",
+        )
+    raise Malformed('tool_choice must be "auto", "none" or "required"', param="tool_choice")
+
+
+def _message(message: Any, index: int) -> dict[str, Any]:
+    """One chat message as the chat template takes it: role and text content, and an
+    assistant's tool calls (arguments as objects, as templates write them) or a tool's id."""
     where = f"messages[{index}]"
     if not isinstance(message, dict) or not isinstance(message.get("role"), str):
         raise Malformed(f"{where} must be an object with a role", param=where)
     content = message.get("content")
+    calls = message.get("tool_calls") if message["role"] == "assistant" else None
     if isinstance(content, list):  # text parts
         if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
             raise Malformed(f"{where}: only text content parts are supported", param=where)
         content = "".join(str(p.get("text", "")) for p in content)
+    if content is None and calls:
+        content = ""
     if not isinstance(content, str):
         raise Malformed(f"{where}.content must be a string or text parts", param=where)
     role = "system" if message["role"] == "developer" else message["role"]
-    return {"role": role, "content": content}
+    written: dict[str, Any] = {"role": role, "content": content}
+    if calls:
+        written["tool_calls"] = [
+            _call(call, f"{where}.tool_calls[{i}]") for i, call in enumerate(calls)
+        ]
+    if role == "tool" and isinstance(message.get("tool_call_id"), str):
+        written["tool_call_id"] = message["tool_call_id"]
+    return written
+
+
+def _call(call: Any, where: str) -> dict[str, Any]:
+    """An assistant's earlier tool call, its JSON arguments read back into an object."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise Malformed(
+            f"{where} must be {{id, type: function, function: {{name, arguments}}}}", param=where
+        )
+    arguments = function.get("arguments", "{}")
+    try:
+        arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+    except ValueError as err:
+        raise Malformed(f"{where}.function.arguments is not JSON: {err}", param=where) from err
+    return {
+        "id": call.get("id"),
+        "type": "function",
+        "function": {"name": function["name"], "arguments": arguments},
+    }
 
 
 def _stops(stop: Any) -> tuple[str, ...]:
@@ -221,6 +311,8 @@ class Written:
     finish: str
     scored: Sequence[Scored] | None = None
     """Its tokens' log-probabilities, where asked."""
+    calls: Sequence[ToolCall] = ()
+    """The tools it called (chat)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,7 +340,7 @@ class Answer:
                 "logprobs": logprobs,
             }
             if self.kind == "chat":
-                one["message"] = {"role": "assistant", "content": choice.text}
+                one["message"] = _assistant(choice.text, choice.calls)
             else:
                 one["text"] = choice.text
             written.append(one)
@@ -262,13 +354,17 @@ class Answer:
         usage: bool,
         index: int = 0,
         logprobs: dict[str, Any] | None = None,
+        calls: Sequence[tuple[int, ToolCall]] = (),
     ) -> dict[str, Any]:
-        """A stream chunk of choice `index`: `text` None opens a chat's assistant turn. Every
-        chunk carries `usage: null` when the client asked for the usage chunk, as OpenAI's do."""
+        """A stream chunk of choice `index`: `text` None opens a chat's assistant turn; `calls`
+        are tool calls with their places among the choice's calls. Every chunk carries
+        `usage: null` when the client asked for the usage chunk, as OpenAI's do."""
         choice: dict[str, Any] = {"index": index, "finish_reason": finish, "logprobs": logprobs}
         if self.kind == "chat":
             opening = {"role": "assistant", "content": ""}
             choice["delta"] = opening if text is None else {"content": text} if text else {}
+            if calls:
+                choice["delta"]["tool_calls"] = [call.written(place) for place, call in calls]
         else:
             choice["text"] = text or ""
         extra = {"usage": None} if usage else {}
@@ -309,6 +405,17 @@ class Answer:
             "choices": choices,
             **extra,
         }
+
+
+def _assistant(text: str, calls: Sequence[ToolCall]) -> dict[str, Any]:
+    """A chat answer's message: with tool calls, its content is null where it is blank."""
+    if not calls:
+        return {"role": "assistant", "content": text}
+    return {
+        "role": "assistant",
+        "content": text if text.strip() else None,
+        "tool_calls": [call.written() for call in calls],
+    }
 
 
 def _chat_logprob(scored: Scored) -> dict[str, Any]:
