@@ -17,7 +17,7 @@ a framework; `choose` picks a token from logits in numpy for engines that hand o
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
@@ -26,6 +26,20 @@ from mahir.errors import BadInput
 from mahir.types import Device
 
 Logits = TypeVar("Logits")
+
+
+class Constraint(Protocol):
+    """What one generation may write next (structured outputs: a JSON schema, a tool call),
+    followed token by token. `choose` masks the logits with it before choosing and tells it
+    the token chosen; it belongs to one sequence."""
+
+    def allowed(self, logits: np.ndarray) -> np.ndarray:
+        """A copy of `logits` with every token the constraint forbids at -inf."""
+        ...
+
+    def advance(self, token: int) -> None:
+        """`token` was chosen: what may follow changes."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +60,9 @@ class Sampling:
     logprobs: int | None = None
     """Yield each token as a `Token` with its log-probability and this many of the most likely
     alternatives (0: its own only); None: plain ids. Engines with `token_logprobs` honour it."""
+    constraint: Constraint | None = field(default=None, compare=False)
+    """What the tokens may be (structured outputs), applied by `choose`; one per sequence.
+    Engines with `constrained` honour it."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -60,6 +77,12 @@ class Sampling:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def argmax_only(self) -> bool:
+        """Greedy with nothing else to do per token (no log-probabilities, no constraint): an
+        engine may take the argmax where the logits are, without `choose`."""
+        return self.greedy and self.logprobs is None and self.constraint is None
 
 
 class Generator(Protocol):
@@ -126,8 +149,14 @@ def scored(token: int, logits: np.ndarray, sampling: Sampling) -> int:
 def choose(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
     """The next token from one row of logits: argmax when greedy, else a top-p sample at the
     sampling temperature (ties in argmax go to the lowest id, as torch.argmax does); a `Token`
-    with its log-probabilities where `sampling.logprobs` asks."""
-    return scored(_chosen(logits, sampling, rng), logits, sampling)
+    with its log-probabilities where `sampling.logprobs` asks. A constraint masks what it
+    forbids first and learns the token chosen; the log-probabilities stay the model's own."""
+    constraint = sampling.constraint
+    if constraint is None:
+        return scored(_chosen(logits, sampling, rng), logits, sampling)
+    token = _chosen(constraint.allowed(logits), sampling, rng)
+    constraint.advance(token)
+    return scored(token, logits, sampling)
 
 
 def _chosen(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:

@@ -50,7 +50,12 @@ WEATHER = {
     "function": {
         "name": "get_weather",
         "description": "The weather in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        "parameters": {  # strict: a forced call's arguments are then one of two
+            "type": "object",
+            "properties": {"city": {"enum": ["Paris", "Oslo"]}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
     },
 }
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
@@ -184,3 +189,38 @@ def test_the_tools_result_is_answered_in_text_and_tool_choice_none_keeps_text(
     )
     assert raw.choices[0].message.content == CALL_TEXT
     assert raw.choices[0].finish_reason == "stop"
+
+
+def test_a_forced_call_and_a_json_schema_hold_the_answer_to_them(api: openai.OpenAI) -> None:
+    """After the tool's result the model answers in text; a named `tool_choice` makes it call
+    the tool again, and a `response_format` makes it write the schema's JSON instead of a call."""
+    name = api.models.list().data[0].id
+    forced = api.chat.completions.create(
+        model=name,
+        messages=ANSWERED,  # type: ignore[arg-type]
+        tools=[WEATHER],  # type: ignore[list-item]
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        temperature=0,
+        max_tokens=60,
+    )
+    choice = forced.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    calls = choice.message.tool_calls or []
+    assert [c.function.name for c in calls] == ["get_weather"]  # type: ignore[union-attr]
+    arguments = json.loads(calls[0].function.arguments)  # type: ignore[union-attr]
+    assert arguments["city"] in ("Paris", "Oslo")
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"enum": ["yes", "no"]}},
+        "required": ["answer"],
+        "additionalProperties": False,
+    }
+    formatted = api.chat.completions.create(
+        model=name,
+        messages=ASK,  # type: ignore[arg-type]
+        response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}},
+        temperature=0,
+        max_tokens=30,
+    )
+    assert formatted.choices[0].finish_reason == "stop"
+    assert json.loads(formatted.choices[0].message.content or "")["answer"] in ("yes", "no")

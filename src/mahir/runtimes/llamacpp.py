@@ -92,6 +92,8 @@ class LlamaCppGenerator:
 
     token_logprobs = True
     """Its streams yield `Token`s with their log-probabilities where `Sampling.logprobs` asks."""
+    constrained = True
+    """Its tokens are chosen by `generation.choose`, which follows `Sampling.constraint`."""
 
     max_concurrency: int
     """`slots`: one generation at a time on one context whose KV cache each generation clears,

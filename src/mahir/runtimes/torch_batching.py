@@ -245,7 +245,7 @@ class ContinuousBatch(BatchLoop[_Row]):
             if request is None:
                 continue
             sampling = request.sampling
-            if not sampling.greedy or sampling.logprobs is not None:
+            if not sampling.argmax_only:
                 row_logits = logits[row].float().cpu().numpy()
                 chosen[row] = choose(row_logits, sampling, request.rng)
                 tokens[row] = chosen[row]

@@ -81,6 +81,8 @@ class TorchGenerator:
 
     token_logprobs = True
     """Its streams yield `Token`s with their log-probabilities where `Sampling.logprobs` asks."""
+    constrained = True
+    """Its tokens are chosen by `generation.choose`, which follows `Sampling.constraint`."""
 
     max_concurrency: int
     """`slots`: one generation at a time on its own cache (torch's thread count is
@@ -134,7 +136,7 @@ class TorchGenerator:
         if self.batch is not None:
             return self._joined(self.batch, prompt, sampling)
         cache = self._new_cache(1)
-        if self._compiled and sampling.greedy and sampling.logprobs is None:
+        if self._compiled and sampling.argmax_only:
             return self._stream_on_device(prompt, sampling, cache)
         return decode_loop(
             prompt,
@@ -169,6 +171,8 @@ class TorchGenerator:
         token, as `stream` gives them for that prompt alone (greedily: up to the rounding a
         batched matmul may change). Sampled rows draw from generators spawned from `seed`.
         With slots, the prompts join the continuous batch instead, `slots` at a time."""
+        if sampling.constraint is not None:
+            raise ValueError("a constraint follows one sequence: stream each prompt with its own")
         for prompt in prompts:
             self._check(prompt, sampling.max_new_tokens)
         if self.batch is not None:
@@ -369,7 +373,7 @@ class TorchGenerator:
         return self._lm.forward(ids, cache, cache_position=slot, **extra)[:, -1]
 
     def _choose(self, logits: torch.Tensor, sampling: Sampling, rng: np.random.Generator) -> int:
-        if sampling.greedy and sampling.logprobs is None:
+        if sampling.argmax_only:
             return int(torch.argmax(logits))
         return choose(logits.float().cpu().numpy(), sampling, rng)
 

@@ -66,6 +66,7 @@ from mahir.serve.openai_chat import (
 )
 from mahir.serve.protocol import read_json
 from mahir.serve.served import ServeConfig
+from mahir.serve.structured import GrammarConstraint, Grammars, grammar_of
 from mahir.serve.tool_calls import ToolCall, ToolCallReader, check_template
 
 DONE = b"data: [DONE]\n\n"
@@ -95,6 +96,8 @@ class LlmServed:
         self.context = min(generator.context_length, family.context_length)
         self.engine = generator.engine
         self.token_logprobs = bool(getattr(generator, "token_logprobs", False))
+        self.constrained = bool(getattr(generator, "constrained", False))
+        self.grammars = Grammars(family.tokenizer, family.vocab_size, family.stop_token_ids)
         batcher = config.batcher
         scheduling = SchedulerConfig(batcher.max_queue, batcher.timeout_ms / 1000)
         self.scheduler = Scheduler(generator, scheduling, self.metrics.observer())
@@ -155,7 +158,22 @@ class LlmServed:
             top_p=request.top_p,
             seed=seed,
             logprobs=request.logprobs,
+            constraint=self.constraint(request),
         )
+
+    def constraint(self, request: LlmRequest) -> GrammarConstraint | None:
+        """A fresh constraint for one sequence of `request`, where it asks for structure."""
+        grammar = grammar_of(request)
+        if grammar is None:
+            return None
+        text, param = grammar
+        if not self.constrained:
+            raise Mismatch(
+                f"the {self.engine} engine chooses tokens itself and cannot hold them to a "
+                f"grammar (PyTorch and llama.cpp winners do): leave {param} out",
+                param=param,
+            )
+        return self.grammars.constraint(text, param)
 
     def scored(self, request: LlmRequest, tokens: list[int]) -> list[Scored] | None:
         """`tokens`' log-probabilities as the answer writes them; None where not asked."""

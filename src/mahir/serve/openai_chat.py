@@ -6,12 +6,12 @@ of one of them), `max_tokens` (`max_completion_tokens` too), `temperature` and `
 defaults: 1 and 1, so an unset temperature samples), `seed`, `stop` (up to 4 strings), `n`
 (choices generated from the one prompt, up to `MAX_CHOICES`), `stream` and
 `stream_options.include_usage`, and log-probabilities (chat: `logprobs` with `top_logprobs` up
-to 20; completions: `logprobs` up to 5), and on chat `tools` with `tool_choice` "auto" or
-"none" and `parallel_tool_calls`, with the assistant's `tool_calls` and "tool" messages in the
-history (`tool_calls.py` reads the calls). Refused with a 400 naming the field, never silently
-ignored: `best_of` above 1, `echo`, `suffix`, `functions`, a `tool_choice` that forces a call
-("required" or a named function: that takes constrained decoding). Fields OpenAI's clients send
-that change nothing here (`user`, `metadata`, penalties at 0) pass.
+to 20; completions: `logprobs` up to 5), and on chat `tools` with `tool_choice` (any of
+OpenAI's) and `parallel_tool_calls`, with the assistant's `tool_calls` and "tool" messages in
+the history (`tool_calls.py` reads the calls), and `response_format` (text, a JSON object, a
+JSON schema; `structured.py` holds the answer to them). Refused with a 400 naming the field,
+never silently ignored: `best_of` above 1, `echo`, `suffix`, `functions`. Fields OpenAI's
+clients send that change nothing here (`user`, `metadata`, penalties at 0) pass.
 
 Knows JSON shapes only; nothing of HTTP, tokenizers or engines.
 """
@@ -57,14 +57,20 @@ class LlmRequest:
     model: str | None
     tools: tuple[dict[str, Any], ...] = ()
     """Chat: the tools the model may call, as OpenAI's request gives them."""
-    tool_choice: Literal["auto", "none"] = "auto"
-    """"auto": the model's tool calls are read into `tool_calls`; "none": its text stays text."""
+    tool_choice: Literal["auto", "none", "required"] = "auto"
+    """"auto": the model's tool calls are read into `tool_calls`; "none": its text stays text;
+    "required": it must call one (of `forced_tool` alone where named)."""
+    forced_tool: str | None = None
+    """The function a named `tool_choice` forces."""
     parallel_tool_calls: bool = True
-    """False: the first tool call of a choice only."""
+    """False: one tool call per choice at most."""
+    response_schema: dict[str, Any] | None = None
+    """Chat: the JSON schema the answer must follow (`response_format`; {"type": "object"}
+    for "json_object")."""
 
     @property
     def reads_tool_calls(self) -> bool:
-        return bool(self.tools) and self.tool_choice == "auto"
+        return bool(self.tools) and self.tool_choice != "none"
 
 
 def parse_chat(body: Any) -> LlmRequest:
@@ -85,11 +91,15 @@ def parse_chat(body: Any) -> LlmRequest:
     parallel = body.get("parallel_tool_calls")
     if parallel is not None and not isinstance(parallel, bool):
         raise Malformed("parallel_tool_calls must be true or false", param="parallel_tool_calls")
+    tools = _tools(body.get("tools"))
+    choice, forced = _tool_choice(body.get("tool_choice"), tools)
     return dataclasses.replace(
         parsed,
-        tools=_tools(body.get("tools")),
-        tool_choice=_tool_choice(body.get("tool_choice")),
+        tools=tools,
+        tool_choice=choice,
+        forced_tool=forced,
         parallel_tool_calls=parallel is not False,
+        response_schema=_response_schema(body.get("response_format")),
     )
 
 
@@ -189,18 +199,46 @@ def _tools(tools: Any) -> tuple[dict[str, Any], ...]:
     return tuple(tools)
 
 
-def _tool_choice(choice: Any) -> Literal["auto", "none"]:
-    if choice is None or choice == "auto":
-        return "auto"
-    if choice == "none":
-        return "none"
-    if choice == "required" or isinstance(choice, dict):
+def _tool_choice(
+    choice: Any, tools: tuple[dict[str, Any], ...]
+) -> tuple[Literal["auto", "none", "required"], str | None]:
+    """The tool choice and the function it names, if it names one of `tools`."""
+    if choice is None or choice in ("auto", "none", "required"):
+        if choice == "required" and not tools:
+            raise Malformed("tool_choice required needs tools", param="tool_choice")
+        return choice or "auto", None
+    function = choice.get("function") if isinstance(choice, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str):
         raise Malformed(
-            "tool_choice that forces a call (required, or a named function) needs constrained "
-            "decoding, which this server does not do: send auto",
+            'tool_choice must be "auto", "none", "required" or {type: function, function: {name}}',
             param="tool_choice",
         )
-    raise Malformed('tool_choice must be "auto", "none" or "required"', param="tool_choice")
+    if name not in {tool["function"]["name"] for tool in tools}:
+        raise Malformed(
+            f"tool_choice names {name!r}, which is not among tools", param="tool_choice"
+        )
+    return "required", name
+
+
+def _response_schema(response_format: Any) -> dict[str, Any] | None:
+    """The JSON schema `response_format` asks the answer to follow; None for plain text."""
+    if response_format is None:
+        return None
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    spec = response_format.get("json_schema") if kind == "json_schema" else None
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    if not isinstance(schema, dict):
+        raise Malformed(
+            'response_format must be {type: "text"}, {type: "json_object"} or {type: '
+            '"json_schema", json_schema: {name, schema}}',
+            param="response_format",
+        )
+    return schema
 
 
 def _message(message: Any, index: int) -> dict[str, Any]:
