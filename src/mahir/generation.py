@@ -31,7 +31,11 @@ Logits = TypeVar("Logits")
 class Constraint(Protocol):
     """What one generation may write next (structured outputs: a JSON schema, a tool call),
     followed token by token. `choose` masks the logits with it before choosing and tells it
-    the token chosen; it belongs to one sequence."""
+    the token chosen; it belongs to one sequence. An engine that chooses tokens in its own
+    process holds them to `grammar` itself."""
+
+    grammar: str
+    """The grammar, in llguidance's Lark dialect."""
 
     def allowed(self, logits: np.ndarray) -> np.ndarray:
         """A copy of `logits` with every token the constraint forbids at -inf."""

@@ -9,6 +9,7 @@ only the first run on a machine creates it (about 3 minutes on 2 cores); the eng
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -179,3 +180,31 @@ def test_streamed_tokens_carry_vllms_log_probabilities(
     tokens = list(vllm.stream(prompt, Sampling(max_new_tokens=8, logprobs=2)))
     assert tokens == list(vllm.stream(prompt, Sampling(max_new_tokens=8)))
     check_greedy_scores(tokens, prompt, reference, alternatives=2)
+
+
+def test_a_grammar_holds_vllms_tokens_as_it_holds_mahirs(
+    llama: LanguageModel, vllm: VllmGenerator, reference: Generator
+) -> None:
+    """Held to a JSON schema's grammar, vLLM (its llguidance backend, in its own process)
+    writes greedily the tokens mahir's own engine writes under the same grammar: valid JSON
+    the tiny random model would never write alone."""
+    from mahir.serve.structured import Grammars, json_grammar
+
+    family = llama.family
+    grammars = Grammars(family.tokenizer, family.vocab_size, family.stop_token_ids)
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"enum": ["yes", "no"]}},
+        "required": ["answer"],
+        "additionalProperties": False,  # else a weak model may write keys until max_tokens
+    }
+    grammar = json_grammar(schema)
+    prompt = question_ids(llama)
+
+    def held(generator: Generator) -> list[int]:
+        sampling = family.sampling(24, constraint=grammars.constraint(grammar, "response_format"))
+        return list(generator.stream(prompt, sampling))
+
+    tokens = held(vllm)
+    assert tokens == held(reference)
+    assert json.loads(family.decode(tokens))["answer"] in ("yes", "no")

@@ -144,6 +144,7 @@ def test_every_engine_that_chooses_in_numpy_follows_the_grammar(
         "type": "object",
         "properties": {"answer": {"enum": ["yes", "no"]}},
         "required": ["answer"],
+        "additionalProperties": False,  # else a weak model may write keys until max_tokens
     }
     fields = {
         "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}

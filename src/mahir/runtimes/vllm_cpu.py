@@ -114,6 +114,8 @@ class VllmGenerator:
     token_logprobs = True
     """Its streams yield `Token`s where `Sampling.logprobs` asks (vLLM's raw log-probabilities
     and its ranked alternatives)."""
+    constrained = True
+    """vLLM holds each stream to its `Sampling.constraint`'s grammar (its llguidance backend)."""
 
     device = CPU
     max_concurrency = 32
@@ -167,6 +169,7 @@ class VllmGenerator:
             "seed": sampling.seed,
             "stop": list(sampling.stop_token_ids),
             "logprobs": sampling.logprobs,
+            "grammar": None if sampling.constraint is None else sampling.constraint.grammar,
         }
         for answer in self._worker.request(request, timeout_s=ANSWER_S):
             scores = answer.get("logprobs")

@@ -8,7 +8,8 @@ The loop is vLLM's continuous batching made visible: before each engine step eve
 that arrived joins the running batch, and each step's new tokens go out at once, tagged with
 their request's id, so requests from several callers share every step. Requests: {"op":
 "generate", "id", "prompt": [ids], "max_new_tokens", "temperature", "top_p", "seed", "stop":
-[ids], "logprobs": k or null}; {"op": "logprobs", "id", "tokens": [ids], "path": file.npy};
+[ids], "logprobs": k or null, "grammar": llguidance Lark or null}; {"op": "logprobs", "id",
+"tokens": [ids], "path": file.npy};
 {"op": "abort", "id"}. The end of input stops the engine. Answers: {"ready": {settings}} once,
 then {"id", "tokens": [new ids], "done": bool} (with "logprobs": per token [its
 log-probability, [[id, log-probability] ...] by rank] where asked), {"id", "done": true} once a
@@ -17,9 +18,11 @@ logprobs matrix is saved at its path, {"id", "error": line}, or {"fatal": line} 
 Logprobs are vLLM's full prompt distribution (`prompt_logprobs=-1` under `max_logprobs=-1`),
 scattered into a (len, vocab) float32 matrix: row i from prompt position i + 1, the last row
 from the first generated token's distribution (`logprobs=-1`, raw: before any sampling
-setting). Everything else that prints (vLLM's logs, compilers) goes to standard error, so the
-answers' channel carries answers only. Imports only the standard library and the environment's
-packages: mahir is not installed there.
+setting). A grammar holds a request's tokens to it through vLLM's structured outputs, on its
+llguidance backend ("guidance", the library mahir itself uses; it needs vLLM's tokenizer, which
+vLLM then loads, though tokens still come and go as ids). Everything else that prints (vLLM's
+logs, compilers) goes to standard error, so the answers' channel carries answers only. Imports
+only the standard library and the environment's packages: mahir is not installed there.
 """
 
 from __future__ import annotations
@@ -81,7 +84,7 @@ def start(settings: dict[str, Any]) -> Any:
         max_model_len=settings["max_model_len"],
         kv_cache_memory_bytes=settings["kv_cache_gb"] * 2**30,
         max_logprobs=-1,  # the full distribution, for mahir's fidelity judge
-        skip_tokenizer_init=True,  # mahir sends and reads token ids
+        structured_outputs_config={"backend": "guidance"},  # mahir's grammars are llguidance's
         enable_prefix_caching=False,  # a repeated prompt is prefilled again, as timed
         seed=0,
     )
@@ -133,7 +136,7 @@ def admit(engine: Any, message: dict[str, Any], logprob_files: dict[str, str], s
 
 def sampling(message: dict[str, Any]) -> Any:
     from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
     if message["op"] == "logprobs":
         return SamplingParams(
@@ -144,6 +147,7 @@ def sampling(message: dict[str, Any]) -> Any:
             flat_logprobs=True,
             detokenize=False,
         )
+    grammar = message.get("grammar")
     return SamplingParams(
         max_tokens=message["max_new_tokens"],
         temperature=message["temperature"],
@@ -154,6 +158,7 @@ def sampling(message: dict[str, Any]) -> Any:
         detokenize=False,
         output_kind=RequestOutputKind.DELTA,
         logprobs=message.get("logprobs"),  # raw: before temperature and top-p (vLLM's default)
+        structured_outputs=None if grammar is None else StructuredOutputsParams(grammar=grammar),
     )
 
 

@@ -170,7 +170,7 @@ class LlmServed:
         if not self.constrained:
             raise Mismatch(
                 f"the {self.engine} engine chooses tokens itself and cannot hold them to a "
-                f"grammar (PyTorch and llama.cpp winners do): leave {param} out",
+                f"grammar (PyTorch, llama.cpp and vLLM winners do): leave {param} out",
                 param=param,
             )
         return self.grammars.constraint(text, param)

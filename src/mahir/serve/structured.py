@@ -120,13 +120,14 @@ class Grammars:
         if matcher.is_error():
             why = matcher.get_error().strip().splitlines()[0]
             raise Mismatch(f"{param} cannot be followed: {why}", param=param)
-        return GrammarConstraint(matcher, self._vocab)
+        return GrammarConstraint(grammar, matcher, self._vocab)
 
 
 class GrammarConstraint:
     """`generation.Constraint` for one sequence, over an llguidance matcher."""
 
-    def __init__(self, matcher: Any, vocab_size: int) -> None:
+    def __init__(self, grammar: str, matcher: Any, vocab_size: int) -> None:
+        self.grammar = grammar
         self._matcher, self._vocab = matcher, vocab_size
         self._mask = np.full((vocab_size + 31) // 32, -1, np.int32)
 
