@@ -121,8 +121,9 @@ def test_chat_requests_carry_tools_and_earlier_calls_to_the_template() -> None:
     [
         ({"tools": [{"type": "function"}]}, "tools[0]"),
         ({"tools": {"get_weather": {}}}, "tools"),
-        ({"tool_choice": "required"}, "tool_choice"),
-        ({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice"),
+        ({"tool_choice": "always"}, "tool_choice"),
+        ({"tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "tool_choice"),
+        ({"tools": None, "tool_choice": "required"}, "tool_choice"),
         ({"parallel_tool_calls": "yes"}, "parallel_tool_calls"),
         ({"functions": [{"name": "f"}]}, "functions"),
     ],
