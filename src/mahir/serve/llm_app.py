@@ -200,6 +200,7 @@ def build_llm_app(
 @asynccontextmanager
 async def _lifespan(app: Starlette) -> AsyncIterator[None]:
     served: LlmServed = app.state.served
+    await asyncio.to_thread(served.grammars.warm)
     served.started = True
     yield
     await served.scheduler.stop()

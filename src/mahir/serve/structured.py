@@ -19,6 +19,7 @@ Knows llguidance, JSON schemas and token ids; nothing of HTTP or engines.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -97,11 +98,17 @@ def _lark_string(text: str) -> str:
 
 
 class Grammars:
-    """Grammars compiled against one model's tokenizer (built once, on first use: about a
-    second), each checked before any work."""
+    """Grammars compiled against one model's tokenizer (built once: 0.36 s for the default
+    LLM's), each checked before any work (1-2.5 ms a request)."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: Sequence[int]) -> None:
         self._tokenizer, self._vocab, self._stops = tokenizer, vocab_size, list(stop_token_ids)
+
+    def warm(self) -> None:
+        """Compile the tokenizer now (where llguidance is installed), so that the first
+        structured request does not hold the event loop for it."""
+        if importlib.util.find_spec("llguidance") is not None:
+            self._compiled_tokenizer  # noqa: B018  # computed and cached
 
     @functools.cached_property
     def _compiled_tokenizer(self) -> Any:
