@@ -220,14 +220,15 @@ def test_bench_llm_times_and_judges_openvino_rows(
     assert row["quality"]["top1_agreement"] > 0.8
 
 
-def test_a_server_on_it_refuses_logprobs_before_any_work(
+def test_a_server_on_it_refuses_logprobs_and_grammars_before_any_work(
     tiny_llm: LanguageModel, openvino: Generator
 ) -> None:
-    """GenAI chooses its tokens itself and reports no log-probabilities per token: a request
-    asking for them is a 400 naming `logprobs`, the engine untouched."""
+    """GenAI chooses its tokens itself, reports no log-probabilities per token and takes no
+    grammar of mahir's: a request asking for either is a 400 naming the field, the engine
+    untouched; handed one directly, the engine refuses it rather than ignore it."""
     from mahir.errors import Mismatch
     from mahir.serve.llm_app import LlmServed
-    from mahir.serve.openai_chat import parse_completion
+    from mahir.serve.openai_chat import parse_chat, parse_completion
     from mahir.serve.served import ServeConfig
 
     served = LlmServed(openvino, tiny_llm.family, "tiny", ServeConfig())
@@ -237,3 +238,14 @@ def test_a_server_on_it_refuses_logprobs_before_any_work(
     assert refused.value.param == "logprobs"
     plain = parse_completion({"prompt": "Once", "max_tokens": 4})
     assert served.sampling(plain, tiny_llm.family.encode("Once")).logprobs is None
+    shaped = parse_chat(
+        {
+            "messages": [{"role": "user", "content": "Hi"}],
+            "response_format": {"type": "json_object"},
+        }
+    )
+    with pytest.raises(Mismatch, match="cannot hold them to a grammar") as refused:
+        served.sampling(shaped, tiny_llm.family.encode("Hi"))
+    assert refused.value.param == "response_format"
+    with pytest.raises(Unsupported, match="log-probabilities"):
+        openvino.stream([5, 6], Sampling(4, logprobs=0))

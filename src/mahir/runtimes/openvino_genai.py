@@ -143,6 +143,12 @@ class OpenVinoGenerator:
         check_request(
             prompt, new, vocab=self._vocab, context=self.context_length, engine=self.engine
         )
+        if sampling.logprobs is not None or sampling.constraint is not None:
+            raise Unsupported(
+                f"{self.engine} chooses tokens inside its pipeline: it reports no "
+                "log-probabilities per token and takes no grammar; use the PyTorch or llama.cpp "
+                "engine for them"
+            )
         if self.batch is not None:
             return self.batch.stream(prompt, sampling)
         return self._generate(list(prompt), sampling)
