@@ -55,15 +55,8 @@ from mahir.serve.http import (
 from mahir.serve.llm_scheduler import Scheduler, SchedulerConfig, TokenStream
 from mahir.serve.llm_text import TextStream
 from mahir.serve.metrics import LlmMetrics
-from mahir.serve.openai_chat import (
-    Answer,
-    LlmRequest,
-    Scored,
-    Written,
-    parse_chat,
-    parse_completion,
-    usage,
-)
+from mahir.serve.openai_answers import Answer, Scored, Written, usage
+from mahir.serve.openai_chat import LlmRequest, parse_chat, parse_completion
 from mahir.serve.protocol import read_json
 from mahir.serve.served import ServeConfig
 from mahir.serve.structured import GrammarConstraint, Grammars, grammar_of
