@@ -178,6 +178,13 @@ def _chosen(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) ->
     return int(rng.choice(len(probs), p=probs))
 
 
+def check_shared(sampling: Sampling) -> None:
+    """Refuse a constraint handed to several sequences at once (a batch's one `Sampling`): it
+    follows one sequence, so each prompt must be streamed with its own."""
+    if sampling.constraint is not None:
+        raise ValueError("a constraint follows one sequence: stream each prompt with its own")
+
+
 def check_request(
     tokens: Sequence[int], new: int, *, vocab: int, context: int, engine: str
 ) -> None:

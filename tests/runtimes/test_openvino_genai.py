@@ -230,6 +230,7 @@ def test_a_server_on_it_refuses_logprobs_and_grammars_before_any_work(
     from mahir.serve.llm_app import LlmServed
     from mahir.serve.openai_chat import parse_chat, parse_completion
     from mahir.serve.served import ServeConfig
+    from mahir.serve.structured import Grammars, json_grammar
 
     served = LlmServed(openvino, tiny_llm.family, "tiny", ServeConfig())
     asked = parse_completion({"prompt": "Once", "max_tokens": 4, "logprobs": 1})
@@ -249,3 +250,8 @@ def test_a_server_on_it_refuses_logprobs_and_grammars_before_any_work(
     assert refused.value.param == "response_format"
     with pytest.raises(Unsupported, match="log-probabilities"):
         openvino.stream([5, 6], Sampling(4, logprobs=0))
+    family = tiny_llm.family
+    grammars = Grammars(family.tokenizer, family.vocab_size, family.stop_token_ids)
+    held = Sampling(4, constraint=grammars.constraint(json_grammar({"type": "object"}), "x"))
+    with pytest.raises(ValueError, match="follows one sequence"):  # nor in a batch
+        openvino.generate_batch([[5, 6], [7]], held)  # type: ignore[attr-defined]

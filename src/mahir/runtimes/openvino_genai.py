@@ -35,7 +35,7 @@ import openvino as ov
 import openvino_genai as ov_genai
 
 from mahir.errors import BadInput, RuntimeFailure, Unsupported, first_line
-from mahir.generation import Sampling, check_request
+from mahir.generation import Sampling, check_request, check_shared
 from mahir.hardware import physical_cores
 from mahir.runtimes.openvino_batching import OpenVinoBatch
 from mahir.types import CPU, Artifact
@@ -185,6 +185,7 @@ class OpenVinoGenerator:
         stateful pipeline runs them as one static batch, the paged one as requests its
         scheduler batches step by step. Each row's tokens equal what it gets alone (checked
         greedily on SmolLM2-135M's int8 IR for both)."""
+        check_shared(sampling)
         new = sampling.max_new_tokens
         for prompt in prompts:
             check_request(

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from mahir.errors import Unsupported
-from mahir.generation import Sampling, check_request, choose, decode_loop
+from mahir.generation import Sampling, check_request, check_shared, choose, decode_loop
 from mahir.hardware import Machine, detect, physical_cores
 from mahir.runtimes.torch_batching import ContinuousBatch
 from mahir.runtimes.torch_lm import CausalLM, context_of
@@ -171,8 +171,7 @@ class TorchGenerator:
         token, as `stream` gives them for that prompt alone (greedily: up to the rounding a
         batched matmul may change). Sampled rows draw from generators spawned from `seed`.
         With slots, the prompts join the continuous batch instead, `slots` at a time."""
-        if sampling.constraint is not None:
-            raise ValueError("a constraint follows one sequence: stream each prompt with its own")
+        check_shared(sampling)
         for prompt in prompts:
             self._check(prompt, sampling.max_new_tokens)
         if self.batch is not None:

@@ -9,11 +9,11 @@ that arrived joins the running batch, and each step's new tokens go out at once,
 their request's id, so requests from several callers share every step. Requests: {"op":
 "generate", "id", "prompt": [ids], "max_new_tokens", "temperature", "top_p", "seed", "stop":
 [ids], "logprobs": k or null, "grammar": llguidance Lark or null}; {"op": "logprobs", "id",
-"tokens": [ids], "path": file.npy};
-{"op": "abort", "id"}. The end of input stops the engine. Answers: {"ready": {settings}} once,
-then {"id", "tokens": [new ids], "done": bool} (with "logprobs": per token [its
-log-probability, [[id, log-probability] ...] by rank] where asked), {"id", "done": true} once a
-logprobs matrix is saved at its path, {"id", "error": line}, or {"fatal": line} before exiting.
+"tokens": [ids], "path": file.npy}; {"op": "abort", "id"}. The end of input stops the engine.
+Answers: {"ready": {settings}} once, then {"id", "tokens": [new ids], "done": bool} (with
+"logprobs": per token [its log-probability, [[id, log-probability] ...] by rank] where asked),
+{"id", "done": true} once a logprobs matrix is saved at its path, {"id", "error": line}, or
+{"fatal": line} before exiting.
 
 Logprobs are vLLM's full prompt distribution (`prompt_logprobs=-1` under `max_logprobs=-1`),
 scattered into a (len, vocab) float32 matrix: row i from prompt position i + 1, the last row

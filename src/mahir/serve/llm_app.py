@@ -193,7 +193,8 @@ def build_llm_app(
 @asynccontextmanager
 async def _lifespan(app: Starlette) -> AsyncIterator[None]:
     served: LlmServed = app.state.served
-    await asyncio.to_thread(served.grammars.warm)
+    if served.constrained:  # an engine that takes no grammar never needs the tokenizer
+        await asyncio.to_thread(served.grammars.warm)
     served.started = True
     yield
     await served.scheduler.stop()

@@ -69,20 +69,20 @@ class TextStream:
         if found:
             end, self.stopped = min(found), True
         elif not final:
-            end -= self._held()
+            end -= opening_tail(self.text, self._stops)
         delta = self.text[self._sent : max(end, self._sent)]
         self._sent = max(end, self._sent)
         return delta
 
-    def _held(self) -> int:
-        """Characters at the end of the text that begin a stop string."""
-        for size in range(
-            min(max((len(s) for s in self._stops), default=0), len(self.text)), 0, -1
-        ):
-            tail = self.text[-size:]
-            if any(s.startswith(tail) for s in self._stops):
-                return size
-        return 0
-
     def _decode(self, ids: Sequence[int]) -> str:
         return str(self._tokenizer.decode(list(ids), skip_special_tokens=True))
+
+
+def opening_tail(text: str, strings: Sequence[str]) -> int:
+    """Characters at the end of `text` that begin one of `strings`: a tail to hold back
+    until what follows shows whether it becomes one."""
+    for size in range(min(max((len(s) for s in strings), default=0), len(text)), 0, -1):
+        tail = text[-size:]
+        if any(s.startswith(tail) for s in strings):
+            return size
+    return 0

@@ -135,7 +135,7 @@ class GrammarConstraint:
 
     def __init__(self, grammar: str, matcher: Any, vocab_size: int) -> None:
         self.grammar = grammar
-        self._matcher, self._vocab = matcher, vocab_size
+        self._matcher = matcher
         self._mask = np.full((vocab_size + 31) // 32, -1, np.int32)
 
     def allowed(self, logits: np.ndarray) -> np.ndarray:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mahir.errors import Mismatch
+from mahir.serve.llm_text import opening_tail
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
@@ -95,7 +96,7 @@ class ToolCallReader:
                 continue
             start = self._pending.find(OPEN)
             if start < 0:
-                held = _opening_tail(self._pending)
+                held = opening_tail(self._pending, (OPEN,))
                 content.append(self._pending[: len(self._pending) - held])
                 self._pending = self._pending[len(self._pending) - held :]
                 break
@@ -149,11 +150,3 @@ def _parsed(body: str) -> ToolCall | None:
     if not isinstance(arguments, str):
         arguments = json.dumps(arguments, ensure_ascii=False)
     return ToolCall(f"call_{uuid.uuid4().hex[:24]}", call["name"], arguments)
-
-
-def _opening_tail(text: str) -> int:
-    """Characters at the end of `text` that begin the opening tag."""
-    for size in range(min(len(OPEN) - 1, len(text)), 0, -1):
-        if OPEN.startswith(text[-size:]):
-            return size
-    return 0
