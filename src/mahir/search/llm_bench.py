@@ -5,8 +5,8 @@ The order of work is the encoder bench's: one prompt workload for every engine; 
 (the memory it adds, its compile time), judged against the reference (`generation_quality`),
 then timed interleaved (`llm_timing.py`: every engine in turn on each prompt, the clock read at
 each streamed token, stop tokens ignored as vLLM's benchmarks do with ignore_eos): time to first
-token is the prefill plus the first choice, decode latency the gap between tokens; `-b N`
-adds N requests at once. Output tokens/s is tokens over the
+token is the prefill plus the first choice, decode latency each generation's time per token
+after the first; `-b N` adds N requests at once. Output tokens/s is tokens over the
 wall time of whole generations, prefill included; "GB/s" is the weights read once per decoded
 token, the number that bounds batch-1 decoding (gpt-fast's "bandwidth achieved").
 
@@ -95,7 +95,8 @@ class LlmBenchRow:
     ttft_ms: tuple[float, ...]
     """One per generation: prefill plus the first token."""
     decode_ms: tuple[float, ...]
-    """One per token after the first."""
+    """One per generation: its time from the first token to the last over the tokens after the
+    first (`llm_timing.py` says why not the gaps between tokens)."""
     tokens: int
     seconds: float
     """Wall time of the timed generations, prefills included."""
@@ -230,9 +231,9 @@ class LlmBenchResult:
             f"{described['prompts']} prompts ({described['origin']}) of {prompt['min']}-"
             f"{prompt['max']} tokens (median {prompt['median']:.0f}), {new['min']}-{new['max']} "
             "new tokens each, greedy, stop tokens ignored while timed",
-            "TTFT: p50 ms to the first token; ms/tok, p90: decode ms per token; tok/s: output "
-            f"tokens over whole generations; speedup: decode p50 vs {REFERENCE_ENGINE}; GB/s: "
-            "weights read per decoded token; MB: weights",
+            "TTFT: p50 ms to the first token; ms/tok, p90: decode ms per token, by generation; "
+            "tok/s: output tokens over whole generations; speedup: decode p50 vs "
+            f"{REFERENCE_ENGINE}; GB/s: weights read per decoded token; MB: weights",
         ]
         if quality is not None:
             lines.append(

@@ -148,6 +148,7 @@ class Round:
     seconds: float
     """Timed seconds asked of each entrant (at least one pass over the prompts)."""
     decode_ms: tuple[float, ...]
+    """One per generation: its decode time per token after the first (`llm_timing.py`)."""
     ttft_ms: tuple[float, ...]
     tokens: int
     wall_s: float
