@@ -23,11 +23,11 @@ import numpy as np
 
 from mahir.families.decoder import DECODER_SPEC, default_llm_path
 from mahir.families.prompts import generate_prompts
-from mahir.generation import Generator, Sampling
+from mahir.generation import Generator, Sampling, Structure
 from mahir.hardware import detect
 from mahir.model import load_model
 from mahir.runtimes.llamacpp import LlamaCppOptions, open_generator
-from mahir.serve.structured import Grammars, json_grammar
+from mahir.serve.structured import Grammars
 from mahir.types import Artifact
 
 SCHEMA = {"type": "object", "additionalProperties": {"type": "string"}}
@@ -43,7 +43,7 @@ def main() -> None:
     gguf = args.gguf or default_llm_path()
     generator = open_generator(Artifact("gguf", DECODER_SPEC, path=gguf), LlamaCppOptions())
     grammars = Grammars(family.tokenizer, family.vocab_size, family.stop_token_ids)
-    grammar = json_grammar(SCHEMA)
+    structure = Structure(SCHEMA)
     prompts = [
         p.ids for p in generate_prompts(family, PROMPTS, prompt_tokens=(32, 256), seed=0).prompts
     ]
@@ -51,10 +51,10 @@ def main() -> None:
     for _ in range(ROUNDS):
         for name in per_token:
             for prompt in prompts:
-                constraint = grammars.constraint(grammar, "x") if name != "free" else None
+                constraint = grammars.constraint(structure, "x") if name != "free" else None
                 sampling = family.sampling(NEW_TOKENS, constraint=constraint)
                 per_token[name].append(decode_ms(generator, prompt, sampling))
-    mask = grammars.constraint(grammar, "x")
+    mask = grammars.constraint(structure, "x")
     row = np.zeros(family.vocab_size, np.float32)
     started = time.perf_counter()
     for _ in range(200):

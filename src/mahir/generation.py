@@ -28,14 +28,30 @@ from mahir.types import Device
 Logits = TypeVar("Logits")
 
 
+@dataclass(frozen=True, slots=True)
+class Structure:
+    """What a structured answer is: one JSON value of `schema`; or, with `tags`, blocks of the
+    opening tag, a JSON value of `schema` and the closing tag, each tag on its own line (tool
+    calls), one block or, `repeat`, several a line apart, or else a JSON value of
+    `alternative`."""
+
+    schema: dict[str, Any]
+    tags: tuple[str, str] | None = None
+    repeat: bool = False
+    alternative: dict[str, Any] | None = None
+
+
 class Constraint(Protocol):
     """What one generation may write next (structured outputs: a JSON schema, a tool call),
     followed token by token. `choose` masks the logits with it before choosing and tells it
     the token chosen; it belongs to one sequence. An engine that chooses tokens in its own
-    process holds them to `grammar` itself."""
+    process holds them to `grammar` (its grammar engine reads llguidance's Lark) or to
+    `structure` (one that takes JSON schemas and tags) itself."""
 
     grammar: str
     """The grammar, in llguidance's Lark dialect."""
+    structure: Structure
+    """The same answer's shape, from which `grammar` was written."""
 
     def allowed(self, logits: np.ndarray) -> np.ndarray:
         """A copy of `logits` with every token the constraint forbids at -inf."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -220,17 +221,16 @@ def test_bench_llm_times_and_judges_openvino_rows(
     assert row["quality"]["top1_agreement"] > 0.8
 
 
-def test_a_server_on_it_refuses_logprobs_and_grammars_before_any_work(
+def test_a_server_on_it_refuses_logprobs_before_any_work(
     tiny_llm: LanguageModel, openvino: Generator
 ) -> None:
-    """GenAI chooses its tokens itself, reports no log-probabilities per token and takes no
-    grammar of mahir's: a request asking for either is a 400 naming the field, the engine
-    untouched; handed one directly, the engine refuses it rather than ignore it."""
+    """GenAI chooses its tokens itself and reports no log-probabilities per token: a request
+    asking for them is a 400 naming the field, the engine untouched; handed one directly, the
+    engine refuses it rather than ignore it."""
     from mahir.errors import Mismatch
     from mahir.serve.llm_app import LlmServed
-    from mahir.serve.openai_chat import parse_chat, parse_completion
+    from mahir.serve.openai_chat import parse_completion
     from mahir.serve.served import ServeConfig
-    from mahir.serve.structured import Grammars, json_grammar
 
     served = LlmServed(openvino, tiny_llm.family, "tiny", ServeConfig())
     asked = parse_completion({"prompt": "Once", "max_tokens": 4, "logprobs": 1})
@@ -239,19 +239,91 @@ def test_a_server_on_it_refuses_logprobs_and_grammars_before_any_work(
     assert refused.value.param == "logprobs"
     plain = parse_completion({"prompt": "Once", "max_tokens": 4})
     assert served.sampling(plain, tiny_llm.family.encode("Once")).logprobs is None
+    with pytest.raises(Unsupported, match="log-probabilities"):
+        openvino.stream([5, 6], Sampling(4, logprobs=0))
+
+
+@pytest.mark.parametrize("engine", ["openvino", "openvino-paged"])
+def test_structured_outputs_hold_its_tokens_to_a_schema_and_to_tool_calls(
+    tiny_llm: LanguageModel, fp32_ir: Artifact, engine: str
+) -> None:
+    """The tiny random model left alone writes no JSON; held by GenAI's own structured outputs
+    (the tokenizer IRs the export wrote beside the model), it writes a value of the schema and
+    stops, greedy or sampled, alone or with slots; a forced tool call (one or several) opens as
+    the server's reader expects, and with tools beside a JSON schema the answer is either.
+    (xgrammar leaves JSON's whitespace free, and a random model fills it: so the schema is a
+    bare enum, and a call is checked as far as its first whitespace.)"""
+    from mahir.serve.openai_chat import parse_chat
+    from mahir.serve.structured import Grammars, structure_of
+
+    family = tiny_llm.family
+    grammars = Grammars(family.tokenizer, family.vocab_size, family.stop_token_ids)
+    slots = 2 if engine == "openvino-paged" else 1
+    generator = open_engine(engine, fp32_ir, RuntimeOptions(threads=1, slots=slots))
+    assert generator.constrained  # type: ignore[attr-defined]
+    prompt = question_ids(tiny_llm)
+    free = family.decode(list(generator.stream(prompt, family.sampling(24))))
+    assert not free.lstrip().startswith(('"', "<tool_call>"))
+
+    def held(fields: dict[str, Any], new: int, seed: int | None = None) -> list[int]:
+        request = parse_chat({"messages": [{"role": "user", "content": "hi"}], **fields})
+        asked = structure_of(request)
+        assert asked is not None
+        temperature = 0 if seed is None else 1.0
+        constraint = grammars.constraint(*asked)
+        sampling = family.sampling(new, temperature=temperature, seed=seed, constraint=constraint)
+        return list(generator.stream(prompt, sampling))
+
+    schema = {"type": "json_schema", "json_schema": {"name": "a", "schema": ANSWER}}
+    for seed in (None, 3):
+        tokens = held({"response_format": schema}, 12, seed)
+        assert tokens[-1] in family.stop_token_ids
+        assert json.loads(family.decode(tokens[:-1])) in ("yes", "no")
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {}}}
+    forced = {"tools": [weather], "tool_choice": "required"}
+    for fields in (forced, {**forced, "parallel_tool_calls": False}):
+        assert family.decode(held(fields, 16)).startswith("<tool_call>\n{")
+    either = {"tools": [weather], "response_format": {"type": "json_object"}}  # a call or JSON
+    assert family.decode(held(either, 16)).startswith(("<tool_call>\n{", "{"))
+
+
+ANSWER = {"enum": ["yes", "no"]}
+
+
+def test_an_export_without_tokenizer_irs_refuses_grammars_in_one_line(
+    tiny_llm: LanguageModel, fp32_ir: Artifact, tmp_path: Path
+) -> None:
+    """An IR exported before the tokenizer IRs were written: a request for structure is a 400
+    naming the field, before any work; handed one directly, the engine refuses it; a batch
+    refuses a constraint shared by its rows."""
+    import shutil
+
+    from mahir.errors import Mismatch
+    from mahir.generation import Structure
+    from mahir.serve.llm_app import LlmServed
+    from mahir.serve.openai_chat import parse_chat
+    from mahir.serve.served import ServeConfig
+    from mahir.serve.structured import Grammars
+
+    assert fp32_ir.path is not None
+    older = tmp_path / "older"
+    shutil.copytree(fp32_ir.path.parent, older, ignore=shutil.ignore_patterns("*tokenizer*"))
+    copied = Artifact("openvino", fp32_ir.spec, path=older / fp32_ir.path.name)
+    generator = open_engine("openvino", copied, ONE_THREAD)
+    served = LlmServed(generator, tiny_llm.family, "tiny", ServeConfig())
     shaped = parse_chat(
         {
             "messages": [{"role": "user", "content": "Hi"}],
             "response_format": {"type": "json_object"},
         }
     )
-    with pytest.raises(Mismatch, match="cannot hold them to a grammar") as refused:
+    with pytest.raises(Mismatch, match="cannot hold its tokens to a grammar") as refused:
         served.sampling(shaped, tiny_llm.family.encode("Hi"))
     assert refused.value.param == "response_format"
-    with pytest.raises(Unsupported, match="log-probabilities"):
-        openvino.stream([5, 6], Sampling(4, logprobs=0))
     family = tiny_llm.family
     grammars = Grammars(family.tokenizer, family.vocab_size, family.stop_token_ids)
-    held = Sampling(4, constraint=grammars.constraint(json_grammar({"type": "object"}), "x"))
+    held = Sampling(4, constraint=grammars.constraint(Structure({"type": "object"}), "x"))
+    with pytest.raises(Unsupported, match="no tokenizer IR"):
+        generator.stream([5, 6], held)
     with pytest.raises(ValueError, match="follows one sequence"):  # nor in a batch
-        openvino.generate_batch([[5, 6], [7]], held)  # type: ignore[attr-defined]
+        generator.generate_batch([[5, 6], [7]], held)  # type: ignore[attr-defined]

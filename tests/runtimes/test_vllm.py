@@ -188,7 +188,8 @@ def test_a_grammar_holds_vllms_tokens_as_it_holds_mahirs(
     """Held to a JSON schema's grammar, vLLM (its llguidance backend, in its own process)
     writes greedily the tokens mahir's own engine writes under the same grammar: valid JSON
     the tiny random model would never write alone."""
-    from mahir.serve.structured import Grammars, json_grammar
+    from mahir.generation import Structure
+    from mahir.serve.structured import Grammars
 
     family = llama.family
     grammars = Grammars(family.tokenizer, family.vocab_size, family.stop_token_ids)
@@ -198,11 +199,11 @@ def test_a_grammar_holds_vllms_tokens_as_it_holds_mahirs(
         "required": ["answer"],
         "additionalProperties": False,  # else a weak model may write keys until max_tokens
     }
-    grammar = json_grammar(schema)
+    structure = Structure(schema)
     prompt = question_ids(llama)
 
     def held(generator: Generator) -> list[int]:
-        sampling = family.sampling(24, constraint=grammars.constraint(grammar, "response_format"))
+        sampling = family.sampling(24, constraint=grammars.constraint(structure, "response_format"))
         return list(generator.stream(prompt, sampling))
 
     tokens = held(vllm)

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from mahir.errors import Mismatch
-from mahir.generation import Sampling, choose
+from mahir.generation import Sampling, Structure, choose
 from mahir.serve.openai_chat import parse_chat
-from mahir.serve.structured import Grammars, grammar_of
+from mahir.serve.structured import Grammars, structure_of
 
 WEATHER = {
     "type": "function",
@@ -36,10 +36,17 @@ def request(**fields: Any) -> Any:
     return parse_chat({"messages": [{"role": "user", "content": "hi"}], **fields})
 
 
+def asked(**fields: Any) -> tuple[Structure, str]:
+    """The structure a request of `fields` asks for, and the field that asks."""
+    found = structure_of(request(**fields))
+    assert found is not None
+    return found
+
+
 def follows(grammars: Grammars, fields: dict[str, Any], text: str, tokenizer: Any) -> bool:
     """Whether the grammar `fields` ask for lets `text` through and may end after it."""
-    grammar, param = grammar_of(request(**fields)) or ("", "")
-    constraint = grammars.constraint(grammar, param)
+    structure, param = asked(**fields)
+    constraint = grammars.constraint(structure, param)
     vocab = len(tokenizer)
     for token in tokenizer(text, add_special_tokens=False)["input_ids"]:
         if not np.isfinite(constraint.allowed(np.zeros(vocab, np.float32))[token]):
@@ -67,7 +74,7 @@ def test_a_json_schema_lets_its_values_through_and_nothing_else(
     assert follows(
         grammars, {"response_format": {"type": "json_object"}}, '{"x": [1]}', llm_tokenizer
     )
-    assert grammar_of(request(response_format={"type": "text"})) is None
+    assert structure_of(request(response_format={"type": "text"})) is None
 
 
 def test_forced_tool_calls_are_hermes_blocks_of_the_named_or_any_tool(
@@ -94,28 +101,28 @@ def test_forced_tool_calls_are_hermes_blocks_of_the_named_or_any_tool(
 def test_choose_picks_the_best_token_the_grammar_allows(
     grammars: Grammars, llm_tokenizer: Any
 ) -> None:
-    grammar, param = grammar_of(request(response_format={"type": "json_object"})) or ("", "")
+    structure, param = asked(response_format={"type": "json_object"})
     logits = np.zeros(len(llm_tokenizer), np.float32)
     brace = llm_tokenizer.convert_tokens_to_ids("{")
     logits[llm_tokenizer.convert_tokens_to_ids("Hello")] = 9.0  # likelier, but not JSON
     logits[brace] = 5.0
-    sampling = Sampling(8, logprobs=0, constraint=grammars.constraint(grammar, param))
+    sampling = Sampling(8, logprobs=0, constraint=grammars.constraint(structure, param))
     token = choose(logits, sampling, np.random.default_rng(0))
     assert token == brace
     assert token.logprob < np.log(0.5)  # the model's own log-probability, not the masked one
-    sampled = Sampling(8, temperature=1.0, constraint=grammars.constraint(grammar, param))
+    sampled = Sampling(8, temperature=1.0, constraint=grammars.constraint(structure, param))
     for seed in range(5):
         assert choose(
             logits, sampled, np.random.default_rng(seed)
         ) != llm_tokenizer.convert_tokens_to_ids("Hello")
-        sampled = Sampling(8, temperature=1.0, constraint=grammars.constraint(grammar, param))
+        sampled = Sampling(8, temperature=1.0, constraint=grammars.constraint(structure, param))
 
 
 def test_what_cannot_be_followed_is_a_400_naming_the_field(grammars: Grammars) -> None:
     bad = {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "foo"}}}
-    grammar, param = grammar_of(request(response_format=bad)) or ("", "")
+    structure, param = asked(response_format=bad)
     with pytest.raises(Mismatch) as raised:
-        grammars.constraint(grammar, param)
+        grammars.constraint(structure, param)
     assert raised.value.param == "response_format"
     assert "\n" not in str(raised.value)
     with pytest.raises(Exception, match="response_format must be"):
@@ -149,7 +156,7 @@ def test_every_engine_that_chooses_in_numpy_follows_the_grammar(
     fields = {
         "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}
     }
-    grammar, param = grammar_of(request(**fields)) or ("", "")
+    structure, param = asked(**fields)
     grammars = Grammars(family.tokenizer, family.vocab_size, family.stop_token_ids)
     try:
         for seed in (None, 1):
@@ -157,7 +164,7 @@ def test_every_engine_that_chooses_in_numpy_follows_the_grammar(
                 24,
                 temperature=0 if seed is None else 1.0,
                 seed=seed,
-                constraint=grammars.constraint(grammar, param),
+                constraint=grammars.constraint(structure, param),
             )
             tokens = list(generator.stream(family.prompt_ids("Answer in JSON"), sampling))
             assert tokens[-1] in family.stop_token_ids

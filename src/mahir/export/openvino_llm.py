@@ -68,8 +68,9 @@ WORKER = Path(__file__).with_name("optimum_worker.py")
 IR_FILE = "openvino_model.xml"
 RECORD = "mahir-export.json"
 """Written into a finished export: the weights, the source's hash, the verification."""
-FORMAT_VERSION = 1
-"""Bumped when what an export folder holds changes: older cached exports are not reused."""
+FORMAT_VERSION = 2
+"""Bumped when what an export folder holds changes: older cached exports are not reused
+(2: the tokenizer and detokenizer IRs)."""
 MIN_TOP1 = {"fp32": 0.98, "int8": 0.3, "int4": 0.3}
 
 

@@ -1,6 +1,8 @@
 """Runs inside mahir's optimum-intel environment (`export/openvino_llm.py` creates it), never in
 mahir's own: exports a Hugging Face causal-LM folder to a stateful OpenVINO IR with optimum-intel,
-its weights compressed by NNCF as asked.
+its weights compressed by NNCF as asked, and the source's tokenizer as OpenVINO tokenizer and
+detokenizer models beside it (openvino-tokenizers): GenAI is fed ids, but its structured outputs
+read the vocabulary from them.
 
     python optimum_worker.py request.json
 
@@ -44,6 +46,19 @@ def export(request: dict[str, Any]) -> None:
         request["source"], export=True, stateful=True, compile=False, **options
     )
     model.save_pretrained(request["output"])
+    save_tokenizer(request["source"], request["output"])
+
+
+def save_tokenizer(source: str, output: str) -> None:
+    import openvino as ov
+    from openvino_tokenizers import convert_tokenizer
+    from transformers import AutoTokenizer
+
+    tokenizer, detokenizer = convert_tokenizer(
+        AutoTokenizer.from_pretrained(source), with_detokenizer=True
+    )
+    ov.save_model(tokenizer, f"{output}/openvino_tokenizer.xml")
+    ov.save_model(detokenizer, f"{output}/openvino_detokenizer.xml")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,11 @@ as its state) run by `openvino_genai.LLMPipeline`, on token ids.
 The IR comes from `export/openvino_llm.py` (optimum-intel, with NNCF weight compression). The
 pipeline owns prefill, decode and sampling in C++; `stream` runs its `generate` on a thread and
 yields each token id its streamer receives, as it arrives (closing the stream early cancels the
-generation). mahir's family owns the tokenizer, so the pipeline is fed ids (`ov.Tensor`) and no
-tokenizer IR is needed.
+generation). mahir's family owns the tokenizer, so the pipeline is fed ids (`ov.Tensor`); the
+tokenizer IRs beside the model (the export writes them) give GenAI the vocabulary its structured
+outputs need: a constrained `Sampling` becomes GenAI's `StructuredOutputConfig` (xgrammar) from
+the constraint's `Structure`, the JSON schema and the tool-call tags. xgrammar leaves JSON's
+whitespace free, where mahir's own grammars write JSON compactly.
 
 What decides fidelity is the runtime, not only the weights: left to itself the CPU plugin runs
 in bf16 on CPUs with bf16 instructions, keeps the KV cache in u8 and quantizes activations on
@@ -35,12 +38,13 @@ import openvino as ov
 import openvino_genai as ov_genai
 
 from mahir.errors import BadInput, RuntimeFailure, Unsupported, first_line
-from mahir.generation import Sampling, check_request, check_shared
+from mahir.generation import Sampling, Structure, check_request, check_shared
 from mahir.hardware import physical_cores
 from mahir.runtimes.openvino_batching import OpenVinoBatch
 from mahir.types import CPU, Artifact
 
 IR_FILE = "openvino_model.xml"
+TOKENIZER_FILES = ("openvino_tokenizer.xml", "openvino_detokenizer.xml")
 Float = Literal["f32", "bf16", "f16"]
 
 
@@ -115,6 +119,9 @@ class OpenVinoGenerator:
     def __init__(self, folder: Path, options: OpenVinoLlmOptions, *, engine: str) -> None:
         self.engine = engine
         self.max_concurrency = options.slots
+        self.constrained = all((folder / name).is_file() for name in TOKENIZER_FILES)
+        """Holds streams to `Sampling.constraint`'s structure: where the tokenizer IRs are
+        beside the model (exports before they were written lack them)."""
         self._folder = folder
         self._options = options
         self._config = options.plugin_config()
@@ -143,11 +150,15 @@ class OpenVinoGenerator:
         check_request(
             prompt, new, vocab=self._vocab, context=self.context_length, engine=self.engine
         )
-        if sampling.logprobs is not None or sampling.constraint is not None:
+        if sampling.logprobs is not None:
             raise Unsupported(
-                f"{self.engine} chooses tokens inside its pipeline: it reports no "
-                "log-probabilities per token and takes no grammar; use the PyTorch or llama.cpp "
-                "engine for them"
+                f"{self.engine} chooses tokens inside its pipeline and reports no "
+                "log-probabilities per token: use the PyTorch, llama.cpp or vLLM engine for them"
+            )
+        if sampling.constraint is not None and not self.constrained:
+            raise Unsupported(
+                f"{self.engine}: {self._folder} has no tokenizer IR, which GenAI's structured "
+                "outputs need: export the model again"
             )
         if self.batch is not None:
             return self.batch.stream(prompt, sampling)
@@ -288,7 +299,28 @@ def generation_config(sampling: Sampling) -> ov_genai.GenerationConfig:
         config.top_p = sampling.top_p
         seed = sampling.seed
         config.rng_seed = int(np.random.default_rng().integers(2**32)) if seed is None else seed
+    if sampling.constraint is not None:
+        config.structured_output_config = structured_output(sampling.constraint.structure)
     return config
+
+
+def structured_output(structure: Structure) -> ov_genai.StructuredOutputConfig:
+    """`structure` as GenAI's structured output: a JSON schema, or tagged blocks of one (one,
+    or several a line apart), or else a JSON value of the alternative. GenAI's grammars take no
+    choice between blocks that may repeat and a JSON value, so beside an alternative the answer
+    is one block at most."""
+    shapes = ov_genai.StructuredOutputConfig
+    if structure.tags is None:
+        return shapes(json_schema=json.dumps(structure.schema))
+    opening, closing = structure.tags
+    schema = shapes.JSONSchema(json.dumps(structure.schema))
+    block = shapes.Tag(f"{opening}\n", schema, f"\n{closing}")
+    if structure.alternative is not None:
+        answer = shapes.JSONSchema(json.dumps(structure.alternative))
+        return shapes(compound_grammar=shapes.Union(block, answer))
+    if structure.repeat:
+        return shapes(compound_grammar=shapes.TagsWithSeparator([block], "\n", at_least_one=True))
+    return shapes(compound_grammar=block)
 
 
 def open_generator(

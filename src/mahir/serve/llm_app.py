@@ -59,7 +59,7 @@ from mahir.serve.openai_answers import Answer, Scored, Written, usage
 from mahir.serve.openai_chat import LlmRequest, parse_chat, parse_completion
 from mahir.serve.protocol import read_json
 from mahir.serve.served import ServeConfig
-from mahir.serve.structured import GrammarConstraint, Grammars, grammar_of
+from mahir.serve.structured import GrammarConstraint, Grammars, structure_of
 from mahir.serve.tool_calls import ToolCall, ToolCallReader, check_template
 
 DONE = b"data: [DONE]\n\n"
@@ -156,17 +156,18 @@ class LlmServed:
 
     def constraint(self, request: LlmRequest) -> GrammarConstraint | None:
         """A fresh constraint for one sequence of `request`, where it asks for structure."""
-        grammar = grammar_of(request)
-        if grammar is None:
+        asked = structure_of(request)
+        if asked is None:
             return None
-        text, param = grammar
+        structure, param = asked
         if not self.constrained:
             raise Mismatch(
-                f"the {self.engine} engine chooses tokens itself and cannot hold them to a "
-                f"grammar (PyTorch, llama.cpp and vLLM winners do): leave {param} out",
+                f"the {self.engine} engine cannot hold its tokens to a grammar here (an "
+                "OpenVINO IR exported without its tokenizer IRs): optimize the model again with "
+                f"this mahir, or leave {param} out",
                 param=param,
             )
-        return self.grammars.constraint(text, param)
+        return self.grammars.constraint(structure, param)
 
     def scored(self, request: LlmRequest, tokens: list[int]) -> list[Scored] | None:
         """`tokens`' log-probabilities as the answer writes them; None where not asked."""
