@@ -30,7 +30,7 @@ def quantized(tiny_gguf: Artifact, tmp_path_factory: pytest.TempPathFactory) -> 
     folder = tmp_path_factory.mktemp("quantized")
     return {
         kind: quantize_gguf(tiny_gguf, GgufQuantize(kind), folder=folder)
-        for kind in ("Q8_0", "Q4_0")
+        for kind in ("Q8_0", "Q6_K", "IQ4_NL", "Q4_0")
     }
 
 
@@ -56,6 +56,21 @@ def test_q4_0_is_further(tiny_llm: LanguageModel, quantized: dict[str, Artifact]
     keeps in Q8_0 in both files (it is the output layer too)."""
     q8, q4 = quantized["Q8_0"], quantized["Q4_0"]
     assert _quality(tiny_llm, q4).kl_mean > 10 * _quality(tiny_llm, q8).kl_mean
+
+
+def test_the_engine_counts_each_files_tensor_types(quantized: dict[str, Artifact]) -> None:
+    """A file type names a mix: llama.cpp keeps norms in f32 and the tied embedding in a wider
+    type, and a k-quant falls back per tensor where a row is not whole super-blocks of 256 (the
+    tiny model's rows are narrower), so the engine says what its file holds."""
+    held = {
+        kind: open_engine("llama.cpp", artifact, ONE_THREAD).describe()["tensor_types"]
+        for kind, artifact in quantized.items()
+    }
+    assert len({sum(counts.values()) for counts in held.values()}) == 1  # the same tensors
+    for kind in ("Q8_0", "IQ4_NL", "Q4_0"):
+        assert {kind, "F32"} <= set(held[kind])
+    assert "Q6_K" not in held["Q6_K"]  # every layer fell back to a 32-wide block type
+    assert set(held["Q6_K"]) - {"F32"} <= {"Q8_0", "Q5_0", "Q5_1", "Q6_K"}
 
 
 def test_a_made_file_is_reused(tiny_gguf: Artifact, quantized: dict[str, Artifact]) -> None:

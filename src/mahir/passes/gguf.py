@@ -1,16 +1,22 @@
-"""llama.cpp's own quantizer: an f32 (or f16) GGUF to Q8_0, Q4_K_M or Q4_0 weights.
+"""llama.cpp's own quantizer: an f32 (or f16) GGUF to Q8_0, Q6_K, Q5_K_M, Q4_K_M, IQ4_NL or Q4_0.
 
 The quantizer is llama.cpp's `llama_model_quantize`, called through the llama-cpp-python binding
 (no separate binary). What each type stores, per block of weights:
 - Q8_0: 32 int8 values and one fp16 scale (8.5 bits a weight), near-lossless;
-- Q4_0: 32 4-bit values and one fp16 scale (4.5 bits), round-to-nearest, symmetric;
-- Q4_K_M: 4-bit "k-quants" in super-blocks of 256 with 6-bit sub-block scales and minimums
-  (~4.8 bits), where the M mix keeps half of the attention V and feed-forward down layers in
-  6 bits: llama.cpp's usual 4-bit default.
+- Q6_K, Q5_K_M, Q4_K_M: "k-quants" in super-blocks of 256 with 6-bit sub-block scales (and
+  minimums), 6.6, ~5.7 and ~4.8 bits; the M mixes keep half of the attention V and
+  feed-forward down layers a step higher. A row must hold whole super-blocks: a tensor whose
+  rows are not a multiple of 256 wide falls back per tensor to Q5_0, Q5_1 or Q8_0 (all of
+  SmolLM2-135M's 576-wide layers do, so its "Q4_K_M" is mostly Q5_0);
+- IQ4_NL: 32 4-bit indices into a fixed non-uniform table and one fp16 scale (4.5 bits);
+- Q4_0: 32 4-bit values and one fp16 scale (4.5 bits), round-to-nearest, symmetric.
+On x86 with AVX2, llama.cpp repacks Q4_0, IQ4_NL and Q4_K weights into interleaved rows when it
+loads them and multiplies them by its fastest CPU kernels; the other types run as stored.
 The input must be full precision: llama.cpp refuses to requantize (Q4_1 -> Q8_0 only compounds
 errors), so a quantized source is first written as f32 from the reference (`export/gguf.py`).
 Files are cached beside the input's key (its source content, the type, llama-cpp-python's
-version), so each is made once.
+version), so each is made once. The llama.cpp engine's `describe` counts the tensors of each
+type in the file it runs.
 
 A pass: it makes an artifact and knows nothing of search or serving.
 """
@@ -30,8 +36,15 @@ from mahir.recipe import content_hash
 from mahir.runtimes.engines import ENGINES
 from mahir.types import Artifact
 
-GgufType = Literal["Q8_0", "Q4_K_M", "Q4_0"]
-FILE_TYPES: dict[str, int] = {"Q8_0": 7, "Q4_K_M": 15, "Q4_0": 2}
+GgufType = Literal["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_NL", "Q4_0"]
+FILE_TYPES: dict[str, int] = {
+    "Q8_0": 7,
+    "Q6_K": 18,
+    "Q5_K_M": 17,
+    "Q4_K_M": 15,
+    "IQ4_NL": 25,
+    "Q4_0": 2,
+}
 """llama.cpp's `llama_ftype` of each type (LLAMA_FTYPE_MOSTLY_*)."""
 
 

@@ -32,6 +32,7 @@ import functools
 import io
 import os
 import weakref
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,6 +182,7 @@ class LlamaCppGenerator:
         return {
             "engine": self.engine,
             "gguf_type": FILE_TYPES.get(file_type, str(file_type)),
+            "tensor_types": tensor_types(self._path),
             "kv_cache": "f16",
             "context": self.context_length,
             "slots": self.max_concurrency,
@@ -242,6 +244,15 @@ def open_generator(
     if options.device.kind != "cpu":
         raise Unsupported(f"{engine}: this llama.cpp build runs on the CPU only: use --device cpu")
     return LlamaCppGenerator(artifact.path, options, engine=engine)
+
+
+def tensor_types(path: Path) -> dict[str, int]:
+    """How many of a GGUF's tensors each type holds, most first: a file type names a mix, and
+    k-quants fall back per tensor where rows are not whole super-blocks."""
+    from gguf import GGUFReader
+
+    counts = Counter(tensor.tensor_type.name for tensor in GGUFReader(path).tensors)
+    return dict(counts.most_common())
 
 
 @contextlib.contextmanager

@@ -3,10 +3,11 @@ how its weights are made, with the reason a machine cannot run one.
 
 PyTorch runs the original weights or torchao's int8 weight-only copy (`passes/torchao.py`);
 llama.cpp runs a GGUF: the source file as it is (an f32 one written from the reference for a
-folder, `export/gguf.py`), or llama.cpp's own quantizer's Q8_0, Q4_K_M or Q4_0 made from the f32
-file (`passes/gguf.py`), cached; OpenVINO GenAI runs a stateful IR in a weight format
-(`export/openvino_llm.py`: exported once, then cached); vLLM runs the reference as a Hugging
-Face folder (the source folder, or a .gguf source's reference saved once, `export/hf_folder.py`).
+folder, `export/gguf.py`), or llama.cpp's own quantizer's Q8_0, Q6_K, Q5_K_M, Q4_K_M, IQ4_NL or
+Q4_0 made from the f32 file (`passes/gguf.py`), cached; OpenVINO GenAI runs a stateful IR in a
+weight format (`export/openvino_llm.py`: exported once, then cached); vLLM runs the reference as
+a Hugging Face folder (the source folder, or a .gguf source's reference saved once,
+`export/hf_folder.py`).
 A variant's `weights` is also the one step of an LLM recipe (`WEIGHT_STEPS`).
 """
 
@@ -56,7 +57,10 @@ VARIANTS: dict[str, Variant] = {
     "torch-compile-int8": Variant("torch-compile", INT8),
     "llama.cpp": Variant("llama.cpp"),
     "llama.cpp-q8_0": Variant("llama.cpp", GgufQuantize("Q8_0")),
+    "llama.cpp-q6_k": Variant("llama.cpp", GgufQuantize("Q6_K")),
+    "llama.cpp-q5_k_m": Variant("llama.cpp", GgufQuantize("Q5_K_M")),
     "llama.cpp-q4_k_m": Variant("llama.cpp", GgufQuantize("Q4_K_M")),
+    "llama.cpp-iq4_nl": Variant("llama.cpp", GgufQuantize("IQ4_NL")),
     "llama.cpp-q4_0": Variant("llama.cpp", GgufQuantize("Q4_0")),
     "openvino": Variant("openvino", LlmWeights(format="fp32")),
     "openvino-int8": Variant("openvino", LlmWeights(format="int8")),
