@@ -163,6 +163,26 @@ def test_stop_tokens_stop_seeds_repeat_and_an_abandoned_stream_cancels(
     assert list(openvino.stream(prompt, Sampling(max_new_tokens=12))) == free
 
 
+def test_prompt_lookup_drafts_and_keeps_the_greedy_answer(
+    tiny_llm: LanguageModel, fp32_ir: Artifact, openvino: Generator
+) -> None:
+    """Prompt lookup drafts tokens from earlier text and verifies them in one pass: its greedy
+    answers are the plain pipeline's, on a prompt that repeats itself (drafts found) and on one
+    that does not; a seeded sample repeats; a batch gives each row its own answer."""
+    lookup = open_engine("openvino-lookup", fp32_ir, ONE_THREAD)
+    assert lookup.describe()["prompt_lookup"] == 4
+    passage = list(tiny_llm.family.held_out(1, 24)[0])
+    for prompt in (passage * 3, question_ids(tiny_llm)):
+        assert list(lookup.stream(prompt, Sampling(24))) == list(
+            openvino.stream(prompt, Sampling(24))
+        )
+    sampled = Sampling(16, temperature=1.0, seed=5)
+    assert list(lookup.stream(passage, sampled)) == list(lookup.stream(passage, sampled))
+    rows = [passage * 2, question_ids(tiny_llm)]
+    alone = [list(openvino.stream(p, Sampling(12))) for p in rows]
+    assert lookup.generate_batch(rows, Sampling(12)) == alone  # type: ignore[attr-defined]
+
+
 def test_int8_weights_are_judged_against_the_reference(
     tiny_llm: LanguageModel, exports: Path, reference: Generator
 ) -> None:

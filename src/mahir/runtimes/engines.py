@@ -113,13 +113,16 @@ def _vllm(dtype: Literal["bf16", "fp32"]) -> Callable[[Artifact, RuntimeOptions]
     return open_vllm
 
 
-def _openvino(name: str, summary: str, *, own_choices: bool = False, paged: bool = False) -> Engine:
-    """An OpenVINO GenAI engine: f32 compute and KV cache unless `own_choices`."""
+def _openvino(
+    name: str, summary: str, *, own_choices: bool = False, paged: bool = False, lookup: int = 0
+) -> Engine:
+    """An OpenVINO GenAI engine: f32 compute and KV cache unless `own_choices`; `lookup` draft
+    tokens a step by prompt lookup."""
 
     def open_openvino(artifact: Artifact, options: RuntimeOptions) -> Generator:
         from mahir.runtimes.openvino_genai import OpenVinoLlmOptions, open_generator
 
-        shared: dict[str, Any] = {"threads": options.threads, "paged": paged}
+        shared: dict[str, Any] = {"threads": options.threads, "paged": paged, "lookup": lookup}
         if paged:
             shared |= {"slots": options.slots, **_step(options)}
         make = OpenVinoLlmOptions.openvino_defaults if own_choices else OpenVinoLlmOptions
@@ -176,6 +179,11 @@ ENGINES: dict[str, Engine] = {
     "openvino": _openvino(
         "openvino",
         "OpenVINO GenAI on a stateful IR, f32 compute and KV cache, no activation quantization",
+    ),
+    "openvino-lookup": _openvino(
+        "openvino-lookup",
+        "OpenVINO GenAI, f32, prompt lookup decoding: 4 tokens drafted a step from earlier text",
+        lookup=4,
     ),
     "openvino-paged": _openvino(
         "openvino-paged",

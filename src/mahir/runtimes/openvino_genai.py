@@ -74,6 +74,11 @@ class OpenVinoLlmOptions:
     together (GenAI's `max_num_batched_tokens`, prompts split to fit); None: GenAI's (256)."""
     threads: int | None = None
     """INFERENCE_NUM_THREADS; default: the machine's physical cores."""
+    lookup: int = 0
+    """Prompt lookup decoding (GenAI's `prompt_lookup`): at each step, draft this many tokens
+    that followed the latest n-gram's earlier occurrence in the prompt or the answer, and verify
+    them in one pass; greedy answers stay the plain pipeline's. 0: off. The stateful pipeline
+    only."""
 
     def __post_init__(self) -> None:
         if self.precision not in ("f32", "bf16", "f16", None):
@@ -90,6 +95,8 @@ class OpenVinoLlmOptions:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.slots < 1 or (self.slots > 1 and not self.paged):
             raise ValueError(f"slots must be >= 1, and above 1 only paged, got {self.slots}")
+        if self.lookup < 0 or (self.lookup and self.paged):
+            raise ValueError(f"lookup must be >= 0, and above 0 only unpaged, got {self.lookup}")
 
     @classmethod
     def openvino_defaults(cls, **changes: Any) -> OpenVinoLlmOptions:
@@ -139,7 +146,9 @@ class OpenVinoGenerator:
                 self.batch = OpenVinoBatch(pipeline, generation_config, slots=options.slots)
                 weakref.finalize(self, self.batch.stop)  # its thread ends with the generator
             else:
-                extra = {"scheduler_config": _scheduler(options)} if options.paged else {}
+                extra: dict[str, Any] = {"prompt_lookup": True} if options.lookup else {}
+                if options.paged:
+                    extra["scheduler_config"] = _scheduler(options)
                 self._pipe = ov_genai.LLMPipeline(str(folder), "CPU", **self._config, **extra)
         except RuntimeError as err:
             raise BadInput(f"{folder}: OpenVINO GenAI cannot open it ({first_line(err)})") from err
@@ -172,7 +181,8 @@ class OpenVinoGenerator:
         def run() -> None:
             try:
                 ids = ov.Tensor(np.array([prompt], dtype=np.int64))
-                self._pipe.generate(ids, generation_config(sampling), _Streamer(tokens, cancel))
+                config = generation_config(sampling, self._options.lookup)
+                self._pipe.generate(ids, config, _Streamer(tokens, cancel))
             except Exception as err:  # raised again on the caller's thread, translated
                 failed.append(err)
             finally:
@@ -212,7 +222,7 @@ class OpenVinoGenerator:
             mask[row, longest - len(prompt) :] = 1
         inputs = ov_genai.TokenizedInputs(ov.Tensor(ids), ov.Tensor(mask))
         try:
-            results = self._pipe.generate(inputs, generation_config(sampling))
+            results = self._pipe.generate(inputs, generation_config(sampling, self._options.lookup))
         except RuntimeError as err:
             raise RuntimeFailure(f"{self.engine}: generation failed: {first_line(err)}") from err
         return [[int(t) for t in row] for row in results.tokens]
@@ -244,6 +254,7 @@ class OpenVinoGenerator:
             "kv_cache_precision": options.kv_cache_precision or "OpenVINO's choice",
             "dynamic_quantization": options.dynamic_quantization,
             "kv_cache": "paged" if options.paged else "stateful",
+            "prompt_lookup": options.lookup,
             "slots": options.slots,
             "step_tokens": options.step_tokens or "GenAI's (256)",
             "weight_format": _weight_format(self._folder),
@@ -286,10 +297,13 @@ class _Streamer(ov_genai.StreamerBase):  # type: ignore[misc]
         """Nothing to flush: the generating thread marks the end itself."""
 
 
-def generation_config(sampling: Sampling) -> ov_genai.GenerationConfig:
+def generation_config(sampling: Sampling, lookup: int = 0) -> ov_genai.GenerationConfig:
     """`sampling` as GenAI's config: only its stop tokens stop (the model's own eos does not,
-    as in every mahir engine); an unseeded sample draws a fresh seed."""
+    as in every mahir engine); an unseeded sample draws a fresh seed; `lookup` draft tokens a
+    step from n-grams of up to 3 tokens."""
     config = ov_genai.GenerationConfig()
+    if lookup:
+        config.num_assistant_tokens, config.max_ngram_size = lookup, 3
     config.max_new_tokens = sampling.max_new_tokens
     config.stop_token_ids = set(sampling.stop_token_ids)
     config.ignore_eos = not sampling.stop_token_ids  # it ignores stop_token_ids too

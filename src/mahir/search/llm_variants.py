@@ -65,6 +65,7 @@ VARIANTS: dict[str, Variant] = {
     "openvino": Variant("openvino", LlmWeights(format="fp32")),
     "openvino-int8": Variant("openvino", LlmWeights(format="int8")),
     "openvino-int8-paged": Variant("openvino-paged", LlmWeights(format="int8")),
+    "openvino-int8-lookup": Variant("openvino-lookup", LlmWeights(format="int8")),
     "openvino-int4": Variant("openvino", LlmWeights(format="int4")),
     "openvino-int4-awq": Variant("openvino", LlmWeights(format="int4", data_aware=True)),
     "openvino-auto": Variant("openvino-auto", LlmWeights(format="fp32")),
