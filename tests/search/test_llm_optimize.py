@@ -22,6 +22,7 @@ from mahir.llm_outdir import open_llm_output
 from mahir.passes.gguf import GgufQuantize
 from mahir.passes.torchao import TorchaoInt8
 from mahir.recipe import ModelSource, load_recipe
+from mahir.report.llm_html import render_llm_html
 from mahir.runtimes.engines import open_engine
 from mahir.search.llm_optimize import (
     LlmCandidate,
@@ -192,6 +193,7 @@ def test_throughput_at_a_concurrency_times_requests_at_once(tiny_llm: LanguageMo
         # both engines batch by slots: each ran the two as a continuous batch of two
         assert outcome["settings"]["slots"] == 2, outcome["variant"]
     assert "2 requests at once" in str(llm_table(found).title)
+    assert "2 requests at once" in render_llm_html(report)  # no decode time, and no crash
     recipe = winner_recipe(found)
     assert recipe is not None
     assert recipe.options.slots == 2  # what `mahir serve` opens the winner with

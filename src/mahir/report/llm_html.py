@@ -72,10 +72,15 @@ def _headline(report: Record) -> str:
     if best is None or (last := _last(best)) is None:
         return f"<h1>No candidate met the budget</h1>{notes}"
     quality, budget = best["quality"], report["budget"]
-    decode = last["decode_ms"]["p50"]
+    if report["objective"] == "latency":
+        decode = last["decode_ms"]["p50"]
+        speed = ("decode", f"{decode:.1f} ms/token", f"{last['decode_tokens_per_s']:.1f} tokens/s")
+    else:  # requests at once have no one decode time: whole generations' tokens/s
+        at_once = f"{report['concurrency']} request{'s' * (report['concurrency'] > 1)} at once"
+        speed = ("throughput", f"{last['output_tokens_per_s']:.1f} tokens/s", at_once)
     cards = look.cards(
         [
-            ("decode", f"{decode:.1f} ms/token", f"{last['decode_tokens_per_s']:.1f} tokens/s"),
+            speed,
             ("speedup", f"{last['speedup']:.2f}x", f"over {report['baseline']}, same round"),
             ("top-1", f"{quality['top1_agreement']:.3f}", f"budget >= {budget['min_top1']}"),
             ("mean KL", f"{quality['kl_mean']:.4f}", f"budget <= {budget['max_kl']} nats"),
@@ -130,24 +135,27 @@ def _number(value: float | None, spec: str, unit: str = "") -> str:
 
 
 def _plots(report: Record) -> str:
+    latency = report["objective"] == "latency"
+    speed = "decode_tokens_per_s" if latency else "output_tokens_per_s"
+    unit = (
+        "decode tokens/s at batch 1"
+        if latency
+        else f"output tokens/s, {report['concurrency']} at once"
+    )
     marks = []
     for c in report["candidates"]:
         last = _last(c)
-        if last is None or c["quality"] is None:
+        if last is None or c["quality"] is None or last[speed] is None:
             continue
         top1 = c["quality"]["top1_agreement"]
-        tip = (f"{c['id']}: {last['decode_tokens_per_s']:.1f} decode tokens/s, "
+        tip = (f"{c['id']}: {last[speed]:.1f} {unit}, "
                f"top-1 {top1:.3f}, KL {c['quality']['kl_mean']:.4f}")  # fmt: skip
-        marks.append(
-            look.Mark(
-                c["id"], _role(report, c), tip, last["decode_tokens_per_s"], top1, last["speedup"]
-            )
-        )
+        marks.append(look.Mark(c["id"], _role(report, c), tip, last[speed], top1, last["speedup"]))
     if not marks:
         return ""
     marks = [dataclasses.replace(m, on_front=_on_front(m, marks)) for m in marks]
     scatter = look.scatter_svg(
-        marks, throughput=True, xlabel="decode tokens/s at batch 1 (right is better)",
+        marks, throughput=True, xlabel=f"{unit} (right is better)",
         ylabel="top-1 agreement with the fp32 reference (up is better)", nines=False,
         budget=report["budget"]["min_top1"],
     )  # fmt: skip

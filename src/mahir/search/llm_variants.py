@@ -7,7 +7,7 @@ folder, `export/gguf.py`), or llama.cpp's own quantizer's Q8_0, Q6_K, Q5_K_M, Q4
 Q4_0 made from the f32 file (`passes/gguf.py`), cached; OpenVINO GenAI runs a stateful IR in a
 weight format (`export/openvino_llm.py`: exported once, then cached); vLLM runs the reference as
 a Hugging Face folder (the source folder, or a .gguf source's reference saved once,
-`export/hf_folder.py`).
+`export/hf_folder.py`), or its int8 weights-and-activations copy (`passes/w8a8.py`).
 A variant's `weights` is also the one step of an LLM recipe (`WEIGHT_STEPS`).
 """
 
@@ -24,6 +24,7 @@ from mahir.families.decoder import LanguageModel
 from mahir.hardware import Machine
 from mahir.passes.gguf import GgufQuantize, quantize_gguf
 from mahir.passes.torchao import TorchaoInt8, quantize_linears
+from mahir.passes.w8a8 import W8A8, w8a8_folder
 from mahir.runtimes.engines import get_engine
 from mahir.types import Artifact, Device, RuntimeOptions
 
@@ -33,10 +34,11 @@ class Variant:
     """What a row runs: an engine, and the weights it runs in the format the engine opens."""
 
     engine: str
-    weights: TorchaoInt8 | GgufQuantize | LlmWeights | None = None
+    weights: TorchaoInt8 | GgufQuantize | LlmWeights | W8A8 | None = None
     """None: the original (for a GGUF engine, the source GGUF, or an f32 one written from the
     reference); `TorchaoInt8`: torchao's int8 weight-only copy; `GgufQuantize`: llama.cpp's
-    quantizer over the f32 GGUF; `LlmWeights`: an OpenVINO IR exported with them."""
+    quantizer over the f32 GGUF; `LlmWeights`: an OpenVINO IR exported with them; `W8A8`: a
+    compressed-tensors folder of int8 weights and activations for vLLM."""
 
     @property
     def weights_label(self) -> str:
@@ -44,6 +46,8 @@ class Variant:
             return f"GGUF {self.weights.type}"
         if isinstance(self.weights, LlmWeights):
             return f"OpenVINO IR {self.weights.tag()}"
+        if isinstance(self.weights, W8A8):
+            return f"int8 weights and activations ({self.weights.tag()})"
         return "int8 weight-only (torchao)" if self.weights else "original"
 
 
@@ -72,10 +76,12 @@ VARIANTS: dict[str, Variant] = {
     "openvino-auto-int8": Variant("openvino-auto", LlmWeights(format="int8")),
     "openvino-auto-int8-paged": Variant("openvino-auto-paged", LlmWeights(format="int8")),
     "vllm": Variant("vllm"),
+    "vllm-w8a8": Variant("vllm", W8A8()),
+    "vllm-w8a8-keep-down": Variant("vllm", W8A8(keep=("down_proj",))),
     "vllm-fp32": Variant("vllm-fp32"),
 }
 WEIGHT_STEPS: dict[str, type[Any]] = {
-    cls.__name__: cls for cls in (TorchaoInt8, GgufQuantize, LlmWeights)
+    cls.__name__: cls for cls in (TorchaoInt8, GgufQuantize, LlmWeights, W8A8)
 }
 """The allow-list an LLM recipe's steps (a variant's `weights`) are read back against."""
 DEFAULT_VARIANTS = ("torch", "torch-bf16", "torch-int8", "torch-compile", "llama.cpp")
@@ -113,6 +119,8 @@ def variant_artifact(
         return quantize_gguf(f32_gguf(model), weights)
     if isinstance(weights, LlmWeights):
         return export_llm(model, weights, threads=options.threads, on_step=on_step)
+    if isinstance(weights, W8A8):
+        return w8a8_folder(model, weights)
     engine = get_engine(variant.engine)
     if engine.format == "gguf":
         return source_gguf(model)
