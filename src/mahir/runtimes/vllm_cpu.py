@@ -256,4 +256,13 @@ def open_generator(
         raise Unsupported(f"{engine}: mahir runs vLLM's CPU build only: use --device cpu")
     if not (path / "config.json").is_file():
         raise BadInput(f"{path} has no config.json: give a Hugging Face model folder")
+    try:
+        quantized = json.loads((path / "config.json").read_text()).get("quantization_config")
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise BadInput(f"{path / 'config.json'} is not a model config: {err}") from err
+    if quantized and options.dtype == "fp32":  # its int8 kernels quantize bf16 activations
+        raise Unsupported(
+            f"{engine}: vLLM's CPU kernels for this {quantized.get('quant_method', 'quantized')} "
+            "folder take bf16 activations, not fp32: run it with dtype bf16"
+        )
     return VllmGenerator(path, options, engine=engine, parameters=artifact.meta.get("parameters"))
