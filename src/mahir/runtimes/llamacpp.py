@@ -191,6 +191,7 @@ class LlamaCppGenerator:
             "parameters": llama_cpp.llama_model_n_params(self._native.model),
             "threads": llama_cpp.llama_n_threads(self._context),
             "openmp": b"OPENMP = 1" in llama_cpp.llama_print_system_info(),
+            "repacked_weights": not _amx_build(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
             "device": str(self.device),
             "llama_cpp_python": llama_cpp.__version__,
@@ -290,11 +291,23 @@ def _load_backends() -> None:
         )
 
 
+@functools.cache
+def _amx_build() -> bool:
+    """Whether this llama.cpp build has its AMX kernels (a build made with -march=native on a CPU
+    with AMX). Their buffer type, one of the "extra" ones weights are repacked into, crashed the
+    process in `ggml_backend_amx_mul_mat` at the first decode on a Xeon with AMX (2026-12-05,
+    llama-cpp-python 0.3.36; upstream llama.cpp issue 20824), so such a build loads its weights
+    without extra buffer types: the plain CPU kernels, which also leaves out the AVX-512
+    repacking of Q4_0 and IQ4_NL there."""
+    return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
+
+
 def _load(path: Path) -> Any:
     if not path.is_file():
         raise BadInput(f"{path} does not exist: give a .gguf file")
     _load_backends()
     params = llama_cpp.llama_model_default_params()
+    params.use_extra_bufts = not _amx_build()
     with captured_logs() as logs:
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
     if not model:
