@@ -48,7 +48,14 @@ from mahir.search.cuda import cuda_entries
 from mahir.types import Artifact, Device, RuntimeOptions
 
 GPU = Device.parse("cuda")
-MAHIR = ("packed-fp16", "packed-bf16", "cuda-graphs-fp16", "cuda-graphs-bf16", "cuda-graphs-fp8")
+MAHIR = (
+    "packed-fp16",
+    "packed-bf16",
+    "cuda-graphs-fp16",
+    "cuda-graphs-bf16",
+    "cuda-graphs-bf16-cudnn",
+    "cuda-graphs-fp8",
+)
 """mahir's GPU candidates measured here, by their ids in `search/cuda.py`. fp8 runs the fixed
 shapes only: each new shape recompiles torchao's fp8 kernels (~10 s), and the variable-length
 workload meets dozens of shape buckets."""
@@ -105,13 +112,15 @@ def timed(calls: dict[str, Call], rounds: int, per_round: int) -> dict[str, list
     return times
 
 
-def mahir_sessions(model: Model, workdir: Path) -> dict[str, Any]:
-    """mahir's candidates as `optimize --device cuda` builds and opens them."""
+def mahir_sessions(
+    model: Model, workdir: Path, candidates: tuple[str, ...] = MAHIR
+) -> dict[str, Any]:
+    """mahir's `candidates` as `optimize --device cuda` builds and opens them."""
     machine = detect()
     ctx = PassContext(model=model, workdir=workdir, machine=machine)
     sessions: dict[str, Any] = {}
     for id_, _, recipe, left_out in cuda_entries(model, machine, GPU):
-        if id_ not in MAHIR:
+        if id_ not in candidates:
             continue
         if left_out:
             print(f"mahir {id_} left out: {left_out}", flush=True)
@@ -251,6 +260,7 @@ def main() -> None:
     parser.add_argument("--fixed-only", action="store_true", help="skip the variable-length run")
     parser.add_argument("--variable-only", action="store_true", help="skip the fixed shapes")
     parser.add_argument("--embed-workers", type=int, nargs="+", default=[1])
+    parser.add_argument("--mahir", nargs="+", default=list(MAHIR), help="candidate ids")
     args = parser.parse_args()
     rows: list[dict[str, Any]] = []
     for name in args.models:
@@ -260,7 +270,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             folder = sentence_encoder_folder(bert, args.tokenizer, Path(tmp) / name)
             model = load_model(folder)
-            sessions = mahir_sessions(model, Path(tmp) / "work")
+            sessions = mahir_sessions(model, Path(tmp) / "work", tuple(args.mahir))
             if not args.variable_only:
                 fixed_shapes(variants(bert, sessions, not args.no_compile_anchors), rows, name)
             if not args.fixed_only:
