@@ -53,7 +53,6 @@ MAHIR = (
     "packed-bf16",
     "cuda-graphs-fp16",
     "cuda-graphs-bf16",
-    "cuda-graphs-bf16-cudnn",
     "cuda-graphs-fp8",
 )
 """mahir's GPU candidates measured here, by their ids in `search/cuda.py`. fp8 runs the fixed

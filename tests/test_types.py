@@ -61,9 +61,6 @@ def test_options_round_trip_through_plain_data() -> None:
     batched = RuntimeOptions(slots=8, step_tokens=32)
     assert batched.to_dict()["step_tokens"] == 32
     assert RuntimeOptions.from_dict(batched.to_dict()) == batched
-    cudnn = RuntimeOptions(device=Device.parse("cuda"), attention="cudnn")
-    assert cudnn.to_dict()["attention"] == "cudnn"
-    assert RuntimeOptions.from_dict(cudnn.to_dict()) == cudnn
 
 
 @pytest.mark.parametrize(
@@ -98,7 +95,6 @@ def test_flat_options_written_before_devices_read_as_the_cpu(
         ({"threads": 0}, "threads must be an integer >= 1"),
         ({"threads": "2"}, "threads must be an integer >= 1"),
         ({"slots": 8, "step_tokens": 4}, "step_tokens must be an integer >= slots"),
-        ({"attention": "flash"}, "attention is cudnn or unset, got 'flash'"),
         ({"speed": 11}, "unknown runtime option 'speed': known are threads, device, openvino"),
         ({"openvino": {"hint": "fast"}}, "the OpenVINO hint is latency or throughput"),
         ({"openvino": {"precision": "fp32"}}, "precision is f32, bf16, f16 or null"),

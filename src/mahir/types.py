@@ -247,10 +247,6 @@ class RuntimeOptions:
     """With slots: the most prompt tokens one step of the continuous batch feeds (llama.cpp
     counts the decode tokens in it too), so a joining prompt goes in chunks; fewer keep the
     time between tokens even, more fill the machine. None: the engine's own (256)."""
-    attention: Literal["cudnn"] | None = None
-    """The attention kernel a PyTorch session on a GPU prefers: "cudnn" (cuDNN's fused
-    attention, which takes a padding mask at flash speed, where PyTorch's own order sends a
-    masked call to its memory-efficient kernel); None: PyTorch's order."""
 
     def __post_init__(self) -> None:
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
@@ -264,8 +260,6 @@ class RuntimeOptions:
             raise ValueError(f"device must be a Device (Device.parse({self.device!r})), got text")
         if not isinstance(self.openvino, OpenVinoOptions):
             raise ValueError(f"openvino must be OpenVinoOptions, got {self.openvino!r}")
-        if self.attention not in (None, "cudnn"):
-            raise ValueError(f"attention is cudnn or unset, got {self.attention!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for recipe.yaml, mahir.json and records: the device as "cpu"/"cuda:N"."""
@@ -278,7 +272,6 @@ class RuntimeOptions:
             }
             | ({"slots": self.slots} if self.slots > 1 else {})
             | ({"step_tokens": self.step_tokens} if self.step_tokens is not None else {})
-            | ({"attention": self.attention} if self.attention else {})
         )
 
     def for_workers(self, workers: int) -> RuntimeOptions:
@@ -304,7 +297,7 @@ class RuntimeOptions:
         for old, new in _FLAT_OPENVINO.items():
             if old in shared:
                 openvino.setdefault(new, shared.pop(old))
-        known = ("threads", "device", "openvino", "slots", "step_tokens", "attention")
+        known = ("threads", "device", "openvino", "slots", "step_tokens")
         _refuse_unknown(shared, known, "runtime option")
         _refuse_unknown(openvino, ("hint", "precision", "streams"), "OpenVINO option")
         device = shared.get("device", "cpu")
@@ -317,7 +310,6 @@ class RuntimeOptions:
                 openvino=OpenVinoOptions(**openvino),
                 slots=shared.get("slots", 1),
                 step_tokens=shared.get("step_tokens"),
-                attention=shared.get("attention"),
             )
         except ValueError as err:
             raise BadInput(str(err)) from err

@@ -72,20 +72,6 @@ def test_gpu_sessions_answer_like_the_cpu_original(
         assert settings["batch_buckets"][0] == 1
 
 
-@pytest.mark.parametrize("runtime", ["torch", "torch-compile"])
-def test_cudnn_attention_answers_like_the_cpu_original(
-    encoder: Model, batches: list, runtime: str, tmp_path: Path
-) -> None:
-    """cuDNN's attention kernel, asked for, runs the padded batches (their masks) as PyTorch's
-    own choice does: within bf16's error of the fp32 original."""
-    options = RuntimeOptions(device=Device.parse("cuda"), attention="cudnn")
-    session = open_session(runtime, _low(encoder, "bfloat16", tmp_path), options)
-    quality = fidelity(encoder, session, batches, reference_outputs(encoder, batches)).headline
-    assert quality.cosine_mean >= 0.999, quality
-    assert quality.cosine_min >= 0.99, quality
-    assert session.describe()["attention"] == "cudnn"
-
-
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("runtime", ["torch", "torch-compile"])
 def test_packed_sessions_answer_like_the_cpu_original(

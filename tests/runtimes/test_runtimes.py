@@ -240,12 +240,6 @@ def test_a_device_the_runtime_cannot_run_on_is_refused(
         open_session("onnxruntime-tensorrt", built.artifacts["onnx"], ONE_THREAD)
 
 
-def test_an_attention_kernel_asked_for_on_a_cpu_is_refused(built: Built) -> None:
-    cudnn = RuntimeOptions(threads=1, attention="cudnn")
-    with pytest.raises(Unsupported, match=r"^attention 'cudnn' picks a GPU kernel: open the "):
-        open_session("torch", built.artifacts["torch"], cudnn)
-
-
 @pytest.mark.skipif(
     "CUDAExecutionProvider" in available_providers(), reason="onnxruntime-gpu is installed"
 )

@@ -83,21 +83,12 @@ def test_a_gpu_gets_its_own_candidates_against_eager_fp32_on_the_same_gpu(
     assert all(c.recipe.options.device == CUDA for c in proposed)
     ids = {c.id for c in proposed}
     assert {"cuda-graphs-bf16", "cuda-graphs-fp16", "torch-fp16", "torch-bf16"} <= ids
-    cudnn = next(c for c in proposed if c.id == "cuda-graphs-bf16-cudnn")
-    assert cudnn.recipe.options.attention == "cudnn"
     assert {"packed-bf16", "packed-fp16", "packed-fp8", "cuda-graphs-fp8"} <= ids  # Hopper
     assert not any(c.recipe.runtime in ("onnxruntime", "openvino") for c in proposed)
     pooled_or_packed = (PoolInModel, PackSequences)  # an encoder: only the embedding leaves
     assert all(isinstance(c.recipe.steps[-1], pooled_or_packed) for c in proposed[1:])
     assert [c.id for c, _ in skipped] == ["ort-cuda-fp16", "ort-tensorrt-fp16"]  # CPU wheel
     assert "NVIDIA H200" in H200.summary()
-
-
-def test_cudnn_attention_is_left_out_for_a_model_without_attention() -> None:
-    cnn = load_model("tests/models.py:cnn")
-    _, skipped = propose(cnn, H200, "latency", device=CUDA)
-    reasons = {c.id: why for c, why in skipped}
-    assert "no attention layers" in reasons["cuda-graphs-bf16-cudnn"]
 
 
 CPU_WHEEL = ("AzureExecutionProvider", "CPUExecutionProvider")

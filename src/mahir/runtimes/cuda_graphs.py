@@ -16,9 +16,6 @@ reported in one line naming the eager runtime instead.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,16 +58,8 @@ class CudaGraphs:
     """Replays `module` (a callable taking the spec's inputs by keyword and returning a tuple)
     as one captured CUDA graph per input shape."""
 
-    def __init__(
-        self,
-        module: Any,
-        output_names: tuple[str, ...],
-        device: Device,
-        context: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
-    ) -> None:
+    def __init__(self, module: Any, output_names: tuple[str, ...], device: Device) -> None:
         self._module, self._names, self._device = module, output_names, str(device)
-        self._context = context
-        """Entered around compiling and capturing (`pytorch.preferred_attention`)."""
         self._graphs: dict[Key, _Graph] = {}
         self._pool = torch.cuda.graph_pool_handle()
         self._stream = torch.cuda.Stream(self._device)  # type: ignore[no-untyped-call, unused-ignore]
@@ -100,7 +89,7 @@ class CudaGraphs:
         }
         stream = self._stream
         stream.wait_stream(torch.cuda.current_stream(self._device))
-        with torch.cuda.stream(stream), torch.inference_mode(), self._context():
+        with torch.cuda.stream(stream), torch.inference_mode():
             for _ in range(WARMUP_RUNS):  # compile errors surface here, as on any first call
                 self._module(**static)
             graph = torch.cuda.CUDAGraph()

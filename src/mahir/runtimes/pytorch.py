@@ -15,10 +15,7 @@ reports the count in effect.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
@@ -35,24 +32,6 @@ from mahir.types import CPU, Artifact, Device, Inputs, InputSpec, Outputs, Runti
 _PRECISIONS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 
 
-def preferred_attention(choice: str | None) -> Callable[[], AbstractContextManager[Any]]:
-    """What a GPU session runs its module in, so that attention takes the kernel `choice`
-    names (`RuntimeOptions.attention`) where it can, and PyTorch's own order where it cannot.
-    The kernel is chosen when the module is traced or run, so the context covers compiling
-    and capturing too: a captured graph keeps the kernels it was captured with."""
-    if choice is None:
-        return contextlib.nullcontext
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    order = [
-        SDPBackend.CUDNN_ATTENTION,
-        SDPBackend.FLASH_ATTENTION,
-        SDPBackend.EFFICIENT_ATTENTION,
-        SDPBackend.MATH,
-    ]
-    return lambda: sdpa_kernel(order, set_priority=True)
-
-
 class TorchSession:
     def __init__(
         self,
@@ -63,7 +42,6 @@ class TorchSession:
         precision: str,
         device: Device = CPU,
         replay: CudaGraphs | None = None,
-        attention: str | None = None,
     ) -> None:
         self.runtime = runtime
         self.device = device
@@ -74,8 +52,6 @@ class TorchSession:
         self._dtypes = {t.name: np.dtype(t.dtype) for t in spec.inputs}
         self._precision = precision
         self._replay = replay
-        self._attention = attention
-        self._preferred = preferred_attention(attention)
 
     def run(self, inputs: Inputs) -> Outputs:
         if inputs.keys() != self._signature.keys():
@@ -94,7 +70,7 @@ class TorchSession:
             for name, array in inputs.items()
         }
         try:
-            with torch.inference_mode(), self._preferred():
+            with torch.inference_mode():
                 results = self._module(**tensors)
         except Exception as err:  # shape errors, compile failures on the first call, ...
             raise self._failure(err, inputs) from err
@@ -111,8 +87,6 @@ class TorchSession:
             settings |= {"backend": "inductor", "dynamic": True}
         if self._replay is not None:
             settings |= {"cuda_graphs": True, "graphs_captured": self._replay.shapes}
-        if self._attention is not None:
-            settings |= {"attention": self._attention}
         return settings | {"version": str(torch.__version__)}
 
     def _to_host(self, results: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
@@ -150,34 +124,22 @@ def open_session(artifact: Artifact, options: RuntimeOptions, *, compile: bool) 
             f"{training[0]} is in training mode (dropout on, batch-norm statistics updating): "
             "call .eval() on the module first"
         )
-    if options.attention is not None and device.kind != "cuda":
-        raise Unsupported(
-            f"attention {options.attention!r} picks a GPU kernel: open the session on a cuda "
-            "device, or leave attention unset"
-        )
     torch.set_num_threads(options.threads or physical_cores())
     dtypes = [p.dtype for p in module.parameters() if p.is_floating_point()]
     precision = _PRECISIONS.get(dtypes[0], str(dtypes[0])) if dtypes else "f32"
     if device.kind == "cuda" and artifact.module is not None:  # a loaded program is there
         module = copy.deepcopy(module).to(_cuda(device))
-    session: Session = _session(module, spec, precision, device, compile, options.attention)
+    session: Session = _session(module, spec, precision, device, compile)
     if artifact.spec.packed:
         return Packing(session, artifact.spec)
     return Buckets(session, spec) if compile and device.kind == "cuda" else session
 
 
 def _session(
-    module: torch.nn.Module,
-    spec: InputSpec,
-    precision: str,
-    device: Device,
-    compile: bool,
-    attention: str | None,
+    module: torch.nn.Module, spec: InputSpec, precision: str, device: Device, compile: bool
 ) -> TorchSession:
     if not compile:
-        return TorchSession(
-            module, spec, runtime="torch", precision=precision, device=device, attention=attention
-        )
+        return TorchSession(module, spec, runtime="torch", precision=precision, device=device)
     try:
         compiled = torch.compile(module, backend="inductor", dynamic=True)
     except Exception as err:  # no compiler support on this Python or platform
@@ -189,10 +151,7 @@ def _session(
         runtime="torch-compile",
         precision=precision,
         device=device,
-        replay=CudaGraphs(compiled, spec.outputs, device, preferred_attention(attention))
-        if on_gpu
-        else None,
-        attention=attention,
+        replay=CudaGraphs(compiled, spec.outputs, device) if on_gpu else None,
     )
 
 

@@ -88,12 +88,6 @@ def cuda_entries(model: Model, machine: Machine, device: Device) -> list[Entry]:
             no_bf16,
         ),
         (
-            "cuda-graphs-bf16-cudnn",
-            f"{graphs}, bf16, cuDNN attention{suffix}",
-            Recipe((bf16, *pooled), compiled, RuntimeOptions(device=device, attention="cudnn")),
-            no_bf16 or _no_attention(model),
-        ),
-        (
             "cuda-graphs-fp16",
             f"{graphs}, fp16{suffix}",
             Recipe((fp16, *pooled), compiled, on),
@@ -115,15 +109,6 @@ def _needs(machine: Machine, device: Device, capability: tuple[int, int], what: 
         name, (major, minor) = gpus[device.index].name, capability
         return f"{name} has no {what} (compute capability {major}.{minor} or later)"
     return None
-
-
-def _no_attention(model: Model) -> str | None:
-    """Why an attention kernel cannot matter to `model`: none of its modules is a transformer's
-    attention (by transformers' naming, `*Attention`, as BERT's, ViT's and Llama's are)."""
-    module = model.module
-    if module is None or any(type(m).__name__.endswith("Attention") for m in module.modules()):
-        return None
-    return "the model has no attention layers for cuDNN's kernel to run"
 
 
 def _no_torchao() -> str | None:
