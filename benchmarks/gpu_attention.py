@@ -24,6 +24,8 @@ import torch
 import transformers
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from benchmarks import gpu
+
 BATCH, TOKENS, HEADS, HEAD = 256, 128, 12, 64
 PYTORCH_ORDER = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, *PYTORCH_ORDER]
@@ -121,13 +123,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     rows += whole_forward(padding)
     if args.out:
-        record = {
-            "gpu": torch.cuda.get_device_name(0),
-            "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d"),
-            "rows": rows,
-        }
-        args.out.write_text(json.dumps(record, indent=2) + "\n")
+        args.out.write_text(json.dumps(gpu.result(rows), indent=2) + "\n")
 
 
 if __name__ == "__main__":

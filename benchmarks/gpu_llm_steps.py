@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import transformers
 
+from benchmarks import gpu
 from benchmarks.gpu_llm import SHAPES, prompts
 from mahir.families.decoder import DECODER_SPEC
 from mahir.generation import Sampling
@@ -93,13 +94,7 @@ def main() -> None:
     args = parser.parse_args()
     results = [run_model(name) for name in args.models]
     if args.out:
-        record = {
-            "gpu": torch.cuda.get_device_name(0),
-            "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d"),
-            "models": results,
-        }
-        args.out.write_text(json.dumps(record, indent=2) + "\n")
+        args.out.write_text(json.dumps(gpu.result(results), indent=2) + "\n")
 
 
 if __name__ == "__main__":
