@@ -48,13 +48,7 @@ from mahir.search.cuda import cuda_entries
 from mahir.types import Artifact, Device, RuntimeOptions
 
 GPU = Device.parse("cuda")
-MAHIR = (
-    "packed-fp16",
-    "packed-bf16",
-    "cuda-graphs-fp16",
-    "cuda-graphs-bf16",
-    "cuda-graphs-fp8",
-)
+MAHIR = ("packed-fp16", "packed-bf16", "cuda-graphs-fp16", "cuda-graphs-bf16", "cuda-graphs-fp8")
 """mahir's GPU candidates measured here, by their ids in `search/cuda.py`. fp8 runs the fixed
 shapes only: each new shape recompiles torchao's fp8 kernels (~10 s), and the variable-length
 workload meets dozens of shape buckets."""

@@ -190,8 +190,8 @@ class LlamaCppGenerator:
             "weights_mb": llama_cpp.llama_model_size(self._native.model) / 2**20,
             "parameters": llama_cpp.llama_model_n_params(self._native.model),
             "threads": llama_cpp.llama_n_threads(self._context),
-            "openmp": b"OPENMP = 1" in llama_cpp.llama_print_system_info(),
-            "repacked_weights": not _amx_build(),
+            "openmp": _built_with("OPENMP"),
+            "repacked_weights": not _built_with("AMX_INT8"),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
             "device": str(self.device),
             "llama_cpp_python": llama_cpp.__version__,
@@ -292,14 +292,10 @@ def _load_backends() -> None:
 
 
 @functools.cache
-def _amx_build() -> bool:
-    """Whether this llama.cpp build has its AMX kernels (a build made with -march=native on a CPU
-    with AMX). Their buffer type, one of the "extra" ones weights are repacked into, crashed the
-    process in `ggml_backend_amx_mul_mat` at the first decode on a Xeon with AMX (2026-12-05,
-    llama-cpp-python 0.3.36; upstream llama.cpp issue 20824), so such a build loads its weights
-    without extra buffer types: the plain CPU kernels, which also leaves out the AVX-512
-    repacking of Q4_0 and IQ4_NL there."""
-    return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
+def _built_with(feature: str) -> bool:
+    """Whether this llama.cpp build has `feature` ("OPENMP", "AMX_INT8", ...): its system info
+    line reads "FEATURE = 1"."""
+    return f"{feature} = 1".encode() in llama_cpp.llama_print_system_info()
 
 
 def _load(path: Path) -> Any:
@@ -307,7 +303,12 @@ def _load(path: Path) -> Any:
         raise BadInput(f"{path} does not exist: give a .gguf file")
     _load_backends()
     params = llama_cpp.llama_model_default_params()
-    params.use_extra_bufts = not _amx_build()
+    # A build with AMX kernels (-march=native on a CPU with AMX) crashed in their buffer type, one
+    # of the "extra" ones weights are repacked into, at the first decode on a Xeon with AMX
+    # (`ggml_backend_amx_mul_mat`; llama-cpp-python 0.3.36, upstream llama.cpp issue 20824):
+    # there weights load without extra buffer types, the plain CPU kernels, which also leaves
+    # out the AVX-512 repacking of Q4_0 and IQ4_NL.
+    params.use_extra_bufts = not _built_with("AMX_INT8")
     with captured_logs() as logs:
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
     if not model:
