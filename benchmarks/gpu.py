@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import shutil
 import tempfile
@@ -164,9 +165,11 @@ def variable_length(
     rows: list[dict[str, Any]],
     name: str,
     embed_workers: tuple[int, ...],
+    embed_batches: tuple[int, ...] = (256,),
 ) -> None:
     """4,096 generated sentences, text to embeddings: each mahir session through `mahir.embed`
-    (tokenizing ahead on `embed_workers` threads while the GPU runs), against
+    (tokenizing ahead on `embed_workers` threads while the GPU runs, in batches of each of
+    `embed_batches` sentences), against
     sentence-transformers' `encode`; each mahir variant's cosine to the fp32 original's
     embeddings on the same GPU; and the host side alone (tokenizing, no model)."""
     from sentence_transformers import SentenceTransformer
@@ -181,15 +184,17 @@ def variable_length(
             sentences, batch_size=256, convert_to_numpy=True
         )
     }
-    for workers in embed_workers:
+    for workers, size in itertools.product(embed_workers, embed_batches):
         how = f"{workers} tokenizing thread{'s' if workers > 1 else ''}"
-        calls[f"tokenize only ({how})"] = lambda w=workers: embed(
-            sentences, Tokenized(), encode, workers=w
+        if size != 256:
+            how += f", batches of {size}"
+        calls[f"tokenize only ({how})"] = lambda w=workers, n=size: embed(
+            sentences, Tokenized(), encode, workers=w, batch_size=n
         )
         for label, session in sessions.items():
             if "fp8" not in label:
-                calls[f"{label} ({how})"] = lambda s=session, w=workers: embed(
-                    sentences, s, encode, workers=w
+                calls[f"{label} ({how})"] = lambda s=session, w=workers, n=size: embed(
+                    sentences, s, encode, workers=w, batch_size=n
                 )
     times = timed(calls, 3, 1)
     for variant, seconds in times.items():
@@ -253,6 +258,7 @@ def main() -> None:
     parser.add_argument("--fixed-only", action="store_true", help="skip the variable-length run")
     parser.add_argument("--variable-only", action="store_true", help="skip the fixed shapes")
     parser.add_argument("--embed-workers", type=int, nargs="+", default=[1])
+    parser.add_argument("--embed-batches", type=int, nargs="+", default=[256])
     parser.add_argument("--mahir", nargs="+", default=list(MAHIR), help="candidate ids")
     args = parser.parse_args()
     rows: list[dict[str, Any]] = []
@@ -267,7 +273,15 @@ def main() -> None:
             if not args.variable_only:
                 fixed_shapes(variants(bert, sessions, not args.no_compile_anchors), rows, name)
             if not args.fixed_only:
-                variable_length(model, folder, sessions, rows, name, tuple(args.embed_workers))
+                variable_length(
+                    model,
+                    folder,
+                    sessions,
+                    rows,
+                    name,
+                    tuple(args.embed_workers),
+                    tuple(args.embed_batches),
+                )
         for row in rows:
             if row["model"] == name:
                 print(json.dumps(row), flush=True)
