@@ -214,12 +214,32 @@ def test_the_report_is_self_contained(searched: LlmSearched, tmp_path: Path) -> 
 
 def test_optimize_llm_through_the_command(decoder_folders: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "llm-out"
-    found = cli("optimize", str(decoder_folders["llama"]), "--engines", "torch", "--out", str(out))
+    lengths = ("--tokens", "200-210", "--new-tokens", "5-6")  # the default: at most 192 here
+    found = cli(
+        "optimize", str(decoder_folders["llama"]), "--engines", "torch", *lengths, "--out", str(out)
+    )
     assert found.returncode == 0, found.stderr
     for text in ("batch 1", "ms/tok", "torch/", "won:", "open_llm_output"):
         assert text in found.stdout
     assert (out / "mahir.json").is_file()
     assert (out / "model" / "weights.pt").is_file()
+    workload = json.loads((out / "report.json").read_text())["workload"]
+    assert 190 <= workload["prompt_tokens"]["min"] <= workload["prompt_tokens"]["max"] <= 210
+    assert 5 <= workload["new_tokens"]["min"] <= workload["new_tokens"]["max"] <= 6
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--tokens", "5"), "--tokens takes MIN-MAX"),
+        (("--prompts", "p.txt", "--tokens", "8-16"), "--prompts gives the prompts"),
+    ],
+)
+def test_workload_options_are_checked_in_one_line(args: tuple[str, ...], message: str) -> None:
+    found = cli("optimize", "--llm", *args, "--out", "never-written")
+    assert found.returncode == 2, found.stderr
+    assert message in found.stderr
+    assert len(found.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize(

@@ -297,7 +297,17 @@ def optimize(
     ] = None,
     tokens: Annotated[
         str | None,
-        typer.Option("--tokens", help="Generated sentences' token counts, MIN-MAX (e.g. 64-128)."),
+        typer.Option(
+            "--tokens",
+            help="Generated sentences' token counts, MIN-MAX (e.g. 64-128); LLMs: generated "
+            "prompts' \\[default: 32-256].",
+        ),
+    ] = None,
+    new_tokens: Annotated[
+        str | None,
+        typer.Option(
+            "--new-tokens", help="LLMs: new tokens per prompt, MIN-MAX \\[default: 32-64]."
+        ),
     ] = None,
     only: Annotated[
         list[str] | None, typer.Option("--only", help="Try only this candidate; repeat.")
@@ -347,7 +357,7 @@ def optimize(
     if is_llm(model, llm):
         encoder_only = {
             "--logits": logits, "--metric": metric, "--data": data,
-            "--sentences": sentences, "--tokens": tokens, "--only": only, "--resume": resume,
+            "--sentences": sentences, "--only": only, "--resume": resume,
             "--max-drop": max_drop != 0.01,
         }  # fmt: skip
         llm_out = out if out != Path("mahir-out") else Path("mahir-llm-out")
@@ -363,11 +373,13 @@ def optimize(
                 prompts,
                 device,
                 batch_size or [],
+                tokens,
+                new_tokens,
             ),
         )
         return
-    if engines or prompts is not None:
-        flag = "--engines" if engines else "--prompts"
+    if engines or prompts is not None or new_tokens is not None:
+        flag = "--engines" if engines else "--prompts" if prompts is not None else "--new-tokens"
         guard(ctx, lambda: _refuse(f"{flag} is for LLMs: add --llm, or give a .gguf file"))
 
     def configure() -> OptimizeConfig:

@@ -99,6 +99,8 @@ def run_llm_optimize(
     prompts: Path | None,
     device: str,
     at_once: list[int],
+    tokens: str | None = None,
+    new_tokens: str | None = None,
 ) -> None:
     """Refuse what only encoders take and an --out that cannot be written, before the model
     loads; search; print the table and why each candidate won or lost; write the directory."""
@@ -107,6 +109,13 @@ def run_llm_optimize(
         raise BadInput(f"{' and '.join(given)} are not for LLMs: leave them out with --llm")
     if len(at_once) > 1:
         raise BadInput("an LLM search times one number of requests at once: give -b once")
+    if prompts is not None and tokens:
+        raise BadInput("--prompts gives the prompts: leave out --tokens")
+    lengths: dict[str, tuple[int, int]] = {}
+    if tokens:
+        lengths["prompt_tokens"] = parse_range(tokens)
+    if new_tokens:
+        lengths["new_tokens"] = parse_range(new_tokens, "--new-tokens")
     from mahir.search.apply import check_output_dir
     from mahir.search.llm_optimize import LlmOptimizeConfig, optimize_llm
     from mahir.search.llm_output import llm_table, save_llm_output, verdicts
@@ -122,6 +131,7 @@ def run_llm_optimize(
         prompts_file=prompts,
         device=Device.parse(device),
         concurrency=at_once[0] if at_once else 1,
+        **lengths,
     )
     from mahir.model import load_model
 
