@@ -241,12 +241,47 @@ def test_bench_llm_times_and_judges_openvino_rows(
     assert row["quality"]["top1_agreement"] > 0.8
 
 
+def test_paged_slots_stream_each_tokens_own_logprob(
+    tiny_llm: LanguageModel, fp32_ir: Artifact, openvino: Generator
+) -> None:
+    """In the continuous batch GenAI's sampler scores each token it chose: that score is the
+    IR's own log-probability of the token (before temperature and top-p), greedy and sampled;
+    alternatives it cannot give are refused in one line, and a server built on it takes
+    logprobs 0 and refuses more before any work."""
+    from mahir.errors import Mismatch
+    from mahir.generation import Token
+    from mahir.serve.llm_app import LlmServed
+    from mahir.serve.openai_chat import parse_chat, parse_completion
+    from mahir.serve.served import ServeConfig
+
+    batched = open_engine("openvino-paged", fp32_ir, RuntimeOptions(threads=1, slots=2))
+    prompt = question_ids(tiny_llm)
+    for sampling in (Sampling(12, logprobs=0), Sampling(12, temperature=1.2, seed=3, logprobs=0)):
+        tokens = list(batched.stream(prompt, sampling))
+        assert all(isinstance(t, Token) and t.top == () for t in tokens)
+        forced = openvino.logprobs(prompt + tokens)
+        own = [forced[len(prompt) - 1 + i, t] for i, t in enumerate(tokens)]
+        np.testing.assert_allclose([t.logprob for t in tokens], own, atol=2e-3)  # type: ignore[attr-defined]
+    with pytest.raises(Unsupported, match="not the most likely alternatives"):
+        batched.stream(prompt, Sampling(4, logprobs=2))
+    served = LlmServed(batched, tiny_llm.family, "tiny", ServeConfig())
+    once = tiny_llm.family.encode("Once")
+    asked = parse_completion({"prompt": "Once", "max_tokens": 4, "logprobs": 0})
+    assert served.sampling(asked, once).logprobs == 0
+    messages = [{"role": "user", "content": "Once"}]
+    more = parse_chat({"messages": messages, "logprobs": True, "top_logprobs": 3})
+    with pytest.raises(Mismatch, match="at most 0 alternatives") as refused:
+        served.sampling(more, once)
+    assert refused.value.param == "top_logprobs"
+    batched.close()
+
+
 def test_a_server_on_it_refuses_logprobs_before_any_work(
     tiny_llm: LanguageModel, openvino: Generator
 ) -> None:
-    """GenAI chooses its tokens itself and reports no log-probabilities per token: a request
-    asking for them is a 400 naming the field, the engine untouched; handed one directly, the
-    engine refuses it rather than ignore it."""
+    """The stateful pipeline streams ids and reports no log-probabilities: a request asking
+    for them is a 400 naming the field, the engine untouched; handed one directly, the engine
+    refuses it rather than ignore it."""
     from mahir.errors import Mismatch
     from mahir.serve.llm_app import LlmServed
     from mahir.serve.openai_chat import parse_completion

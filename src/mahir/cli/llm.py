@@ -111,7 +111,7 @@ def run_llm_optimize(
         raise BadInput("an LLM search times one number of requests at once: give -b once")
     if prompts is not None and tokens:
         raise BadInput("--prompts gives the prompts: leave out --tokens")
-    lengths: dict[str, tuple[int, int]] = {}
+    lengths: dict[str, Any] = {}  # given ranges only: the config's defaults stand otherwise
     if tokens:
         lengths["prompt_tokens"] = parse_range(tokens)
     if new_tokens:

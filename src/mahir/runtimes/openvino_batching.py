@@ -26,6 +26,7 @@ import numpy as np
 import openvino as ov
 import openvino_genai as ov_genai
 
+from mahir.generation import Token
 from mahir.runtimes.continuous import BatchLoop, Request
 
 Status = ov_genai.GenerationStatus
@@ -76,9 +77,12 @@ class OpenVinoBatch(BatchLoop[_Row]):
     def _read(self, row: _Row) -> bool:
         """Hand the row its ready tokens; whether its sequence has ended."""
         if row.handle.can_read():
+            scored = row.request.sampling.logprobs is not None
             for output in row.handle.read().values():
-                for token in output.generated_ids:
-                    if row.request.deliver(int(token)):
+                logprobs = output.generated_log_probs if scored else None
+                for index, token in enumerate(output.generated_ids):
+                    chosen = int(token) if logprobs is None else Token(token, logprobs[index], ())
+                    if row.request.deliver(chosen):
                         return True
         status = row.handle.get_status()
         if status in ENDED:

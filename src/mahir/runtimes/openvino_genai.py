@@ -123,9 +123,17 @@ class OpenVinoGenerator:
     threads at once (the paged one batches only requests its own `generate` was given), so one
     at a time; or, paged with slots, that many requests of one `ContinuousBatchingPipeline`."""
 
+    top_logprobs = 0
+    """GenAI's sampler scores each chosen token (before temperature and top-p), no alternatives
+    (`GenerationConfig.logprobs` above 1 counts as 1)."""
+
     def __init__(self, folder: Path, options: OpenVinoLlmOptions, *, engine: str) -> None:
         self.engine = engine
         self.max_concurrency = options.slots
+        self.token_logprobs = options.slots > 1
+        """Streams yield `Token`s where `Sampling.logprobs` asks: in the continuous batch, whose
+        pipeline hands out each token's log-probability (the stateful and the single paged
+        pipeline stream ids only)."""
         self.constrained = all((folder / name).is_file() for name in TOKENIZER_FILES)
         """Holds streams to `Sampling.constraint`'s structure: where the tokenizer IRs are
         beside the model (exports before they were written lack them)."""
@@ -159,10 +167,16 @@ class OpenVinoGenerator:
         check_request(
             prompt, new, vocab=self._vocab, context=self.context_length, engine=self.engine
         )
-        if sampling.logprobs is not None:
+        if sampling.logprobs is not None and not self.token_logprobs:
             raise Unsupported(
-                f"{self.engine} chooses tokens inside its pipeline and reports no "
-                "log-probabilities per token: use the PyTorch, llama.cpp or vLLM engine for them"
+                f"{self.engine} generates inside a pipeline that reports no log-probabilities: "
+                "serve a paged OpenVINO GenAI engine with --slots 2 or more, or use the "
+                "PyTorch, llama.cpp or vLLM engine"
+            )
+        if sampling.logprobs:
+            raise Unsupported(
+                f"{self.engine} reports each token's own log-probability, not the most likely "
+                "alternatives beside it: ask for 0 of them"
             )
         if sampling.constraint is not None and not self.constrained:
             raise Unsupported(
@@ -305,6 +319,7 @@ def generation_config(sampling: Sampling, lookup: int = 0) -> ov_genai.Generatio
     if lookup:
         config.num_assistant_tokens, config.max_ngram_size = lookup, 3
     config.max_new_tokens = sampling.max_new_tokens
+    config.logprobs = 0 if sampling.logprobs is None else 1  # the chosen token's own
     config.stop_token_ids = set(sampling.stop_token_ids)
     config.ignore_eos = not sampling.stop_token_ids  # it ignores stop_token_ids too
     if not sampling.greedy:

@@ -89,6 +89,8 @@ class LlmServed:
         self.context = min(generator.context_length, family.context_length)
         self.engine = generator.engine
         self.token_logprobs = bool(getattr(generator, "token_logprobs", False))
+        self.top_logprobs: int | None = getattr(generator, "top_logprobs", None)
+        """The most alternatives beside each token the engine reports; None: as many as asked."""
         self.constrained = bool(getattr(generator, "constrained", False))
         self.grammars = Grammars(family.tokenizer, family.vocab_size, family.stop_token_ids)
         batcher = config.batcher
@@ -140,9 +142,18 @@ class LlmServed:
             )
         if request.logprobs is not None and not self.token_logprobs:
             raise Mismatch(
-                f"the {self.engine} engine does not report log-probabilities (PyTorch, "
-                "llama.cpp and vLLM winners do): leave logprobs out",
+                f"the {self.engine} engine does not report log-probabilities here (PyTorch, "
+                "llama.cpp, vLLM and OpenVINO GenAI serving 2 or more slots do): leave "
+                "logprobs out",
                 param="logprobs",
+            )
+        most = self.top_logprobs
+        if request.logprobs is not None and most is not None and request.logprobs > most:
+            field = "top_logprobs" if request.kind == "chat" else "logprobs"
+            raise Mismatch(
+                f"the {self.engine} engine reports at most {most} alternatives beside each "
+                f"token: ask {field} {most}",
+                param=field,
             )
         seed = None if request.seed is None else request.seed + choice
         return self.family.sampling(
