@@ -23,11 +23,21 @@ from tests.helpers import cli, question_ids
 ONE_THREAD = RuntimeOptions(threads=1)
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_gguf: Artifact) -> LlamaCppGenerator:
-    generator = open_generator(tiny_gguf, LlamaCppOptions(threads=1))
+@pytest.fixture(scope="module", params=[None, False], ids=["attention-llama.cpp's", "fa-off"])
+def engine(tiny_gguf: Artifact, request: pytest.FixtureRequest) -> LlamaCppGenerator:
+    """llama.cpp with its own choice of attention kernel (fused, on a CPU), and with the fused
+    kernel off: both held to torch fp32's tokens and log-probabilities."""
+    generator = open_generator(tiny_gguf, LlamaCppOptions(threads=1, flash_attention=request.param))
     assert isinstance(generator, LlamaCppGenerator)
     return generator
+
+
+def test_the_fa_off_engine_turns_the_fused_kernel_off(tiny_gguf: Artifact) -> None:
+    plain = open_engine("llama.cpp-fa-off", tiny_gguf, ONE_THREAD)
+    described = plain.describe()
+    assert (described["engine"], described["flash_attention"]) == ("llama.cpp-fa-off", "off")
+    fused = open_engine("llama.cpp", tiny_gguf, ONE_THREAD).describe()["flash_attention"]
+    assert fused == "llama.cpp's choice"
 
 
 def test_greedy_tokens_are_torch_fp32s(tiny_llm: LanguageModel, engine: LlamaCppGenerator) -> None:

@@ -89,13 +89,31 @@ def _torch(
     return open_torch
 
 
-def _open_llamacpp(artifact: Artifact, options: RuntimeOptions) -> Generator:
-    from mahir.runtimes.llamacpp import LlamaCppOptions, open_generator
+def _llamacpp(name: str, summary: str, *, flash_attention: bool | None = None) -> Engine:
+    """A llama.cpp engine: attention as llama.cpp chooses, or with its fused kernel off."""
 
-    settings = LlamaCppOptions(
-        threads=options.threads, slots=options.slots, device=options.device, **_step(options)
+    def open_llamacpp(artifact: Artifact, options: RuntimeOptions) -> Generator:
+        from mahir.runtimes.llamacpp import LlamaCppOptions, open_generator
+
+        settings = LlamaCppOptions(
+            threads=options.threads,
+            slots=options.slots,
+            flash_attention=flash_attention,
+            device=options.device,
+            **_step(options),
+        )
+        return open_generator(artifact, settings, engine=name)
+
+    return Engine(
+        name,
+        open_llamacpp,
+        summary,
+        devices=("cpu",),
+        format="gguf",
+        package="llama_cpp",
+        install="llama-cpp-python==0.3.36",
+        slotted=True,
     )
-    return open_generator(artifact, settings, engine="llama.cpp")
 
 
 def _step(options: RuntimeOptions) -> dict[str, int]:
@@ -166,15 +184,15 @@ ENGINES: dict[str, Engine] = {
         "PyTorch, static KV cache, decode step compiled by torch.compile, bf16",
         bf16=True,
     ),
-    "llama.cpp": Engine(
+    "llama.cpp": _llamacpp(
         "llama.cpp",
-        _open_llamacpp,
         "llama.cpp on a GGUF file (its weights' type: f32, Q8_0, Q4_K_M, ...), f16 KV cache",
-        devices=("cpu",),
-        format="gguf",
-        package="llama_cpp",
-        install="llama-cpp-python==0.3.36",
-        slotted=True,
+    ),
+    "llama.cpp-fa-off": _llamacpp(
+        "llama.cpp-fa-off",
+        "llama.cpp with its fused (flash) attention kernel off: matmuls and softmax, which "
+        "slow less than it as the context grows on CPUs",
+        flash_attention=False,
     ),
     "openvino": _openvino(
         "openvino",

@@ -66,6 +66,8 @@ VARIANTS: dict[str, Variant] = {
     "llama.cpp-q4_k_m": Variant("llama.cpp", GgufQuantize("Q4_K_M")),
     "llama.cpp-iq4_nl": Variant("llama.cpp", GgufQuantize("IQ4_NL")),
     "llama.cpp-q4_0": Variant("llama.cpp", GgufQuantize("Q4_0")),
+    "llama.cpp-fa-off": Variant("llama.cpp-fa-off"),
+    "llama.cpp-q8_0-fa-off": Variant("llama.cpp-fa-off", GgufQuantize("Q8_0")),
     "openvino": Variant("openvino", LlmWeights(format="fp32")),
     "openvino-int8": Variant("openvino", LlmWeights(format="int8")),
     "openvino-int8-paged": Variant("openvino-paged", LlmWeights(format="int8")),
@@ -84,7 +86,9 @@ WEIGHT_STEPS: dict[str, type[Any]] = {
     cls.__name__: cls for cls in (TorchaoInt8, GgufQuantize, LlmWeights, W8A8)
 }
 """The allow-list an LLM recipe's steps (a variant's `weights`) are read back against."""
-DEFAULT_VARIANTS = ("torch", "torch-bf16", "torch-int8", "torch-compile", "llama.cpp")
+DEFAULT_VARIANTS = (
+    "torch", "torch-bf16", "torch-int8", "torch-compile", "llama.cpp", "llama.cpp-fa-off",
+)  # fmt: skip
 """Measured when none is asked for (those the machine can run): each compiled variant costs
 minutes of compiling on 2 cores before it is timed."""
 
