@@ -55,6 +55,12 @@ FILE_TYPES = {
     if name.startswith("LLAMA_FTYPE_") and name != "LLAMA_FTYPE_GUESSED"
 }
 """llama.cpp's file types by number: 0 "F32", 7 "Q8_0", 15 "Q4_K_M", ..."""
+FLASH_ATTENTION = {
+    None: (llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO, "llama.cpp's choice"),
+    True: (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED, "on"),
+    False: (llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED, "off"),
+}
+"""`LlamaCppOptions.flash_attention` as llama.cpp's context setting, and as reports name it."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -158,13 +164,7 @@ class LlamaCppGenerator:
         params.n_ctx, params.n_batch, params.n_ubatch = positions, batch, ubatch
         params.n_seq_max, params.kv_unified = sequences, False
         params.n_threads = params.n_threads_batch = self._threads
-        if self._flash_attention is not None:
-            on = self._flash_attention
-            params.flash_attn_type = (
-                llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-                if on
-                else (llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
-            )
+        params.flash_attn_type = FLASH_ATTENTION[self._flash_attention][0]
         params.no_perf = True
         with captured_logs() as logs:
             context = llama_cpp.llama_init_from_model(self._native.model, params)
@@ -197,9 +197,7 @@ class LlamaCppGenerator:
             "gguf_type": FILE_TYPES.get(file_type, str(file_type)),
             "tensor_types": tensor_types(self._path),
             "kv_cache": "f16",
-            "flash_attention": {None: "llama.cpp's choice", True: "on", False: "off"}[
-                self._flash_attention
-            ],
+            "flash_attention": FLASH_ATTENTION[self._flash_attention][1],
             "context": self.context_length,
             "slots": self.max_concurrency,
             "step_tokens": self._step_tokens,

@@ -173,7 +173,7 @@ class OpenVinoGenerator:
                 "serve a paged OpenVINO GenAI engine with --slots 2 or more, or use the "
                 "PyTorch, llama.cpp or vLLM engine"
             )
-        if sampling.logprobs:
+        if sampling.logprobs is not None and sampling.logprobs > self.top_logprobs:
             raise Unsupported(
                 f"{self.engine} reports each token's own log-probability, not the most likely "
                 "alternatives beside it: ask for 0 of them"
