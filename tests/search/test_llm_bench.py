@@ -91,6 +91,7 @@ def test_llama_cpp_refuses_what_it_cannot_write_in_one_line(
         (("--llm", "--workdir", "w"), "--workdir are not for LLMs"),
         (("--llm", "-b", "8", "-b", "0"), "requests at once must be >= 2"),
         (("--llm", "--data", "p.txt", "--tokens", "8-16"), "--data gives the prompts"),
+        (("--llm", "--tokens", "10-5"), "--tokens 10-5 is empty"),
     ],
 )
 def test_what_llms_do_not_take_is_refused_in_one_line(args: tuple[str, ...], message: str) -> None:

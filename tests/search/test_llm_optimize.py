@@ -232,6 +232,8 @@ def test_optimize_llm_through_the_command(decoder_folders: dict[str, Path], tmp_
     ("args", "message"),
     [
         (("--tokens", "5"), "--tokens takes MIN-MAX"),
+        (("--tokens", "10-5"), "--tokens 10-5 is empty"),
+        (("--new-tokens", "0-4"), "--new-tokens 0-4 is empty"),
         (("--prompts", "p.txt", "--tokens", "8-16"), "--prompts gives the prompts"),
     ],
 )

@@ -35,6 +35,7 @@ from mahir.families.prompts import (
     PROMPT_TOKENS,
     Prompt,
     PromptWorkload,
+    check_range,
     generate_prompts,
     read_prompts,
 )
@@ -79,6 +80,8 @@ class LlmBenchConfig:
         unknown = [name for name in self.variants if name not in VARIANTS]
         if unknown:
             raise BadInput(f"unknown LLM engine {unknown[0]!r}: choose from {', '.join(VARIANTS)}")
+        check_range("--tokens", self.prompt_tokens)
+        check_range("--new-tokens", self.new_tokens)
         if self.min_time_s < 0:
             raise BadInput(f"--seconds must be >= 0, got {self.min_time_s}")
         if any(n < 2 for n in self.at_once):

@@ -33,7 +33,7 @@ import numpy as np
 
 from mahir.errors import BadInput, first_line
 from mahir.families.decoder import LanguageModel
-from mahir.families.prompts import Prompt, PromptWorkload
+from mahir.families.prompts import Prompt, PromptWorkload, check_range
 from mahir.generation import Generator
 from mahir.generation_quality import (
     GenerationBudget,
@@ -115,6 +115,8 @@ class LlmOptimizeConfig:
             raise BadInput(f"--objective is latency or throughput, got {self.objective!r}")
         if self.concurrency < 1:
             raise BadInput(f"requests at once must be >= 1, got {self.concurrency}")
+        check_range("--tokens", self.prompt_tokens)
+        check_range("--new-tokens", self.new_tokens)
         if self.concurrency > 1 and self.objective != "throughput":
             raise BadInput(
                 f"{self.concurrency} requests at once are timed for --objective throughput: "
