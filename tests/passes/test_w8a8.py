@@ -30,6 +30,25 @@ def test_weights_are_int8_per_output_channel_within_half_a_step(tiny_llm: Langua
     assert "lm_head.weight" not in state  # tied: written once, as the embedding
 
 
+def test_the_output_layer_is_untied_and_int8_only_when_asked(
+    tiny_llm: LanguageModel, tmp_path: Path
+) -> None:
+    original = tiny_llm.module.state_dict()
+    state = quantized_linears(tiny_llm.module, head=True)
+    assert state["lm_head.weight"].dtype == torch.int8
+    assert state["lm_head.weight_scale"].shape == (original["lm_head.weight"].shape[0], 1)
+    embedding = "model.embed_tokens.weight"
+    assert torch.equal(state[embedding], original[embedding])  # the embedding keeps its values
+    made = w8a8_folder(tiny_llm, W8A8(head=True), cache=tmp_path)
+    assert made.path is not None
+    assert made.path.name.split("-")[-2] == "head"
+    described = json.loads((made.path / "config.json").read_text())
+    assert described["tie_word_embeddings"] is False
+    declared = described["quantization_config"]
+    assert declared["config_groups"]["group_0"]["targets"] == ["Linear", "lm_head"]
+    assert declared["ignore"] == []
+
+
 def test_smoothing_keeps_the_function_and_narrows_the_inputs(tiny_llm: LanguageModel) -> None:
     ids = torch.tensor([tiny_llm.family.held_out(1, 32)[0]])
     norm = tiny_llm.module.model.layers[0].input_layernorm.weight

@@ -91,14 +91,16 @@ def test_fp32_greedy_and_logprobs_equal_the_torch_reference(
     assert described["vllm"] == "0.32.0"
 
 
+@pytest.mark.parametrize("config", [W8A8(), W8A8(head=True)], ids=["w8a8", "w8a8-head"])
 def test_a_w8a8_folder_runs_on_vllms_int8_kernels_close_to_the_reference(
-    llama: LanguageModel, folder: Artifact, reference: Generator, tmp_path: Path
+    llama: LanguageModel, folder: Artifact, reference: Generator, tmp_path: Path, config: W8A8
 ) -> None:
     """vLLM loads mahir's compressed-tensors folder (int8 weights per channel, int8 activations
-    per token, smoothed) as int8 layers and answers close to the fp32 reference: teacher-forced
-    within the budget's KL, though not exactly (int8 arithmetic, not the fp32 weights)."""
+    per token, smoothed; the tied output layer untied and int8 too, with `head`) as int8 layers
+    and answers close to the fp32 reference: teacher-forced within the budget's KL, though not
+    exactly (int8 arithmetic, not the fp32 weights)."""
     sequences = llama.family.held_out(passages=2, tokens=64)
-    made = w8a8_folder(llama, W8A8(), cache=tmp_path)
+    made = w8a8_folder(llama, config, cache=tmp_path)
     with pytest.raises(Unsupported, match="take bf16 activations, not fp32"):
         open_generator(made, FP32_EAGER, engine="vllm")
     with open_generator(made, replace(FP32_EAGER, dtype="bf16"), engine="vllm") as int8:

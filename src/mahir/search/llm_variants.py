@@ -80,6 +80,7 @@ VARIANTS: dict[str, Variant] = {
     "vllm": Variant("vllm"),
     "vllm-w8a8": Variant("vllm", W8A8()),
     "vllm-w8a8-keep-down": Variant("vllm", W8A8(keep=("down_proj",))),
+    "vllm-w8a8-head": Variant("vllm", W8A8(head=True)),
     "vllm-fp32": Variant("vllm-fp32"),
 }
 WEIGHT_STEPS: dict[str, type[Any]] = {

@@ -1,0 +1,127 @@
+"""vLLM's own settings and mahir's W8A8 folders, side by side at 16 sequences at once on a CPU.
+
+Each setting is one `vllm.LLM` in a single process (mahir's vLLM environment), all loaded first,
+then timed in turns, round after round: generating 128 tokens (greedy, stop tokens ignored) for
+16 prompts of 20-170 random token ids, the shape of `benchmarks/llm_serving.py`'s load at
+concurrency 16. Medians over rounds and each setting's speed against vLLM's bf16 default.
+Settings whose wins are a few percent need this layout: on a shared 2-core machine, separate
+processes started minutes apart differ by 10% with no change at all.
+
+    .venv/bin/python -m benchmarks.vllm_settings [--rounds 6] [--json results.json]
+
+The timing half runs under the vLLM environment's Python (`--inside SPEC`), so nothing of mahir
+is imported at module level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+PROMPTS, NEW_TOKENS = 16, 128
+
+
+def settings(folders: dict[str, str]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Name -> (folder, `vllm.LLM` keywords beyond the common ones)."""
+    w8a8 = folders["w8a8"]
+    return {
+        "bf16": (folders["reference"], {}),
+        "w8a8": (w8a8, {}),
+        "w8a8-head": (folders["w8a8-head"], {}),
+        "w8a8-block32": (w8a8, {"block_size": 32}),
+        "w8a8-fp8-kv": (w8a8, {"kv_cache_dtype": "fp8"}),
+        "w8a8-async": (w8a8, {"async_scheduling": True}),
+    }
+
+
+def time_inside(spec: dict[str, Any]) -> dict[str, Any]:
+    """In the vLLM environment: load every setting, then time them in turns."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from vllm import LLM, SamplingParams
+
+    engines = {
+        name: LLM(folder, dtype="bfloat16", max_model_len=2048, kv_cache_memory_bytes=2**30, **kw)
+        for name, (folder, kw) in spec["settings"].items()
+    }
+    draw = random.Random(0)
+    prompts: list[Any] = [
+        {"prompt_token_ids": [draw.randrange(1000, 40000) for _ in range(draw.randrange(20, 170))]}
+        for _ in range(PROMPTS)
+    ]
+    sampling = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True, temperature=0)
+    for engine in engines.values():  # compile every shape the timed calls meet
+        engine.generate(prompts, sampling, use_tqdm=False)
+    seconds: dict[str, list[float]] = {name: [] for name in engines}
+    for _ in range(spec["rounds"]):
+        for name, engine in engines.items():
+            started = time.perf_counter()
+            engine.generate(prompts, sampling, use_tqdm=False)
+            seconds[name].append(time.perf_counter() - started)
+    return {"seconds": seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--inside", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.inside is not None:
+        spec = json.loads(args.inside.read_text())
+        args.inside.write_text(json.dumps(time_inside(spec)))
+        return
+
+    import datetime as dt
+    import tempfile
+
+    from mahir.export.hf_folder import reference_folder
+    from mahir.hardware import detect
+    from mahir.measure import MachineLoad
+    from mahir.model import load_model
+    from mahir.passes.w8a8 import W8A8, w8a8_folder
+    from mahir.runtimes.vllm_cpu import VLLM_ENV
+    from mahir.venvs import ensure_env
+
+    model = load_model(None, llm=True)
+    folders = {
+        "reference": reference_folder(model).path,
+        "w8a8": w8a8_folder(model, W8A8()).path,
+        "w8a8-head": w8a8_folder(model, W8A8(head=True)).path,
+    }
+    spec = {"settings": settings({k: str(v) for k, v in folders.items()}), "rounds": args.rounds}
+    python = ensure_env(VLLM_ENV).path / "bin" / "python"
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as exchange:
+        exchange.write(json.dumps(spec))
+    machine_load = MachineLoad(own_seconds=lambda: sum(os.times()[:4]))  # with the waited child
+    command = [str(python), __file__, "--inside", exchange.name]
+    subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    timed = json.loads(Path(exchange.name).read_text())["seconds"]
+    Path(exchange.name).unlink()
+    medians = {name: statistics.median(s) for name, s in timed.items()}
+    tokens = PROMPTS * NEW_TOKENS
+    result = {
+        "machine": detect().summary(),
+        "date": dt.date.today().isoformat(),
+        "command": " ".join(["python -m benchmarks.vllm_settings", *sys.argv[1:]]),
+        "other_cores_busy": machine_load.other_cores(),
+        "workload": f"{PROMPTS} prompts of 20-170 random ids, {NEW_TOKENS} new tokens each",
+        "output_tokens_per_s": {name: tokens / m for name, m in medians.items()},
+        "speed_vs_bf16": {name: medians["bf16"] / m for name, m in medians.items()},
+        "speed_vs_w8a8": {name: medians["w8a8"] / m for name, m in medians.items()},
+        "seconds": timed,
+    }
+    print(json.dumps({k: v for k, v in result.items() if k != "seconds"}, indent=2))
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
