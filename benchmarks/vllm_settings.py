@@ -16,12 +16,14 @@ is imported at module level.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -79,9 +81,6 @@ def main() -> None:
         args.inside.write_text(json.dumps(time_inside(spec)))
         return
 
-    import datetime as dt
-    import tempfile
-
     from mahir.export.hf_folder import reference_folder
     from mahir.hardware import detect
     from mahir.measure import MachineLoad
@@ -98,13 +97,13 @@ def main() -> None:
     }
     spec = {"settings": settings({k: str(v) for k, v in folders.items()}), "rounds": args.rounds}
     python = ensure_env(VLLM_ENV).path / "bin" / "python"
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as exchange:
-        exchange.write(json.dumps(spec))
     machine_load = MachineLoad(own_seconds=lambda: sum(os.times()[:4]))  # with the waited child
-    command = [str(python), __file__, "--inside", exchange.name]
-    subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    timed = json.loads(Path(exchange.name).read_text())["seconds"]
-    Path(exchange.name).unlink()
+    with tempfile.TemporaryDirectory() as scratch:
+        exchange = Path(scratch) / "spec.json"
+        exchange.write_text(json.dumps(spec))
+        command = [str(python), __file__, "--inside", str(exchange)]
+        subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        timed = json.loads(exchange.read_text())["seconds"]
     medians = {name: statistics.median(s) for name, s in timed.items()}
     tokens = PROMPTS * NEW_TOKENS
     result = {
