@@ -17,6 +17,7 @@ from mahir.families.decoder import LanguageModel
 from mahir.generation import Sampling
 from mahir.hardware import Machine, detect
 from mahir.model import load_model
+from mahir.runtimes import torch_attention
 from mahir.runtimes.engines import open_engine
 from mahir.runtimes.torch_generator import TorchEngineOptions, TorchGenerator, open_generator
 from mahir.types import RuntimeOptions
@@ -142,7 +143,10 @@ def test_the_compiled_static_cache_decodes_as_eager_does(tiny_llm: LanguageModel
     settings = compiled.describe()
     assert settings["kv_cache"] == "static"
     assert settings["compile_s"] > 0
+    assert settings["attention"] == torch_attention.NAME  # on its own copy of the model
+    assert tiny_llm.original().module.config._attn_implementation == "sdpa"
     eager = open_engine("torch", tiny_llm.original(), ONE_THREAD)
+    assert eager.describe()["attention"] == "sdpa"
     prompt = question_ids(tiny_llm)
     for new in (16, 40):  # a second, longer request reuses the cache from position 0
         expected = list(eager.stream(prompt, Sampling(new)))

@@ -36,6 +36,7 @@ import torch
 from mahir.errors import Unsupported
 from mahir.generation import Sampling, check_request, check_shared, choose, decode_loop
 from mahir.hardware import Machine, detect, physical_cores
+from mahir.runtimes import torch_attention
 from mahir.runtimes.torch_batching import ContinuousBatch
 from mahir.runtimes.torch_lm import CausalLM, context_of
 from mahir.types import CPU, Artifact, Device, module_mb
@@ -296,6 +297,7 @@ class TorchGenerator:
             "kv_cache": self._kv_cache,
             "max_cache_len": None if self._kv_cache == "dynamic" else self.context_length,
             "compiled": self._options.compile,
+            "attention": self._module.config._attn_implementation,
             "slots": self._options.slots,
             "step_tokens": self._options.step_tokens,
             "compile_s": self.compile_s,
@@ -389,8 +391,9 @@ def open_generator(
     engine: str = "torch",
     machine: Machine | None = None,
 ) -> TorchGenerator:
-    """`artifact` (a live transformers causal LM) as a `TorchGenerator`: converted to bf16 or
-    moved to a GPU on a copy (the artifact's module stays the fp32 CPU reference)."""
+    """`artifact` (a live transformers causal LM) as a `TorchGenerator`: converted to bf16,
+    moved to a GPU or compiled on a copy (the artifact's module stays the fp32 CPU reference);
+    compiled, with grouped attention for its decode steps (`torch_attention`)."""
     module = artifact.module
     if artifact.format != "torch" or module is None or not hasattr(module, "config"):
         raise Unsupported(f"the {engine} engine runs a live transformers causal LM")
@@ -404,6 +407,8 @@ def open_generator(
     if options.device.kind == "cuda" and not torch.cuda.is_available():
         raise Unsupported(f"{engine}: torch sees no CUDA GPU here: use --device cpu")
     dtype = torch.bfloat16 if options.precision == "bf16" else torch.float32
-    if dtype != torch.float32 or options.device.kind != "cpu":
+    if options.compile or dtype != torch.float32 or options.device.kind != "cpu":
         module = copy.deepcopy(module).to(device=str(options.device), dtype=dtype)
+    if options.compile:  # its own copy: the artifact's module keeps transformers' attention
+        torch_attention.use(module)
     return TorchGenerator(module.eval(), options, engine=engine)
