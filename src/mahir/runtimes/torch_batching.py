@@ -44,7 +44,7 @@ from transformers import Cache, DynamicCache, DynamicLayer, StaticLayer
 from mahir.errors import RuntimeFailure, Unsupported
 from mahir.generation import choose
 from mahir.runtimes.continuous import BatchLoop, Request
-from mahir.runtimes.torch_lm import CausalLM
+from mahir.runtimes.torch_lm import CausalLM, compile_step
 
 
 @dataclass(eq=False)
@@ -141,7 +141,6 @@ class ContinuousBatch(BatchLoop[_Row]):
         length: int,
         compiled: bool,
         step_tokens: int = 256,
-        mode: str | None = None,
     ) -> None:
         super().__init__(slots, "mahir-batch")
         layers = attention_layers(lm.module.config)
@@ -151,7 +150,7 @@ class ContinuousBatch(BatchLoop[_Row]):
         """Each row's last token: the next step's input."""
         self._step = self._decode
         if compiled:
-            self._step = torch.compile(self._decode, fullgraph=True, dynamic=False, mode=mode)
+            self._step = compile_step(self._decode, lm.where)
         self._start()
 
     def request_of(self, row: _Row) -> Request:

@@ -38,7 +38,7 @@ from mahir.generation import Sampling, check_request, check_shared, choose, deco
 from mahir.hardware import Machine, detect, physical_cores
 from mahir.runtimes import torch_attention
 from mahir.runtimes.torch_batching import ContinuousBatch
-from mahir.runtimes.torch_lm import CausalLM, context_of
+from mahir.runtimes.torch_lm import CausalLM, compile_step, context_of
 from mahir.types import CPU, Artifact, Device, module_mb
 
 BF16_ISA = ("avx512_bf16", "amx_bf16")
@@ -108,11 +108,6 @@ class TorchGenerator:
         """Static caches by batch size (a cache's tensors take the batch of its first use)."""
         self._step = self._eager_step
         self.compile_s: float | None = None
-        # On a GPU the step is also captured as a CUDA graph, and its matmuls autotuned: a small
-        # model's decode step is hundreds of short kernels. SmolLM2-135M's shape on an H200,
-        # bf16: the step took 1.50 ms of GPU time as "reduce-overhead", 0.99 ms as "max-autotune"
-        # (63 s to compile instead of 38).
-        mode = "max-autotune" if options.device.kind == "cuda" else None
         self.batch: ContinuousBatch | None = None
         """The continuous batch that runs every `stream` when `slots` > 1."""
         if options.slots > 1:
@@ -122,11 +117,10 @@ class TorchGenerator:
                 length=self.context_length,
                 compiled=options.compile,
                 step_tokens=options.step_tokens,
-                mode=mode,
             )
             weakref.finalize(self, self.batch.stop)  # its thread ends with the generator
         elif options.compile:
-            self._step = torch.compile(self._eager_step, fullgraph=True, dynamic=False, mode=mode)
+            self._step = compile_step(self._eager_step, self._where)
         if options.compile:
             started = time.perf_counter()
             list(self.stream([0], Sampling(max_new_tokens=3)))  # compiles here, not when timed
