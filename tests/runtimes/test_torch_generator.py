@@ -20,7 +20,7 @@ from mahir.model import load_model
 from mahir.runtimes import torch_attention
 from mahir.runtimes.engines import open_engine
 from mahir.runtimes.torch_generator import TorchEngineOptions, TorchGenerator, open_generator
-from mahir.types import RuntimeOptions
+from mahir.types import Device, RuntimeOptions
 from tests.helpers import question_ids
 from tests.models import DECODERS
 
@@ -158,6 +158,23 @@ def test_the_compiled_static_cache_decodes_as_eager_does(tiny_llm: LanguageModel
 
 def _prompts_of_three_lengths(llm: LanguageModel) -> list[list[int]]:
     return [question_ids(llm), question_ids(llm)[:3], llm.family.held_out(1, 24)[0]]
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_compiled_step_decodes_as_the_cpu_engine_does(
+    tiny_llm: LanguageModel,
+) -> None:
+    """fp32 on a GPU, the step compiled there (grouped attention, weights frozen into a CUDA
+    graph): one stream and a padded batch get the CPU engine's greedy tokens."""
+    cpu = open_engine("torch", tiny_llm.original(), ONE_THREAD)
+    prompts = _prompts_of_three_lengths(tiny_llm)
+    alone = [list(cpu.stream(p, Sampling(16))) for p in prompts]
+    gpu = RuntimeOptions(threads=1, device=Device.parse("cuda"))
+    compiled = open_engine("torch-compile", tiny_llm.original(), gpu)
+    assert isinstance(compiled, TorchGenerator)
+    assert compiled.describe()["attention"] == torch_attention.NAME
+    assert [list(compiled.stream(p, Sampling(16))) for p in prompts] == alone
+    assert compiled.generate_batch(prompts, Sampling(16)) == alone
 
 
 def test_a_padded_batch_gives_each_row_what_it_gives_alone(tiny_llm: LanguageModel) -> None:
