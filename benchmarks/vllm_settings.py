@@ -7,7 +7,7 @@ concurrency 16. Medians over rounds and each setting's speed against vLLM's bf16
 Settings whose wins are a few percent need this layout: on a shared 2-core machine, separate
 processes started minutes apart differ by 10% with no change at all.
 
-    .venv/bin/python -m benchmarks.vllm_settings [--rounds 6] [--json results.json]
+    .venv/bin/python -m benchmarks.vllm_settings [--rounds 6] [--only w8a8-head ...] [--json out]
 
 The timing half runs under the vLLM environment's Python (`--inside SPEC`), so nothing of mahir
 is imported at module level.
@@ -34,6 +34,7 @@ PROMPTS, NEW_TOKENS = 16, 128
 def settings(folders: dict[str, str]) -> dict[str, tuple[str, dict[str, Any]]]:
     """Name -> (folder, `vllm.LLM` keywords beyond the common ones)."""
     w8a8 = folders["w8a8"]
+    kernels = ["+rms_norm", "+silu_and_mul", "+rotary_embedding"]  # vLLM's C++ CPU kernels
     return {
         "bf16": (folders["reference"], {}),
         "w8a8": (w8a8, {}),
@@ -41,6 +42,8 @@ def settings(folders: dict[str, str]) -> dict[str, tuple[str, dict[str, Any]]]:
         "w8a8-block32": (w8a8, {"block_size": 32}),
         "w8a8-fp8-kv": (w8a8, {"kv_cache_dtype": "fp8"}),
         "w8a8-async": (w8a8, {"async_scheduling": True}),
+        "w8a8-custom-ops": (w8a8, {"compilation_config": {"custom_ops": kernels}}),
+        "w8a8-all-ops": (w8a8, {"compilation_config": {"custom_ops": ["all"]}}),
     }
 
 
@@ -73,6 +76,9 @@ def time_inside(spec: dict[str, Any]) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument(
+        "--only", nargs="+", default=None, help="these settings (bf16 and w8a8 always run)"
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--inside", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -95,7 +101,13 @@ def main() -> None:
         "w8a8": w8a8_folder(model, W8A8()).path,
         "w8a8-head": w8a8_folder(model, W8A8(head=True)).path,
     }
-    spec = {"settings": settings({k: str(v) for k, v in folders.items()}), "rounds": args.rounds}
+    chosen = settings({k: str(v) for k, v in folders.items()})
+    if args.only is not None:
+        unknown = set(args.only) - set(chosen)
+        if unknown:
+            parser.error(f"unknown settings {sorted(unknown)}: choose from {sorted(chosen)}")
+        chosen = {k: v for k, v in chosen.items() if k in {"bf16", "w8a8", *args.only}}
+    spec = {"settings": chosen, "rounds": args.rounds}
     python = ensure_env(VLLM_ENV).path / "bin" / "python"
     machine_load = MachineLoad(own_seconds=lambda: sum(os.times()[:4]))  # with the waited child
     with tempfile.TemporaryDirectory() as scratch:
