@@ -1,0 +1,118 @@
+"""fp8 matmuls for a big encoder batch on a GPU: which of torchao's scalings pays, and how much.
+
+BERT-base (random weights) at 256 sequences x 128 tokens, bf16, every token real (the mask of
+ones passed, as mahir's sessions pass it): eager, then
+torch.compile with CUDA graphs ("reduce-overhead") in bf16 and with torchao's fp8 (e4m3)
+weights and dynamic activations scaled per row (mahir's `TorchaoFloat8`), per tensor, and per
+tensor in the feed-forward layers only (two thirds of the matmul work). Each variant's
+mean-pooled output against the fp32 model's (cosine, mean and worst of the 256), then all of
+them timed in turns by CUDA events, 20 calls a turn, 5 turns; medians, and each against eager.
+
+Usage: python -m benchmarks.gpu_fp8 [--out results.json] (torchao importable)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+from benchmarks import gpu
+
+BATCH, TOKENS, ROUNDS, CALLS = 256, 128, 5, 20
+
+
+def fp8(model: torch.nn.Module, granularity: Any, ffn_only: bool = False) -> torch.nn.Module:
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, quantize_
+
+    def feed_forward(layer: torch.nn.Module, name: str) -> bool:
+        output = name.endswith("output.dense") and "attention" not in name
+        return isinstance(layer, torch.nn.Linear) and ("intermediate" in name or output)
+
+    config = Float8DynamicActivationFloat8WeightConfig(granularity=granularity)
+    quantize_(model, config, filter_fn=feed_forward if ffn_only else None)
+    return model
+
+
+Call = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def variants(fp32: torch.nn.Module) -> dict[str, Call]:
+    from torchao.quantization import PerRow, PerTensor
+
+    def bf16() -> torch.nn.Module:
+        return copy.deepcopy(fp32).to(torch.bfloat16)
+
+    def run(model: torch.nn.Module) -> Call:
+        return lambda ids, mask: model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    def compiled(model: torch.nn.Module) -> Call:
+        return torch.compile(run(model), mode="reduce-overhead")
+
+    return {
+        "eager bf16": run(bf16()),
+        "compiled bf16": compiled(bf16()),
+        "compiled fp8 per row": compiled(fp8(bf16(), PerRow())),
+        "compiled fp8 per tensor": compiled(fp8(bf16(), PerTensor())),
+        "compiled fp8 per tensor, feed-forward only": compiled(fp8(bf16(), PerTensor(), True)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    config = transformers.BertConfig(
+        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072
+    )
+    torch.manual_seed(0)
+    fp32 = transformers.BertModel(config, add_pooling_layer=False).eval().cuda()
+    ids = torch.randint(1000, 30000, (BATCH, TOKENS), device="cuda")
+    mask = torch.ones_like(ids)
+    rows: dict[str, dict[str, Any]] = {}
+    with torch.inference_mode():
+        want = fp32(input_ids=ids, attention_mask=mask).last_hidden_state.mean(1)
+        calls = variants(fp32)
+        for name, call in calls.items():
+            started = time.perf_counter()
+            for _ in range(3):  # compiles and captures
+                got = call(ids, mask)
+            torch.cuda.synchronize()
+            cosine = torch.nn.functional.cosine_similarity(got.float().mean(1), want, dim=-1)
+            rows[name] = {
+                "variant": name,
+                "warm_s": time.perf_counter() - started,
+                "cosine_mean": cosine.mean().item(),
+                "cosine_min": cosine.min().item(),
+                "ms": [],
+            }
+        names = list(calls)
+        for turn in range(ROUNDS):
+            for name in names[turn % len(names) :] + names[: turn % len(names)]:
+                start, end = (torch.cuda.Event(enable_timing=True) for _ in "se")
+                start.record()
+                for _ in range(CALLS):
+                    calls[name](ids, mask)
+                end.record()
+                torch.cuda.synchronize()
+                rows[name]["ms"].append(start.elapsed_time(end) / CALLS)
+    eager = statistics.median(rows["eager bf16"]["ms"])
+    for row in rows.values():
+        row["p50_ms"] = statistics.median(row["ms"])
+        row["sequences_per_s"] = BATCH / row["p50_ms"] * 1e3
+        row["vs_eager_bf16"] = eager / row["p50_ms"]
+        print(json.dumps({k: v for k, v in row.items() if k != "ms"}), flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(gpu.result(list(rows.values())), indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
