@@ -51,6 +51,12 @@ def test_a_prompt_goes_through_transformers_path() -> None:
     assert torch.equal(got, want)
 
 
+def test_soft_capping_is_left_to_transformers_which_refuses_it_on_sdpa() -> None:
+    query, key, value = _heads(1, 6, 1), _heads(1, 2, 5), _heads(1, 2, 5)
+    with pytest.raises(ValueError, match="softcap"):
+        torch_attention.grouped_sdpa(Layer(), query, key, value, None, softcap=30.0)
+
+
 def _llama(kv_heads: int) -> torch.nn.Module:
     import transformers
 

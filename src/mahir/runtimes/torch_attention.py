@@ -10,7 +10,7 @@ attending to the group's keys and values as they are: the same arithmetic, read 
 
 `use(module)` switches a grouped model on SDPA to it (`NAME`, registered with transformers'
 attention and mask interfaces); everything else (prefill, models without groups, per-head
-masks) goes through transformers' own SDPA function unchanged.
+masks, position biases, soft-capping) goes through transformers' own SDPA function unchanged.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ def grouped_sdpa(
     groups = int(getattr(module, "num_key_value_groups", 1))
     batch, heads, length, _ = query.shape
     shared_mask = attention_mask is None or attention_mask.shape[1] == 1
-    if groups == 1 or length != 1 or not shared_mask or kwargs.get("position_bias") is not None:
+    plain = all(kwargs.get(extra) is None for extra in ("position_bias", "softcap"))
+    if groups == 1 or length != 1 or not shared_mask or not plain:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(
