@@ -160,6 +160,25 @@ def _prompts_of_three_lengths(llm: LanguageModel) -> list[list[int]]:
     return [question_ids(llm), question_ids(llm)[:3], llm.family.held_out(1, 24)[0]]
 
 
+def test_sliding_window_layers_are_refused_by_the_compiled_engine_alone() -> None:
+    """Mistral's window reads the cache's position as a Python int, so a compiled step would be
+    compiled again at every token until torch.compile fails: refused when it opens instead."""
+    import transformers
+
+    from mahir.families.decoder import DECODER_SPEC
+    from mahir.types import Artifact
+
+    config = transformers.MistralConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    mistral = Artifact("torch", DECODER_SPEC, module=transformers.MistralForCausalLM(config))
+    with pytest.raises(Unsupported, match="sliding-window or linear attention"):
+        open_generator(mistral, TorchEngineOptions(compile=True, threads=1))
+    eager = open_generator(mistral, TorchEngineOptions(threads=1))
+    assert len(list(eager.stream([1, 2, 3], Sampling(4)))) == 4
+
+
 @pytest.mark.gpu
 def test_on_a_gpu_the_compiled_step_decodes_as_the_cpu_engine_does(
     tiny_llm: LanguageModel,

@@ -39,12 +39,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import Cache, DynamicCache, DynamicLayer, StaticLayer
+from transformers import Cache, DynamicCache, StaticLayer
 
 from mahir.errors import RuntimeFailure, Unsupported
 from mahir.generation import choose
 from mahir.runtimes.continuous import BatchLoop, Request
-from mahir.runtimes.torch_lm import CausalLM, compile_step
+from mahir.runtimes.torch_lm import CausalLM, compile_step, full_attention
 
 
 @dataclass(eq=False)
@@ -120,14 +120,13 @@ class SlotCache(Cache):
 def attention_layers(config: Any) -> int:
     """The model's layers, refused unless all are full attention (not sliding windows, not
     linear attention): the slot cache keeps every position and one mask serves all layers."""
-    layers = DynamicCache(config=config).layers
-    full = [isinstance(layer, DynamicLayer) and not layer.is_sliding for layer in layers]
-    if not full or not all(full):
+    layers = full_attention(config)
+    if layers is None:
         raise Unsupported(
             "continuous batching needs full attention in every layer; this model has sliding "
             "or linear attention layers: use slots=1"
         )
-    return len(layers)
+    return layers
 
 
 class ContinuousBatch(BatchLoop[_Row]):

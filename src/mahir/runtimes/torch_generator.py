@@ -38,7 +38,7 @@ from mahir.generation import Sampling, check_request, check_shared, choose, deco
 from mahir.hardware import Machine, detect, physical_cores
 from mahir.runtimes import torch_attention
 from mahir.runtimes.torch_batching import ContinuousBatch
-from mahir.runtimes.torch_lm import CausalLM, compile_step, context_of
+from mahir.runtimes.torch_lm import CausalLM, compile_step, context_of, full_attention
 from mahir.types import CPU, Artifact, Device, module_mb
 
 BF16_ISA = ("avx512_bf16", "amx_bf16")
@@ -363,8 +363,13 @@ class TorchGenerator:
         positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One decode step (what torch.compile compiles on the static cache): `ids` written at
-        cache `slot`; a batch's padding `mask` and each row's `positions` where rows differ."""
-        extra = {} if mask is None else {"attention_mask": mask, "position_ids": positions}
+        cache `slot`; a batch's padding `mask` and each row's `positions` where rows differ.
+        Positions always go in as a tensor: a model that would count them from the cache
+        (Mistral) reads a Python int there, and the compiled step would be compiled again for
+        every position until torch.compile gives up."""
+        extra: dict[str, Any] = {"position_ids": slot[None] if positions is None else positions}
+        if mask is not None:
+            extra["attention_mask"] = mask
         return self._lm.forward(ids, cache, cache_position=slot, **extra)[:, -1]
 
     def _choose(self, logits: torch.Tensor, sampling: Sampling, rng: np.random.Generator) -> int:
@@ -400,6 +405,11 @@ def open_generator(
             )
     if options.device.kind == "cuda" and not torch.cuda.is_available():
         raise Unsupported(f"{engine}: torch sees no CUDA GPU here: use --device cpu")
+    if options.compile and full_attention(module.config) is None:
+        raise Unsupported(
+            f"{engine}: this model has sliding-window or linear attention layers, which the "
+            "compiled static cache does not run: use the eager torch engine or llama.cpp"
+        )
     dtype = torch.bfloat16 if options.precision == "bf16" else torch.float32
     if options.compile or dtype != torch.float32 or options.device.kind != "cpu":
         module = copy.deepcopy(module).to(device=str(options.device), dtype=dtype)

@@ -53,6 +53,17 @@ class CausalLM:
             return self.forward(ids, cache, **extra)[0, -1]
 
 
+def full_attention(config: Any) -> int | None:
+    """The model's layer count where every layer attends to all positions; None where some
+    have sliding windows or linear attention, whose caches a preallocated, position-indexed
+    cache (the compiled step's, the continuous batch's) does not hold."""
+    from transformers import DynamicCache, DynamicLayer
+
+    layers = DynamicCache(config=config).layers
+    full = [isinstance(layer, DynamicLayer) and not layer.is_sliding for layer in layers]
+    return len(layers) if full and all(full) else None
+
+
 Step = Callable[..., torch.Tensor]
 
 
