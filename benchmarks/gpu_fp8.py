@@ -1,12 +1,12 @@
 """fp8 matmuls for a big encoder batch on a GPU: which of torchao's scalings pays, and how much.
 
 BERT-base (random weights) at 256 sequences x 128 tokens, bf16, every token real (the mask of
-ones passed, as mahir's sessions pass it): eager, then
-torch.compile with CUDA graphs ("reduce-overhead") in bf16 and with torchao's fp8 (e4m3)
-weights and dynamic activations scaled per row (mahir's `TorchaoFloat8`), per tensor, and per
-tensor in the feed-forward layers only (two thirds of the matmul work). Each variant's
-mean-pooled output against the fp32 model's (cosine, mean and worst of the 256), then all of
-them timed in turns by CUDA events, 20 calls a turn, 5 turns; medians, and each against eager.
+ones passed, as mahir's sessions pass it): eager, then torch.compile with CUDA graphs
+("reduce-overhead") in bf16 and with torchao's fp8 (e4m3) weights and dynamic activations
+scaled per row (mahir's `TorchaoFloat8`), per tensor, and per tensor in the feed-forward layers
+only (two thirds of the matmul work). Each variant's mean-pooled output against the fp32
+model's (cosine, mean and worst of the 256), then all of them timed in turns by CUDA events
+(`gpu_attention.gpu_ms`), 20 calls a turn, 5 turns; medians, and each against eager.
 
 Usage: python -m benchmarks.gpu_fp8 [--out results.json] (torchao importable)
 """
@@ -26,6 +26,7 @@ import torch
 import transformers
 
 from benchmarks import gpu
+from benchmarks.gpu_attention import gpu_ms
 
 BATCH, TOKENS, ROUNDS, CALLS = 256, 128, 5, 20
 
@@ -97,13 +98,8 @@ def main() -> None:
         names = list(calls)
         for turn in range(ROUNDS):
             for name in names[turn % len(names) :] + names[: turn % len(names)]:
-                start, end = (torch.cuda.Event(enable_timing=True) for _ in "se")
-                start.record()
-                for _ in range(CALLS):
-                    calls[name](ids, mask)
-                end.record()
-                torch.cuda.synchronize()
-                rows[name]["ms"].append(start.elapsed_time(end) / CALLS)
+                ms = gpu_ms(lambda n=name: calls[n](ids, mask), CALLS)
+                rows[name]["ms"].append(ms)
     eager = statistics.median(rows["eager bf16"]["ms"])
     for row in rows.values():
         row["p50_ms"] = statistics.median(row["ms"])

@@ -5,9 +5,9 @@ mahir's `TextEncoder` (the Rust tokenizer called directly, unpadded ids laid out
 4,096 generated sentences (median ~20 tokens) in length-sorted batches of 256, as `embed` feeds
 them (or of each of `--batch-sizes`: the Rust tokenizer spreads one call's sentences over its
 threads, so bigger calls use more of them), and one sentence per call, as a server's request
-often is. The two run interleaved, 7
-rounds; medians. With `RAYON_NUM_THREADS=1` the Rust tokenizer runs on one thread, which shows
-what the Python side costs (it holds the GIL; the Rust side does not).
+often is. The two run interleaved, 7 rounds; medians. With `RAYON_NUM_THREADS=1` the Rust
+tokenizer runs on one thread, which shows what the Python side costs (it holds the GIL; the
+Rust side does not).
 
     PYTHONPATH=src .venv/bin/python benchmarks/tokenizing.py [--batch-sizes 256 1024] [--out out]
 """
