@@ -174,6 +174,7 @@ def decoder_folder(folder: Path, arch: str, tokenizer: Any, *, heads: int = 4) -
         classes = {
             "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
             "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+            "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         }
         config_class, model_class = classes[arch]
         config = config_class(

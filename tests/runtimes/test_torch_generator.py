@@ -7,6 +7,7 @@ engine."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -160,23 +161,25 @@ def _prompts_of_three_lengths(llm: LanguageModel) -> list[list[int]]:
     return [question_ids(llm), question_ids(llm)[:3], llm.family.held_out(1, 24)[0]]
 
 
-def test_sliding_window_layers_are_refused_by_the_compiled_engine_alone() -> None:
+def test_sliding_window_layers_are_refused_by_the_compiled_engine_alone(
+    tmp_path: Path, llm_tokenizer: Any
+) -> None:
     """Mistral's window reads the cache's position as a Python int, so a compiled step would be
-    compiled again at every token until torch.compile fails: refused when it opens instead."""
-    import transformers
+    compiled again at every token until torch.compile fails: refused before any work by the
+    bench and the search, and by the engine when it opens; the eager engine runs it."""
+    from mahir.search.llm_variants import cannot_run
+    from tests.models import decoder_folder
 
-    from mahir.families.decoder import DECODER_SPEC
-    from mahir.types import Artifact
-
-    config = transformers.MistralConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )  # fmt: skip
-    mistral = Artifact("torch", DECODER_SPEC, module=transformers.MistralForCausalLM(config))
+    mistral = load_model(decoder_folder(tmp_path, "mistral", llm_tokenizer), llm=True)
+    assert isinstance(mistral, LanguageModel)
+    why = cannot_run("torch-compile", Device.parse("cpu"), detect(gpus=False), mistral)
+    assert why is not None
+    assert "sliding-window or linear attention" in why
+    assert cannot_run("torch", Device.parse("cpu"), detect(gpus=False), mistral) is None
     with pytest.raises(Unsupported, match="sliding-window or linear attention"):
-        open_generator(mistral, TorchEngineOptions(compile=True, threads=1))
-    eager = open_generator(mistral, TorchEngineOptions(threads=1))
-    assert len(list(eager.stream([1, 2, 3], Sampling(4)))) == 4
+        open_generator(mistral.original(), TorchEngineOptions(compile=True, threads=1))
+    eager = open_generator(mistral.original(), TorchEngineOptions(threads=1))
+    assert len(list(eager.stream(question_ids(mistral), Sampling(4)))) == 4
 
 
 @pytest.mark.gpu

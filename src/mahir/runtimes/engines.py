@@ -51,6 +51,9 @@ class Engine:
     first opens (`mahir.venvs`)."""
     install: str = ""
     """What to pip install for it, when that is not the module's name."""
+    full_attention: bool = False
+    """Runs only models whose every layer attends to all positions (`torch_lm.full_attention`):
+    its preallocated, position-indexed cache holds no sliding window or linear attention."""
     slotted: bool = False
     """Runs requests at once as a continuous batch of `RuntimeOptions.slots` rows: mahir's own
     loop over the engine's steps (`runtimes/continuous.py`: PyTorch eager, llama.cpp, OpenVINO
@@ -177,12 +180,14 @@ ENGINES: dict[str, Engine] = {
         "torch-compile",
         _torch("torch-compile", "fp32", True),
         "PyTorch, static KV cache, decode step compiled by torch.compile, fp32",
+        full_attention=True,
     ),
     "torch-compile-bf16": Engine(
         "torch-compile-bf16",
         _torch("torch-compile-bf16", "bf16", True),
         "PyTorch, static KV cache, decode step compiled by torch.compile, bf16",
         bf16=True,
+        full_attention=True,
     ),
     "llama.cpp": _llamacpp(
         "llama.cpp",
