@@ -362,8 +362,11 @@ class TorchGenerator:
         mask: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One decode step (what torch.compile compiles on the static cache): `ids` written at
-        cache `slot`; a batch's padding `mask` and each row's `positions` where rows differ.
+        """One decode step (what torch.compile compiles on the static cache): `ids` at cache
+        `slot`; a batch's padding `mask` and each row's `positions` where rows differ.
+        transformers' static cache writes at a counter of its own, which each forward advances
+        (it ignores `slot`): the two agree because every step runs exactly once after the
+        prefill of a reset cache, so a step must never be run twice, not even to warm up.
         Positions always go in as a tensor: a model that would count them from the cache
         (Mistral) reads a Python int there, and the compiled step would be compiled again for
         every position until torch.compile gives up."""
