@@ -4,9 +4,11 @@ BERT-base (random weights) at 256 sequences x 128 tokens, bf16, every token real
 ones passed, as mahir's sessions pass it): eager, then torch.compile with CUDA graphs
 ("reduce-overhead") in bf16 and with torchao's fp8 (e4m3) weights and dynamic activations
 scaled per row (mahir's `TorchaoFloat8`), per tensor, and per tensor in the feed-forward layers
-only (two thirds of the matmul work). Each variant's mean-pooled output against the fp32
-model's (cosine, mean and worst of the 256), then all of them timed in turns by CUDA events
-(`gpu_attention.gpu_ms`), 20 calls a turn, 5 turns; medians, and each against eager.
+only (two thirds of the matmul work); then with static activation scales, per tensor, observed
+on another batch of the same shape (torchao's prototype observer flow: no scale computed while
+it runs, so no pass over each activation before its matmul). Each variant's mean-pooled output
+against the fp32 model's (cosine, mean and worst of the 256), then all of them timed in turns by
+CUDA events (`gpu_attention.gpu_ms`), 20 calls a turn, 5 turns; medians, and each against eager.
 
 Usage: python -m benchmarks.gpu_fp8 [--out results.json] (torchao importable)
 """
@@ -34,19 +36,39 @@ BATCH, TOKENS, ROUNDS, CALLS = 256, 128, 5, 20
 def fp8(model: torch.nn.Module, granularity: Any, ffn_only: bool = False) -> torch.nn.Module:
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, quantize_
 
-    def feed_forward(layer: torch.nn.Module, name: str) -> bool:
-        output = name.endswith("output.dense") and "attention" not in name
-        return isinstance(layer, torch.nn.Linear) and ("intermediate" in name or output)
-
     config = Float8DynamicActivationFloat8WeightConfig(granularity=granularity)
-    quantize_(model, config, filter_fn=feed_forward if ffn_only else None)
+    quantize_(model, config, filter_fn=_feed_forward if ffn_only else None)
     return model
+
+
+def fp8_static(
+    model: torch.nn.Module, calibration: tuple[torch.Tensor, torch.Tensor], ffn_only: bool = False
+) -> torch.nn.Module:
+    """fp8 weights and activations, each linear's activation scale observed on `calibration`."""
+    from torchao.prototype.quantization.quant_api import (
+        Float8StaticActivationFloat8WeightConfig as Static,
+    )
+    from torchao.quantization import PerTensor, quantize_
+
+    chosen = _feed_forward if ffn_only else None
+    quantize_(model, Static(step="prepare", granularity=PerTensor()), filter_fn=chosen)
+    ids, mask = calibration
+    model(input_ids=ids, attention_mask=mask)
+    quantize_(model, Static(step="convert", granularity=PerTensor()), filter_fn=chosen)
+    return model
+
+
+def _feed_forward(layer: torch.nn.Module, name: str) -> bool:
+    output = name.endswith("output.dense") and "attention" not in name
+    return isinstance(layer, torch.nn.Linear) and ("intermediate" in name or output)
 
 
 Call = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def variants(fp32: torch.nn.Module) -> dict[str, Call]:
+def variants(
+    fp32: torch.nn.Module, calibration: tuple[torch.Tensor, torch.Tensor]
+) -> dict[str, Call]:
     from torchao.quantization import PerRow, PerTensor
 
     def bf16() -> torch.nn.Module:
@@ -64,6 +86,10 @@ def variants(fp32: torch.nn.Module) -> dict[str, Call]:
         "compiled fp8 per row": compiled(fp8(bf16(), PerRow())),
         "compiled fp8 per tensor": compiled(fp8(bf16(), PerTensor())),
         "compiled fp8 per tensor, feed-forward only": compiled(fp8(bf16(), PerTensor(), True)),
+        "compiled fp8 static per tensor": compiled(fp8_static(bf16(), calibration)),
+        "compiled fp8 static per tensor, feed-forward only": compiled(
+            fp8_static(bf16(), calibration, True)
+        ),
     }
 
 
@@ -81,7 +107,8 @@ def main() -> None:
     rows: dict[str, dict[str, Any]] = {}
     with torch.inference_mode():
         want = fp32(input_ids=ids, attention_mask=mask).last_hidden_state.mean(1)
-        calls = variants(fp32)
+        other = torch.randint(1000, 30000, (BATCH, TOKENS), device="cuda")
+        calls = variants(fp32, (other, mask))
         for name, call in calls.items():
             started = time.perf_counter()
             for _ in range(3):  # compiles and captures
