@@ -4,8 +4,9 @@ stream is aborted; streams from two threads run in one batch and each gets its o
 bad request is refused before any work; a dead worker is one line, never a hang.
 
 The environment (~3.5 GB of pins) is shared with the user's mahir cache, keyed by its pins, so
-only the first run on a machine creates it (about 3 minutes on 2 cores); the engine runs eager
-(no torch.compile), so it starts in ~20 s."""
+only the first run on a machine creates it (about 3 minutes on 2 cores); the engines run eager
+(no torch.compile), so each starts in ~10 s, mostly one core's imports and loading: the
+module's other engines start in the background while the first one's tests run (`started`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -57,8 +59,45 @@ def folder(llama: LanguageModel) -> Artifact:
     return reference_folder(llama)
 
 
+W8A8S = {"w8a8": W8A8(), "w8a8-head": W8A8(head=True)}
+"""The W8A8 folders vLLM runs: every linear layer int8 but the output one, and that one too."""
+
+
 @pytest.fixture(scope="module")
-def vllm(folder: Artifact) -> Iterator[VllmGenerator]:
+def w8a8_folders(
+    llama: LanguageModel, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Artifact]:
+    cache = tmp_path_factory.mktemp("w8a8")
+    return {name: w8a8_folder(llama, config, cache=cache) for name, config in W8A8S.items()}
+
+
+@pytest.fixture(scope="module")
+def started(
+    folder: Artifact, w8a8_folders: dict[str, Artifact]
+) -> Iterator[dict[str, Future[VllmGenerator]]]:
+    """The module's other engines, by name: one per W8A8 folder (bf16) and an fp32 one whose
+    worker a test kills. They start one after another on a background thread while `vllm`
+    starts and its tests run: two starts at a time, one per core of a 2-core machine (more
+    at once only slow each other down). Any a test left open is closed at the end of the
+    module (closing one twice does nothing)."""
+    bf16 = replace(FP32_EAGER, dtype="bf16")
+    with ThreadPoolExecutor(1, thread_name_prefix="vllm-start") as pool:
+        futures = {
+            name: pool.submit(open_generator, artifact, bf16, engine="vllm")
+            for name, artifact in w8a8_folders.items()
+        }
+        futures["killed"] = pool.submit(open_generator, folder, FP32_EAGER, engine="vllm-fp32")
+        try:
+            yield futures
+        finally:
+            for future in futures.values():
+                if future.exception() is None:
+                    future.result().close()
+
+
+@pytest.fixture(scope="module")
+def vllm(folder: Artifact, started: dict[str, Future[VllmGenerator]]) -> Iterator[VllmGenerator]:
+    """The fp32 engine most tests share, started beside `started`'s first."""
     with open_generator(folder, FP32_EAGER, engine="vllm-fp32") as generator:
         yield generator
 
@@ -91,19 +130,22 @@ def test_fp32_greedy_and_logprobs_equal_the_torch_reference(
     assert described["vllm"] == "0.32.0"
 
 
-@pytest.mark.parametrize("config", [W8A8(), W8A8(head=True)], ids=["w8a8", "w8a8-head"])
+@pytest.mark.parametrize("name", list(W8A8S))
 def test_a_w8a8_folder_runs_on_vllms_int8_kernels_close_to_the_reference(
-    llama: LanguageModel, folder: Artifact, reference: Generator, tmp_path: Path, config: W8A8
+    llama: LanguageModel,
+    w8a8_folders: dict[str, Artifact],
+    started: dict[str, Future[VllmGenerator]],
+    reference: Generator,
+    name: str,
 ) -> None:
     """vLLM loads mahir's compressed-tensors folder (int8 weights per channel, int8 activations
     per token, smoothed; the tied output layer untied and int8 too, with `head`) as int8 layers
     and answers close to the fp32 reference: teacher-forced within the budget's KL, though not
     exactly (int8 arithmetic, not the fp32 weights)."""
     sequences = llama.family.held_out(passages=2, tokens=64)
-    made = w8a8_folder(llama, config, cache=tmp_path)
     with pytest.raises(Unsupported, match="take bf16 activations, not fp32"):
-        open_generator(made, FP32_EAGER, engine="vllm")
-    with open_generator(made, replace(FP32_EAGER, dtype="bf16"), engine="vllm") as int8:
+        open_generator(w8a8_folders[name], FP32_EAGER, engine="vllm")
+    with started[name].result() as int8:  # the folder in bf16, opened in `started`
         found = teacher_forced(
             [int8.logprobs(s) for s in sequences],
             [reference.logprobs(s) for s in sequences],
@@ -183,8 +225,10 @@ def test_a_bad_request_is_refused_before_any_work(
         open_engine("vllm", folder, RuntimeOptions(device=Device.parse("cuda")))
 
 
-def test_a_dead_worker_is_one_line_and_close_leaves_nothing_running(folder: Artifact) -> None:
-    generator = open_generator(folder, FP32_EAGER, engine="vllm-fp32")
+def test_a_dead_worker_is_one_line_and_close_leaves_nothing_running(
+    started: dict[str, Future[VllmGenerator]],
+) -> None:
+    generator = started["killed"].result()  # an fp32 engine of its own, opened in `started`
     worker = generator._worker._process  # the test kills it as a crash would
     os.kill(worker.pid, signal.SIGKILL)
     with pytest.raises(RuntimeFailure, match="exited") as raised:
