@@ -264,10 +264,19 @@ def open_generator(
 def tensor_types(path: Path) -> dict[str, int]:
     """How many of a GGUF's tensors each type holds, most first: a file type names a mix, and
     k-quants fall back per tensor where rows are not whole super-blocks."""
+    stat = path.stat()
+    return dict(_tensor_types(path.resolve(), stat.st_size, stat.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=64)
+def _tensor_types(path: Path, size: int, mtime_ns: int) -> tuple[tuple[str, int], ...]:
+    """`tensor_types` read once per version of a file (its size and time of change): gguf's
+    reader parses every metadata array in Python, a tokenizer's ~100k strings in ~2 s on 2
+    cores, and each engine opened on the file is described."""
     from gguf import GGUFReader
 
     counts = Counter(tensor.tensor_type.name for tensor in GGUFReader(path).tensors)
-    return dict(counts.most_common())
+    return tuple(counts.most_common())
 
 
 @contextlib.contextmanager
