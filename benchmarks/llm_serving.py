@@ -112,7 +112,8 @@ def time_rounds(
                 runs[name][concurrency].append(run)
                 print(
                     f"round {r} c{concurrency} {name}: {run['output_tokens_per_s']:.1f} tok/s, "
-                    f"TTFT p99 {run['ttft_p99_ms']:.0f} ms, ITL p50 {run['itl_p50_ms']:.1f} ms",
+                    f"TTFT p99 {run['ttft_p99_ms']:.0f} ms, ITL p50 {run['itl_p50_ms']:.1f} ms, "
+                    f"TPOT p50 {run['tpot_p50_ms']:.1f} ms",
                     flush=True,
                 )
     return runs
@@ -120,8 +121,9 @@ def time_rounds(
 
 def medians(runs: dict[str, dict[int, list[dict[str, Any]]]]) -> dict[str, Any]:
     """Per concurrency and server, the median of each number over rounds; and mahir over vLLM
-    for what the targets compare (tokens/s and p99 TTFT at 16, p50 inter-token at 1)."""
-    keys = ("output_tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms")
+    for what the targets compare (tokens/s and p99 TTFT at 16, p50 inter-token at 1, beside
+    it p50 time per output token, which bursts of tokens cannot flatter)."""
+    keys = ("output_tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "tpot_p50_ms")
     table = {
         f"c{c}": {n: {k: statistics.median(r[k] for r in runs[n][c]) for k in keys} for n in runs}
         for c in CONCURRENCY
@@ -136,6 +138,7 @@ def medians(runs: dict[str, dict[int, list[dict[str, Any]]]]) -> dict[str, Any]:
             "c16_output_tokens_per_s": ratio("c16", "output_tokens_per_s"),
             "c16_ttft_p99": ratio("c16", "ttft_p99_ms"),
             "c1_itl_p50": ratio("c1", "itl_p50_ms"),
+            "c1_tpot_p50": ratio("c1", "tpot_p50_ms"),
         },
     }
 

@@ -1,5 +1,6 @@
 """`mahir loadtest` fails when its requests failed: numbers measured on error answers (a wrong
-path, a dead server) measure nothing, so they must never pass for a result."""
+path, a dead server) measure nothing, so they must never pass for a result. An LLM request's time
+per output token is its own rate, however its tokens bunch up on the way."""
 
 from __future__ import annotations
 
@@ -37,3 +38,23 @@ def test_failures_are_allowed_up_to_the_share_given(failed: int, passes: bool) -
     else:
         with pytest.raises(TooManyErrors, match="3 of 200 requests failed \\(503: 3\\)"):
             result.check()
+
+
+def test_an_llm_requests_time_per_token_is_its_own_rate_whatever_its_bursts() -> None:
+    """Four tokens: the first at 100 ms, the next two read at once 10 ms later, the last at
+    310 ms. The gaps between chunks read 10, 0 and 200 ms; per token after the first, the
+    request ran at (310 - 100) / 3 = 70 ms, and that is what goodput bounds."""
+    from mahir.serve.llm_loadtest import LlmLoad, LlmLoadResult, _record
+
+    result = LlmLoadResult(LoadConfig("http://x", concurrency=1))
+    _record(result, LlmLoad(itl_ms=69.0), 0.0, [0.100, 0.110, 0.110, 0.310], tokens=4)
+    assert result.ttft_ms == pytest.approx([100.0])
+    assert result.itl_ms == pytest.approx([10.0, 0.0, 200.0])
+    assert result.tpot_ms == pytest.approx([70.0])
+    assert result.good == 0  # 70 ms a token is over the 69 asked
+    _record(result, LlmLoad(itl_ms=71.0), 0.0, [0.100, 0.310], tokens=4)  # a chunk of three
+    assert result.tpot_ms == pytest.approx([70.0, 70.0])
+    assert result.good == 1
+    _record(result, LlmLoad(), 0.0, [0.100], tokens=1)  # one token: no rate after the first
+    assert result.tpot_ms == pytest.approx([70.0, 70.0])
+    assert result.summary()["tpot_p50_ms"] == pytest.approx(70.0)

@@ -444,4 +444,6 @@ def test_loadtest_reads_ttft_itl_and_tokens_from_the_stream(server: Server) -> N
     assert len(result.ttft_ms) == 4
     assert 4 <= result.output_tokens <= 32
     assert summary["ttft_p50_ms"] > 0
+    assert len(result.tpot_ms) <= 4
+    assert all(0 < t <= max(result.latencies_ms) for t in result.tpot_ms)
     assert summary["output_tokens_per_s"] > 0

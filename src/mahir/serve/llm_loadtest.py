@@ -3,9 +3,12 @@
 Each of `concurrency` clients sends a streamed `/v1/completions` request and, when its stream
 ends, the next. Prompts are generated words of a length drawn uniformly from `prompt_words`, or
 lines of a file. Per request it reads the time to first token (TTFT: queueing and prefill), the
-gaps between streamed chunks (inter-token latency, ITL), and the tokens generated (the usage
-chunk, `stream_options.include_usage`). Goodput counts the requests a user would call good:
-TTFT within `ttft_ms` and mean time per output token (after the first) within `itl_ms`.
+gaps between streamed chunks (inter-token latency, ITL), the tokens generated (the usage chunk,
+`stream_options.include_usage`) and from them the time per output token after the first (TPOT:
+from the first text to the last over the tokens between). A chunk may carry several tokens, and
+a busy client reads several chunks at once: ITL's median is then the short gap inside a burst,
+while TPOT stays each request's own rate. Goodput counts the requests a user would call good:
+TTFT within `ttft_ms` and TPOT within `itl_ms`.
 Works against any OpenAI-compatible server (mahir's, vLLM, llama.cpp's). Shares `LoadConfig`'s
 url, duration, request cap, model, key and error allowance with the encoder load.
 """
@@ -26,6 +29,9 @@ from mahir.errors import BadInput
 from mahir.families.text import WORDS
 from mahir.serve.loadtest import LoadConfig, LoadResult
 
+MS_COLUMNS = ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "tpot_p50_ms")
+"""The summary's figures the table shows in milliseconds, in its column order."""
+
 
 @dataclass(frozen=True, slots=True)
 class LlmLoad:
@@ -43,6 +49,8 @@ class LlmLoad:
 class LlmLoadResult(LoadResult):
     ttft_ms: list[float] = field(default_factory=list)
     itl_ms: list[float] = field(default_factory=list)
+    tpot_ms: list[float] = field(default_factory=list)
+    """Each request's time per output token after the first (those of two tokens or more)."""
     output_tokens: int = 0
     good: int = 0
     """Requests within both the TTFT and the time-per-token bounds."""
@@ -58,6 +66,8 @@ class LlmLoadResult(LoadResult):
             "ttft_p99_ms": pct(self.ttft_ms, 99),
             "itl_p50_ms": pct(self.itl_ms, 50),
             "itl_p99_ms": pct(self.itl_ms, 99),
+            "tpot_p50_ms": pct(self.tpot_ms, 50),
+            "tpot_p99_ms": pct(self.tpot_ms, 99),
             "output_tokens_per_s": self.output_tokens / elapsed,
             "goodput": self.good / elapsed,
         }
@@ -67,13 +77,13 @@ class LlmLoadResult(LoadResult):
         table = Table(
             title=f"closed-loop LLM load on {self.config.url}, concurrency {s['concurrency']}"
         )
-        columns = ("requests", "ok", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "tokens/s")
-        for column in (*columns, "goodput/s", "statuses"):
+        timed = ("TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "TPOT p50")
+        for column in ("requests", "ok", *timed, "tokens/s", "goodput/s", "statuses"):
             table.add_column(column, justify="right")
         table.add_row(
             str(s["requests"]),
             str(s["ok"]),
-            *(f"{s[k]:.1f} ms" for k in ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")),
+            *(f"{s[k]:.1f} ms" for k in MS_COLUMNS),
             f"{s['output_tokens_per_s']:.1f}",
             f"{s['goodput']:.2f}",
             ", ".join(f"{k}: {v}" for k, v in sorted(s["statuses"].items())),
@@ -133,12 +143,15 @@ async def run_llm_load(
             try:
                 async with session.post("/v1/completions", json=body) as response:
                     status = str(response.status)
-                    times = await _read_stream(response.content, result) if status == "200" else []
+                    times, tokens = (
+                        await _read_stream(response.content) if status == "200" else ([], 0)
+                    )
             except (aiohttp.ClientError, TimeoutError) as err:
-                status, times = type(err).__name__, []
+                status, times, tokens = type(err).__name__, [], 0
             result.statuses[status] += 1
+            result.output_tokens += tokens
             if status == "200" and times:
-                _record(result, load, begun, times)
+                _record(result, load, begun, times, tokens)
             if on_progress is not None:
                 on_progress(result)
 
@@ -155,26 +168,32 @@ async def run_llm_load(
     return result
 
 
-async def _read_stream(content: Any, result: LlmLoadResult) -> list[float]:
-    """The arrival time of each chunk that carries text; the usage chunk's tokens are added."""
-    times = []
+async def _read_stream(content: Any) -> tuple[list[float], int]:
+    """The arrival time of each chunk that carries text, and the tokens the usage chunk counts."""
+    times, tokens = [], 0
     async for raw in content:
         line = raw.strip()
         if not line.startswith(b"data: ") or line == b"data: [DONE]":
             continue
         chunk = json.loads(line[6:])
         if chunk.get("usage"):
-            result.output_tokens += int(chunk["usage"]["completion_tokens"])
+            tokens = int(chunk["usage"]["completion_tokens"])
         if any(c.get("text") for c in chunk.get("choices", ())):
             times.append(time.perf_counter())
-    return times
+    return times, tokens
 
 
-def _record(result: LlmLoadResult, load: LlmLoad, begun: float, times: Sequence[float]) -> None:
+def _record(
+    result: LlmLoadResult, load: LlmLoad, begun: float, times: Sequence[float], tokens: int
+) -> None:
+    """One finished request: `times` its text chunks' arrivals, `tokens` what it generated
+    (per the usage chunk; 0 where the server sent none, and then each chunk counts as one)."""
     ttft = (times[0] - begun) * 1e3
-    gaps = list(np.diff(times) * 1e3)
     result.ttft_ms.append(ttft)
-    result.itl_ms += gaps
+    result.itl_ms += list(np.diff(times) * 1e3)
     result.latencies_ms.append((times[-1] - begun) * 1e3)
-    per_token = float(np.mean(gaps)) if gaps else 0.0
+    after_first = max(tokens, len(times)) - 1
+    per_token = (times[-1] - times[0]) * 1e3 / after_first if after_first else 0.0
+    if after_first:
+        result.tpot_ms.append(per_token)
     result.good += ttft <= load.ttft_ms and per_token <= load.itl_ms
