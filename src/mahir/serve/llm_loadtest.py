@@ -29,8 +29,14 @@ from mahir.errors import BadInput
 from mahir.families.text import WORDS
 from mahir.serve.loadtest import LoadConfig, LoadResult
 
-MS_COLUMNS = ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "tpot_p50_ms")
-"""The summary's figures the table shows in milliseconds, in its column order."""
+MS_COLUMNS = {
+    "TTFT p50": "ttft_p50_ms",
+    "TTFT p99": "ttft_p99_ms",
+    "ITL p50": "itl_p50_ms",
+    "ITL p99": "itl_p99_ms",
+    "TPOT p50": "tpot_p50_ms",
+}
+"""The table's columns in milliseconds: heading -> the summary's figure."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,13 +83,12 @@ class LlmLoadResult(LoadResult):
         table = Table(
             title=f"closed-loop LLM load on {self.config.url}, concurrency {s['concurrency']}"
         )
-        timed = ("TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "TPOT p50")
-        for column in ("requests", "ok", *timed, "tokens/s", "goodput/s", "statuses"):
+        for column in ("requests", "ok", *MS_COLUMNS, "tokens/s", "goodput/s", "statuses"):
             table.add_column(column, justify="right")
         table.add_row(
             str(s["requests"]),
             str(s["ok"]),
-            *(f"{s[k]:.1f} ms" for k in MS_COLUMNS),
+            *(f"{s[k]:.1f} ms" for k in MS_COLUMNS.values()),
             f"{s['output_tokens_per_s']:.1f}",
             f"{s['goodput']:.2f}",
             ", ".join(f"{k}: {v}" for k, v in sorted(s["statuses"].items())),
