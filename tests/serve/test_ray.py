@@ -29,6 +29,7 @@ from mahir.llm_outdir import open_llm_output
 from mahir.model import Model
 from mahir.pooling import pool
 from mahir.runtimes import reference_outputs
+from mahir.serve.ray import HEALTH_CHECK_S
 from tests.helpers import Server, cli
 from tests.serve.test_serve import NAME, binary_output, infer_body, sentences
 
@@ -230,6 +231,17 @@ def free_port() -> int:
         return port
 
 
+def deployment_config(dashboard: str) -> dict[str, Any]:
+    """The replicas' deployment settings as Ray Serve runs them (its REST API, through Ray's
+    client for it, which carries the cluster's credentials)."""
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    details = ServeSubmissionClient(dashboard).get_serve_details()
+    (application,) = details["applications"].values()
+    config: dict[str, Any] = application["deployments"]["MahirReplica"]["deployment_config"]
+    return config
+
+
 def alive_replicas(dashboard: str) -> list[Any]:
     from ray.util.state import list_actors
 
@@ -261,13 +273,15 @@ def test_llm_replicas_on_a_cluster_stream_and_a_killed_one_is_replaced(
     served_llm_dir: Path, llm_answers: Answers, ray_head: tuple[str, str]
 ) -> None:
     """An LLM's directory on an existing cluster (--address): a streamed chat crosses Ray's
-    proxy event by event; one replica killed under load is replaced and the load goes on."""
+    proxy event by event; one replica killed under load is replaced (replicas health-checked
+    every `HEALTH_CHECK_S`, as Serve's own API reports) and the load goes on."""
     address, dashboard = ray_head
     args = ("--ray", "--replicas", "2", "--address", address, "--slots", "2")
     server = Server(served_llm_dir, *args)
     try:
         replicas = alive_replicas(dashboard)
         assert len(replicas) == 2
+        assert deployment_config(dashboard)["health_check_period_s"] == HEALTH_CHECK_S
         llm = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
         name = llm.models.list().data[0].id
         chat: list[Any] = [{"role": "user", "content": "Count to 3"}]

@@ -35,6 +35,10 @@ REPLICA_CPUS = 0.5
 """What Ray reserves per replica, to place replicas; the runtime's threads are the output
 directory's settings. Half a CPU lets two replicas, and the replacement of one that died, share
 a 2-core machine; on a big node, Ray packs replicas two per core."""
+HEALTH_CHECK_S = 2.0
+"""How often Ray Serve checks each replica (its default is 10 s): a replica whose process died
+is noticed, and its replacement started, within this long. A check is one small call a
+replica."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +129,7 @@ def deployment_options(config: ServeConfig, scale: RayConfig, batch: int) -> dic
         "max_ongoing_requests": 2 * batch,
         "max_queued_requests": config.batcher.max_queue,
         "ray_actor_options": {"num_cpus": REPLICA_CPUS},
+        "health_check_period_s": HEALTH_CHECK_S,
         # Warnings and errors only, as `mahir serve` logs under uvicorn: an access-log line per
         # request, forwarded to the driver, costs more than the request on a small machine.
         "logging_config": {"log_level": "WARNING"},
