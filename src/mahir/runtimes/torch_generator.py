@@ -38,7 +38,13 @@ from mahir.generation import Sampling, check_request, check_shared, choose, deco
 from mahir.hardware import Machine, detect, physical_cores
 from mahir.runtimes import torch_attention
 from mahir.runtimes.torch_batching import ContinuousBatch
-from mahir.runtimes.torch_lm import CausalLM, compile_step, context_of, full_attention
+from mahir.runtimes.torch_lm import (
+    WINDOWED,
+    CausalLM,
+    compile_step,
+    context_of,
+    full_attention,
+)
 from mahir.types import CPU, Artifact, Device, module_mb
 
 BF16_ISA = ("avx512_bf16", "amx_bf16")
@@ -409,10 +415,7 @@ def open_generator(
     if options.device.kind == "cuda" and not torch.cuda.is_available():
         raise Unsupported(f"{engine}: torch sees no CUDA GPU here: use --device cpu")
     if options.compile and full_attention(module.config) is None:
-        raise Unsupported(
-            f"{engine}: this model has sliding-window or linear attention layers, which the "
-            "compiled static cache does not run: use the eager torch engine or llama.cpp"
-        )
+        raise Unsupported(f"{engine}: {WINDOWED}")
     dtype = torch.bfloat16 if options.precision == "bf16" else torch.float32
     if options.compile or dtype != torch.float32 or options.device.kind != "cpu":
         module = copy.deepcopy(module).to(device=str(options.device), dtype=dtype)

@@ -53,6 +53,14 @@ class CausalLM:
             return self.forward(ids, cache, **extra)[0, -1]
 
 
+WINDOWED = (
+    "this model has sliding-window or linear attention layers, which the compiled static cache "
+    "does not run: use the eager torch engine or llama.cpp"
+)
+"""Why a compiled engine refuses a model `full_attention` finds None for: said where it opens
+and, before any work, where the bench and the search choose engines."""
+
+
 def full_attention(config: Any) -> int | None:
     """The model's layer count where every layer attends to all positions; None where some
     have sliding windows or linear attention, whose caches a preallocated, position-indexed

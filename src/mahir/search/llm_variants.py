@@ -26,7 +26,7 @@ from mahir.passes.gguf import GgufQuantize, quantize_gguf
 from mahir.passes.torchao import TorchaoInt8, quantize_linears
 from mahir.passes.w8a8 import W8A8, w8a8_folder
 from mahir.runtimes.engines import get_engine
-from mahir.runtimes.torch_lm import full_attention
+from mahir.runtimes.torch_lm import WINDOWED, full_attention
 from mahir.types import Artifact, Device, RuntimeOptions
 
 
@@ -108,7 +108,7 @@ def cannot_run(name: str, device: Device, machine: Machine, model: LanguageModel
     if engine.bf16 and device.kind == "cpu" and not bf16:
         return f"{name}: bf16 on this CPU (no avx512_bf16 or AMX) is emulated, slower than fp32"
     if engine.full_attention and full_attention(model.module.config) is None:
-        return f"{name}: the model's sliding-window or linear attention layers need an eager engine"
+        return f"{name}: {WINDOWED}"
     if engine.format == "gguf" and (variant.weights or not model.gguf):
         return f"{name}: {why}" if (why := unwritable(model)) else None
     return None
