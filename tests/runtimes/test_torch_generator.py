@@ -21,6 +21,7 @@ from mahir.model import load_model
 from mahir.runtimes import torch_attention
 from mahir.runtimes.engines import open_engine
 from mahir.runtimes.torch_generator import TorchEngineOptions, TorchGenerator, open_generator
+from mahir.runtimes.torch_lm import CapturedStep
 from mahir.types import Device, RuntimeOptions
 from tests.helpers import question_ids
 from tests.models import DECODERS
@@ -186,8 +187,8 @@ def test_sliding_window_layers_are_refused_by_the_compiled_engine_alone(
 def test_on_a_gpu_the_compiled_step_decodes_as_the_cpu_engine_does(
     tiny_llm: LanguageModel,
 ) -> None:
-    """fp32 on a GPU, the step compiled there (grouped attention, max-autotune, captured as a
-    CUDA graph): one stream and a padded batch get the CPU engine's greedy tokens."""
+    """fp32 on a GPU, the step compiled there (grouped attention, frozen weights, autotuned,
+    captured as CUDA graphs): one stream and a padded batch get the CPU engine's greedy tokens."""
     cpu = open_engine("torch", tiny_llm.original(), ONE_THREAD)
     prompts = _prompts_of_three_lengths(tiny_llm)
     alone = [list(cpu.stream(p, Sampling(16))) for p in prompts]
@@ -197,6 +198,33 @@ def test_on_a_gpu_the_compiled_step_decodes_as_the_cpu_engine_does(
     assert compiled.describe()["attention"] == torch_attention.NAME
     assert [list(compiled.stream(p, Sampling(16))) for p in prompts] == alone
     assert compiled.generate_batch(prompts, Sampling(16)) == alone
+
+
+@pytest.mark.gpu
+def test_a_captured_step_takes_exactly_one_step_a_call() -> None:
+    """A shape's first call runs the step, its second captures and replays it, the next ones
+    replay: each call's tensors go into the graph's, and the cache, the graph's by identity,
+    is written once a call (as transformers' static cache advances its counter); a new shape
+    starts over."""
+
+    class Cache:
+        def __init__(self) -> None:
+            self.seen = torch.zeros(4, device="cuda")
+
+    def step(ids: torch.Tensor, cache: Cache) -> torch.Tensor:
+        cache.seen.add_(ids.sum())
+        return ids * 2.0 + cache.seen.sum()
+
+    captured = CapturedStep(step)
+    cache = Cache()
+    expected_seen = 0.0
+    for value in (1.0, 3.0, 5.0, 7.0):  # run, capture + replay, replay, replay
+        ids = torch.full((2, 1), value, device="cuda")
+        expected_seen += 2 * value
+        assert captured(ids, cache).tolist() == [[2 * value + 4 * expected_seen]] * 2
+        assert cache.seen.tolist() == [expected_seen] * 4
+    wider = captured(torch.ones(3, 1, device="cuda"), cache)
+    assert wider.tolist() == [[2.0 + 4 * (expected_seen + 3)]] * 3
 
 
 def test_a_padded_batch_gives_each_row_what_it_gives_alone(tiny_llm: LanguageModel) -> None:

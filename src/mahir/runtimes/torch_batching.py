@@ -181,10 +181,6 @@ class ContinuousBatch(BatchLoop[_Row]):
             cache.width = max(positions[index] for index in used) + 1
         torch.set_num_threads(self._lm.threads)
         try:
-            if self._compiled and self._lm.where.type == "cuda":
-                # A CUDA graph's outputs live until the next replay: the last step's logits
-                # have been read (their tokens are this step's input).
-                torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call]
             logits = self._step(self._ids[:rows], cache)
             requests = [decoding[i].request if i in decoding else None for i in range(rows)]
             tokens, chosen = self._choose(logits, requests)

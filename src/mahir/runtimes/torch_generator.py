@@ -258,7 +258,7 @@ class TorchGenerator:
                     mask[:, slot + count - 1] = 1
                     # the dynamic cache is as long as what it has seen
                     seen = mask if self._compiled else mask[:, : slot + count]
-                logits = self._run_step(tokens[:, None], slots, cache, seen, positions)
+                logits = self._step(tokens[:, None], slots, cache, seen, positions)
                 slots += 1
                 if positions is not None:
                     positions = positions + 1
@@ -350,15 +350,7 @@ class TorchGenerator:
         with torch.inference_mode():
             if not self._compiled:  # the dynamic cache knows its own length
                 return self._lm.forward(ids, cache)[0, -1]
-            return self._run_step(ids, torch.tensor([position], device=self._where), cache)[0]
-
-    def _run_step(self, *args: Any) -> torch.Tensor:
-        if self._compiled and self._options.device.kind == "cuda":
-            # A CUDA graph's outputs live in its pool until the next replay: the caller has
-            # read the last step's logits (its token is an input here), so they may go.
-            torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call]
-        logits: torch.Tensor = self._step(*args)
-        return logits
+            return self._step(ids, torch.tensor([position], device=self._where), cache)[0]
 
     def _eager_step(
         self,

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from mahir.errors import Unsupported
+from mahir.errors import RuntimeFailure, Unsupported, first_line
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,14 +76,78 @@ Step = Callable[..., torch.Tensor]
 
 
 def compile_step(step: Step, where: torch.device) -> Step:
-    """`step` (a decode step: one shape) as torch.compile compiles it here. On a GPU a small
-    model's step is hundreds of short kernels, so it is captured as a CUDA graph and its matmuls
-    autotuned ("max-autotune"; SmolLM2-135M's shape on an H200, bf16: 0.99 ms of GPU time a step
-    against 1.50 as "reduce-overhead"). Inductor's freezing (weights as constants, matmuls that
-    share an input merged) is not used: with it the step's writes to the static KV cache count
-    as mutated inputs and the CUDA graph is skipped (9.1 ms a token against 1.1 there)."""
-    mode = "max-autotune" if where.type == "cuda" else None
-    return torch.compile(step, fullgraph=True, dynamic=False, mode=mode)
+    """`step` (a decode step: one shape per batch size) compiled for `where`.
+
+    On a GPU a small model's step is hundreds of short kernels, bound by launches and by the
+    skinny matmuls of a few rows: the weights are frozen into the compiled code (inductor's
+    freezing: the projections that share an input, q/k/v and gate/up, become one matmul each),
+    matmuls are autotuned, and the step replays as a CUDA graph captured here (`CapturedStep`).
+    torch.compile's own graphs ("max-autotune") are not used: with frozen weights, torch 2.11
+    counts the step's writes to the static KV cache as mutated inputs and skips the graph (9.1 ms
+    a token for SmolLM2-135M's shape on an H200, against 1.1). Each batch size compiles, and
+    freezes its merged weights, once."""
+    if where.type != "cuda":
+        return torch.compile(step, fullgraph=True, dynamic=False)
+    options: dict[str, str | int | bool | Callable[..., Any]] = {
+        "freezing": True,
+        "max_autotune": True,
+        "coordinate_descent_tuning": True,
+    }
+    return CapturedStep(torch.compile(step, fullgraph=True, dynamic=False, options=options))
+
+
+@dataclass(frozen=True, slots=True)
+class _Replay:
+    graph: torch.cuda.CUDAGraph
+    arguments: tuple[Any, ...]
+    """The graph's static inputs; the other arguments (the cache) held so they stay alive."""
+    logits: torch.Tensor
+
+
+class CapturedStep:
+    """A CUDA decode step replayed as one CUDA graph per argument shapes: each call copies its
+    tensor arguments into the graph's and replays it. The logits returned are the graph's own,
+    valid until the next call (a step's logits are read before the next step is taken). Other
+    arguments (the KV cache) are the graph's by identity: they must be the same objects each
+    time, their tensors written in place.
+
+    Every call takes exactly one step, never a rehearsal: transformers' static cache writes at
+    its own counter, which each step advances (it ignores the step's `cache_position`), so a
+    step run twice would write one position ahead. A shape's first call runs the step as it is
+    (compiling it, autotuning its kernels); its second captures the graph, which runs nothing,
+    then replays it once."""
+
+    def __init__(self, step: Step) -> None:
+        self._step = step
+        self._ran: set[tuple[Any, ...]] = set()
+        self._replays: dict[tuple[Any, ...], _Replay] = {}
+
+    def __call__(self, *arguments: Any) -> torch.Tensor:
+        key = tuple((a.shape, a.dtype) if isinstance(a, torch.Tensor) else id(a) for a in arguments)
+        replay = self._replays.get(key)
+        if replay is None:
+            if key not in self._ran:
+                self._ran.add(key)
+                return self._step(*arguments)
+            replay = self._replays[key] = self._capture(arguments)
+        for static, argument in zip(replay.arguments, arguments, strict=True):
+            if isinstance(argument, torch.Tensor):
+                static.copy_(argument)
+        replay.graph.replay()
+        return replay.logits
+
+    def _capture(self, arguments: tuple[Any, ...]) -> _Replay:
+        static = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in arguments)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                logits = self._step(*static)
+        except RuntimeError as err:  # a host synchronisation inside the model, most often
+            raise RuntimeFailure(
+                f"cannot capture this model's decode step as a CUDA graph: {first_line(err)}; "
+                "use the eager torch engine"
+            ) from err
+        return _Replay(graph, static, logits)
 
 
 def _takes(module: Any, name: str) -> bool:
