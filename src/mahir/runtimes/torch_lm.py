@@ -137,7 +137,7 @@ class CapturedStep:
         return replay.logits
 
     def _capture(self, arguments: tuple[Any, ...]) -> _Replay:
-        static = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in arguments)
+        static = tuple(_like(a) if isinstance(a, torch.Tensor) else a for a in arguments)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
@@ -148,6 +148,14 @@ class CapturedStep:
                 "use the eager torch engine"
             ) from err
         return _Replay(graph, static, logits)
+
+
+def _like(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of `tensor` that torch.compile's guards take for it: made in inference mode only
+    where `tensor` was (a mask made outside it and its copy made inside would compile the step
+    again, inside the capture, where compiling cannot run)."""
+    with torch.inference_mode(tensor.is_inference()):
+        return tensor.clone()
 
 
 def _takes(module: Any, name: str) -> bool:
