@@ -49,10 +49,19 @@ from mahir.search.cuda import cuda_entries
 from mahir.types import Artifact, Device, RuntimeOptions
 
 GPU = Device.parse("cuda")
-MAHIR = ("packed-fp16", "packed-bf16", "cuda-graphs-fp16", "cuda-graphs-bf16", "cuda-graphs-fp8")
+MAHIR = (
+    "packed-fp16",
+    "packed-bf16",
+    "cuda-graphs-fp16",
+    "cuda-graphs-bf16",
+    "cuda-graphs-fp8",
+    "cuda-graphs-fp8-static",
+)
 """mahir's GPU candidates measured here, by their ids in `search/cuda.py`. fp8 runs the fixed
 shapes only: each new shape recompiles torchao's fp8 kernels (~10 s), and the variable-length
-workload meets dozens of shape buckets."""
+workload meets dozens of shape buckets. Static fp8 observes its scales on a batch of its own
+(`CALIBRATION`), not on any batch timed here."""
+CALIBRATION = (64, 128)
 Call = Callable[[], Any]
 
 
@@ -111,7 +120,8 @@ def mahir_sessions(
 ) -> dict[str, Any]:
     """mahir's `candidates` as `optimize --device cuda` builds and opens them."""
     machine = detect()
-    ctx = PassContext(model=model, workdir=workdir, machine=machine)
+    calibration = (fixed_batch(*CALIBRATION),)
+    ctx = PassContext(model=model, workdir=workdir, calibration=calibration, machine=machine)
     sessions: dict[str, Any] = {}
     for id_, _, recipe, left_out in cuda_entries(model, machine, GPU):
         if id_ not in candidates:

@@ -10,7 +10,11 @@ it runs, so no pass over each activation before its matmul). Each variant's mean
 against the fp32 model's (cosine, mean and worst of the 256), then all of them timed in turns by
 CUDA events (`gpu_attention.gpu_ms`), 20 calls a turn, 5 turns; medians, and each against eager.
 
-Usage: python -m benchmarks.gpu_fp8 [--out results.json] (torchao importable)
+Also timed: static fp8 and bf16 compiled with "max-autotune", and both with the all-ones mask
+left out (slower: the compiled model then takes another attention path).
+
+Usage: python -m benchmarks.gpu_fp8 [--only VARIANT ...] [--out results.json] (torchao
+importable; `--only` times those variants and eager bf16)
 """
 
 from __future__ import annotations
@@ -74,11 +78,13 @@ def variants(
     def bf16() -> torch.nn.Module:
         return copy.deepcopy(fp32).to(torch.bfloat16)
 
-    def run(model: torch.nn.Module) -> Call:
-        return lambda ids, mask: model(input_ids=ids, attention_mask=mask).last_hidden_state
+    def run(model: torch.nn.Module, masked: bool = True) -> Call:
+        return lambda ids, mask: (
+            model(input_ids=ids, attention_mask=mask if masked else None).last_hidden_state
+        )
 
-    def compiled(model: torch.nn.Module) -> Call:
-        return torch.compile(run(model), mode="reduce-overhead")
+    def compiled(model: torch.nn.Module, mode: str = "reduce-overhead") -> Call:
+        return torch.compile(run(model), mode=mode)
 
     return {
         "eager bf16": run(bf16()),
@@ -90,12 +96,21 @@ def variants(
         "compiled fp8 static per tensor, feed-forward only": compiled(
             fp8_static(bf16(), calibration, True)
         ),
+        "compiled fp8 static per tensor, max-autotune": compiled(
+            fp8_static(bf16(), calibration), "max-autotune"
+        ),
+        "compiled bf16, max-autotune": compiled(bf16(), "max-autotune"),
+        "compiled bf16, no mask": torch.compile(run(bf16(), False), mode="reduce-overhead"),
+        "compiled fp8 static per tensor, no mask": torch.compile(
+            run(fp8_static(bf16(), calibration), False), mode="reduce-overhead"
+        ),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--only", nargs="*", help="these variants (and eager bf16) alone")
     args = parser.parse_args()
     config = transformers.BertConfig(
         hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072
@@ -109,6 +124,8 @@ def main() -> None:
         want = fp32(input_ids=ids, attention_mask=mask).last_hidden_state.mean(1)
         other = torch.randint(1000, 30000, (BATCH, TOKENS), device="cuda")
         calls = variants(fp32, (other, mask))
+        if args.only:
+            calls = {n: c for n, c in calls.items() if n == "eager bf16" or n in args.only}
         for name, call in calls.items():
             started = time.perf_counter()
             for _ in range(3):  # compiles and captures

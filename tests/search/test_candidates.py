@@ -83,7 +83,8 @@ def test_a_gpu_gets_its_own_candidates_against_eager_fp32_on_the_same_gpu(
     assert all(c.recipe.options.device == CUDA for c in proposed)
     ids = {c.id for c in proposed}
     assert {"cuda-graphs-bf16", "cuda-graphs-fp16", "torch-fp16", "torch-bf16"} <= ids
-    assert {"packed-bf16", "packed-fp16", "packed-fp8", "cuda-graphs-fp8"} <= ids  # Hopper
+    assert {"packed-fp8", "cuda-graphs-fp8", "packed-fp8-static", "cuda-graphs-fp8-static"} <= ids
+    assert {"packed-bf16", "packed-fp16"} <= ids
     assert not any(c.recipe.runtime in ("onnxruntime", "openvino") for c in proposed)
     pooled_or_packed = (PoolInModel, PackSequences)  # an encoder: only the embedding leaves
     assert all(isinstance(c.recipe.steps[-1], pooled_or_packed) for c in proposed[1:])

@@ -52,7 +52,8 @@ def cuda_entries(model: Model, machine: Machine, device: Device) -> list[Entry]:
     pooled: tuple[Any, ...] = (PoolInModel(),) if model.family.pools else ()
     no_packing = None if pooled else "packing is for sentence encoders (it pools inside)"
     suffix = ", pooled on the GPU" if pooled else ""
-    bf16, fp16, fp8 = TorchLowPrecision("bfloat16"), TorchLowPrecision("float16"), TorchaoFloat8()
+    bf16, fp16 = TorchLowPrecision("bfloat16"), TorchLowPrecision("float16")
+    fp8, fp8_static = TorchaoFloat8(), TorchaoFloat8(scaling="static")
     packed = PackSequences()
     graphs = "torch.compile + CUDA graphs over shape buckets"
     compiled, eager = "torch-compile", "torch"
@@ -70,10 +71,22 @@ def cuda_entries(model: Model, machine: Machine, device: Device) -> list[Entry]:
             no_packing,
         ),
         (
+            "packed-fp8-static",
+            f"{graphs}, fp8 matmuls with calibrated scales (torchao), packed sequences",
+            Recipe((bf16, fp8_static, packed), compiled, on),
+            no_fp8 or no_packing,
+        ),
+        (
             "packed-fp8",
             f"{graphs}, fp8 matmuls (torchao), packed sequences (no padding)",
             Recipe((bf16, fp8, packed), compiled, on),
             no_fp8 or no_packing,
+        ),
+        (
+            "cuda-graphs-fp8-static",
+            f"{graphs}, fp8 matmuls with calibrated scales (torchao){suffix}",
+            Recipe((bf16, fp8_static, *pooled), compiled, on),
+            no_fp8,
         ),
         (
             "cuda-graphs-fp8",
