@@ -77,8 +77,59 @@ def main(settings: dict[str, Any]) -> None:
         raise
 
 
+CHUNK = 1024
+"""Vocabulary entries per first-level block of the inverse-CDF draw (`draw_by_cdf`)."""
+
+
+def install_sampler() -> None:
+    """vLLM's CPU sampler draws a token by Gumbel-max: a hashed noise value, a log and a
+    division for every vocabulary entry of every row, 2.45 ms a step for 16 rows of 49,152 on
+    2 threads, 9% of a W8A8 step at 16 sequences. The same categorical draw by inverse CDF
+    (`draw_by_cdf`) takes one uniform per row: 0.6 ms. Rows with top-k or top-p, processed
+    logprobs or fp64 noise keep vLLM's own path."""
+    from vllm.v1.sample.ops.topk_topp_sampler import TopKTopPSampler
+
+    own = TopKTopPSampler.forward_cpu
+
+    def forward_cpu(self: Any, logits: Any, generators: Any, k: Any, p: Any) -> Any:
+        if k is not None or p is not None or self.use_fp64_gumbel:
+            return own(self, logits, generators, k, p)
+        if self.logprobs_mode in ("processed_logits", "processed_logprobs"):
+            return own(self, logits, generators, k, p)
+        return draw_by_cdf(logits, generators), None
+
+    TopKTopPSampler.forward_cpu = forward_cpu  # bound when the engine builds its sampler
+
+
+def draw_by_cdf(logits: Any, generators: dict[int, Any]) -> Any:
+    """One token per row with probability softmax(row), by inverse CDF: a uniform per row
+    (from the row's own generator where it is seeded) placed among the cumulative weights. In
+    two levels, so no float32 sum runs long: blocks of `CHUNK` weights, their running sum in
+    float64, then the chosen block's own running sum. A zero weight (a masked token) is never
+    drawn."""
+    import torch
+
+    rows, vocab = logits.shape
+    weights = (logits.float() - logits.float().amax(dim=1, keepdim=True)).exp_()
+    if vocab % CHUNK:
+        weights = torch.nn.functional.pad(weights, (0, CHUNK - vocab % CHUNK))
+    blocks = weights.view(rows, -1, CHUNK)
+    ends = blocks.sum(dim=2).double().cumsum(dim=1)
+    uniform = torch.rand(rows, 1, dtype=torch.float64)
+    for row, generator in generators.items():
+        uniform[row] = torch.rand(1, dtype=torch.float64, generator=generator)
+    target = uniform * ends[:, -1:]
+    block = torch.searchsorted(ends, target, right=True).clamp_(max=ends.shape[1] - 1)
+    before = torch.where(block > 0, ends.gather(1, (block - 1).clamp(min=0)), 0.0)
+    inside = blocks[torch.arange(rows), block[:, 0]].cumsum(dim=1).double()
+    index = torch.searchsorted(inside, target - before, right=True).clamp_(max=CHUNK - 1)
+    return (block * CHUNK + index)[:, 0].clamp_(max=vocab - 1)
+
+
 def start(settings: dict[str, Any]) -> Any:
     from vllm import EngineArgs, LLMEngine
+
+    install_sampler()
 
     args = EngineArgs(
         model=settings["model"],
