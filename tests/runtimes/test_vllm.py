@@ -139,6 +139,7 @@ def test_fp32_greedy_and_logprobs_equal_the_torch_reference(
     assert described["vllm"] == "0.32.0"
     assert described["openmp"] == "torch's"  # what the worker loaded
     assert described["kv_cache"] == "paged, 1 GiB, float32, blocks of 128 tokens"  # vLLM's own
+    assert described["sampler"].startswith("inverse CDF")  # mahir's draw replaced vLLM's
 
 
 @pytest.mark.parametrize("name", list(W8A8S))
@@ -182,6 +183,12 @@ def test_stop_tokens_stop_seeds_repeat_and_an_abandoned_stream_is_aborted(
 
     assert sample(7) == sample(7)
     assert sample(7) != sample(8)
+
+    def plain(seed: int) -> list[int]:  # no top-p: mahir's inverse-CDF draw, not vLLM's
+        return list(vllm.stream(prompt, Sampling(24, temperature=1.0, seed=seed)))
+
+    assert plain(7) == plain(7)
+    assert plain(7) != plain(8)
     stream = vllm.stream(prompt, Sampling(max_new_tokens=200))
     assert [next(stream) for _ in range(3)] == free[:3]
     stream.close()  # aborts the request in vLLM; the engine serves the next call

@@ -161,7 +161,7 @@ class VllmGenerator:
         self.context_length: int = ready["max_model_len"]
         self._vocab: int = ready["vocab"]
         self._kv_cache = f"paged, {options.kv_cache_gb} GiB, {ready['kv_cache']}"
-        self._versions = {k: ready[k] for k in ("vllm", "torch", "transformers")}
+        self._versions = {k: ready[k] for k in ("vllm", "torch", "transformers", "sampler")}
         self._files = itertools.count()
 
     def stream(self, prompt: Sequence[int], sampling: Sampling) -> Iterator[int]:

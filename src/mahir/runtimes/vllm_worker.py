@@ -65,6 +65,7 @@ def main(settings: dict[str, Any]) -> None:
                 "max_model_len": config.max_model_len,
                 "vocab": config.get_vocab_size(),
                 "kv_cache": f"{kv_dtype}, blocks of {cache.block_size} tokens",
+                "sampler": SAMPLER,
             }
         }
     )
@@ -77,6 +78,8 @@ def main(settings: dict[str, Any]) -> None:
         raise
 
 
+SAMPLER = "inverse CDF; vLLM's own Gumbel-max with top-k or top-p"
+"""How the worker draws sampled tokens (`install_sampler`), as `describe()` reports it."""
 CHUNK = 1024
 """Vocabulary entries per first-level block of the inverse-CDF draw (`draw_by_cdf`)."""
 
