@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from mahir.runtimes.vllm_worker import CHUNK, draw_by_cdf
+from mahir.runtimes.vllm_worker import CHUNK, _below, draw_by_cdf
 
 
 def _frequencies(logits: torch.Tensor, draws: int) -> torch.Tensor:
@@ -37,6 +37,8 @@ def test_a_masked_token_never_comes_and_a_seeded_row_repeats() -> None:
     drawn = torch.cat([draw_by_cdf(logits, {}) for _ in range(2_000)])
     assert not ((drawn == CHUNK - 1) | (drawn == CHUNK)).any()
     assert len(drawn.unique()) > CHUNK  # uniform over the rest: most entries come
+    total = torch.tensor([[3.0]], dtype=torch.float64)  # a target the sums rounded up to it
+    assert _below(total.clone(), total) < total  # stays under: the entry it ends has weight
     first = draw_by_cdf(logits, {2: torch.Generator().manual_seed(7)})
     again = draw_by_cdf(logits, {2: torch.Generator().manual_seed(7)})
     assert first[2] == again[2]
