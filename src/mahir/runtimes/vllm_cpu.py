@@ -161,7 +161,8 @@ class VllmGenerator:
         self.context_length: int = ready["max_model_len"]
         self._vocab: int = ready["vocab"]
         self._kv_cache = f"paged, {options.kv_cache_gb} GiB, {ready['kv_cache']}"
-        self._versions = {k: ready[k] for k in ("vllm", "torch", "transformers", "sampler")}
+        self._reported = {k: ready[k] for k in ("vllm", "torch", "transformers", "sampler")}
+        """What the worker said of itself: its packages' versions and how it samples."""
         self._files = itertools.count()
 
     def stream(self, prompt: Sequence[int], sampling: Sampling) -> Iterator[int]:
@@ -223,7 +224,7 @@ class VllmGenerator:
             "device": str(self.device),
             "worker_memory_mb": self._worker.memory_mb(),
             "openmp": "intel" if self._worker.has_loaded("libiomp5") else "torch's",
-            **self._versions,
+            **self._reported,
         }
         if self._parameters:
             bytes_per = 2 if options.dtype == "bf16" else 4

@@ -95,9 +95,8 @@ def install_sampler() -> None:
     own = TopKTopPSampler.forward_cpu
 
     def forward_cpu(self: Any, logits: Any, generators: Any, k: Any, p: Any) -> Any:
-        if k is not None or p is not None or self.use_fp64_gumbel:
-            return own(self, logits, generators, k, p)
-        if self.logprobs_mode in ("processed_logits", "processed_logprobs"):
+        processed = self.logprobs_mode in ("processed_logits", "processed_logprobs")
+        if k is not None or p is not None or self.use_fp64_gumbel or processed:
             return own(self, logits, generators, k, p)
         return draw_by_cdf(logits, generators), None
 
@@ -113,7 +112,8 @@ def draw_by_cdf(logits: Any, generators: dict[int, Any]) -> Any:
     import torch
 
     rows, vocab = logits.shape
-    weights = (logits.float() - logits.float().amax(dim=1, keepdim=True)).exp_()
+    values = logits.float()
+    weights = (values - values.amax(dim=1, keepdim=True)).exp_()
     if vocab % CHUNK:
         weights = torch.nn.functional.pad(weights, (0, CHUNK - vocab % CHUNK))
     blocks = weights.view(rows, -1, CHUNK)
@@ -121,12 +121,11 @@ def draw_by_cdf(logits: Any, generators: dict[int, Any]) -> Any:
     uniform = torch.rand(rows, 1, dtype=torch.float64)
     for row, generator in generators.items():
         uniform[row] = torch.rand(1, dtype=torch.float64, generator=generator)
-    block = torch.searchsorted(ends, _below(uniform * ends[:, -1:], ends[:, -1:]), right=True)
+    target = uniform * ends[:, -1:]
+    block = torch.searchsorted(ends, _below(target, ends[:, -1:]), right=True)
     before = torch.where(block > 0, ends.gather(1, (block - 1).clamp(min=0)), 0.0)
     inside = blocks[torch.arange(rows), block[:, 0]].cumsum(dim=1).double()
-    index = torch.searchsorted(
-        inside, _below(uniform * ends[:, -1:] - before, inside[:, -1:]), right=True
-    )
+    index = torch.searchsorted(inside, _below(target - before, inside[:, -1:]), right=True)
     return (block * CHUNK + index)[:, 0]
 
 
