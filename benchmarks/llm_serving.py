@@ -8,8 +8,10 @@ under the same closed loop (`mahir.serve.llm_loadtest`: streamed `/v1/completion
 prompts of 16-128 words, `--max-tokens` each): concurrency 16, then 1, the server that goes
 first alternating by round. vLLM serves the reference's own weights (the fp32 folder mahir
 writes from the source, `export.hf_folder`) in its default CPU precision, bf16, from mahir's
-vLLM environment (`runtimes/vllm_cpu.py` makes it), one process (`VLLM_ENABLE_V1_MULTIPROCESSING
-=0`, the faster layout on 2 cores) with the 1 GiB KV cache mahir's vLLM engine has. What each server
+vLLM environment (`runtimes/vllm_cpu.py` makes it), its engine core and model in one process
+beside its API server's (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, the faster layout on 2 cores; its
+OpenAI server always runs the engine core apart) with the 1 GiB KV cache mahir's vLLM engine
+has. What each server
 answers greedily to the same prompts is then compared with the fp32 reference's own greedy
 tokens (tokens in agreement before the first divergence): speed only counts at equal answers.
 Results: medians over rounds, the ratios mahir/vLLM, and the other load on the machine.
