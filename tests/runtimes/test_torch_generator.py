@@ -145,6 +145,7 @@ def test_the_compiled_static_cache_decodes_as_eager_does(tiny_llm: LanguageModel
     settings = compiled.describe()
     assert settings["kv_cache"] == "static"
     assert settings["compile_s"] > 0
+    assert not settings["compiled_prefill"]  # on a CPU its arithmetic bounds it: eager
     assert settings["attention"] == torch_attention.NAME  # on its own copy of the model
     assert tiny_llm.original().module.config._attn_implementation == "sdpa"
     eager = open_engine("torch", tiny_llm.original(), ONE_THREAD)
@@ -188,7 +189,8 @@ def test_on_a_gpu_the_compiled_step_decodes_as_the_cpu_engine_does(
     tiny_llm: LanguageModel,
 ) -> None:
     """fp32 on a GPU, the step compiled there (grouped attention, frozen weights, autotuned,
-    captured as CUDA graphs): one stream and a padded batch get the CPU engine's greedy tokens."""
+    captured as CUDA graphs) and the prefills compiled with dynamic shapes: one stream and a
+    padded batch get the CPU engine's greedy tokens."""
     cpu = open_engine("torch", tiny_llm.original(), ONE_THREAD)
     prompts = _prompts_of_three_lengths(tiny_llm)
     alone = [list(cpu.stream(p, Sampling(16))) for p in prompts]
@@ -196,6 +198,7 @@ def test_on_a_gpu_the_compiled_step_decodes_as_the_cpu_engine_does(
     compiled = open_engine("torch-compile", tiny_llm.original(), gpu)
     assert isinstance(compiled, TorchGenerator)
     assert compiled.describe()["attention"] == torch_attention.NAME
+    assert compiled.describe()["compiled_prefill"]
     assert [list(compiled.stream(p, Sampling(16))) for p in prompts] == alone
     assert compiled.generate_batch(prompts, Sampling(16)) == alone
 

@@ -27,7 +27,7 @@ import copy
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -41,9 +41,11 @@ from mahir.runtimes.torch_batching import ContinuousBatch
 from mahir.runtimes.torch_lm import (
     WINDOWED,
     CausalLM,
+    compile_prefill,
     compile_step,
     context_of,
     full_attention,
+    static_cache,
 )
 from mahir.types import CPU, Artifact, Device, module_mb
 
@@ -113,6 +115,8 @@ class TorchGenerator:
         self._statics: dict[int, Any] = {}
         """Static caches by batch size (a cache's tensors take the batch of its first use)."""
         self._step = self._eager_step
+        self._prefills = self._lm
+        """What prefills run: the module itself, or compiled for them (`compile_prefill`)."""
         self.compile_s: float | None = None
         self.batch: ContinuousBatch | None = None
         """The continuous batch that runs every `stream` when `slots` > 1."""
@@ -127,6 +131,7 @@ class TorchGenerator:
             weakref.finalize(self, self.batch.stop)  # its thread ends with the generator
         elif options.compile:
             self._step = compile_step(self._eager_step, self._where)
+            self._prefills = replace(self._lm, module=compile_prefill(module, self._where))
         if options.compile:
             started = time.perf_counter()
             list(self.stream([0], Sampling(max_new_tokens=3)))  # compiles here, not when timed
@@ -191,7 +196,7 @@ class TorchGenerator:
         cache = self._new_cache(batch)
         extra: dict[str, Any] = {"logits_to_keep": 1} if self._lm.keep_last else {}
         with torch.inference_mode():
-            logits = self._lm.forward(
+            logits = self._prefills.forward(
                 ids,
                 cache,
                 attention_mask=mask if self._compiled else mask[:, :longest],
@@ -297,6 +302,7 @@ class TorchGenerator:
             "kv_cache": self._kv_cache,
             "max_cache_len": None if self._kv_cache == "dynamic" else self.context_length,
             "compiled": self._options.compile,
+            "compiled_prefill": self._prefills.module is not self._lm.module,
             "attention": self._module.config._attn_implementation,
             "slots": self._options.slots,
             "step_tokens": self._options.step_tokens,
@@ -330,10 +336,9 @@ class TorchGenerator:
 
             return DynamicCache(config=self._module.config)
         if batch not in self._statics:
-            from transformers import StaticCache
-
-            config = self._module.config
-            self._statics[batch] = StaticCache(config=config, max_cache_len=self.context_length)
+            self._statics[batch] = static_cache(
+                self._module, batch, self.context_length, self._where
+            )
         with torch.inference_mode():  # its tensors were made in inference mode
             self._statics[batch].reset()
         return self._statics[batch]
@@ -341,7 +346,7 @@ class TorchGenerator:
     def _prefill(self, prompt: Sequence[int], cache: Any) -> torch.Tensor:
         if not self._compiled:
             return self._lm.prefill(prompt, cache)
-        return self._lm.prefill(
+        return self._prefills.prefill(
             prompt, cache, cache_position=torch.arange(len(prompt), device=self._where)
         )
 
