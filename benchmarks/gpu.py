@@ -185,7 +185,12 @@ def variable_length(
     from sentence_transformers import SentenceTransformer
 
     sentences = model.family.generate(4096, np.random.default_rng(0))  # type: ignore[attr-defined]
-    encode = TextEncoder(model.family.tokenizer, model.spec, model.family.max_length)  # type: ignore[attr-defined]
+    text: Any = model.family
+    encoders = {  # BERT's plain text in Python (holds the GIL) or the Rust tokenizer (does not)
+        label: TextEncoder(text.tokenizer, model.spec, text.max_length, wordpiece=python)
+        for label, python in (("", True), (", Rust tokenizer", False))
+    }
+    encode = encoders[""]
     reference = open_session("torch", pool_in_model(model), RuntimeOptions(device=GPU))
     want = embed(sentences, reference, encode)
     st = SentenceTransformer(str(folder), device="cuda").half()
@@ -194,17 +199,20 @@ def variable_length(
             sentences, batch_size=256, convert_to_numpy=True
         )
     }
-    for workers, size in itertools.product(embed_workers, embed_batches):
+    for workers, size, tokenizer in itertools.product(embed_workers, embed_batches, encoders):
         how = f"{workers} tokenizing thread{'s' if workers > 1 else ''}"
         if size != 256:
             how += f", batches of {size}"
-        calls[f"tokenize only ({how})"] = lambda w=workers, n=size: embed(
-            sentences, Tokenized(), encode, workers=w, batch_size=n
+        how += tokenizer
+        calls[f"tokenize only ({how})"] = lambda w=workers, n=size, e=encoders[tokenizer]: embed(
+            sentences, Tokenized(), e, workers=w, batch_size=n
         )
         for label, session in sessions.items():
             if "fp8" not in label:
-                calls[f"{label} ({how})"] = lambda s=session, w=workers, n=size: embed(
-                    sentences, s, encode, workers=w, batch_size=n
+                calls[f"{label} ({how})"] = (
+                    lambda s=session, w=workers, n=size, e=encoders[tokenizer]: embed(
+                        sentences, s, e, workers=w, batch_size=n
+                    )
                 )
     times = timed(calls, 3, 1)
     for variant, seconds in times.items():

@@ -65,8 +65,14 @@ def test_the_direct_text_encoder_gives_what_transformers_gives(minilm: Model) ->
     left = copy.deepcopy(minilm.family.tokenizer)
     left.padding_side = "left"
     typed = _with_type_ids_of_its_own(minilm.family.tokenizer)
-    for tokenizer in (minilm.family.tokenizer, left, typed):
-        encoder = TextEncoder(tokenizer, minilm.spec, minilm.family.max_length)
+    encoders = [
+        (tokenizer, TextEncoder(tokenizer, minilm.spec, minilm.family.max_length, wordpiece=w))
+        for tokenizer in (minilm.family.tokenizer, left, typed)
+        for w in (True, False)
+    ]
+    # BERT's template in Python where asked, except where type ids vary within a sentence
+    assert [e.wordpiece for _, e in encoders] == [True, False, True, False, False, False]
+    for tokenizer, encoder in encoders:
         assert encoder.direct
         for texts in cases:
             expected = encode_texts(tokenizer, minilm.spec, minilm.family.max_length, texts)

@@ -99,7 +99,12 @@ class TextEncoder:
     the Rust pipeline on plain ASCII text (`wordpiece.AsciiWordPiece`: the same ids, ~5x
     faster). Anything else goes through `encode_texts`; tests hold the two to the same arrays."""
 
-    def __init__(self, tokenizer: Any, spec: InputSpec, max_length: int | None) -> None:
+    def __init__(
+        self, tokenizer: Any, spec: InputSpec, max_length: int | None, *, wordpiece: bool = True
+    ) -> None:
+        """`wordpiece`: BERT's tokenizers take plain text in Python (`AsciiWordPiece`), ~5x
+        faster on one thread but holding the GIL; off, the Rust tokenizer, which works without
+        it while another thread (one feeding a GPU) needs it."""
         self._tokenizer, self._spec, self._max_length = tokenizer, spec, max_length
         self._backend = self._direct_backend()
         # without offsets (tokenizers >= 0.20): ~20% less time, the same ids and masks
@@ -107,14 +112,19 @@ class TextEncoder:
             self._backend, "encode_batch", None
         )
         self._type_id = self._constant_type_id()
-        self._wordpiece = (  # BERT's tokenizing of plain text, ~8x faster: `wordpiece.py`
-            AsciiWordPiece.of(self._backend) if self._type_id is not None else None
+        self._wordpiece = (
+            AsciiWordPiece.of(self._backend) if wordpiece and self._type_id is not None else None
         )
 
     @property
     def direct(self) -> bool:
         """Whether the Rust tokenizer is called directly."""
         return self._backend is not None
+
+    @property
+    def wordpiece(self) -> bool:
+        """Whether plain text is tokenized in Python (`AsciiWordPiece`)."""
+        return self._wordpiece is not None
 
     def __call__(self, texts: Sequence[str]) -> Batch:
         if self._backend is None:
