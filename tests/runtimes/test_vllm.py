@@ -11,6 +11,7 @@ module's other engines start in the background while the first one's tests run (
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -29,7 +30,7 @@ from mahir.errors import BadInput, RuntimeFailure, Unsupported
 from mahir.export.hf_folder import reference_folder
 from mahir.families.decoder import LanguageModel
 from mahir.families.prompts import Prompt
-from mahir.generation import Generator, Sampling
+from mahir.generation import Generator, Pushing, Sampling
 from mahir.generation_quality import teacher_forced
 from mahir.model import load_model
 from mahir.passes.w8a8 import W8A8, w8a8_folder
@@ -42,6 +43,7 @@ from mahir.runtimes.vllm_cpu import (
     openmp_preload,
 )
 from mahir.search.llm_timing import time_at_once
+from mahir.serve.llm_scheduler import Scheduler
 from mahir.types import Artifact, Device, RuntimeOptions
 from mahir.venvs import ensure_env
 from tests.helpers import check_greedy_scores, question_ids, shared_env
@@ -217,6 +219,42 @@ def test_streams_from_two_threads_share_the_engine_and_get_their_own_tokens(
         assert mine == list(reference.stream(prompt, Sampling(max_new_tokens=64)))
     first_ends = min(stamps[0][-1][0], stamps[1][-1][0])
     assert max(stamps[0][0][0], stamps[1][0][0]) < first_ends  # both ran in one batch
+
+
+def test_the_servers_scheduler_takes_pushed_tokens_and_a_cancel_frees_the_slot(
+    llama: LanguageModel, vllm: VllmGenerator, reference: Generator
+) -> None:
+    """No thread per stream: the worker's reader pushes each token into its stream's queue.
+    Streams at once each get their own greedy tokens; a cancelled one frees its slot at once
+    and is aborted, and the engine serves the next request."""
+    assert isinstance(vllm, Pushing)
+    prompts = llama.family.held_out(passages=3, tokens=30)
+    expected = [list(reference.stream(p, Sampling(16))) for p in prompts]
+
+    async def serve() -> tuple[list[list[int]], list[int], list[int]]:
+        scheduler = Scheduler(vllm)
+
+        async def one(prompt: list[int]) -> list[int]:
+            stream = await scheduler.start(prompt, Sampling(16))
+            try:
+                return [token async for token in stream]
+            finally:
+                stream.cancel()
+
+        together = await asyncio.gather(*(one(p) for p in prompts))
+        assert scheduler.running == 0
+        long = await scheduler.start(prompts[0], Sampling(max_new_tokens=200))
+        first = [await anext(long) for _ in range(3)]
+        long.cancel()
+        assert scheduler.running == 0  # at the cancel, not at the 200th token
+        after = await one(prompts[1])
+        await scheduler.stop()
+        return together, first, after
+
+    together, first, after = asyncio.run(serve())
+    assert together == expected
+    assert first == expected[0][:3]
+    assert after == expected[1]
 
 
 def test_the_bench_runs_requests_at_once_as_streams_vllm_batches(

@@ -34,7 +34,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -43,7 +43,7 @@ from typing import Any, Literal
 import numpy as np
 
 from mahir.errors import BadInput, RuntimeFailure, Unsupported
-from mahir.generation import Sampling, Token, check_request
+from mahir.generation import Put, Sampling, Token, check_request
 from mahir.hardware import physical_cores
 from mahir.runtimes.worker_process import WorkerProcess
 from mahir.types import CPU, Artifact, Device
@@ -167,28 +167,31 @@ class VllmGenerator:
 
     def stream(self, prompt: Sequence[int], sampling: Sampling) -> Iterator[int]:
         self._check(prompt, sampling.max_new_tokens)  # at the call, not at the first token
-        return self._generate([int(t) for t in prompt], sampling)
+        return self._generate(_request(prompt, sampling), sampling)
 
-    def _generate(self, prompt: list[int], sampling: Sampling) -> Iterator[int]:
-        request = {
-            "op": "generate",
-            "prompt": prompt,
-            "max_new_tokens": sampling.max_new_tokens,
-            "temperature": sampling.temperature,
-            "top_p": sampling.top_p,
-            "seed": sampling.seed,
-            "stop": list(sampling.stop_token_ids),
-            "logprobs": sampling.logprobs,
-            "grammar": None if sampling.constraint is None else sampling.constraint.grammar,
-        }
+    def _generate(self, request: dict[str, Any], sampling: Sampling) -> Iterator[int]:
         for answer in self._worker.request(request, timeout_s=ANSWER_S):
-            scores = answer.get("logprobs")
-            if scores is None:
-                yield from answer["tokens"]
-                continue
-            for token, (logprob, ranked) in zip(answer["tokens"], scores, strict=True):
-                top = tuple((int(i), float(lp)) for i, lp in ranked[: sampling.logprobs])
-                yield Token(token, float(logprob), top)
+            yield from _tokens(answer, sampling)
+
+    def start(self, prompt: Sequence[int], sampling: Sampling, put: Put) -> Callable[[], None]:
+        """`stream` without a thread waiting on it (`generation.Pushing`): each token goes to
+        `put` from the thread reading the worker's answers, then None; an error goes as the
+        exception, then None. Returns what stops the generation."""
+        self._check(prompt, sampling.max_new_tokens)
+
+        def deliver(answer: dict[str, Any] | None) -> None:
+            if answer is None:
+                put(RuntimeFailure(self._worker.failure))
+            elif "error" in answer:
+                put(RuntimeFailure(f"{self.engine}: {answer['error']}"))
+            else:
+                for token in _tokens(answer, sampling):
+                    put(token)
+                if not answer.get("done"):
+                    return
+            put(None)
+
+        return self._worker.subscribe(_request(prompt, sampling), deliver)
 
     def logprobs(self, tokens: Sequence[int]) -> np.ndarray:
         self._check(tokens, 1)  # the last row comes from one generated step
@@ -250,6 +253,32 @@ class VllmGenerator:
         check_request(
             tokens, new, vocab=self._vocab, context=self.context_length, engine=self.engine
         )
+
+
+def _request(prompt: Sequence[int], sampling: Sampling) -> dict[str, Any]:
+    """The worker's generate request (`vllm_worker.py`)."""
+    return {
+        "op": "generate",
+        "prompt": [int(t) for t in prompt],
+        "max_new_tokens": sampling.max_new_tokens,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "seed": sampling.seed,
+        "stop": list(sampling.stop_token_ids),
+        "logprobs": sampling.logprobs,
+        "grammar": None if sampling.constraint is None else sampling.constraint.grammar,
+    }
+
+
+def _tokens(answer: dict[str, Any], sampling: Sampling) -> Iterator[int]:
+    """An answer's new tokens: ids, or `Token`s with their log-probabilities where asked."""
+    scores = answer.get("logprobs")
+    if scores is None:
+        yield from answer["tokens"]
+        return
+    for token, (logprob, ranked) in zip(answer["tokens"], scores, strict=True):
+        top = tuple((int(i), float(lp)) for i, lp in ranked[: sampling.logprobs])
+        yield Token(token, float(logprob), top)
 
 
 def openmp_preload(env: Path) -> dict[str, str]:

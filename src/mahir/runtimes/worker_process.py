@@ -4,9 +4,11 @@ callers on several threads share one process and each reads only its own answers
 
 The first line the process writes is {"ready": {...}} (or {"fatal": line}); then answers carry
 an "id" and end with "done": true or an "error". One reader thread routes each answer to its
-request's queue. When the process dies (or writes {"fatal": ...}) every waiting caller gets a
-one-line `RuntimeFailure` with the last line of the process's log, not a hang: callers wait on
-their queue with a timeout, never by sleeping. Its standard error goes to a log file, so a
+request's queue, or hands it to the request's callback (`subscribe`: no thread waits per
+request, which a server streaming many at once would wake for every token). When the process
+dies (or writes {"fatal": ...}) every waiting caller gets a one-line `RuntimeFailure` with the
+last line of the process's log, not a hang: callers wait on their queue with a timeout, never
+by sleeping, and callbacks get None. Its standard error goes to a log file, so a
 chatty library cannot fill a pipe nobody reads. `close` (also at exit, through
 `weakref.finalize`) ends its input, waits for it, then stops its process group: nothing is
 left running.
@@ -28,7 +30,7 @@ import subprocess
 import tempfile
 import threading
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, cast
 
@@ -38,6 +40,8 @@ from mahir.errors import RuntimeFailure
 
 POLL_S = 1.0
 """How often a waiting caller checks that the process is still alive."""
+Deliver = Callable[[dict[str, Any] | None], None]
+"""Takes a request's answers in turn (None: the process ended)."""
 
 
 class WorkerProcess:
@@ -56,7 +60,8 @@ class WorkerProcess:
         """Scratch space shared with the process (files too big for a line), removed on close."""
         self.log = self.folder / "worker.log"
         self._ids = itertools.count()
-        self._waiting: dict[str, queue.SimpleQueue[dict[str, Any] | None]] = {}
+        self._waiting: dict[str, Deliver] = {}
+        """Where each running request's answers go."""
         self._lock = threading.Lock()
         self._failure: str | None = None
         with self.log.open("w") as log:
@@ -87,7 +92,7 @@ class WorkerProcess:
         request = f"{self.name}-{next(self._ids)}"
         answers: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
         with self._lock:
-            self._waiting[request] = answers
+            self._waiting[request] = answers.put
         done = False
         try:
             self._send({**message, "id": request})
@@ -102,6 +107,41 @@ class WorkerProcess:
                 self._waiting.pop(request, None)
             if not done and self._failure is None:
                 self._send({"op": "abort", "id": request})
+
+    def subscribe(self, message: dict[str, Any], deliver: Deliver) -> Callable[[], None]:
+        """Send `message` (its "id" added) and hand each of its answers to `deliver` on the
+        reader's thread, up to the one marked done or an error, or None if the process ends
+        first. Returns what abandons it: its answers stop and {"op": "abort"} goes out, unless
+        it had ended (idempotent)."""
+        request = f"{self.name}-{next(self._ids)}"
+
+        def route(answer: dict[str, Any] | None) -> None:
+            if answer is None or answer.get("done") or "error" in answer:
+                with self._lock:
+                    self._waiting.pop(request, None)
+            deliver(answer)
+
+        def abandon() -> None:
+            with self._lock:
+                running = self._waiting.pop(request, None) is not None
+            if running and self._failure is None:
+                with contextlib.suppress(RuntimeFailure):  # it stopped meanwhile: nothing runs
+                    self._send({"op": "abort", "id": request})
+
+        with self._lock:
+            self._waiting[request] = route
+        try:
+            self._send({**message, "id": request})
+        except RuntimeFailure:
+            with self._lock:
+                self._waiting.pop(request, None)
+            raise
+        return abandon
+
+    @property
+    def failure(self) -> str:
+        """Why the process stopped answering, in one line."""
+        return self._failure or f"{self.name} stopped"
 
     def close(self) -> None:
         """Stop the process and remove its scratch folder (again: nothing)."""
@@ -175,9 +215,9 @@ class WorkerProcess:
             self._first.put(answer)
         else:
             with self._lock:
-                waiting = self._waiting.get(answer.get("id", ""))
-            if waiting is not None:
-                waiting.put(answer)
+                deliver = self._waiting.get(answer.get("id", ""))
+            if deliver is not None:
+                deliver(answer)
 
     def _read(self) -> None:
         """Route each line to its request's queue; at the end, wake everyone with the reason."""
@@ -188,9 +228,9 @@ class WorkerProcess:
         if self._failure is None:
             self._failure = f"{self.name} exited (status {status}): {_last_line(self.log)}"
         with self._lock:
-            everyone = [self._first, *self._waiting.values()]
-        for waiting in everyone:
-            waiting.put(None)
+            everyone = [self._first.put, *self._waiting.values()]
+        for deliver in everyone:
+            deliver(None)
 
 
 def _stop(process: subprocess.Popen[str], folder: Path, grace_s: float = 30) -> None:

@@ -1,7 +1,8 @@
 """The LLM scheduler: owns the generator, decides which requests generate now and which wait.
 
 The invariant: at most `slots` generations run at once (the engine's `max_concurrency`: what it
-honestly runs together), each on its own worker thread, because engines block; every other
+honestly runs together), each on its own worker thread, because engines block (an engine that
+multiplexes its streams itself pushes their tokens instead: `generation.Pushing`); every other
 admitted request waits in a FIFO, bounded at `max_waiting`, and takes the first slot that
 frees. A request that finds the queue full is refused at once (`Overloaded`: 503), never queued
 into a timeout. A slot is freed only when its generation's thread has stopped: the stream ended,
@@ -29,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from mahir.errors import DeadlineExceeded, Overloaded, RuntimeFailure, first_line
-from mahir.generation import Generator, Sampling
+from mahir.generation import Generator, Pushing, Sampling
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,19 +60,24 @@ Item = int | BaseException | None
 
 @dataclass
 class TokenStream:
-    """One request's tokens as they arrive, for `async for`; `cancel()` stops its generation
-    at the next token (thread-safe, idempotent)."""
+    """One request's tokens as they arrive, for `async for`; `cancel()` (on the event loop,
+    idempotent) stops its generation at the next token."""
 
     deadline: float
     arrived: float
     observer: LlmObserver
     tokens: asyncio.Queue[Item] = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    """Seen by a generation's thread after each token."""
+    stopping: Callable[[], None] | None = None
+    """Stops a pushing generator's generation and frees its slot (`Scheduler._push`)."""
     count: int = 0
     _last: float = 0.0
 
     def cancel(self) -> None:
         self.cancelled.set()
+        if self.stopping is not None:
+            self.stopping()
 
     def __aiter__(self) -> TokenStream:
         return self
@@ -127,6 +133,9 @@ class Scheduler:
         stream = TokenStream(arrived + self.config.timeout_s, arrived, self.observer)
         await self._admit(stream.deadline)
         loop = asyncio.get_running_loop()
+        if isinstance(self.generator, Pushing):
+            self._push(self.generator, stream, prompt, sampling, loop)
+            return stream
 
         def put(item: Item) -> None:
             loop.call_soon_threadsafe(stream.tokens.put_nowait, item)
@@ -136,6 +145,45 @@ class Scheduler:
         )
         work.add_done_callback(lambda _: self._release())
         return stream
+
+    def _push(
+        self,
+        generator: Pushing,
+        stream: TokenStream,
+        prompt: Sequence[int],
+        sampling: Sampling,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        """A pushing generator's stream: its tokens go from the engine's thread straight into
+        the stream's queue, and its slot frees at its end or at its cancel, whichever is first."""
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._release()
+
+        def arrive(item: Item) -> None:
+            stream.tokens.put_nowait(item)
+            if item is None:
+                release()
+
+        def put(item: Item) -> None:
+            loop.call_soon_threadsafe(arrive, item)
+
+        try:
+            stop = generator.start(prompt, sampling, put)
+        except Exception as err:  # refused at the call: the stream raises it, as a thread's does
+            arrive(err)
+            arrive(None)
+            return
+
+        def stopping() -> None:
+            stop()
+            release()
+
+        stream.stopping = stopping
 
     async def stop(self) -> None:
         """Refuse new requests and wait for running generations (the server has drained its
