@@ -136,7 +136,9 @@ class Generator(Protocol):
         ...
 
 
-Put = Callable[[int | BaseException | None], None]
+Item = int | BaseException | None
+"""What a generation hands on: a token, the exception that stopped it, or None at the end."""
+Put = Callable[[Item], None]
 """Takes a generation's items in turn: each token, the exception that stopped it, then None."""
 
 

@@ -28,10 +28,7 @@ from typing import Generic, TypeVar
 import numpy as np
 
 from mahir.errors import RuntimeFailure, first_line
-from mahir.generation import Sampling
-
-Item = int | BaseException | None
-"""What reaches a consumer: a token, the engine's error, or None at the end."""
+from mahir.generation import Item, Sampling
 
 
 @dataclass(eq=False)

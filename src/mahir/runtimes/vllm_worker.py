@@ -55,9 +55,8 @@ class Answers:
 
     def send(self, message: dict[str, Any]) -> None:
         """Write `message` and flush at once."""
-        with self._lock:
-            self._channel.write(json.dumps(message) + "\n")
-            self._channel.flush()
+        self.write(message)
+        self.flush()
 
 
 def main(settings: dict[str, Any]) -> None:

@@ -193,7 +193,7 @@ class WorkerProcess:
                     ) from None
                 continue
             if answer is None:
-                raise RuntimeFailure(self._failure or f"{self.name} stopped")
+                raise RuntimeFailure(self.failure)
             return answer
 
     def _send(self, message: dict[str, Any]) -> None:

@@ -5,8 +5,9 @@ honestly runs together), each on its own worker thread, because engines block (a
 multiplexes its streams itself pushes their tokens instead: `generation.Pushing`); every other
 admitted request waits in a FIFO, bounded at `max_waiting`, and takes the first slot that
 frees. A request that finds the queue full is refused at once (`Overloaded`: 503), never queued
-into a timeout. A slot is freed only when its generation's thread has stopped: the stream ended,
-failed, or was cancelled (a client that went away, a passed deadline), which the thread sees
+into a timeout. A pushed generation's slot frees at its end or its cancel; otherwise a slot is
+freed only when its generation's thread has stopped: the stream ended, failed, or was
+cancelled (a client that went away, a passed deadline), which the thread sees
 after its next token and answers by closing the engine's iterator. Each request has one
 deadline, from its arrival to its last token: waiting past it is `DeadlineExceeded` (504), and
 a generation still running at it is cancelled and its stream raises the same. Tokens cross
@@ -30,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from mahir.errors import DeadlineExceeded, Overloaded, RuntimeFailure, first_line
-from mahir.generation import Generator, Pushing, Sampling
+from mahir.generation import Generator, Item, Pushing, Sampling
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,10 +53,6 @@ class LlmObserver:
     counts: Callable[[int, int], None] = lambda running, waiting: None
     first_token: Callable[[float], None] = lambda seconds: None
     next_token: Callable[[float], None] = lambda seconds: None
-
-
-Item = int | BaseException | None
-"""What crosses from a generation's thread: a token, the engine's error, or None at the end."""
 
 
 @dataclass
@@ -186,8 +183,9 @@ class Scheduler:
         stream.stopping = stopping
 
     async def stop(self) -> None:
-        """Refuse new requests and wait for running generations (the server has drained its
-        requests by then, so none is left waiting)."""
+        """Refuse new requests and wait for running generations' threads (the server has
+        drained its requests by then, so none is left waiting, and every pushed stream has
+        ended or been cancelled)."""
         self.closing = True
         await asyncio.to_thread(self._executor.shutdown, wait=True)
 
