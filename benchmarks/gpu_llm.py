@@ -3,8 +3,8 @@
 Two decoder shapes with random weights (only speed is measured; greedy agreement is checked
 against the same weights' bf16 eager `generate`): SmolLM2-135M's and a ~1B Llama's
 (TinyLlama-1.1B's). Everything in bf16. Workload: prompts of `--prompt` random token ids, then
-`--new` new tokens, stop tokens ignored, at batch 1 and at batch `--batch` (prompts of one
-length, so neither side pads).
+`--new` new tokens, stop tokens ignored, at each of `--batches` (1 and 32 by default; prompts of
+one length, so neither side pads).
 
 - anchor: `generate` with `cache_implementation="static"`, which compiles the decode step
   (transformers' own compile config: mode "reduce-overhead", CUDA graphs) on first use;
@@ -17,7 +17,8 @@ prefill drops out; throughput at batch N: N x new tokens over the whole call. Bo
 the same rounds, alternating who goes first, each call synchronised; medians are reported, with
 the floor of reading the weights once per token at the GPU's measured copy bandwidth.
 
-Usage: python -m benchmarks.gpu_llm [--models smollm2-135m llama-1b] [--out results.json]
+Usage: python -m benchmarks.gpu_llm [--models smollm2-135m llama-1b] [--batches 1 32]
+       [--out results.json]
 """
 
 from __future__ import annotations
@@ -139,7 +140,7 @@ def run_model(name: str, args: argparse.Namespace, bandwidth: float) -> list[dic
     generator = open_generator(Artifact("torch", DECODER_SPEC, module=eager), options)
     compile_s = time.perf_counter() - started
     rows = []
-    for batch_size in (1, args.batch):
+    for batch_size in args.batches:
         batch = prompts(batch_size, args.prompt, config.vocab_size, seed=batch_size)
         with torch.inference_mode():
             expected = hf_generate(eager, batch, args.new)  # the bf16 eager reference
@@ -199,7 +200,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=list(SHAPES))
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()

@@ -16,6 +16,7 @@ is imported at module level.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,8 @@ PROMPTS, NEW_TOKENS = 16, 128
 
 
 def settings(folders: dict[str, str]) -> dict[str, tuple[str, dict[str, Any]]]:
-    """Name -> (folder, `vllm.LLM` keywords beyond the common ones)."""
+    """Name -> (folder, `vllm.LLM` keywords beyond the common ones, and `attention`: what
+    `attention_choices` sets around that engine)."""
     w8a8 = folders["w8a8"]
     kernels = ["+rms_norm", "+silu_and_mul", "+rotary_embedding"]  # vLLM's C++ CPU kernels
     return {
@@ -46,7 +49,39 @@ def settings(folders: dict[str, str]) -> dict[str, tuple[str, dict[str, Any]]]:
         "w8a8-async": (w8a8, {"async_scheduling": True}),
         "w8a8-custom-ops": (w8a8, {"compilation_config": {"custom_ops": kernels}}),
         "w8a8-all-ops": (w8a8, {"compilation_config": {"custom_ops": ["all"]}}),
+        # vLLM's CPU attention: its kernel for AMX (chosen for bf16 with AMX) or its AVX-512 one,
+        # and decode attention split along the keys and values (its default) or not
+        "w8a8-attention-vec": (w8a8, {"attention": {"isa": "vec"}}),
+        "w8a8-no-kv-split": (w8a8, {"attention": {"split_kv": False}}),
+        "w8a8-attention-vec-no-kv-split": (w8a8, {"attention": {"isa": "vec", "split_kv": False}}),
     }
+
+
+@contextlib.contextmanager
+def attention_choices(isa: str | None = None, split_kv: bool | None = None) -> Iterator[None]:
+    """vLLM's CPU attention kernel (`isa`, fixed when an engine is built) and its decode split
+    (`split_kv`, read at every step from `VLLM_CPU_ATTN_SPLIT_KV`, which vLLM caches once its
+    engine has started, hence the cache cleared on the way in and out)."""
+    import vllm.envs
+    from vllm.v1.attention.backends import cpu_attn
+
+    chosen_isa = cpu_attn._get_attn_isa
+    before = os.environ.get("VLLM_CPU_ATTN_SPLIT_KV")
+    if isa is not None:
+        cpu_attn._get_attn_isa = lambda *args, **kwargs: isa
+    if split_kv is not None:
+        os.environ["VLLM_CPU_ATTN_SPLIT_KV"] = str(int(split_kv))
+    clear = getattr(vllm.envs.__getattr__, "cache_clear", lambda: None)
+    clear()
+    try:
+        yield
+    finally:
+        cpu_attn._get_attn_isa = chosen_isa
+        if before is None:
+            os.environ.pop("VLLM_CPU_ATTN_SPLIT_KV", None)
+        else:
+            os.environ["VLLM_CPU_ATTN_SPLIT_KV"] = before
+        clear()
 
 
 def time_inside(spec: dict[str, Any]) -> dict[str, Any]:
@@ -54,24 +89,30 @@ def time_inside(spec: dict[str, Any]) -> dict[str, Any]:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM, SamplingParams
 
-    engines = {
-        name: LLM(folder, dtype="bfloat16", max_model_len=2048, kv_cache_memory_bytes=2**30, **kw)
-        for name, (folder, kw) in spec["settings"].items()
-    }
+    engines, attention = {}, {}
+    for name, (folder, keywords) in spec["settings"].items():
+        attention[name] = keywords.pop("attention", {})
+        with attention_choices(**attention[name]):
+            engines[name] = LLM(
+                folder, dtype="bfloat16", max_model_len=2048, kv_cache_memory_bytes=2**30,
+                **keywords,
+            )  # fmt: skip
     draw = random.Random(0)
     prompts: list[Any] = [
         {"prompt_token_ids": [draw.randrange(1000, 40000) for _ in range(draw.randrange(20, 170))]}
         for _ in range(PROMPTS)
     ]
     sampling = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True, temperature=0)
-    for engine in engines.values():  # compile every shape the timed calls meet
-        engine.generate(prompts, sampling, use_tqdm=False)
+    for name, engine in engines.items():  # compile every shape the timed calls meet
+        with attention_choices(**attention[name]):
+            engine.generate(prompts, sampling, use_tqdm=False)
     seconds: dict[str, list[float]] = {name: [] for name in engines}
     for _ in range(spec["rounds"]):
         for name, engine in engines.items():
-            started = time.perf_counter()
-            engine.generate(prompts, sampling, use_tqdm=False)
-            seconds[name].append(time.perf_counter() - started)
+            with attention_choices(**attention[name]):
+                started = time.perf_counter()
+                engine.generate(prompts, sampling, use_tqdm=False)
+                seconds[name].append(time.perf_counter() - started)
     return {"seconds": seconds}
 
 

@@ -1,10 +1,11 @@
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
 
-from mahir.files import staged, write_text_atomically
+from mahir.files import content_hash, staged, write_text_atomically
 
 
 def test_a_write_replaces_the_file_whole(tmp_path: Path) -> None:
@@ -71,3 +72,20 @@ def test_a_failed_folder_write_keeps_the_old_folder_and_leaves_nothing_behind(
     assert [p.name for p in out.iterdir()] == ["mahir.json"]
     assert (out / "mahir.json").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_the_content_hash_sees_contents_and_names_but_not_hidden_files(tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "weights.bin").write_bytes(b"\x00" * 10)
+    first = content_hash(folder)
+    (folder / ".cache").mkdir()
+    (folder / ".cache" / "lock").write_text("busy")
+    assert content_hash(folder) == first
+    (folder / "weights.bin").write_bytes(b"\x00" * 9 + b"\x01")
+    changed = content_hash(folder)
+    assert changed != first
+    (folder / "weights.bin").rename(folder / "other.bin")
+    assert content_hash(folder) not in (first, changed)
+    assert content_hash(folder / "config.json") == hashlib.sha256(b"{}").hexdigest()

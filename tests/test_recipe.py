@@ -1,12 +1,12 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from pathlib import Path
 
 import pytest
 
 from mahir.errors import BadInput
+from mahir.files import content_hash
 from mahir.passes import STEP_TYPES
 from mahir.passes.graph import OrtOptimize, TransformerFusion
 from mahir.passes.quantize import DynamicInt8, StaticInt8
@@ -15,7 +15,6 @@ from mahir.recipe import (
     Recipe,
     config_from_dict,
     config_to_dict,
-    content_hash,
     load_recipe,
 )
 from mahir.types import CPU, OpenVinoOptions, RuntimeOptions
@@ -133,23 +132,6 @@ def test_a_malformed_source_is_refused(tmp_path: Path) -> None:
     path.write_text("source: /models/bert\nruntime: onnxruntime\nsteps: []\n")
     with pytest.raises(BadInput, match=r"`source:` is \{path, sha256\}"):
         load_recipe(path, STEP_TYPES)
-
-
-def test_the_content_hash_sees_contents_and_names_but_not_hidden_files(tmp_path: Path) -> None:
-    folder = tmp_path / "model"
-    folder.mkdir()
-    (folder / "config.json").write_text("{}")
-    (folder / "weights.bin").write_bytes(b"\x00" * 10)
-    first = content_hash(folder)
-    (folder / ".cache").mkdir()
-    (folder / ".cache" / "lock").write_text("busy")
-    assert content_hash(folder) == first
-    (folder / "weights.bin").write_bytes(b"\x00" * 9 + b"\x01")
-    changed = content_hash(folder)
-    assert changed != first
-    (folder / "weights.bin").rename(folder / "other.bin")
-    assert content_hash(folder) not in (first, changed)
-    assert content_hash(folder / "config.json") == hashlib.sha256(b"{}").hexdigest()
 
 
 def test_a_factory_source_is_recorded_absolute_with_its_file_hash(

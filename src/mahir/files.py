@@ -8,13 +8,14 @@ stays as it was. A folder that already exists cannot be renamed over, so it is m
 into the hidden folder first and removed with it.
 
 Also where mahir keeps what it builds once per machine (`cache_dir`: measured peaks, its own
-Python environments, exported LLMs).
+Python environments, exported LLMs), and the content hash those are keyed by (`content_hash`).
 
 Bottom layer: imports nothing of mahir.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -67,3 +68,24 @@ def cache_dir() -> Path:
         return Path(os.environ[CACHE_ENV])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "mahir"
+
+
+def content_hash(path: Path) -> str:
+    """sha256 of a file's bytes, or of a folder's files (hidden ones skipped) in sorted
+    relative-path order, each with its name and size, so a renamed file changes it too."""
+    digest = hashlib.sha256()
+    if path.is_file():
+        files = [("", path)]
+    else:
+        files = sorted(
+            (p.relative_to(path).as_posix(), p)
+            for p in path.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
+    for name, file in files:
+        if name:
+            digest.update(f"{name}\0{file.stat().st_size}\0".encode())
+        with file.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()

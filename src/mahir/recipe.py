@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from mahir.errors import BadInput
-from mahir.files import write_text_atomically
+from mahir.files import content_hash, write_text_atomically
 from mahir.types import RuntimeOptions
 
 
@@ -63,27 +63,6 @@ def _python_file(source: str) -> Path | None:
     """The file of a `file.py:fn` source; None for any other source."""
     target, _, fn = source.rpartition(":")
     return Path(target) if target.endswith(".py") and fn.isidentifier() else None
-
-
-def content_hash(path: Path) -> str:
-    """sha256 of a file's bytes, or of a folder's files (hidden ones skipped) in sorted
-    relative-path order, each with its name and size, so a renamed file changes it too."""
-    digest = hashlib.sha256()
-    if path.is_file():
-        files = [("", path)]
-    else:
-        files = sorted(
-            (p.relative_to(path).as_posix(), p)
-            for p in path.rglob("*")
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-        )
-    for name, file in files:
-        if name:
-            digest.update(f"{name}\0{file.stat().st_size}\0".encode())
-        with file.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """The decoder family: sources recognised as LLMs by themselves (folders of several
-architectures, the default GGUF), bad sources refused in one line, prompt workloads and the user's
+architectures, the default GGUF), a GGUF read once and then loaded from its saved fp32 folder,
+bad sources refused in one line, prompt workloads and the user's
 prompt files, and the default model answering a question."""
 
 from __future__ import annotations
@@ -9,16 +10,21 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from mahir.errors import BadInput
+from mahir.families import decoder
 from mahir.families.decoder import (
     DEFAULT_LLM_PACKAGE,
     LanguageModel,
     default_llm_path,
+    gguf_reference_folder,
     is_decoder_source,
 )
 from mahir.families.prompts import generate_prompts, read_prompts
+from mahir.files import CACHE_ENV
 from mahir.model import default_model_folder, load_model, one_forward
+from mahir.types import Artifact
 from tests.models import DECODERS
 
 
@@ -55,6 +61,49 @@ def test_a_gguf_is_an_llm_and_a_truncated_one_is_refused_in_one_line(tmp_path: P
     assert "\n" not in str(caught.value)
     with pytest.raises(BadInput, match="does not exist"):
         load_model(tmp_path / "missing.gguf")
+
+
+def test_a_gguf_is_read_once_then_loads_from_its_saved_reference(
+    tiny_gguf: Artifact, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert tiny_gguf.path is not None
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    first = load_model(tiny_gguf.path, llm=True)  # transformers reads the file and it is saved
+    saved = gguf_reference_folder(tiny_gguf.path)
+    assert (saved / "config.json").is_file()
+    assert list(saved.glob("*.safetensors"))
+    assert [p.name for p in saved.parent.iterdir()] == [saved.name]  # nothing half-written
+
+    def read_again(path: Path) -> tuple[object, object]:
+        raise AssertionError(f"{path} was read again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(decoder, "_dequantize_gguf", read_again)
+        second = load_model(tiny_gguf.path, llm=True)
+    assert (second.source, second.name, second.gguf) == (first.source, first.name, True)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = first.family.prompt_ids(messages)
+    assert second.family.prompt_ids(messages) == ids
+    assert second.family.encode("plain text, 123 ok") == first.family.encode("plain text, 123 ok")
+    for field in ("context_length", "stop_token_ids", "vocab_size"):
+        assert getattr(second.family, field) == getattr(first.family, field)
+    with torch.inference_mode():
+        expected = first.module(input_ids=torch.tensor([ids])).logits
+        assert torch.equal(second.module(input_ids=torch.tensor([ids])).logits, expected)
+
+    for weights in saved.glob("*.safetensors"):  # a saved folder damaged since: read the file
+        weights.unlink()
+    reads = []
+
+    def read_as_before(path: Path) -> tuple[object, object]:
+        reads.append(path)
+        return first.module, first.family.tokenizer
+
+    with monkeypatch.context() as patch:
+        patch.setattr(decoder, "_dequantize_gguf", read_as_before)
+        load_model(tiny_gguf.path, llm=True)
+    assert reads == [tiny_gguf.path]
+    assert list(saved.glob("*.safetensors"))  # and saved whole again
 
 
 def test_the_default_llm_is_found_without_importing_its_package() -> None:

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 
 from mahir.errors import BadInput, Unsupported
+from mahir.files import content_hash
 from mahir.model import Model
 from mahir.outdir import load_output_dir, open_output_dir
 from mahir.passes import STEP_TYPES
 from mahir.pooling import pool
 from mahir.quality import compare
-from mahir.recipe import ModelSource, Recipe, content_hash, load_recipe
+from mahir.recipe import ModelSource, Recipe, load_recipe
 from mahir.runtimes import reference_outputs
 from mahir.search.apply import Applied, write_output_dir
 from mahir.types import CPU, Artifact, OpenVinoOptions, Quality, RuntimeOptions

@@ -28,9 +28,8 @@ import numpy as np
 
 from mahir.errors import ExportMismatch, Unsupported
 from mahir.families.decoder import DECODER_SPEC, LanguageModel
-from mahir.files import cache_dir, slug, staged
+from mahir.files import cache_dir, content_hash, slug, staged
 from mahir.generation_quality import teacher_forced
-from mahir.recipe import content_hash
 from mahir.types import Artifact, RuntimeOptions
 
 WRITER_VERSION = 1

@@ -34,11 +34,10 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from mahir.errors import BadInput, ExportMismatch
-from mahir.export.hf_folder import save_hf_folder
+from mahir.export.hf_folder import reference_folder
 from mahir.families.decoder import DECODER_SPEC, LanguageModel
 from mahir.families.prompts import PROMPT_TEXT
-from mahir.files import cache_dir, staged
-from mahir.recipe import content_hash
+from mahir.files import cache_dir, content_hash, staged
 from mahir.types import Artifact
 from mahir.venvs import EnvSpec, OwnEnv, ensure_env, last_line, run_script
 
@@ -150,7 +149,7 @@ def _key(model: LanguageModel, weights: LlmWeights) -> str:
 
 def _export(model: LanguageModel, weights: LlmWeights, out: Path, env: OwnEnv) -> None:
     with tempfile.TemporaryDirectory(prefix="mahir-llm-") as scratch:
-        source = Path(model.source) if not model.gguf else save_hf_folder(model, Path(scratch))
+        source = reference_folder(model).path
         calibration = None
         if weights.data_aware:
             text = PROMPT_TEXT.read_text()

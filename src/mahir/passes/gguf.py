@@ -30,9 +30,8 @@ from pathlib import Path
 from typing import Literal
 
 from mahir.errors import BadInput, Unsupported
-from mahir.files import cache_dir, staged
+from mahir.files import cache_dir, content_hash, staged
 from mahir.hardware import physical_cores
-from mahir.recipe import content_hash
 from mahir.runtimes.engines import ENGINES
 from mahir.types import Artifact
 

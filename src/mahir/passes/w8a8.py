@@ -44,8 +44,7 @@ import torch
 from mahir.export.hf_folder import save_hf_folder
 from mahir.families.decoder import DECODER_SPEC, LanguageModel
 from mahir.families.prompts import PROMPT_TEXT
-from mahir.files import cache_dir, slug, staged
-from mahir.recipe import content_hash
+from mahir.files import cache_dir, content_hash, slug, staged
 from mahir.types import Artifact
 
 WEIGHTS_FILE = "model.safetensors"
