@@ -61,6 +61,9 @@ def test_options_round_trip_through_plain_data() -> None:
     batched = RuntimeOptions(slots=8, step_tokens=32)
     assert batched.to_dict()["step_tokens"] == 32
     assert RuntimeOptions.from_dict(batched.to_dict()) == batched
+    serving = RuntimeOptions(prefix_cache=True)
+    assert serving.to_dict()["prefix_cache"] is True
+    assert RuntimeOptions.from_dict(serving.to_dict()) == serving
 
 
 @pytest.mark.parametrize(
@@ -102,6 +105,7 @@ def test_flat_options_written_before_devices_read_as_the_cpu(
         ({"openvino": {"streams": 0}}, "OpenVINO streams must be an integer >= 1"),
         ({"openvino": "bf16"}, "`openvino:` options are a mapping"),
         ("threads: 2", "runtime options are a mapping"),
+        ({"prefix_cache": "yes"}, "prefix_cache is true or false"),
     ],
 )
 def test_bad_options_are_bad_input(data: Any, message: str) -> None:

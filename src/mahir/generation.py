@@ -136,8 +136,17 @@ class Generator(Protocol):
         ...
 
 
-Item = int | BaseException | None
-"""What a generation hands on: a token, the exception that stopped it, or None at the end."""
+@dataclass(frozen=True, slots=True)
+class PromptCached:
+    """How many of the prompt's tokens the engine read from its prefix cache instead of
+    prefilling them: handed on before the first token, where there were any."""
+
+    tokens: int
+
+
+Item = int | PromptCached | BaseException | None
+"""What a generation hands on: a token, the exception that stopped it, or None at the end;
+first, an engine with a prefix cache may say how much of the prompt it found there."""
 Put = Callable[[Item], None]
 """Takes a generation's items in turn: each token, the exception that stopped it, then None."""
 

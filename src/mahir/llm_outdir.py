@@ -95,6 +95,7 @@ def open_llm_output(
             f"{out / MANIFEST} is not an LLM output directory mahir can open ({err}): write it "
             "again with mahir optimize --llm"
         ) from err
+    options = dataclasses.replace(options, prefix_cache=True)  # a server's prompts repeat
     if slots is not None:
         if not get_engine(engine).slotted:
             raise BadInput(

@@ -247,6 +247,10 @@ class RuntimeOptions:
     """With slots: the most prompt tokens one step of the continuous batch feeds (llama.cpp
     counts the decode tokens in it too), so a joining prompt goes in chunks; fewer keep the
     time between tokens even, more fill the machine. None: the engine's own (256)."""
+    prefix_cache: bool = False
+    """LLM engines with a prefix cache (vLLM) keep the KV blocks of prompts, so a later request
+    that starts alike (a system prompt, a chat's earlier turns) prefills only the rest: what a
+    server wants. Off by default: timing needs a repeated prompt prefilled again."""
 
     def __post_init__(self) -> None:
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
@@ -260,6 +264,8 @@ class RuntimeOptions:
             raise ValueError(f"device must be a Device (Device.parse({self.device!r})), got text")
         if not isinstance(self.openvino, OpenVinoOptions):
             raise ValueError(f"openvino must be OpenVinoOptions, got {self.openvino!r}")
+        if not isinstance(self.prefix_cache, bool):
+            raise ValueError(f"prefix_cache is true or false, got {self.prefix_cache!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for recipe.yaml, mahir.json and records: the device as "cpu"/"cuda:N"."""
@@ -272,6 +278,7 @@ class RuntimeOptions:
             }
             | ({"slots": self.slots} if self.slots > 1 else {})
             | ({"step_tokens": self.step_tokens} if self.step_tokens is not None else {})
+            | ({"prefix_cache": True} if self.prefix_cache else {})
         )
 
     def for_workers(self, workers: int) -> RuntimeOptions:
@@ -297,7 +304,7 @@ class RuntimeOptions:
         for old, new in _FLAT_OPENVINO.items():
             if old in shared:
                 openvino.setdefault(new, shared.pop(old))
-        known = ("threads", "device", "openvino", "slots", "step_tokens")
+        known = ("threads", "device", "openvino", "slots", "step_tokens", "prefix_cache")
         _refuse_unknown(shared, known, "runtime option")
         _refuse_unknown(openvino, ("hint", "precision", "streams"), "OpenVINO option")
         device = shared.get("device", "cpu")
@@ -310,6 +317,7 @@ class RuntimeOptions:
                 openvino=OpenVinoOptions(**openvino),
                 slots=shared.get("slots", 1),
                 step_tokens=shared.get("step_tokens"),
+                prefix_cache=shared.get("prefix_cache", False),
             )
         except ValueError as err:
             raise BadInput(str(err)) from err

@@ -85,17 +85,19 @@ def w8a8_folders(
 def started(
     folder: Artifact, w8a8_folders: dict[str, Artifact]
 ) -> Iterator[dict[str, Future[VllmGenerator]]]:
-    """The module's other engines, by name: one per W8A8 folder (bf16) and an fp32 one whose
-    worker a test kills. They start one after another on a background thread while `vllm`
-    starts and its tests run: two starts at a time, one per core of a 2-core machine (more
-    at once only slow each other down). Any a test left open is closed at the end of the
-    module (closing one twice does nothing)."""
+    """The module's other engines, by name: one per W8A8 folder (bf16), an fp32 one with
+    prefix caching and an fp32 one whose worker a test kills. They start one after another
+    on a background thread while `vllm` starts and its tests run: two starts at a time, one
+    per core of a 2-core machine (more at once only slow each other down). Any a test left
+    open is closed at the end of the module (closing one twice does nothing)."""
     bf16 = replace(FP32_EAGER, dtype="bf16")
     with ThreadPoolExecutor(1, thread_name_prefix="vllm-start") as pool:
         futures = {
             name: pool.submit(open_generator, artifact, bf16, engine="vllm")
             for name, artifact in w8a8_folders.items()
         }
+        cached = replace(FP32_EAGER, prefix_caching=True)
+        futures["prefix"] = pool.submit(open_generator, folder, cached, engine="vllm-fp32")
         intel = replace(FP32_EAGER, intel_openmp=True)
         futures["killed"] = pool.submit(open_generator, folder, intel, engine="vllm-fp32")
         try:
@@ -255,6 +257,32 @@ def test_the_servers_scheduler_takes_pushed_tokens_and_a_cancel_frees_the_slot(
     assert together == expected
     assert first == expected[0][:3]
     assert after == expected[1]
+
+
+def test_with_prefix_caching_a_prompt_that_starts_alike_reads_the_cache_and_answers_alike(
+    llama: LanguageModel, started: dict[str, Future[VllmGenerator]], reference: Generator
+) -> None:
+    """As a server opens it (`RuntimeOptions.prefix_cache`): a prompt sharing another's first
+    130 tokens reads their first whole block (128 tokens) from the cache and says so before
+    its first token, and its greedy tokens are still the reference's."""
+    one, two = llama.family.held_out(passages=2, tokens=150)
+    prompts = [one, one[:130] + two[:20]]
+    expected = [list(reference.stream(p, Sampling(12))) for p in prompts]
+
+    async def serve(vllm: VllmGenerator) -> list[tuple[int, list[int]]]:
+        scheduler = Scheduler(vllm)
+        answers = []
+        for prompt in prompts:  # one after the other: the first's blocks are cached by then
+            stream = await scheduler.start(prompt, Sampling(12))
+            answers.append(([t async for t in stream], stream.cached_tokens))
+        await scheduler.stop()
+        return answers
+
+    with started["prefix"].result() as vllm:
+        assert vllm.describe()["prefix_caching"] is True
+        (first, not_cached), (second, cached) = asyncio.run(serve(vllm))
+    assert (not_cached, cached) == (0, 128)
+    assert [first, second] == expected
 
 
 def test_the_bench_runs_requests_at_once_as_streams_vllm_batches(

@@ -99,6 +99,8 @@ def test_chat_and_completions_equal_the_generator(
     assert done.choices[0].text == want
     assert done.usage is not None
     assert done.usage.total_tokens == count + len(family.encode("Once upon a time"))
+    assert done.usage.prompt_tokens_details is not None
+    assert done.usage.prompt_tokens_details.cached_tokens == 0  # this engine keeps no prefixes
     pieces = api.completions.create(
         model=answer.model, prompt="Once upon a time", max_tokens=10, temperature=0, stream=True
     )

@@ -28,7 +28,7 @@ from typing import Generic, TypeVar
 import numpy as np
 
 from mahir.errors import RuntimeFailure, first_line
-from mahir.generation import Item, Sampling
+from mahir.generation import Sampling
 
 
 @dataclass(eq=False)
@@ -38,7 +38,9 @@ class Request:
     prompt: list[int]
     sampling: Sampling
     rng: np.random.Generator
-    tokens: queue.SimpleQueue[Item] = field(default_factory=queue.SimpleQueue)
+    tokens: queue.SimpleQueue[int | BaseException | None] = field(default_factory=queue.SimpleQueue)
+    """Each token, the exception that stopped the stream, then None (`generation.Item`, less the
+    prefix cache this batch does not keep)."""
     cancelled: threading.Event = field(default_factory=threading.Event)
     count: int = 0
     order: int = 0

@@ -128,7 +128,12 @@ def _vllm(dtype: Literal["bf16", "fp32"]) -> Callable[[Artifact, RuntimeOptions]
     def open_vllm(artifact: Artifact, options: RuntimeOptions) -> Generator:
         from mahir.runtimes.vllm_cpu import VllmOptions, open_generator
 
-        settings = VllmOptions(dtype=dtype, threads=options.threads, device=options.device)
+        settings = VllmOptions(
+            dtype=dtype,
+            threads=options.threads,
+            device=options.device,
+            prefix_caching=options.prefix_cache,
+        )
         return open_generator(artifact, settings, engine="vllm" if dtype == "bf16" else "vllm-fp32")
 
     return open_vllm

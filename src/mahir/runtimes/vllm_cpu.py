@@ -43,7 +43,7 @@ from typing import Any, Literal
 import numpy as np
 
 from mahir.errors import BadInput, RuntimeFailure, Unsupported
-from mahir.generation import Put, Sampling, Token, check_request
+from mahir.generation import PromptCached, Put, Sampling, Token, check_request
 from mahir.hardware import physical_cores
 from mahir.runtimes.worker_process import WorkerProcess
 from mahir.types import CPU, Artifact, Device
@@ -101,6 +101,10 @@ class VllmOptions:
     interleaved runs (`benchmarks/vllm_openmp.py`), but served beside `mahir serve`'s own
     threads the same folder made 1.14x `vllm serve`'s tokens/s at 16 clients and 2.3x its p99
     time to first token, against 1.22x and 0.75x in an earlier run without it."""
+    prefix_caching: bool = False
+    """Keep prompts' KV blocks for later requests that start alike (vLLM's automatic prefix
+    caching, in whole blocks); each answer then says how many prompt tokens it took from there.
+    Off: every prompt is prefilled whole, as timing needs."""
     device: Device = CPU
 
     def __post_init__(self) -> None:
@@ -145,6 +149,7 @@ class VllmGenerator:
             "eager": not options.compile,
             "max_model_len": options.max_model_len,
             "kv_cache_gb": options.kv_cache_gb,
+            "prefix_caching": options.prefix_caching,
         }
         environment = {
             "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine in the worker's own process
@@ -176,15 +181,21 @@ class VllmGenerator:
     def start(self, prompt: Sequence[int], sampling: Sampling, put: Put) -> Callable[[], None]:
         """`stream` without a thread waiting on it (`generation.Pushing`): each token goes to
         `put` from the thread reading the worker's answers, then None; an error goes as the
-        exception, then None. Returns what stops the generation."""
+        exception, then None. With prefix caching, a `PromptCached` goes first where part of
+        the prompt came from the cache. Returns what stops the generation."""
         self._check(prompt, sampling.max_new_tokens)
+        first = True
 
         def deliver(answer: dict[str, Any] | None) -> None:
+            nonlocal first
             if answer is None:
                 put(RuntimeFailure(self._worker.failure))
             elif "error" in answer:
                 put(RuntimeFailure(f"{self.engine}: {answer['error']}"))
             else:
+                if first and answer.get("cached"):
+                    put(PromptCached(answer["cached"]))
+                first = False
                 for token in _tokens(answer, sampling):
                     put(token)
                 if not answer.get("done"):
@@ -222,6 +233,7 @@ class VllmGenerator:
             "precision": options.dtype,
             "kv_cache": self._kv_cache,
             "compiled": options.compile,
+            "prefix_caching": options.prefix_caching,
             "context": self.context_length,
             "threads": self._threads,
             "device": str(self.device),

@@ -167,7 +167,7 @@ def start(settings: dict[str, Any]) -> Any:
         kv_cache_memory_bytes=settings["kv_cache_gb"] * 2**30,
         max_logprobs=-1,  # the full distribution, for mahir's fidelity judge
         structured_outputs_config={"backend": "guidance"},  # mahir's grammars are llguidance's
-        enable_prefix_caching=False,  # a repeated prompt is prefilled again, as timed
+        enable_prefix_caching=settings["prefix_caching"],  # off: prefilled again, as timed
         seed=0,
     )
     return LLMEngine.from_engine_args(args)
@@ -251,6 +251,8 @@ def answer(output: Any, logprob_files: dict[str, str], send: Send, vocab: int) -
     if path is None:
         tokens = list(output.outputs[0].token_ids)
         sent: dict[str, Any] = {"id": request, "tokens": tokens, "done": output.finished}
+        if output.num_cached_tokens:  # prompt tokens read from the prefix cache
+            sent["cached"] = output.num_cached_tokens
         scored = output.outputs[0].logprobs
         if scored:  # asked: each new token's [its log-probability, [[id, lp], ...] by rank]
             pairs = zip(tokens, scored, strict=True)

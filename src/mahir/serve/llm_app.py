@@ -252,7 +252,8 @@ async def _complete(request: Request, parse: Callable[[Any], LlmRequest]) -> Res
         for sampling, tokens in zip(samplings, streams, strict=True)
     ]
     if parsed.stream:
-        return EventStream(_events(served, _merged(pieces), parsed, prompt, answer), stop)
+        events = _events(served, _merged(pieces), parsed, prompt, answer, streams[0])
+        return EventStream(events, stop)
     try:
         choices = await until_disconnect(request, asyncio.gather(*map(_whole, pieces)))
     finally:
@@ -262,7 +263,7 @@ async def _complete(request: Request, parse: Callable[[Any], LlmRequest]) -> Res
         Written(c.text, c.finish or "length", served.scored(parsed, c.tokens), c.calls)
         for c in choices
     ]
-    return _json(answer.whole(written, usage(prompt, generated)))
+    return _json(answer.whole(written, usage(prompt, generated, streams[0].cached_tokens)))
 
 
 async def _start_all(
@@ -357,10 +358,12 @@ async def _events(
     request: LlmRequest,
     prompt: list[int],
     answer: Answer,
+    first: TokenStream,
 ) -> AsyncGenerator[bytes, None]:
     """The stream's events: a chat opens each choice's assistant turn, then text (with its
-    tokens' log-probabilities where asked), each choice's finish reason, the usage when asked,
-    [DONE]; an error after the start is an error event."""
+    tokens' log-probabilities where asked), each choice's finish reason, the usage when asked
+    (how much of the prompt came from the engine's prefix cache: the `first` choice's stream
+    knows), [DONE]; an error after the start is an error event."""
     with_usage = request.include_usage
     counts, offsets, called = [0] * request.n, [0] * request.n, [0] * request.n
     try:
@@ -391,7 +394,7 @@ async def _events(
                     answer.chunk("", piece.finish, usage=with_usage, index=index, logprobs=logprobs)
                 )
         if with_usage:
-            yield _event(answer.usage_chunk(usage(prompt, sum(counts))))
+            yield _event(answer.usage_chunk(usage(prompt, sum(counts), first.cached_tokens)))
     except MahirError as err:
         status = nearest(err, HTTP_STATUS) or 500
         yield _event(openai_error(status, str(err), None, None))

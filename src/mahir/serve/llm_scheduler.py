@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from mahir.errors import DeadlineExceeded, Overloaded, RuntimeFailure, first_line
-from mahir.generation import Generator, Item, Pushing, Sampling
+from mahir.generation import Generator, Item, PromptCached, Pushing, Sampling
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +53,7 @@ class LlmObserver:
     counts: Callable[[int, int], None] = lambda running, waiting: None
     first_token: Callable[[float], None] = lambda seconds: None
     next_token: Callable[[float], None] = lambda seconds: None
+    prompt_cached: Callable[[int], None] = lambda tokens: None
 
 
 @dataclass
@@ -68,6 +69,9 @@ class TokenStream:
     """Seen by a generation's thread after each token."""
     stopping: Callable[[], None] | None = None
     """Stops a pushing generator's generation and frees its slot (`Scheduler._push`)."""
+    cached_tokens: int = 0
+    """Prompt tokens the engine read from its prefix cache (`PromptCached`), known by the
+    first token."""
     count: int = 0
     _last: float = 0.0
 
@@ -80,14 +84,11 @@ class TokenStream:
         return self
 
     async def __anext__(self) -> int:
-        left = self.deadline - time.monotonic()
-        try:
-            item = await asyncio.wait_for(self.tokens.get(), max(left, 0.0))
-        except TimeoutError:
-            self.cancel()
-            raise DeadlineExceeded(
-                f"generating past the request's deadline ({self.count} tokens)"
-            ) from None
+        item = await self._next_item()
+        while isinstance(item, PromptCached):  # once, before the first token
+            self.cached_tokens = item.tokens
+            self.observer.prompt_cached(item.tokens)
+            item = await self._next_item()
         if item is None:
             raise StopAsyncIteration
         if isinstance(item, BaseException):
@@ -99,6 +100,16 @@ class TokenStream:
             self.observer.next_token(now - self._last)
         self.count, self._last = self.count + 1, now
         return item
+
+    async def _next_item(self) -> Item:
+        left = self.deadline - time.monotonic()
+        try:
+            return await asyncio.wait_for(self.tokens.get(), max(left, 0.0))
+        except TimeoutError:
+            self.cancel()
+            raise DeadlineExceeded(
+                f"generating past the request's deadline ({self.count} tokens)"
+            ) from None
 
 
 class Scheduler:

@@ -97,6 +97,11 @@ class LlmMetrics(HttpMetrics):
         )
         self.output_tokens = Counter("mahir_llm_output_tokens", "Tokens generated.", registry=r)
         self.prompt_tokens = Counter("mahir_llm_prompt_tokens", "Prompt tokens read.", registry=r)
+        self.prompt_cached = Counter(
+            "mahir_llm_prompt_tokens_cached",
+            "Prompt tokens the engine read from its prefix cache rather than prefilled.",
+            registry=r,
+        )
         self.running = Gauge("mahir_llm_running", "Sequences generating now.", registry=r)
         self.waiting = Gauge("mahir_llm_waiting", "Sequences waiting for a slot.", registry=r)
 
@@ -113,4 +118,9 @@ class LlmMetrics(HttpMetrics):
             self.inter_token.observe(seconds)
             self.output_tokens.inc()
 
-        return LlmObserver(counts=counts, first_token=first_token, next_token=next_token)
+        return LlmObserver(
+            counts=counts,
+            first_token=first_token,
+            next_token=next_token,
+            prompt_cached=self.prompt_cached.inc,
+        )

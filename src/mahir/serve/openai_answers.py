@@ -52,7 +52,7 @@ class Answer:
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         return cls(kind, model, f"{prefix}-{uuid.uuid4().hex}", int(time.time()))
 
-    def whole(self, choices: Sequence[Written], usage: dict[str, int]) -> dict[str, Any]:
+    def whole(self, choices: Sequence[Written], usage: dict[str, Any]) -> dict[str, Any]:
         """A non-streamed answer: each choice in index order."""
         written = []
         for index, choice in enumerate(choices):
@@ -112,7 +112,7 @@ class Answer:
             "text_offset": offsets,
         }
 
-    def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
+    def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
         """The last chunk before [DONE] when `stream_options.include_usage` is set."""
         return self._shell("chat.completion.chunk", "text_completion", [], usage=usage)
 
@@ -149,9 +149,11 @@ def _chat_logprob(scored: Scored) -> dict[str, Any]:
     return entry(scored.text, scored.logprob) | {"top_logprobs": top}
 
 
-def usage(prompt: Sequence[int], completion: int) -> dict[str, int]:
+def usage(prompt: Sequence[int], completion: int, cached: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object; `cached`: prompt tokens the engine took from its prefix cache."""
     return {
         "prompt_tokens": len(prompt),
         "completion_tokens": completion,
         "total_tokens": len(prompt) + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
     }
