@@ -1,6 +1,7 @@
 """The f32 GGUF writer: the file transformers reads back is the reference, tensor for tensor
-(names, the query/key permutation, the tokenizer and its chat template); it is written once per
-source and reused; architectures it does not cover are refused in one line."""
+(names, the query/key permutation, the tokenizer and its chat template), and the folder that
+read is kept in loads the same; it is written once per source and reused; architectures it does
+not cover are refused in one line."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from mahir.errors import Unsupported
 from mahir.export.gguf import f32_gguf, unwritable
-from mahir.families.decoder import LanguageModel
+from mahir.families.decoder import LanguageModel, gguf_reference_folder
 from mahir.model import load_model
 from mahir.types import Artifact
 
@@ -28,6 +29,10 @@ def test_the_file_reads_back_as_the_reference(tiny_llm: LanguageModel, tiny_gguf
     assert back.family.stop_token_ids == tiny_llm.family.stop_token_ids
     assert back.family.vocab_size == tiny_llm.family.vocab_size
     assert tiny_gguf.meta["gguf_type"] == "F32"
+    kept = load_model(gguf_reference_folder(tiny_gguf.path), llm=True)  # what later loads read
+    with torch.inference_mode():
+        assert torch.equal(kept.module(input_ids=ids).logits, got)
+    assert kept.family.prompt_ids("What is the capital of France?") == ids[0].tolist()
 
 
 def test_a_written_file_is_reused(tiny_llm: LanguageModel, tiny_gguf: Artifact) -> None:

@@ -264,25 +264,36 @@ def test_with_prefix_caching_a_prompt_that_starts_alike_reads_the_cache_and_answ
 ) -> None:
     """As a server opens it (`RuntimeOptions.prefix_cache`): a prompt sharing another's first
     130 tokens reads their first whole block (128 tokens) from the cache and says so before
-    its first token, and its greedy tokens are still the reference's."""
+    its first token, and its greedy tokens are still the reference's. The engine says how full
+    its KV cache is after each step (a server's gauge)."""
     one, two = llama.family.held_out(passages=2, tokens=150)
     prompts = [one, one[:130] + two[:20]]
     expected = [list(reference.stream(p, Sampling(12))) for p in prompts]
 
-    async def serve(vllm: VllmGenerator) -> list[tuple[int, list[int]]]:
+    async def serve(vllm: VllmGenerator) -> list[tuple[list[int], int]]:
         scheduler = Scheduler(vllm)
         answers = []
         for prompt in prompts:  # one after the other: the first's blocks are cached by then
             stream = await scheduler.start(prompt, Sampling(12))
-            answers.append(([t async for t in stream], stream.cached_tokens))
+            tokens = []
+            async for token in stream:
+                tokens.append(token)
+                used.append(vllm.kv_cache_usage())  # as of the step before this token's
+            answers.append((tokens, stream.cached_tokens))
         await scheduler.stop()
         return answers
 
+    used: list[float | None] = []
     with started["prefix"].result() as vllm:
+        assert vllm.kv_cache_usage() is None  # no step yet
         assert vllm.describe()["prefix_caching"] is True
         (first, not_cached), (second, cached) = asyncio.run(serve(vllm))
     assert (not_cached, cached) == (0, 128)
     assert [first, second] == expected
+    # a few blocks of thousands while a sequence runs; none once the step that ends it frees
+    # them, which a stream's last token may or may not be read after
+    assert all(u is not None and 0 <= u < 0.5 for u in used[1:])
+    assert sum(1 for u in used if u) >= len(used) - 3
 
 
 def test_the_bench_runs_requests_at_once_as_streams_vllm_batches(

@@ -25,6 +25,7 @@ from mahir.families.decoder import Decoder
 from mahir.generation import Generator
 from mahir.llm_outdir import open_llm_output
 from mahir.serve.llm_text import TextStream
+from mahir.serve.metrics import LlmMetrics
 from mahir.types import RuntimeOptions
 from tests.helpers import Server, cli
 
@@ -220,6 +221,9 @@ def test_64_concurrent_streams_each_get_their_own_tokens(
         client(server).chat.completions.create(model="another", messages=chat("hi"))
 
 
+KV_CACHE = "mahir_llm_kv_cache_usage"
+
+
 def metric(server: Server, name: str) -> float:
     return _sample(httpx.get(f"{server.url}/metrics").text, name)
 
@@ -230,6 +234,15 @@ def _sample(text: str, name: str) -> float:
             if sample.name == name:
                 return float(sample.value)
     raise KeyError(name)
+
+
+def test_the_kv_cache_gauge_is_there_only_where_the_engine_reports_one() -> None:
+    """vLLM says how full its KV cache is (`VllmGenerator.kv_cache_usage`); engines that do
+    not get no gauge rather than one stuck at 0."""
+    assert _sample(LlmMetrics(lambda: 0.25).render().decode(), KV_CACHE) == 0.25
+    assert _sample(LlmMetrics(lambda: None).render().decode(), KV_CACHE) == 0.0  # no step yet
+    with pytest.raises(KeyError):
+        _sample(LlmMetrics().render().decode(), KV_CACHE)
 
 
 def test_a_client_that_leaves_frees_its_slot_at_the_next_token(server: Server) -> None:

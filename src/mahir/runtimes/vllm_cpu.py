@@ -204,6 +204,12 @@ class VllmGenerator:
 
         return self._worker.subscribe(_request(prompt, sampling), deliver)
 
+    def kv_cache_usage(self) -> float | None:
+        """Share of vLLM's KV-cache blocks in use (0-1) after its last step with work; None
+        before one (a server's gauge)."""
+        usage = self._worker.state.get("kv_cache_usage")
+        return None if usage is None else float(usage)
+
     def logprobs(self, tokens: Sequence[int]) -> np.ndarray:
         self._check(tokens, 1)  # the last row comes from one generated step
         if len(tokens) * self._vocab > MAX_LOGPROB_ENTRIES:

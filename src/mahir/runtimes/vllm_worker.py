@@ -173,6 +173,16 @@ def start(settings: dict[str, Any]) -> Any:
     return LLMEngine.from_engine_args(args)
 
 
+def kv_cache_usage(engine: Any) -> float | None:
+    """Share of the KV cache's blocks in use, from the scheduler of the engine core in this
+    process (vLLM keeps it for its own metrics; None where a release moved it)."""
+    try:
+        core = engine.engine_core.engine_core
+        return round(float(core.scheduler.kv_cache_manager.usage), 6)
+    except AttributeError:
+        return None
+
+
 def read(inbox: queue.SimpleQueue[dict[str, Any] | None]) -> None:
     for line in sys.stdin:
         if line.strip():
@@ -183,8 +193,10 @@ def read(inbox: queue.SimpleQueue[dict[str, Any] | None]) -> None:
 def serve(
     engine: Any, inbox: queue.SimpleQueue[dict[str, Any] | None], answers: Answers, vocab: int
 ) -> None:
-    """Admit what arrived, step, answer; wait for input only when nothing is running."""
+    """Admit what arrived, step, answer (and the KV cache's use where it changed); wait for
+    input only when nothing is running."""
     logprob_files: dict[str, str] = {}
+    used = None
     while True:
         messages = [] if engine.has_unfinished_requests() else [inbox.get()]
         while not inbox.empty():
@@ -196,6 +208,8 @@ def serve(
         if engine.has_unfinished_requests():
             for output in engine.step():
                 answer(output, logprob_files, answers.write, vocab)
+            if used != (used := kv_cache_usage(engine)):
+                answers.write({"state": {"kv_cache_usage": used}})
         answers.flush()
 
 

@@ -3,13 +3,14 @@ on its standard input, answers on its standard output, each tagged with its requ
 callers on several threads share one process and each reads only its own answers.
 
 The first line the process writes is {"ready": {...}} (or {"fatal": line}); then answers carry
-an "id" and end with "done": true or an "error". One reader thread routes each answer to its
-request's queue, or hands it to the request's callback (`subscribe`: no thread waits per
-request, which a server streaming many at once would wake for every token). When the process
-dies (or writes {"fatal": ...}) every waiting caller gets a one-line `RuntimeFailure` with the
-last line of the process's log, not a hang: callers wait on their queue with a timeout, never
-by sleeping, and callbacks get None. Its standard error goes to a log file, so a
-chatty library cannot fill a pipe nobody reads. `close` (also at exit, through
+an "id" and end with "done": true or an "error"; a {"state": {...}} line between them updates
+what the process says of its engine now (`state`: its gauges). One reader thread routes each
+answer to its request's queue, or hands it to the request's callback (`subscribe`: no thread
+waits per request, which a server streaming many at once would wake for every token). When
+the process dies (or writes {"fatal": ...}) every waiting caller gets a one-line
+`RuntimeFailure` with the last line of the process's log, not a hang: callers wait on their
+queue with a timeout, never by sleeping, and callbacks get None. Its standard error goes to a
+log file, so a chatty library cannot fill a pipe nobody reads. `close` (also at exit, through
 `weakref.finalize`) ends its input, waits for it, then stops its process group: nothing is
 left running.
 
@@ -64,6 +65,8 @@ class WorkerProcess:
         """Where each running request's answers go."""
         self._lock = threading.Lock()
         self._failure: str | None = None
+        self.state: dict[str, Any] = {}
+        """The last {"state": ...} the process wrote: its engine's gauges, as of then."""
         with self.log.open("w") as log:
             self._process = subprocess.Popen(
                 list(command),
@@ -213,6 +216,8 @@ class WorkerProcess:
             self._failure = f"{self.name} failed: {answer['fatal']}"
         elif "ready" in answer:
             self._first.put(answer)
+        elif "state" in answer:
+            self.state = answer["state"]
         else:
             with self._lock:
                 deliver = self._waiting.get(answer.get("id", ""))

@@ -85,7 +85,7 @@ class LlmServed:
 
     def __init__(self, generator: Generator, family: Decoder, name: str, config: ServeConfig):
         self.family, self.name, self.config = family, name, config
-        self.metrics = LlmMetrics()
+        self.metrics = LlmMetrics(getattr(generator, "kv_cache_usage", None))
         self.context = min(generator.context_length, family.context_length)
         self.engine = generator.engine
         self.token_logprobs = bool(getattr(generator, "token_logprobs", False))

@@ -3,6 +3,8 @@ servers in one process, as in tests, never mix their counts)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from mahir.serve.batcher import BatchObserver
@@ -80,9 +82,18 @@ class LlmMetrics(HttpMetrics):
     """The LLM server's: what users feel (time to first token, time between tokens) and what
     the scheduler holds (sequences generating and waiting)."""
 
-    def __init__(self) -> None:
+    def __init__(self, kv_cache_usage: Callable[[], float | None] | None = None) -> None:
+        """`kv_cache_usage`: the engine's share of its KV cache in use, where it reports one
+        (vLLM): a gauge read at each scrape."""
         super().__init__()
         r = self.registry
+        if kv_cache_usage is not None:
+            kv_cache = Gauge(
+                "mahir_llm_kv_cache_usage",
+                "Share of the engine's KV cache in use (0-1), as of its last step with work.",
+                registry=r,
+            )
+            kv_cache.set_function(lambda: kv_cache_usage() or 0.0)
         self.first_token = Histogram(
             "mahir_llm_time_to_first_token_seconds",
             "Time from a request's arrival to its first token (queueing and prefill).",
