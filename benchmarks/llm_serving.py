@@ -11,7 +11,8 @@ writes from the source, `export.hf_folder`) in its default CPU precision, bf16, 
 vLLM environment (`runtimes/vllm_cpu.py` makes it), its engine core and model in one process
 beside its API server's (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, the faster layout on 2 cores; its
 OpenAI server always runs the engine core apart) with the 1 GiB KV cache mahir's vLLM engine
-has. What each server
+has. Both keep prompts' KV blocks for reuse (vLLM's default; `mahir serve` turns it on), which
+the generated prompts, random words, never share a whole block of. What each server
 answers greedily to the same prompts is then compared with the fp32 reference's own greedy
 tokens (tokens in agreement before the first divergence): speed only counts at equal answers.
 Results: medians over rounds, the ratios mahir/vLLM, and the other load on the machine.
