@@ -148,7 +148,8 @@ Item = int | PromptCached | BaseException | None
 """What a generation hands on: a token, the exception that stopped it, or None at the end;
 first, an engine with a prefix cache may say how much of the prompt it found there."""
 Put = Callable[[Item], None]
-"""Takes a generation's items in turn: each token, the exception that stopped it, then None."""
+"""Takes a generation's items in turn: a `PromptCached` where there is one, each token, the
+exception that stopped it, then None."""
 
 
 @runtime_checkable
@@ -159,9 +160,8 @@ class Pushing(Protocol):
     preempted the engine's own threads."""
 
     def start(self, prompt: Sequence[int], sampling: Sampling, put: Put) -> Callable[[], None]:
-        """Start generating; `put` gets each token, then None (after the exception, where one
-        stopped it), on a thread of the engine's. Returns what stops it (idempotent); after
-        that `put` may or may not be called again."""
+        """Start generating; `put` gets the items (`Put`) on a thread of the engine's. Returns
+        what stops it (idempotent); after that `put` may or may not be called again."""
         ...
 
 

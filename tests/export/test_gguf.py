@@ -5,6 +5,7 @@ not cover are refused in one line."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 
 from mahir.errors import Unsupported
 from mahir.export.gguf import f32_gguf, unwritable
+from mahir.export.hf_folder import reference_folder
 from mahir.families.decoder import LanguageModel, gguf_reference_folder
 from mahir.model import load_model
 from mahir.types import Artifact
@@ -33,6 +35,10 @@ def test_the_file_reads_back_as_the_reference(tiny_llm: LanguageModel, tiny_gguf
     with torch.inference_mode():
         assert torch.equal(kept.module(input_ids=ids).logits, got)
     assert kept.family.prompt_ids("What is the capital of France?") == ids[0].tolist()
+    shutil.rmtree(gguf_reference_folder(tiny_gguf.path))  # gone since: vLLM's folder is kept again
+    again = reference_folder(back).path
+    assert again == gguf_reference_folder(tiny_gguf.path)
+    assert list(again.glob("*.safetensors"))
 
 
 def test_a_written_file_is_reused(tiny_llm: LanguageModel, tiny_gguf: Artifact) -> None:

@@ -3,9 +3,9 @@ model by themselves read (vLLM, `runtimes/vllm.py`; optimum-intel, `export/openv
 
 A folder source is that folder. A .gguf source's reference is the folder `load_decoder` saved it
 to when it first read the file (`families.decoder.gguf_reference_folder`), written again here
-if it has gone since (written whole or not at all: `files.staged`).
+if it has gone since (`keep_reference`: whole or not at all).
 
-Imports families and files.
+Imports families.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from mahir.families.decoder import (
     DECODER_SPEC,
     LanguageModel,
     gguf_reference_folder,
+    keep_reference,
     save_reference,
 )
-from mahir.files import staged
 from mahir.types import Artifact
 
 
@@ -29,8 +29,7 @@ def reference_folder(llm: LanguageModel) -> Artifact:
     if llm.gguf:
         folder = gguf_reference_folder(folder)
         if not folder.is_dir():
-            with staged(folder, folder=True) as draft:
-                save_hf_folder(llm, draft)
+            keep_reference(llm.module, llm.family.tokenizer, folder)
     meta = {"precision": "fp32", "parameters": llm.parameters, "source": llm.source}
     return Artifact("hf", DECODER_SPEC, path=folder, meta=meta)
 
