@@ -186,9 +186,9 @@ def variable_length(
 
     sentences = model.family.generate(4096, np.random.default_rng(0))  # type: ignore[attr-defined]
     text: Any = model.family
-    encoders = {  # BERT's plain text in Python (holds the GIL) or the Rust tokenizer (does not)
-        label: TextEncoder(text.tokenizer, model.spec, text.max_length, wordpiece=python)
-        for label, python in (("", True), (", Rust tokenizer", False))
+    encoders = {  # BERT's plain text in Python (holds the GIL) or in lean Rust (does not)
+        label: TextEncoder(text.tokenizer, model.spec, text.max_length, in_python=python)
+        for label, python in (("", True), (", lean Rust tokenizer", False))
     }
     encode = encoders[""]
     reference = open_session("torch", pool_in_model(model), RuntimeOptions(device=GPU))

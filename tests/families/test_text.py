@@ -10,6 +10,7 @@ import numpy as np
 
 from mahir.families.text import TextEncoder, encode_texts, generate_sentences
 from mahir.model import Model
+from mahir.types import Device
 from mahir.workload import read_sentences
 
 
@@ -66,12 +67,15 @@ def test_the_direct_text_encoder_gives_what_transformers_gives(minilm: Model) ->
     left.padding_side = "left"
     typed = _with_type_ids_of_its_own(minilm.family.tokenizer)
     encoders = [
-        (tokenizer, TextEncoder(tokenizer, minilm.spec, minilm.family.max_length, wordpiece=w))
+        (tokenizer, TextEncoder(tokenizer, minilm.spec, minilm.family.max_length, in_python=p))
         for tokenizer in (minilm.family.tokenizer, left, typed)
-        for w in (True, False)
+        for p in (True, False)
     ]
     # BERT's template in Python where asked, except where type ids vary within a sentence
-    assert [e.wordpiece for _, e in encoders] == [True, False, True, False, False, False]
+    assert [e.plain_text for _, e in encoders] == [
+        *("python", "lean rust") * 2,
+        *("rust", "rust"),
+    ]
     for tokenizer, encoder in encoders:
         assert encoder.direct
         for texts in cases:
@@ -88,6 +92,17 @@ def test_the_direct_text_encoder_gives_what_transformers_gives(minilm: Model) ->
     TextEncoder(minilm.family.tokenizer, minilm.spec, 8)([long_text])
     shared = minilm.family.tokenizer.backend_tokenizer.encode(long_text)
     assert len(shared.ids) != 8
+
+
+def test_a_gpu_gets_the_tokenizer_that_leaves_the_gil(minilm: Model) -> None:
+    def encoder(device: str) -> TextEncoder:
+        family = minilm.family
+        return TextEncoder.for_device(
+            family.tokenizer, minilm.spec, family.max_length, Device.parse(device)
+        )
+
+    assert encoder("cpu").plain_text == "python"
+    assert encoder("cuda:1").plain_text == "lean rust"
 
 
 def _with_type_ids_of_its_own(tokenizer: Any) -> Any:

@@ -132,7 +132,9 @@ class Embedder:
         self.opened, self.batcher, self.rules = opened, batcher, rules
         self.pooling, self.max_length = text.pooling, text.max_length
         self.tokenizer = text.tokenizer
-        self.encode = TextEncoder(text.tokenizer, text.spec, text.max_length)
+        self.encode = TextEncoder.for_device(
+            text.tokenizer, text.spec, text.max_length, opened.session.device
+        )
         self.native, self.sizes, self.truncate = native, frozenset(dimensions), truncate
         self._tokenizing = threading.Lock()
         """One tokenization at a time: transformers sets truncation on the shared Rust tokenizer
