@@ -25,7 +25,7 @@ class FailsOnThreeRows:
     runtime's unforeseen failure would."""
 
     def __init__(self, session: Session) -> None:
-        self.session, self.runtime = session, session.runtime
+        self.session, self.runtime, self.device = session, session.runtime, session.device
 
     def run(self, inputs: Inputs) -> Outputs:
         if len(inputs["input_ids"]) == 3:
