@@ -77,6 +77,9 @@ def test_bench_a_factory_model_on_every_runtime(tmp_path: Path) -> None:
         (("bench", "--tokens", "many"), "MIN-MAX"),
         (("bench", "-b", "0"), "batch"),
         (("bench", "--device", "gpu"), "unknown device 'gpu'"),
+        (("bench", "--device", "cuda:7"), "no cuda:7 here"),
+        (("bench", "--llm", "--device", "cuda:7"), "no cuda:7 here"),
+        (("optimize", "--llm", "--device", "cuda:7", "--out", "/tmp/never"), "no cuda:7 here"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(args: tuple[str, ...], message: str) -> None:
@@ -136,6 +139,7 @@ def test_help_shows_bracketed_text_that_rich_would_read_as_markup() -> None:
         (("--max-drop", "-0.1"), "must be in [0, 0.5) for fidelity, got -0.1"),
         (("--max-drop", "nan"), "must be in [0, 0.5) for fidelity, got nan"),
         (("--max-drop", "nan", "--metric", "m.py:f", "--data", "{tmp}/notes.txt"), "got nan"),
+        (("--device", "cuda:7"), "no cuda:7 here"),
     ],
 )
 def test_optimize_refuses_bad_arguments_before_loading_the_model(

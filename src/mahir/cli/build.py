@@ -14,6 +14,7 @@ from mahir.cli.common import (
     LogitsOption,
     ModelArg,
     console,
+    device_here,
     errors,
     guard,
     load_with_logits,
@@ -134,7 +135,7 @@ def bench(
 
     def configure() -> BenchConfig:
         from mahir.measure import MeasureConfig
-        from mahir.types import Device, RuntimeOptions
+        from mahir.types import RuntimeOptions
         from mahir.workload import read_sentences
 
         try:
@@ -142,7 +143,7 @@ def bench(
                 runtimes=tuple(runtime or ()),
                 batch_sizes=tuple(batch_size or (1, 32)),
                 measure=MeasureConfig(min_time_s=2.0 if seconds is None else seconds),
-                options=RuntimeOptions(threads=threads, device=Device.parse(device)),
+                options=RuntimeOptions(threads=threads, device=device_here(device)),
                 sentences=tuple(read_sentences(data)) if data else (),
                 token_range=parse_range(tokens) if tokens else None,
             )
@@ -385,7 +386,6 @@ def optimize(
     def configure() -> OptimizeConfig:
         """Everything checkable before the model loads: the config's own checks and --out."""
         from mahir.search.apply import check_output_dir
-        from mahir.types import Device
         from mahir.workload import read_sentences
 
         check_output_dir(out)
@@ -399,7 +399,7 @@ def optimize(
             token_range=parse_range(tokens) if tokens else None,
             metric=metric,
             data=data,
-            device=Device.parse(device),
+            device=device_here(device),
         )
 
     from mahir.search.optimize_config import OptimizeConfig

@@ -7,7 +7,7 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -15,6 +15,9 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 
 from mahir.errors import BadInput, MahirError, exit_code
 from mahir.files import write_text_atomically
+
+if TYPE_CHECKING:
+    from mahir.types import Device
 
 # Tables are wider than the 80 columns rich assumes when output goes to a file or a pipe.
 console = Console(width=None if sys.stdout.isatty() else 120)
@@ -43,6 +46,19 @@ DeviceOption = Annotated[
     str,
     typer.Option("--device", help="Where the runtimes compute: cpu, cuda (GPU 0) or cuda:N."),
 ]
+
+
+def device_here(text: str) -> Device:
+    """The device `--device` names, refused in one line where this machine has no such GPU:
+    before any model loads, not when the first runtime touches it."""
+    from mahir.types import Device
+
+    device = Device.parse(text)
+    if device.kind == "cuda":
+        from mahir.hardware import detect
+
+        detect().require(device)
+    return device
 
 
 def load_with_logits(source: str | None, logits: list[str] | None, command: str) -> Any:

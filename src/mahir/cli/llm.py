@@ -7,7 +7,14 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from mahir.cli.common import console, errors, parse_range, progress_bar, write_json
+from mahir.cli.common import (
+    console,
+    device_here,
+    errors,
+    parse_range,
+    progress_bar,
+    write_json,
+)
 from mahir.errors import BadInput
 
 if TYPE_CHECKING:
@@ -70,7 +77,7 @@ def _configure(
 ) -> LlmBenchConfig:
     from mahir.families.prompts import NEW_TOKENS, PROMPT_TOKENS
     from mahir.search.llm_bench import LlmBenchConfig
-    from mahir.types import Device, RuntimeOptions
+    from mahir.types import RuntimeOptions
 
     if data is not None and (tokens or prompts):
         raise BadInput("--data gives the prompts: leave out --tokens and --prompts")
@@ -83,7 +90,7 @@ def _configure(
             prompts_file=data,
             min_time_s=seconds or 0.0,
             at_once=tuple(at_once),
-            options=RuntimeOptions(threads=threads, device=Device.parse(device)),
+            options=RuntimeOptions(threads=threads, device=device_here(device)),
         )
     except ValueError as err:  # the configs' own checks
         raise BadInput(str(err)) from err
@@ -119,7 +126,6 @@ def run_llm_optimize(
     from mahir.search.apply import check_output_dir
     from mahir.search.llm_optimize import LlmOptimizeConfig, optimize_llm
     from mahir.search.llm_output import llm_table, save_llm_output, verdicts
-    from mahir.types import Device
 
     check_output_dir(out)
     if prompts is not None and not prompts.is_file():
@@ -129,7 +135,7 @@ def run_llm_optimize(
         variants=tuple(engines),
         time_budget_s=None if time_budget is None else time_budget * 60,
         prompts_file=prompts,
-        device=Device.parse(device),
+        device=device_here(device),
         concurrency=at_once[0] if at_once else 1,
         **lengths,
     )
