@@ -29,6 +29,16 @@ def test_a_dead_url_fails_the_run_and_says_why(tmp_path: Path) -> None:
     assert json.loads(out.read_text())["ok"] == 0  # the summary is still written
 
 
+@pytest.mark.parametrize("url", ["notaurl", "127.0.0.1:8000", "ftp://host", "http://"])
+def test_a_url_that_is_no_servers_address_is_refused_in_one_line(url: str) -> None:
+    done = cli("loadtest", url, "--concurrency", "2", "--requests", "20")
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines == [
+        f"error: {url!r} is not a server's address: give one such as http://127.0.0.1:8000"
+    ]
+
+
 @pytest.mark.parametrize(("failed", "passes"), [(1, True), (2, True), (3, False)])
 def test_failures_are_allowed_up_to_the_share_given(failed: int, passes: bool) -> None:
     result = LoadResult(LoadConfig("http://x", concurrency=1, max_error_rate=0.01))

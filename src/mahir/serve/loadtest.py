@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.parse
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,6 +50,11 @@ class LoadConfig:
     """Share of requests that may fail (any answer but 200, or no answer) before `check` fails."""
 
     def __post_init__(self) -> None:
+        parts = urllib.parse.urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise BadInput(
+                f"{self.url!r} is not a server's address: give one such as http://127.0.0.1:8000"
+            )
         if (self.concurrency is None) == (self.rate is None):
             raise BadInput("give exactly one of --concurrency (closed loop) or --rate (open loop)")
         if (self.concurrency or 1) < 1 or (self.rate or 1) <= 0 or self.duration_s <= 0:
