@@ -377,6 +377,13 @@ def test_slots_are_refused_where_mahir_does_not_batch(llm_dir: Path, tmp_path: P
     assert "LLM output directory" in done.stderr
 
 
+def test_an_encoders_batching_flags_are_refused_for_an_llm(llm_dir: Path) -> None:
+    done = cli("serve", str(llm_dir), "--workers", "2", "--max-delay-ms", "3")
+    assert done.returncode == 2, done.stderr
+    assert "--max-delay-ms and --workers batch an encoder's requests" in done.stderr
+    assert "serving" not in done.stderr  # refused before the engine opened
+
+
 def test_tune_chooses_slots_under_the_bound_records_them_and_serves_with_them(
     llm_dir: Path, tmp_path: Path
 ) -> None:

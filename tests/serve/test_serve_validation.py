@@ -121,6 +121,16 @@ def test_a_second_server_on_a_busy_port_fails_before_loading_the_model(
     assert "serving" not in done.stderr  # it never got as far as loading
 
 
+@pytest.mark.parametrize("port", ["0", "-1", "70000"])
+def test_a_port_that_is_none_is_refused_before_loading_the_model(
+    served_openvino_dir: Path, port: str
+) -> None:
+    done = run_mahir("serve", str(served_openvino_dir), "--port", port)
+    assert done.returncode == 2
+    assert f"--port {port} is no TCP port: give one in 1-65535" in done.stderr
+    assert "serving" not in done.stderr
+
+
 @pytest.fixture(scope="module")
 def mlp_server(served_mlp_dir: Path) -> Iterator[Server]:
     running = Server(served_mlp_dir)

@@ -198,9 +198,12 @@ def serve(
 
 
 def _check_port(host: str, port: int) -> None:
-    """Refuse a port that something already listens on now, not after loading the model."""
+    """Refuse a port that is none, or that something already listens on now, not after loading
+    the model."""
     import socket
 
+    if not 1 <= port <= 65535:
+        raise BadInput(f"--port {port} is no TCP port: give one in 1-65535")
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -251,6 +254,12 @@ def _run_serve(
     folder = Path(source) if source else None
     manifest = read_manifest(folder) if folder and (folder / MANIFEST).is_file() else None
     if folder is not None and manifest is not None and manifest.get("family") == "decoder":
+        if explicit:
+            flags = " and ".join(f"--{name.replace('_', '-')}" for name in sorted(explicit))
+            raise BadInput(
+                f"{flags} batch an encoder's requests; an LLM's engine batches its own "
+                "(--slots sets mahir's continuous batch): drop them"
+            )
         _serve_llm(folder, manifest, config, tuning, scale)
         return
     if config.slots is not None:
