@@ -65,8 +65,14 @@ def test_bad_steps_are_refused(step: dict, message: str) -> None:
 def test_bad_recipe_files(tmp_path: Path) -> None:
     broken = tmp_path / "broken.yaml"
     broken.write_text("steps: [unclosed")
-    with pytest.raises(BadInput, match="cannot read recipe"):
+    with pytest.raises(
+        BadInput,
+        match=r"broken.yaml is not YAML \(expected ',' or ']'.*at line 1, column 17\): fix it",
+    ) as caught:
         load_recipe(broken, STEP_TYPES)
+    assert "\n" not in str(caught.value)
+    with pytest.raises(BadInput, match=r"cannot read recipe .*missing\.yaml"):
+        load_recipe(tmp_path / "missing.yaml", STEP_TYPES)
     empty = tmp_path / "empty.yaml"
     empty.write_text("steps: []\n")
     with pytest.raises(BadInput, match="needs `runtime:` and `steps:`"):

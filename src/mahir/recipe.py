@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from mahir.errors import BadInput
+from mahir.errors import BadInput, first_line
 from mahir.files import content_hash, write_text_atomically
 from mahir.types import RuntimeOptions
 
@@ -152,12 +152,21 @@ def _data_to_value(value: Any, allowed: Mapping[str, type]) -> Any:
     return value
 
 
+def _where(err: yaml.YAMLError) -> str:
+    """What the YAML parser found wrong and where, in one line (its own message takes five)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or first_line(err)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
 def load_recipe(path: Path, allowed: Mapping[str, type]) -> Recipe:
     """Read recipe.yaml; every step type must be in `allowed`."""
     try:
         data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
+    except OSError as err:
         raise BadInput(f"cannot read recipe {path}: {err}") from err
+    except yaml.YAMLError as err:
+        raise BadInput(f"{path} is not YAML ({_where(err)}): fix it, or write it again") from err
     if not isinstance(data, dict) or "steps" not in data or "runtime" not in data:
         raise BadInput(f"{path} is not a recipe: it needs `runtime:` and `steps:`")
     try:

@@ -377,6 +377,14 @@ def test_slots_are_refused_where_mahir_does_not_batch(llm_dir: Path, tmp_path: P
     assert "LLM output directory" in done.stderr
 
 
+def test_an_llm_is_not_exported_to_triton(llm_dir: Path, tmp_path: Path) -> None:
+    done = cli("export", str(llm_dir), "--triton", str(tmp_path / "repo"))
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert "holds an LLM; Triton export takes encoders and tensor models" in line
+    assert not (tmp_path / "repo").exists()
+
+
 def test_an_encoders_batching_flags_are_refused_for_an_llm(llm_dir: Path) -> None:
     done = cli("serve", str(llm_dir), "--workers", "2", "--max-delay-ms", "3")
     assert done.returncode == 2, done.stderr

@@ -123,6 +123,11 @@ def check_exportable(
     for CPUs)."""
     fmt = str(manifest.get("format"))
     spec = manifest.get("spec")
+    if manifest.get("family") == "decoder":
+        raise Unsupported(
+            f"{out} holds an LLM; Triton export takes encoders and tensor models: serve it with "
+            f"mahir serve {out} (--ray to scale out)"
+        )
     if "model_file" not in manifest or not isinstance(spec, dict) or not spec.get("inputs"):
         raise BadInput(f"{out / MANIFEST} is damaged (no model_file or spec): write it again")
     if fmt not in BACKENDS:
