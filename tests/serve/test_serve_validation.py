@@ -18,7 +18,7 @@ from mahir.errors import MahirError
 from mahir.model import Model
 from mahir.runtimes import open_session
 from mahir.types import Artifact
-from tests.helpers import Server
+from tests.helpers import Server, cli
 from tests.helpers import mahir as run_mahir
 from tests.serve.test_serve import NAME, binary_output, infer_body
 
@@ -125,7 +125,7 @@ def test_a_second_server_on_a_busy_port_fails_before_loading_the_model(
 def test_a_port_that_is_none_is_refused_before_loading_the_model(
     served_openvino_dir: Path, port: str
 ) -> None:
-    done = run_mahir("serve", str(served_openvino_dir), "--port", port)
+    done = cli("serve", str(served_openvino_dir), "--port", port)
     assert done.returncode == 2
     assert f"--port {port} is no TCP port: give one in 1-65535" in done.stderr
     assert "serving" not in done.stderr
