@@ -17,7 +17,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -133,7 +133,7 @@ class TextEncoder:
         return self._backend is not None
 
     @property
-    def plain_text(self) -> str:
+    def plain_text(self) -> Literal["python", "lean rust", "rust"]:
         """How plain text is tokenized: "python" (`AsciiWordPiece`), "lean rust" (its lean
         copy of the Rust pipeline) or "rust" (the tokenizer's own pipeline)."""
         if self._wordpiece is None:
