@@ -1,13 +1,14 @@
 """The f32 GGUF writer: the file transformers reads back is the reference, tensor for tensor
-(names, the query/key permutation, the tokenizer and its chat template), and the folder that
-read is kept in loads the same; it is written once per source and reused; architectures it does
-not cover are refused in one line."""
+(names, the query/key permutation, the tokenizer and its chat template), parsed once for all
+three, and the folder that read is kept in loads the same; it is written once per source and
+reused; architectures it does not cover are refused in one line."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
+import gguf
 import pytest
 import torch
 
@@ -15,13 +16,27 @@ from mahir.errors import Unsupported
 from mahir.export.gguf import f32_gguf, unwritable
 from mahir.export.hf_folder import reference_folder
 from mahir.families.decoder import LanguageModel, gguf_reference_folder
+from mahir.files import CACHE_ENV
 from mahir.model import load_model
 from mahir.types import Artifact
 
 
-def test_the_file_reads_back_as_the_reference(tiny_llm: LanguageModel, tiny_gguf: Artifact) -> None:
+def test_the_file_reads_back_as_the_reference(
+    tiny_llm: LanguageModel, tiny_gguf: Artifact, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert tiny_gguf.path is not None
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))  # nothing kept yet: the file is read
+    opened: list[str] = []
+    open_reader = gguf.GGUFReader
+
+    def counted(path: str, *args: object, **kwargs: object) -> object:
+        opened.append(str(path))
+        return open_reader(path, *args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counted)
     back = load_model(tiny_gguf.path, llm=True)  # transformers' own GGUF reader
+    assert opened == [str(tiny_gguf.path)]  # parsed once for tokenizer, config and weights
+    assert gguf.GGUFReader is counted  # and gguf as it was
     ids = torch.tensor([tiny_llm.family.prompt_ids("What is the capital of France?")])
     with torch.inference_mode():
         expected = tiny_llm.module(input_ids=ids).logits

@@ -256,8 +256,8 @@ def _read_gguf(path: Path) -> tuple[Any, Any]:
 def gguf_reference_folder(path: Path) -> Path:
     """Where the fp32 reference read from the .gguf `path` is kept as a Hugging Face folder,
     keyed by the file's content, this layout's version and transformers' (which dequantizes).
-    transformers takes ~12 s to read SmolLM2-135M's 98 MB GGUF on 2 cores (it parses the file
-    three times), the folder ~1 s."""
+    transformers takes ~6 s to read SmolLM2-135M's 98 MB GGUF on 2 cores (with the file parsed
+    once, `_gguf_parsed_once`), the folder ~1 s."""
     import transformers
 
     parts = f"{content_hash(path)}\0{REFERENCE_VERSION}\0{transformers.__version__}"
@@ -290,7 +290,7 @@ def _dequantize_gguf(path: Path) -> tuple[Any, Any]:
         if importlib.util.find_spec(package) is None:
             raise BadInput(f"reading a .gguf file needs {package}: {GGUF_INSTALL}")
     folder, name = path.parent, path.name
-    with quiet_transformers(), _one_tensor_name_map():
+    with quiet_transformers(), _gguf_parsed_once():
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
             module: Any = transformers.AutoModelForCausalLM.from_pretrained(
@@ -308,18 +308,32 @@ def _dequantize_gguf(path: Path) -> tuple[Any, Any]:
 
 
 @contextlib.contextmanager
-def _one_tensor_name_map() -> Iterator[None]:
-    """transformers asks gguf for the architecture's tensor-name map once per module of the
-    model it fills (397 times for SmolLM2: 5 of the 17 s its GGUF takes to read), and the map
-    depends only on the architecture and the number of blocks: built once here."""
+def _gguf_parsed_once() -> Iterator[None]:
+    """transformers opens the GGUF three times (tokenizer, config, weights), each time parsing
+    every metadata field into Python (the tokenizer's 49k strings for SmolLM2: ~2.5 s a parse
+    on 2 cores); and for each module it fills it asks gguf for the architecture's tensor-name
+    map (397 times for SmolLM2, 5 s in all), which depends only on the architecture and the
+    number of blocks. Here each file is parsed once and each map built once; the reader is only
+    read from."""
     import gguf
 
-    built = gguf.get_tensor_name_map
-    gguf.get_tensor_name_map = functools.cache(built)
+    readers: dict[str, Any] = {}
+    open_reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+
+    def reader_once(path: Any, *args: Any, **kwargs: Any) -> Any:
+        key = str(path)
+        if args or kwargs:  # another mode (write access): its own reader
+            return open_reader(path, *args, **kwargs)
+        if key not in readers:
+            readers[key] = open_reader(path)
+        return readers[key]
+
+    gguf.GGUFReader = reader_once  # type: ignore[assignment,misc]
+    gguf.get_tensor_name_map = functools.cache(name_map)
     try:
         yield
     finally:
-        gguf.get_tensor_name_map = built
+        gguf.GGUFReader, gguf.get_tensor_name_map = open_reader, name_map  # type: ignore[misc]
 
 
 def _read_folder(folder: Path) -> tuple[Any, Any]:
