@@ -256,7 +256,7 @@ def _read_gguf(path: Path) -> tuple[Any, Any]:
 def gguf_reference_folder(path: Path) -> Path:
     """Where the fp32 reference read from the .gguf `path` is kept as a Hugging Face folder,
     keyed by the file's content, this layout's version and transformers' (which dequantizes).
-    transformers takes ~6 s to read SmolLM2-135M's 98 MB GGUF on 2 cores (with the file parsed
+    transformers takes ~9 s to read SmolLM2-135M's 98 MB GGUF on 2 cores (with the file parsed
     once, `_gguf_parsed_once`), the folder ~1 s."""
     import transformers
 
