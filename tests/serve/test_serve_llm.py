@@ -386,9 +386,12 @@ def test_an_llm_is_not_exported_to_triton(llm_dir: Path, tmp_path: Path) -> None
 
 
 def test_an_encoders_batching_flags_are_refused_for_an_llm(llm_dir: Path) -> None:
-    done = cli("serve", str(llm_dir), "--workers", "2", "--max-delay-ms", "3")
+    done = cli("serve", str(llm_dir), "--workers", "2", "--max-delay-ms", "3", "--no-truncate")
     assert done.returncode == 2, done.stderr
-    assert "--max-delay-ms and --workers batch an encoder's requests" in done.stderr
+    assert "--max-delay-ms and --no-truncate and --workers are for an encoder's" in done.stderr
+    done = cli("serve", str(llm_dir), "--max-batch-tokens", "8192")  # its default, but typed
+    assert done.returncode == 2, done.stderr
+    assert "--max-batch-tokens is for an encoder's requests" in done.stderr
     assert "serving" not in done.stderr  # refused before the engine opened
 
 

@@ -158,6 +158,11 @@ def serve(
         "workers": workers,
     }
     explicit = {name: value for name, value in given.items() if value is not None}
+    for_encoders = set(explicit)  # and flags with defaults, where typed rather than defaulted
+    if _typed(ctx, "max_batch_tokens"):
+        for_encoders.add("max_batch_tokens")
+    if _typed(ctx, "truncate"):
+        for_encoders.add("truncate" if truncate else "no_truncate")
 
     def configure() -> tuple[ServeConfig, TuneConfig | None]:
         if (p99_ms is not None) != tune:
@@ -194,7 +199,14 @@ def serve(
 
     config, tuning = guard(ctx, configure)
     scale = guard(ctx, lambda: _ray_config(ray, replicas, autoscale, address))
-    guard(ctx, lambda: _run_serve(source, config, set(explicit), tuning, scale))
+    guard(ctx, lambda: _run_serve(source, config, set(explicit), tuning, scale, for_encoders))
+
+
+def _typed(ctx: typer.Context, name: str) -> bool:
+    """Whether the option `name` was given (on the command line or by its environment
+    variable), not left at its default."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name != "DEFAULT"
 
 
 def _check_port(host: str, port: int) -> None:
@@ -245,8 +257,15 @@ def _ray_config(ray: bool, replicas: int | None, autoscale: str | None, address:
 
 
 def _run_serve(
-    source: str | None, config: Any, explicit: set[str], tuning: Any, scale: Any = None
+    source: str | None,
+    config: Any,
+    explicit: set[str],
+    tuning: Any,
+    scale: Any,
+    for_encoders: set[str],
 ) -> None:
+    """`explicit`: the batching flags given, which win over a tuned choice; `for_encoders`: every
+    flag given that only an encoder's server reads."""
     from mahir.cli.tuning import recorded_batching, tune_and_record
     from mahir.outdir import MANIFEST, model_name, open_output_dir, read_manifest
     from mahir.serve.app import run_server
@@ -254,10 +273,11 @@ def _run_serve(
     folder = Path(source) if source else None
     manifest = read_manifest(folder) if folder and (folder / MANIFEST).is_file() else None
     if folder is not None and manifest is not None and manifest.get("family") == "decoder":
-        if explicit:
-            flags = " and ".join(f"--{name.replace('_', '-')}" for name in sorted(explicit))
+        if for_encoders:
+            flags = " and ".join(f"--{name.replace('_', '-')}" for name in sorted(for_encoders))
+            verb = "is" if len(for_encoders) == 1 else "are"
             raise BadInput(
-                f"{flags} batch an encoder's requests; an LLM's engine batches its own "
+                f"{flags} {verb} for an encoder's requests; an LLM's engine batches its own "
                 "(--slots sets mahir's continuous batch): drop them"
             )
         _serve_llm(folder, manifest, config, tuning, scale)
