@@ -1,11 +1,12 @@
 """Tokenizing on the host, the bound of embedding a corpus on a GPU (`mahir.embed`): the
 default model's tokenizer through transformers' call (what sentence-transformers does) against
-mahir's `TextEncoder` (the Rust tokenizer called directly, unpadded ids laid out by numpy).
+mahir's `TextEncoder` (unpadded ids laid out by numpy), with BERT's plain text tokenized in
+Python (its CPU choice) or by the lean Rust pipeline (its GPU choice, `TextEncoder.for_device`).
 
 4,096 generated sentences (median ~20 tokens) in length-sorted batches of 256, as `embed` feeds
 them (or of each of `--batch-sizes`: the Rust tokenizer spreads one call's sentences over its
 threads, so bigger calls use more of them), and one sentence per call, as a server's request
-often is. The two run interleaved, 7 rounds; medians. With `RAYON_NUM_THREADS=1` the Rust
+often is. All run interleaved, 7 rounds; medians. With `RAYON_NUM_THREADS=1` the Rust
 tokenizer runs on one thread, which shows what the Python side costs (it holds the GIL; the
 Rust side does not).
 
@@ -45,7 +46,10 @@ def main() -> None:
     singles = [[s] for s in sentences[:: SENTENCES // SINGLES]]
     tokenizers: dict[str, Callable[[Sequence[str]], Any]] = {
         "transformers": lambda t: encode_texts(text.tokenizer, model.spec, text.max_length, t),
-        "mahir TextEncoder": TextEncoder(text.tokenizer, model.spec, text.max_length),
+        "mahir TextEncoder, Python": TextEncoder(text.tokenizer, model.spec, text.max_length),
+        "mahir TextEncoder, lean Rust": TextEncoder(
+            text.tokenizer, model.spec, text.max_length, in_python=False
+        ),
     }
     batched: dict[tuple[str, int], list[float]] = {(t, n): [] for t in tokenizers for n in sizes}
     single: dict[str, list[float]] = {name: [] for name in tokenizers}
@@ -66,7 +70,7 @@ def main() -> None:
     ]
     for row in rows:
         print(
-            f"{row['tokenizer']:18s} {SENTENCES} in batches of {row['batch']}: "
+            f"{row['tokenizer']:28s} {SENTENCES} in batches of {row['batch']}: "
             f"{row['batches_ms']:6.1f} ms ({row['sentences_per_s']:,.0f}/s); "
             f"one sentence {row['one_sentence_us']:.1f} us"
         )

@@ -120,11 +120,12 @@ class TextEncoder:
     def for_device(
         cls, tokenizer: Any, spec: InputSpec, max_length: int | None, device: Device
     ) -> TextEncoder:
-        """The encoder for sessions on `device`. On a CPU plain text is tokenized in Python, the
-        fastest on one thread. On a GPU host the thread feeding the GPU needs the GIL between
-        its launches, and Python tokenizing then adds to its time where Rust's overlaps it:
-        4,096 sentences to embeddings through packed fp16 on an H100 host (2026-12-06) took
-        68.4 ms tokenized in Python against 49.4 ms by the lean Rust pipeline."""
+        """The encoder for `embed` (tokenizing on a thread while another feeds the session) with
+        a session on `device`. On a CPU plain text is tokenized in Python, the fastest on one
+        thread. On a GPU host the thread feeding the GPU needs the GIL between its launches, and
+        Python tokenizing then adds to its time where Rust's overlaps it: 4,096 sentences to
+        embeddings through packed fp16 on an H100 host (2026-12-06) took 68.4 ms tokenized in
+        Python against 49.4 ms by the lean Rust pipeline."""
         return cls(tokenizer, spec, max_length, in_python=device.kind == "cpu")
 
     @property
