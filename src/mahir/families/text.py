@@ -113,8 +113,11 @@ class TextEncoder:
             self._backend, "encode_batch", None
         )
         self._type_id = self._constant_type_id()
-        self._wordpiece = AsciiWordPiece.of(self._backend) if self._type_id is not None else None
-        self._in_python = in_python
+        self._wordpiece = (
+            AsciiWordPiece.of(self._backend, in_python=in_python)
+            if self._type_id is not None
+            else None
+        )
 
     @classmethod
     def for_device(
@@ -139,13 +142,13 @@ class TextEncoder:
         copy of the Rust pipeline) or "rust" (the tokenizer's own pipeline)."""
         if self._wordpiece is None:
             return "rust"
-        return "python" if self._in_python else "lean rust"
+        return "python" if self._wordpiece.lean is None else "lean rust"
 
     def __call__(self, texts: Sequence[str]) -> Batch:
         if self._backend is None:
             return encode_texts(self._tokenizer, self._spec, self._max_length, texts)
         if self._wordpiece is not None:
-            ids, encodings = self._wordpiece.ids(texts, in_python=self._in_python), []
+            ids, encodings = self._wordpiece.ids(texts), []
         else:
             encodings = self._encode_batch(list(texts))
             ids = [e.ids for e in encodings]

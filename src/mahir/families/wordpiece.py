@@ -46,9 +46,9 @@ class AsciiWordPiece:
     model's truncation) gives them, the plain ASCII ones without its pipeline."""
 
     backend: Any
-    lean: Any
-    """`backend` with its normalizer cut to what it does on plain text: plain text's tokenizer in
-    Rust."""
+    lean: Any | None
+    """`backend` with its normalizer cut to what it does on plain text, where plain text goes to
+    Rust; None where it is tokenized in Python."""
     vocabulary: dict[str, int]
     lowercase: bool
     longest_word: int
@@ -63,10 +63,11 @@ class AsciiWordPiece:
     remembered: dict[str, list[int]] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, backend: Any) -> AsciiWordPiece | None:
+    def of(cls, backend: Any, *, in_python: bool = True) -> AsciiWordPiece | None:
         """For `backend` if its pipeline is BERT's (normalizer, pre-tokenizer, WordPiece) with
         right-side truncation and a template that wraps one sentence in fixed tokens; else
-        None."""
+        None. `in_python` False: plain text goes to a lean copy of `backend` (made only then:
+        a copy costs ~50 ms)."""
         spec = json.loads(backend.to_str())
         normalizer, pre = spec.get("normalizer") or {}, spec.get("pre_tokenizer") or {}
         truncation = backend.truncation
@@ -88,8 +89,9 @@ class AsciiWordPiece:
             return None
         added = [re.escape(t["content"]) for t in spec.get("added_tokens") or ()]
         lowercase = bool(normalizer.get("lowercase"))
-        lean = copy.deepcopy(backend)
-        lean.normalizer = normalizers.Lowercase() if lowercase else None
+        lean = None if in_python else copy.deepcopy(backend)
+        if lean is not None:
+            lean.normalizer = normalizers.Lowercase() if lowercase else None
         return cls(
             backend=backend,
             lean=lean,
@@ -102,9 +104,9 @@ class AsciiWordPiece:
             written_specials=re.compile("|".join(added), re.IGNORECASE) if added else None,
         )
 
-    def ids(self, texts: Sequence[str], *, in_python: bool = True) -> list[list[int]]:
-        """Each text's ids, in order: plain text in Python, or with `in_python` False by the
-        lean Rust tokenizer; the texts that are not plain go to the full one, in one call."""
+    def ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text's ids, in order: plain text in Python or by the lean Rust tokenizer; the
+        texts that are not plain go to the full one, in one call."""
         plain: list[int] = []
         others: list[int] = []
         for i, text in enumerate(texts):
@@ -113,7 +115,7 @@ class AsciiWordPiece:
             )
             (plain if takes else others).append(i)
         rows: list[list[int]] = [[] for _ in texts]
-        if in_python:
+        if self.lean is None:
             for i in plain:
                 rows[i] = self._plain(texts[i])
         else:
