@@ -6,7 +6,7 @@ prompts. Per-step time: a call of 128 new tokens less a call of 1 (the prefill),
 medians of 3. Then torch.profiler's table for one call of 17 tokens (prefill and 16 steps), by
 GPU time: which kernels the steps are made of.
 
-Usage: python -m benchmarks.gpu_llm_steps [--models smollm2-135m] [--out results.json]
+Usage: python -m benchmarks.gpu_llm_steps [--models smollm2-135m] [--batches 1 32] [--out FILE]
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def profile_table(call: Callable[[], Any]) -> str:
     return str(averages.table(sort_by="device_time_total", row_limit=25, max_name_column_width=90))
 
 
-def run_model(name: str) -> dict[str, Any]:
+def run_model(name: str, sizes: list[int]) -> dict[str, Any]:
     config = transformers.LlamaConfig(**SHAPES[name])
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -69,7 +69,7 @@ def run_model(name: str) -> dict[str, Any]:
     started = time.perf_counter()
     generator = open_generator(Artifact("torch", DECODER_SPEC, module=module), options)
     result: dict[str, Any] = {"model": name, "compile_s": time.perf_counter() - started}
-    for size in (1, 32):
+    for size in sizes:
         batch = prompts(size, 128, config.vocab_size, seed=size)
         started = time.perf_counter()
         generate(generator, batch, 4)  # compiles and captures this batch size's step
@@ -90,9 +90,10 @@ def run_model(name: str) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", nargs="*", default=["smollm2-135m"])
+    parser.add_argument("--batches", nargs="*", type=int, default=[1, 32])
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    results = [run_model(name) for name in args.models]
+    results = [run_model(name, args.batches) for name in args.models]
     if args.out:
         args.out.write_text(json.dumps(gpu.result(results), indent=2) + "\n")
 

@@ -188,9 +188,9 @@ def test_sliding_window_layers_are_refused_by_the_compiled_engine_alone(
 def test_on_a_gpu_the_compiled_step_decodes_as_the_cpu_engine_does(
     tiny_llm: LanguageModel,
 ) -> None:
-    """fp32 on a GPU, the step compiled there (grouped attention, frozen weights, autotuned,
-    captured as CUDA graphs) and the prefills compiled with dynamic shapes: one stream and a
-    padded batch get the CPU engine's greedy tokens."""
+    """fp32 on a GPU, the step compiled there (grouped attention, frozen weights, autotuned for
+    one row and not for three, captured as CUDA graphs) and the prefills compiled with dynamic
+    shapes: one stream and a padded batch get the CPU engine's greedy tokens."""
     cpu = open_engine("torch", tiny_llm.original(), ONE_THREAD)
     prompts = _prompts_of_three_lengths(tiny_llm)
     alone = [list(cpu.stream(p, Sampling(16))) for p in prompts]

@@ -80,21 +80,31 @@ def compile_step(step: Step, where: torch.device) -> Step:
 
     On a GPU a small model's step is hundreds of short kernels, bound by launches and by the
     skinny matmuls of a few rows: the weights are frozen into the compiled code (inductor's
-    freezing: the projections that share an input, q/k/v and gate/up, become one matmul each),
-    matmuls are autotuned, and the step replays as a CUDA graph captured here (`CapturedStep`).
-    torch.compile's own graphs ("max-autotune") are not used: with frozen weights, torch 2.11
-    counts the step's writes to the static KV cache as mutated inputs and skips the graph (9.1 ms
-    a token for SmolLM2-135M's shape on an H200, against 1.1). With them, on an H100, that shape
-    decodes 32 rows at 14.9k tokens/s, 1.97x transformers' compiled `generate`. Each batch size
-    compiles, and freezes its merged weights, once."""
+    freezing: the projections that share an input, q/k/v and gate/up, become one matmul each)
+    and the step replays as a CUDA graph captured here (`CapturedStep`). torch.compile's own
+    graphs ("reduce-overhead") are not used: with frozen weights, torch 2.11 counts the step's
+    writes to the static KV cache as mutated inputs and skips the graph (9.1 ms a token for
+    SmolLM2-135M's shape on an H200, against 1.1).
+
+    Matmuls are autotuned for one row only, as measured on H100s against transformers'
+    compiled `generate` (`benchmarks/gpu_llm.py`, per-token ratios at one row, tokens/s at 32):
+    at one row max-autotune's Triton kernels, the norms fused into them, beat cuBLAS
+    (SmolLM2-135M's shape 2.50x against 1.73x, TinyLlama-1.1B's 2.20x against 1.64x); at 32 rows
+    cuBLAS's do as well or better, and the step compiles in a fifth of the time (TinyLlama-1.1B's
+    shape 2.52x against 1.71x, SmolLM2-135M's 2.48x against 2.57x). Each batch size compiles,
+    and freezes its merged weights, once."""
     if where.type != "cuda":
         return torch.compile(step, fullgraph=True, dynamic=False)
-    options: dict[str, str | int | bool | Callable[..., Any]] = {
-        "freezing": True,
-        "max_autotune": True,
-        "coordinate_descent_tuning": True,
-    }
-    return CapturedStep(torch.compile(step, fullgraph=True, dynamic=False, options=options))
+    Options = dict[str, str | int | bool | Callable[..., Any]]
+    frozen: Options = {"freezing": True}
+    autotuned: Options = {**frozen, "max_autotune": True, "coordinate_descent_tuning": True}
+    one_row = torch.compile(step, fullgraph=True, dynamic=False, options=autotuned)
+    rows = torch.compile(step, fullgraph=True, dynamic=False, options=frozen)
+
+    def by_rows(ids: torch.Tensor, *rest: Any) -> torch.Tensor:
+        return (one_row if ids.shape[0] == 1 else rows)(ids, *rest)
+
+    return CapturedStep(by_rows)
 
 
 def static_cache(module: Any, batch: int, length: int, where: torch.device) -> Any:
