@@ -76,6 +76,7 @@ def test_bench_a_factory_model_on_every_runtime(tmp_path: Path) -> None:
         (("bench", "-r", "tensorrt-xl"), "unknown runtime"),
         (("bench", "--tokens", "many"), "MIN-MAX"),
         (("bench", "-b", "0"), "batch"),
+        (("bench", "--seconds", "-1"), "--seconds must be >= 0, got -1"),
         (("bench", "--device", "gpu"), "unknown device 'gpu'"),
         (("bench", "--device", "cuda:7"), "no cuda:7 here"),
         (("bench", "--llm", "--device", "cuda:7"), "no cuda:7 here"),

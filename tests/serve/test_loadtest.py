@@ -39,6 +39,28 @@ def test_a_url_that_is_no_servers_address_is_refused_in_one_line(url: str) -> No
     ]
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--concurrency", "0"), "--concurrency must be >= 1, got 0"),
+        (("--rate", "0"), "--rate must be > 0, got 0"),
+        (("--rate", "-2"), "--rate must be > 0, got -2"),
+        (("--concurrency", "2", "--duration", "0"), "--duration must be > 0, got 0"),
+        (("--concurrency", "2", "--requests", "0"), "--requests must be >= 1, got 0"),
+        (("--concurrency", "2", "--sentences", "0"), "--sentences must be >= 1, got 0"),
+        (("--concurrency", "2", "--llm", "--max-tokens", "0"), "--max-tokens must be >= 1, got 0"),
+        (("--concurrency", "2", "--llm", "--itl-ms", "0"), "--itl-ms must be > 0, got 0"),
+    ],
+)
+def test_a_count_or_rate_out_of_range_is_refused_before_any_request(
+    flags: tuple[str, ...], message: str
+) -> None:
+    """Zero clients or a rate of zero once passed for "not given" and ran a load anyway."""
+    done = cli("loadtest", "http://127.0.0.1:9", *flags)
+    assert done.returncode == 2, done.stderr
+    assert [line for line in done.stderr.splitlines() if line.strip()] == [f"error: {message}"]
+
+
 @pytest.mark.parametrize(("failed", "passes"), [(1, True), (2, True), (3, False)])
 def test_failures_are_allowed_up_to_the_share_given(failed: int, passes: bool) -> None:
     result = LoadResult(LoadConfig("http://x", concurrency=1, max_error_rate=0.01))

@@ -131,6 +131,29 @@ def test_a_port_that_is_none_is_refused_before_loading_the_model(
     assert "serving" not in done.stderr
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--max-body-mb", "0"), "--max-body-mb must be > 0, got 0"),
+        (("--timeout-ms", "0"), "--timeout-ms must be > 0, got 0"),
+        (("--max-delay-ms", "-1"), "--max-delay-ms must be >= 0, got -1"),
+        (("--max-padding", "-0.5"), "--max-padding must be >= 0, got -0.5"),
+        (("--max-batch-size", "0"), "--max-batch-size must be >= 1, got 0"),
+        (("--max-queue", "0"), "--max-queue must be >= 1, got 0"),
+        (("--workers", "0"), "--workers must be >= 1, got 0"),
+        (("--tune", "--p99-ms", "50", "--tune-seconds", "0"), "--tune-seconds must be > 0, got 0"),
+    ],
+)
+def test_a_limit_out_of_range_is_refused_by_its_flag_before_loading_the_model(
+    served_openvino_dir: Path, flags: tuple[str, ...], message: str
+) -> None:
+    """Named as typed, not by the batcher's field (max_delay_ms); a body limit of 0, which
+    would refuse every request with 413, once started a server."""
+    done = cli("serve", str(served_openvino_dir), *flags)
+    assert done.returncode == 2
+    assert [line for line in done.stderr.splitlines() if line.strip()] == [f"error: {message}"]
+
+
 @pytest.fixture(scope="module")
 def mlp_server(served_mlp_dir: Path) -> Iterator[Server]:
     running = Server(served_mlp_dir)

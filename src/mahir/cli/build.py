@@ -20,6 +20,7 @@ from mahir.cli.common import (
     load_with_logits,
     parse_range,
     progress_bar,
+    refuse_below,
     write_json,
 )
 from mahir.errors import BadInput
@@ -138,6 +139,7 @@ def bench(
         from mahir.types import RuntimeOptions
         from mahir.workload import read_sentences
 
+        refuse_below(0, seconds=seconds)
         try:
             return BenchConfig(
                 runtimes=tuple(runtime or ()),

@@ -61,6 +61,16 @@ def device_here(text: str) -> Device:
     return device
 
 
+def refuse_below(floor: float, *, above: bool = False, **flags: float | None) -> None:
+    """Refuse, in one line naming the flag as typed (`max_delay_ms` is --max-delay-ms), a number
+    under `floor`, or at it where it must be `above`; a flag left out (None) passes. The
+    configs a command builds check their fields again, but in their fields' names."""
+    for name, value in flags.items():
+        if value is not None and (value < floor or (above and value == floor)):
+            bound = f"> {floor:g}" if above else f">= {floor:g}"
+            raise BadInput(f"--{name.replace('_', '-')} must be {bound}, got {value:g}")
+
+
 def load_with_logits(source: str | None, logits: list[str] | None, command: str) -> Any:
     """The model `source` names, with the outputs `--logits` names judged as class scores."""
     from mahir.model import load_model, one_forward, with_logits

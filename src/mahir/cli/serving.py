@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from mahir.cli.common import errors, guard
+from mahir.cli.common import errors, guard, refuse_below
 from mahir.errors import BadInput
 
 
@@ -168,6 +168,17 @@ def serve(
         if (p99_ms is not None) != tune:
             raise BadInput("--tune and --p99-ms go together: --tune --p99-ms 100, say")
         _check_port(host, port)
+        refuse_below(
+            1,
+            max_batch_size=max_batch_size,
+            max_batch_tokens=max_batch_tokens,
+            max_queue=max_queue,
+            workers=workers,
+            tune_concurrency=tune_concurrency,
+        )
+        refuse_below(0, max_delay_ms=max_delay_ms, max_padding=max_padding)
+        refuse_below(0, above=True, timeout_ms=timeout_ms, max_body_mb=max_body_mb)
+        refuse_below(0, above=True, tune_seconds=tune_seconds)
         try:
             batcher = BatcherConfig(
                 max_batch_tokens=max_batch_tokens,

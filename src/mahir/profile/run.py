@@ -67,8 +67,12 @@ class ProfileConfig:
                 f"--batch-size and --sequence-length must be >= 1, got {self.batch_size} and "
                 f"{self.sequence_length}"
             )
-        if self.runs < 1 or self.seconds <= 0 or self.top < 1:
-            raise BadInput("runs, seconds and top must be positive")
+        counts = (("--runs", self.runs), ("--top", self.top), ("--threads", self.threads))
+        for flag, value in counts:
+            if value is not None and value < 1:
+                raise BadInput(f"{flag} must be >= 1, got {value}")
+        if self.seconds <= 0:
+            raise BadInput(f"--seconds must be > 0, got {self.seconds:g}")
 
     def chosen_runtime(self, recorded: str | None = None) -> str:
         if self.runtime is not None:

@@ -50,6 +50,13 @@ class LlmLoad:
     ttft_ms: float = 1000.0
     itl_ms: float = 100.0
 
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise BadInput(f"--max-tokens must be >= 1, got {self.max_tokens}")
+        for flag, bound in (("--ttft-ms", self.ttft_ms), ("--itl-ms", self.itl_ms)):
+            if bound <= 0:
+                raise BadInput(f"{flag} must be > 0, got {bound:g}")
+
 
 @dataclass
 class LlmLoadResult(LoadResult):

@@ -57,8 +57,16 @@ class LoadConfig:
             )
         if (self.concurrency is None) == (self.rate is None):
             raise BadInput("give exactly one of --concurrency (closed loop) or --rate (open loop)")
-        if (self.concurrency or 1) < 1 or (self.rate or 1) <= 0 or self.duration_s <= 0:
-            raise BadInput("concurrency must be >= 1, rate > 0 and duration > 0")
+        for flag, count in (
+            ("--concurrency", self.concurrency),
+            ("--requests", self.max_requests),
+            ("--sentences", self.sentences_per_request),
+        ):
+            if count is not None and count < 1:
+                raise BadInput(f"{flag} must be >= 1, got {count}")
+        for flag, amount in (("--rate", self.rate), ("--duration", self.duration_s)):
+            if amount is not None and amount <= 0:
+                raise BadInput(f"{flag} must be > 0, got {amount:g}")
         if not 0 <= self.max_error_rate <= 1:
             raise BadInput(f"--max-error-rate is a share in [0, 1], got {self.max_error_rate}")
         if self.endpoint == "infer" and self.model is None:
