@@ -122,6 +122,15 @@ def test_optimize_then_export_through_the_command(
         assert not repo.exists()
 
 
+def test_the_command_list_gives_each_summary_unbroken() -> None:
+    """A summary is its docstring's first paragraph, joined, not cut where the source wraps."""
+    result = cli("--help", env={"COLUMNS": "400"})
+    assert result.returncode == 0
+    rows = [line for line in result.stdout.splitlines() if " profile " in line]
+    assert len(rows) == 1
+    assert "bytes, and place the model and its heaviest ops on the roofline" in rows[0]
+
+
 def test_help_shows_bracketed_text_that_rich_would_read_as_markup() -> None:
     result = cli("serve", "--help", env={"COLUMNS": "200"})
     assert result.returncode == 0

@@ -29,7 +29,9 @@ for command in (
     loadtesting.loadtest,
     export.export,
 ):
-    app.command()(command)
+    # the list in `mahir --help` keeps a docstring's line breaks: its first paragraph, unwrapped
+    summary = " ".join((command.__doc__ or "").split("\n\n")[0].split())
+    app.command(short_help=summary)(command)
 
 
 @app.callback()
