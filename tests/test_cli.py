@@ -77,6 +77,7 @@ def test_bench_a_factory_model_on_every_runtime(tmp_path: Path) -> None:
         (("bench", "--tokens", "many"), "MIN-MAX"),
         (("bench", "-b", "0"), "batch"),
         (("bench", "--seconds", "-1"), "--seconds must be >= 0, got -1"),
+        (("bench", "tests"), "tests has no config.json"),
         (("bench", "--device", "gpu"), "unknown device 'gpu'"),
         (("bench", "--device", "cuda:7"), "no cuda:7 here"),
         (("bench", "--llm", "--device", "cuda:7"), "no cuda:7 here"),
@@ -86,8 +87,8 @@ def test_bench_a_factory_model_on_every_runtime(tmp_path: Path) -> None:
 def test_bad_input_is_one_line_and_exit_code_2(args: tuple[str, ...], message: str) -> None:
     result = cli(*args)
     assert result.returncode == 2
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr  # not even a blank line a spinner left
     assert lines[0].startswith("error:")
     assert message in lines[0]
     assert "Traceback" not in result.stderr
@@ -182,3 +183,16 @@ def test_optimize_refuses_sentences_for_a_tensor_model_before_the_search(tmp_pat
     )
     assert not (tmp_path / "out").exists()
     assert not (tmp_path / ".out.cache.jsonl").exists()
+
+
+@pytest.mark.parametrize("command", ["bench", "optimize"])
+def test_an_output_directory_given_as_a_model_says_what_takes_it(
+    served_mlp_dir: Path, command: str, tmp_path: Path
+) -> None:
+    out = ["--out", str(tmp_path / "out")] if command == "optimize" else []
+    result = cli(command, str(served_mlp_dir), *out)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"error: {served_mlp_dir} is a mahir output directory, not a model: give the model it "
+        "was made from (mahir profile and mahir serve take the directory)"
+    ]

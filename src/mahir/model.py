@@ -161,6 +161,13 @@ def load_hf_folder(folder: Path, *, name: str | None = None) -> Model:
     import transformers
 
     if not (folder / "config.json").is_file():
+        from mahir.outdir import MANIFEST
+
+        if (folder / MANIFEST).is_file():
+            raise BadInput(
+                f"{folder} is a mahir output directory, not a model: give the model it was made "
+                "from (mahir profile and mahir serve take the directory)"
+            )
         raise BadInput(f"{folder} has no config.json: {USAGE}")
     weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
     if not any((folder / w).is_file() for w in weights):

@@ -142,6 +142,11 @@ def test_a_port_that_is_none_is_refused_before_loading_the_model(
         (("--max-queue", "0"), "--max-queue must be >= 1, got 0"),
         (("--workers", "0"), "--workers must be >= 1, got 0"),
         (("--tune", "--p99-ms", "50", "--tune-seconds", "0"), "--tune-seconds must be > 0, got 0"),
+        (
+            ("--api-key", " "),
+            "--api-key (or MAHIR_API_KEY) is empty: give the key clients "
+            "must send, or leave it unset to serve without one",
+        ),
     ],
 )
 def test_a_limit_out_of_range_is_refused_by_its_flag_before_loading_the_model(

@@ -80,6 +80,8 @@ def load_with_logits(source: str | None, logits: list[str] | None, command: str)
 
 
 def progress_bar() -> Progress:
+    """A spinner on stderr while it is a terminal; off otherwise, where rich would draw nothing
+    but still end with a blank line (before a one-line error, say)."""
     return Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -87,6 +89,7 @@ def progress_bar() -> Progress:
         TimeElapsedColumn(),
         console=errors,
         transient=True,
+        disable=not errors.is_terminal,
     )
 
 

@@ -168,6 +168,11 @@ def serve(
         if (p99_ms is not None) != tune:
             raise BadInput("--tune and --p99-ms go together: --tune --p99-ms 100, say")
         _check_port(host, port)
+        if api_key is not None and not api_key.strip():
+            raise BadInput(
+                "--api-key (or MAHIR_API_KEY) is empty: give the key clients must send, or "
+                "leave it unset to serve without one"
+            )
         refuse_below(
             1,
             max_batch_size=max_batch_size,
