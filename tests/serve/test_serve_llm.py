@@ -276,6 +276,15 @@ def test_a_client_that_leaves_frees_its_slot_at_the_next_token(server: Server) -
         ),
         (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}', "messages"),
         (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": -1}', "temperature"),
+        (b'{"messages": [{"role": "wizard", "content": "hi"}]}', "messages[0]"),
+        (  # no engine here is given penalties or biases: refused, never silently dropped
+            b'{"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 0.5}',
+            "frequency_penalty",
+        ),
+        (
+            b'{"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"5": 100}}',
+            "logit_bias",
+        ),
         (  # the default LLM's chat template takes no tools
             b'{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", '
             b'"function": {"name": "f", "parameters": {}}}]}',
@@ -292,6 +301,21 @@ def test_bad_requests_are_400s_in_openais_shape(
     assert set(error) == {"message", "type", "param", "code"}
     assert error["param"] == param
     assert error["type"] == "invalid_request_error"
+
+
+def test_penalties_and_biases_that_ask_for_nothing_are_accepted(server: Server) -> None:
+    """What clients send as defaults: zero penalties, an empty bias."""
+    api = client(server)
+    answer = api.completions.create(
+        model=api.models.list().data[0].id,
+        prompt="Hi",
+        max_tokens=2,
+        frequency_penalty=0,
+        presence_penalty=0.0,
+        logit_bias={},
+    )
+    assert answer.usage is not None
+    assert answer.usage.completion_tokens == 2
 
 
 def test_a_prompt_past_the_context_is_refused_by_the_client_too(server: Server) -> None:

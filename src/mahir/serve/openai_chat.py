@@ -31,6 +31,11 @@ MAX_STOPS = 4
 MAX_CHOICES = 16
 """`n` at most: each choice is a sequence of its own in the scheduler."""
 MAX_TOP = {"chat": 20, "completion": 5}
+ROLES = ("system", "developer", "user", "assistant", "tool")
+"""The roles a chat message may have (OpenAI's, less the retired "function")."""
+UNAPPLIED = ("frequency_penalty", "presence_penalty", "logit_bias")
+"""Fields that change which tokens come out, which no engine here is given: a request that sets
+one is refused rather than answered as if it had not."""
 """Alternatives per token at most, as OpenAI's APIs allow them."""
 
 
@@ -129,6 +134,8 @@ def _request(
     prompt: Any,
     logprobs: int | None = None,
 ) -> LlmRequest:
+    for name in UNAPPLIED:
+        _refuse_set(body, name)
     n = _whole(body, "n", 1, low=1)
     if n > MAX_CHOICES:
         raise Malformed(
@@ -244,6 +251,10 @@ def _message(message: Any, index: int) -> dict[str, Any]:
     where = f"messages[{index}]"
     if not isinstance(message, dict) or not isinstance(message.get("role"), str):
         raise Malformed(f"{where} must be an object with a role", param=where)
+    if message["role"] not in ROLES:
+        raise Malformed(
+            f"{where}.role is {message['role']!r}: send one of {', '.join(ROLES)}", param=where
+        )
     content = message.get("content")
     calls = message.get("tool_calls") if message["role"] == "assistant" else None
     if isinstance(content, list):  # text parts
@@ -294,7 +305,8 @@ def _stops(stop: Any) -> tuple[str, ...]:
 
 
 def _refuse_set(body: dict[str, Any], name: str) -> None:
-    if body.get(name) not in (None, False, [], 0):
+    """Refuse `name` given a value that asks for something (0, false, empty: nothing)."""
+    if body.get(name):
         raise Malformed(f"{name} is not supported by this server: leave it out", param=name)
 
 
