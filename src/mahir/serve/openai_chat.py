@@ -31,12 +31,12 @@ MAX_STOPS = 4
 MAX_CHOICES = 16
 """`n` at most: each choice is a sequence of its own in the scheduler."""
 MAX_TOP = {"chat": 20, "completion": 5}
+"""Alternatives per token at most, as OpenAI's APIs allow them."""
 ROLES = ("system", "developer", "user", "assistant", "tool")
 """The roles a chat message may have (OpenAI's, less the retired "function")."""
 UNAPPLIED = ("frequency_penalty", "presence_penalty", "logit_bias")
 """Fields that change which tokens come out, which no engine here is given: a request that sets
 one is refused rather than answered as if it had not."""
-"""Alternatives per token at most, as OpenAI's APIs allow them."""
 
 
 @dataclass(frozen=True, slots=True)
