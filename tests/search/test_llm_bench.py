@@ -91,6 +91,9 @@ def test_llama_cpp_refuses_what_it_cannot_write_in_one_line(
         (("--llm", "--workdir", "w"), "--workdir are not for LLMs"),
         (("--llm", "-b", "8", "-b", "0"), "requests at once must be >= 2"),
         (("--llm", "--data", "p.txt", "--tokens", "8-16"), "--data gives the prompts"),
+        (("--llm", "--data", "nosuch.txt"), "--data nosuch.txt is not a file"),
+        (("--llm", "--prompts", "nosuch.txt"), "--prompts nosuch.txt is neither a count nor a"),
+        (("--llm", "--prompts", "0"), "--prompts must be >= 1, got 0"),
         (("--llm", "--tokens", "10-5"), "--tokens 10-5 is empty"),
     ],
 )
@@ -99,3 +102,18 @@ def test_what_llms_do_not_take_is_refused_in_one_line(args: tuple[str, ...], mes
     assert found.returncode == 2, found.stderr
     assert message in found.stderr
     assert len(found.stderr.strip().splitlines()) == 1
+
+
+def test_prompts_from_a_file_come_through_prompts_as_through_data(
+    decoder_folders: dict[str, Path], tmp_path: Path
+) -> None:
+    """bench's --prompts takes a file, as optimize's does, or a count of prompts to generate."""
+    asked = tmp_path / "asked.txt"
+    asked.write_text("What is the capital of France?\nName three colors.\n")
+    folder, out = str(decoder_folders["llama"]), tmp_path / "bench.json"
+    small = ("-r", "torch", "--new-tokens", "3-3", "--threads", "1")
+    found = cli("bench", folder, *small, "--prompts", str(asked), "--json", str(out))
+    assert found.returncode == 0, found.stderr
+    workload = json.loads(out.read_text())["workload"]
+    assert workload["origin"] == str(asked)
+    assert workload["prompts"] == 2

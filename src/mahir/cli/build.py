@@ -97,7 +97,13 @@ def bench(
         ),
     ] = False,
     prompts: Annotated[
-        int | None, typer.Option("--prompts", help="LLMs: generated prompts \\[default: 8].")
+        str | None,
+        typer.Option(
+            "--prompts",
+            help="LLMs: how many prompts to generate, or a file of them (as --data: .txt lines "
+            "or .jsonl objects) \\[default: 8 generated].",
+            show_default=False,
+        ),
     ] = None,
     new_tokens: Annotated[
         str | None,

@@ -70,7 +70,7 @@ def _configure(
     data: Path | None,
     tokens: str | None,
     new_tokens: str | None,
-    prompts: int | None,
+    prompts: str | None,
     seconds: float | None,
     threads: int | None,
     device: str,
@@ -79,21 +79,41 @@ def _configure(
     from mahir.search.llm_bench import LlmBenchConfig
     from mahir.types import RuntimeOptions
 
-    if data is not None and (tokens or prompts):
-        raise BadInput("--data gives the prompts: leave out --tokens and --prompts")
+    count, file = _prompt_source(prompts, data)
+    if data is not None and (tokens or count is not None):
+        raise BadInput("--data gives the prompts: leave out --tokens and --prompts N")
+    if file is not None and tokens:
+        raise BadInput("--prompts FILE gives the prompts: leave out --tokens")
+    if data is not None and not data.is_file():
+        raise BadInput(f"--data {data} is not a file: give a .txt or .jsonl of prompts")
     try:
         return LlmBenchConfig(
             variants=tuple(engines),
-            prompts=8 if prompts is None else prompts,
+            prompts=8 if count is None else count,
             prompt_tokens=parse_range(tokens) if tokens else PROMPT_TOKENS,
             new_tokens=parse_range(new_tokens, "--new-tokens") if new_tokens else NEW_TOKENS,
-            prompts_file=data,
+            prompts_file=file,
             min_time_s=seconds or 0.0,
             at_once=tuple(at_once),
             options=RuntimeOptions(threads=threads, device=device_here(device)),
         )
     except ValueError as err:  # the configs' own checks
         raise BadInput(str(err)) from err
+
+
+def _prompt_source(prompts: str | None, data: Path | None) -> tuple[int | None, Path | None]:
+    """bench's --prompts, (count, file): how many prompts to generate, or a file of them, as
+    optimize's --prompts and bench's --data take one."""
+    if prompts is None or prompts.strip().lstrip("-").isdigit():
+        return (None if prompts is None else int(prompts)), data
+    if data is not None:
+        raise BadInput("--prompts and --data both give a file of prompts: give one")
+    if not Path(prompts).is_file():
+        raise BadInput(
+            f"--prompts {prompts} is neither a count nor a file: give a number, or a .txt or "
+            ".jsonl of prompts"
+        )
+    return None, Path(prompts)
 
 
 def run_llm_optimize(

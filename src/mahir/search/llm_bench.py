@@ -82,6 +82,8 @@ class LlmBenchConfig:
             raise BadInput(f"unknown LLM engine {unknown[0]!r}: choose from {', '.join(VARIANTS)}")
         check_range("--tokens", self.prompt_tokens)
         check_range("--new-tokens", self.new_tokens)
+        if self.prompts < 1:
+            raise BadInput(f"--prompts must be >= 1, got {self.prompts}")
         if self.min_time_s < 0:
             raise BadInput(f"--seconds must be >= 0, got {self.min_time_s}")
         if any(n < 2 for n in self.at_once):
