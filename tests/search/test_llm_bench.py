@@ -92,7 +92,7 @@ def test_llama_cpp_refuses_what_it_cannot_write_in_one_line(
         (("--llm", "-b", "8", "-b", "0"), "requests at once must be >= 2"),
         (("--llm", "--data", "p.txt", "--tokens", "8-16"), "--data gives the prompts"),
         (("--llm", "--data", "nosuch.txt"), "--data nosuch.txt is not a file"),
-        (("--llm", "--prompts", "nosuch.txt"), "--prompts nosuch.txt is neither a count nor a"),
+        (("--llm", "--prompts", "nosuch.txt"), "--prompts nosuch.txt is not a file"),
         (("--llm", "--prompts", "0"), "--prompts must be >= 1, got 0"),
         (("--llm", "--tokens", "10-5"), "--tokens 10-5 is empty"),
     ],

@@ -214,7 +214,8 @@ def test_the_report_is_self_contained(searched: LlmSearched, tmp_path: Path) -> 
 
 def test_optimize_llm_through_the_command(decoder_folders: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "llm-out"
-    lengths = ("--tokens", "200-210", "--new-tokens", "5-6")  # the default: at most 192 here
+    # the default: at most 192 here; three prompts generated, not the default four
+    lengths = ("--tokens", "200-210", "--new-tokens", "5-6", "--prompts", "3")
     found = cli(
         "optimize", str(decoder_folders["llama"]), "--engines", "torch", *lengths, "--out", str(out)
     )
@@ -226,6 +227,7 @@ def test_optimize_llm_through_the_command(decoder_folders: dict[str, Path], tmp_
     workload = json.loads((out / "report.json").read_text())["workload"]
     assert 190 <= workload["prompt_tokens"]["min"] <= workload["prompt_tokens"]["max"] <= 210
     assert 5 <= workload["new_tokens"]["min"] <= workload["new_tokens"]["max"] <= 6
+    assert workload["prompts"] == 3
 
 
 @pytest.mark.parametrize(
@@ -234,7 +236,9 @@ def test_optimize_llm_through_the_command(decoder_folders: dict[str, Path], tmp_
         (("--tokens", "5"), "--tokens takes MIN-MAX"),
         (("--tokens", "10-5"), "--tokens 10-5 is empty"),
         (("--new-tokens", "0-4"), "--new-tokens 0-4 is empty"),
-        (("--prompts", "p.txt", "--tokens", "8-16"), "--prompts gives the prompts"),
+        (("--prompts", "p.txt", "--tokens", "8-16"), "--prompts FILE gives the prompts"),
+        (("--prompts", "p.txt"), "--prompts p.txt is not a file"),
+        (("--prompts", "0"), "--prompts must be >= 1, got 0"),
     ],
 )
 def test_workload_options_are_checked_in_one_line(args: tuple[str, ...], message: str) -> None:

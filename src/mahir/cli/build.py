@@ -352,11 +352,13 @@ def optimize(
         ),
     ] = None,
     prompts: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
             "--prompts",
             help="LLMs: prompts to time, one per line (.txt) or as "
-            '{"prompt"|"messages", "max_new_tokens"} objects (.jsonl) \\[default: generated].',
+            '{"prompt"|"messages", "max_new_tokens"} objects (.jsonl); or how many to generate '
+            "\\[default: 4 generated].",
+            show_default=False,
         ),
     ] = None,
 ) -> None:

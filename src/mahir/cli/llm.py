@@ -84,8 +84,7 @@ def _configure(
         raise BadInput("--data gives the prompts: leave out --tokens and --prompts N")
     if file is not None and tokens:
         raise BadInput("--prompts FILE gives the prompts: leave out --tokens")
-    if data is not None and not data.is_file():
-        raise BadInput(f"--data {data} is not a file: give a .txt or .jsonl of prompts")
+    _check_file(file, "--data" if data is not None else "--prompts")
     try:
         return LlmBenchConfig(
             variants=tuple(engines),
@@ -102,18 +101,20 @@ def _configure(
 
 
 def _prompt_source(prompts: str | None, data: Path | None) -> tuple[int | None, Path | None]:
-    """bench's --prompts, (count, file): how many prompts to generate, or a file of them, as
-    optimize's --prompts and bench's --data take one."""
+    """--prompts as bench and optimize take it, (count, file): how many prompts to generate, or
+    a file of them (which bench's --data may give instead)."""
     if prompts is None or prompts.strip().lstrip("-").isdigit():
         return (None if prompts is None else int(prompts)), data
     if data is not None:
         raise BadInput("--prompts and --data both give a file of prompts: give one")
-    if not Path(prompts).is_file():
-        raise BadInput(
-            f"--prompts {prompts} is neither a count nor a file: give a number, or a .txt or "
-            ".jsonl of prompts"
-        )
     return None, Path(prompts)
+
+
+def _check_file(file: Path | None, flag: str) -> None:
+    """Refuse a prompts file that is not there, before the model loads."""
+    if file is not None and not file.is_file():
+        more = ", or a number of prompts to generate" if flag == "--prompts" else ""
+        raise BadInput(f"{flag} {file} is not a file: give a .txt or .jsonl of prompts{more}")
 
 
 def run_llm_optimize(
@@ -123,7 +124,7 @@ def run_llm_optimize(
     objective: str,
     time_budget: float | None,
     engines: list[str],
-    prompts: Path | None,
+    prompts: str | None,
     device: str,
     at_once: list[int],
     tokens: str | None = None,
@@ -136,9 +137,13 @@ def run_llm_optimize(
         raise BadInput(f"{' and '.join(given)} are not for LLMs: leave them out with --llm")
     if len(at_once) > 1:
         raise BadInput("an LLM search times one number of requests at once: give -b once")
-    if prompts is not None and tokens:
-        raise BadInput("--prompts gives the prompts: leave out --tokens")
-    lengths: dict[str, Any] = {}  # given ranges only: the config's defaults stand otherwise
+    count, file = _prompt_source(prompts, None)
+    if file is not None and tokens:
+        raise BadInput("--prompts FILE gives the prompts: leave out --tokens")
+    _check_file(file, "--prompts")
+    lengths: dict[str, Any] = {}  # given values only: the config's defaults stand otherwise
+    if count is not None:
+        lengths["prompts"] = count
     if tokens:
         lengths["prompt_tokens"] = parse_range(tokens)
     if new_tokens:
@@ -148,13 +153,11 @@ def run_llm_optimize(
     from mahir.search.llm_output import llm_table, save_llm_output, verdicts
 
     check_output_dir(out)
-    if prompts is not None and not prompts.is_file():
-        raise BadInput(f"--prompts {prompts} is not a file: give a .txt or .jsonl of prompts")
     config = LlmOptimizeConfig(
         objective=objective,  # type: ignore[arg-type]  # checked in __post_init__
         variants=tuple(engines),
         time_budget_s=None if time_budget is None else time_budget * 60,
-        prompts_file=prompts,
+        prompts_file=file,
         device=device_here(device),
         concurrency=at_once[0] if at_once else 1,
         **lengths,

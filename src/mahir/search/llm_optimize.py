@@ -117,6 +117,8 @@ class LlmOptimizeConfig:
             raise BadInput(f"requests at once must be >= 1, got {self.concurrency}")
         check_range("--tokens", self.prompt_tokens)
         check_range("--new-tokens", self.new_tokens)
+        if self.prompts < 1:
+            raise BadInput(f"--prompts must be >= 1, got {self.prompts}")
         if self.concurrency > 1 and self.objective != "throughput":
             raise BadInput(
                 f"{self.concurrency} requests at once are timed for --objective throughput: "
