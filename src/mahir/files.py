@@ -56,6 +56,24 @@ def write_text_atomically(path: Path, text: str) -> None:
         draft.write_text(text, encoding="utf-8")
 
 
+def unwritable(path: Path) -> str | None:
+    """Why `path`, a file or folder still to be written, could not be created, or None: the
+    nearest folder above it that exists is a file, or no file can be created in it. Write
+    permission bits do not tell: root ignores them, read-only mounts add to them."""
+    parent = path.parent
+    while not parent.exists():  # the folders writing it would create
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is a file, so {path} cannot be created"
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".mahir-probe-", dir=parent)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as err:
+        return f"cannot create files in {parent} ({err.strerror})"
+    return None
+
+
 def slug(name: str) -> str:
     """`name` as a short file-name part: characters other than letters, digits, - _ . become -."""
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)[:48]

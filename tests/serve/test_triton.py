@@ -305,13 +305,23 @@ def test_kserve_manifest_to_stdout_and_to_a_file(
         (["--triton", "{repo}", "--gpu", "--tensorrt", "int8"], "give fp16 or fp32"),
         (["--triton", "{repo}", "--gpu", "--gpu-index", "-1"], "no GPU index"),
         (["--triton", "{repo}", "--gpu", "--gpu-index", "0", "--gpu-index", "0"], "given twice"),
+        # where nothing can be written: refused before the repository is written, not after
+        (
+            ["--triton", "{repo}", "--kserve", "--storage-uri", "s3://b/r", "--out", "/proc/m.yml"],
+            "--out /proc/m.yml: cannot create files in /proc",
+        ),
+        (
+            ["--triton", "{repo}", "--kserve", "--storage-uri", "s3://b/r", "--out", "{tmp}"],
+            "is a folder: give a file for the KServe manifest",
+        ),
+        (["--triton", "/proc/repo"], "cannot write a Triton repository at /proc/repo"),
     ],
 )
 def test_bad_options_get_one_line_and_write_nothing(
     dirs: dict[str, tuple[Model, Path]], tmp_path: Path, args: list[str], message: str
 ) -> None:
     repo = tmp_path / "repo"
-    args = [a.replace("{repo}", str(repo)) for a in args]
+    args = [a.replace("{repo}", str(repo)).replace("{tmp}", str(tmp_path)) for a in args]
     done = cli("export", str(dirs["mlp-onnx"][1]), *args)
     assert done.returncode == 2
     assert message in done.stderr

@@ -115,6 +115,7 @@ def _run_export(
     storage_uri: str | None,
     out: Path | None,
 ) -> None:
+    from mahir.files import write_text_atomically
     from mahir.outdir import read_manifest
     from mahir.serve.triton import check_exportable, default_name, write_triton_repo
 
@@ -122,6 +123,8 @@ def _run_export(
         raise BadInput("say what to export: --triton REPO_DIR, --kserve, or both")
     if out is not None and not kserve:
         raise BadInput("--out is where the KServe manifest goes: add --kserve")
+    if out is not None:
+        _check_manifest_path(out)
     manifest = read_manifest(source)
     check_exportable(manifest, source, gpu=gpu)
     name = name or default_name(manifest, source)
@@ -143,9 +146,19 @@ def _run_export(
     if out is None:
         sys.stdout.write(service)
     else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(service)
+        write_text_atomically(out, service)
         status.print(f"wrote KServe InferenceService to {out}", highlight=False)
+
+
+def _check_manifest_path(out: Path) -> None:
+    """Refuse an --out the manifest could not be written to, before the repository is."""
+    from mahir.files import unwritable
+
+    if out.is_dir():
+        raise BadInput(f"--out {out} is a folder: give a file for the KServe manifest")
+    reason = unwritable(out)
+    if reason is not None:
+        raise BadInput(f"--out {out}: {reason}: give another path")
 
 
 def _service(

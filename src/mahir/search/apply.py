@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +24,7 @@ from mahir.errors import BadInput
 from mahir.export.conversions import convert
 from mahir.export.onnx import export_program
 from mahir.families import refuse_text_options
-from mahir.files import staged
+from mahir.files import staged, unwritable
 from mahir.model import Model, default_model_folder
 from mahir.outdir import MANIFEST
 from mahir.passes import PassContext, apply_steps
@@ -113,19 +111,9 @@ def check_output_dir(out: Path) -> None:
         raise BadInput(
             f"refusing to replace {out}: it is not a mahir output directory; give another folder"
         )
-    parent = out.parent
-    while not parent.exists():  # the folders write_output_dir would create
-        parent = parent.parent
-    if not parent.is_dir():
-        raise BadInput(f"{parent} is a file, so {out} cannot be created: give another folder")
-    try:  # write permission bits do not tell: root ignores them, read-only mounts add to them
-        handle, probe = tempfile.mkstemp(prefix=".mahir-probe-", dir=parent)
-        os.close(handle)
-        os.unlink(probe)
-    except OSError as err:
-        raise BadInput(
-            f"cannot create files in {parent} ({err.strerror}): give a folder you can write to"
-        ) from err
+    reason = unwritable(out)
+    if reason is not None:
+        raise BadInput(f"{reason}: give a folder you can write to")
 
 
 def write_output_dir(

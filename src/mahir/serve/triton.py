@@ -36,7 +36,7 @@ import numpy as np
 from mahir.errors import BadInput, Unsupported
 from mahir.families.text import TOKENIZER
 from mahir.families.vision import PROCESSOR
-from mahir.files import staged
+from mahir.files import staged, unwritable
 from mahir.outdir import MANIFEST, model_name, read_artifact, read_manifest
 from mahir.types import BATCH, RuntimeOptions
 
@@ -359,6 +359,9 @@ def _check_repo(repo: Path, name: str) -> None:
     model folder with a config), or a model folder of the same name that is not ours."""
     if repo.exists() and not repo.is_dir():
         raise BadInput(f"refusing to write a Triton repository at {repo}: it is a file")
+    reason = unwritable(repo / name)
+    if reason is not None:
+        raise BadInput(f"cannot write a Triton repository at {repo}: {reason}; give another")
     if not repo.exists():
         return
     strays = [
