@@ -78,6 +78,8 @@ def test_bench_a_factory_model_on_every_runtime(tmp_path: Path) -> None:
         (("bench", "-b", "0"), "batch"),
         (("bench", "--seconds", "-1"), "--seconds must be >= 0, got -1"),
         (("bench", "tests"), "tests has no config.json"),
+        (("bench", "--json", "/proc/b.json"), "--json /proc/b.json: cannot create files in"),
+        (("bench", "--llm", "--json", "tests"), "--json tests is a folder: give a file to write"),
         (("bench", "--device", "gpu"), "unknown device 'gpu'"),
         (("bench", "--device", "cuda:7"), "no cuda:7 here"),
         (("bench", "--llm", "--device", "cuda:7"), "no cuda:7 here"),

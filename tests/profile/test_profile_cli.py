@@ -90,6 +90,7 @@ def test_an_output_directory_is_profiled_on_the_device_it_was_built_for(
         (("profile", "--threads", "0"), "--threads must be >= 1, got 0"),
         (("profile", "--runs", "0"), "--runs must be >= 1, got 0"),
         (("profile", "--seconds", "0"), "--seconds must be > 0, got 0"),
+        (("profile", "--trace", "/proc/t.json"), "--trace /proc/t.json: cannot create files"),
         (("profile", "-r", "openvino", "--trace", "t.json"), "OpenVINO writes no trace"),
         (("profile", "--device", "gpu"), "unknown device 'gpu'"),
         (("profile", "--device", "cuda:7"), "no cuda:7 here"),

@@ -312,7 +312,7 @@ def test_kserve_manifest_to_stdout_and_to_a_file(
         ),
         (
             ["--triton", "{repo}", "--kserve", "--storage-uri", "s3://b/r", "--out", "{tmp}"],
-            "is a folder: give a file for the KServe manifest",
+            "is a folder: give a file to write",
         ),
         (["--triton", "/proc/repo"], "cannot write a Triton repository at /proc/repo"),
     ],

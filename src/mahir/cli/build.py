@@ -21,6 +21,7 @@ from mahir.cli.common import (
     parse_range,
     progress_bar,
     refuse_below,
+    refuse_unwritable,
     write_json,
 )
 from mahir.errors import BadInput
@@ -116,6 +117,7 @@ def bench(
     from mahir.cli.llm import is_llm, run_llm_bench
     from mahir.search.bench import BenchConfig
 
+    guard(ctx, lambda: refuse_unwritable(json=json_path))
     if is_llm(model, llm):
         asked = {"--logits": logits, "--workdir": workdir}
         guard(

@@ -71,6 +71,23 @@ def refuse_below(floor: float, *, above: bool = False, **flags: float | None) ->
             raise BadInput(f"--{name.replace('_', '-')} must be {bound}, got {value:g}")
 
 
+def refuse_unwritable(**files: Path | None) -> None:
+    """Refuse, before any work, a file a command will write at its end (--json, --trace, --out)
+    that could not be written there: a folder, or a place where no file can be created; a flag
+    left out (None) passes. Otherwise the work is done and lost."""
+    from mahir.files import unwritable
+
+    for name, path in files.items():
+        if path is None:
+            continue
+        flag = f"--{name.replace('_', '-')}"
+        if path.is_dir():
+            raise BadInput(f"{flag} {path} is a folder: give a file to write")
+        reason = unwritable(path)
+        if reason is not None:
+            raise BadInput(f"{flag} {path}: {reason}: give another path")
+
+
 def load_with_logits(source: str | None, logits: list[str] | None, command: str) -> Any:
     """The model `source` names, with the outputs `--logits` names judged as class scores."""
     from mahir.model import load_model, one_forward, with_logits

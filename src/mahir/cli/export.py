@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from mahir.cli.common import console, errors, guard
+from mahir.cli.common import console, errors, guard, refuse_unwritable
 from mahir.errors import BadInput
 
 if TYPE_CHECKING:
@@ -123,8 +123,7 @@ def _run_export(
         raise BadInput("say what to export: --triton REPO_DIR, --kserve, or both")
     if out is not None and not kserve:
         raise BadInput("--out is where the KServe manifest goes: add --kserve")
-    if out is not None:
-        _check_manifest_path(out)
+    refuse_unwritable(out=out)
     manifest = read_manifest(source)
     check_exportable(manifest, source, gpu=gpu)
     name = name or default_name(manifest, source)
@@ -148,17 +147,6 @@ def _run_export(
     else:
         write_text_atomically(out, service)
         status.print(f"wrote KServe InferenceService to {out}", highlight=False)
-
-
-def _check_manifest_path(out: Path) -> None:
-    """Refuse an --out the manifest could not be written to, before the repository is."""
-    from mahir.files import unwritable
-
-    if out.is_dir():
-        raise BadInput(f"--out {out} is a folder: give a file for the KServe manifest")
-    reason = unwritable(out)
-    if reason is not None:
-        raise BadInput(f"--out {out}: {reason}: give another path")
 
 
 def _service(

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from mahir.cli.common import console, guard, progress_bar, write_json
+from mahir.cli.common import console, guard, progress_bar, refuse_unwritable, write_json
 from mahir.errors import BadInput
 
 
@@ -70,6 +70,7 @@ def loadtest(
     from mahir.serve.llm_loadtest import LlmLoad
     from mahir.serve.loadtest import LoadConfig
 
+    guard(ctx, lambda: refuse_unwritable(json=json_path))
     config = guard(
         ctx,
         lambda: LoadConfig(

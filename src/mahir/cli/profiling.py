@@ -13,6 +13,7 @@ from mahir.cli.common import (
     guard,
     load_with_logits,
     progress_bar,
+    refuse_unwritable,
     write_json,
 )
 from mahir.cli.llm import is_llm
@@ -99,6 +100,7 @@ def profile(
         from mahir.profile.run import ProfileConfig, check_runtime
         from mahir.types import CPU, Device
 
+        refuse_unwritable(json=json_path, trace=trace)
         recorded_runtime, recorded_device = _recorded(model)
         config = ProfileConfig(
             runtime=runtime,
