@@ -119,6 +119,17 @@ HTTP_STATUS: dict[type[MahirError], int] = {
 }
 
 
+def refuse_below(floor: float, flags: Mapping[str, float | None], *, above: bool = False) -> None:
+    """Refuse, in one line that names the flag as typed, the first number in `flags` under
+    `floor`, or at it where it must be `above`; a flag left out (None) passes. Commands and the
+    configs behind them check their numbers with it, so every such refusal reads alike."""
+    for flag, value in flags.items():
+        if value is not None and (value < floor or (above and value == floor)):
+            bound = f"> {floor:g}" if above else f">= {floor:g}"
+            given = f"{value:g}" if isinstance(value, float) else value
+            raise BadInput(f"{flag} must be {bound}, got {given}")
+
+
 def first_line(err: BaseException) -> str:
     """A third-party error's first line, for a one-line message of our own."""
     text = str(err).strip()

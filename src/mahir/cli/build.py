@@ -20,11 +20,10 @@ from mahir.cli.common import (
     load_with_logits,
     parse_range,
     progress_bar,
-    refuse_below,
     refuse_unwritable,
     write_json,
 )
-from mahir.errors import BadInput
+from mahir.errors import BadInput, refuse_below
 
 if TYPE_CHECKING:
     from mahir.report.schema import Report
@@ -117,7 +116,7 @@ def bench(
     from mahir.cli.llm import is_llm, run_llm_bench
     from mahir.search.bench import BenchConfig
 
-    guard(ctx, lambda: refuse_unwritable(json=json_path))
+    guard(ctx, lambda: refuse_unwritable({"--json": json_path}))
     if is_llm(model, llm):
         asked = {"--logits": logits, "--workdir": workdir}
         guard(
@@ -147,7 +146,7 @@ def bench(
         from mahir.types import RuntimeOptions
         from mahir.workload import read_sentences
 
-        refuse_below(0, seconds=seconds)
+        refuse_below(0, {"--seconds": seconds})
         try:
             return BenchConfig(
                 runtimes=tuple(runtime or ()),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
@@ -61,26 +61,15 @@ def device_here(text: str) -> Device:
     return device
 
 
-def refuse_below(floor: float, *, above: bool = False, **flags: float | None) -> None:
-    """Refuse, in one line naming the flag as typed (`max_delay_ms` is --max-delay-ms), a number
-    under `floor`, or at it where it must be `above`; a flag left out (None) passes. The
-    configs a command builds check their fields again, but in their fields' names."""
-    for name, value in flags.items():
-        if value is not None and (value < floor or (above and value == floor)):
-            bound = f"> {floor:g}" if above else f">= {floor:g}"
-            raise BadInput(f"--{name.replace('_', '-')} must be {bound}, got {value:g}")
-
-
-def refuse_unwritable(**files: Path | None) -> None:
-    """Refuse, before any work, a file a command will write at its end (--json, --trace, --out)
-    that could not be written there: a folder, or a place where no file can be created; a flag
-    left out (None) passes. Otherwise the work is done and lost."""
+def refuse_unwritable(files: Mapping[str, Path | None]) -> None:
+    """Refuse, before any work, a file a command will write at its end (--json, --trace, --out;
+    keyed by the flag as typed) that could not be written there: a folder, or a place where no
+    file can be created; a flag left out (None) passes. Otherwise the work is done and lost."""
     from mahir.files import unwritable
 
-    for name, path in files.items():
+    for flag, path in files.items():
         if path is None:
             continue
-        flag = f"--{name.replace('_', '-')}"
         if path.is_dir():
             raise BadInput(f"{flag} {path} is a folder: give a file to write")
         reason = unwritable(path)

@@ -123,7 +123,7 @@ def _run_export(
         raise BadInput("say what to export: --triton REPO_DIR, --kserve, or both")
     if out is not None and not kserve:
         raise BadInput("--out is where the KServe manifest goes: add --kserve")
-    refuse_unwritable(out=out)
+    refuse_unwritable({"--out": out})
     manifest = read_manifest(source)
     check_exportable(manifest, source, gpu=gpu)
     name = name or default_name(manifest, source)

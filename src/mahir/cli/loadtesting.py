@@ -70,7 +70,7 @@ def loadtest(
     from mahir.serve.llm_loadtest import LlmLoad
     from mahir.serve.loadtest import LoadConfig
 
-    guard(ctx, lambda: refuse_unwritable(json=json_path))
+    guard(ctx, lambda: refuse_unwritable({"--json": json_path}))
     config = guard(
         ctx,
         lambda: LoadConfig(

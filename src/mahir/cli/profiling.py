@@ -100,7 +100,7 @@ def profile(
         from mahir.profile.run import ProfileConfig, check_runtime
         from mahir.types import CPU, Device
 
-        refuse_unwritable(json=json_path, trace=trace)
+        refuse_unwritable({"--json": json_path, "--trace": trace})
         recorded_runtime, recorded_device = _recorded(model)
         config = ProfileConfig(
             runtime=runtime,

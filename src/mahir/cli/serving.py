@@ -8,8 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
-from mahir.cli.common import errors, guard, refuse_below
-from mahir.errors import BadInput
+from mahir.cli.common import errors, guard
+from mahir.errors import BadInput, refuse_below
 
 
 def serve(
@@ -173,17 +173,17 @@ def serve(
                 "--api-key (or MAHIR_API_KEY) is empty: give the key clients must send, or "
                 "leave it unset to serve without one"
             )
-        refuse_below(
-            1,
-            max_batch_size=max_batch_size,
-            max_batch_tokens=max_batch_tokens,
-            max_queue=max_queue,
-            workers=workers,
-            tune_concurrency=tune_concurrency,
-        )
-        refuse_below(0, max_delay_ms=max_delay_ms, max_padding=max_padding)
-        refuse_below(0, above=True, timeout_ms=timeout_ms, max_body_mb=max_body_mb)
-        refuse_below(0, above=True, tune_seconds=tune_seconds)
+        counts = {
+            "--max-batch-size": max_batch_size,
+            "--max-batch-tokens": max_batch_tokens,
+            "--max-queue": max_queue,
+            "--workers": workers,
+            "--tune-concurrency": tune_concurrency,
+        }
+        refuse_below(1, counts)
+        refuse_below(0, {"--max-delay-ms": max_delay_ms, "--max-padding": max_padding})
+        spans = {"--timeout-ms": timeout_ms, "--max-body-mb": max_body_mb}
+        refuse_below(0, {**spans, "--tune-seconds": tune_seconds}, above=True)
         try:
             batcher = BatcherConfig(
                 max_batch_tokens=max_batch_tokens,

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from mahir.errors import BadInput
+from mahir.errors import BadInput, refuse_below
 from mahir.export.conversions import convert, reachable
 from mahir.families import Family, open_family, refuse_text_options
 from mahir.hardware import Machine, detect
@@ -67,12 +67,8 @@ class ProfileConfig:
                 f"--batch-size and --sequence-length must be >= 1, got {self.batch_size} and "
                 f"{self.sequence_length}"
             )
-        counts = (("--runs", self.runs), ("--top", self.top), ("--threads", self.threads))
-        for flag, value in counts:
-            if value is not None and value < 1:
-                raise BadInput(f"{flag} must be >= 1, got {value}")
-        if self.seconds <= 0:
-            raise BadInput(f"--seconds must be > 0, got {self.seconds:g}")
+        refuse_below(1, {"--runs": self.runs, "--top": self.top, "--threads": self.threads})
+        refuse_below(0, {"--seconds": self.seconds}, above=True)
 
     def chosen_runtime(self, recorded: str | None = None) -> str:
         if self.runtime is not None:

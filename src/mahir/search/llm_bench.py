@@ -28,7 +28,7 @@ import numpy as np
 from rich import box
 from rich.table import Table
 
-from mahir.errors import BadInput, Unsupported
+from mahir.errors import BadInput, Unsupported, refuse_below
 from mahir.families.decoder import LanguageModel
 from mahir.families.prompts import (
     NEW_TOKENS,
@@ -82,8 +82,7 @@ class LlmBenchConfig:
             raise BadInput(f"unknown LLM engine {unknown[0]!r}: choose from {', '.join(VARIANTS)}")
         check_range("--tokens", self.prompt_tokens)
         check_range("--new-tokens", self.new_tokens)
-        if self.prompts < 1:
-            raise BadInput(f"--prompts must be >= 1, got {self.prompts}")
+        refuse_below(1, {"--prompts": self.prompts})
         if self.min_time_s < 0:
             raise BadInput(f"--seconds must be >= 0, got {self.min_time_s}")
         if any(n < 2 for n in self.at_once):

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from mahir.errors import BadInput, first_line
+from mahir.errors import BadInput, first_line, refuse_below
 from mahir.families.decoder import LanguageModel
 from mahir.families.prompts import Prompt, PromptWorkload, check_range
 from mahir.generation import Generator
@@ -117,8 +117,7 @@ class LlmOptimizeConfig:
             raise BadInput(f"requests at once must be >= 1, got {self.concurrency}")
         check_range("--tokens", self.prompt_tokens)
         check_range("--new-tokens", self.new_tokens)
-        if self.prompts < 1:
-            raise BadInput(f"--prompts must be >= 1, got {self.prompts}")
+        refuse_below(1, {"--prompts": self.prompts})
         if self.concurrency > 1 and self.objective != "throughput":
             raise BadInput(
                 f"{self.concurrency} requests at once are timed for --objective throughput: "

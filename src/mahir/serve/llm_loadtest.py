@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
-from mahir.errors import BadInput
+from mahir.errors import BadInput, refuse_below
 from mahir.families.text import WORDS
 from mahir.serve.loadtest import LoadConfig, LoadResult
 
@@ -51,11 +51,8 @@ class LlmLoad:
     itl_ms: float = 100.0
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise BadInput(f"--max-tokens must be >= 1, got {self.max_tokens}")
-        for flag, bound in (("--ttft-ms", self.ttft_ms), ("--itl-ms", self.itl_ms)):
-            if bound <= 0:
-                raise BadInput(f"{flag} must be > 0, got {bound:g}")
+        refuse_below(1, {"--max-tokens": self.max_tokens})
+        refuse_below(0, {"--ttft-ms": self.ttft_ms, "--itl-ms": self.itl_ms}, above=True)
 
 
 @dataclass

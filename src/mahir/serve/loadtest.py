@@ -23,7 +23,7 @@ from typing import Any, Literal
 import numpy as np
 from rich.table import Table
 
-from mahir.errors import BadInput, MahirError
+from mahir.errors import BadInput, MahirError, refuse_below
 from mahir.families.text import WORDS
 
 
@@ -57,16 +57,13 @@ class LoadConfig:
             )
         if (self.concurrency is None) == (self.rate is None):
             raise BadInput("give exactly one of --concurrency (closed loop) or --rate (open loop)")
-        for flag, count in (
-            ("--concurrency", self.concurrency),
-            ("--requests", self.max_requests),
-            ("--sentences", self.sentences_per_request),
-        ):
-            if count is not None and count < 1:
-                raise BadInput(f"{flag} must be >= 1, got {count}")
-        for flag, amount in (("--rate", self.rate), ("--duration", self.duration_s)):
-            if amount is not None and amount <= 0:
-                raise BadInput(f"{flag} must be > 0, got {amount:g}")
+        counts = {
+            "--concurrency": self.concurrency,
+            "--requests": self.max_requests,
+            "--sentences": self.sentences_per_request,
+        }
+        refuse_below(1, counts)
+        refuse_below(0, {"--rate": self.rate, "--duration": self.duration_s}, above=True)
         if not 0 <= self.max_error_rate <= 1:
             raise BadInput(f"--max-error-rate is a share in [0, 1], got {self.max_error_rate}")
         if self.endpoint == "infer" and self.model is None:
