@@ -16,7 +16,8 @@ mahir goes through `mahir.embed` (tokenizing ahead while the GPU runs), and each
 carries its cosine to the fp32 original's embeddings. Every variant is timed in the same
 rounds, interleaved, each call synchronised; medians and ratios are reported.
 
-Usage: python -m benchmarks.gpu --tokenizer MINILM_FOLDER [--out results.json]
+Usage: python -m benchmarks.gpu --tokenizer MINILM_FOLDER [--models bert-base] [--shapes 256x128]
+       [--mahir cuda-graphs-fp8-static] [--fixed-only] [--out results.json]
 """
 
 from __future__ import annotations
@@ -147,10 +148,17 @@ def variants(
     return runs | {label: mahir_call(session) for label, session in sessions.items()}
 
 
+FIXED = {"1x16": (1, 16, 7), "1x128": (1, 128, 7), "256x128": (256, 128, 5)}
+"""The fixed shapes (batch x tokens) and the rounds each is timed in."""
+
+
 def fixed_shapes(
-    runs: dict[str, Callable[..., Any]], rows: list[dict[str, Any]], name: str
+    runs: dict[str, Callable[..., Any]],
+    rows: list[dict[str, Any]],
+    name: str,
+    shapes: tuple[str, ...] = tuple(FIXED),
 ) -> None:
-    for size, tokens, rounds in ((1, 16, 7), (1, 128, 7), (256, 128, 5)):
+    for size, tokens, rounds in (FIXED[shape] for shape in shapes):
         batch = fixed_batch(size, tokens)
         per_round = 20 if size == 1 else 4
         times = timed({k: (lambda r=r, b=batch: r(b)) for k, r in runs.items()}, rounds, per_round)
@@ -275,6 +283,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=list(gpu_sessions.SHAPES))
     parser.add_argument("--fixed-only", action="store_true", help="skip the variable-length run")
     parser.add_argument("--variable-only", action="store_true", help="skip the fixed shapes")
+    parser.add_argument("--shapes", nargs="+", choices=list(FIXED), default=list(FIXED))
     parser.add_argument("--embed-workers", type=int, nargs="+", default=[1])
     parser.add_argument("--embed-batches", type=int, nargs="+", default=[256])
     parser.add_argument("--mahir", nargs="+", default=list(MAHIR), help="candidate ids")
@@ -289,7 +298,8 @@ def main() -> None:
             model = load_model(folder)
             sessions = mahir_sessions(model, Path(tmp) / "work", tuple(args.mahir))
             if not args.variable_only:
-                fixed_shapes(variants(bert, sessions, not args.no_compile_anchors), rows, name)
+                runs = variants(bert, sessions, not args.no_compile_anchors)
+                fixed_shapes(runs, rows, name, tuple(args.shapes))
             if not args.fixed_only:
                 variable_length(
                     model,
