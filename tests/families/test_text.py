@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mahir.families import open_tokenizer
 from mahir.families.text import TextEncoder, encode_texts, generate_sentences
 from mahir.model import Model
 from mahir.types import Device
@@ -122,3 +125,24 @@ def _with_type_ids_of_its_own(tokenizer: Any) -> Any:
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="[PAD]", model_input_names=names
     )
+
+
+def test_a_saved_tokenizer_opens_as_autotokenizer_opens_it_without_torch(
+    served_dir: Path,
+) -> None:
+    """A server of an ONNX directory loads neither torch nor transformers' model registry
+    (half its start-up), and the tokenizer it opens is AutoTokenizer's, id for id."""
+    import transformers
+
+    folder = served_dir / "tokenizer"
+    opened, auto = open_tokenizer(folder), transformers.AutoTokenizer.from_pretrained(folder)
+    assert type(opened) is type(auto)
+    texts = ["Héllo, WORLD!", "a much longer sentence " * 40, ""]
+    assert opened(texts, truncation=True).input_ids == auto(texts, truncation=True).input_ids
+    script = (
+        f"import sys, mahir; mahir.load({str(served_dir)!r}); "
+        "print(sorted(m for m in ('torch', 'transformers.models.auto') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import numpy as np
 
 from mahir.errors import BadInput
+from mahir.families import open_tokenizer
 from mahir.families.wordpiece import AsciiWordPiece
 from mahir.pooling import EMBEDDING, Pooling, pool
 from mahir.quality import compare
@@ -389,12 +390,10 @@ class Text:
     @classmethod
     def open(cls, spec: InputSpec, folder: Path, manifest: dict[str, Any]) -> Text:
         """The family as `save` recorded it in an output directory."""
-        from transformers import AutoTokenizer
-
         limits = manifest.get("token_limits")
         return cls(
             spec,
-            AutoTokenizer.from_pretrained(str(folder / TOKENIZER)),
+            open_tokenizer(folder / TOKENIZER),
             manifest.get("max_length"),
             TokenLimits(**limits) if limits else None,
             Pooling(**manifest["pooling"]) if manifest.get("pooling") else None,
