@@ -161,7 +161,7 @@ def test_two_local_replicas_share_concurrent_load_and_shut_down_clean(
     # 200 requests at once are more than one replica takes (2 x 32), so both must answer; a
     # long batching delay keeps the last eight sentences (under a batch) waiting, in flight at
     # SIGTERM.
-    args = ("--ray", "--replicas", "2", "--max-delay-ms", "5000")
+    args = ("--ray", "--replicas", "2", "--max-delay-ms", "3000")
     server = Server(served_dir, *args)
     try:
         processes = ray_processes(server.process.pid)
