@@ -232,7 +232,7 @@ def optimize_winner(
     holds one; either way return its report.json."""
     if not (out / "mahir.json").is_file():
         config = mahir.OptimizeConfig(token_range=token_range, time_budget_s=minutes * 60)
-        result = mahir.search.optimize(model, config, workdir, on_event=_progress)
+        result = mahir.optimize(model, config, workdir, on_event=_progress)
         if result.best is None:
             raise SystemExit(f"mahir optimize found no winner: see {result.save(out)}")
         result.save(out)
