@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,22 @@ def test_bad_input_is_one_line_and_exit_code_2(args: tuple[str, ...], message: s
     assert lines[0].startswith("error:")
     assert message in lines[0]
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["bench", "optimize"])
+def test_a_missing_source_is_refused_before_torch_is_imported(command: str) -> None:
+    """A typo in the path is one line at once, not after the seconds torch takes to import:
+    here importing torch fails, and the refusal comes anyway."""
+    script = (
+        "import sys; sys.modules['torch'] = None; from mahir.cli import main; "
+        f"sys.argv = ['mahir', {command!r}, 'no/such/model']; main()"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == (
+        "error: no/such/model does not exist: give a Hugging Face model folder, an .onnx file, "
+        "a .gguf file (an LLM), or path/to/file.py:factory"
+    )
 
 
 def test_debug_shows_the_traceback() -> None:

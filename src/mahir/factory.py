@@ -21,8 +21,9 @@ import torch
 
 from mahir.errors import BadInput
 from mahir.families.tensor import Tensor
-from mahir.model import FACTORY_SPEC, NOT_OUTPUTS, TEXT_INPUTS, USAGE, Model, logits_of
+from mahir.model import NOT_OUTPUTS, TEXT_INPUTS, Model, logits_of
 from mahir.modules import TupleOutputs
+from mahir.sources import FACTORY_SPEC, USAGE
 from mahir.types import BATCH, SEQUENCE, InputSpec, TensorSpec
 
 

@@ -18,7 +18,6 @@ import dataclasses
 import inspect
 import json
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from mahir.families.vision import ImageInputs, Vision, is_image_folder, labels_o
 from mahir.modules import TupleOutputs
 from mahir.pooling import read_pooling
 from mahir.silence import quiet_transformers
+from mahir.sources import FACTORY_SPEC, USAGE, Source
 from mahir.types import BATCH, SEQUENCE, Artifact, InputSpec, TensorSpec, TokenLimits
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
@@ -52,15 +52,8 @@ EXAMPLE_SENTENCES = (
     "mahir makes trained models fast.",
     "A second, somewhat longer example sentence, so that the batch carries some padding.",
 )
-FACTORY_SPEC = re.compile(r"^(?P<target>.+):(?P<fn>[A-Za-z_][A-Za-z0-9_]*)$")
-"""`path/to/file.py:fn` or `package.module:fn`: a PyTorch factory (`factory.py`)."""
 NOT_OUTPUTS = frozenset({"past_key_values", "hidden_states", "attentions", "cross_attentions"})
 """ModelOutput fields that are not answers: caches, optional diagnostics."""
-USAGE = (
-    "give a Hugging Face model folder, an .onnx file, a .gguf file (an LLM), or "
-    "path/to/file.py:factory"
-)
-Source = str | os.PathLike[str]
 
 
 @dataclass

@@ -24,9 +24,11 @@ from mahir.cli.common import (
     write_json,
 )
 from mahir.errors import BadInput, refuse_below
+from mahir.sources import refuse_missing
 
 if TYPE_CHECKING:
     from mahir.report.schema import Report
+    from mahir.search.bench import BenchConfig
     from mahir.search.optimize_config import OptimizeConfig
 
 
@@ -114,7 +116,6 @@ def bench(
 ) -> None:
     """Measure the model on each runtime and batch size: latency, throughput, fidelity."""
     from mahir.cli.llm import is_llm, run_llm_bench
-    from mahir.search.bench import BenchConfig
 
     guard(ctx, lambda: refuse_unwritable({"--json": json_path}))
     if is_llm(model, llm):
@@ -142,11 +143,13 @@ def bench(
         guard(ctx, lambda: _refuse(f"{flag} is for LLMs: add --llm, or give a .gguf file"))
 
     def configure() -> BenchConfig:
+        refuse_missing(model)
+        refuse_below(0, {"--seconds": seconds})
         from mahir.measure import MeasureConfig
+        from mahir.search.bench import BenchConfig
         from mahir.types import RuntimeOptions
         from mahir.workload import read_sentences
 
-        refuse_below(0, {"--seconds": seconds})
         try:
             return BenchConfig(
                 runtimes=tuple(runtime or ()),
@@ -396,7 +399,9 @@ def optimize(
 
     def configure() -> OptimizeConfig:
         """Everything checkable before the model loads: the config's own checks and --out."""
+        refuse_missing(model)
         from mahir.search.apply import check_output_dir
+        from mahir.search.optimize_config import OptimizeConfig
         from mahir.workload import read_sentences
 
         check_output_dir(out)
@@ -412,8 +417,6 @@ def optimize(
             data=data,
             device=device_here(device),
         )
-
-    from mahir.search.optimize_config import OptimizeConfig
 
     config = guard(ctx, configure)
     guard(ctx, lambda: _run_optimize(model, logits, config, out, resume, tune_serving))
