@@ -5,6 +5,8 @@ from __future__ import annotations
 import inspect
 import re
 
+import pytest
+
 import mahir
 
 
@@ -19,6 +21,15 @@ def test_all_is_pinned() -> None:
             "open_session", "optimize", "profile_model", "profile_output_dir",
         ]
     )  # fmt: skip
+
+
+def test_every_public_name_is_loaded_where_it_lives() -> None:
+    """`import mahir` loads a public name on first use, from the module its table names."""
+    assert sorted(mahir._EXPORTS) == sorted(mahir.__all__)
+    assert mahir.optimize.__module__ == "mahir.search.optimize"
+    assert mahir.search.__name__ == "mahir.search"  # a subpackage resolves too
+    with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
+        mahir.nothing_here  # noqa: B018
 
 
 def test_every_public_member_exists_and_has_a_docstring() -> None:
