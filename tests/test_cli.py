@@ -97,7 +97,7 @@ def test_bad_input_is_one_line_and_exit_code_2(args: tuple[str, ...], message: s
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("command", ["bench", "optimize"])
+@pytest.mark.parametrize("command", ["bench", "optimize", "serve", "profile"])
 def test_a_missing_source_is_refused_before_torch_is_imported(command: str) -> None:
     """A typo in the path is one line at once, not after the seconds torch takes to import:
     here importing torch fails, and the refusal comes anyway."""
@@ -107,10 +107,8 @@ def test_a_missing_source_is_refused_before_torch_is_imported(command: str) -> N
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 2, done.stderr
-    assert done.stderr.strip() == (
-        "error: no/such/model does not exist: give a Hugging Face model folder, an .onnx file, "
-        "a .gguf file (an LLM), or path/to/file.py:factory"
-    )
+    assert done.stderr.startswith("error: no/such/model does not exist: give "), done.stderr
+    assert len(done.stderr.splitlines()) == 1
 
 
 def test_debug_shows_the_traceback() -> None:

@@ -160,8 +160,10 @@ def test_a_limit_out_of_range_is_refused_by_its_flag_before_loading_the_model(
 
 
 @pytest.fixture(scope="module")
-def mlp_server(served_mlp_dir: Path) -> Iterator[Server]:
-    running = Server(served_mlp_dir)
+def mlp_server() -> Iterator[Server]:
+    """A model source, not an output directory: `mahir serve` writes its fp32 ONNX Runtime
+    directory itself."""
+    running = Server(Path(f"{Path(__file__).parents[1] / 'models.py'}:mlp"))
     yield running
     assert running.stop() == 0
 

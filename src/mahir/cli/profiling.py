@@ -96,11 +96,12 @@ def profile(
     model and its heaviest ops on the roofline of this machine's measured peaks."""
 
     def configure() -> ProfileConfig:
+        _check_source(model)  # before the imports: torch takes seconds
+        refuse_unwritable({"--json": json_path, "--trace": trace})
         from mahir.hardware import detect
         from mahir.profile.run import ProfileConfig, check_runtime
         from mahir.types import CPU, Device
 
-        refuse_unwritable({"--json": json_path, "--trace": trace})
         recorded_runtime, recorded_device = _recorded(model)
         config = ProfileConfig(
             runtime=runtime,
@@ -120,7 +121,6 @@ def profile(
             machine = detect(gpus=config.device.kind == "cuda")
             machine.require(config.device)
             return config
-        _check_source(model)
         chosen = config.chosen_runtime(recorded_runtime)
         check_runtime(chosen, config.device, detect())
         if trace is not None and chosen == "openvino":

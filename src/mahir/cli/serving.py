@@ -10,6 +10,7 @@ import typer
 
 from mahir.cli.common import errors, guard
 from mahir.errors import BadInput, refuse_below
+from mahir.sources import refuse_missing
 
 
 def serve(
@@ -311,6 +312,7 @@ def _run_serve(
                 "--tune records its choice in an output directory's mahir.json: give one "
                 "(mahir apply or mahir optimize writes it)"
             )
+        refuse_missing(source)  # before loading one imports torch
         with tempfile.TemporaryDirectory(prefix="mahir-serve-") as tmp:
             out = Path(tmp) / "out"
             _write_plain(source, out)
