@@ -18,11 +18,12 @@ USAGE = (
 )
 
 
-def refuse_missing(source: Source | None) -> None:
+def refuse_missing(source: Source | None, usage: str = USAGE) -> None:
     """The refusal `load_model` gives a path that does not exist, given before any import:
-    None (the bundled model), an existing path and a factory spec pass."""
+    None (the bundled model), an existing path and a factory spec pass. `usage`: what the
+    command takes, where it takes more than a model."""
     if source is None:
         return
     text = os.fspath(source)
     if not Path(text).exists() and not FACTORY_SPEC.match(text):
-        raise BadInput(f"{text} does not exist: {USAGE}")
+        raise BadInput(f"{text} does not exist: {usage}")

@@ -12,6 +12,11 @@ from mahir.cli.common import errors, guard
 from mahir.errors import BadInput, refuse_below
 from mahir.sources import refuse_missing
 
+SERVES = (
+    "give an output directory of mahir optimize or apply, or a model to serve in fp32: a "
+    "Hugging Face folder, an .onnx file or path/to/file.py:factory"
+)
+
 
 def serve(
     ctx: typer.Context,
@@ -312,7 +317,7 @@ def _run_serve(
                 "--tune records its choice in an output directory's mahir.json: give one "
                 "(mahir apply or mahir optimize writes it)"
             )
-        refuse_missing(source)  # before loading one imports torch
+        refuse_missing(source, SERVES)  # before loading one imports torch
         with tempfile.TemporaryDirectory(prefix="mahir-serve-") as tmp:
             out = Path(tmp) / "out"
             _write_plain(source, out)
