@@ -30,6 +30,9 @@ from mahir.search.apply import Applied, apply_recipe, write_output_dir
 from mahir.types import Artifact
 from mahir.venvs import EnvSpec, OwnEnv, ensure_env, env_root
 
+TESTS = Path(__file__).parent
+"""This folder: `TESTS / "models.py"` holds the factories tests load as `file.py:fn`."""
+
 
 def fp32_output_dir(
     model: Model, work: Path, *, artifact: Artifact | None = None, runtime: str = "onnxruntime"

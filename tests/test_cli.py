@@ -12,9 +12,7 @@ import numpy as np
 import pytest
 
 from mahir.workload import Workload
-from tests.helpers import cli, mahir, tiny_factory
-
-TESTS = Path(__file__).parent
+from tests.helpers import TESTS, cli, mahir, tiny_factory
 
 
 def test_bench_default_model_on_every_cpu_runtime(tmp_path: Path) -> None:

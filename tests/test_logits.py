@@ -14,8 +14,8 @@ from mahir.model import default_model_folder, load_model, with_logits
 from mahir.recipe import Recipe
 from mahir.search.apply import apply_recipe
 from mahir.search.budget import FidelityBudget, quality_kind
+from tests.helpers import TESTS
 
-TESTS = Path(__file__).parent
 TOKENIZER_FILES = (
     "vocab.txt",
     "tokenizer.json",

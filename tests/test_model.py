@@ -11,8 +11,6 @@ from mahir.errors import BadInput
 from mahir.model import Model, default_model_folder, load_model
 from mahir.types import BATCH, SEQUENCE, TokenLimits
 
-TESTS = Path(__file__).parent
-
 
 def test_default_model_is_a_sentence_encoder_with_pooling(minilm: Model) -> None:
     assert minilm.name == "all-MiniLM-L6-v2"

@@ -14,8 +14,7 @@ from mahir.export.onnx import export_onnx, export_openvino, verify
 from mahir.model import Model, load_model
 from mahir.modules import PositionalInputs
 from mahir.types import Artifact
-
-TESTS = Path(__file__).parents[1]
+from tests.helpers import TESTS
 
 
 def _input_dims(path: Path) -> dict[str, list[int | str]]:

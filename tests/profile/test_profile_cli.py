@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 
 from mahir.outdir import MANIFEST
-from tests.helpers import cli
+from tests.helpers import TESTS, cli
 from tests.profile.graphs import wide_mlp_onnx
 
-TESTS = Path(__file__).parents[1]
 QUICK = ("--runs", "5", "--seconds", "0.2", "--threads", "1")
 
 

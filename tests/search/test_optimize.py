@@ -23,9 +23,9 @@ from mahir.search.budget import FidelityBudget
 from mahir.search.optimize import cache_path, optimize
 from mahir.search.optimize_config import OptimizeConfig
 from mahir.search.optimize_result import OptimizeResult
+from tests.helpers import TESTS
 
 pytestmark = pytest.mark.usefixtures("short_rungs")  # what is timed matters, not how long
-TESTS = Path(__file__).parents[1]
 # Proposed on every CPU (int8 candidates are not, where the CPU lacks VNNI and AMX).
 ONLY = ("onnxruntime", "openvino-f32")
 

@@ -22,9 +22,9 @@ from mahir.search.optimize import optimize
 from mahir.search.optimize_config import OptimizeConfig
 from mahir.types import Artifact
 from tests import models
+from tests.helpers import TESTS
 
 pytestmark = pytest.mark.usefixtures("short_rungs")  # what is timed matters, not how long
-TESTS = Path(__file__).parents[1]
 QUICK = MeasureConfig(warmup_runs=1, min_time_s=0.05, min_runs=3, round_time_s=0.02)
 TOKENIZER_FILES = (
     "vocab.txt",
