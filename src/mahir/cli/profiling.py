@@ -18,6 +18,9 @@ from mahir.cli.common import (
 )
 from mahir.cli.llm import is_llm
 from mahir.errors import BadInput
+from mahir.sources import refuse_missing
+
+PROFILES = "give an output directory, a model folder or file"
 
 if TYPE_CHECKING:
     from mahir.profile.run import ProfileConfig
@@ -96,7 +99,7 @@ def profile(
     model and its heaviest ops on the roofline of this machine's measured peaks."""
 
     def configure() -> ProfileConfig:
-        _check_source(model)  # before the imports: torch takes seconds
+        refuse_missing(model, PROFILES)  # before the imports: torch takes seconds
         refuse_unwritable({"--json": json_path, "--trace": trace})
         from mahir.hardware import detect
         from mahir.profile.run import ProfileConfig, check_runtime
@@ -134,15 +137,6 @@ def profile(
         guard(ctx, lambda: _run_llm(model, config, json_path, trace))
         return
     guard(ctx, lambda: _run(model, config, json_path, trace))
-
-
-def _check_source(source: str | None) -> None:
-    """Refuse, before any work, a path that is not there."""
-    if source is None:
-        return
-    path = Path(source)
-    if ":" not in source and not path.exists():
-        raise BadInput(f"{source} does not exist: give an output directory, a model folder or file")
 
 
 def _is_output_dir(source: str | None) -> bool:

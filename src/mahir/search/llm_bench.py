@@ -83,8 +83,7 @@ class LlmBenchConfig:
         check_range("--tokens", self.prompt_tokens)
         check_range("--new-tokens", self.new_tokens)
         refuse_below(1, {"--prompts": self.prompts})
-        if self.min_time_s < 0:
-            raise BadInput(f"--seconds must be >= 0, got {self.min_time_s}")
+        refuse_below(0, {"--seconds": self.min_time_s})
         if any(n < 2 for n in self.at_once):
             raise BadInput(
                 f"requests at once must be >= 2 (batch 1 is always timed), got {self.at_once}"
