@@ -18,7 +18,7 @@ from mahir.errors import MahirError
 from mahir.model import Model
 from mahir.runtimes import open_session
 from mahir.types import Artifact
-from tests.helpers import Server, cli
+from tests.helpers import TESTS, Server, cli
 from tests.helpers import mahir as run_mahir
 from tests.serve.test_serve import NAME, binary_output, infer_body
 
@@ -163,7 +163,7 @@ def test_a_limit_out_of_range_is_refused_by_its_flag_before_loading_the_model(
 def mlp_server() -> Iterator[Server]:
     """A model source, not an output directory: `mahir serve` writes its fp32 ONNX Runtime
     directory itself."""
-    running = Server(Path(f"{Path(__file__).parents[1] / 'models.py'}:mlp"))
+    running = Server(Path(f"{TESTS / 'models.py'}:mlp"))
     yield running
     assert running.stop() == 0
 
