@@ -13,13 +13,17 @@ CUDA events (`gpu_attention.gpu_ms`), 20 calls a turn, 5 turns; medians, and eac
 Also timed: static fp8 and bf16 compiled with "max-autotune", and both with the all-ones mask
 left out (slower: the compiled model then takes another attention path).
 
-Usage: python -m benchmarks.gpu_fp8 [--only VARIANT ...] [--out results.json] (torchao
-importable; `--only` times those variants and eager bf16)
+`--profile` adds each variant's CUDA kernels of one call by kind (matmuls, attention, Triton's
+fused kernels, the rest) and its slowest kernels, from torch.profiler: where a variant's time goes.
+
+Usage: python -m benchmarks.gpu_fp8 [--only VARIANT ...] [--profile] [--out results.json]
+(torchao importable; `--only` times those variants and eager bf16)
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import json
 import statistics
@@ -62,6 +66,42 @@ def fp8_static(
     return model
 
 
+class FusedSelfAttention(torch.nn.Module):
+    """BERT's self-attention with query, key and value as one matmul (one activation read, one
+    fp8 cast of it, a 2,304-wide output in place of three 768-wide ones)."""
+
+    def __init__(self, attention: Any) -> None:
+        super().__init__()
+        layers = (attention.query, attention.key, attention.value)
+        self.qkv = torch.nn.Linear(layers[0].in_features, 3 * layers[0].out_features)
+        self.qkv = self.qkv.to(layers[0].weight.device, layers[0].weight.dtype)
+        with torch.no_grad():
+            self.qkv.weight.copy_(torch.cat([layer.weight for layer in layers]))
+            self.qkv.bias.copy_(torch.cat([layer.bias for layer in layers]))
+        self.config, self.scaling = attention.config, attention.scaling
+        self.is_causal, self.layer_idx = attention.is_causal, attention.layer_idx
+        self.head_size = attention.attention_head_size
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Any = None, **kwargs: Any) -> Any:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        shape = hidden_states.shape[:-1]
+        fused = self.qkv(hidden_states).view(*shape, 3, -1, self.head_size)
+        query, key, value = (part.transpose(1, 2) for part in fused.unbind(2))
+        attend = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        kwargs.pop("cache", None)
+        out, weights = attend(
+            self, query, key, value, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs
+        )
+        return out.reshape(*shape, -1).contiguous(), weights
+
+
+def fuse_qkv(model: torch.nn.Module) -> torch.nn.Module:
+    for layer in model.encoder.layer:  # type: ignore[union-attr]
+        layer.attention.self = FusedSelfAttention(layer.attention.self)
+    return model
+
+
 def _feed_forward(layer: torch.nn.Module, name: str) -> bool:
     output = name.endswith("output.dense") and "attention" not in name
     return isinstance(layer, torch.nn.Linear) and ("intermediate" in name or output)
@@ -88,6 +128,11 @@ def variants(
     ) -> Call:
         return torch.compile(run(model, masked), mode=mode)
 
+    def frozen(model: torch.nn.Module) -> Call:
+        """Compiled with the weights as constants (inductor's freezing), in CUDA graphs."""
+        options = {"freezing": True, "triton.cudagraphs": True}
+        return torch.compile(run(model), options=options)
+
     return {
         "eager bf16": run(bf16()),
         "compiled bf16": compiled(bf16()),
@@ -106,6 +151,45 @@ def variants(
         "compiled fp8 static per tensor, no mask": compiled(
             fp8_static(bf16(), calibration), masked=False
         ),
+        "compiled bf16, fused qkv": compiled(fuse_qkv(bf16())),
+        "compiled fp8 static per tensor, fused qkv": compiled(
+            fp8_static(fuse_qkv(bf16()), calibration)
+        ),
+        "compiled bf16, freezing": frozen(bf16()),
+        "compiled fp8 static per tensor, freezing": frozen(fp8_static(bf16(), calibration)),
+    }
+
+
+KINDS = (
+    ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "scaled_mm")),
+    ("attention", ("fmha", "flash", "attention", "cudnn", "sdpa")),
+    ("triton", ("triton",)),
+)
+
+
+def kernels(call: Callable[[], Any], calls: int = 5) -> dict[str, Any]:
+    """One call's CUDA kernel time by kind, and its ten slowest kernels (ms a call)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as trace:
+        for _ in range(calls):
+            call()
+        torch.cuda.synchronize()
+    by_name: collections.Counter[str] = collections.Counter()
+    for event in trace.key_averages():
+        if event.device_type == DeviceType.CUDA and event.self_device_time_total > 0:
+            by_name[event.key] += event.self_device_time_total / 1e3 / calls
+    by_kind: collections.Counter[str] = collections.Counter()
+    for name, ms in by_name.items():
+        lowered = name.lower()
+        kind = next((k for k, marks in KINDS if any(m in lowered for m in marks)), "other")
+        by_kind[kind] += ms
+    return {
+        "kernel_ms": sum(by_name.values()),
+        "by_kind_ms": dict(by_kind.most_common()),
+        "slowest": [[name[:120], ms] for name, ms in by_name.most_common(10)],
     }
 
 
@@ -113,6 +197,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path)
     parser.add_argument("--only", nargs="*", help="these variants (and eager bf16) alone")
+    parser.add_argument("--profile", action="store_true", help="each variant's kernels too")
     args = parser.parse_args()
     config = transformers.BertConfig(
         hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072
@@ -146,6 +231,9 @@ def main() -> None:
             for name in names[turn % len(names) :] + names[: turn % len(names)]:
                 ms = gpu_ms(lambda n=name: calls[n](ids, mask), CALLS)
                 rows[name]["ms"].append(ms)
+        if args.profile:
+            for name in names:
+                rows[name]["kernels"] = kernels(lambda n=name: calls[n](ids, mask))
     eager = statistics.median(rows["eager bf16"]["ms"])
     for row in rows.values():
         row["p50_ms"] = statistics.median(row["ms"])

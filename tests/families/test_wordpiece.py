@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from tokenizers import normalizers, pre_tokenizers
 
-from mahir.families.wordpiece import AsciiWordPiece
+from mahir.families.wordpiece import PLAIN, AsciiWordPiece
 from mahir.model import Model
 
 
@@ -47,6 +47,16 @@ def _random_texts(vocabulary: list[str], count: int, seed: int) -> list[str]:
     return [*texts, "", " ", "\t\n", "a", "Hello, World!", "#hash ##piece", "x" * 101, "\u00a0"]
 
 
+def _rows(fast: AsciiWordPiece, texts: list[str]) -> list[list[int]]:
+    """`fast.encode`'s ids, one list a text."""
+    ids, lengths = fast.encode(texts)
+    assert ids.dtype == lengths.dtype == np.int64
+    assert len(lengths) == len(texts)
+    assert lengths.sum() == len(ids)
+    ends = np.cumsum(lengths)
+    return [ids[end - length : end].tolist() for end, length in zip(ends, lengths, strict=True)]
+
+
 @pytest.mark.parametrize("max_length", [256, 9])
 def test_plain_text_gets_the_ids_the_rust_tokenizer_gives(minilm: Model, max_length: int) -> None:
     backend = _backend(minilm, max_length)
@@ -56,13 +66,37 @@ def test_plain_text_gets_the_ids_the_rust_tokenizer_gives(minilm: Model, max_len
     words = [w for w in backend.get_vocab() if w.isalpha()]
     texts = _random_texts(words, 1500, seed=max_length)
     expected = [e.ids for e in backend.encode_batch_fast(texts)]
-    assert fast.ids(texts) == expected
+    assert _rows(fast, texts) == expected
     assert fast.remembered  # words outside the vocabulary went through the fast path
     assert fast.lean is None
     lean = AsciiWordPiece.of(backend, in_python=False)  # plain text by the lean Rust pipeline
     assert lean is not None
-    assert lean.ids(texts) == expected
-    assert fast.ids([]) == lean.ids([]) == []
+    assert _rows(lean, texts) == expected
+    assert _rows(fast, []) == _rows(lean, []) == []
+
+
+@pytest.mark.parametrize("max_length", [256, 9])
+def test_a_batch_of_plain_text_alone_is_tokenized_whole(minilm: Model, max_length: int) -> None:
+    """The path where no text of the batch needs the Rust tokenizer: the batch joined into one
+    string, including empty texts and words outside the vocabulary or too long for WordPiece."""
+    backend = _backend(minilm, max_length)
+    fast = AsciiWordPiece.of(backend)
+    assert fast is not None
+    words = [w for w in backend.get_vocab() if w.isalpha()]
+    specials = fast.written_specials
+    assert specials is not None
+    texts = [
+        t
+        for t in _random_texts(words, 600, seed=7)
+        if PLAIN.fullmatch(t) and not specials.search(t)
+    ]
+    texts += ["", "zzyzxq, qwvj! " * 3, "x" * 150, "a\tb\nc\r"]
+    assert len(texts) > 300
+    expected = [e.ids for e in backend.encode_batch_fast(texts)]
+    fast.remembered.clear()
+    assert _rows(fast, texts) == expected
+    assert "zzyzxq" in fast.remembered  # split by WordPiece, then remembered
+    assert _rows(fast, [""]) == [[*fast.prefix, *fast.suffix]]
 
 
 def test_a_cased_bert_keeps_its_case(minilm: Model) -> None:
@@ -76,7 +110,7 @@ def test_a_cased_bert_keeps_its_case(minilm: Model) -> None:
     expected = [e.ids for e in backend.encode_batch_fast(texts)]
     lean = AsciiWordPiece.of(backend, in_python=False)
     assert lean is not None
-    assert fast.ids(texts) == lean.ids(texts) == expected
+    assert _rows(fast, texts) == _rows(lean, texts) == expected
     assert lean.lean.normalizer is None
 
 

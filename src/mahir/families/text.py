@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import itertools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ import numpy as np
 
 from mahir.errors import BadInput
 from mahir.families import open_tokenizer
-from mahir.families.wordpiece import AsciiWordPiece
+from mahir.families.wordpiece import AsciiWordPiece, flatten
 from mahir.pooling import EMBEDDING, Pooling, pool
 from mahir.quality import compare
 from mahir.types import Device, InputSpec, Outputs, Quality, TokenLimits
@@ -149,12 +148,12 @@ class TextEncoder:
         if self._backend is None:
             return encode_texts(self._tokenizer, self._spec, self._max_length, texts)
         if self._wordpiece is not None:
-            ids, encodings = self._wordpiece.ids(texts), []
+            (ids, lengths), encodings = self._wordpiece.encode(texts), []
         else:
             encodings = self._encode_batch(list(texts))
-            ids = [e.ids for e in encodings]
+            ids, lengths = flatten([e.ids for e in encodings])
         tokenizer = self._tokenizer
-        layout = _Layout.of(ids, left=tokenizer.padding_side == "left")
+        layout = _Layout.of(lengths, left=tokenizer.padding_side == "left")
         batch = {}
         for t in self._spec.inputs:
             if t.name == "input_ids":
@@ -164,7 +163,7 @@ class TextEncoder:
             elif self._type_id is not None:
                 batch[t.name] = layout.constant(self._type_id, tokenizer.pad_token_type_id, t.dtype)
             else:
-                type_ids = [e.type_ids for e in encodings]
+                type_ids, _ = flatten([e.type_ids for e in encodings])
                 batch[t.name] = layout.rows(type_ids, tokenizer.pad_token_type_id, t.dtype)
         return batch
 
@@ -213,23 +212,22 @@ class _Layout:
     real: np.ndarray | None
 
     @classmethod
-    def of(cls, rows: list[list[int]], *, left: bool) -> _Layout:
-        lengths = [len(row) for row in rows]
-        longest = max(lengths, default=0)
-        if min(lengths, default=0) == longest:
-            return cls((len(rows), longest), None)
-        positions, ends = np.arange(longest), np.array(lengths)
+    def of(cls, lengths: np.ndarray, *, left: bool) -> _Layout:
+        """For rows of these `lengths`."""
+        longest = int(lengths.max(initial=0))
+        if int(lengths.min(initial=0)) == longest:
+            return cls((len(lengths), longest), None)
+        positions = np.arange(longest)
         if left:
-            return cls((len(rows), longest), positions >= (longest - ends)[:, None])
-        return cls((len(rows), longest), positions < ends[:, None])
+            return cls((len(lengths), longest), positions >= (longest - lengths)[:, None])
+        return cls((len(lengths), longest), positions < lengths[:, None])
 
-    def rows(self, rows: list[list[int]], pad: int, dtype: Any) -> np.ndarray:
+    def rows(self, values: np.ndarray, pad: int, dtype: Any) -> np.ndarray:
+        """The rows' `values`, end to end, laid out padded with `pad`."""
         if self.real is None:
-            return np.array(rows, dtype).reshape(self.shape)
+            return values.astype(dtype, copy=False).reshape(self.shape)
         out = np.full(self.shape, pad, dtype)
-        out[self.real] = np.fromiter(
-            itertools.chain.from_iterable(rows), dtype, np.count_nonzero(self.real)
-        )
+        out[self.real] = values
         return out
 
     def mask(self, dtype: Any) -> np.ndarray:

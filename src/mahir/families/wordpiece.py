@@ -12,9 +12,15 @@ once and are remembered. Every other sentence (non-ASCII, control characters, a 
 written out) goes through the Rust tokenizer whole, and `AsciiWordPiece.of` takes only a
 tokenizer whose pipeline is exactly BERT's. Tests hold the two to the same ids on random text.
 
+A batch is tokenized at once, not sentence by sentence: its plain texts are joined into one
+string with a separator no plain text holds, split into words and separators by C string
+methods, one dictionary lookup per word gives the ids, and numpy cuts them back into
+sentences, truncates them and puts the specials around each. Only the words outside the
+vocabulary go through Python one by one, so Python does almost nothing per sentence.
+
 That Python holds the GIL as it works. Where another thread needs the GIL as much (the one
-feeding a GPU) plain text goes instead to a lean copy of the Rust tokenizer, whose normalizer is
-only what BERT's comes to on it (lowercasing): the same ids, without the GIL, and 1.7x faster
+feeding a GPU) plain text can go instead to a lean copy of the Rust tokenizer, whose normalizer
+is only what BERT's comes to on it (lowercasing): the same ids, without the GIL, and 1.7x faster
 than the full pipeline on one thread (1.4x on two), because the full normalizer's Unicode work
 is what costs.
 """
@@ -22,19 +28,29 @@ is what costs.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import re
+import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from tokenizers import normalizers
 
 PLAIN = re.compile(r"[\x20-\x7e\t\n\r]*")
 """Text this path tokenizes (whole match): printable ASCII, tabs and line breaks."""
-WORD = re.compile(r"[A-Za-z0-9]+|[!-/:-@\[-`{-~]")
-"""BERT's pre-tokenizer on such text: runs of letters and digits, and each punctuation mark
-alone (Rust's `is_ascii_punctuation`); whitespace only separates."""
+SEPARATOR = "\x00"
+"""Between the texts of a batch joined into one string: not plain, so no plain text holds it."""
+PLAIN_OR_SEPARATOR = re.compile(r"[\x20-\x7e\t\n\r\x00]*")
+SPACED = tuple((mark, f" {mark} ") for mark in string.punctuation + SEPARATOR)
+"""Each ASCII punctuation mark and the separator with spaces around it: then `str.split` cuts
+plain text where BERT's pre-tokenizer does (runs of letters and digits, and each punctuation
+mark alone, as Rust's `is_ascii_punctuation`; whitespace only separates), ~3x faster than a
+regular expression's scan."""
+END, OUTSIDE = -1, -2
+"""What the batch lookup gives a separator, and a word the vocabulary lacks."""
 REMEMBERED = 1 << 16
 """Words outside the vocabulary whose pieces are kept: a server's traffic cannot grow it
 without bound."""
@@ -49,10 +65,7 @@ class AsciiWordPiece:
     lean: Any | None
     """`backend` with its normalizer cut to what it does on plain text, where plain text goes to
     Rust; None where it is tokenized in Python."""
-    vocabulary: dict[str, int]
     lowercase: bool
-    longest_word: int
-    """Characters a word may have before WordPiece calls it unknown."""
     prefix: tuple[int, ...]
     suffix: tuple[int, ...]
     """The special tokens the template puts around one sentence."""
@@ -60,6 +73,9 @@ class AsciiWordPiece:
     """Word pieces a sentence keeps under the truncation."""
     written_specials: re.Pattern[str] | None
     """Any added token (e.g. [MASK]) written in the text: the Rust tokenizer matches those."""
+    lookup: _Lookup
+    """The vocabulary's words WordPiece may take whole (no longer than its
+    `max_input_chars_per_word`), the separator as END, every other word OUTSIDE."""
     remembered: dict[str, list[int]] = field(default_factory=dict)
 
     @classmethod
@@ -92,47 +108,84 @@ class AsciiWordPiece:
         lean = None if in_python else copy.deepcopy(backend)
         if lean is not None:
             lean.normalizer = normalizers.Lowercase() if lowercase else None
+        longest = int(spec["model"]["max_input_chars_per_word"])
+        lookup = _Lookup({w: i for w, i in vocabulary.items() if len(w) <= longest})
+        lookup[SEPARATOR] = END
         return cls(
             backend=backend,
             lean=lean,
-            vocabulary=vocabulary,
             lowercase=lowercase,
-            longest_word=int(spec["model"]["max_input_chars_per_word"]),
             prefix=prefix,
             suffix=suffix,
             pieces=pieces,
             written_specials=re.compile("|".join(added), re.IGNORECASE) if added else None,
+            lookup=lookup,
         )
 
-    def ids(self, texts: Sequence[str]) -> list[list[int]]:
-        """Each text's ids, in order: plain text in Python or by the lean Rust tokenizer; the
-        texts that are not plain go to the full one, in one call."""
-        plain: list[int] = []
-        others: list[int] = []
-        for i, text in enumerate(texts):
-            takes = PLAIN.fullmatch(text) and not (
-                self.written_specials and self.written_specials.search(text)
-            )
-            (plain if takes else others).append(i)
-        rows: list[list[int]] = [[] for _ in texts]
-        if self.lean is None:
-            for i in plain:
-                rows[i] = self._plain(texts[i])
+    def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Every text's ids end to end (int64) and each text's count of them: plain text in
+        Python or by the lean Rust tokenizer; the texts that are not plain go to the full one,
+        in one call."""
+        plain = self._plain_indices(texts)
+        if self.lean is None and len(plain) == len(texts):
+            return self._joined(texts)
+        rows: list[Any] = [None] * len(texts)
+        taken = set(plain)
+        others = [i for i in range(len(texts)) if i not in taken]
+        if self.lean is None and plain:
+            ids, lengths = self._joined([texts[i] for i in plain])
+            for i, row in zip(plain, np.split(ids, np.cumsum(lengths)[:-1]), strict=True):
+                rows[i] = row
         else:
             _encode_into(rows, plain, texts, self.lean)
         _encode_into(rows, others, texts, self.backend)
-        return rows
+        return flatten(rows)
 
-    def _plain(self, text: str) -> list[int]:
-        pieces: list[int] = []
-        vocabulary, longest = self.vocabulary, self.longest_word
-        for word in WORD.findall(text.lower() if self.lowercase else text):
-            known = vocabulary.get(word) if len(word) <= longest else None
-            if known is None:
-                pieces += self._word_pieces(word)
-            else:
-                pieces.append(known)
-        return [*self.prefix, *pieces[: self.pieces], *self.suffix]
+    def _plain_indices(self, texts: Sequence[str]) -> list[int]:
+        """Which texts are plain and write no special token; the whole batch checked first."""
+        joined = SEPARATOR.join(texts)
+        specials = self.written_specials
+        if (
+            joined.count(SEPARATOR) == len(texts) - 1
+            and PLAIN_OR_SEPARATOR.fullmatch(joined)
+            and not (specials and specials.search(joined))
+        ):
+            return list(range(len(texts)))
+        return [
+            i
+            for i, text in enumerate(texts)
+            if PLAIN.fullmatch(text) and not (specials and specials.search(text))
+        ]
+
+    def _joined(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """`encode` of plain texts: one scan of them joined, ids by one lookup per word."""
+        joined = SEPARATOR.join(texts) + SEPARATOR if texts else ""
+        words = _words(joined.lower() if self.lowercase else joined)
+        ids = np.fromiter(map(self.lookup.__getitem__, words), np.int64, len(words))
+        outside = np.flatnonzero(ids == OUTSIDE)
+        if len(outside):
+            parts = np.split(ids, outside)
+            pieces = [np.array(self._word_pieces(words[i]), np.int64) for i in outside]
+            chunks = [parts[0]]
+            for piece, part in zip(pieces, parts[1:], strict=True):
+                chunks += (piece, part[1:])
+            ids = np.concatenate(chunks)
+        ends = np.flatnonzero(ids == END)
+        counts = np.diff(ends, prepend=-1) - 1
+        within = np.arange(len(ids)) - np.repeat(ends - counts, counts + 1)
+        body = ids[(ids != END) & (within < self.pieces)]
+        kept = np.minimum(counts, self.pieces)
+        prefix, suffix = len(self.prefix), len(self.suffix)
+        lengths = kept + prefix + suffix
+        out = np.empty(int(lengths.sum()), np.int64)
+        starts = np.cumsum(lengths) - lengths
+        for offset, token in enumerate(self.prefix):
+            out[starts + offset] = token
+        for offset, token in enumerate(self.suffix):
+            out[starts + prefix + kept + offset] = token
+        before = np.cumsum(kept) - kept
+        out[np.repeat(starts + prefix - before, kept) + np.arange(len(body))] = body
+        return out, lengths
 
     def _word_pieces(self, word: str) -> list[int]:
         """WordPiece's split of a word outside the vocabulary ([UNK] where it has none)."""
@@ -144,7 +197,30 @@ class AsciiWordPiece:
         return known
 
 
-def _encode_into(rows: list[list[int]], which: list[int], texts: Sequence[str], rust: Any) -> None:
+def _words(text: str) -> list[str]:
+    """The words and separators of plain `text`, in order (`SPACED`)."""
+    for mark, spaced in SPACED:
+        if mark in text:
+            text = text.replace(mark, spaced)
+    return text.split()
+
+
+class _Lookup(dict[str, int]):
+    """The vocabulary, answering OUTSIDE for a word it lacks (read through `__getitem__`, so a
+    hit costs no Python call)."""
+
+    def __missing__(self, word: str) -> int:
+        return OUTSIDE
+
+
+def flatten(rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ids end to end (int64) and each row's length."""
+    lengths = np.fromiter(map(len, rows), np.int64, len(rows))
+    flat = np.fromiter(itertools.chain.from_iterable(rows), np.int64, int(lengths.sum()))
+    return flat, lengths
+
+
+def _encode_into(rows: list[Any], which: list[int], texts: Sequence[str], rust: Any) -> None:
     """The ids of the texts at `which` into `rows`, from one call of the Rust tokenizer `rust`."""
     if which:
         encodings = rust.encode_batch_fast([texts[i] for i in which])
