@@ -82,7 +82,9 @@ class FusedSelfAttention(torch.nn.Module):
         self.is_causal, self.layer_idx = attention.is_causal, attention.layer_idx
         self.head_size = attention.attention_head_size
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: Any = None, **kwargs: Any) -> Any:
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: Any = None, **kwargs: Any
+    ) -> Any:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         shape = hidden_states.shape[:-1]
