@@ -214,8 +214,10 @@ class _Layout:
     @classmethod
     def of(cls, lengths: np.ndarray, *, left: bool) -> _Layout:
         """For rows of these `lengths`."""
-        longest = int(lengths.max(initial=0))
-        if int(lengths.min(initial=0)) == longest:
+        if len(lengths) < 2:  # a server's single sentence: no reductions
+            return cls((len(lengths), int(lengths.sum())), None)
+        longest = int(lengths.max())
+        if int(lengths.min()) == longest:
             return cls((len(lengths), longest), None)
         positions = np.arange(longest)
         if left:
