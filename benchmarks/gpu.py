@@ -208,7 +208,7 @@ def variable_length(
         )
     }
     for workers, size, tokenizer in itertools.product(embed_workers, embed_batches, encoders):
-        how = f"{workers} tokenizing thread{'s' if workers > 1 else ''}"
+        how = f"{workers} tokenizing thread{'s' if workers > 1 else ''}" if workers else "inline"
         if size != 256:
             how += f", batches of {size}"
         how += tokenizer

@@ -77,8 +77,28 @@ def test_several_workers_tokenize_batches_at_once_and_keep_the_order() -> None:
     texts = [f"{'x' * i} {i}" for i in range(8)]
     got = embed(texts, Doubling(), meeting, batch_size=3, workers=2)
     np.testing.assert_array_equal(got, encode(texts)["x"] * 2)
-    with pytest.raises(ValueError, match="workers must be >= 1"):
-        embed(texts, Doubling(), encode, workers=0)
+    with pytest.raises(ValueError, match="workers must be >= 0"):
+        embed(texts, Doubling(), encode, workers=-1)
+
+
+def test_no_worker_tokenizes_each_batch_on_the_calling_thread_just_before_it_runs() -> None:
+    caller = threading.get_ident()
+    events: list[str] = []
+
+    def inline(texts: Sequence[str]) -> Inputs:
+        assert threading.get_ident() == caller
+        events.append("tokenize")
+        return encode(texts)
+
+    class Recording(Doubling):
+        def run(self, inputs: Inputs) -> Outputs:
+            events.append("run")
+            return super().run(inputs)
+
+    texts = [f"{'y' * i} {i}" for i in range(7)]
+    got = embed(texts, Recording(), inline, batch_size=3, workers=0)
+    np.testing.assert_array_equal(got, encode(texts)["x"] * 2)
+    assert events == ["tokenize", "run"] * 3
 
 
 def test_a_session_without_an_embedding_is_refused_in_one_line() -> None:

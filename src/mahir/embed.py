@@ -41,17 +41,22 @@ def embed(
     workers: int = 1,
 ) -> np.ndarray:
     """The sentence embedding of every text, in order: `encode` tokenizes a list of texts
-    for `session` (e.g. a `TextEncoder`) on `workers` threads, and the session's output
-    "sentence_embedding" is kept."""
+    for `session` (e.g. a `TextEncoder`) on `workers` threads (0: on the calling thread, one
+    batch after another), and the session's output "sentence_embedding" is kept."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
     order = np.argsort([len(t) for t in texts], kind="stable")
     parts = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     results: list[np.ndarray] = []
-    with ThreadPoolExecutor(workers, thread_name_prefix="mahir-tokenize") as pool:
-        for batch in _ahead(pool, encode, texts, parts, AHEAD * workers):
+    with ThreadPoolExecutor(max(workers, 1), thread_name_prefix="mahir-tokenize") as pool:
+        batches = (
+            _ahead(pool, encode, texts, parts, AHEAD * workers)
+            if workers
+            else (encode([texts[i] for i in part]) for part in parts)
+        )
+        for batch in batches:
             outputs = session.run(batch)
             if EMBEDDING not in outputs:
                 raise BadInput(
