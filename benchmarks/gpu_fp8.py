@@ -37,6 +37,7 @@ import transformers
 
 from benchmarks import gpu
 from benchmarks.gpu_attention import gpu_ms
+from mahir.fused_qkv import FusedSelfAttention
 
 BATCH, TOKENS, ROUNDS, CALLS = 256, 128, 5, 20
 
@@ -66,39 +67,8 @@ def fp8_static(
     return model
 
 
-class FusedSelfAttention(torch.nn.Module):
-    """BERT's self-attention with query, key and value as one matmul (one activation read, one
-    fp8 cast of it, a 2,304-wide output in place of three 768-wide ones)."""
-
-    def __init__(self, attention: Any) -> None:
-        super().__init__()
-        layers = (attention.query, attention.key, attention.value)
-        self.qkv = torch.nn.Linear(layers[0].in_features, 3 * layers[0].out_features)
-        self.qkv = self.qkv.to(layers[0].weight.device, layers[0].weight.dtype)
-        with torch.no_grad():
-            self.qkv.weight.copy_(torch.cat([layer.weight for layer in layers]))
-            self.qkv.bias.copy_(torch.cat([layer.bias for layer in layers]))
-        self.config, self.scaling = attention.config, attention.scaling
-        self.is_causal, self.layer_idx = attention.is_causal, attention.layer_idx
-        self.head_size = attention.attention_head_size
-
-    def forward(
-        self, hidden_states: torch.Tensor, attention_mask: Any = None, **kwargs: Any
-    ) -> Any:
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-        shape = hidden_states.shape[:-1]
-        fused = self.qkv(hidden_states).view(*shape, 3, -1, self.head_size)
-        query, key, value = (part.transpose(1, 2) for part in fused.unbind(2))
-        attend = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
-        kwargs.pop("cache", None)
-        out, weights = attend(
-            self, query, key, value, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs
-        )
-        return out.reshape(*shape, -1).contiguous(), weights
-
-
 def fuse_qkv(model: torch.nn.Module) -> torch.nn.Module:
+    """mahir's `FuseQKV` on each layer (query, key and value as one matmul)."""
     for layer in model.encoder.layer:  # type: ignore[union-attr]
         layer.attention.self = FusedSelfAttention(layer.attention.self)
     return model

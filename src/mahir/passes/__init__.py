@@ -25,6 +25,7 @@ from mahir.model import Model
 from mahir.passes.conversion import OpenVinoDirect, openvino_direct
 from mahir.passes.fallback import AccuracyAwareInt8, accuracy_aware_int8
 from mahir.passes.float8 import TorchaoFloat8, torchao_float8
+from mahir.passes.fuse_qkv import FuseQKV, fuse_qkv
 from mahir.passes.graph import (
     OrtOptimize,
     Simplify,
@@ -76,6 +77,7 @@ PASSES: dict[type[Any], PassFn] = {
     PoolInModel: pool_in_model,
     PackSequences: pack_sequences,
     TorchaoFloat8: torchao_float8,
+    FuseQKV: fuse_qkv,
     TorchaoInt8: torchao_int8,
     Pt2eInt8: pt2e_int8,
     StructuredPrune: structured_prune,
