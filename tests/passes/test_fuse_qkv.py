@@ -15,11 +15,16 @@ import torch
 from mahir.errors import Unsupported
 from mahir.fused_qkv import FusedSelfAttention
 from mahir.model import Model
+from mahir.outdir import load_output_dir
 from mahir.passes import PassContext, apply_steps, run_pass
 from mahir.passes.fuse_qkv import FuseQKV
+from mahir.passes.packing import PackSequences
 from mahir.passes.precision import TorchLowPrecision
+from mahir.pooling import EMBEDDING
 from mahir.quality import fidelity
-from mahir.runtimes import open_session
+from mahir.recipe import Recipe
+from mahir.runtimes import open_session, reference_outputs
+from mahir.search.apply import apply_recipe, write_output_dir
 
 Batches = tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]
 
@@ -63,3 +68,25 @@ def test_fusing_after_bf16_keeps_bf16_and_the_answers(
 def test_a_model_without_encoder_attention_is_refused(mlp: Model, tmp_path: Path) -> None:
     with pytest.raises(Unsupported, match="has no encoder self-attention to fuse"):
         run_pass(mlp.original(), FuseQKV(), PassContext(mlp, tmp_path))
+
+
+def test_a_fused_encoder_packs_saves_and_reopens_with_the_same_answers(
+    minilm: Model, tmp_path: Path
+) -> None:
+    """Fused, then packed (the fused module calls whichever attention the model is set to,
+    the packed one here), judged by its embedding, saved as a program and reopened."""
+    steps = (FuseQKV(), PackSequences())
+    packed = apply_steps(minilm.original(), steps, PassContext(minilm, tmp_path))
+    batches = minilm.family.verification_batches()
+    session = open_session("torch", packed)
+    quality = fidelity(minilm, session, batches, reference_outputs(minilm, batches))
+    assert quality.embedding is not None
+    assert quality.embedding.cosine_min > 0.99999
+    applied = apply_recipe(
+        minilm, Recipe(steps, "torch"), tmp_path / "w", calibration=(), evaluation=()
+    )
+    write_output_dir(minilm, applied, tmp_path / "out")
+    reopened = load_output_dir(tmp_path / "out")
+    np.testing.assert_allclose(
+        reopened.run(batches[1])[EMBEDDING], session.run(batches[1])[EMBEDDING], atol=1e-5
+    )

@@ -8,6 +8,7 @@ from mahir import runtimes
 from mahir.errors import BadInput
 from mahir.hardware import Gpu, Machine
 from mahir.model import Model, load_model
+from mahir.passes.fuse_qkv import FuseQKV
 from mahir.passes.packing import PackSequences
 from mahir.passes.pooling import PoolInModel
 from mahir.passes.precision import Float16
@@ -85,6 +86,9 @@ def test_a_gpu_gets_its_own_candidates_against_eager_fp32_on_the_same_gpu(
     assert {"cuda-graphs-bf16", "cuda-graphs-fp16", "torch-fp16", "torch-bf16"} <= ids
     assert {"packed-fp8", "cuda-graphs-fp8", "packed-fp8-static", "cuda-graphs-fp8-static"} <= ids
     assert {"packed-bf16", "packed-fp16"} <= ids
+    for candidate in proposed:  # fp8 casts each matmul's input: q, k and v read one
+        fused = any(isinstance(step, FuseQKV) for step in candidate.recipe.steps)
+        assert fused == ("fp8" in candidate.id), candidate.id
     assert not any(c.recipe.runtime in ("onnxruntime", "openvino") for c in proposed)
     pooled_or_packed = (PoolInModel, PackSequences)  # an encoder: only the embedding leaves
     assert all(isinstance(c.recipe.steps[-1], pooled_or_packed) for c in proposed[1:])

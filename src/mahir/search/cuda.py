@@ -21,6 +21,7 @@ from mahir.errors import BadInput
 from mahir.hardware import Machine
 from mahir.model import Model
 from mahir.passes.float8 import FP8_COMPUTE_CAPABILITY, TorchaoFloat8
+from mahir.passes.fuse_qkv import FuseQKV
 from mahir.passes.packing import PackSequences
 from mahir.passes.pooling import PoolInModel
 from mahir.passes.precision import Float16, TorchLowPrecision
@@ -53,7 +54,9 @@ def cuda_entries(model: Model, machine: Machine, device: Device) -> list[Entry]:
     no_packing = None if pooled else "packing is for sentence encoders (it pools inside)"
     suffix = ", pooled on the GPU" if pooled else ""
     bf16, fp16 = TorchLowPrecision("bfloat16"), TorchLowPrecision("float16")
-    fp8, fp8_static = TorchaoFloat8(), TorchaoFloat8(scaling="static")
+    fused = _fused_qkv(model)
+    fp8 = (*fused, TorchaoFloat8())
+    fp8_static = (*fused, TorchaoFloat8(scaling="static"))
     packed = PackSequences()
     graphs = "torch.compile + CUDA graphs over shape buckets"
     compiled, eager = "torch-compile", "torch"
@@ -73,25 +76,25 @@ def cuda_entries(model: Model, machine: Machine, device: Device) -> list[Entry]:
         (
             "packed-fp8-static",
             f"{graphs}, fp8 matmuls with calibrated scales (torchao), packed sequences",
-            Recipe((bf16, fp8_static, packed), compiled, on),
+            Recipe((bf16, *fp8_static, packed), compiled, on),
             no_fp8 or no_packing,
         ),
         (
             "packed-fp8",
             f"{graphs}, fp8 matmuls (torchao), packed sequences (no padding)",
-            Recipe((bf16, fp8, packed), compiled, on),
+            Recipe((bf16, *fp8, packed), compiled, on),
             no_fp8 or no_packing,
         ),
         (
             "cuda-graphs-fp8-static",
             f"{graphs}, fp8 matmuls with calibrated scales (torchao){suffix}",
-            Recipe((bf16, fp8_static, *pooled), compiled, on),
+            Recipe((bf16, *fp8_static, *pooled), compiled, on),
             no_fp8,
         ),
         (
             "cuda-graphs-fp8",
             f"{graphs}, fp8 matmuls (torchao){suffix}",
-            Recipe((bf16, fp8, *pooled), compiled, on),
+            Recipe((bf16, *fp8, *pooled), compiled, on),
             no_fp8,
         ),
         (
@@ -110,6 +113,17 @@ def cuda_entries(model: Model, machine: Machine, device: Device) -> list[Entry]:
         ("torch-fp16", f"PyTorch eager fp16{suffix}", Recipe((fp16, *pooled), eager, on), None),
         ("cuda-graphs", f"{graphs}, fp32{suffix}", Recipe(pooled, compiled, on), None),
     ]
+
+
+def _fused_qkv(model: Model) -> tuple[FuseQKV, ...]:
+    """`FuseQKV` before fp8 where the model has attention it fuses: fp8 casts each matmul's
+    input, and q, k and v read one input (BERT-base 256x128 on an H100, static fp8: 1.35x eager
+    bf16 fused against 1.27x not, GPU time; bf16 alone gains nothing from it)."""
+    from mahir.fused_qkv import fusable
+
+    module = model.module
+    layers = module.modules() if module is not None else ()
+    return (FuseQKV(),) if any(fusable(layer) for layer in layers) else ()
 
 
 def _on(device: Device) -> RuntimeOptions:
