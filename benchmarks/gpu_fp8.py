@@ -127,6 +127,9 @@ def variants(
         "compiled fp8 static per tensor, fused qkv": compiled(
             fp8_static(fuse_qkv(bf16()), calibration)
         ),
+        "compiled fp8 static per tensor, fused qkv, no mask": compiled(
+            fp8_static(fuse_qkv(bf16()), calibration), masked=False
+        ),
         "compiled bf16, freezing": frozen(bf16()),
         "compiled fp8 static per tensor, freezing": frozen(fp8_static(bf16(), calibration)),
     }
