@@ -27,6 +27,7 @@ import copy
 import itertools
 import json
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -287,7 +288,15 @@ def main() -> None:
     parser.add_argument("--embed-workers", type=int, nargs="+", default=[1])
     parser.add_argument("--embed-batches", type=int, nargs="+", default=[256])
     parser.add_argument("--mahir", nargs="+", default=list(MAHIR), help="candidate ids")
+    parser.add_argument(
+        "--switch-interval-ms",
+        type=float,
+        help="Python's GIL switch interval for the run (default 5 ms): how long a thread that "
+        "wants the GIL back waits for one that holds it",
+    )
     args = parser.parse_args()
+    if args.switch_interval_ms is not None:
+        sys.setswitchinterval(args.switch_interval_ms / 1e3)
     rows: list[dict[str, Any]] = []
     for name in args.models:
         torch.manual_seed(0)
