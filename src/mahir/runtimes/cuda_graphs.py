@@ -4,10 +4,13 @@ A batch-1 forward of a small encoder launches hundreds of kernels; eager, the GP
 them (MiniLM at 1x128 on an H200: 2.8 ms eager, the kernels themselves a fraction of that). A
 CUDA graph launches them all at once. torch.compile's mode="reduce-overhead" does this too, but
 pays on every call for its guards and graph-tree bookkeeping; here each shape's graph is
-captured once from the compiled module and each call is: copy the inputs into pinned host
-buffers and on to the graph's static inputs, replay, copy the outputs back through pinned
-buffers, synchronise. Captures share one memory pool: graphs run one at a time and every
-output is copied out before the next replay, so the pool's blocks may be reused across graphs.
+captured once from the compiled module and each call is: write the inputs into one pinned
+host buffer, copy it to the GPU buffer that holds the graph's static inputs (one copy however
+many inputs: a packed batch has five, and each driver call costs the host time and, where
+another thread holds the GIL, a wait to get it back), replay, copy the outputs back through
+pinned buffers, synchronise. Captures share one memory pool: graphs run one at a time and
+every output is copied out before the next replay, so the pool's blocks may be reused across
+graphs.
 
 `Buckets` (buckets.py) in front keeps the number of shapes, and so of graphs, small. Captured
 code must not synchronise with the host; a module that does fails its capture, which is
@@ -41,17 +44,45 @@ WARMUP_RUNS = 3
 Key = tuple[tuple[str, tuple[int, ...], str], ...]
 
 
+ALIGN = 64
+"""Bytes each input's place in the staging buffers is aligned to."""
+
+
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
     inputs: dict[str, torch.Tensor]
-    """The graph's static inputs on the GPU."""
-    staging: dict[str, torch.Tensor]
-    """Pinned host buffers the inputs are written into first."""
+    """The graph's static inputs on the GPU: views into `device`."""
+    device: torch.Tensor
+    """One GPU buffer (bytes) holding every static input."""
+    staging: torch.Tensor
+    """Its pinned host twin, which the inputs are written into first."""
+    views: dict[str, np.ndarray]
+    """Each input's place in `staging`, as numpy writes it."""
     outputs: tuple[torch.Tensor, ...]
     """The graph's static outputs on the GPU."""
     host: tuple[torch.Tensor, ...]
     """Pinned host buffers the outputs are copied into."""
+
+
+def byte_layout(inputs: Inputs) -> tuple[dict[str, int], int]:
+    """Where each input starts in one buffer of all of them (aligned), and the buffer's size."""
+    offsets, size = {}, 0
+    for name, array in inputs.items():
+        offsets[name] = size
+        size += -(-array.nbytes // ALIGN) * ALIGN
+    return offsets, max(size, ALIGN)
+
+
+def place(buffer: torch.Tensor, offsets: dict[str, int], inputs: Inputs) -> dict[str, torch.Tensor]:
+    """Each input's view into `buffer` (uint8, laid out by `byte_layout`), shaped as it."""
+    views = {}
+    for name, array in inputs.items():
+        start = offsets[name]
+        raw = buffer[start : start + array.nbytes]
+        dtype = torch.from_numpy(np.empty(0, array.dtype)).dtype
+        views[name] = raw.view(dtype).view(array.shape)
+    return views
 
 
 class CudaGraphs:
@@ -72,10 +103,10 @@ class CudaGraphs:
     def run(self, inputs: Inputs) -> Outputs:
         key: Key = tuple((n, a.shape, a.dtype.str) for n, a in inputs.items())
         graph = self._graphs.get(key) or self._capture(key, inputs)
+        for name, array in inputs.items():  # numpy into pinned memory: no driver call
+            np.copyto(graph.views[name], array, casting="no")
         with torch.cuda.stream(self._stream):
-            for name, array in inputs.items():
-                np.copyto(graph.staging[name].numpy(), array, casting="no")
-                graph.inputs[name].copy_(graph.staging[name], non_blocking=True)
+            graph.device.copy_(graph.staging, non_blocking=True)  # one copy for all inputs
             graph.graph.replay()
             for buffer, output in zip(graph.host, graph.outputs, strict=True):
                 buffer.copy_(output, non_blocking=True)
@@ -84,9 +115,14 @@ class CudaGraphs:
         return {name: b.numpy().copy() for name, b in zip(self._names, graph.host, strict=True)}
 
     def _capture(self, key: Key, inputs: Inputs) -> _Graph:
-        static = {
-            n: torch.from_numpy(np.ascontiguousarray(a)).to(self._device) for n, a in inputs.items()
-        }
+        offsets, size = byte_layout(inputs)
+        device = torch.empty(size, dtype=torch.uint8, device=self._device)
+        staging = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+        static = place(device, offsets, inputs)
+        host_views = place(staging, offsets, inputs)
+        for name, array in inputs.items():
+            host_views[name].numpy()[...] = array
+        device.copy_(staging)
         stream = self._stream
         stream.wait_stream(torch.cuda.current_stream(self._device))
         with torch.cuda.stream(stream), torch.inference_mode():
@@ -104,7 +140,9 @@ class CudaGraphs:
         captured = _Graph(
             graph,
             static,
-            {n: torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for n, t in static.items()},
+            device,
+            staging,
+            {name: view.numpy() for name, view in host_views.items()},
             outputs,
             tuple(torch.empty(o.shape, dtype=o.dtype, pin_memory=True) for o in outputs),
         )
