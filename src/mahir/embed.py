@@ -15,6 +15,12 @@ Those numbers are the Rust tokenizer's full pipeline. `TextEncoder.for_device` p
 tokenizer for the session's device: on a GPU a lean copy of the Rust pipeline for BERT's plain
 text (49.4 ms end to end on an H100 host, 2026-12-06), not the Python one that is fastest on
 a CPU but holds the GIL the feeding thread needs (68.4 ms there).
+
+Since BERT's plain text is tokenized a batch at a time (1.7x faster in Python), tokenizing is
+no longer the bound there: 21-27 ms on two H100 hosts, and feeding the GPU 31-39 ms more.
+`workers=0` tokenizes each batch on the calling thread, so no thread waits for the GIL: on one
+host it beat a tokenizing thread (65.6 against 72.2-73.9 ms), on another, with Python's switch
+interval at 0.2 ms, it lost (52.7 against 48.5-48.9 ms; README, "Variable-length text").
 """
 
 from __future__ import annotations
