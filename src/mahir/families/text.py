@@ -217,7 +217,7 @@ class _Layout:
     def of(cls, lengths: np.ndarray, *, left: bool) -> _Layout:
         """For rows of these `lengths`."""
         if len(lengths) < 2:  # a server's single sentence: no reductions
-            return cls((len(lengths), int(lengths.sum())), None)
+            return cls((len(lengths), int(lengths[0]) if len(lengths) else 0), None)
         longest = int(lengths.max())
         if int(lengths.min()) == longest:
             return cls((len(lengths), longest), None)

@@ -233,6 +233,8 @@ class _Lookup(dict[str, int]):
 
 def flatten(rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
     """Rows of ids end to end (int64) and each row's length."""
+    if len(rows) == 1:  # a server's single sentence: one conversion, no reduction
+        return np.asarray(rows[0], np.int64), np.array([len(rows[0])], np.int64)
     lengths = np.fromiter(map(len, rows), np.int64, len(rows))
     flat = np.fromiter(itertools.chain.from_iterable(rows), np.int64, int(lengths.sum()))
     return flat, lengths
