@@ -51,10 +51,8 @@ ALIGN = 64
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
-    inputs: dict[str, torch.Tensor]
-    """The graph's static inputs on the GPU: views into `device`."""
     device: torch.Tensor
-    """One GPU buffer (bytes) holding every static input."""
+    """One GPU buffer (bytes) holding every static input the graph reads."""
     staging: torch.Tensor
     """Its pinned host twin, which the inputs are written into first."""
     views: dict[str, np.ndarray]
@@ -119,9 +117,9 @@ class CudaGraphs:
         device = torch.empty(size, dtype=torch.uint8, device=self._device)
         staging = torch.empty(size, dtype=torch.uint8, pin_memory=True)
         static = place(device, offsets, inputs)
-        host_views = place(staging, offsets, inputs)
+        views = {name: view.numpy() for name, view in place(staging, offsets, inputs).items()}
         for name, array in inputs.items():
-            host_views[name].numpy()[...] = array
+            np.copyto(views[name], array, casting="no")
         device.copy_(staging)
         stream = self._stream
         stream.wait_stream(torch.cuda.current_stream(self._device))
@@ -139,10 +137,9 @@ class CudaGraphs:
         check_returned(outputs, self._names)
         captured = _Graph(
             graph,
-            static,
             device,
             staging,
-            {name: view.numpy() for name, view in host_views.items()},
+            views,
             outputs,
             tuple(torch.empty(o.shape, dtype=o.dtype, pin_memory=True) for o in outputs),
         )
