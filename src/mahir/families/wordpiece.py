@@ -128,15 +128,16 @@ class AsciiWordPiece:
         """Every text's ids end to end (int64) and each text's count of them: plain text in
         Python or by the lean Rust tokenizer; the texts that are not plain go to the full one,
         in one call."""
-        plain = self._plain_indices(texts)
-        joined = self.lean is None and len(texts) >= JOINED
-        if joined and len(plain) == len(texts):
-            return self._joined(texts)
+        joined = SEPARATOR.join(texts)
+        plain = self._plain_indices(texts, joined)
+        at_once = self.lean is None and len(texts) >= JOINED
+        if at_once and len(plain) == len(texts):
+            return self._joined(joined, len(texts))
         rows: list[Any] = [None] * len(texts)
         taken = set(plain)
         others = [i for i in range(len(texts)) if i not in taken]
-        if joined and plain:
-            ids, lengths = self._joined([texts[i] for i in plain])
+        if at_once and plain:
+            ids, lengths = self._joined(SEPARATOR.join(texts[i] for i in plain), len(plain))
             for i, row in zip(plain, np.split(ids, np.cumsum(lengths)[:-1]), strict=True):
                 rows[i] = row
         elif self.lean is None:
@@ -147,9 +148,9 @@ class AsciiWordPiece:
         _encode_into(rows, others, texts, self.backend)
         return flatten(rows)
 
-    def _plain_indices(self, texts: Sequence[str]) -> list[int]:
-        """Which texts are plain and write no special token; the whole batch checked first."""
-        joined = SEPARATOR.join(texts)
+    def _plain_indices(self, texts: Sequence[str], joined: str) -> list[int]:
+        """Which texts are plain and write no special token; the whole batch (`joined`, the
+        texts with SEPARATOR between them) checked first."""
         specials = self.written_specials
         if (
             joined.count(SEPARATOR) == len(texts) - 1
@@ -163,9 +164,10 @@ class AsciiWordPiece:
             if PLAIN.fullmatch(text) and not (specials and specials.search(text))
         ]
 
-    def _joined(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """`encode` of plain texts: one scan of them joined, ids by one lookup per word."""
-        joined = SEPARATOR.join(texts) + SEPARATOR if texts else ""
+    def _joined(self, joined: str, texts: int) -> tuple[np.ndarray, np.ndarray]:
+        """`encode` of `texts` plain texts, `joined` with SEPARATOR between them: one scan,
+        ids by one lookup per word."""
+        joined = joined + SEPARATOR if texts else ""  # every text ends at a separator
         words = _words(joined.lower() if self.lowercase else joined)
         ids = np.fromiter(map(self.lookup.__getitem__, words), np.int64, len(words))
         outside = np.flatnonzero(ids == OUTSIDE)
