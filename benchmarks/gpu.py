@@ -12,8 +12,9 @@ workload sentence-transformers' `encode(batch_size=256)` in fp16. mahir's rows a
 candidates built and opened as `optimize --device cuda` builds them (`search/cuda.py`): CUDA
 graphs over shape buckets, packed sequences (no padding computed), fp8 matmuls, eager; pooled
 inside the model, so only the embedding crosses to the host. On the variable-length workload
-mahir goes through `mahir.embed` (tokenizing ahead while the GPU runs), and each of its rows
-carries its cosine to the fp32 original's embeddings. Every variant is timed in the same
+mahir goes through `mahir.embed` (the next batch tokenized and queued while the GPU runs this
+one; `--compare-waiting` adds each row waiting for each batch before making the next), and each
+of its rows carries its cosine to the fp32 original's embeddings. Every variant is timed in the same
 rounds, interleaved, each call synchronised; medians and ratios are reported.
 
 Usage: python -m benchmarks.gpu --tokenizer MINILM_FOLDER [--models bert-base] [--shapes 256x128]
@@ -185,12 +186,14 @@ def variable_length(
     name: str,
     embed_workers: tuple[int, ...],
     embed_batches: tuple[int, ...] = (256,),
+    waiting: bool = False,
 ) -> None:
     """4,096 generated sentences, text to embeddings: each mahir session through `mahir.embed`
     (tokenizing ahead on `embed_workers` threads while the GPU runs, in batches of each of
     `embed_batches` sentences), against
     sentence-transformers' `encode`; each mahir variant's cosine to the fp32 original's
-    embeddings on the same GPU; and the host side alone (tokenizing, no model)."""
+    embeddings on the same GPU; and the host side alone (tokenizing, no model). `waiting` adds
+    each mahir variant as it ran before batches were queued: each waited for before the next."""
     from sentence_transformers import SentenceTransformer
 
     sentences = model.family.generate(4096, np.random.default_rng(0))  # type: ignore[attr-defined]
@@ -217,9 +220,14 @@ def variable_length(
             sentences, Tokenized(), e, workers=w, batch_size=n
         )
         for label, session in sessions.items():
-            if "fp8" not in label:
-                calls[f"{label} ({how})"] = (
-                    lambda s=session, w=workers, n=size, e=encoders[tokenizer]: embed(
+            if "fp8" in label:
+                continue
+            ways = {"": session} | (
+                {", waiting for each batch": OneAtATime(session)} if waiting else {}
+            )
+            for way, runs in ways.items():
+                calls[f"{label} ({how}{way})"] = (
+                    lambda s=runs, w=workers, n=size, e=encoders[tokenizer]: embed(
                         sentences, s, e, workers=w, batch_size=n
                     )
                 )
@@ -242,6 +250,19 @@ def variable_length(
             )
             row |= {"cosine_mean": float(cosine.mean()), "cosine_min": float(cosine.min())}
         rows.append(row)
+
+
+class OneAtATime:
+    """`session` without `submit`: `embed` waits for each batch before it makes the next."""
+
+    def __init__(self, session: Any) -> None:
+        self.runtime, self.device, self._session = session.runtime, session.device, session
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self._session.run(inputs)  # type: ignore[no-any-return]
+
+    def describe(self) -> dict[str, Any]:
+        return self._session.describe()  # type: ignore[no-any-return]
 
 
 class Tokenized:
@@ -289,6 +310,11 @@ def main() -> None:
     parser.add_argument("--embed-batches", type=int, nargs="+", default=[256])
     parser.add_argument("--mahir", nargs="+", default=list(MAHIR), help="candidate ids")
     parser.add_argument(
+        "--compare-waiting",
+        action="store_true",
+        help="also run each mahir variable-length row waiting for each batch before the next",
+    )
+    parser.add_argument(
         "--switch-interval-ms",
         type=float,
         help="Python's GIL switch interval for the run (default 5 ms): how long a thread that "
@@ -318,6 +344,7 @@ def main() -> None:
                     name,
                     tuple(args.embed_workers),
                     tuple(args.embed_batches),
+                    args.compare_waiting,
                 )
         for row in rows:
             if row["model"] == name:

@@ -32,6 +32,7 @@ import numpy as np
 
 from mahir.errors import BadInput
 from mahir.pooling import EMBEDDING
+from mahir.runtimes.pending import overlapped
 from mahir.types import Inputs, Session
 
 AHEAD = 2
@@ -62,8 +63,7 @@ def embed(
             if workers
             else (encode([texts[i] for i in part]) for part in parts)
         )
-        for batch in batches:
-            outputs = session.run(batch)
+        for outputs in overlapped(session, batches):
             if EMBEDDING not in outputs:
                 raise BadInput(
                     f"the session answers {sorted(outputs)}, not {EMBEDDING}: embed a directory "

@@ -167,6 +167,23 @@ class Session(Protocol):
         ...
 
 
+class Pending(Protocol):
+    """A batch queued on a device, not yet waited for."""
+
+    def result(self) -> Outputs:
+        """Wait for the batch and return its outputs."""
+        ...
+
+
+class Queueing(Session, Protocol):
+    """A session that can queue a batch on its device and return at once, so that the host
+    prepares the next batch while the device computes this one (`mahir.embed`)."""
+
+    def submit(self, inputs: Inputs) -> Pending:
+        """Queue one batch; `run(inputs)` is `submit(inputs).result()`."""
+        ...
+
+
 _DEVICE = re.compile(r"(cpu|cuda)(?::(\d+))?")
 DEVICE_KINDS = ("cpu", "cuda")
 

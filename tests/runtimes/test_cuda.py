@@ -25,6 +25,7 @@ from mahir.passes.precision import TorchLowPrecision, torch_low_precision
 from mahir.pooling import EMBEDDING
 from mahir.quality import fidelity
 from mahir.runtimes import open_session, reference_outputs
+from mahir.runtimes.pending import submit
 from mahir.search.optimize import optimize
 from mahir.search.optimize_config import OptimizeConfig
 from mahir.search.optimize_result import OptimizeResult
@@ -85,6 +86,26 @@ def test_packed_sessions_answer_like_the_cpu_original(
     assert quality.cosine_mean >= 0.999, quality
     assert quality.cosine_min >= 0.99, quality
     assert session.describe()["packed"]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_batches_queued_before_any_is_waited_for_keep_their_own_answers(
+    encoder: Model, batches: list, packed: bool, tmp_path: Path
+) -> None:
+    """Every shape queued twice, then all waited for: no batch's inputs or outputs are
+    overwritten by a later one's (each has its own pinned buffers)."""
+    artifact = _low(encoder, "float16", tmp_path)
+    if packed:
+        ctx = PassContext(model=encoder, workdir=tmp_path, machine=detect())
+        artifact = pack_sequences(artifact, PackSequences(), ctx)
+    session = open_session("torch-compile", artifact, GPU)
+    alone = [session.run(batch) for batch in batches]
+    queued = [submit(session, batch) for batch in batches + batches]
+    for expected, pending in zip(alone + alone, queued, strict=True):
+        answers = pending.result()
+        assert answers.keys() == expected.keys()
+        for name, array in expected.items():
+            np.testing.assert_allclose(answers[name], array, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("scaling", ["dynamic", "static"])

@@ -11,18 +11,21 @@ attention mask hides, and rows are padded by repeating the last real row, which 
 answers with finite numbers (an all-masked row can give NaN). Outputs whose axis 1 follows the
 sequence are found by running two lengths (`token_outputs`) and cut back to the batch's own length.
 A sequence is never padded past `InputSpec.max_sequence`, the longest the model's position table
-reads. Sits beside the runtimes: wraps any `Session`, imports only numpy and mahir's types.
+reads. Sits beside the runtimes: wraps any `Session`, imports only numpy and mahir's types;
+where the inner session queues batches (`submit`), so does this one.
 """
 
 from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
 
-from mahir.types import Inputs, InputSpec, Outputs, Session
+from mahir.runtimes.pending import Joined, submit
+from mahir.types import Inputs, InputSpec, Outputs, Pending, Session
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 """Rows a batch is padded to; a bigger batch runs in chunks of the largest."""
@@ -52,19 +55,23 @@ class Buckets:
         self._token_outputs: frozenset[str] | None = None
 
     def run(self, inputs: Inputs) -> Outputs:
+        return self.submit(inputs).result()
+
+    def submit(self, inputs: Inputs) -> Pending:
+        """Queue each bucket-shaped chunk on `inner` (`mahir.runtimes.pending`)."""
         if self._sequence and self._token_outputs is None:
             self._token_outputs = token_outputs(self.inner, self._spec, self._lengths[:2])
         rows = len(next(iter(inputs.values())))
-        largest = self._rows[-1]
         if rows == 0:
-            return self.inner.run(inputs)
-        if rows <= largest:
-            return self._run_padded(inputs)
-        parts = [
-            self._run_padded({k: v[start : start + largest] for k, v in inputs.items()})
+            return submit(self.inner, inputs)
+        largest = self._rows[-1]
+        chunks = [
+            {k: v[start : start + largest] for k, v in inputs.items()}
             for start in range(0, rows, largest)
         ]
-        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+        counts = [min(largest, rows - start) for start in range(0, rows, largest)]
+        parts = [submit(self.inner, self._padded(chunk)) for chunk in chunks]
+        return Joined(parts, partial(self._cut, counts, _length(inputs, self._sequence)))
 
     def describe(self) -> dict[str, Any]:
         return self.inner.describe() | {
@@ -83,20 +90,25 @@ class Buckets:
         limit = self._spec.max_sequence
         return max(padded_rows, rows), max(length, min(padded, limit or padded))
 
-    def _run_padded(self, inputs: Inputs) -> Outputs:
+    def _padded(self, inputs: Inputs) -> Inputs:
         rows = len(next(iter(inputs.values())))
-        length = _length(inputs, self._sequence)
-        to_rows, to_length = self.bucket_shape(rows, length)
-        padded = {
+        to_rows, to_length = self.bucket_shape(rows, _length(inputs, self._sequence))
+        return {
             name: _pad(array, to_rows, to_length if name in self._sequence else None)
             for name, array in inputs.items()
         }
-        outputs = self.inner.run(padded)
+
+    def _cut(self, rows: list[int], length: int | None, outputs: list[Outputs]) -> Outputs:
+        """The chunks' outputs cut back to their real rows and length, end to end."""
         cut = self._token_outputs or frozenset()
-        return {
-            name: out[:rows, :length] if name in cut else out[:rows]
-            for name, out in outputs.items()
+        pieces = {
+            name: [
+                out[name][:count, :length] if name in cut else out[name][:count]
+                for out, count in zip(outputs, rows, strict=True)
+            ]
+            for name in outputs[0]
         }
+        return {name: p[0] if len(p) == 1 else np.concatenate(p) for name, p in pieces.items()}
 
 
 def token_outputs(

@@ -7,10 +7,11 @@ pays on every call for its guards and graph-tree bookkeeping; here each shape's 
 captured once from the compiled module and each call is: write the inputs into one pinned
 host buffer, copy it to the GPU buffer that holds the graph's static inputs (one copy however
 many inputs: a packed batch has five, and each driver call costs the host time and, where
-another thread holds the GIL, a wait to get it back), replay, copy the outputs back through
-pinned buffers, synchronise. Captures share one memory pool: graphs run one at a time and
-every output is copied out before the next replay, so the pool's blocks may be reused across
-graphs.
+another thread holds the GIL, a wait to get it back), replay, copy the outputs back into pinned
+buffers. `submit` queues all that and returns; `result()` waits for it. So a caller that
+submits the next batch before it waits for this one (`mahir.embed`) keeps the GPU busy while
+the host tokenizes. Everything runs on one stream, in order: captures share one memory pool,
+and a graph's outputs are copied out before any later replay may reuse the pool's blocks.
 
 `Buckets` (buckets.py) in front keeps the number of shapes, and so of graphs, small. Captured
 code must not synchronise with the host; a module that does fails its capture, which is
@@ -53,14 +54,10 @@ class _Graph:
     graph: torch.cuda.CUDAGraph
     device: torch.Tensor
     """One GPU buffer (bytes) holding every static input the graph reads."""
-    staging: torch.Tensor
-    """Its pinned host twin, which the inputs are written into first."""
-    views: dict[str, np.ndarray]
-    """Each input's place in `staging`, as numpy writes it."""
+    offsets: dict[str, int]
+    """Where each input starts in it (`byte_layout`)."""
     outputs: tuple[torch.Tensor, ...]
     """The graph's static outputs on the GPU."""
-    host: tuple[torch.Tensor, ...]
-    """Pinned host buffers the outputs are copied into."""
 
 
 def byte_layout(inputs: Inputs) -> tuple[dict[str, int], int]:
@@ -83,6 +80,14 @@ def place(buffer: torch.Tensor, offsets: dict[str, int], inputs: Inputs) -> dict
     return views
 
 
+def _staged(size: int, offsets: dict[str, int], inputs: Inputs) -> torch.Tensor:
+    """A pinned host buffer of `size` bytes holding the inputs, laid out by `byte_layout`."""
+    staging = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+    for name, view in place(staging, offsets, inputs).items():
+        np.copyto(view.numpy(), inputs[name], casting="no")  # numpy: no driver call
+    return staging
+
+
 class CudaGraphs:
     """Replays `module` (a callable taking the spec's inputs by keyword and returning a tuple)
     as one captured CUDA graph per input shape."""
@@ -99,28 +104,31 @@ class CudaGraphs:
         return len(self._graphs)
 
     def run(self, inputs: Inputs) -> Outputs:
+        return self.submit(inputs).result()
+
+    def submit(self, inputs: Inputs) -> _Queued:
+        """Queue the batch's copy in, replay and copy out on the graphs' stream; return at once."""
         key: Key = tuple((n, a.shape, a.dtype.str) for n, a in inputs.items())
         graph = self._graphs.get(key) or self._capture(key, inputs)
-        for name, array in inputs.items():  # numpy into pinned memory: no driver call
-            np.copyto(graph.views[name], array, casting="no")
+        # Fresh pinned buffers from torch's caching host allocator: a block is handed out again
+        # only once the copies queued on it are done, so the host may write the next batch
+        # while this one is in flight, and this batch's outputs stay its own until read.
+        staging = _staged(graph.device.shape[0], graph.offsets, inputs)
+        host = tuple(torch.empty(o.shape, dtype=o.dtype, pin_memory=True) for o in graph.outputs)
+        done = torch.cuda.Event()  # type: ignore[no-untyped-call, unused-ignore]
         with torch.cuda.stream(self._stream):
-            graph.device.copy_(graph.staging, non_blocking=True)  # one copy for all inputs
+            graph.device.copy_(staging, non_blocking=True)  # one copy for all inputs
             graph.graph.replay()
-            for buffer, output in zip(graph.host, graph.outputs, strict=True):
+            for buffer, output in zip(host, graph.outputs, strict=True):
                 buffer.copy_(output, non_blocking=True)
-            self._stream.synchronize()
-        # copied: the pinned buffers are the next call's too
-        return {name: b.numpy().copy() for name, b in zip(self._names, graph.host, strict=True)}
+            done.record(self._stream)
+        return _Queued(self._names, host, done)
 
     def _capture(self, key: Key, inputs: Inputs) -> _Graph:
         offsets, size = byte_layout(inputs)
         device = torch.empty(size, dtype=torch.uint8, device=self._device)
-        staging = torch.empty(size, dtype=torch.uint8, pin_memory=True)
         static = place(device, offsets, inputs)
-        views = {name: view.numpy() for name, view in place(staging, offsets, inputs).items()}
-        for name, array in inputs.items():
-            np.copyto(views[name], array, casting="no")
-        device.copy_(staging)
+        device.copy_(_staged(size, offsets, inputs))
         stream = self._stream
         stream.wait_stream(torch.cuda.current_stream(self._device))
         with torch.cuda.stream(stream), torch.inference_mode():
@@ -135,13 +143,20 @@ class CudaGraphs:
                     f"cannot capture this model as a CUDA graph: {first_line(err)}; use 'torch'"
                 ) from err
         check_returned(outputs, self._names)
-        captured = _Graph(
-            graph,
-            device,
-            staging,
-            views,
-            outputs,
-            tuple(torch.empty(o.shape, dtype=o.dtype, pin_memory=True) for o in outputs),
-        )
+        captured = _Graph(graph, device, offsets, outputs)
         self._graphs[key] = captured
         return captured
+
+
+@dataclass(frozen=True, slots=True)
+class _Queued:
+    """One batch queued by `CudaGraphs.submit`: its outputs land in `host` once `done`."""
+
+    names: tuple[str, ...]
+    host: tuple[torch.Tensor, ...]
+    done: torch.cuda.Event
+
+    def result(self) -> Outputs:
+        self.done.synchronize()  # type: ignore[no-untyped-call, unused-ignore]
+        # each array keeps its pinned buffer alive, and no later batch writes it
+        return {name: b.numpy() for name, b in zip(self.names, self.host, strict=True)}

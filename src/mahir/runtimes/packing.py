@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import numpy as np
 
 from mahir.runtimes import Signature, input_error, inputs_fit
-from mahir.types import Inputs, InputSpec, Outputs, Session, TensorSpec
+from mahir.runtimes.pending import Joined, submit
+from mahir.types import Inputs, InputSpec, Outputs, Pending, Session, TensorSpec
 
 TOKENS = "tokens"
 """The packed axis: real tokens of the whole batch (plus bucket padding)."""
@@ -96,18 +98,22 @@ class Packing:
         self._signature: Signature = {t.name: t.shape for t in spec.inputs}
 
     def run(self, inputs: Inputs) -> Outputs:
+        return self.submit(inputs).result()
+
+    def submit(self, inputs: Inputs) -> Pending:
+        """Pack the batch on the host and queue each packed chunk on `inner`."""
         if not inputs_fit(self._signature, inputs):
             raise input_error(self._signature, inputs)
         mask = inputs["attention_mask"] != 0
-        rows = len(mask)
-        if rows == 0:
-            return self.inner.run(pack(inputs))
+        if len(mask) == 0:
+            return submit(self.inner, pack(inputs))
         lengths = mask.sum(axis=1)
+        chunks = _chunks(lengths)
         parts = [
-            self._run_chunk({k: v[start:end] for k, v in inputs.items()}, lengths[start:end])
-            for start, end in _chunks(lengths)
+            self._submit_chunk({k: v[start:end] for k, v in inputs.items()}, lengths[start:end])
+            for start, end in chunks
         ]
-        return {self._output: np.concatenate(parts)}
+        return Joined(parts, partial(self._joined, [end - start for start, end in chunks]))
 
     def describe(self) -> dict[str, Any]:
         return self.inner.describe() | {
@@ -116,12 +122,15 @@ class Packing:
             "segment_buckets": list(SEGMENT_BUCKETS),
         }
 
-    def _run_chunk(self, inputs: Inputs, lengths: np.ndarray) -> np.ndarray:
-        rows, real = len(lengths), int(lengths.sum())
-        tokens = _bucket(TOKEN_BUCKETS, max(real, 1))
-        segments = _bucket(SEGMENT_BUCKETS, rows)
-        out = self.inner.run(pack(inputs, tokens, segments))[self._output]
-        return out[:rows]
+    def _submit_chunk(self, inputs: Inputs, lengths: np.ndarray) -> Pending:
+        tokens = _bucket(TOKEN_BUCKETS, max(int(lengths.sum()), 1))
+        segments = _bucket(SEGMENT_BUCKETS, len(lengths))
+        return submit(self.inner, pack(inputs, tokens, segments))
+
+    def _joined(self, rows: list[int], outputs: list[Outputs]) -> Outputs:
+        """One embedding per row: each chunk's, without its empty bucket segments."""
+        name = self._output
+        return {name: np.concatenate([out[name][:n] for out, n in zip(outputs, rows, strict=True)])}
 
 
 def _bucket(ladder: tuple[int, ...], size: int) -> int:

@@ -27,7 +27,18 @@ from mahir.runtimes import Signature, input_error, inputs_fit
 from mahir.runtimes.buckets import Buckets
 from mahir.runtimes.cuda_graphs import CudaGraphs, check_returned
 from mahir.runtimes.packing import Packing, packed_spec
-from mahir.types import CPU, Artifact, Device, Inputs, InputSpec, Outputs, RuntimeOptions, Session
+from mahir.runtimes.pending import Done
+from mahir.types import (
+    CPU,
+    Artifact,
+    Device,
+    Inputs,
+    InputSpec,
+    Outputs,
+    Pending,
+    RuntimeOptions,
+    Session,
+)
 
 _PRECISIONS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 
@@ -53,18 +64,26 @@ class TorchSession:
         self._precision = precision
         self._replay = replay
 
-    def run(self, inputs: Inputs) -> Outputs:
+    def submit(self, inputs: Inputs) -> Pending:
+        """Queue the batch on the GPU where it replays CUDA graphs; else run it now."""
+        if self._replay is None:
+            return Done(self.run(inputs))
         if inputs.keys() != self._signature.keys():
             raise input_error(self._signature, inputs)
+        try:
+            return self._replay.submit(
+                {n: a.astype(self._dtypes[n], copy=False) for n, a in inputs.items()}
+            )
+        except MahirError:
+            raise
+        except Exception as err:  # shape errors on the first capture of a shape, ...
+            raise self._failure(err, inputs) from err
+
+    def run(self, inputs: Inputs) -> Outputs:
         if self._replay is not None:
-            try:
-                return self._replay.run(
-                    {n: a.astype(self._dtypes[n], copy=False) for n, a in inputs.items()}
-                )
-            except MahirError:
-                raise
-            except Exception as err:  # shape errors on the first capture of a shape, ...
-                raise self._failure(err, inputs) from err
+            return self.submit(inputs).result()
+        if inputs.keys() != self._signature.keys():
+            raise input_error(self._signature, inputs)
         tensors = {
             name: _to(_tensor(array, self._dtypes[name]), self._where)
             for name, array in inputs.items()
