@@ -55,41 +55,36 @@ def embed(
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
     order = np.argsort([len(t) for t in texts], kind="stable")
-    parts = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    results: list[np.ndarray] = []
+    ordered = [texts[i] for i in order.tolist()]
+    parts = [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+    out: np.ndarray | None = None
     with ThreadPoolExecutor(max(workers, 1), thread_name_prefix="mahir-tokenize") as pool:
-        batches = (
-            _ahead(pool, encode, texts, parts, AHEAD * workers)
-            if workers
-            else (encode([texts[i] for i in part]) for part in parts)
-        )
-        for outputs in overlapped(session, batches):
+        batches = _ahead(pool, encode, parts, AHEAD * workers) if workers else map(encode, parts)
+        for start, outputs in zip(
+            range(0, len(texts), batch_size), overlapped(session, batches), strict=True
+        ):
             if EMBEDDING not in outputs:
                 raise BadInput(
                     f"the session answers {sorted(outputs)}, not {EMBEDDING}: embed a directory "
                     "whose model pools inside (PoolInModel or PackSequences)"
                 )
-            results.append(outputs[EMBEDDING])
-    if not results:
-        return np.zeros((0, 0), np.float32)
-    out = np.empty((len(texts), results[0].shape[1]), results[0].dtype)
-    out[order] = np.concatenate(results)
-    return out
+            embedding = outputs[EMBEDDING]
+            if out is None:
+                out = np.empty((len(texts), embedding.shape[1]), embedding.dtype)
+            out[order[start : start + batch_size]] = embedding  # straight to the caller's order
+    return out if out is not None else np.zeros((0, 0), np.float32)
 
 
 def _ahead(
     pool: ThreadPoolExecutor,
     encode: Callable[[Sequence[str]], Inputs],
-    texts: Sequence[str],
-    parts: list[np.ndarray],
+    parts: list[list[str]],
     ahead: int,
 ) -> Iterator[Inputs]:
     """The tokenized batches in turn, each submitted `ahead` batches before it is needed."""
-    pending: list[Future[Inputs]] = []
-    for part in parts[:ahead]:
-        pending.append(pool.submit(encode, [texts[i] for i in part]))
+    pending: list[Future[Inputs]] = [pool.submit(encode, part) for part in parts[:ahead]]
     for index in range(len(parts)):
         following = index + ahead
         if following < len(parts):
-            pending.append(pool.submit(encode, [texts[i] for i in parts[following]]))
+            pending.append(pool.submit(encode, parts[following]))
         yield pending[index].result()

@@ -130,7 +130,8 @@ class Packing:
     def _joined(self, rows: list[int], outputs: list[Outputs]) -> Outputs:
         """One embedding per row: each chunk's, without its empty bucket segments."""
         name = self._output
-        return {name: np.concatenate([out[name][:n] for out, n in zip(outputs, rows, strict=True)])}
+        parts = [out[name][:n] for out, n in zip(outputs, rows, strict=True)]
+        return {name: parts[0] if len(parts) == 1 else np.concatenate(parts)}
 
 
 def _bucket(ladder: tuple[int, ...], size: int) -> int:
@@ -141,6 +142,8 @@ def _bucket(ladder: tuple[int, ...], size: int) -> int:
 def _chunks(lengths: np.ndarray) -> list[tuple[int, int]]:
     """Row ranges that fit the largest buckets: at most SEGMENT_BUCKETS[-1] rows and
     TOKEN_BUCKETS[-1] tokens each (a longer single row runs alone at its own size)."""
+    if len(lengths) <= SEGMENT_BUCKETS[-1] and lengths.sum() <= TOKEN_BUCKETS[-1]:
+        return [(0, len(lengths))]  # the common case, without a Python loop over the rows
     chunks, start, total = [], 0, 0
     for row, length in enumerate(lengths.tolist()):
         full = row - start == SEGMENT_BUCKETS[-1] or total + length > TOKEN_BUCKETS[-1]
