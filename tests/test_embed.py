@@ -12,6 +12,7 @@ import pytest
 from mahir.embed import embed
 from mahir.errors import BadInput
 from mahir.pooling import EMBEDDING
+from mahir.runtimes.pending import Done
 from mahir.types import CPU, Inputs, Outputs
 
 
@@ -99,6 +100,38 @@ def test_no_worker_tokenizes_each_batch_on_the_calling_thread_just_before_it_run
     got = embed(texts, Recording(), inline, batch_size=3, workers=0)
     np.testing.assert_array_equal(got, encode(texts)["x"] * 2)
     assert events == ["tokenize", "run"] * 3
+
+
+def test_a_session_that_queues_gets_each_next_batch_tokenized_inline_before_it_waits() -> None:
+    """The default for a queueing session (a CUDA-graph one): no tokenizing thread contends with
+    the caller for the GIL, and the device computes one batch while the next is tokenized."""
+    caller = threading.get_ident()
+    events: list[str] = []
+
+    def inline(texts: Sequence[str]) -> Inputs:
+        assert threading.get_ident() == caller
+        events.append("tokenize")
+        return encode(texts)
+
+    class Queued(Doubling):
+        def submit(self, inputs: Inputs) -> Done:
+            events.append("queue")
+            return Waited(super().run(inputs))
+
+    class Waited(Done):
+        def result(self) -> Outputs:
+            events.append("wait")
+            return self.outputs
+
+    texts = [f"{'z' * i} {i}" for i in range(7)]
+    got = embed(texts, Queued(), inline, batch_size=3)
+    np.testing.assert_array_equal(got, encode(texts)["x"] * 2)
+    assert events == [
+        "tokenize", "queue",
+        "tokenize", "queue", "wait",
+        "tokenize", "queue", "wait",
+        "wait",
+    ]  # fmt: skip
 
 
 def test_a_session_without_an_embedding_is_refused_in_one_line() -> None:

@@ -45,13 +45,17 @@ def embed(
     encode: Callable[[Sequence[str]], Inputs],
     *,
     batch_size: int = 256,
-    workers: int = 1,
+    workers: int | None = None,
 ) -> np.ndarray:
     """The sentence embedding of every text, in order: `encode` tokenizes a list of texts
     for `session` (e.g. a `TextEncoder`) on `workers` threads (0: on the calling thread, one
-    batch after another), and the session's output "sentence_embedding" is kept."""
+    batch after another), and the session's output "sentence_embedding" is kept. By default
+    the calling thread tokenizes where the session queues batches (a CUDA-graph session: the
+    device computes meanwhile) and one worker thread does elsewhere."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if workers is None:
+        workers = 0 if hasattr(session, "submit") else 1
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
     order = np.argsort([len(t) for t in texts], kind="stable")
