@@ -1,7 +1,7 @@
 """Tokenizing on the host, the bound of embedding a corpus on a GPU (`mahir.embed`): the
 default model's tokenizer through transformers' call (what sentence-transformers does) against
 mahir's `TextEncoder` (unpadded ids laid out by numpy), with BERT's plain text tokenized in
-Python (its CPU choice) or by the lean Rust pipeline (its GPU choice, `TextEncoder.for_device`).
+Python (the default) or by the lean Rust pipeline (`in_python=False`, which holds no GIL).
 
 4,096 generated sentences (median ~20 tokens) in length-sorted batches of 256, as `embed` feeds
 them (or of each of `--batch-sizes`: the Rust tokenizer spreads one call's sentences over its

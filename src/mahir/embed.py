@@ -1,26 +1,20 @@
 """Sentence embeddings for a corpus: tokenizing on the host while the device computes.
 
 On a GPU, a batch of 256 short sentences runs in a millisecond or two, about what tokenizing it
-takes; run one after the other, the device idles half the time. Here the next batches are
-tokenized on a worker thread while the current one runs. Sentences go in
-order of length, so that a padded batch holds similar lengths (a packed session computes no
-padding either way), and the embeddings come back in the caller's order.
+takes; run one after the other, the device idles half the time. So the two overlap. Sentences
+go in order of length, so that a padded batch holds similar lengths (a packed session computes
+no padding either way), and the embeddings come back in the caller's order.
 
-The host is then the bound: on the H200's 16-core host, tokenizing 4,096 short sentences takes
-78 ms on one thread and embedding them end to end 79 ms. More `workers` tokenize several batches
-at once (57 ms on four threads), but the tokenizer and the thread feeding the GPU then contend
-for the GIL and the whole took 85-89 ms; worker processes were slower still there (136 ms on
-four: pipes are costly in that sandbox). One worker is the default; measure before raising it.
-Those numbers are the Rust tokenizer's full pipeline. `TextEncoder.for_device` picks the
-tokenizer for the session's device: on a GPU a lean copy of the Rust pipeline for BERT's plain
-text (49.4 ms end to end on an H100 host, 2026-12-06), not the Python one that is fastest on
-a CPU but holds the GIL the feeding thread needs (68.4 ms there).
-
-Since BERT's plain text is tokenized a batch at a time (1.7x faster in Python), tokenizing is
-no longer the bound there: 21-27 ms on two H100 hosts, and feeding the GPU 31-39 ms more.
-`workers=0` tokenizes each batch on the calling thread, so no thread waits for the GIL: on one
-host it beat a tokenizing thread (65.6 against 72.2-73.9 ms), on another, with Python's switch
-interval at 0.2 ms, it lost (52.7 against 48.5-48.9 ms; README, "Variable-length text").
+Where the session queues batches (`submit`: CUDA graphs, `runtimes/pending.py`), the calling
+thread tokenizes the next batch and queues it before it waits for the current one: the GPU
+computes meanwhile and no second thread contends for the GIL. 4,096 sentences through MiniLM
+packed fp16 on an H100 host (2026-12-06) took 40.0 ms so, against 56.3 ms waiting for each batch
+before tokenizing the next, 41.8 ms with a tokenizing thread, and 42.3 ms with the lean Rust
+tokenizer on a thread (README, "Variable-length text"). Elsewhere (a CPU runtime, which computes
+in `run`) a worker thread tokenizes ahead while `run` works without the GIL. More `workers`
+tokenize several batches at once; with the Rust tokenizer on the H200's host they contended for
+the GIL and lost (85-89 ms against 79 on one, 2026-12-03), and worker processes were slower
+still there (pipes are costly in that sandbox): measure before raising it.
 """
 
 from __future__ import annotations

@@ -13,7 +13,6 @@ import numpy as np
 from mahir.families import open_tokenizer
 from mahir.families.text import TextEncoder, encode_texts, generate_sentences
 from mahir.model import Model
-from mahir.types import Device
 from mahir.workload import read_sentences
 
 
@@ -95,17 +94,6 @@ def test_the_direct_text_encoder_gives_what_transformers_gives(minilm: Model) ->
     TextEncoder(minilm.family.tokenizer, minilm.spec, 8)([long_text])
     shared = minilm.family.tokenizer.backend_tokenizer.encode(long_text)
     assert len(shared.ids) != 8
-
-
-def test_a_gpu_gets_the_tokenizer_that_leaves_the_gil(minilm: Model) -> None:
-    def encoder(device: str) -> TextEncoder:
-        family = minilm.family
-        return TextEncoder.for_device(
-            family.tokenizer, minilm.spec, family.max_length, Device.parse(device)
-        )
-
-    assert encoder("cpu").plain_text == "python"
-    assert encoder("cuda:1").plain_text == "lean rust"
 
 
 def _with_type_ids_of_its_own(tokenizer: Any) -> Any:

@@ -25,7 +25,7 @@ from mahir.families import open_tokenizer
 from mahir.families.wordpiece import AsciiWordPiece, flatten
 from mahir.pooling import EMBEDDING, Pooling, pool
 from mahir.quality import compare
-from mahir.types import Device, InputSpec, Outputs, Quality, TokenLimits
+from mahir.types import InputSpec, Outputs, Quality, TokenLimits
 from mahir.workload import HELD_OUT_TEXT, Batch, Workload, check_batch_sizes, read_sentences
 
 TOKENIZER = "tokenizer"
@@ -105,7 +105,9 @@ class TextEncoder:
     ) -> None:
         """`in_python`: BERT's tokenizers take plain text in Python (`AsciiWordPiece`), ~5x
         faster than lean Rust on 2 cores but holding the GIL; off, the Rust tokenizer's lean
-        pipeline, which works without it while another thread (one feeding a GPU) needs it."""
+        pipeline, which works without it, for a caller whose other threads need it meanwhile
+        (`mahir.embed` feeding a GPU no longer does: it tokenizes inline, 40.0 against 42.3 ms
+        for lean Rust on a thread on an H100 host, 2026-12-06)."""
         self._tokenizer, self._spec, self._max_length = tokenizer, spec, max_length
         self._backend = self._direct_backend()
         # without offsets (tokenizers >= 0.20): ~20% less time, the same ids and masks
@@ -118,20 +120,6 @@ class TextEncoder:
             if self._type_id is not None
             else None
         )
-
-    @classmethod
-    def for_device(
-        cls, tokenizer: Any, spec: InputSpec, max_length: int | None, device: Device
-    ) -> TextEncoder:
-        """The encoder for `embed` (tokenizing on a thread while another feeds the session) with
-        a session on `device`. On a CPU plain text is tokenized in Python, the fastest on one
-        thread. On a GPU host the thread feeding the GPU needs the GIL between its launches, and
-        Python tokenizing then adds to its time where Rust's overlaps it: 4,096 sentences to
-        embeddings through packed fp16 on an H100 host (2026-12-06) took 68.4 ms tokenized in
-        Python against 49.4 ms by the lean Rust pipeline. Since a batch is tokenized joined
-        (Python 1.7x faster) the two tie on a thread (48.9 against 48.5 ms on another host), and
-        Rust's, holding no GIL, stays."""
-        return cls(tokenizer, spec, max_length, in_python=device.kind == "cpu")
 
     @property
     def direct(self) -> bool:

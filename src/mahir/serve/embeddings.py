@@ -132,7 +132,7 @@ class Embedder:
         self.opened, self.batcher, self.rules = opened, batcher, rules
         self.pooling, self.max_length = text.pooling, text.max_length
         self.tokenizer = text.tokenizer
-        # Python's tokenizing on any device (not `TextEncoder.for_device`): a small request is
+        # Python's tokenizing (`TextEncoder`'s default) on any device: a small request is
         # tokenized on the event loop, where one sentence's time is what counts (15 us in Python
         # against 38 in lean Rust on 2 cores), not what the GIL lets another thread do meanwhile
         self.encode = TextEncoder(text.tokenizer, text.spec, text.max_length)
