@@ -4,7 +4,7 @@ the current one runs, and a session that answers no embedding refused in one lin
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pytest
@@ -82,14 +82,21 @@ def test_several_workers_tokenize_batches_at_once_and_keep_the_order() -> None:
         embed(texts, Doubling(), encode, workers=-1)
 
 
-def test_no_worker_tokenizes_each_batch_on_the_calling_thread_just_before_it_runs() -> None:
+def on_the_caller(events: list[str]) -> Callable[[Sequence[str]], Inputs]:
+    """`encode` that logs "tokenize" and fails on any thread but the one that made it."""
     caller = threading.get_ident()
-    events: list[str] = []
 
     def inline(texts: Sequence[str]) -> Inputs:
         assert threading.get_ident() == caller
         events.append("tokenize")
         return encode(texts)
+
+    return inline
+
+
+def test_no_worker_tokenizes_each_batch_on_the_calling_thread_just_before_it_runs() -> None:
+    events: list[str] = []
+    inline = on_the_caller(events)
 
     class Recording(Doubling):
         def run(self, inputs: Inputs) -> Outputs:
@@ -105,13 +112,8 @@ def test_no_worker_tokenizes_each_batch_on_the_calling_thread_just_before_it_run
 def test_a_session_that_queues_gets_each_next_batch_tokenized_inline_before_it_waits() -> None:
     """The default for a queueing session (a CUDA-graph one): no tokenizing thread contends with
     the caller for the GIL, and the device computes one batch while the next is tokenized."""
-    caller = threading.get_ident()
     events: list[str] = []
-
-    def inline(texts: Sequence[str]) -> Inputs:
-        assert threading.get_ident() == caller
-        events.append("tokenize")
-        return encode(texts)
+    inline = on_the_caller(events)
 
     class Queued(Doubling):
         def submit(self, inputs: Inputs) -> Done:
