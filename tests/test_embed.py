@@ -116,6 +116,8 @@ def test_a_session_that_queues_gets_each_next_batch_tokenized_inline_before_it_w
     inline = on_the_caller(events)
 
     class Queued(Doubling):
+        queues = True
+
         def submit(self, inputs: Inputs) -> Done:
             events.append("queue")
             return Waited(super().run(inputs))

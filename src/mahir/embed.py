@@ -29,7 +29,7 @@ import numpy as np
 
 from mahir.errors import BadInput
 from mahir.pooling import EMBEDDING
-from mahir.runtimes.pending import overlapped
+from mahir.runtimes.pending import overlapped, queues
 from mahir.types import Inputs, Session
 
 AHEAD = 2
@@ -52,7 +52,7 @@ def embed(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if workers is None:
-        workers = 0 if hasattr(session, "submit") else 1
+        workers = 0 if queues(session) else 1
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
     order = np.argsort([-len(t) for t in texts], kind="stable")  # the longest first

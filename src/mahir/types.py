@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -175,9 +175,14 @@ class Pending(Protocol):
         ...
 
 
+@runtime_checkable
 class Queueing(Session, Protocol):
     """A session that can queue a batch on its device and return at once, so that the host
     prepares the next batch while the device computes this one (`mahir.embed`)."""
+
+    queues: bool
+    """Whether `submit` returns before the batch is computed (CUDA graphs); False where it runs
+    the batch there and then (a wrapper over a session that cannot queue)."""
 
     def submit(self, inputs: Inputs) -> Pending:
         """Queue one batch; `run(inputs)` is `submit(inputs).result()`."""

@@ -32,6 +32,7 @@ from mahir.runtimes.packing import (
     pack,
     packed_spec,
 )
+from mahir.runtimes.pending import queues, submit
 from mahir.runtimes.pytorch import TorchSession
 from mahir.search.apply import apply_recipe, write_output_dir
 from mahir.types import InputSpec, TensorSpec
@@ -103,8 +104,12 @@ def test_a_packed_batch_answers_as_the_padded_one(
 def test_batches_past_the_largest_buckets_run_in_chunks(bert: transformers.BertModel) -> None:
     rows = SEGMENT_BUCKETS[-1] + 40  # more rows than one chunk
     batch = ragged(rows, 64, seed=3)
-    got = packed_session(bert, "mean").run(batch)[EMBEDDING]
+    session = packed_session(bert, "mean")
+    got = session.run(batch)[EMBEDDING]
     np.testing.assert_allclose(got, padded_answer(bert, batch, "mean"), atol=2e-6)
+    assert not queues(session)  # on the CPU each chunk runs when submitted
+    queued = submit(session, batch).result()[EMBEDDING]
+    np.testing.assert_array_equal(queued, got)
 
 
 def test_chunks_hold_at_most_the_largest_buckets_and_keep_the_rows_in_order() -> None:

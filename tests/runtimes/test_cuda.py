@@ -25,7 +25,7 @@ from mahir.passes.precision import TorchLowPrecision, torch_low_precision
 from mahir.pooling import EMBEDDING
 from mahir.quality import fidelity
 from mahir.runtimes import open_session, reference_outputs
-from mahir.runtimes.pending import submit
+from mahir.runtimes.pending import queues, submit
 from mahir.search.optimize import optimize
 from mahir.search.optimize_config import OptimizeConfig
 from mahir.search.optimize_result import OptimizeResult
@@ -99,6 +99,7 @@ def test_batches_queued_before_any_is_waited_for_keep_their_own_answers(
         ctx = PassContext(model=encoder, workdir=tmp_path, machine=detect())
         artifact = pack_sequences(artifact, PackSequences(), ctx)
     session = open_session("torch-compile", artifact, GPU)
+    assert queues(session)
     alone = [session.run(batch) for batch in batches]
     queued = [submit(session, batch) for batch in batches + batches]
     for expected, pending in zip(alone + alone, queued, strict=True):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mahir.runtimes.pending import Done, overlapped, submit
+from mahir.runtimes.pending import Done, overlapped, queues, submit
 from mahir.types import CPU, Inputs, Outputs
 
 
@@ -29,6 +29,7 @@ class Queueing:
 
     runtime = "fake"
     device = CPU
+    queues = True
 
     def __init__(self, log: list[str]) -> None:
         self.log = log
@@ -45,14 +46,21 @@ class Queueing:
         return {}
 
 
-class Immediate(Queueing):
-    """The same, without `submit`'s queueing: runs each batch when asked."""
+class Immediate:
+    """A session that cannot queue: it runs each batch when asked."""
+
+    runtime = "fake"
+    device = CPU
+
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
 
     def run(self, inputs: Inputs) -> Outputs:
         self.log.append(f"run {int(inputs['x'][0])}")
         return {"y": inputs["x"] + 1}
 
-    submit = None  # type: ignore[assignment]
+    def describe(self) -> dict[str, str]:
+        return {}
 
 
 def _batches(log: list[str], count: int) -> Iterator[Inputs]:
@@ -79,6 +87,8 @@ def test_a_session_that_cannot_queue_runs_each_batch_when_it_is_submitted() -> N
     pending = submit(session, {"x": np.array([4])})
     assert isinstance(pending, Done)
     assert log == ["run 4"]
+    assert not queues(session)
+    assert queues(Queueing(log))
     assert pending.result()["y"][0] == 5
     assert [out["y"][0] for out in overlapped(session, _batches(log, 2))] == [1, 2]
     assert list(overlapped(session, iter([]))) == []

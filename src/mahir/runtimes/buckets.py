@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from mahir.runtimes.pending import Joined, submit
+from mahir.runtimes.pending import Joined, queues, submit
 from mahir.types import Inputs, InputSpec, Outputs, Pending, Session
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -48,6 +48,7 @@ class Buckets:
         self.inner = inner
         self.runtime = inner.runtime
         self.device = inner.device
+        self.queues = queues(inner)
         self._spec = spec
         self._rows = tuple(sorted(batch_buckets))
         self._lengths = tuple(sorted(length_buckets))

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from mahir.runtimes import Signature, input_error, inputs_fit
-from mahir.runtimes.pending import Joined, submit
+from mahir.runtimes.pending import Joined, queues, submit
 from mahir.types import Inputs, InputSpec, Outputs, Pending, Session, TensorSpec
 
 TOKENS = "tokens"
@@ -99,6 +99,7 @@ class Packing:
         self.inner = inner
         self.runtime = inner.runtime
         self.device = inner.device
+        self.queues = queues(inner)
         self._output = spec.outputs[0]
         self._signature: Signature = {t.name: t.shape for t in spec.inputs}
 

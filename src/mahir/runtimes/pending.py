@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-from mahir.types import Inputs, Outputs, Pending, Session
+from mahir.types import Inputs, Outputs, Pending, Queueing, Session
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,10 +36,14 @@ class Joined:
         return self.finish([part.result() for part in self.parts])
 
 
+def queues(session: Session) -> bool:
+    """Whether `session` returns from `submit` before the batch is computed."""
+    return isinstance(session, Queueing) and session.queues
+
+
 def submit(session: Session, inputs: Inputs) -> Pending:
     """Queue `inputs` on `session` where it can queue (`mahir.types.Queueing`), else run them."""
-    queue = getattr(session, "submit", None)
-    return queue(inputs) if queue is not None else Done(session.run(inputs))
+    return session.submit(inputs) if isinstance(session, Queueing) else Done(session.run(inputs))
 
 
 def overlapped(session: Session, batches: Iterable[Inputs]) -> Iterator[Outputs]:

@@ -64,6 +64,11 @@ class TorchSession:
         self._precision = precision
         self._replay = replay
 
+    @property
+    def queues(self) -> bool:
+        """Whether `submit` returns before the batch is computed: on a GPU, in CUDA graphs."""
+        return self._replay is not None
+
     def submit(self, inputs: Inputs) -> Pending:
         """Queue the batch on the GPU where it replays CUDA graphs; else run it now."""
         if self._replay is None:
