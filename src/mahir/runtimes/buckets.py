@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from mahir.runtimes.pending import Joined, queues, submit
+from mahir.runtimes.pending import Joined, queues, submitter
 from mahir.types import Inputs, InputSpec, Outputs, Pending, Session
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -49,6 +49,7 @@ class Buckets:
         self.runtime = inner.runtime
         self.device = inner.device
         self.queues = queues(inner)
+        self._submit_inner = submitter(inner)
         self._spec = spec
         self._rows = tuple(sorted(batch_buckets))
         self._lengths = tuple(sorted(length_buckets))
@@ -64,14 +65,14 @@ class Buckets:
             self._token_outputs = token_outputs(self.inner, self._spec, self._lengths[:2])
         rows = len(next(iter(inputs.values())))
         if rows == 0:
-            return submit(self.inner, inputs)
+            return self._submit_inner(inputs)
         largest = self._rows[-1]
         chunks = [
             {k: v[start : start + largest] for k, v in inputs.items()}
             for start in range(0, rows, largest)
         ]
         counts = [min(largest, rows - start) for start in range(0, rows, largest)]
-        parts = [submit(self.inner, self._padded(chunk)) for chunk in chunks]
+        parts = [self._submit_inner(self._padded(chunk)) for chunk in chunks]
         return Joined(parts, partial(self._cut, counts, _length(inputs, self._sequence)))
 
     def describe(self) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from mahir.runtimes import Signature, input_error, inputs_fit
-from mahir.runtimes.pending import Joined, queues, submit
+from mahir.runtimes.pending import Joined, queues, submitter
 from mahir.types import Inputs, InputSpec, Outputs, Pending, Session, TensorSpec
 
 TOKENS = "tokens"
@@ -100,6 +100,7 @@ class Packing:
         self.runtime = inner.runtime
         self.device = inner.device
         self.queues = queues(inner)
+        self._submit_inner = submitter(inner)
         self._output = spec.outputs[0]
         self._signature: Signature = {t.name: t.shape for t in spec.inputs}
 
@@ -112,7 +113,7 @@ class Packing:
             raise input_error(self._signature, inputs)
         mask = inputs["attention_mask"] != 0
         if len(mask) == 0:
-            return submit(self.inner, pack(inputs))
+            return self._submit_inner(pack(inputs))
         lengths = mask.sum(axis=1)
         chunks = _chunks(lengths)
         parts = [
@@ -131,7 +132,7 @@ class Packing:
     def _submit_chunk(self, inputs: Inputs, lengths: np.ndarray) -> Pending:
         tokens = _bucket(TOKEN_BUCKETS, max(int(lengths.sum()), 1))
         segments = _bucket(SEGMENT_BUCKETS, len(lengths))
-        return submit(self.inner, pack(inputs, tokens, segments))
+        return self._submit_inner(pack(inputs, tokens, segments))
 
     def _joined(self, rows: list[int], outputs: list[Outputs]) -> Outputs:
         """One embedding per row: each chunk's, without its empty bucket segments."""
