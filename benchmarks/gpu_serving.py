@@ -22,6 +22,8 @@ what was measured before it:
    torch.compile + a CUDA graph per shape bucket), then `mahir serve` on it with batches of up to
    256; if that fails to build or to serve, `torch-fp16.yaml` (eager, compiles nothing), and the
    report says which served. Readiness is polled (`/v2/health/ready`, Infinity's `/health`).
+   `--mahir-workers 1 2` serves the same directory with each worker count too, one server each
+   ("mahir", "mahir-w2"), loaded in the same alternation; the report sets each against one.
 4. loads: `mahir.serve.loadtest` (aiohttp, closed loop, one generated sentence per request on
    `/v1/embeddings`; Infinity serves it there with `--url-prefix /v1`), split over client
    processes so that the client is not what limits 256 connections; the same seeds, so the same
@@ -112,7 +114,7 @@ class Bench:
             "command": " ".join(["python3", "-m", "benchmarks.gpu_serving", *sys.argv[1:]]),
             "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "phases": {},
-            "loads": {server: {} for server in SERVERS},
+            "loads": {server: {} for server in servers(args)},
         }
         self.latencies: dict[tuple[str, int], list[np.ndarray]] = {}
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
@@ -152,6 +154,17 @@ class Bench:
             table = f"summary failed: {err}\n"
         write(self.args.out, json.dumps(self.report, indent=2, default=str) + "\n")
         write(self.args.out.with_suffix(".md"), table)
+
+
+def servers(args: argparse.Namespace) -> list[str]:
+    """The servers loaded, in order: mahir with each worker count (the first as "mahir", the
+    others as "mahir-wN"), then Infinity; each as `--servers` asks."""
+    ours = [worker_server(n, args) for n in args.mahir_workers] if "mahir" in args.servers else []
+    return ours + (["infinity"] if "infinity" in args.servers else [])
+
+
+def worker_server(workers: int, args: argparse.Namespace) -> str:
+    return "mahir" if workers == args.mahir_workers[0] else f"mahir-w{workers}"
 
 
 def write(path: Path, text: str) -> None:
@@ -289,9 +302,10 @@ def stop(process: subprocess.Popen[bytes] | None) -> int | None:
         return process.wait(timeout=30)
 
 
-def mahir_command(args: argparse.Namespace, out_dir: Path, port: int) -> list[str]:
+def mahir_command(args: argparse.Namespace, out_dir: Path, port: int, workers: int) -> list[str]:
     command = [sys.executable, "-m", "mahir.cli", "serve", str(out_dir), "--host", "127.0.0.1"]
-    command += ["--port", str(port), "--max-batch-size", str(args.batch_size), "--workers", "1"]
+    command += ["--port", str(port), "--max-batch-size", str(args.batch_size)]
+    command += ["--workers", str(workers)]
     command += ["--max-batch-tokens", str(args.batch_size * 256)]  # 256: MiniLM's max length
     return [*command, *shlex.split(args.mahir_args)]
 
@@ -328,7 +342,7 @@ def cosines(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
 
 
 def fidelity(urls: dict[str, str], model: Path) -> dict[str, Any]:
-    """Embedding cosine on 64 generated sentences: the servers against each other, and each
+    """Embedding cosine on 64 generated sentences: the servers against mahir's, and each
     against sentence-transformers fp32 on the CPU (the model folder's weights, upcast)."""
     from mahir.serve.loadtest import sentence_source
 
@@ -336,8 +350,8 @@ def fidelity(urls: dict[str, str], model: Path) -> dict[str, Any]:
     texts = [sentence() for _ in range(64)]
     vectors = {server: embed(url, texts) for server, url in urls.items()}
     found: dict[str, Any] = {"sentences": len(texts)}
-    if len(vectors) == 2:
-        found["mahir_vs_infinity"] = cosines(vectors["mahir"], vectors["infinity"])
+    for server in vectors.keys() - {"mahir"} if "mahir" in vectors else ():
+        found[f"mahir_vs_{server}"] = cosines(vectors["mahir"], vectors[server])
     try:
         from sentence_transformers import SentenceTransformer
 
@@ -397,15 +411,26 @@ def serve(bench: Bench, envs: dict[str, dict[str, str]]) -> dict[str, str]:
     """Infinity starts while mahir's artifact is built, then mahir serves it; the URLs of the
     servers that passed their readiness check."""
     args = bench.args
-    ports = {server: free_port() for server in SERVERS}
+    ports = {server: free_port() for server in servers(args)}
     up = {}
     if "infinity" in args.servers:
         started = time.monotonic()
         command = infinity_command(args, ports["infinity"])
         bench.report.setdefault("server_commands", {})["infinity"] = shown(command)
         bench.processes["infinity"] = start(command, envs["infinity"], args.logs / "infinity.log")
-    if "mahir" in args.servers and serve_mahir(bench, envs["mahir"], ports["mahir"]):
+    built = serve_mahir(bench, envs["mahir"], ports["mahir"]) if "mahir" in args.servers else None
+    if built is not None:
         up["mahir"] = f"http://127.0.0.1:{ports['mahir']}"
+        for workers in args.mahir_workers[1:]:  # the same directory, more workers
+            server = worker_server(workers, args)
+            command = mahir_command(args, built, ports[server], workers)
+            bench.report["server_commands"][server] = shown(command)
+            log = args.logs / f"{server}.log"
+            bench.processes[server] = process = start(command, envs["mahir"], log)
+            url = f"http://127.0.0.1:{ports[server]}"
+            wait = partial(wait_ready, url + "/v2/health/ready", process, log, args.ready_timeout_s)
+            if bench.phase(f"{server} ready", wait) is not None:
+                up[server] = url
     if "infinity" in bench.processes:
         url = f"http://127.0.0.1:{ports['infinity']}"
         timeout = max(30.0, args.ready_timeout_s - (time.monotonic() - started))
@@ -419,9 +444,10 @@ def serve(bench: Bench, envs: dict[str, dict[str, str]]) -> dict[str, str]:
     return up
 
 
-def serve_mahir(bench: Bench, env: dict[str, str], port: int) -> bool:
-    """Build and serve the recipe; where that fails, the next one (on a GPU: PyTorch eager fp16,
-    pooled inside, which compiles nothing) while time is left. True once one serves."""
+def serve_mahir(bench: Bench, env: dict[str, str], port: int) -> Path | None:
+    """Build and serve the recipe with the first worker count; where that fails, the next one
+    (on a GPU: PyTorch eager fp16, pooled inside, which compiles nothing) while time is left.
+    The output directory served, or None where none serves."""
     args = bench.args
     recipes = [args.recipe] if args.recipe else RECIPES[args.device]
     log = args.logs / "mahir.log"
@@ -437,7 +463,7 @@ def serve_mahir(bench: Bench, env: dict[str, str], port: int) -> bool:
         bench.phase(f"mahir apply{tag}", partial(apply, bench, recipe, env, out))
         if not (out / "mahir.json").is_file():
             continue
-        command = mahir_command(args, out, port)
+        command = mahir_command(args, out, port, args.mahir_workers[0])
         bench.report.setdefault("server_commands", {})["mahir"] = shown(command)
         bench.processes["mahir"] = process = start(command, env, log)
         url = f"http://127.0.0.1:{port}/v2/health/ready"
@@ -447,16 +473,16 @@ def serve_mahir(bench: Bench, env: dict[str, str], port: int) -> bool:
                 "path": shown([str(recipe)]),
                 "text": recipe.read_text(),
             }
-            return True
+            return out
         stop(process)
-    return False
+    return None
 
 
 def run_round(bench: Bench, up: dict[str, str], round_: int) -> None:
     """Every level on every server that is up, the servers alternating; warm-ups in round 1."""
     args = bench.args
     for i, level in enumerate(args.concurrency):
-        order = [s for s in SERVERS if s in up]
+        order = [s for s in servers(args) if s in up]
         if (i + round_) % 2:
             order.reverse()
         for server in order:
@@ -530,6 +556,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--wheels", type=Path, help="wheels mahir's server needs here")
     parser.add_argument("--infinity-wheels", type=Path, help="infinity-emb and its server's")
     parser.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
+    parser.add_argument(
+        "--mahir-workers",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="serve mahir's directory with each worker count, one server each, loads alternating",
+    )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 64, 256])
     parser.add_argument("--seconds", type=float, default=10.0, help="timed, per load")
     parser.add_argument("--warmup", type=float, default=8.0, help="per server and level")

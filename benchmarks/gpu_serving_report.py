@@ -1,6 +1,7 @@
 """The report of benchmarks/gpu_serving.py: per server and concurrency, requests/s (the median
-of the rounds) and p50/p99 over every request of the rounds pooled; mahir / Infinity ratios; the
-targets of issue 15; a markdown table. Plain functions over the report's dict."""
+of the rounds) and p50/p99 over every request of the rounds pooled; mahir / Infinity ratios, and
+each further worker count's against mahir's first; the targets of issue 15; a markdown table.
+Plain functions over the report's dict."""
 
 from __future__ import annotations
 
@@ -27,16 +28,23 @@ def summarize(report: dict[str, Any], latencies: dict[tuple[str, int], list[np.n
                 "max_error_share": max(r["error_share"] for r in rounds),
             }
     report["summary"] = summary
-    ratios = {}
-    for level, ours in summary.get("mahir", {}).items():
-        theirs = summary.get("infinity", {}).get(level)
-        if theirs:
-            ratios[level] = {
-                key: ours[key] / theirs[key] if theirs[key] else None
+    report["ratios_mahir_over_infinity"] = ratios(summary, "mahir", "infinity")
+    others = [server for server in summary if server.startswith("mahir-")]  # more workers
+    report["ratios_over_one_worker"] = {s: ratios(summary, s, "mahir") for s in others}
+    report["targets"] = targets(summary)
+
+
+def ratios(summary: dict[str, dict[str, Any]], ours: str, theirs: str) -> dict[str, Any]:
+    """Per level both servers ran: requests/s, p50 and p99 of `ours` over `theirs`'."""
+    found = {}
+    for level, a in summary.get(ours, {}).items():
+        b = summary.get(theirs, {}).get(level)
+        if b:
+            found[level] = {
+                key: a[key] / b[key] if b[key] else None
                 for key in ("requests_per_s", "p50_ms", "p99_ms")
             }
-    report["ratios_mahir_over_infinity"] = ratios
-    report["targets"] = targets(summary)
+    return found
 
 
 def targets(summary: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -72,16 +80,17 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{row['p99_ms']:.2f} | {row['rounds_requests_per_s']} | "
                 f"{row['max_error_share']:.1%} |"
             )
-    lines += [
-        "",
-        "| concurrency | req/s mahir / Infinity | p50 ratio | p99 ratio |",
-        "|---|---|---|---|",
-    ]
-    for level, ratio in sorted(
-        report.get("ratios_mahir_over_infinity", {}).items(), key=lambda i: int(i[0])
-    ):
-        cells = " | ".join(f"{v:.2f}x" if v is not None else "-" for v in ratio.values())
-        lines.append(f"| {level} | {cells} |")
+    compared = [("mahir / Infinity", report.get("ratios_mahir_over_infinity", {}))]
+    compared += [(f"{s} / mahir", r) for s, r in report.get("ratios_over_one_worker", {}).items()]
+    for title, found in compared:
+        lines += [
+            "",
+            f"| concurrency | req/s {title} | p50 ratio | p99 ratio |",
+            "|---|---|---|---|",
+        ]
+        for level, ratio in sorted(found.items(), key=lambda i: int(i[0])):
+            cells = " | ".join(f"{v:.2f}x" if v is not None else "-" for v in ratio.values())
+            lines.append(f"| {level} | {cells} |")
     lines += [
         "",
         "Targets: "

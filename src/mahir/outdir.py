@@ -89,11 +89,12 @@ def open_output_dir(out: Path, *, workers: int = 1) -> OutputDir:
         family = open_family(manifest.get("family"), artifact.spec, out, manifest)
     except (KeyError, TypeError, ValueError, BadInput) as err:
         raise BadInput(f"{out / MANIFEST} is damaged ({err}): write the directory again") from err
-    if workers > 1 and not get_runtime(runtime).concurrent:
-        able = ", ".join(name for name, r in RUNTIMES.items() if r.concurrent)
+    if workers > 1 and not get_runtime(runtime).concurrent_on(options.device):
+        device = options.device
+        able = ", ".join(n for n, r in RUNTIMES.items() if r.concurrent_on(device))
         raise BadInput(
-            f"--workers {workers}: {runtime} runs one batch at a time; serve this directory with "
-            f"--workers 1, or write one for {able}"
+            f"--workers {workers}: {runtime} runs one batch at a time on {device}; serve this "
+            f"directory with --workers 1, or write one for {able or 'another device'}"
         )
     return OutputDir(
         name=model_name(manifest, out),

@@ -6,6 +6,7 @@ with MAHIR_TEST_ENCODER where its package is not installed (a GPU machine)."""
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -24,7 +25,7 @@ from mahir.passes.pooling import PoolInModel
 from mahir.passes.precision import TorchLowPrecision, torch_low_precision
 from mahir.pooling import EMBEDDING
 from mahir.quality import fidelity
-from mahir.runtimes import open_session, reference_outputs
+from mahir.runtimes import get_runtime, open_session, reference_outputs
 from mahir.runtimes.pending import queues, submit
 from mahir.search.optimize import optimize
 from mahir.search.optimize_config import OptimizeConfig
@@ -109,6 +110,29 @@ def test_batches_queued_before_any_is_waited_for_keep_their_own_answers(
             np.testing.assert_allclose(answers[name], array, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("runtime", "packed"), [("torch", False), ("torch-compile", False), ("torch-compile", True)]
+)
+def test_workers_on_threads_share_one_session_and_keep_their_own_answers(
+    encoder: Model, batches: list, runtime: str, packed: bool, tmp_path: Path
+) -> None:
+    """A server's workers: four threads run every shape at once on one fresh session, so graphs
+    are captured while other threads queue and wait; each answer is the one run alone gives."""
+    artifact = _low(encoder, "float16", tmp_path)
+    if packed:
+        ctx = PassContext(model=encoder, workdir=tmp_path, machine=detect())
+        artifact = pack_sequences(artifact, PackSequences(), ctx)
+    assert get_runtime(runtime).concurrent_on(GPU.device)
+    alone = [open_session(runtime, artifact, GPU).run(batch) for batch in batches]
+    session = open_session(runtime, artifact, GPU)
+    jobs = [i for _ in range(4) for i in range(len(batches))]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        together = list(pool.map(lambda i: session.run(batches[i]), jobs))
+    for i, answers in zip(jobs, together, strict=True):
+        for name, array in alone[i].items():
+            np.testing.assert_allclose(answers[name], array, rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize("scaling", ["dynamic", "static"])
 def test_fp8_matmuls_keep_the_embedding(
     encoder: Model, batches: list, scaling: str, tmp_path: Path
@@ -179,16 +203,17 @@ def test_the_winner_runs_on_the_gpu_again_from_its_directory(
     assert quality.cosine_mean >= 0.999, quality
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_mahir_serve_answers_from_the_gpu_like_the_cpu_original(
-    encoder: Model, gpu_out: Path
+    encoder: Model, gpu_out: Path, workers: int
 ) -> None:
-    texts = ["a short one", "a somewhat longer sentence, so that the batch is padded", "x"]
-    server = Server(gpu_out)
+    """With two workers, requests sent at once run as batches queued on one session."""
+    texts = ["a short one", "a somewhat longer sentence, so that the batch is padded", "x"] * 8
+    server = Server(gpu_out, "--workers", str(workers))
     try:
-        replies = [
-            httpx.post(f"{server.url}/v1/embeddings", json={"input": [t]}, timeout=60)
-            for t in texts
-        ]
+        with httpx.Client(timeout=60) as client, ThreadPoolExecutor(max_workers=8) as pool:
+            url = f"{server.url}/v1/embeddings"
+            replies = list(pool.map(lambda t: client.post(url, json={"input": [t]}), texts))
     finally:
         assert server.stop() == 0
     batch = encoder.family.tokenize(texts)  # type: ignore[attr-defined]

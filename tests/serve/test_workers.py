@@ -15,12 +15,12 @@ from mahir.errors import BadInput
 from mahir.model import Model
 from mahir.outdir import open_output_dir
 from mahir.recipe import Recipe
-from mahir.runtimes import open_session
+from mahir.runtimes import RUNTIMES, open_session
 from mahir.search.apply import apply_recipe, write_output_dir
 from mahir.serve.batcher import BatcherConfig
 from mahir.serve.tune import TuneConfig
 from mahir.serve.tuned import tune_and_record
-from mahir.types import Artifact, OpenVinoOptions, RuntimeOptions
+from mahir.types import Artifact, Device, OpenVinoOptions, RuntimeOptions
 from tests.helpers import Server
 
 
@@ -45,6 +45,17 @@ def test_options_for_workers_ask_openvino_for_streams_and_keep_old_recipes_stabl
     assert options.for_workers(3).openvino.streams == 3
     assert "streams" not in options.to_dict()["openvino"]  # recipe hashes written before stay
     assert RuntimeOptions.from_dict(options.for_workers(2).to_dict()).openvino.streams == 2
+
+
+def test_workers_share_a_session_where_its_device_runs_batches_at_once() -> None:
+    """A GPU queues one worker's batch while another's is prepared; on a CPU, PyTorch's threads
+    already take every core, so only OpenVINO (a stream each) and ONNX Runtime take workers."""
+    cpu, gpu = Device.parse("cpu"), Device.parse("cuda")
+    assert [n for n, r in RUNTIMES.items() if r.concurrent_on(cpu)] == ["onnxruntime", "openvino"]
+    assert {"torch", "torch-compile", "onnxruntime"} <= {
+        n for n, r in RUNTIMES.items() if r.concurrent_on(gpu)
+    }
+    assert [n for n, r in RUNTIMES.items() if r.worker_streams] == ["openvino"]
 
 
 def test_mahir_serve_with_two_workers_answers_every_request_with_its_own_vector(
@@ -79,7 +90,7 @@ def test_a_runtime_that_runs_one_batch_at_a_time_refuses_workers_and_tunes_witho
 ) -> None:
     applied = apply_recipe(mlp, Recipe((), "torch"), tmp_path / "w", calibration=(), evaluation=())
     write_output_dir(mlp, applied, tmp_path / "out")
-    with pytest.raises(BadInput, match=r"--workers 2: torch runs one batch at a time"):
+    with pytest.raises(BadInput, match=r"--workers 2: torch runs one batch at a time on cpu"):
         open_output_dir(tmp_path / "out", workers=2)
     opened = open_output_dir(tmp_path / "out")
     assert opened.session.runtime == "torch"

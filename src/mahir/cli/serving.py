@@ -69,7 +69,8 @@ def serve(
         int | None,
         typer.Option(
             help="Batches run at once (openvino: on that many streams, the cores split among "
-            "them; onnxruntime: concurrent runs) \\[default: tuned, else 1].",
+            "them; onnxruntime: concurrent runs; on a GPU: batches queued while the next is "
+            "prepared) \\[default: tuned, else 1].",
             show_default=False,
         ),
     ] = None,

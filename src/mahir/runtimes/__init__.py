@@ -56,8 +56,12 @@ class Runtime:
     package: str = "torch"
     """The package it imports (module and pip name alike): a machine may lack it (a GPU
     machine without OpenVINO), and then the runtime is left out, not crashed into."""
-    concurrent: bool = False
-    """Whether one session runs batches from several threads at once (a server's workers)."""
+    concurrent: tuple[str, ...] = ()
+    """Device kinds on which one session runs batches from several threads at once (a server's
+    workers): where each thread's batch runs while another prepares its own."""
+    worker_streams: bool = False
+    """Whether a session is opened for a number of workers (OpenVINO compiles a stream for
+    each); the other concurrent runtimes serve any number of workers from one session."""
     providers: tuple[str, ...] = ()
     """ONNX Runtime execution providers it needs on a CUDA GPU: the CPU wheel has none of them,
     and then it is left out there with the reason (`unavailable`), not crashed into."""
@@ -74,6 +78,10 @@ class Runtime:
         have = available_providers()
         lacking = [p for p in self.providers if p not in have]
         return _NO_PROVIDER[lacking[0]] if lacking else None
+
+    def concurrent_on(self, device: Device) -> bool:
+        """Whether a session on `device` takes batches from several workers at once."""
+        return device.kind in self.concurrent
 
 
 _NO_PROVIDER = {
@@ -131,6 +139,7 @@ RUNTIMES: dict[str, Runtime] = {
         _torch_eager,
         "PyTorch eager, fp32 (the baseline); on the CPU or a CUDA GPU",
         devices=("cpu", "cuda"),
+        concurrent=("cuda",),  # kernels queue on the GPU while another thread launches
     ),
     "torch-compile": Runtime(
         "torch-compile",
@@ -138,6 +147,7 @@ RUNTIMES: dict[str, Runtime] = {
         _torch_compile,
         "torch.compile (inductor), dynamic shapes; on a GPU with CUDA graphs over shape buckets",
         devices=("cpu", "cuda"),
+        concurrent=("cuda",),  # a batch queued on the GPU while a worker prepares the next
     ),
     "onnxruntime": Runtime(
         "onnxruntime",
@@ -146,7 +156,7 @@ RUNTIMES: dict[str, Runtime] = {
         "ONNX Runtime, CPU provider; on a CUDA GPU its CUDA provider (onnxruntime-gpu)",
         devices=("cpu", "cuda"),
         package="onnxruntime",
-        concurrent=True,  # InferenceSession.run is thread-safe
+        concurrent=("cpu", "cuda"),  # InferenceSession.run is thread-safe
         providers=("CUDAExecutionProvider",),
     ),
     "onnxruntime-tensorrt": Runtime(
@@ -156,7 +166,7 @@ RUNTIMES: dict[str, Runtime] = {
         "ONNX Runtime's TensorRT provider, fp16 kernels allowed, CUDA for the rest; CUDA GPUs",
         devices=("cuda",),
         package="onnxruntime",
-        concurrent=True,
+        concurrent=("cuda",),
         providers=("CUDAExecutionProvider", "TensorrtExecutionProvider"),
     ),
     "openvino": Runtime(
@@ -165,7 +175,8 @@ RUNTIMES: dict[str, Runtime] = {
         _openvino,
         "OpenVINO, CPU plugin",
         package="openvino",
-        concurrent=True,  # an infer request per thread, one stream each
+        concurrent=("cpu",),  # an infer request per thread, one stream each
+        worker_streams=True,
     ),
 }
 

@@ -12,6 +12,9 @@ buffers. `submit` queues all that and returns; `result()` waits for it. So a cal
 submits the next batch before it waits for this one (`mahir.embed`) keeps the GPU busy while
 the host tokenizes. Everything runs on one stream, in order: captures share one memory pool,
 and a graph's outputs are copied out before any later replay may reuse the pool's blocks.
+Several threads may submit (a server's workers): each batch's copy in, replay and copy out are
+queued under one lock, so no other batch's inputs land in the static buffers between them, and
+each thread stages its inputs and waits for its outputs outside it.
 
 `Buckets` (buckets.py) in front keeps the number of shapes, and so of graphs, small. Captured
 code must not synchronise with the host; a module that does fails its capture, which is
@@ -20,6 +23,7 @@ reported in one line naming the eager runtime instead.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,6 +101,7 @@ class CudaGraphs:
         self._graphs: dict[Key, _Graph] = {}
         self._pool = torch.cuda.graph_pool_handle()
         self._stream = torch.cuda.Stream(self._device)  # type: ignore[no-untyped-call, unused-ignore]
+        self._queueing = threading.Lock()
 
     @property
     def shapes(self) -> int:
@@ -109,20 +114,25 @@ class CudaGraphs:
     def submit(self, inputs: Inputs) -> _Queued:
         """Queue the batch's copy in, replay and copy out on the graphs' stream; return at once."""
         key: Key = tuple((n, a.shape, a.dtype.str) for n, a in inputs.items())
-        graph = self._graphs.get(key) or self._capture(key, inputs)
+        graph = self._graphs.get(key) or self._captured(key, inputs)
         # Fresh pinned buffers from torch's caching host allocator: a block is handed out again
         # only once the copies queued on it are done, so the host may write the next batch
         # while this one is in flight, and this batch's outputs stay its own until read.
         staging = _staged(graph.device.shape[0], graph.offsets, inputs)
         host = tuple(torch.empty(o.shape, dtype=o.dtype, pin_memory=True) for o in graph.outputs)
         done = torch.cuda.Event()  # type: ignore[no-untyped-call, unused-ignore]
-        with torch.cuda.stream(self._stream):
+        with self._queueing, torch.cuda.stream(self._stream):
             graph.device.copy_(staging, non_blocking=True)  # one copy for all inputs
             graph.graph.replay()
             for buffer, output in zip(host, graph.outputs, strict=True):
                 buffer.copy_(output, non_blocking=True)
             done.record(self._stream)
         return _Queued(self._names, host, done)
+
+    def _captured(self, key: Key, inputs: Inputs) -> _Graph:
+        """The graph for `key`, captured now unless another thread did while this one waited."""
+        with self._queueing:
+            return self._graphs.get(key) or self._capture(key, inputs)
 
     def _capture(self, key: Key, inputs: Inputs) -> _Graph:
         offsets, size = byte_layout(inputs)
@@ -136,7 +146,10 @@ class CudaGraphs:
                 self._module(**static)
             graph = torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.graph(graph, pool=self._pool, stream=stream):
+                # thread_local: a worker waiting for its batch meanwhile does not void the capture
+                with torch.cuda.graph(
+                    graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"
+                ):
                     outputs = self._module(**static)
             except RuntimeError as err:  # a host synchronisation inside the model, most often
                 raise RuntimeFailure(

@@ -14,7 +14,8 @@ Waiting pays only while company comes: once a wait ended with its request still 
 requests start at once, until two or more are seen waiting together again; so a tuned delay
 costs nothing at low load (a closed loop of one client never waits).
 Inference runs on worker threads, off the event loop, while the next batch gathers: one by
-default; `workers` batches at once where the session runs several (OpenVINO streams). A batch's
+default; `workers` batches at once where the session runs several (OpenVINO streams; on a GPU,
+one worker's batch computes while another's is packed and copied). A batch's
 arrays are merged (padded, stacked) and split on threads too, never on the event loop. While
 every worker is busy and the next batch is full (no waiting request could still join it), it is
 taken ahead and merged on a thread of its own, so it starts the moment a worker frees, before
@@ -80,7 +81,8 @@ class BatcherConfig:
     """Fill batches with the requests closest in length to the oldest; False: arrival order."""
     workers: int = 1
     """Batches running at once, each on its own thread: for a session that runs several
-    (`Runtime.concurrent`), e.g. OpenVINO with that many streams."""
+    (`Runtime.concurrent_on`): OpenVINO with that many streams, a GPU session that queues one
+    worker's batch while another's is prepared."""
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_batch_tokens", "max_queue", "workers"):

@@ -33,11 +33,17 @@ def tune_and_record(
     on_trial: Callable[[int, int], None] = lambda done, total: None,
 ) -> tuple[TuneResult, dict[str, Any]]:
     """Measure the batching and record the choice in `folder`'s mahir.json; the measurements
-    and the record. More than one worker is tried only where the runtime runs batches at once,
-    each count on a session of the directory opened for it."""
-    if not get_runtime(opened.manifest["runtime"]).concurrent:
+    and the record. More than one worker is tried only where the runtime runs batches at once
+    on the session's device; each count on a session opened for it where the runtime opens one
+    for a number of workers (OpenVINO's streams), else on `opened`'s."""
+    runtime = get_runtime(opened.manifest["runtime"])
+    if not runtime.concurrent_on(opened.session.device):
         tuning = dataclasses.replace(tuning, workers=(1,))
-    sessions = {n: open_output_dir(folder, workers=n).session for n in tuning.workers if n > 1}
+    sessions = {
+        n: open_output_dir(folder, workers=n).session if runtime.worker_streams else opened.session
+        for n in tuning.workers
+        if n > 1
+    }
     result = asyncio.run(
         tune_batching(opened, tuning, base=base, on_trial=on_trial, sessions=sessions)
     )
