@@ -116,6 +116,7 @@ class Server:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
+        self._terminated = False
         # A file, not a pipe: a pipe nobody reads could fill and block the server.
         self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115  # closed in stop()
         command = [sys.executable, "-m", "mahir.cli", "serve", str(folder)]
@@ -137,9 +138,15 @@ class Server:
         self.stop()
         raise RuntimeError("server did not become ready in 120 s")
 
-    def stop(self) -> int:
-        if self.process.poll() is None:
+    def terminate(self) -> None:
+        """SIGTERM, once: a second one while Python finalizes (its handlers back to the
+        default) would kill a server that was exiting 0."""
+        if not self._terminated and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
+        self._terminated = True
+
+    def stop(self) -> int:
+        self.terminate()
         try:
             return self.process.wait(timeout=60)
         finally:

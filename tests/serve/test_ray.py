@@ -196,7 +196,7 @@ async def terminate_while_waiting(server: Server, expected: Expected) -> list[tu
             # of them reaches both, however the two requests were spread.
             for replica, depth in await asyncio.gather(*(queue_depth(s) for _ in range(10))):
                 depths[replica] = depth
-        server.process.send_signal(signal.SIGTERM)
+        server.terminate()
         return await asyncio.wait_for(asyncio.gather(*pending), 60)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -230,7 +229,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(served_dir: Path, mini
             ]
             while queue_depth(running) < 8:  # all eight are waiting for their batch
                 await asyncio.sleep(0.01)
-            running.process.send_signal(signal.SIGTERM)
+            running.terminate()
             return await asyncio.gather(*pending)
 
     responses = asyncio.run(send_then_terminate())

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -347,7 +346,7 @@ def test_overload_is_503_never_500_and_sigterm_lets_a_stream_finish(llm_dir: Pat
         with httpx.stream("POST", f"{server.url}/v1/completions", json=body) as response:
             events = response.iter_lines()
             lines.append(next(events))
-            server.process.send_signal(signal.SIGTERM)
+            server.terminate()
             lines += list(events)
         assert lines[-2:] == ["data: [DONE]", ""] or lines[-1] == "data: [DONE]"
         assert any('"finish_reason":"length"' in line for line in lines)
