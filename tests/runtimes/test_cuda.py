@@ -123,7 +123,8 @@ def test_workers_on_threads_share_one_session_and_keep_their_own_answers(
         ctx = PassContext(model=encoder, workdir=tmp_path, machine=detect())
         artifact = pack_sequences(artifact, PackSequences(), ctx)
     assert get_runtime(runtime).concurrent_on(GPU.device)
-    alone = [open_session(runtime, artifact, GPU).run(batch) for batch in batches]
+    reference = open_session(runtime, artifact, GPU)
+    alone = [reference.run(batch) for batch in batches]
     session = open_session(runtime, artifact, GPU)
     jobs = [i for _ in range(4) for i in range(len(batches))]
     with ThreadPoolExecutor(max_workers=4) as pool:
