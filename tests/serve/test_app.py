@@ -5,6 +5,7 @@ inference failure for its own request only, and what the per-route wrappers add.
 from __future__ import annotations
 
 import dataclasses
+import gc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from starlette.testclient import TestClient
 
 from mahir.outdir import open_output_dir
 from mahir.serve.app import build_app
+from mahir.serve.http import freeze_startup_heap
 from mahir.serve.served import ServeConfig
 from mahir.types import Inputs, Outputs, Session
 from tests.serve.test_serve import NAME, infer_body
@@ -94,3 +96,13 @@ def test_a_binary_size_that_splits_a_value_is_a_400(client: TestClient) -> None:
     response = client.post(f"/v2/models/{NAME}/infer", json=body)
     assert response.status_code == 400
     assert "whole number of INT64 values" in response.json()["error"]
+
+
+def test_what_was_loaded_before_serving_is_frozen_out_of_the_collectors_sight() -> None:
+    """No full collection scans the model and its libraries while the server answers."""
+    assert gc.get_freeze_count() == 0
+    try:
+        freeze_startup_heap()
+        assert gc.get_freeze_count() > 10_000  # torch and numpy alone are that many objects
+    finally:
+        gc.unfreeze()

@@ -11,6 +11,7 @@ request), elsewhere `{"error": message}`. Knows HTTP and the error tree; nothing
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import time
 from collections.abc import Awaitable, Mapping
@@ -184,6 +185,16 @@ async def until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
         raise RuntimeFailure(f"inference failed: {first_line(err)}") from err
 
 
+def freeze_startup_heap() -> None:
+    """Hide what is loaded before serving from the garbage collector. torch, transformers, the
+    model and its tokenizer are millions of objects that live as long as the server, and each
+    full collection scanned them all, pausing the event loop and every request waiting on it:
+    p99 was 8x p50 (a 1-layer encoder, 64 clients, 2 cores: 216 against 28 ms; frozen, 52 ms
+    and 15% more requests/s, benchmarks/README.md)."""
+    gc.collect()
+    gc.freeze()
+
+
 async def disconnected(receive: Receive) -> None:
     """Returns when the client has gone away."""
     while (await receive())["type"] != "http.disconnect":
@@ -199,6 +210,7 @@ def run_uvicorn(app: Starlette, host: str, port: int) -> None:
     import uvicorn
 
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    freeze_startup_heap()
 
     uvicorn.run(
         app,

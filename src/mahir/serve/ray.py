@@ -78,7 +78,10 @@ class MahirReplica:
     the constructor and serves what it returns."""
 
     def __init__(self, folder: str, config: ServeConfig) -> None:
+        from mahir.serve.http import freeze_startup_heap
+
         self._app = _build(Path(folder), config)
+        freeze_startup_heap()  # as `mahir serve` does: no full collection scans the model
 
     def __serve_build_asgi_app__(self) -> Any:
         from ray import serve
