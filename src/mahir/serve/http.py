@@ -189,8 +189,8 @@ def freeze_startup_heap() -> None:
     """Hide what is loaded before serving from the garbage collector. torch, transformers, the
     model and its tokenizer are millions of objects that live as long as the server, and each
     full collection scanned them all, pausing the event loop and every request waiting on it:
-    p99 was 8x p50 (a 1-layer encoder, 64 clients, 2 cores: 216 against 28 ms; frozen, 52 ms
-    and 15% more requests/s, benchmarks/README.md)."""
+    p99 was ~8x p50 (a 1-layer encoder, 64 clients, 2 cores: 194 against 25 ms; frozen, 45 ms
+    and 1.18x the requests/s, `benchmarks/server_heap.py`, benchmarks/README.md)."""
     gc.collect()
     gc.freeze()
 
