@@ -17,8 +17,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,9 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 
+from benchmarks.gpu_serving import free_port, stop, wait_ready
+from benchmarks.gpu_serving import start as serving_process
 from benchmarks.serving import load
 from mahir.hardware import detect
 
@@ -60,22 +59,14 @@ def tiny_encoder(folder: Path) -> Path:
     return folder
 
 
-def start(command: list[str]) -> tuple[subprocess.Popen[bytes], str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def start(command: list[str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """`command` serving on a free port, once it is ready; the process and its URL."""
+    port = free_port()
     env = os.environ | {"PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"}
-    process = subprocess.Popen([*command, "--port", str(port)], stdout=subprocess.DEVNULL, env=env)
+    process = serving_process([*command, "--port", str(port)], env, log)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            time.sleep(0.2)
-    process.kill()
-    raise TimeoutError(f"{command} not ready in 120 s")
+    wait_ready(f"{url}/v2/health/ready", process, log, timeout_s=120)
+    return process, url
 
 
 def main() -> None:
@@ -95,7 +86,7 @@ def main() -> None:
         "frozen": [sys.executable, "-m", "mahir.cli", *serve],
         "unfrozen": [sys.executable, "-c", UNFROZEN, *serve],
     }
-    servers = {name: start(command) for name, command in commands.items()}
+    servers = {name: start(command, work / f"{name}.log") for name, command in commands.items()}
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
     try:
         for _, url in servers.values():
@@ -109,8 +100,7 @@ def main() -> None:
                 print(name, {k: round(float(summary[k]), 1) for k in keys}, flush=True)  # type: ignore[arg-type]
     finally:
         for process, _ in servers.values():
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=60)
+            stop(process)
         shutil.rmtree(work, ignore_errors=True)
     medians = {
         name: {

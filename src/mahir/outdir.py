@@ -89,16 +89,18 @@ def open_output_dir(out: Path, *, workers: int = 1) -> OutputDir:
         family = open_family(manifest.get("family"), artifact.spec, out, manifest)
     except (KeyError, TypeError, ValueError, BadInput) as err:
         raise BadInput(f"{out / MANIFEST} is damaged ({err}): write the directory again") from err
-    if workers > 1 and not get_runtime(runtime).concurrent_on(options.device):
-        device = options.device
-        able = ", ".join(n for n, r in RUNTIMES.items() if r.concurrent_on(device))
+    opens = get_runtime(runtime)
+    if workers > 1 and not opens.concurrent_on(options.device):
+        able = ", ".join(n for n, r in RUNTIMES.items() if r.concurrent_on(options.device))
         raise BadInput(
-            f"--workers {workers}: {runtime} runs one batch at a time on {device}; serve this "
-            f"directory with --workers 1, or write one for {able or 'another device'}"
+            f"--workers {workers}: {runtime} runs one batch at a time on {options.device}; serve "
+            f"this directory with --workers 1, or write one for {able or 'another device'}"
         )
+    if opens.worker_streams:
+        options = options.for_workers(workers)
     return OutputDir(
         name=model_name(manifest, out),
-        session=open_session(runtime, artifact, options.for_workers(workers)),
+        session=open_session(runtime, artifact, options),
         spec=artifact.spec,
         manifest=manifest,
         family=family,

@@ -304,8 +304,8 @@ class RuntimeOptions:
         )
 
     def for_workers(self, workers: int) -> RuntimeOptions:
-        """These options for a session that runs `workers` batches at once: OpenVINO compiles that
-        many streams; the other runtimes that can run concurrently need nothing."""
+        """These options for a session that runs `workers` batches at once, for a runtime with
+        `worker_streams` (OpenVINO compiles that many streams)."""
         if workers == 1:
             return self
         return dataclasses.replace(
