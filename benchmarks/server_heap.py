@@ -8,7 +8,13 @@ no-op before the command line runs. Loads alternate between them (closed loop, o
 `/v1/embeddings` request, `benchmarks.serving.load`), and the report gives each round and the
 medians.
 
+With `--llm` the served model is the default LLM (SmolLM2-135M-Instruct) on mahir's PyTorch
+engine, whose decode loop runs in Python, batching `--slots` generations a step; the load is
+streamed `/v1/completions` of `--max-tokens` tokens (`benchmarks.llm_serving.load`), and what
+is compared is the time between tokens.
+
     PYTHONPATH=src:. python -m benchmarks.server_heap --concurrency 64 --seconds 6 --rounds 3
+    PYTHONPATH=src:. python -m benchmarks.server_heap --llm --concurrency 8 --seconds 20
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +37,7 @@ import numpy as np
 
 from benchmarks.gpu_serving import free_port, stop, wait_ready
 from benchmarks.gpu_serving import start as serving_process
+from benchmarks.llm_serving import load as llm_load
 from benchmarks.serving import load
 from mahir.hardware import detect
 
@@ -69,19 +79,68 @@ def start(command: list[str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
     return process, url
 
 
+def encoder_directory(work: Path) -> Path:
+    """The tiny encoder applied as PyTorch eager fp32, its sentence embedding pooled in-module."""
+    recipe = ROOT / "benchmarks" / "recipes" / "cpu-torch-pooled.yaml"
+    model = tiny_encoder(work / "model")
+    apply = [sys.executable, "-m", "mahir.cli", "apply", str(recipe), str(model)]
+    subprocess.run([*apply, "--out", str(work / "out")], check=True, capture_output=True)
+    return work / "out"
+
+
+def llm_directory(work: Path, slots: int) -> Path:
+    """The default LLM on mahir's PyTorch engine (its decode loop in Python, where the collector
+    pauses it), `slots` generations batched per step, replayed by `mahir apply`."""
+    from mahir.families.decoder import default_llm_path
+    from mahir.recipe import ModelSource, Recipe
+    from mahir.types import RuntimeOptions
+
+    recipe = work / "recipe.yaml"
+    options = RuntimeOptions(threads=os.cpu_count(), slots=slots)
+    Recipe((), "torch", options, ModelSource.of(str(default_llm_path()))).save(recipe)
+    apply = [sys.executable, "-m", "mahir.cli", "apply", str(recipe), "--out", str(work / "out")]
+    subprocess.run(apply, check=True, capture_output=True)
+    return work / "out"
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What is served and how it is loaded: an embedding per request, or a streamed completion."""
+
+    directory: Callable[[Path], Path]
+    load: Callable[[str], dict[str, Any]]
+    shown: tuple[str, ...]
+    """Summary keys printed each round and kept as medians; the first is the throughput."""
+
+
+def workload(args: argparse.Namespace) -> Workload:
+    if args.llm:
+        return Workload(
+            partial(llm_directory, slots=args.slots),
+            lambda url: llm_load(url, args.concurrency, args.seconds, args.max_tokens),
+            ("output_tokens_per_s", "itl_p50_ms", "itl_p99_ms", "ttft_p50_ms", "ttft_p99_ms"),
+        )
+    return Workload(
+        encoder_directory,
+        lambda url: load(url, "model", args.concurrency, args.seconds),
+        ("throughput", "p50_ms", "p90_ms", "p99_ms"),
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--llm", action="store_true", help="the default LLM, streamed completions")
+    parser.add_argument("--slots", type=int, default=4, help="--llm: generations per step")
+    parser.add_argument("--max-tokens", type=int, default=32, help="--llm: tokens per request")
     args = parser.parse_args()
+    served = workload(args)
     work = Path(tempfile.mkdtemp(prefix="server-heap-"))
-    recipe = ROOT / "benchmarks" / "recipes" / "cpu-torch-pooled.yaml"
-    model = tiny_encoder(work / "model")
-    apply = [sys.executable, "-m", "mahir.cli", "apply", str(recipe), str(model)]
-    subprocess.run([*apply, "--out", str(work / "out")], check=True, capture_output=True)
-    serve = ["serve", str(work / "out"), "--host", "127.0.0.1", "--max-batch-size", "256"]
+    serve = ["serve", str(served.directory(work)), "--host", "127.0.0.1"]
+    serve += [] if args.llm else ["--max-batch-size", "256"]
     commands = {
         "frozen": [sys.executable, "-m", "mahir.cli", *serve],
         "unfrozen": [sys.executable, "-c", UNFROZEN, *serve],
@@ -90,26 +149,23 @@ def main() -> None:
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
     try:
         for _, url in servers.values():
-            load(url, "model", args.concurrency, 2.0)  # warm up
+            served.load(url)  # warm up
         for i in range(args.rounds):
             order = list(servers) if i % 2 == 0 else list(reversed(servers))
             for name in order:
-                summary = load(servers[name][1], "model", args.concurrency, args.seconds)
+                summary = served.load(servers[name][1])
                 rounds[name].append(summary)
-                keys = ("throughput", "p50_ms", "p99_ms")
-                print(name, {k: round(float(summary[k]), 1) for k in keys}, flush=True)  # type: ignore[arg-type]
+                print(name, {k: round(float(summary[k]), 1) for k in served.shown}, flush=True)
     finally:
         for process, _ in servers.values():
             stop(process)
         shutil.rmtree(work, ignore_errors=True)
     medians = {
-        name: {
-            key: float(np.median([float(r[key]) for r in found]))
-            for key in ("throughput", "p50_ms", "p90_ms", "p99_ms")
-        }
+        name: {key: float(np.median([float(r[key]) for r in found])) for key in served.shown}
         for name, found in rounds.items()
     }
-    ratio = medians["frozen"]["throughput"] / medians["unfrozen"]["throughput"]
+    throughput = served.shown[0]
+    ratio = medians["frozen"][throughput] / medians["unfrozen"][throughput]
     result = {
         "benchmark": "mahir serve, startup heap frozen against not",
         "machine": detect(gpus=False).summary(),
