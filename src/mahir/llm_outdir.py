@@ -21,7 +21,6 @@ the optimizer (int8 weights are read as saved, not quantized again).
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
 import shutil
 from pathlib import Path
@@ -144,10 +143,9 @@ def _read_module(weights: Path, config: Any, torchao: bool) -> Any:
     import transformers
 
     if torchao:  # registers its tensor types with torch.load's weights_only allow-list
-        try:
-            importlib.import_module("torchao")
-        except ImportError as err:
-            raise Unsupported("the int8 weights need torchao: pip install torchao==0.18.0") from err
+        from mahir.passes.torchao import import_torchao
+
+        import_torchao()
     try:
         with quiet_transformers():
             auto: Any = transformers.AutoModelForCausalLM

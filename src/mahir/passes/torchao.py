@@ -24,6 +24,7 @@ PyTorch-core PT2E quantizers are gone (DESIGN.md): the quantizer comes from torc
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -229,7 +230,11 @@ def _inference_module(converted: Any, names: tuple[str, ...]) -> Any:
 def import_torchao() -> None:
     """torchao logs a line for each C++ extension it cannot load (CUDA and MX kernels a CPU
     build has no use for), and torch logs a deprecation line for each enum torchao registers
-    with pytree: both at import, both noise, so the import runs silenced."""
+    with pytree: both at import, both noise, so the import runs silenced. And torch warns, at
+    the first compile of a model holding torchao's weight tensors, that they bring no hash for
+    its compile cache (the cache is then keyed otherwise): one message about torchao's own
+    classes, filtered by its text, which no warning of the user's matches."""
+    warnings.filterwarnings("ignore", message=r".* does not implement _stable_hash_for_caching")
     try:
         with silenced(("torchao", "torch.utils._pytree")):
             import torchao.quantization
