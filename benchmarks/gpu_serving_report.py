@@ -83,6 +83,8 @@ def markdown(report: dict[str, Any]) -> str:
     compared = [("mahir / Infinity", report.get("ratios_mahir_over_infinity", {}))]
     compared += [(f"{s} / mahir", r) for s, r in report.get("ratios_over_one_worker", {}).items()]
     for title, found in compared:
+        if not found:  # a server that did not run: no table
+            continue
         lines += [
             "",
             f"| concurrency | req/s {title} | p50 ratio | p99 ratio |",
