@@ -103,7 +103,7 @@ def test_a_packed_batch_answers_as_the_padded_one(
 
 def test_batches_past_the_largest_buckets_run_in_chunks(bert: transformers.BertModel) -> None:
     rows = SEGMENT_BUCKETS[-1] + 40  # more rows than one chunk
-    batch = ragged(rows, 64, seed=3)
+    batch = ragged(rows, 16, seed=3)
     session = packed_session(bert, "mean")
     got = session.run(batch)[EMBEDDING]
     np.testing.assert_allclose(got, padded_answer(bert, batch, "mean"), atol=2e-6)
