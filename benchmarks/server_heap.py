@@ -14,7 +14,7 @@ streamed `/v1/completions` of `--max-tokens` tokens (`benchmarks.llm_serving.loa
 is compared is the time between tokens.
 
     PYTHONPATH=src:. python -m benchmarks.server_heap --concurrency 64 --seconds 6 --rounds 3
-    PYTHONPATH=src:. python -m benchmarks.server_heap --llm --concurrency 8 --seconds 20
+    PYTHONPATH=src:. python -m benchmarks.server_heap --llm --concurrency 8 --seconds 30 --warmup 30
 """
 
 from __future__ import annotations
@@ -108,7 +108,8 @@ class Workload:
     """What is served and how it is loaded: an embedding per request, or a streamed completion."""
 
     directory: Callable[[Path], Path]
-    load: Callable[[str], dict[str, Any]]
+    load: Callable[[str, float], dict[str, Any]]
+    """A load on a URL for some seconds: its summary."""
     shown: tuple[str, ...]
     """Summary keys printed each round and kept as medians; the first is the throughput."""
 
@@ -117,12 +118,12 @@ def workload(args: argparse.Namespace) -> Workload:
     if args.llm:
         return Workload(
             partial(llm_directory, slots=args.slots),
-            lambda url: llm_load(url, args.concurrency, args.seconds, args.max_tokens),
+            lambda url, seconds: llm_load(url, args.concurrency, seconds, args.max_tokens),
             ("output_tokens_per_s", "itl_p50_ms", "itl_p99_ms", "ttft_p50_ms", "ttft_p99_ms"),
         )
     return Workload(
         encoder_directory,
-        lambda url: load(url, "model", args.concurrency, args.seconds),
+        lambda url, seconds: load(url, "model", args.concurrency, seconds),
         ("throughput", "p50_ms", "p90_ms", "p99_ms"),
     )
 
@@ -132,6 +133,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of load first")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--llm", action="store_true", help="the default LLM, streamed completions")
     parser.add_argument("--slots", type=int, default=4, help="--llm: generations per step")
@@ -149,11 +151,11 @@ def main() -> None:
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
     try:
         for _, url in servers.values():
-            served.load(url)  # warm up
+            served.load(url, args.warmup)  # not recorded: kernels, caches and pools settled
         for i in range(args.rounds):
             order = list(servers) if i % 2 == 0 else list(reversed(servers))
             for name in order:
-                summary = served.load(servers[name][1])
+                summary = served.load(servers[name][1], args.seconds)
                 rounds[name].append(summary)
                 print(name, {k: round(float(summary[k]), 1) for k in served.shown}, flush=True)
     finally:
