@@ -112,6 +112,8 @@ class Workload:
     """A load on a URL for some seconds: its summary."""
     shown: tuple[str, ...]
     """Summary keys printed each round and kept as medians; the first is the throughput."""
+    serve_options: tuple[str, ...] = ()
+    """What `mahir serve` is given beside the directory."""
 
 
 def workload(args: argparse.Namespace) -> Workload:
@@ -125,6 +127,7 @@ def workload(args: argparse.Namespace) -> Workload:
         encoder_directory,
         lambda url, seconds: load(url, "model", args.concurrency, seconds),
         ("throughput", "p50_ms", "p90_ms", "p99_ms"),
+        ("--max-batch-size", "256"),
     )
 
 
@@ -141,8 +144,7 @@ def main() -> None:
     args = parser.parse_args()
     served = workload(args)
     work = Path(tempfile.mkdtemp(prefix="server-heap-"))
-    serve = ["serve", str(served.directory(work)), "--host", "127.0.0.1"]
-    serve += [] if args.llm else ["--max-batch-size", "256"]
+    serve = ["serve", str(served.directory(work)), "--host", "127.0.0.1", *served.serve_options]
     commands = {
         "frozen": [sys.executable, "-m", "mahir.cli", *serve],
         "unfrozen": [sys.executable, "-c", UNFROZEN, *serve],

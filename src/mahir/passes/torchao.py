@@ -237,7 +237,6 @@ def import_torchao() -> None:
     warnings.filterwarnings("ignore", message=r".* does not implement _stable_hash_for_caching")
     try:
         with silenced(("torchao", "torch.utils._pytree")):
-            import torchao.quantization
-            import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
+            import torchao.quantization  # noqa: F401
     except ImportError as err:
         raise Unsupported(f"torchao int8 needs torchao: {INSTALL}") from err
