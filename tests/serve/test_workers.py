@@ -21,7 +21,7 @@ from mahir.serve.batcher import BatcherConfig
 from mahir.serve.tune import TuneConfig
 from mahir.serve.tuned import tune_and_record
 from mahir.types import Artifact, Device, OpenVinoOptions, RuntimeOptions
-from tests.helpers import Server
+from tests.helpers import Server, mahir
 
 
 def test_an_openvino_session_with_two_streams_answers_two_threads_at_once(
@@ -92,6 +92,11 @@ def test_a_runtime_that_runs_one_batch_at_a_time_refuses_workers_and_tunes_witho
     write_output_dir(mlp, applied, tmp_path / "out")
     with pytest.raises(BadInput, match=r"--workers 2: torch runs one batch at a time on cpu"):
         open_output_dir(tmp_path / "out", workers=2)
+    # the command line refuses before it announces a server that will never listen
+    refused = mahir("serve", str(tmp_path / "out"), "--workers", "2", "--host", "127.0.0.1")
+    assert refused.returncode == 2
+    assert refused.stderr.strip().startswith("error: --workers 2: torch runs one batch")
+    assert "serving" not in refused.stderr
     opened = open_output_dir(tmp_path / "out")
     assert opened.session.runtime == "torch"
     tuning = TuneConfig(10_000, seconds=0.1, concurrency=4, batch_sizes=(1, 4), workers=(1, 2))

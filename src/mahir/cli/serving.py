@@ -332,12 +332,14 @@ def _run_serve(
             folder, open_output_dir(folder), config.batcher, tuning
         )
     config = recorded_batching(config, manifest.get("batching"), explicit)
-    _announce(model_name(manifest, folder), config)
     if scale is None:
-        run_server(open_output_dir(folder, workers=config.batcher.workers), config)
+        opened = open_output_dir(folder, workers=config.batcher.workers)  # may refuse the workers
+        _announce(opened.name, config)
+        run_server(opened, config)
         return
     from mahir.serve.ray import serve_ray
 
+    _announce(model_name(manifest, folder), config)
     serve_ray(folder, config, scale)  # every replica opens the directory itself
 
 
